@@ -1,0 +1,169 @@
+//! Who is calling: sessions (browser sign-in), API tokens (integrations), and the
+//! development-only local passwords.
+
+pub mod oidc;
+
+use actix_web::cookie::{Cookie, SameSite, time::Duration as CookieDuration};
+use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::Engine;
+use chrono::Utc;
+use consilium_core::Role;
+use consilium_core::hash::sha256_hex;
+use rand::RngCore;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::context::AppContext;
+use crate::domain::Actor;
+use crate::entities::{api_token, session, user};
+use crate::error::{AppError, AppResult};
+
+pub const SESSION_COOKIE: &str = "consilium_session";
+pub const TOKEN_PREFIX: &str = "csm_";
+
+/// A fresh random secret, URL-safe.
+pub fn random_secret(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rngs::OsRng.fill_bytes(&mut buf);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)
+}
+
+/// Secrets are stored only as their SHA-256 (they are long and random, so no salt is needed).
+pub fn secret_hash(secret: &str) -> String {
+    sha256_hex(secret.as_bytes())
+}
+
+pub fn hash_password(password: &str) -> AppResult<String> {
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| AppError::unexpected(anyhow::anyhow!("hashing a password: {e}")))
+}
+
+pub fn verify_password(password: &str, stored: &str) -> bool {
+    PasswordHash::new(stored)
+        .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+        .unwrap_or(false)
+}
+
+pub fn roles_of(json: &serde_json::Value) -> BTreeSet<Role> {
+    json.as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).filter_map(Role::parse).collect())
+        .unwrap_or_default()
+}
+
+pub fn session_cookie(ctx: &AppContext, value: String) -> Cookie<'static> {
+    Cookie::build(SESSION_COOKIE, value)
+        .path("/")
+        .http_only(true)
+        .secure(ctx.settings.server.cookie_secure)
+        .same_site(SameSite::Lax)
+        .max_age(CookieDuration::hours(ctx.settings.server.session_hours))
+        .finish()
+}
+
+pub fn expired_session_cookie(ctx: &AppContext) -> Cookie<'static> {
+    let mut c = session_cookie(ctx, String::new());
+    c.make_removal();
+    c
+}
+
+/// Opens a session for a user and returns the cookie value (stored hashed).
+pub async fn open_session(ctx: &AppContext, user_id: uuid::Uuid) -> AppResult<String> {
+    let secret = random_secret(32);
+    let now = Utc::now();
+    session::Entity::insert(session::ActiveModel {
+        id_hash: sea_orm::Set(secret_hash(&secret)),
+        user_id: sea_orm::Set(user_id),
+        expires_at: sea_orm::Set(now + chrono::Duration::hours(ctx.settings.server.session_hours)),
+        created_at: sea_orm::Set(now),
+    })
+    .exec_without_returning(&ctx.db)
+    .await?;
+    Ok(secret)
+}
+
+pub async fn close_session(ctx: &AppContext, secret: &str) -> AppResult<()> {
+    session::Entity::delete_by_id(secret_hash(secret)).exec(&ctx.db).await?;
+    Ok(())
+}
+
+/// The caller of a request, from `Authorization: Bearer <token>` or the session cookie.
+pub struct Authenticated(pub Actor);
+
+fn unauthenticated() -> AppError {
+    AppError::Unauthenticated(
+        "Sign in first (POST /api/v1/auth/login or /api/v1/auth/oidc/login), or send an API token as `Authorization: Bearer <token>`.".into(),
+    )
+}
+
+async fn resolve(ctx: AppContext, bearer: Option<String>, cookie: Option<String>) -> AppResult<Actor> {
+    let now = Utc::now();
+    if let Some(token) = bearer {
+        let Some(row) = api_token::Entity::find()
+            .filter(api_token::Column::TokenHash.eq(secret_hash(&token)))
+            .one(&ctx.db)
+            .await?
+        else {
+            return Err(AppError::Unauthenticated("This API token is not known; check that it was copied whole, or create a new one.".into()));
+        };
+        if row.revoked_at.is_some() {
+            return Err(AppError::Unauthenticated("This API token was revoked; create a new one.".into()));
+        }
+        if row.expires_at <= now {
+            return Err(AppError::Unauthenticated("This API token has expired; create a new one.".into()));
+        }
+        let owner = user::Entity::find_by_id(row.user_id).one(&ctx.db).await?.ok_or_else(unauthenticated)?;
+        // A token never acts with a role its owner no longer holds.
+        let roles = roles_of(&row.roles).intersection(&roles_of(&owner.roles)).copied().collect();
+        return Ok(Actor { user_id: owner.id, roles, token_id: Some(row.id) });
+    }
+    if let Some(secret) = cookie {
+        if let Some(s) = session::Entity::find_by_id(secret_hash(&secret)).one(&ctx.db).await? {
+            if s.expires_at > now {
+                if let Some(u) = user::Entity::find_by_id(s.user_id).one(&ctx.db).await? {
+                    return Ok(Actor { user_id: u.id, roles: roles_of(&u.roles), token_id: None });
+                }
+            }
+        }
+        return Err(AppError::Unauthenticated("Your session has ended; sign in again.".into()));
+    }
+    Err(unauthenticated())
+}
+
+impl FromRequest for Authenticated {
+    type Error = AppError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, AppError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let ctx = req.app_data::<web::Data<AppContext>>().map(|d| d.get_ref().clone());
+        let header = req
+            .headers()
+            .get(actix_web::http::header::AUTHORIZATION)
+            .map(|h| h.to_str().map(str::to_string));
+        let cookie = req.cookie(SESSION_COOKIE).map(|c| c.value().to_string());
+        Box::pin(async move {
+            let ctx = ctx.ok_or_else(|| AppError::unexpected(anyhow::anyhow!("application context missing")))?;
+            let bearer = match header {
+                None => None,
+                Some(Ok(h)) => match h.strip_prefix("Bearer ") {
+                    Some(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+                    _ => {
+                        return Err(AppError::Unauthenticated(
+                            "The Authorization header must read `Bearer <token>`.".into(),
+                        ));
+                    }
+                },
+                Some(Err(_)) => {
+                    return Err(AppError::Unauthenticated("The Authorization header is not readable text.".into()));
+                }
+            };
+            resolve(ctx, bearer, cookie).await.map(Authenticated)
+        })
+    }
+}

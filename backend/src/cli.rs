@@ -1,0 +1,176 @@
+//! The `consilium` command line.
+
+use chrono::{Duration, Utc};
+use clap::{Parser, Subcommand};
+use consilium_core::Role;
+use consilium_core::api::{CreateToken, CreateUser};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use std::path::PathBuf;
+
+use crate::configuration::{self, Settings};
+use crate::context::AppContext;
+use crate::domain::Actor;
+use crate::entities::user;
+use crate::services::{directory, tokens};
+use crate::startup::{self, Application};
+use crate::{audit, telemetry};
+
+#[derive(Parser, Debug)]
+#[command(name = "consilium", version, about = "Governed federated learning for medical imaging")]
+pub struct Cli {
+    /// A TOML configuration file (default: ./consilium.toml when present).
+    #[arg(long, global = true, env = "CONSILIUM_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Runs the server (migrates the database first).
+    Serve,
+    /// Brings the database schema up to date and exits.
+    Migrate,
+    /// Writes the OpenAPI document.
+    Openapi {
+        /// Where to write it.
+        #[arg(long, default_value = "openapi/openapi.json")]
+        out: PathBuf,
+        /// Only check that the file is current; exit 1 if not.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Administration from the server's own machine.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Registers a user (e.g. the first administrator).
+    CreateUser {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        name: String,
+        /// A role; repeat for several (administrator, committee_member, researcher, custodian, auditor).
+        #[arg(long = "role", value_parser = parse_role, required = true)]
+        roles: Vec<Role>,
+        /// A development-only local password (local accounts must be enabled).
+        #[arg(long, env = "CONSILIUM_ADMIN_PASSWORD")]
+        password: Option<String>,
+    },
+    /// Creates an API token for a user and prints it once.
+    CreateToken {
+        #[arg(long)]
+        email: String,
+        #[arg(long, default_value = "cli")]
+        name: String,
+        #[arg(long = "role", value_parser = parse_role, required = true)]
+        roles: Vec<Role>,
+        /// Days until it expires.
+        #[arg(long, default_value_t = 30)]
+        days: i64,
+    },
+    /// Recomputes the audit chain; exit 1 when it is broken.
+    VerifyAudit,
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| {
+        let all: Vec<&str> = Role::ALL.iter().map(|r| r.as_str()).collect();
+        format!("unknown role {s:?}; one of: {}", all.join(", "))
+    })
+}
+
+/// Runs the command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    if let Command::Openapi { out, check } = &cli.command {
+        return openapi(out, *check);
+    }
+    let settings: Settings = configuration::load(cli.config.as_deref())?;
+    telemetry::init(&settings.log);
+    match cli.command {
+        Command::Openapi { .. } => Ok(0),
+        Command::Serve => {
+            let app = Application::build(settings).await?;
+            eprintln!("Consilium is serving on http://127.0.0.1:{} (API docs at /api/docs)", app.port());
+            app.run_until_stopped().await?;
+            Ok(0)
+        }
+        Command::Migrate => {
+            startup::connect_and_migrate(&settings).await?;
+            eprintln!("The database schema is up to date.");
+            Ok(0)
+        }
+        Command::Admin(cmd) => {
+            let ctx = startup::build_context(settings).await?;
+            admin(&ctx, cmd).await
+        }
+    }
+}
+
+fn openapi(out: &std::path::Path, check: bool) -> anyhow::Result<i32> {
+    let json = startup::openapi_json()?;
+    if check {
+        let current = std::fs::read_to_string(out).unwrap_or_default();
+        if current != json {
+            eprintln!("{} is stale; regenerate it with: cargo run -p consilium-backend -- openapi", out.display());
+            return Ok(1);
+        }
+        eprintln!("{} is current.", out.display());
+        return Ok(0);
+    }
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, json)?;
+    eprintln!("Wrote {}", out.display());
+    Ok(0)
+}
+
+async fn admin(ctx: &AppContext, cmd: AdminCommand) -> anyhow::Result<i32> {
+    let system = Actor::system();
+    match cmd {
+        AdminCommand::CreateUser { email, name, roles, password } => {
+            match directory::create_user(ctx, &system, CreateUser { email, name, roles, password }).await {
+                Ok(u) => {
+                    println!("{}", serde_json::to_string_pretty(&u)?);
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!("error: {}", e.problem().detail);
+                    for reason in e.problem().errors {
+                        eprintln!("  - {reason}");
+                    }
+                    Ok(2)
+                }
+            }
+        }
+        AdminCommand::CreateToken { email, name, roles, days } => {
+            let Some(u) = user::Entity::find().filter(user::Column::Email.eq(email.trim().to_lowercase())).one(&ctx.db).await? else {
+                eprintln!("error: no user with the email {email}; create one with `consilium admin create-user`.");
+                return Ok(2);
+            };
+            let input = CreateToken { name, roles, expires_at: Utc::now() + Duration::days(days) };
+            match tokens::create(ctx, &system, u.id, input).await {
+                Ok(t) => {
+                    println!("{}", t.token);
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!("error: {}", e.problem().detail);
+                    for reason in e.problem().errors {
+                        eprintln!("  - {reason}");
+                    }
+                    Ok(2)
+                }
+            }
+        }
+        AdminCommand::VerifyAudit => {
+            let v = audit::verify(&ctx.db).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(if v.ok { 0 } else { 1 })
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Typed, layered configuration: defaults → a TOML file → `CONSILIUM_*` environment
+//! variables (nested keys joined by `__`, e.g. `CONSILIUM_DATABASE__URL`).
+//! Secrets are `SecretString`s, which never print.
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub auth: AuthSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    pub host: String,
+    /// 0 picks a free port (tests).
+    pub port: u16,
+    /// Largest request body accepted, in bytes.
+    pub body_limit_bytes: usize,
+    /// Mark session cookies `Secure` (browsers accept them on http://localhost too).
+    pub cookie_secure: bool,
+    /// How long a browser session lasts.
+    pub session_hours: i64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            body_limit_bytes: 2 * 1024 * 1024,
+            cookie_secure: true,
+            session_hours: 12,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// A `postgres://` or `sqlite://` URL. Unset: SQLite in `data_dir/consilium.db`.
+    pub url: Option<SecretString>,
+    /// Where the embedded default keeps its SQLite database (and, later, artifacts).
+    pub data_dir: PathBuf,
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            data_dir: PathBuf::from("data"),
+            max_connections: 10,
+        }
+    }
+}
+
+impl DatabaseSettings {
+    /// The connection URL, with the embedded SQLite default filled in.
+    pub fn connection_url(&self) -> SecretString {
+        match &self.url {
+            Some(url) => url.clone(),
+            None => {
+                let path = self.data_dir.join("consilium.db");
+                SecretString::from(format!("sqlite://{}?mode=rwc", path.display()))
+            }
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.connection_url().expose_secret().starts_with("postgres")
+    }
+}
+
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Development-only local accounts (argon2 passwords). Unset: on unless OIDC is configured.
+    pub local_accounts: Option<bool>,
+    pub oidc: Option<OidcSettings>,
+}
+
+impl AuthSettings {
+    pub fn local_accounts_enabled(&self) -> bool {
+        self.local_accounts.unwrap_or(self.oidc.is_none())
+    }
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct OidcSettings {
+    /// The provider's issuer URL; discovery reads `<issuer>/.well-known/openid-configuration`.
+    pub issuer_url: String,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    /// Where the provider sends the browser back: `<public url>/api/v1/auth/oidc/callback`.
+    pub redirect_url: String,
+    /// ID-token claim holding a list of Consilium role names.
+    #[serde(default = "default_roles_claim")]
+    pub roles_claim: String,
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+}
+
+fn default_roles_claim() -> String {
+    "consilium_roles".into()
+}
+
+fn default_scopes() -> Vec<String> {
+    vec!["openid".into(), "email".into(), "profile".into()]
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `tracing` filter, e.g. `info` or `consilium_backend=debug`.
+    pub level: String,
+    /// One JSON object per line instead of text.
+    pub json: bool,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            json: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(#[from] Box<figment::Error>);
+
+/// Reads the settings: defaults, then `file` (when given, or `consilium.toml` when present),
+/// then the environment.
+pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+    let mut figment = Figment::new();
+    match file {
+        Some(path) => figment = figment.merge(Toml::file_exact(path)),
+        None => figment = figment.merge(Toml::file("consilium.toml")),
+    }
+    figment = figment.merge(Env::prefixed("CONSILIUM_").split("__"));
+    figment.extract().map_err(|e| ConfigError(Box::new(e)))
+}

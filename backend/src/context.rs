@@ -1,0 +1,61 @@
+//! The one cloneable application context handed to every handler and service.
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, Statement, TransactionTrait};
+use std::sync::Arc;
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::auth::oidc::OidcClient;
+use crate::configuration::Settings;
+use crate::error::AppResult;
+
+#[derive(Clone)]
+pub struct AppContext {
+    pub db: DatabaseConnection,
+    pub settings: Arc<Settings>,
+    pub oidc: Option<Arc<OidcClient>>,
+    write_lock: Arc<Mutex<()>>,
+}
+
+/// A transaction in which state changes and their audit events are written together.
+/// Writers are serialised (in this process by a mutex, across server processes on
+/// PostgreSQL by an advisory lock) so that the audit chain never forks.
+pub struct WriteTxn<'a> {
+    pub txn: DatabaseTransaction,
+    _guard: MutexGuard<'a, ()>,
+}
+
+impl std::ops::Deref for WriteTxn<'_> {
+    type Target = DatabaseTransaction;
+    fn deref(&self) -> &Self::Target {
+        &self.txn
+    }
+}
+
+impl WriteTxn<'_> {
+    pub async fn commit(self) -> AppResult<()> {
+        self.txn.commit().await?;
+        Ok(())
+    }
+}
+
+/// Key of the PostgreSQL advisory lock that serialises audited writes.
+const AUDIT_LOCK_KEY: i64 = 0x636f_6e73_696c;
+
+impl AppContext {
+    pub fn new(db: DatabaseConnection, settings: Settings, oidc: Option<Arc<OidcClient>>) -> Self {
+        AppContext { db, settings: Arc::new(settings), oidc, write_lock: Arc::new(Mutex::new(())) }
+    }
+
+    pub async fn begin_write(&self) -> AppResult<WriteTxn<'_>> {
+        let guard = self.write_lock.lock().await;
+        let txn = self.db.begin().await?;
+        if txn.get_database_backend() == DbBackend::Postgres {
+            txn.execute_raw(Statement::from_string(
+                DbBackend::Postgres,
+                format!("SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})"),
+            ))
+            .await?;
+        }
+        Ok(WriteTxn { txn, _guard: guard })
+    }
+}

@@ -1,0 +1,14 @@
+//! The Consilium server: REST API, governance services, audit log, sign-in.
+
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod configuration;
+pub mod context;
+pub mod domain;
+pub mod entities;
+pub mod error;
+pub mod routes;
+pub mod services;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,103 @@
+//! API tokens for integrations: shown once, stored hashed, scoped to some of the owner's
+//! roles, with an expiry, revocable.
+
+use chrono::{Duration, Utc};
+use consilium_core::Role;
+use consilium_core::api::{CreateToken, TokenCreated, TokenDto};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
+use std::collections::BTreeSet;
+use uuid::Uuid;
+
+use super::{Checks, not_found};
+use crate::audit;
+use crate::auth::{TOKEN_PREFIX, random_secret, roles_of, secret_hash};
+use crate::context::AppContext;
+use crate::domain::Actor;
+use crate::entities::{api_token, user};
+use crate::error::{AppError, AppResult};
+use crate::services::directory::roles_json;
+
+pub const MAX_DAYS: i64 = 366;
+
+pub fn token_dto(m: &api_token::Model) -> TokenDto {
+    TokenDto {
+        id: m.id,
+        user_id: m.user_id,
+        name: m.name.clone(),
+        roles: roles_of(&m.roles).into_iter().collect(),
+        expires_at: m.expires_at,
+        revoked_at: m.revoked_at,
+        created_at: m.created_at,
+    }
+}
+
+/// Creates a token for `owner`. A person creates their own; the system (CLI) may create
+/// one for anybody.
+#[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
+pub async fn create(ctx: &AppContext, actor: &Actor, owner: Uuid, input: CreateToken) -> AppResult<TokenCreated> {
+    if !actor.is_system() && actor.user_id != owner {
+        return Err(AppError::Forbidden("You may create API tokens only for yourself.".into()));
+    }
+    if actor.token_id.is_some() {
+        return Err(AppError::Forbidden("An API token can't create other tokens; sign in to create one.".into()));
+    }
+    let owner_row = user::Entity::find_by_id(owner).one(&ctx.db).await?.ok_or_else(|| not_found("user", owner))?;
+    let owner_roles = roles_of(&owner_row.roles);
+    let mut checks = Checks::default();
+    let name = checks.text("name", &input.name, 200, false);
+    let roles: BTreeSet<Role> = input.roles.into_iter().collect();
+    checks.check(!roles.is_empty(), "roles must name at least one role");
+    for r in &roles {
+        checks.check(owner_roles.contains(r), format!("roles: you do not hold the {r} role, so a token can't carry it"));
+    }
+    let now = Utc::now();
+    checks.check(input.expires_at > now, "expires_at must be in the future");
+    checks.check(input.expires_at <= now + Duration::days(MAX_DAYS), format!("expires_at must be within {MAX_DAYS} days"));
+    checks.finish()?;
+    let secret = format!("{TOKEN_PREFIX}{}", random_secret(32));
+    let w = ctx.begin_write().await?;
+    let m = api_token::ActiveModel {
+        id: Set(Uuid::new_v4()),
+        user_id: Set(owner),
+        name: Set(name),
+        token_hash: Set(secret_hash(&secret)),
+        roles: Set(roles_json(&roles)),
+        expires_at: Set(input.expires_at),
+        revoked_at: Set(None),
+        created_at: Set(now),
+    }
+    .insert(&*w)
+    .await?;
+    let info = token_dto(&m);
+    audit::append(&*w, actor, "token.created", "api_token", m.id, &info).await?;
+    w.commit().await?;
+    Ok(TokenCreated { token: secret, info })
+}
+
+pub async fn list(ctx: &AppContext, actor: &Actor) -> AppResult<Vec<TokenDto>> {
+    let rows = api_token::Entity::find()
+        .filter(api_token::Column::UserId.eq(actor.user_id))
+        .order_by_asc(api_token::Column::CreatedAt)
+        .all(&ctx.db)
+        .await?;
+    Ok(rows.iter().map(token_dto).collect())
+}
+
+#[tracing::instrument(skip(ctx), fields(actor = %actor.audit_name()))]
+pub async fn revoke(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<TokenDto> {
+    let w = ctx.begin_write().await?;
+    let m = api_token::Entity::find_by_id(id).one(&*w).await?.ok_or_else(|| not_found("API token", id))?;
+    if m.user_id != actor.user_id && !actor.has(Role::Administrator) {
+        return Err(not_found("API token", id));
+    }
+    if m.revoked_at.is_some() {
+        return Err(AppError::conflict("invalid_state", "This token is already revoked."));
+    }
+    let mut a: api_token::ActiveModel = m.into();
+    a.revoked_at = Set(Some(Utc::now()));
+    let m = a.update(&*w).await?;
+    let dto = token_dto(&m);
+    audit::append(&*w, actor, "token.revoked", "api_token", m.id, &dto).await?;
+    w.commit().await?;
+    Ok(dto)
+}

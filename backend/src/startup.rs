@@ -1,0 +1,207 @@
+//! Building the server: database (migrated at start), OpenID discovery, the actix app
+//! with the API, its OpenAPI document and the interactive docs.
+
+use actix_web::dev::Server;
+use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
+use actix_web::http::StatusCode;
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use consilium_migrations::{Migrator, MigratorTrait};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+use secrecy::ExposeSecret;
+use std::net::TcpListener;
+use std::sync::Arc;
+use tracing_actix_web::TracingLogger;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_actix_web::AppExt;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::auth::oidc::OidcClient;
+use crate::configuration::Settings;
+use crate::context::AppContext;
+use crate::error::{problem, problem_response};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Consilium API",
+        description = "Governed federated learning for medical imaging: studies, training plans, ethics review, data access, runs and the audit trail. Errors are RFC 9457 problem details.",
+    ),
+    modifiers(&SecurityAddon),
+    security(("bearer" = []), ("session" = [])),
+)]
+pub struct ApiDoc;
+
+struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("An API token (POST /api/v1/tokens)")).build()),
+        );
+        components.add_security_scheme(
+            "session",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(crate::auth::SESSION_COOKIE))),
+        );
+    }
+}
+
+/// The OpenAPI document, collected from the same routes the server serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (_, api) = App::new()
+        .into_utoipa_app()
+        .openapi(ApiDoc::openapi())
+        .service(utoipa_actix_web::scope("/api/v1").configure(crate::routes::configure))
+        .split_for_parts();
+    api
+}
+
+/// `openapi/openapi.json` as committed: pretty-printed, with a final newline.
+pub fn openapi_json() -> Result<String, serde_json::Error> {
+    Ok(format!("{}\n", openapi().to_pretty_json()?))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("cannot connect to the database: {0}")]
+    Database(#[source] sea_orm::DbErr),
+    #[error("cannot migrate the database: {0}")]
+    Migrate(#[source] sea_orm::DbErr),
+    #[error("{0}")]
+    Oidc(#[from] crate::auth::oidc::OidcError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+/// Connects to the configured database and brings its schema up to date.
+pub async fn connect_and_migrate(settings: &Settings) -> Result<DatabaseConnection, StartupError> {
+    if !settings.database.is_postgres() {
+        let dir = &settings.database.data_dir;
+        std::fs::create_dir_all(dir).map_err(|source| StartupError::DataDir { path: dir.display().to_string(), source })?;
+    }
+    let mut options = ConnectOptions::new(settings.database.connection_url().expose_secret().to_string());
+    options.max_connections(settings.database.max_connections).sqlx_logging(false);
+    let db = Database::connect(options).await.map_err(StartupError::Database)?;
+    Migrator::up(&db, None).await.map_err(StartupError::Migrate)?;
+    Ok(db)
+}
+
+pub async fn build_context(settings: Settings) -> Result<AppContext, StartupError> {
+    let db = connect_and_migrate(&settings).await?;
+    let oidc = match settings.auth.oidc.clone() {
+        Some(o) => Some(Arc::new(OidcClient::discover(o).await?)),
+        None => None,
+    };
+    if settings.auth.local_accounts_enabled() {
+        tracing::warn!("local accounts are enabled: they are for development and demos only");
+    }
+    Ok(AppContext::new(db, settings, oidc))
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    pub context: AppContext,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let addr = format!("{}:{}", settings.server.host, settings.server.port);
+        let listener = TcpListener::bind(&addr).map_err(|source| StartupError::Bind { addr: addr.clone(), source })?;
+        let port = listener.local_addr().map_err(|source| StartupError::Bind { addr, source })?.port();
+        let context = build_context(settings).await?;
+        let server = run(listener, context.clone())?;
+        tracing::info!(port, "Consilium is listening");
+        Ok(Application { port, server, context })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {
+    let (status, detail) = match &err {
+        JsonPayloadError::OverflowKnownLength { length, limit } => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("The request body is {length} bytes; this server accepts at most {limit} (server.body_limit_bytes)."),
+        ),
+        JsonPayloadError::Overflow { limit } => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("The request body is larger than the {limit} bytes this server accepts (server.body_limit_bytes)."),
+        ),
+        JsonPayloadError::ContentType => (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Send the body as JSON with `Content-Type: application/json`.".to_string(),
+        ),
+        JsonPayloadError::Deserialize(e) => (StatusCode::BAD_REQUEST, format!("The JSON body is not valid for this operation: {e}.")),
+        other => (StatusCode::BAD_REQUEST, format!("The request body could not be read: {other}.")),
+    };
+    let code = if status == StatusCode::BAD_REQUEST { "invalid_json" } else { "invalid_body" };
+    let p = problem(status, code, detail, Vec::new());
+    actix_web::error::InternalError::from_response(err, problem_response(&p)).into()
+}
+
+fn path_error(err: PathError, _req: &HttpRequest) -> actix_web::Error {
+    let p = problem(
+        StatusCode::BAD_REQUEST,
+        "invalid_path",
+        format!("A value in the URL path is malformed ({err}); ids are UUIDs such as 3f2b8c1e-9a4d-4c7e-8f00-1a2b3c4d5e6f."),
+        Vec::new(),
+    );
+    actix_web::error::InternalError::from_response(err, problem_response(&p)).into()
+}
+
+fn query_error(err: QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {
+    let p = problem(StatusCode::BAD_REQUEST, "invalid_query", format!("The query string is not valid here: {err}."), Vec::new());
+    actix_web::error::InternalError::from_response(err, problem_response(&p)).into()
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    problem_response(&problem(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("There is no {} {}; the API is described at /api/docs.", req.method(), req.path()),
+        Vec::new(),
+    ))
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+pub fn run(listener: TcpListener, context: AppContext) -> Result<Server, StartupError> {
+    let body_limit = context.settings.server.body_limit_bytes;
+    let data = web::Data::new(context);
+    let spec = openapi();
+    let server = HttpServer::new(move || {
+        let (app, _) = App::new()
+            .wrap(TracingLogger::default())
+            .app_data(data.clone())
+            .app_data(web::JsonConfig::default().limit(body_limit).error_handler(json_error))
+            .app_data(web::PayloadConfig::default().limit(body_limit))
+            .app_data(web::PathConfig::default().error_handler(path_error))
+            .app_data(web::QueryConfig::default().error_handler(query_error))
+            .into_utoipa_app()
+            .service(utoipa_actix_web::scope("/api/v1").configure(crate::routes::configure))
+            .split_for_parts();
+        app.route("/health", web::get().to(health))
+            .service(SwaggerUi::new("/api/docs/{_:.*}").url("/api/openapi.json", spec.clone()))
+            .route("/api/docs", web::get().to(|| async {
+                HttpResponse::Found().insert_header(("Location", "/api/docs/")).finish()
+            }))
+            .default_service(web::to(not_found))
+    })
+    .listen(listener)
+    .map_err(|source| StartupError::Bind { addr: "listener".into(), source })?
+    .run();
+    Ok(server)
+}

@@ -1,0 +1,548 @@
+//! The REST API's request and response bodies (under `/api/v1`).
+//! Requests reject unknown fields so that a typo is an error, not a silently ignored value.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::manifest::TrainingPlanManifest;
+use crate::role::Role;
+
+#[cfg(feature = "server")]
+use utoipa::{IntoParams, ToSchema};
+
+macro_rules! dto {
+    ($($item:item)*) => {
+        $(
+            #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+            #[cfg_attr(feature = "server", derive(ToSchema))]
+            $item
+        )*
+    };
+}
+
+macro_rules! input {
+    ($($item:item)*) => {
+        $(
+            #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+            #[cfg_attr(feature = "server", derive(ToSchema))]
+            #[serde(deny_unknown_fields)]
+            $item
+        )*
+    };
+}
+
+// ---------------------------------------------------------------- people and places
+
+dto! {
+    pub struct UserDto {
+        pub id: Uuid,
+        pub email: String,
+        pub name: String,
+        pub roles: Vec<Role>,
+        /// Has a development-only local password.
+        pub local_account: bool,
+        /// Subject at the OpenID provider, once the person has signed in through it.
+        pub oidc_subject: Option<String>,
+        pub created_at: DateTime<Utc>,
+    }
+
+    pub struct SiteDto {
+        pub id: Uuid,
+        pub name: String,
+        /// Users who decide data-access requests for this site.
+        pub custodians: Vec<Uuid>,
+        pub created_at: DateTime<Utc>,
+    }
+
+    pub struct CommitteeDto {
+        pub id: Uuid,
+        pub name: String,
+        pub members: Vec<Uuid>,
+        pub created_at: DateTime<Utc>,
+    }
+}
+
+input! {
+    pub struct CreateUser {
+        pub email: String,
+        pub name: String,
+        pub roles: Vec<Role>,
+        /// Sets a development-only local password (refused where local accounts are off).
+        #[serde(default)]
+        pub password: Option<String>,
+    }
+
+    pub struct SetRoles {
+        pub roles: Vec<Role>,
+    }
+
+    pub struct CreateSite {
+        pub name: String,
+        #[serde(default)]
+        pub custodians: Vec<Uuid>,
+    }
+
+    pub struct SetCustodians {
+        pub custodians: Vec<Uuid>,
+    }
+
+    pub struct CreateCommittee {
+        pub name: String,
+        #[serde(default)]
+        pub members: Vec<Uuid>,
+    }
+
+    pub struct SetMembers {
+        pub members: Vec<Uuid>,
+    }
+}
+
+// ---------------------------------------------------------------- studies
+
+dto! {
+    /// The data a study asks of one site.
+    #[serde(deny_unknown_fields)]
+    pub struct DataScope {
+        /// DICOM modality, e.g. `CR`, `CT`, `MR`.
+        pub modality: String,
+        pub body_part: String,
+        /// The label the model learns, e.g. `nodule`.
+        pub label: String,
+        /// Number of cases requested.
+        pub cases: u32,
+    }
+
+    #[serde(deny_unknown_fields)]
+    pub struct StudySite {
+        pub site_id: Uuid,
+        pub scope: DataScope,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum StudyStatus {
+    Draft,
+    Submitted,
+    ChangesRequested,
+    Approved,
+    Rejected,
+}
+
+impl StudyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StudyStatus::Draft => "draft",
+            StudyStatus::Submitted => "submitted",
+            StudyStatus::ChangesRequested => "changes_requested",
+            StudyStatus::Approved => "approved",
+            StudyStatus::Rejected => "rejected",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            StudyStatus::Draft,
+            StudyStatus::Submitted,
+            StudyStatus::ChangesRequested,
+            StudyStatus::Approved,
+            StudyStatus::Rejected,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+}
+
+dto! {
+    pub struct StudyDto {
+        pub id: Uuid,
+        pub title: String,
+        pub protocol_text: String,
+        /// Increases with every change of the protocol; a decision binds to one version.
+        pub protocol_version: i32,
+        pub purpose: String,
+        pub committee_id: Uuid,
+        pub researcher_id: Uuid,
+        pub sites: Vec<StudySite>,
+        pub status: StudyStatus,
+        pub created_at: DateTime<Utc>,
+        pub updated_at: DateTime<Utc>,
+    }
+}
+
+input! {
+    pub struct CreateStudy {
+        pub title: String,
+        pub protocol_text: String,
+        pub purpose: String,
+        pub committee_id: Uuid,
+        pub sites: Vec<StudySite>,
+    }
+
+    /// Changes a draft, or amends an approved study (which then needs a new decision).
+    pub struct UpdateStudy {
+        #[serde(default)]
+        pub title: Option<String>,
+        #[serde(default)]
+        pub protocol_text: Option<String>,
+        #[serde(default)]
+        pub purpose: Option<String>,
+        #[serde(default)]
+        pub sites: Option<Vec<StudySite>>,
+    }
+}
+
+// ---------------------------------------------------------------- training plans
+
+input! {
+    pub struct PlanFileUpload {
+        /// File name, e.g. `train.py`; no folders.
+        pub name: String,
+        /// The file's bytes, base64 (standard alphabet, padded).
+        pub content_base64: String,
+    }
+
+    pub struct SubmitPlan {
+        pub manifest: TrainingPlanManifest,
+        #[serde(default)]
+        pub files: Vec<PlanFileUpload>,
+    }
+}
+
+dto! {
+    pub struct PlanFileDto {
+        pub name: String,
+        pub size: u64,
+        pub sha256: String,
+    }
+
+    pub struct PlanDto {
+        pub id: Uuid,
+        pub study_id: Uuid,
+        /// 1 for the first plan of a study, then one more for every change.
+        pub version: i32,
+        /// SHA-256 over the canonical form of the manifest and the files' digests.
+        pub hash: String,
+        pub manifest: TrainingPlanManifest,
+        pub files: Vec<PlanFileDto>,
+        pub submitted_by: Uuid,
+        pub created_at: DateTime<Utc>,
+    }
+
+    pub struct PlanFileContent {
+        pub name: String,
+        pub content_base64: String,
+    }
+}
+
+// ---------------------------------------------------------------- ethics review
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ReviewDecision {
+    Approve,
+    RequestChanges,
+    Reject,
+}
+
+impl ReviewDecision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewDecision::Approve => "approve",
+            ReviewDecision::RequestChanges => "request_changes",
+            ReviewDecision::Reject => "reject",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Approve, Self::RequestChanges, Self::Reject]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+    }
+}
+
+input! {
+    pub struct SubmitReview {
+        pub decision: ReviewDecision,
+        pub comments: String,
+        /// Conditions attached to an approval.
+        #[serde(default)]
+        pub conditions: Option<String>,
+        /// Required for an approval: when it lapses.
+        #[serde(default)]
+        pub expires_at: Option<DateTime<Utc>>,
+    }
+}
+
+dto! {
+    pub struct ReviewDto {
+        pub id: Uuid,
+        pub study_id: Uuid,
+        pub committee_id: Uuid,
+        pub reviewer_id: Uuid,
+        pub decision: ReviewDecision,
+        pub comments: String,
+        pub conditions: Option<String>,
+        pub expires_at: Option<DateTime<Utc>>,
+        /// The protocol version this decision covers.
+        pub protocol_version: i32,
+        /// The training-plan hashes this decision covers.
+        pub plan_hashes: Vec<String>,
+        pub created_at: DateTime<Utc>,
+    }
+}
+
+// ---------------------------------------------------------------- data access
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum AccessStatus {
+    Pending,
+    Approved,
+    Denied,
+    Revoked,
+}
+
+impl AccessStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessStatus::Pending => "pending",
+            AccessStatus::Approved => "approved",
+            AccessStatus::Denied => "denied",
+            AccessStatus::Revoked => "revoked",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Pending, Self::Approved, Self::Denied, Self::Revoked]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum AccessDecision {
+    Approve,
+    Deny,
+}
+
+input! {
+    pub struct CreateAccessRequest {
+        pub site_id: Uuid,
+        /// Plan hashes the grant would allow; by default the study's latest plan.
+        #[serde(default)]
+        pub plan_hashes: Option<Vec<String>>,
+        pub justification: String,
+    }
+
+    pub struct DecideAccessRequest {
+        pub decision: AccessDecision,
+        #[serde(default)]
+        pub comment: Option<String>,
+        /// Required for an approval: when the grant lapses.
+        #[serde(default)]
+        pub expires_at: Option<DateTime<Utc>>,
+        /// Narrows the requested scope (never widens it); by default the requested scope.
+        #[serde(default)]
+        pub scope: Option<DataScope>,
+    }
+
+    pub struct RevokeAccess {
+        pub reason: String,
+    }
+}
+
+dto! {
+    pub struct AccessRequestDto {
+        pub id: Uuid,
+        pub study_id: Uuid,
+        pub site_id: Uuid,
+        pub requester_id: Uuid,
+        pub scope: DataScope,
+        /// Training-plan hashes this grant allows to run on the site's data.
+        pub plan_hashes: Vec<String>,
+        pub justification: String,
+        pub status: AccessStatus,
+        pub decided_by: Option<Uuid>,
+        pub decided_at: Option<DateTime<Utc>>,
+        pub expires_at: Option<DateTime<Utc>>,
+        pub comment: Option<String>,
+        pub created_at: DateTime<Utc>,
+    }
+}
+
+// ---------------------------------------------------------------- preflight and runs
+
+dto! {
+    pub struct PreflightReport {
+        pub study_id: Uuid,
+        /// The plan hash checked (the latest plan unless one was asked for).
+        pub plan_hash: Option<String>,
+        /// True when a run may be created now.
+        pub ready: bool,
+        /// Every condition not met, in words.
+        pub unmet: Vec<String>,
+    }
+
+    pub struct RunDto {
+        pub id: Uuid,
+        pub study_id: Uuid,
+        pub plan_hash: String,
+        pub status: String,
+        pub created_by: Uuid,
+        /// The ethics decision in force when the run was created.
+        pub review_id: Uuid,
+        /// The data-access grants in force, one per participating site.
+        pub grant_ids: Vec<Uuid>,
+        pub created_at: DateTime<Utc>,
+    }
+}
+
+input! {
+    pub struct CreateRun {
+        /// The plan to run; by default the study's latest plan.
+        #[serde(default)]
+        pub plan_hash: Option<String>,
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(IntoParams))]
+#[serde(deny_unknown_fields)]
+pub struct PreflightQuery {
+    /// Check this plan hash instead of the latest plan.
+    #[serde(default)]
+    pub plan_hash: Option<String>,
+}
+
+// ---------------------------------------------------------------- sign-in and tokens
+
+input! {
+    pub struct LocalLogin {
+        pub email: String,
+        pub password: String,
+    }
+
+    pub struct CreateToken {
+        pub name: String,
+        /// Roles the token may act with; each must be one of the owner's roles.
+        pub roles: Vec<Role>,
+        pub expires_at: DateTime<Utc>,
+    }
+}
+
+dto! {
+    pub struct MeDto {
+        pub user: UserDto,
+        /// The roles this request acts with (an API token may carry fewer than its owner).
+        pub acting_roles: Vec<Role>,
+    }
+
+    pub struct AuthConfigDto {
+        /// Development-only local accounts are enabled.
+        pub local_accounts: bool,
+        /// OpenID Connect sign-in is configured (`/api/v1/auth/oidc/login`).
+        pub oidc: bool,
+    }
+
+    pub struct TokenDto {
+        pub id: Uuid,
+        pub user_id: Uuid,
+        pub name: String,
+        pub roles: Vec<Role>,
+        pub expires_at: DateTime<Utc>,
+        pub revoked_at: Option<DateTime<Utc>>,
+        pub created_at: DateTime<Utc>,
+    }
+
+    pub struct TokenCreated {
+        /// The secret, shown this once; only its hash is stored.
+        pub token: String,
+        pub info: TokenDto,
+    }
+}
+
+// ---------------------------------------------------------------- audit
+
+dto! {
+    pub struct AuditEventDto {
+        /// Position in the log, from 1.
+        pub seq: i64,
+        pub id: Uuid,
+        pub at: DateTime<Utc>,
+        /// Who acted: a user id, or `system`.
+        pub actor: String,
+        pub action: String,
+        pub object_type: String,
+        pub object_id: String,
+        /// SHA-256 of the object's new state.
+        pub digest: String,
+        pub prev_hash: String,
+        pub hash: String,
+    }
+
+    pub struct BrokenEvent {
+        pub seq: i64,
+        pub id: Uuid,
+        pub reason: String,
+    }
+
+    pub struct AuditVerification {
+        /// True when every event's hash matches its content and its predecessor.
+        pub ok: bool,
+        pub events_checked: u64,
+        /// The first event whose hash does not match, if any.
+        pub first_broken: Option<BrokenEvent>,
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(IntoParams))]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    #[serde(default)]
+    pub actor: Option<String>,
+    #[serde(default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub object_type: Option<String>,
+    #[serde(default)]
+    pub object_id: Option<String>,
+    /// At most this many events (default 100, at most 1000).
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// Events after this sequence number.
+    #[serde(default)]
+    pub after_seq: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    #[default]
+    Jsonl,
+    Csv,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(IntoParams))]
+#[serde(deny_unknown_fields)]
+pub struct ExportQuery {
+    /// `jsonl` (default) or `csv`.
+    #[serde(default)]
+    pub format: Option<ExportFormat>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(IntoParams))]
+#[serde(deny_unknown_fields)]
+pub struct AccessListQuery {
+    #[serde(default)]
+    pub site_id: Option<Uuid>,
+    #[serde(default)]
+    pub study_id: Option<Uuid>,
+}

@@ -1,0 +1,15 @@
+//! The Consilium schema. The server runs these migrations at start (`consilium migrate`
+//! runs them alone). Works on SQLite and PostgreSQL.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261127_000001_governance;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261127_000001_governance::Migration)]
+    }
+}
