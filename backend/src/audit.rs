@@ -5,7 +5,10 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use consilium_core::api::{AuditEventDto, AuditQuery, AuditVerification, BrokenEvent};
 use consilium_core::hash::{canonical_sha256, sha256_hex};
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set,
+};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -91,7 +94,9 @@ pub async fn append<C: ConnectionTrait, S: Serialize>(
         prev_hash: Set(event.prev_hash.clone()),
         hash: Set(event.hash.clone()),
     };
-    audit_event::Entity::insert(active).exec_without_returning(db).await?;
+    audit_event::Entity::insert(active)
+        .exec_without_returning(db)
+        .await?;
     tracing::info!(seq, action, object_type, object_id = %event.object_id, "audit event");
     Ok(to_dto(event))
 }
@@ -115,7 +120,9 @@ pub fn to_dto(e: audit_event::Model) -> AuditEventDto {
 pub async fn list<C: ConnectionTrait>(db: &C, q: &AuditQuery) -> AppResult<Vec<AuditEventDto>> {
     let limit = u64::from(q.limit.unwrap_or(100));
     if limit == 0 || limit > 1000 {
-        return Err(AppError::Invalid("limit must be between 1 and 1000.".into()));
+        return Err(AppError::Invalid(
+            "limit must be between 1 and 1000.".into(),
+        ));
     }
     let mut select = audit_event::Entity::find().order_by_asc(audit_event::Column::Seq);
     if let Some(v) = &q.actor {
@@ -167,16 +174,28 @@ pub async fn verify<C: ConnectionTrait>(db: &C) -> AppResult<AuditVerification> 
         }
         checked += 1;
         let reason = if e.seq != expected_seq {
-            Some(format!("expected event number {expected_seq} here, found {}: events are missing", e.seq))
+            Some(format!(
+                "expected event number {expected_seq} here, found {}: events are missing",
+                e.seq
+            ))
         } else if e.prev_hash != expected_prev {
-            Some("its link to the previous event does not match the previous event's hash".to_string())
+            Some(
+                "its link to the previous event does not match the previous event's hash"
+                    .to_string(),
+            )
         } else if event_hash(&e)? != e.hash {
             Some("its content does not match its hash: the event was altered".to_string())
         } else {
             None
         };
         match reason {
-            Some(reason) => first_broken = Some(BrokenEvent { seq: e.seq, id: e.id, reason }),
+            Some(reason) => {
+                first_broken = Some(BrokenEvent {
+                    seq: e.seq,
+                    id: e.id,
+                    reason,
+                })
+            }
             None => {
                 expected_prev = e.hash.clone();
                 expected_seq += 1;
@@ -185,7 +204,11 @@ pub async fn verify<C: ConnectionTrait>(db: &C) -> AppResult<AuditVerification> 
         Ok(())
     })
     .await?;
-    Ok(AuditVerification { ok: first_broken.is_none(), events_checked: checked, first_broken })
+    Ok(AuditVerification {
+        ok: first_broken.is_none(),
+        events_checked: checked,
+        first_broken,
+    })
 }
 
 /// Digest helper for states that are not JSON objects.

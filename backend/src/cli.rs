@@ -16,7 +16,11 @@ use crate::startup::{self, Application};
 use crate::{audit, telemetry};
 
 #[derive(Parser, Debug)]
-#[command(name = "consilium", version, about = "Governed federated learning for medical imaging")]
+#[command(
+    name = "consilium",
+    version,
+    about = "Governed federated learning for medical imaging"
+)]
 pub struct Cli {
     /// A TOML configuration file (default: ./consilium.toml when present).
     #[arg(long, global = true, env = "CONSILIUM_CONFIG")]
@@ -94,7 +98,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Openapi { .. } => Ok(0),
         Command::Serve => {
             let app = Application::build(settings).await?;
-            eprintln!("Consilium is serving on http://127.0.0.1:{} (API docs at /api/docs)", app.port());
+            eprintln!(
+                "Consilium is serving on http://127.0.0.1:{} (API docs at /api/docs)",
+                app.port()
+            );
             app.run_until_stopped().await?;
             Ok(0)
         }
@@ -115,7 +122,10 @@ fn openapi(out: &std::path::Path, check: bool) -> anyhow::Result<i32> {
     if check {
         let current = std::fs::read_to_string(out).unwrap_or_default();
         if current != json {
-            eprintln!("{} is stale; regenerate it with: cargo run -p consilium-backend -- openapi", out.display());
+            eprintln!(
+                "{} is stale; regenerate it with: cargo run -p consilium-backend -- openapi",
+                out.display()
+            );
             return Ok(1);
         }
         eprintln!("{} is current.", out.display());
@@ -132,8 +142,24 @@ fn openapi(out: &std::path::Path, check: bool) -> anyhow::Result<i32> {
 async fn admin(ctx: &AppContext, cmd: AdminCommand) -> anyhow::Result<i32> {
     let system = Actor::system();
     match cmd {
-        AdminCommand::CreateUser { email, name, roles, password } => {
-            match directory::create_user(ctx, &system, CreateUser { email, name, roles, password }).await {
+        AdminCommand::CreateUser {
+            email,
+            name,
+            roles,
+            password,
+        } => {
+            match directory::create_user(
+                ctx,
+                &system,
+                CreateUser {
+                    email,
+                    name,
+                    roles,
+                    password,
+                },
+            )
+            .await
+            {
                 Ok(u) => {
                     println!("{}", serde_json::to_string_pretty(&u)?);
                     Ok(0)
@@ -147,12 +173,27 @@ async fn admin(ctx: &AppContext, cmd: AdminCommand) -> anyhow::Result<i32> {
                 }
             }
         }
-        AdminCommand::CreateToken { email, name, roles, days } => {
-            let Some(u) = user::Entity::find().filter(user::Column::Email.eq(email.trim().to_lowercase())).one(&ctx.db).await? else {
-                eprintln!("error: no user with the email {email}; create one with `consilium admin create-user`.");
+        AdminCommand::CreateToken {
+            email,
+            name,
+            roles,
+            days,
+        } => {
+            let Some(u) = user::Entity::find()
+                .filter(user::Column::Email.eq(email.trim().to_lowercase()))
+                .one(&ctx.db)
+                .await?
+            else {
+                eprintln!(
+                    "error: no user with the email {email}; create one with `consilium admin create-user`."
+                );
                 return Ok(2);
             };
-            let input = CreateToken { name, roles, expires_at: Utc::now() + Duration::days(days) };
+            let input = CreateToken {
+                name,
+                roles,
+                expires_at: Utc::now() + Duration::days(days),
+            };
             match tokens::create(ctx, &system, u.id, input).await {
                 Ok(t) => {
                     println!("{}", t.token);

@@ -76,7 +76,9 @@ impl DatabaseSettings {
     }
 
     pub fn is_postgres(&self) -> bool {
-        self.connection_url().expose_secret().starts_with("postgres")
+        self.connection_url()
+            .expose_secret()
+            .starts_with("postgres")
     }
 }
 

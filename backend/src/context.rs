@@ -1,6 +1,9 @@
 //! The one cloneable application context handed to every handler and service.
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, Statement, TransactionTrait};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, Statement,
+    TransactionTrait,
+};
 use std::sync::Arc;
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -43,7 +46,12 @@ const AUDIT_LOCK_KEY: i64 = 0x636f_6e73_696c;
 
 impl AppContext {
     pub fn new(db: DatabaseConnection, settings: Settings, oidc: Option<Arc<OidcClient>>) -> Self {
-        AppContext { db, settings: Arc::new(settings), oidc, write_lock: Arc::new(Mutex::new(())) }
+        AppContext {
+            db,
+            settings: Arc::new(settings),
+            oidc,
+            write_lock: Arc::new(Mutex::new(())),
+        }
     }
 
     pub async fn begin_write(&self) -> AppResult<WriteTxn<'_>> {

@@ -122,14 +122,24 @@ pub fn authorize(actor: &Actor, op: Operation) -> Result<(), String> {
 pub fn submit_transition(status: StudyStatus) -> Result<StudyStatus, String> {
     match status {
         StudyStatus::Draft | StudyStatus::ChangesRequested => Ok(StudyStatus::Submitted),
-        StudyStatus::Submitted => Err("The study is already submitted and awaits its committee's decision.".into()),
-        StudyStatus::Approved => Err("The study is already approved; amend it to submit a new version.".into()),
-        StudyStatus::Rejected => Err("The study was rejected; a rejected study can't be resubmitted. Draft a new study.".into()),
+        StudyStatus::Submitted => {
+            Err("The study is already submitted and awaits its committee's decision.".into())
+        }
+        StudyStatus::Approved => {
+            Err("The study is already approved; amend it to submit a new version.".into())
+        }
+        StudyStatus::Rejected => Err(
+            "The study was rejected; a rejected study can't be resubmitted. Draft a new study."
+                .into(),
+        ),
     }
 }
 
 /// A committee decides only on a submitted study.
-pub fn review_transition(status: StudyStatus, decision: ReviewDecision) -> Result<StudyStatus, String> {
+pub fn review_transition(
+    status: StudyStatus,
+    decision: ReviewDecision,
+) -> Result<StudyStatus, String> {
     if status != StudyStatus::Submitted {
         return Err(format!(
             "The study is {}; only a submitted study can be reviewed.",
@@ -147,11 +157,20 @@ pub fn review_transition(status: StudyStatus, decision: ReviewDecision) -> Resul
 /// needs a new decision. A study under review or rejected can't change.
 pub fn amend_transition(status: StudyStatus) -> Result<StudyStatus, String> {
     match status {
-        StudyStatus::Draft | StudyStatus::ChangesRequested | StudyStatus::Approved => Ok(
-            if status == StudyStatus::Approved { StudyStatus::Draft } else { status },
+        StudyStatus::Draft | StudyStatus::ChangesRequested | StudyStatus::Approved => {
+            Ok(if status == StudyStatus::Approved {
+                StudyStatus::Draft
+            } else {
+                status
+            })
+        }
+        StudyStatus::Submitted => Err(
+            "The study is under review; wait for the committee's decision before changing it."
+                .into(),
         ),
-        StudyStatus::Submitted => Err("The study is under review; wait for the committee's decision before changing it.".into()),
-        StudyStatus::Rejected => Err("The study was rejected and can't change; draft a new study.".into()),
+        StudyStatus::Rejected => {
+            Err("The study was rejected and can't change; draft a new study.".into())
+        }
     }
 }
 
@@ -211,7 +230,10 @@ pub fn preflight(input: &PreflightInput<'_>) -> PreflightOutcome {
     let plan_hash = match input.requested_plan {
         Some(h) if input.plan_hashes.iter().any(|p| p == h) => Some(h.to_string()),
         Some(h) => {
-            unmet.push(format!("Training plan {} is not a plan of this study.", short(h)));
+            unmet.push(format!(
+                "Training plan {} is not a plan of this study.",
+                short(h)
+            ));
             None
         }
         None => {
@@ -238,7 +260,8 @@ pub fn preflight(input: &PreflightInput<'_>) -> PreflightOutcome {
             Some(r) => match r.expires_at {
                 Some(exp) if exp > input.now => review_id = Some(r.id),
                 Some(exp) => unmet.push(format!("The ethics approval expired on {}.", day(exp))),
-                None => unmet.push("The ethics approval has no expiry date and can't be relied on.".into()),
+                None => unmet
+                    .push("The ethics approval has no expiry date and can't be relied on.".into()),
             },
             None => {
                 if let Some(last) = approvals.last() {
@@ -271,12 +294,17 @@ pub fn preflight(input: &PreflightInput<'_>) -> PreflightOutcome {
             .get(&site.site_id)
             .cloned()
             .unwrap_or_else(|| site.site_id.to_string());
-        let requests: Vec<&AccessRequestDto> =
-            input.access.iter().filter(|a| a.site_id == site.site_id).collect();
+        let requests: Vec<&AccessRequestDto> = input
+            .access
+            .iter()
+            .filter(|a| a.site_id == site.site_id)
+            .collect();
         let in_force = requests.iter().rev().find(|a| {
             a.status == AccessStatus::Approved
                 && a.expires_at.is_some_and(|e| e > input.now)
-                && plan_hash.as_deref().is_some_and(|h| a.plan_hashes.iter().any(|p| p == h))
+                && plan_hash
+                    .as_deref()
+                    .is_some_and(|h| a.plan_hashes.iter().any(|p| p == h))
         });
         if let Some(grant) = in_force {
             grant_ids.push(grant.id);
@@ -285,13 +313,20 @@ pub fn preflight(input: &PreflightInput<'_>) -> PreflightOutcome {
         let reason = match requests.last() {
             None => "no data-access request has been filed.".to_string(),
             Some(a) => match a.status {
-                AccessStatus::Pending => "the data-access request awaits the custodian's decision.".to_string(),
+                AccessStatus::Pending => {
+                    "the data-access request awaits the custodian's decision.".to_string()
+                }
                 AccessStatus::Denied => "the custodian denied data access.".to_string(),
                 AccessStatus::Revoked => "the custodian revoked data access.".to_string(),
                 AccessStatus::Approved => match a.expires_at {
-                    Some(e) if e <= input.now => format!("the data-access grant expired on {}.", day(e)),
+                    Some(e) if e <= input.now => {
+                        format!("the data-access grant expired on {}.", day(e))
+                    }
                     _ => match plan_hash.as_deref() {
-                        Some(h) => format!("the data-access grant does not cover training plan {}.", short(h)),
+                        Some(h) => format!(
+                            "the data-access grant does not cover training plan {}.",
+                            short(h)
+                        ),
                         None => "there is no training plan for the grant to cover.".to_string(),
                     },
                 },
@@ -300,7 +335,12 @@ pub fn preflight(input: &PreflightInput<'_>) -> PreflightOutcome {
         unmet.push(format!("Site {name}: {reason}"));
     }
 
-    PreflightOutcome { plan_hash, unmet, review_id, grant_ids }
+    PreflightOutcome {
+        plan_hash,
+        unmet,
+        review_id,
+        grant_ids,
+    }
 }
 
 #[cfg(test)]
@@ -310,7 +350,12 @@ mod tests {
     use consilium_core::api::{DataScope, StudySite};
 
     fn scope() -> DataScope {
-        DataScope { modality: "CR".into(), body_part: "CHEST".into(), label: "nodule".into(), cases: 100 }
+        DataScope {
+            modality: "CR".into(),
+            body_part: "CHEST".into(),
+            label: "nodule".into(),
+            cases: 100,
+        }
     }
 
     fn study(status: StudyStatus, sites: &[Uuid]) -> StudyDto {
@@ -323,14 +368,25 @@ mod tests {
             purpose: "x".into(),
             committee_id: Uuid::new_v4(),
             researcher_id: Uuid::new_v4(),
-            sites: sites.iter().map(|s| StudySite { site_id: *s, scope: scope() }).collect(),
+            sites: sites
+                .iter()
+                .map(|s| StudySite {
+                    site_id: *s,
+                    scope: scope(),
+                })
+                .collect(),
             status,
             created_at: now,
             updated_at: now,
         }
     }
 
-    fn approval(study: &StudyDto, version: i32, hashes: &[&str], expires: DateTime<Utc>) -> ReviewDto {
+    fn approval(
+        study: &StudyDto,
+        version: i32,
+        hashes: &[&str],
+        expires: DateTime<Utc>,
+    ) -> ReviewDto {
         ReviewDto {
             id: Uuid::new_v4(),
             study_id: study.id,
@@ -346,7 +402,13 @@ mod tests {
         }
     }
 
-    fn grant(study: &StudyDto, site: Uuid, status: AccessStatus, hashes: &[&str], expires: DateTime<Utc>) -> AccessRequestDto {
+    fn grant(
+        study: &StudyDto,
+        site: Uuid,
+        status: AccessStatus,
+        hashes: &[&str],
+        expires: DateTime<Utc>,
+    ) -> AccessRequestDto {
         AccessRequestDto {
             id: Uuid::new_v4(),
             study_id: study.id,
@@ -370,11 +432,19 @@ mod tests {
         let s = study(StudyStatus::Approved, &[a, b]);
         let later = Utc::now() + Duration::days(30);
         let reviews = [approval(&s, 2, &["h1"], later)];
-        let access = [grant(&s, a, AccessStatus::Approved, &["h1"], later), grant(&s, b, AccessStatus::Approved, &["h1"], later)];
+        let access = [
+            grant(&s, a, AccessStatus::Approved, &["h1"], later),
+            grant(&s, b, AccessStatus::Approved, &["h1"], later),
+        ];
         let names = HashMap::new();
         let out = preflight(&PreflightInput {
-            study: &s, plan_hashes: &["h1".into()], requested_plan: None, reviews: &reviews,
-            access: &access, site_names: &names, now: Utc::now(),
+            study: &s,
+            plan_hashes: &["h1".into()],
+            requested_plan: None,
+            reviews: &reviews,
+            access: &access,
+            site_names: &names,
+            now: Utc::now(),
         });
         assert!(out.ready(), "{:?}", out.unmet);
         assert_eq!(out.review_id, Some(reviews[0].id));
@@ -388,20 +458,48 @@ mod tests {
         let now = Utc::now();
         let reviews = [approval(&s, 1, &["h1"], now + Duration::days(3))];
         let access = [
-            grant(&s, a, AccessStatus::Pending, &["h1"], now + Duration::days(3)),
-            grant(&s, b, AccessStatus::Approved, &["h1"], now - Duration::days(1)),
+            grant(
+                &s,
+                a,
+                AccessStatus::Pending,
+                &["h1"],
+                now + Duration::days(3),
+            ),
+            grant(
+                &s,
+                b,
+                AccessStatus::Approved,
+                &["h1"],
+                now - Duration::days(1),
+            ),
         ];
-        let names: HashMap<Uuid, String> = [(a, "North".to_string()), (b, "South".to_string()), (c, "East".to_string())].into();
+        let names: HashMap<Uuid, String> = [
+            (a, "North".to_string()),
+            (b, "South".to_string()),
+            (c, "East".to_string()),
+        ]
+        .into();
         let out = preflight(&PreflightInput {
-            study: &s, plan_hashes: &["h1".into()], requested_plan: None, reviews: &reviews,
-            access: &access, site_names: &names, now,
+            study: &s,
+            plan_hashes: &["h1".into()],
+            requested_plan: None,
+            reviews: &reviews,
+            access: &access,
+            site_names: &names,
+            now,
         });
         assert!(!out.ready());
         assert_eq!(out.unmet.len(), 4, "{:?}", out.unmet);
         assert!(out.unmet[0].contains("covers protocol version 1; the protocol is now version 2"));
-        assert_eq!(out.unmet[1], "Site North: the data-access request awaits the custodian's decision.");
+        assert_eq!(
+            out.unmet[1],
+            "Site North: the data-access request awaits the custodian's decision."
+        );
         assert!(out.unmet[2].starts_with("Site South: the data-access grant expired on"));
-        assert_eq!(out.unmet[3], "Site East: no data-access request has been filed.");
+        assert_eq!(
+            out.unmet[3],
+            "Site East: no data-access request has been filed."
+        );
     }
 
     #[test]
@@ -413,8 +511,13 @@ mod tests {
         let access = [grant(&s, a, AccessStatus::Approved, &["h1"], later)];
         let names = HashMap::new();
         let out = preflight(&PreflightInput {
-            study: &s, plan_hashes: &["h1".into(), "h2".into()], requested_plan: None, reviews: &reviews,
-            access: &access, site_names: &names, now: Utc::now(),
+            study: &s,
+            plan_hashes: &["h1".into(), "h2".into()],
+            requested_plan: None,
+            reviews: &reviews,
+            access: &access,
+            site_names: &names,
+            now: Utc::now(),
         });
         assert_eq!(out.plan_hash.as_deref(), Some("h2"));
         assert_eq!(out.unmet.len(), 2, "{:?}", out.unmet);
@@ -427,28 +530,49 @@ mod tests {
         let s = study(StudyStatus::Draft, &[]);
         let names = HashMap::new();
         let out = preflight(&PreflightInput {
-            study: &s, plan_hashes: &[], requested_plan: None, reviews: &[], access: &[],
-            site_names: &names, now: Utc::now(),
+            study: &s,
+            plan_hashes: &[],
+            requested_plan: None,
+            reviews: &[],
+            access: &[],
+            site_names: &names,
+            now: Utc::now(),
         });
-        assert_eq!(out.unmet, vec![
-            "The study is draft; it must be approved by its ethics committee.".to_string(),
-            "No training plan has been submitted for this study.".to_string(),
-        ]);
+        assert_eq!(
+            out.unmet,
+            vec![
+                "The study is draft; it must be approved by its ethics committee.".to_string(),
+                "No training plan has been submitted for this study.".to_string(),
+            ]
+        );
     }
 
     #[test]
     fn transitions() {
-        assert_eq!(submit_transition(StudyStatus::Draft), Ok(StudyStatus::Submitted));
+        assert_eq!(
+            submit_transition(StudyStatus::Draft),
+            Ok(StudyStatus::Submitted)
+        );
         assert!(submit_transition(StudyStatus::Rejected).is_err());
-        assert_eq!(review_transition(StudyStatus::Submitted, ReviewDecision::Reject), Ok(StudyStatus::Rejected));
+        assert_eq!(
+            review_transition(StudyStatus::Submitted, ReviewDecision::Reject),
+            Ok(StudyStatus::Rejected)
+        );
         assert!(review_transition(StudyStatus::Rejected, ReviewDecision::Approve).is_err());
-        assert_eq!(amend_transition(StudyStatus::Approved), Ok(StudyStatus::Draft));
+        assert_eq!(
+            amend_transition(StudyStatus::Approved),
+            Ok(StudyStatus::Draft)
+        );
         assert!(amend_transition(StudyStatus::Submitted).is_err());
     }
 
     #[test]
     fn role_gate() {
-        let mut r = Actor { user_id: Uuid::new_v4(), roles: [Role::Researcher].into(), token_id: None };
+        let mut r = Actor {
+            user_id: Uuid::new_v4(),
+            roles: [Role::Researcher].into(),
+            token_id: None,
+        };
         assert!(authorize(&r, Operation::CreateStudy).is_ok());
         assert!(authorize(&r, Operation::ReviewStudy).is_err());
         r.roles = [Role::Auditor].into();

@@ -37,7 +37,10 @@ impl std::fmt::Debug for AppError {
 }
 
 /// Writes an error and every cause beneath it, one per line.
-pub fn error_chain_fmt(e: &impl std::error::Error, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+pub fn error_chain_fmt(
+    e: &impl std::error::Error,
+    f: &mut std::fmt::Formatter<'_>,
+) -> std::fmt::Result {
     writeln!(f, "{e}")?;
     let mut current = e.source();
     while let Some(cause) = current {
@@ -49,7 +52,10 @@ pub fn error_chain_fmt(e: &impl std::error::Error, f: &mut std::fmt::Formatter<'
 
 impl AppError {
     pub fn conflict(code: &'static str, detail: impl Into<String>) -> Self {
-        AppError::Conflict { code, detail: detail.into() }
+        AppError::Conflict {
+            code,
+            detail: detail.into(),
+        }
     }
 
     pub fn unexpected(e: impl Into<anyhow::Error>) -> Self {

@@ -39,11 +39,18 @@ impl utoipa::Modify for SecurityAddon {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("An API token (POST /api/v1/tokens)")).build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API token (POST /api/v1/tokens)"))
+                    .build(),
+            ),
         );
         components.add_security_scheme(
             "session",
-            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(crate::auth::SESSION_COOKIE))),
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(
+                crate::auth::SESSION_COOKIE,
+            ))),
         );
     }
 }
@@ -66,7 +73,10 @@ pub fn openapi_json() -> Result<String, serde_json::Error> {
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     #[error("cannot create the data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot connect to the database: {0}")]
     Database(#[source] sea_orm::DbErr),
     #[error("cannot migrate the database: {0}")]
@@ -74,19 +84,37 @@ pub enum StartupError {
     #[error("{0}")]
     Oidc(#[from] crate::auth::oidc::OidcError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// Connects to the configured database and brings its schema up to date.
 pub async fn connect_and_migrate(settings: &Settings) -> Result<DatabaseConnection, StartupError> {
     if !settings.database.is_postgres() {
         let dir = &settings.database.data_dir;
-        std::fs::create_dir_all(dir).map_err(|source| StartupError::DataDir { path: dir.display().to_string(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| StartupError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
     }
-    let mut options = ConnectOptions::new(settings.database.connection_url().expose_secret().to_string());
-    options.max_connections(settings.database.max_connections).sqlx_logging(false);
-    let db = Database::connect(options).await.map_err(StartupError::Database)?;
-    Migrator::up(&db, None).await.map_err(StartupError::Migrate)?;
+    let mut options = ConnectOptions::new(
+        settings
+            .database
+            .connection_url()
+            .expose_secret()
+            .to_string(),
+    );
+    options
+        .max_connections(settings.database.max_connections)
+        .sqlx_logging(false);
+    let db = Database::connect(options)
+        .await
+        .map_err(StartupError::Database)?;
+    Migrator::up(&db, None)
+        .await
+        .map_err(StartupError::Migrate)?;
     Ok(db)
 }
 
@@ -111,12 +139,22 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let addr = format!("{}:{}", settings.server.host, settings.server.port);
-        let listener = TcpListener::bind(&addr).map_err(|source| StartupError::Bind { addr: addr.clone(), source })?;
-        let port = listener.local_addr().map_err(|source| StartupError::Bind { addr, source })?.port();
+        let listener = TcpListener::bind(&addr).map_err(|source| StartupError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind { addr, source })?
+            .port();
         let context = build_context(settings).await?;
         let server = run(listener, context.clone())?;
         tracing::info!(port, "Consilium is listening");
-        Ok(Application { port, server, context })
+        Ok(Application {
+            port,
+            server,
+            context,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -132,20 +170,34 @@ fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {
     let (status, detail) = match &err {
         JsonPayloadError::OverflowKnownLength { length, limit } => (
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("The request body is {length} bytes; this server accepts at most {limit} (server.body_limit_bytes)."),
+            format!(
+                "The request body is {length} bytes; this server accepts at most {limit} (server.body_limit_bytes)."
+            ),
         ),
         JsonPayloadError::Overflow { limit } => (
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("The request body is larger than the {limit} bytes this server accepts (server.body_limit_bytes)."),
+            format!(
+                "The request body is larger than the {limit} bytes this server accepts (server.body_limit_bytes)."
+            ),
         ),
         JsonPayloadError::ContentType => (
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "Send the body as JSON with `Content-Type: application/json`.".to_string(),
         ),
-        JsonPayloadError::Deserialize(e) => (StatusCode::BAD_REQUEST, format!("The JSON body is not valid for this operation: {e}.")),
-        other => (StatusCode::BAD_REQUEST, format!("The request body could not be read: {other}.")),
+        JsonPayloadError::Deserialize(e) => (
+            StatusCode::BAD_REQUEST,
+            format!("The JSON body is not valid for this operation: {e}."),
+        ),
+        other => (
+            StatusCode::BAD_REQUEST,
+            format!("The request body could not be read: {other}."),
+        ),
     };
-    let code = if status == StatusCode::BAD_REQUEST { "invalid_json" } else { "invalid_body" };
+    let code = if status == StatusCode::BAD_REQUEST {
+        "invalid_json"
+    } else {
+        "invalid_body"
+    };
     let p = problem(status, code, detail, Vec::new());
     actix_web::error::InternalError::from_response(err, problem_response(&p)).into()
 }
@@ -154,14 +206,21 @@ fn path_error(err: PathError, _req: &HttpRequest) -> actix_web::Error {
     let p = problem(
         StatusCode::BAD_REQUEST,
         "invalid_path",
-        format!("A value in the URL path is malformed ({err}); ids are UUIDs such as 3f2b8c1e-9a4d-4c7e-8f00-1a2b3c4d5e6f."),
+        format!(
+            "A value in the URL path is malformed ({err}); ids are UUIDs such as 3f2b8c1e-9a4d-4c7e-8f00-1a2b3c4d5e6f."
+        ),
         Vec::new(),
     );
     actix_web::error::InternalError::from_response(err, problem_response(&p)).into()
 }
 
 fn query_error(err: QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {
-    let p = problem(StatusCode::BAD_REQUEST, "invalid_query", format!("The query string is not valid here: {err}."), Vec::new());
+    let p = problem(
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+        format!("The query string is not valid here: {err}."),
+        Vec::new(),
+    );
     actix_web::error::InternalError::from_response(err, problem_response(&p)).into()
 }
 
@@ -169,7 +228,11 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
     problem_response(&problem(
         StatusCode::NOT_FOUND,
         "not_found",
-        format!("There is no {} {}; the API is described at /api/docs.", req.method(), req.path()),
+        format!(
+            "There is no {} {}; the API is described at /api/docs.",
+            req.method(),
+            req.path()
+        ),
         Vec::new(),
     ))
 }
@@ -186,7 +249,11 @@ pub fn run(listener: TcpListener, context: AppContext) -> Result<Server, Startup
         let (app, _) = App::new()
             .wrap(TracingLogger::default())
             .app_data(data.clone())
-            .app_data(web::JsonConfig::default().limit(body_limit).error_handler(json_error))
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(body_limit)
+                    .error_handler(json_error),
+            )
             .app_data(web::PayloadConfig::default().limit(body_limit))
             .app_data(web::PathConfig::default().error_handler(path_error))
             .app_data(web::QueryConfig::default().error_handler(query_error))
@@ -195,13 +262,21 @@ pub fn run(listener: TcpListener, context: AppContext) -> Result<Server, Startup
             .split_for_parts();
         app.route("/health", web::get().to(health))
             .service(SwaggerUi::new("/api/docs/{_:.*}").url("/api/openapi.json", spec.clone()))
-            .route("/api/docs", web::get().to(|| async {
-                HttpResponse::Found().insert_header(("Location", "/api/docs/")).finish()
-            }))
+            .route(
+                "/api/docs",
+                web::get().to(|| async {
+                    HttpResponse::Found()
+                        .insert_header(("Location", "/api/docs/"))
+                        .finish()
+                }),
+            )
             .default_service(web::to(not_found))
     })
     .listen(listener)
-    .map_err(|source| StartupError::Bind { addr: "listener".into(), source })?
+    .map_err(|source| StartupError::Bind {
+        addr: "listener".into(),
+        source,
+    })?
     .run();
     Ok(server)
 }

@@ -28,9 +28,14 @@ mod tests {
 
     #[test]
     fn key_order_does_not_change_the_hash() {
-        let a: serde_json::Value = serde_json::from_str(r#"{"b":1,"a":{"y":2,"x":[3,4]}}"#).unwrap();
-        let b: serde_json::Value = serde_json::from_str(r#"{ "a": {"x":[3,4], "y":2}, "b":1 }"#).unwrap();
-        assert_eq!(canonical_json(&a).unwrap(), r#"{"a":{"x":[3,4],"y":2},"b":1}"#);
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"b":1,"a":{"y":2,"x":[3,4]}}"#).unwrap();
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{ "a": {"x":[3,4], "y":2}, "b":1 }"#).unwrap();
+        assert_eq!(
+            canonical_json(&a).unwrap(),
+            r#"{"a":{"x":[3,4],"y":2},"b":1}"#
+        );
         assert_eq!(canonical_sha256(&a).unwrap(), canonical_sha256(&b).unwrap());
     }
 

@@ -143,10 +143,10 @@ impl TrainingPlanManifest {
             ("privacy.noise_multiplier", self.privacy.noise_multiplier),
             ("stopping.target_value", self.stopping.target_value),
         ] {
-            if let Some(v) = v {
-                if !(v.is_finite() && v >= 0.0) {
-                    out.push(format!("{name} must be a non-negative number"));
-                }
+            if let Some(v) = v
+                && !(v.is_finite() && v >= 0.0)
+            {
+                out.push(format!("{name} must be a non-negative number"));
             }
         }
         if self.local_epochs == 0 {

@@ -5,8 +5,8 @@ pub mod oidc;
 
 use actix_web::cookie::{Cookie, SameSite, time::Duration as CookieDuration};
 use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use base64::Engine;
 use chrono::Utc;
 use consilium_core::Role;
@@ -47,13 +47,22 @@ pub fn hash_password(password: &str) -> AppResult<String> {
 
 pub fn verify_password(password: &str, stored: &str) -> bool {
     PasswordHash::new(stored)
-        .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+        .map(|parsed| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
         .unwrap_or(false)
 }
 
 pub fn roles_of(json: &serde_json::Value) -> BTreeSet<Role> {
     json.as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str()).filter_map(Role::parse).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str())
+                .filter_map(Role::parse)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -89,7 +98,9 @@ pub async fn open_session(ctx: &AppContext, user_id: uuid::Uuid) -> AppResult<St
 }
 
 pub async fn close_session(ctx: &AppContext, secret: &str) -> AppResult<()> {
-    session::Entity::delete_by_id(secret_hash(secret)).exec(&ctx.db).await?;
+    session::Entity::delete_by_id(secret_hash(secret))
+        .exec(&ctx.db)
+        .await?;
     Ok(())
 }
 
@@ -102,7 +113,11 @@ fn unauthenticated() -> AppError {
     )
 }
 
-async fn resolve(ctx: AppContext, bearer: Option<String>, cookie: Option<String>) -> AppResult<Actor> {
+async fn resolve(
+    ctx: AppContext,
+    bearer: Option<String>,
+    cookie: Option<String>,
+) -> AppResult<Actor> {
     let now = Utc::now();
     if let Some(token) = bearer {
         let Some(row) = api_token::Entity::find()
@@ -110,28 +125,52 @@ async fn resolve(ctx: AppContext, bearer: Option<String>, cookie: Option<String>
             .one(&ctx.db)
             .await?
         else {
-            return Err(AppError::Unauthenticated("This API token is not known; check that it was copied whole, or create a new one.".into()));
+            return Err(AppError::Unauthenticated(
+                "This API token is not known; check that it was copied whole, or create a new one."
+                    .into(),
+            ));
         };
         if row.revoked_at.is_some() {
-            return Err(AppError::Unauthenticated("This API token was revoked; create a new one.".into()));
+            return Err(AppError::Unauthenticated(
+                "This API token was revoked; create a new one.".into(),
+            ));
         }
         if row.expires_at <= now {
-            return Err(AppError::Unauthenticated("This API token has expired; create a new one.".into()));
+            return Err(AppError::Unauthenticated(
+                "This API token has expired; create a new one.".into(),
+            ));
         }
-        let owner = user::Entity::find_by_id(row.user_id).one(&ctx.db).await?.ok_or_else(unauthenticated)?;
+        let owner = user::Entity::find_by_id(row.user_id)
+            .one(&ctx.db)
+            .await?
+            .ok_or_else(unauthenticated)?;
         // A token never acts with a role its owner no longer holds.
-        let roles = roles_of(&row.roles).intersection(&roles_of(&owner.roles)).copied().collect();
-        return Ok(Actor { user_id: owner.id, roles, token_id: Some(row.id) });
+        let roles = roles_of(&row.roles)
+            .intersection(&roles_of(&owner.roles))
+            .copied()
+            .collect();
+        return Ok(Actor {
+            user_id: owner.id,
+            roles,
+            token_id: Some(row.id),
+        });
     }
     if let Some(secret) = cookie {
-        if let Some(s) = session::Entity::find_by_id(secret_hash(&secret)).one(&ctx.db).await? {
-            if s.expires_at > now {
-                if let Some(u) = user::Entity::find_by_id(s.user_id).one(&ctx.db).await? {
-                    return Ok(Actor { user_id: u.id, roles: roles_of(&u.roles), token_id: None });
-                }
-            }
+        if let Some(s) = session::Entity::find_by_id(secret_hash(&secret))
+            .one(&ctx.db)
+            .await?
+            && s.expires_at > now
+            && let Some(u) = user::Entity::find_by_id(s.user_id).one(&ctx.db).await?
+        {
+            return Ok(Actor {
+                user_id: u.id,
+                roles: roles_of(&u.roles),
+                token_id: None,
+            });
         }
-        return Err(AppError::Unauthenticated("Your session has ended; sign in again.".into()));
+        return Err(AppError::Unauthenticated(
+            "Your session has ended; sign in again.".into(),
+        ));
     }
     Err(unauthenticated())
 }
@@ -141,14 +180,18 @@ impl FromRequest for Authenticated {
     type Future = Pin<Box<dyn Future<Output = Result<Self, AppError>>>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let ctx = req.app_data::<web::Data<AppContext>>().map(|d| d.get_ref().clone());
+        let ctx = req
+            .app_data::<web::Data<AppContext>>()
+            .map(|d| d.get_ref().clone());
         let header = req
             .headers()
             .get(actix_web::http::header::AUTHORIZATION)
             .map(|h| h.to_str().map(str::to_string));
         let cookie = req.cookie(SESSION_COOKIE).map(|c| c.value().to_string());
         Box::pin(async move {
-            let ctx = ctx.ok_or_else(|| AppError::unexpected(anyhow::anyhow!("application context missing")))?;
+            let ctx = ctx.ok_or_else(|| {
+                AppError::unexpected(anyhow::anyhow!("application context missing"))
+            })?;
             let bearer = match header {
                 None => None,
                 Some(Ok(h)) => match h.strip_prefix("Bearer ") {
@@ -160,7 +203,9 @@ impl FromRequest for Authenticated {
                     }
                 },
                 Some(Err(_)) => {
-                    return Err(AppError::Unauthenticated("The Authorization header is not readable text.".into()));
+                    return Err(AppError::Unauthenticated(
+                        "The Authorization header is not readable text.".into(),
+                    ));
                 }
             };
             resolve(ctx, bearer, cookie).await.map(Authenticated)

@@ -4,11 +4,14 @@
 
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use oauth2::basic::{BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse, BasicTokenType};
+use oauth2::basic::{
+    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
+    BasicTokenType,
+};
 use oauth2::{
-    AuthUrl, AuthorizationCode, Client, ClientId, ClientSecret, CsrfToken, EndpointNotSet, EndpointSet,
-    ExtraTokenFields, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope, StandardRevocableToken,
-    StandardTokenResponse, TokenUrl,
+    AuthUrl, AuthorizationCode, Client, ClientId, ClientSecret, CsrfToken, EndpointNotSet,
+    EndpointSet, ExtraTokenFields, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
+    StandardRevocableToken, StandardTokenResponse, TokenUrl,
 };
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
@@ -104,9 +107,18 @@ impl OidcClient {
             .redirect(reqwest::redirect::Policy::none())
             .timeout(std::time::Duration::from_secs(15))
             .build()
-            .map_err(|e| OidcError::Discovery { url: settings.issuer_url.clone(), reason: e.to_string() })?;
-        let url = format!("{}/.well-known/openid-configuration", settings.issuer_url.trim_end_matches('/'));
-        let fail = |reason: String| OidcError::Discovery { url: url.clone(), reason };
+            .map_err(|e| OidcError::Discovery {
+                url: settings.issuer_url.clone(),
+                reason: e.to_string(),
+            })?;
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            settings.issuer_url.trim_end_matches('/')
+        );
+        let fail = |reason: String| OidcError::Discovery {
+            url: url.clone(),
+            reason,
+        };
         let discovery: Discovery = http
             .get(&url)
             .send()
@@ -123,10 +135,19 @@ impl OidcClient {
             )));
         }
         let oauth = Client::new(ClientId::new(settings.client_id.clone()))
-            .set_client_secret(ClientSecret::new(settings.client_secret.expose_secret().to_string()))
-            .set_auth_uri(AuthUrl::new(discovery.authorization_endpoint.clone()).map_err(|e| fail(e.to_string()))?)
-            .set_token_uri(TokenUrl::new(discovery.token_endpoint.clone()).map_err(|e| fail(e.to_string()))?)
-            .set_redirect_uri(RedirectUrl::new(settings.redirect_url.clone()).map_err(|e| fail(e.to_string()))?);
+            .set_client_secret(ClientSecret::new(
+                settings.client_secret.expose_secret().to_string(),
+            ))
+            .set_auth_uri(
+                AuthUrl::new(discovery.authorization_endpoint.clone())
+                    .map_err(|e| fail(e.to_string()))?,
+            )
+            .set_token_uri(
+                TokenUrl::new(discovery.token_endpoint.clone()).map_err(|e| fail(e.to_string()))?,
+            )
+            .set_redirect_uri(
+                RedirectUrl::new(settings.redirect_url.clone()).map_err(|e| fail(e.to_string()))?,
+            );
         let jwks = fetch_jwks(&http, &discovery.jwks_uri).await.map_err(fail)?;
         Ok(OidcClient {
             settings,
@@ -141,7 +162,10 @@ impl OidcClient {
     pub fn start(&self) -> AuthorizationStart {
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let nonce = super::random_secret(24);
-        let mut request = self.oauth.authorize_url(CsrfToken::new_random).set_pkce_challenge(challenge);
+        let mut request = self
+            .oauth
+            .authorize_url(CsrfToken::new_random)
+            .set_pkce_challenge(challenge);
         for scope in &self.settings.scopes {
             request = request.add_scope(Scope::new(scope.clone()));
         }
@@ -155,7 +179,12 @@ impl OidcClient {
     }
 
     /// Exchanges the code (with the PKCE verifier) and validates the ID token.
-    pub async fn finish(&self, code: String, pkce_verifier: String, nonce: &str) -> Result<IdClaims, OidcError> {
+    pub async fn finish(
+        &self,
+        code: String,
+        pkce_verifier: String,
+        nonce: &str,
+    ) -> Result<IdClaims, OidcError> {
         let response = self
             .oauth
             .exchange_code(AuthorizationCode::new(code))
@@ -163,7 +192,11 @@ impl OidcClient {
             .request_async(&self.http)
             .await
             .map_err(|e| OidcError::Exchange(e.to_string()))?;
-        let id_token = response.extra_fields().id_token.clone().ok_or(OidcError::NoIdToken)?;
+        let id_token = response
+            .extra_fields()
+            .id_token
+            .clone()
+            .ok_or(OidcError::NoIdToken)?;
         self.validate(&id_token, nonce).await
     }
 
@@ -171,9 +204,13 @@ impl OidcClient {
     /// algorithms only), the issuer, this client as audience, expiry, and the nonce.
     pub async fn validate(&self, token: &str, expected_nonce: &str) -> Result<IdClaims, OidcError> {
         let invalid = |s: String| OidcError::InvalidToken(s);
-        let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("unreadable header: {e}")))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| invalid(format!("unreadable header: {e}")))?;
         if !ALLOWED_ALGS.contains(&header.alg) {
-            return Err(invalid(format!("algorithm {:?} is not accepted", header.alg)));
+            return Err(invalid(format!(
+                "algorithm {:?} is not accepted",
+                header.alg
+            )));
         }
         let key = match self.key_for(header.kid.as_deref()).await {
             Some(k) => k,
@@ -182,9 +219,9 @@ impl OidcClient {
                 if let Ok(fresh) = fetch_jwks(&self.http, &self.jwks_uri).await {
                     *self.jwks.write().await = fresh;
                 }
-                self.key_for(header.kid.as_deref())
-                    .await
-                    .ok_or_else(|| invalid("signed with a key the provider does not publish".into()))?
+                self.key_for(header.kid.as_deref()).await.ok_or_else(|| {
+                    invalid("signed with a key the provider does not publish".into())
+                })?
             }
         };
         let mut validation = Validation::new(header.alg);
@@ -192,7 +229,8 @@ impl OidcClient {
         validation.set_audience(&[self.settings.client_id.as_str()]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = 30;
-        let data = jsonwebtoken::decode::<IdClaims>(token, &key, &validation).map_err(|e| invalid(e.to_string()))?;
+        let data = jsonwebtoken::decode::<IdClaims>(token, &key, &validation)
+            .map_err(|e| invalid(e.to_string()))?;
         if data.claims.nonce.as_deref() != Some(expected_nonce) {
             return Err(invalid("its nonce does not match this sign-in".into()));
         }

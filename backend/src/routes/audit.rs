@@ -1,6 +1,8 @@
 use actix_web::{HttpResponse, get, web};
 use consilium_core::Role;
-use consilium_core::api::{AuditEventDto, AuditQuery, AuditVerification, ExportFormat, ExportQuery};
+use consilium_core::api::{
+    AuditEventDto, AuditQuery, AuditVerification, ExportFormat, ExportQuery,
+};
 use consilium_core::problem::Problem;
 use utoipa_actix_web::service_config::ServiceConfig;
 
@@ -16,14 +18,22 @@ pub fn configure(cfg: &mut ServiceConfig) {
 }
 
 fn may_read(a: &Actor) -> AppResult<()> {
-    require_any(a, &[Role::Administrator, Role::Auditor], "read the audit trail")
+    require_any(
+        a,
+        &[Role::Administrator, Role::Auditor],
+        "read the audit trail",
+    )
 }
 
 /// Audit events in log order, filtered.
 #[utoipa::path(tag = "audit", params(AuditQuery), responses((status = 200, body = Vec<AuditEventDto>),
     (status = "4XX", body = Problem, content_type = "application/problem+json")))]
 #[get("/audit/events")]
-async fn events(ctx: web::Data<AppContext>, Authenticated(a): Authenticated, q: web::Query<AuditQuery>) -> AppResult<web::Json<Vec<AuditEventDto>>> {
+async fn events(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    q: web::Query<AuditQuery>,
+) -> AppResult<web::Json<Vec<AuditEventDto>>> {
     may_read(&a)?;
     Ok(web::Json(audit::list(&ctx.db, &q).await?))
 }
@@ -32,7 +42,10 @@ async fn events(ctx: web::Data<AppContext>, Authenticated(a): Authenticated, q: 
 #[utoipa::path(tag = "audit", responses((status = 200, body = AuditVerification),
     (status = "4XX", body = Problem, content_type = "application/problem+json")))]
 #[get("/audit/verify")]
-async fn verify(ctx: web::Data<AppContext>, Authenticated(a): Authenticated) -> AppResult<web::Json<AuditVerification>> {
+async fn verify(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+) -> AppResult<web::Json<AuditVerification>> {
     may_read(&a)?;
     Ok(web::Json(audit::verify(&ctx.db).await?))
 }
@@ -42,7 +55,11 @@ async fn verify(ctx: web::Data<AppContext>, Authenticated(a): Authenticated) -> 
     (status = 200, description = "The log: JSON lines, or CSV with format=csv", body = String, content_type = "application/x-ndjson"),
     (status = "4XX", body = Problem, content_type = "application/problem+json")))]
 #[get("/audit/export")]
-async fn export(ctx: web::Data<AppContext>, Authenticated(a): Authenticated, q: web::Query<ExportQuery>) -> AppResult<HttpResponse> {
+async fn export(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    q: web::Query<ExportQuery>,
+) -> AppResult<HttpResponse> {
     may_read(&a)?;
     let format = q.format.unwrap_or_default();
     let mut out: Vec<u8> = Vec::new();
@@ -57,7 +74,10 @@ async fn export(ctx: web::Data<AppContext>, Authenticated(a): Authenticated, q: 
         }
         ExportFormat::Csv => {
             let mut w = csv::Writer::from_writer(&mut out);
-            audit::for_each(&ctx.db, |e| w.serialize(audit::to_dto(e)).map_err(AppError::unexpected)).await?;
+            audit::for_each(&ctx.db, |e| {
+                w.serialize(audit::to_dto(e)).map_err(AppError::unexpected)
+            })
+            .await?;
             w.flush().map_err(AppError::unexpected)?;
         }
     }
@@ -67,6 +87,9 @@ async fn export(ctx: web::Data<AppContext>, Authenticated(a): Authenticated, q: 
     };
     Ok(HttpResponse::Ok()
         .content_type(ctype)
-        .insert_header(("Content-Disposition", format!("attachment; filename=\"consilium-audit.{ext}\"")))
+        .insert_header((
+            "Content-Disposition",
+            format!("attachment; filename=\"consilium-audit.{ext}\""),
+        ))
         .body(out))
 }

@@ -6,7 +6,9 @@ use utoipa::IntoParams;
 use utoipa_actix_web::service_config::ServiceConfig;
 use uuid::Uuid;
 
-use crate::auth::{Authenticated, SESSION_COOKIE, close_session, expired_session_cookie, session_cookie};
+use crate::auth::{
+    Authenticated, SESSION_COOKIE, close_session, expired_session_cookie, session_cookie,
+};
 use crate::context::AppContext;
 use crate::error::{AppError, AppResult};
 use crate::services::{directory, sessions, tokens};
@@ -41,7 +43,9 @@ async fn auth_config(ctx: web::Data<AppContext>) -> web::Json<AuthConfigDto> {
 async fn login(ctx: web::Data<AppContext>, body: web::Json<LocalLogin>) -> AppResult<HttpResponse> {
     let (user, secret) = sessions::local_login(&ctx, body.into_inner()).await?;
     let acting_roles = user.roles.clone();
-    Ok(HttpResponse::Ok().cookie(session_cookie(&ctx, secret)).json(MeDto { user, acting_roles }))
+    Ok(HttpResponse::Ok()
+        .cookie(session_cookie(&ctx, secret))
+        .json(MeDto { user, acting_roles }))
 }
 
 /// Ends the browser session.
@@ -51,7 +55,9 @@ async fn logout(ctx: web::Data<AppContext>, req: HttpRequest) -> AppResult<HttpR
     if let Some(c) = req.cookie(SESSION_COOKIE) {
         close_session(&ctx, c.value()).await?;
     }
-    Ok(HttpResponse::NoContent().cookie(expired_session_cookie(&ctx)).finish())
+    Ok(HttpResponse::NoContent()
+        .cookie(expired_session_cookie(&ctx))
+        .finish())
 }
 
 /// The signed-in user and the roles this request acts with.
@@ -59,9 +65,15 @@ async fn logout(ctx: web::Data<AppContext>, req: HttpRequest) -> AppResult<HttpR
     (status = 200, body = MeDto),
     (status = 401, body = Problem, content_type = "application/problem+json")))]
 #[get("/auth/me")]
-async fn me(ctx: web::Data<AppContext>, Authenticated(actor): Authenticated) -> AppResult<web::Json<MeDto>> {
+async fn me(
+    ctx: web::Data<AppContext>,
+    Authenticated(actor): Authenticated,
+) -> AppResult<web::Json<MeDto>> {
     let user = directory::get_user(&ctx, &actor, actor.user_id).await?;
-    Ok(web::Json(MeDto { user, acting_roles: actor.roles.iter().copied().collect() }))
+    Ok(web::Json(MeDto {
+        user,
+        acting_roles: actor.roles.iter().copied().collect(),
+    }))
 }
 
 /// Starts OpenID Connect sign-in: redirects to the identity provider.
@@ -71,7 +83,9 @@ async fn me(ctx: web::Data<AppContext>, Authenticated(actor): Authenticated) -> 
 #[get("/auth/oidc/login")]
 async fn oidc_login(ctx: web::Data<AppContext>) -> AppResult<HttpResponse> {
     let url = sessions::oidc_start(&ctx).await?;
-    Ok(HttpResponse::SeeOther().insert_header(("Location", url)).finish())
+    Ok(HttpResponse::SeeOther()
+        .insert_header(("Location", url))
+        .finish())
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -87,25 +101,38 @@ struct CallbackQuery {
     (status = 303, description = "Signed in; redirect to the portal"),
     (status = "4XX", body = Problem, content_type = "application/problem+json")))]
 #[get("/auth/oidc/callback")]
-async fn oidc_callback(ctx: web::Data<AppContext>, q: web::Query<CallbackQuery>) -> AppResult<HttpResponse> {
+async fn oidc_callback(
+    ctx: web::Data<AppContext>,
+    q: web::Query<CallbackQuery>,
+) -> AppResult<HttpResponse> {
     let q = q.into_inner();
     if let Some(error) = q.error {
         return Err(AppError::Unauthenticated(format!(
             "The identity provider did not sign you in ({error}{}). Start again at /api/v1/auth/oidc/login.",
-            q.error_description.map(|d| format!(": {d}")).unwrap_or_default()
+            q.error_description
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default()
         )));
     }
     let (Some(code), Some(state)) = (q.code, q.state) else {
-        return Err(AppError::Invalid("The callback needs `code` and `state` from the identity provider.".into()));
+        return Err(AppError::Invalid(
+            "The callback needs `code` and `state` from the identity provider.".into(),
+        ));
     };
     let (_user, secret) = sessions::oidc_finish(&ctx, code, state).await?;
-    Ok(HttpResponse::SeeOther().cookie(session_cookie(&ctx, secret)).insert_header(("Location", "/")).finish())
+    Ok(HttpResponse::SeeOther()
+        .cookie(session_cookie(&ctx, secret))
+        .insert_header(("Location", "/"))
+        .finish())
 }
 
 /// Your API tokens (never their secrets).
 #[utoipa::path(tag = "tokens", responses((status = 200, body = Vec<TokenDto>)))]
 #[get("/tokens")]
-async fn list_tokens(ctx: web::Data<AppContext>, Authenticated(actor): Authenticated) -> AppResult<web::Json<Vec<TokenDto>>> {
+async fn list_tokens(
+    ctx: web::Data<AppContext>,
+    Authenticated(actor): Authenticated,
+) -> AppResult<web::Json<Vec<TokenDto>>> {
     Ok(web::Json(tokens::list(&ctx, &actor).await?))
 }
 
@@ -133,5 +160,7 @@ async fn revoke_token(
     Authenticated(actor): Authenticated,
     id: web::Path<Uuid>,
 ) -> AppResult<web::Json<TokenDto>> {
-    Ok(web::Json(tokens::revoke(&ctx, &actor, id.into_inner()).await?))
+    Ok(web::Json(
+        tokens::revoke(&ctx, &actor, id.into_inner()).await?,
+    ))
 }

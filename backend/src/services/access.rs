@@ -4,9 +4,12 @@
 use chrono::Utc;
 use consilium_core::Role;
 use consilium_core::api::{
-    AccessDecision, AccessRequestDto, AccessStatus, CreateAccessRequest, DecideAccessRequest, RevokeAccess,
+    AccessDecision, AccessRequestDto, AccessStatus, CreateAccessRequest, DecideAccessRequest,
+    RevokeAccess,
 };
-use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set,
+};
 use uuid::Uuid;
 
 use super::{Checks, from_json, not_found, require};
@@ -26,8 +29,9 @@ pub fn access_dto(m: &access_request::Model) -> AppResult<AccessRequestDto> {
         scope: from_json(&m.scope)?,
         plan_hashes: from_json(&m.plan_hashes)?,
         justification: m.justification.clone(),
-        status: AccessStatus::parse(&m.status)
-            .ok_or_else(|| AppError::unexpected(anyhow::anyhow!("unknown access status {:?}", m.status)))?,
+        status: AccessStatus::parse(&m.status).ok_or_else(|| {
+            AppError::unexpected(anyhow::anyhow!("unknown access status {:?}", m.status))
+        })?,
         decided_by: m.decided_by,
         decided_at: m.decided_at,
         expires_at: m.expires_at,
@@ -36,7 +40,10 @@ pub fn access_dto(m: &access_request::Model) -> AppResult<AccessRequestDto> {
     })
 }
 
-pub async fn requests_of<C: ConnectionTrait>(db: &C, study_id: Uuid) -> AppResult<Vec<AccessRequestDto>> {
+pub async fn requests_of<C: ConnectionTrait>(
+    db: &C,
+    study_id: Uuid,
+) -> AppResult<Vec<AccessRequestDto>> {
     access_request::Entity::find()
         .filter(access_request::Column::StudyId.eq(study_id))
         .order_by_asc(access_request::Column::CreatedAt)
@@ -57,24 +64,42 @@ pub async fn create_request(
     require(actor, Operation::RequestAccess)?;
     let s = studies::visible_study(&ctx.db, actor, study_id).await?;
     if s.researcher_id != actor.user_id {
-        return Err(AppError::Forbidden("Only the researcher who drafted this study may request data access for it.".into()));
+        return Err(AppError::Forbidden(
+            "Only the researcher who drafted this study may request data access for it.".into(),
+        ));
     }
     let mut checks = Checks::default();
     let justification = checks.text("justification", &input.justification, 20_000, true);
-    let scope = s.sites.iter().find(|x| x.site_id == input.site_id).map(|x| x.scope.clone());
-    checks.check(scope.is_some(), format!("site_id: site {} does not take part in this study", input.site_id));
+    let scope = s
+        .sites
+        .iter()
+        .find(|x| x.site_id == input.site_id)
+        .map(|x| x.scope.clone());
+    checks.check(
+        scope.is_some(),
+        format!(
+            "site_id: site {} does not take part in this study",
+            input.site_id
+        ),
+    );
     let plans = studies::plans_of(&ctx.db, study_id).await?;
     let plan_hashes = match input.plan_hashes {
         Some(h) => {
             checks.check(!h.is_empty(), "plan_hashes must name at least one plan");
             for x in &h {
-                checks.check(plans.iter().any(|p| &p.hash == x), format!("plan_hashes: {x:?} is not a plan of this study"));
+                checks.check(
+                    plans.iter().any(|p| &p.hash == x),
+                    format!("plan_hashes: {x:?} is not a plan of this study"),
+                );
             }
             h
         }
         None => {
             let latest: Vec<String> = plans.last().map(|p| p.hash.clone()).into_iter().collect();
-            checks.check(!latest.is_empty(), "the study has no training plan yet; submit one before requesting data access");
+            checks.check(
+                !latest.is_empty(),
+                "the study has no training plan yet; submit one before requesting data access",
+            );
             latest
         }
     };
@@ -115,7 +140,11 @@ pub async fn create_request(
     Ok(dto)
 }
 
-async fn require_custodian<C: ConnectionTrait>(db: &C, actor: &Actor, site_id: Uuid) -> AppResult<()> {
+async fn require_custodian<C: ConnectionTrait>(
+    db: &C,
+    actor: &Actor,
+    site_id: Uuid,
+) -> AppResult<()> {
     let site = directory::get_site(db, site_id).await?;
     if site.custodians.contains(&actor.user_id) {
         Ok(())
@@ -128,11 +157,19 @@ async fn require_custodian<C: ConnectionTrait>(db: &C, actor: &Actor, site_id: U
 }
 
 async fn load(ctx: &AppContext, id: Uuid) -> AppResult<access_request::Model> {
-    access_request::Entity::find_by_id(id).one(&ctx.db).await?.ok_or_else(|| not_found("data-access request", id))
+    access_request::Entity::find_by_id(id)
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(|| not_found("data-access request", id))
 }
 
 #[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
-pub async fn decide(ctx: &AppContext, actor: &Actor, id: Uuid, input: DecideAccessRequest) -> AppResult<AccessRequestDto> {
+pub async fn decide(
+    ctx: &AppContext,
+    actor: &Actor,
+    id: Uuid,
+    input: DecideAccessRequest,
+) -> AppResult<AccessRequestDto> {
     require(actor, Operation::DecideAccess)?;
     let current = access_dto(&load(ctx, id).await?)?;
     require_custodian(&ctx.db, actor, current.site_id).await?;
@@ -141,23 +178,42 @@ pub async fn decide(ctx: &AppContext, actor: &Actor, id: Uuid, input: DecideAcce
     let mut scope = current.scope.clone();
     if input.decision == AccessDecision::Approve {
         match input.expires_at {
-            None => checks.0.push("expires_at is required for an approval".into()),
+            None => checks
+                .0
+                .push("expires_at is required for an approval".into()),
             Some(e) => checks.check(e > Utc::now(), "expires_at must be in the future"),
         }
         if let Some(s) = input.scope {
-            let same_kind = s.modality == scope.modality && s.body_part == scope.body_part && s.label == scope.label;
-            checks.check(same_kind, "scope may narrow the number of cases but not change modality, body part or label");
-            checks.check(s.cases >= 1 && s.cases <= scope.cases, format!("scope.cases must be between 1 and the {} requested", scope.cases));
+            let same_kind = s.modality == scope.modality
+                && s.body_part == scope.body_part
+                && s.label == scope.label;
+            checks.check(
+                same_kind,
+                "scope may narrow the number of cases but not change modality, body part or label",
+            );
+            checks.check(
+                s.cases >= 1 && s.cases <= scope.cases,
+                format!(
+                    "scope.cases must be between 1 and the {} requested",
+                    scope.cases
+                ),
+            );
             scope = s;
         }
     }
     checks.finish()?;
     let w = ctx.begin_write().await?;
-    let m = access_request::Entity::find_by_id(id).one(&*w).await?.ok_or_else(|| not_found("data-access request", id))?;
+    let m = access_request::Entity::find_by_id(id)
+        .one(&*w)
+        .await?
+        .ok_or_else(|| not_found("data-access request", id))?;
     if m.status != AccessStatus::Pending.as_str() {
         return Err(AppError::conflict(
             "invalid_state",
-            format!("This request is already {}; only a pending request can be decided.", m.status),
+            format!(
+                "This request is already {}; only a pending request can be decided.",
+                m.status
+            ),
         ));
     }
     let (status, action) = match input.decision {
@@ -181,7 +237,12 @@ pub async fn decide(ctx: &AppContext, actor: &Actor, id: Uuid, input: DecideAcce
 }
 
 #[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
-pub async fn revoke(ctx: &AppContext, actor: &Actor, id: Uuid, input: RevokeAccess) -> AppResult<AccessRequestDto> {
+pub async fn revoke(
+    ctx: &AppContext,
+    actor: &Actor,
+    id: Uuid,
+    input: RevokeAccess,
+) -> AppResult<AccessRequestDto> {
     require(actor, Operation::RevokeAccess)?;
     let current = access_dto(&load(ctx, id).await?)?;
     require_custodian(&ctx.db, actor, current.site_id).await?;
@@ -189,11 +250,17 @@ pub async fn revoke(ctx: &AppContext, actor: &Actor, id: Uuid, input: RevokeAcce
     let reason = checks.text("reason", &input.reason, 20_000, true);
     checks.finish()?;
     let w = ctx.begin_write().await?;
-    let m = access_request::Entity::find_by_id(id).one(&*w).await?.ok_or_else(|| not_found("data-access request", id))?;
+    let m = access_request::Entity::find_by_id(id)
+        .one(&*w)
+        .await?
+        .ok_or_else(|| not_found("data-access request", id))?;
     if m.status != AccessStatus::Approved.as_str() {
         return Err(AppError::conflict(
             "invalid_state",
-            format!("This request is {}; only an approved grant can be revoked.", m.status),
+            format!(
+                "This request is {}; only an approved grant can be revoked.",
+                m.status
+            ),
         ));
     }
     let mut a: access_request::ActiveModel = m.into();
@@ -210,7 +277,12 @@ pub async fn revoke(ctx: &AppContext, actor: &Actor, id: Uuid, input: RevokeAcce
 
 /// Requests the actor may see: all for administrators and auditors, their own studies'
 /// for researchers, their sites' for custodians.
-pub async fn list(ctx: &AppContext, actor: &Actor, site: Option<Uuid>, study: Option<Uuid>) -> AppResult<Vec<AccessRequestDto>> {
+pub async fn list(
+    ctx: &AppContext,
+    actor: &Actor,
+    site: Option<Uuid>,
+    study: Option<Uuid>,
+) -> AppResult<Vec<AccessRequestDto>> {
     let mut q = access_request::Entity::find().order_by_asc(access_request::Column::CreatedAt);
     if let Some(s) = site {
         q = q.filter(access_request::Column::SiteId.eq(s));
@@ -220,7 +292,12 @@ pub async fn list(ctx: &AppContext, actor: &Actor, site: Option<Uuid>, study: Op
     }
     let all_visible = actor.has(Role::Administrator) || actor.has(Role::Auditor);
     let my_sites: Vec<Uuid> = if actor.has(Role::Custodian) {
-        directory::list_sites(ctx).await?.into_iter().filter(|s| s.custodians.contains(&actor.user_id)).map(|s| s.id).collect()
+        directory::list_sites(ctx)
+            .await?
+            .into_iter()
+            .filter(|s| s.custodians.contains(&actor.user_id))
+            .map(|s| s.id)
+            .collect()
     } else {
         Vec::new()
     };
@@ -241,6 +318,11 @@ pub async fn get(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<AccessR
     let visible = actor.has(Role::Administrator)
         || actor.has(Role::Auditor)
         || (actor.has(Role::Researcher) && m.requester_id == actor.user_id)
-        || (actor.has(Role::Custodian) && require_custodian(&ctx.db, actor, m.site_id).await.is_ok());
-    if visible { access_dto(&m) } else { Err(not_found("data-access request", id)) }
+        || (actor.has(Role::Custodian)
+            && require_custodian(&ctx.db, actor, m.site_id).await.is_ok());
+    if visible {
+        access_dto(&m)
+    } else {
+        Err(not_found("data-access request", id))
+    }
 }

@@ -3,9 +3,12 @@
 use chrono::Utc;
 use consilium_core::Role;
 use consilium_core::api::{
-    CommitteeDto, CreateCommittee, CreateSite, CreateUser, SetCustodians, SetMembers, SetRoles, SiteDto, UserDto,
+    CommitteeDto, CreateCommittee, CreateSite, CreateUser, SetCustodians, SetMembers, SetRoles,
+    SiteDto, UserDto,
 };
-use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set,
+};
 use std::collections::BTreeSet;
 use uuid::Uuid;
 
@@ -30,42 +33,78 @@ pub fn user_dto(m: &user::Model) -> UserDto {
 }
 
 pub fn site_dto(m: &site::Model) -> AppResult<SiteDto> {
-    Ok(SiteDto { id: m.id, name: m.name.clone(), custodians: from_json(&m.custodians)?, created_at: m.created_at })
+    Ok(SiteDto {
+        id: m.id,
+        name: m.name.clone(),
+        custodians: from_json(&m.custodians)?,
+        created_at: m.created_at,
+    })
 }
 
 pub fn committee_dto(m: &committee::Model) -> AppResult<CommitteeDto> {
-    Ok(CommitteeDto { id: m.id, name: m.name.clone(), members: from_json(&m.members)?, created_at: m.created_at })
+    Ok(CommitteeDto {
+        id: m.id,
+        name: m.name.clone(),
+        members: from_json(&m.members)?,
+        created_at: m.created_at,
+    })
 }
 
 pub(crate) fn roles_json(roles: &BTreeSet<Role>) -> serde_json::Value {
-    serde_json::Value::Array(roles.iter().map(|r| serde_json::Value::from(r.as_str())).collect())
+    serde_json::Value::Array(
+        roles
+            .iter()
+            .map(|r| serde_json::Value::from(r.as_str()))
+            .collect(),
+    )
 }
 
 pub(crate) fn check_email(checks: &mut Checks, email: &str) -> String {
     let email = checks.text("email", email, 254, false).to_lowercase();
-    let valid = email
-        .split_once('@')
-        .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.'));
-    checks.check(valid || email.is_empty(), "email must be an address such as name@hospital.org");
+    let valid = email.split_once('@').is_some_and(|(local, domain)| {
+        !local.is_empty()
+            && domain.contains('.')
+            && !domain.starts_with('.')
+            && !domain.ends_with('.')
+    });
+    checks.check(
+        valid || email.is_empty(),
+        "email must be an address such as name@hospital.org",
+    );
     email
 }
 
 pub(crate) fn check_password(checks: &mut Checks, password: &str) {
-    checks.check(password.chars().count() >= 12, "password must be at least 12 characters");
-    checks.check(password.chars().count() <= 256, "password must be at most 256 characters");
+    checks.check(
+        password.chars().count() >= 12,
+        "password must be at least 12 characters",
+    );
+    checks.check(
+        password.chars().count() <= 256,
+        "password must be at most 256 characters",
+    );
 }
 
 /// Users that exist, for membership lists; reports every id that does not.
-async fn check_users_exist<C: ConnectionTrait>(db: &C, field: &str, ids: &[Uuid], needed: Role) -> AppResult<()> {
+async fn check_users_exist<C: ConnectionTrait>(
+    db: &C,
+    field: &str,
+    ids: &[Uuid],
+    needed: Role,
+) -> AppResult<()> {
     let mut checks = Checks::default();
     let unique: BTreeSet<Uuid> = ids.iter().copied().collect();
-    checks.check(unique.len() == ids.len(), format!("{field} lists a user twice"));
+    checks.check(
+        unique.len() == ids.len(),
+        format!("{field} lists a user twice"),
+    );
     for id in unique {
         match user::Entity::find_by_id(id).one(db).await? {
             None => checks.0.push(format!("{field}: no user with id {id}")),
-            Some(u) if !roles_of(&u.roles).contains(&needed) => {
-                checks.0.push(format!("{field}: user {} does not have the {needed} role", u.email))
-            }
+            Some(u) if !roles_of(&u.roles).contains(&needed) => checks.0.push(format!(
+                "{field}: user {} does not have the {needed} role",
+                u.email
+            )),
             Some(_) => {}
         }
     }
@@ -88,8 +127,16 @@ pub async fn create_user(ctx: &AppContext, actor: &Actor, input: CreateUser) -> 
     let password_hash = input.password.as_deref().map(hash_password).transpose()?;
     let roles: BTreeSet<Role> = input.roles.into_iter().collect();
     let w = ctx.begin_write().await?;
-    if user::Entity::find().filter(user::Column::Email.eq(email.as_str())).one(&*w).await?.is_some() {
-        return Err(AppError::conflict("already_exists", format!("A user with the email {email} already exists.")));
+    if user::Entity::find()
+        .filter(user::Column::Email.eq(email.as_str()))
+        .one(&*w)
+        .await?
+        .is_some()
+    {
+        return Err(AppError::conflict(
+            "already_exists",
+            format!("A user with the email {email} already exists."),
+        ));
     }
     let m = user::ActiveModel {
         id: Set(Uuid::new_v4()),
@@ -109,11 +156,19 @@ pub async fn create_user(ctx: &AppContext, actor: &Actor, input: CreateUser) -> 
 }
 
 #[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
-pub async fn set_roles(ctx: &AppContext, actor: &Actor, id: Uuid, input: SetRoles) -> AppResult<UserDto> {
+pub async fn set_roles(
+    ctx: &AppContext,
+    actor: &Actor,
+    id: Uuid,
+    input: SetRoles,
+) -> AppResult<UserDto> {
     require(actor, Operation::SetUserRoles)?;
     let roles: BTreeSet<Role> = input.roles.into_iter().collect();
     let w = ctx.begin_write().await?;
-    let m = user::Entity::find_by_id(id).one(&*w).await?.ok_or_else(|| not_found("user", id))?;
+    let m = user::Entity::find_by_id(id)
+        .one(&*w)
+        .await?
+        .ok_or_else(|| not_found("user", id))?;
     let mut a: user::ActiveModel = m.into();
     a.roles = Set(roles_json(&roles));
     let m = a.update(&*w).await?;
@@ -125,15 +180,25 @@ pub async fn set_roles(ctx: &AppContext, actor: &Actor, id: Uuid, input: SetRole
 
 pub async fn list_users(ctx: &AppContext, actor: &Actor) -> AppResult<Vec<UserDto>> {
     require_any(actor, &[Role::Administrator, Role::Auditor], "list users")?;
-    let rows = user::Entity::find().order_by_asc(user::Column::Email).all(&ctx.db).await?;
+    let rows = user::Entity::find()
+        .order_by_asc(user::Column::Email)
+        .all(&ctx.db)
+        .await?;
     Ok(rows.iter().map(user_dto).collect())
 }
 
 pub async fn get_user(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<UserDto> {
     if actor.user_id != id {
-        require_any(actor, &[Role::Administrator, Role::Auditor], "see other users")?;
+        require_any(
+            actor,
+            &[Role::Administrator, Role::Auditor],
+            "see other users",
+        )?;
     }
-    let m = user::Entity::find_by_id(id).one(&ctx.db).await?.ok_or_else(|| not_found("user", id))?;
+    let m = user::Entity::find_by_id(id)
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(|| not_found("user", id))?;
     Ok(user_dto(&m))
 }
 
@@ -160,10 +225,18 @@ pub async fn create_site(ctx: &AppContext, actor: &Actor, input: CreateSite) -> 
 }
 
 #[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
-pub async fn set_custodians(ctx: &AppContext, actor: &Actor, id: Uuid, input: SetCustodians) -> AppResult<SiteDto> {
+pub async fn set_custodians(
+    ctx: &AppContext,
+    actor: &Actor,
+    id: Uuid,
+    input: SetCustodians,
+) -> AppResult<SiteDto> {
     require(actor, Operation::SetCustodians)?;
     let w = ctx.begin_write().await?;
-    let m = site::Entity::find_by_id(id).one(&*w).await?.ok_or_else(|| not_found("site", id))?;
+    let m = site::Entity::find_by_id(id)
+        .one(&*w)
+        .await?
+        .ok_or_else(|| not_found("site", id))?;
     check_users_exist(&*w, "custodians", &input.custodians, Role::Custodian).await?;
     let mut a: site::ActiveModel = m.into();
     a.custodians = Set(serde_json::to_value(&input.custodians)?);
@@ -175,17 +248,27 @@ pub async fn set_custodians(ctx: &AppContext, actor: &Actor, id: Uuid, input: Se
 }
 
 pub async fn list_sites(ctx: &AppContext) -> AppResult<Vec<SiteDto>> {
-    let rows = site::Entity::find().order_by_asc(site::Column::Name).all(&ctx.db).await?;
+    let rows = site::Entity::find()
+        .order_by_asc(site::Column::Name)
+        .all(&ctx.db)
+        .await?;
     rows.iter().map(site_dto).collect()
 }
 
 pub async fn get_site<C: ConnectionTrait>(db: &C, id: Uuid) -> AppResult<SiteDto> {
-    let m = site::Entity::find_by_id(id).one(db).await?.ok_or_else(|| not_found("site", id))?;
+    let m = site::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .ok_or_else(|| not_found("site", id))?;
     site_dto(&m)
 }
 
 #[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
-pub async fn create_committee(ctx: &AppContext, actor: &Actor, input: CreateCommittee) -> AppResult<CommitteeDto> {
+pub async fn create_committee(
+    ctx: &AppContext,
+    actor: &Actor,
+    input: CreateCommittee,
+) -> AppResult<CommitteeDto> {
     require(actor, Operation::CreateCommittee)?;
     let mut checks = Checks::default();
     let name = checks.text("name", &input.name, 200, false);
@@ -207,10 +290,18 @@ pub async fn create_committee(ctx: &AppContext, actor: &Actor, input: CreateComm
 }
 
 #[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
-pub async fn set_members(ctx: &AppContext, actor: &Actor, id: Uuid, input: SetMembers) -> AppResult<CommitteeDto> {
+pub async fn set_members(
+    ctx: &AppContext,
+    actor: &Actor,
+    id: Uuid,
+    input: SetMembers,
+) -> AppResult<CommitteeDto> {
     require(actor, Operation::SetMembers)?;
     let w = ctx.begin_write().await?;
-    let m = committee::Entity::find_by_id(id).one(&*w).await?.ok_or_else(|| not_found("committee", id))?;
+    let m = committee::Entity::find_by_id(id)
+        .one(&*w)
+        .await?
+        .ok_or_else(|| not_found("committee", id))?;
     check_users_exist(&*w, "members", &input.members, Role::CommitteeMember).await?;
     let mut a: committee::ActiveModel = m.into();
     a.members = Set(serde_json::to_value(&input.members)?);
@@ -222,11 +313,17 @@ pub async fn set_members(ctx: &AppContext, actor: &Actor, id: Uuid, input: SetMe
 }
 
 pub async fn list_committees(ctx: &AppContext) -> AppResult<Vec<CommitteeDto>> {
-    let rows = committee::Entity::find().order_by_asc(committee::Column::Name).all(&ctx.db).await?;
+    let rows = committee::Entity::find()
+        .order_by_asc(committee::Column::Name)
+        .all(&ctx.db)
+        .await?;
     rows.iter().map(committee_dto).collect()
 }
 
 pub async fn get_committee<C: ConnectionTrait>(db: &C, id: Uuid) -> AppResult<CommitteeDto> {
-    let m = committee::Entity::find_by_id(id).one(db).await?.ok_or_else(|| not_found("committee", id))?;
+    let m = committee::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .ok_or_else(|| not_found("committee", id))?;
     committee_dto(&m)
 }

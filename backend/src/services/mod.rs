@@ -25,7 +25,10 @@ pub(crate) fn require_any(actor: &Actor, roles: &[Role], what: &str) -> AppResul
         Ok(())
     } else {
         let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
-        Err(AppError::Forbidden(format!("Only a user with one of the roles {} may {what}.", names.join(", "))))
+        Err(AppError::Forbidden(format!(
+            "Only a user with one of the roles {} may {what}.",
+            names.join(", ")
+        )))
     }
 }
 
@@ -41,14 +44,24 @@ impl Checks {
         if v.is_empty() {
             self.0.push(format!("{field} must not be empty"));
         } else if v.chars().count() > max {
-            self.0.push(format!("{field} must be at most {max} characters"));
-        } else if v.chars().any(|c| c.is_control() && !(multiline && matches!(c, '\n' | '\r' | '\t'))) {
-            self.0.push(format!("{field} must not contain control characters"));
+            self.0
+                .push(format!("{field} must be at most {max} characters"));
+        } else if v
+            .chars()
+            .any(|c| c.is_control() && !(multiline && matches!(c, '\n' | '\r' | '\t')))
+        {
+            self.0
+                .push(format!("{field} must not contain control characters"));
         }
         v.to_string()
     }
 
-    pub fn optional_text(&mut self, field: &str, value: Option<&str>, max: usize) -> Option<String> {
+    pub fn optional_text(
+        &mut self,
+        field: &str,
+        value: Option<&str>,
+        max: usize,
+    ) -> Option<String> {
         match value.map(str::trim) {
             None | Some("") => None,
             Some(v) => Some(self.text(field, v, max, true)),
@@ -62,7 +75,11 @@ impl Checks {
     }
 
     pub fn finish(self) -> AppResult<()> {
-        if self.0.is_empty() { Ok(()) } else { Err(AppError::Unprocessable(self.0)) }
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(AppError::Unprocessable(self.0))
+        }
     }
 }
 
@@ -71,5 +88,7 @@ pub(crate) fn from_json<T: DeserializeOwned>(v: &serde_json::Value) -> AppResult
 }
 
 pub(crate) fn not_found(what: &str, id: Uuid) -> AppError {
-    AppError::NotFound(format!("No {what} with id {id} exists (or you may not see it)."))
+    AppError::NotFound(format!(
+        "No {what} with id {id} exists (or you may not see it)."
+    ))
 }

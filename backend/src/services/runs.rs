@@ -2,7 +2,9 @@
 
 use chrono::Utc;
 use consilium_core::api::{CreateRun, PreflightReport, RunDto};
-use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set,
+};
 use std::collections::HashMap;
 use uuid::Uuid;
 
@@ -28,9 +30,17 @@ pub fn run_dto(m: &run::Model) -> AppResult<RunDto> {
 }
 
 /// Loads what the check needs and runs it.
-pub async fn check<C: ConnectionTrait>(db: &C, study_id: Uuid, plan_hash: Option<&str>) -> AppResult<PreflightOutcome> {
+pub async fn check<C: ConnectionTrait>(
+    db: &C,
+    study_id: Uuid,
+    plan_hash: Option<&str>,
+) -> AppResult<PreflightOutcome> {
     let study = studies::study_dto(&studies::load_study(db, study_id).await?)?;
-    let plan_hashes: Vec<String> = studies::plans_of(db, study_id).await?.into_iter().map(|p| p.hash).collect();
+    let plan_hashes: Vec<String> = studies::plans_of(db, study_id)
+        .await?
+        .into_iter()
+        .map(|p| p.hash)
+        .collect();
     let reviews = studies::reviews_of(db, study_id).await?;
     let requests = access::requests_of(db, study_id).await?;
     let mut site_names = HashMap::new();
@@ -50,22 +60,41 @@ pub async fn check<C: ConnectionTrait>(db: &C, study_id: Uuid, plan_hash: Option
     }))
 }
 
-pub async fn report(ctx: &AppContext, actor: &Actor, study_id: Uuid, plan_hash: Option<&str>) -> AppResult<PreflightReport> {
+pub async fn report(
+    ctx: &AppContext,
+    actor: &Actor,
+    study_id: Uuid,
+    plan_hash: Option<&str>,
+) -> AppResult<PreflightReport> {
     studies::visible_study(&ctx.db, actor, study_id).await?;
     let out = check(&ctx.db, study_id, plan_hash).await?;
-    Ok(PreflightReport { study_id, plan_hash: out.plan_hash.clone(), ready: out.ready(), unmet: out.unmet })
+    Ok(PreflightReport {
+        study_id,
+        plan_hash: out.plan_hash.clone(),
+        ready: out.ready(),
+        unmet: out.unmet,
+    })
 }
 
 #[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
-pub async fn create_run(ctx: &AppContext, actor: &Actor, study_id: Uuid, input: CreateRun) -> AppResult<RunDto> {
+pub async fn create_run(
+    ctx: &AppContext,
+    actor: &Actor,
+    study_id: Uuid,
+    input: CreateRun,
+) -> AppResult<RunDto> {
     require(actor, Operation::CreateRun)?;
     let s = studies::visible_study(&ctx.db, actor, study_id).await?;
     if s.researcher_id != actor.user_id {
-        return Err(AppError::Forbidden("Only the researcher who drafted this study may start its runs.".into()));
+        return Err(AppError::Forbidden(
+            "Only the researcher who drafted this study may start its runs.".into(),
+        ));
     }
     let w = ctx.begin_write().await?;
     let out = check(&*w, study_id, input.plan_hash.as_deref()).await?;
-    let (Some(plan_hash), Some(review_id), true) = (out.plan_hash.clone(), out.review_id, out.ready()) else {
+    let (Some(plan_hash), Some(review_id), true) =
+        (out.plan_hash.clone(), out.review_id, out.ready())
+    else {
         return Err(AppError::PreconditionsUnmet(out.unmet));
     };
     let m = run::ActiveModel {
@@ -99,7 +128,12 @@ pub async fn list_runs(ctx: &AppContext, actor: &Actor, study_id: Uuid) -> AppRe
 }
 
 pub async fn get_run(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<RunDto> {
-    let m = run::Entity::find_by_id(id).one(&ctx.db).await?.ok_or_else(|| not_found("run", id))?;
-    studies::visible_study(&ctx.db, actor, m.study_id).await.map_err(|_| not_found("run", id))?;
+    let m = run::Entity::find_by_id(id)
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(|| not_found("run", id))?;
+    studies::visible_study(&ctx.db, actor, m.study_id)
+        .await
+        .map_err(|_| not_found("run", id))?;
     run_dto(&m)
 }

@@ -26,15 +26,26 @@ pub async fn local_login(ctx: &AppContext, input: LocalLogin) -> AppResult<(User
     }
     let wrong = || AppError::Unauthenticated("The email or the password is wrong.".into());
     let email = input.email.trim().to_lowercase();
-    let u = user::Entity::find().filter(user::Column::Email.eq(email)).one(&ctx.db).await?.ok_or_else(wrong)?;
-    let ok = u.password_hash.as_deref().is_some_and(|h| verify_password(&input.password, h));
+    let u = user::Entity::find()
+        .filter(user::Column::Email.eq(email))
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(wrong)?;
+    let ok = u
+        .password_hash
+        .as_deref()
+        .is_some_and(|h| verify_password(&input.password, h));
     if !ok {
         tracing::warn!(user = %u.id, "failed local sign-in");
         return Err(wrong());
     }
     let secret = open_session(ctx, u.id).await?;
     let w = ctx.begin_write().await?;
-    let actor = Actor { user_id: u.id, roles: roles_of(&u.roles), token_id: None };
+    let actor = Actor {
+        user_id: u.id,
+        roles: roles_of(&u.roles),
+        token_id: None,
+    };
     let dto = user_dto(&u);
     audit::append(&*w, &actor, "session.signed_in_local", "user", u.id, &dto).await?;
     w.commit().await?;
@@ -62,23 +73,39 @@ pub async fn oidc_start(ctx: &AppContext) -> AppResult<String> {
 }
 
 fn oidc_off() -> AppError {
-    AppError::NotFound("OpenID Connect sign-in is not configured on this server (auth.oidc).".into())
+    AppError::NotFound(
+        "OpenID Connect sign-in is not configured on this server (auth.oidc).".into(),
+    )
 }
 
 /// Completes an OpenID Connect sign-in; returns the user and the session secret.
-pub async fn oidc_finish(ctx: &AppContext, code: String, state: String) -> AppResult<(UserDto, String)> {
+pub async fn oidc_finish(
+    ctx: &AppContext,
+    code: String,
+    state: String,
+) -> AppResult<(UserDto, String)> {
     let oidc = ctx.oidc.as_ref().ok_or_else(oidc_off)?;
-    let pending = oidc_pending::Entity::find_by_id(state.clone()).one(&ctx.db).await?;
-    let Some(pending) = pending.filter(|p| p.created_at > Utc::now() - Duration::minutes(10)) else {
+    let pending = oidc_pending::Entity::find_by_id(state.clone())
+        .one(&ctx.db)
+        .await?;
+    let Some(pending) = pending.filter(|p| p.created_at > Utc::now() - Duration::minutes(10))
+    else {
         return Err(AppError::Invalid(
             "This sign-in link is unknown or has expired (they last 10 minutes); start again at /api/v1/auth/oidc/login.".into(),
         ));
     };
-    oidc_pending::Entity::delete_by_id(state).exec(&ctx.db).await?;
-    let claims = oidc.finish(code, pending.pkce_verifier, &pending.nonce).await.map_err(|e| {
-        tracing::warn!(error = %e, "OpenID sign-in refused");
-        AppError::Unauthenticated(format!("Sign-in failed: {e}. Start again at /api/v1/auth/oidc/login."))
-    })?;
+    oidc_pending::Entity::delete_by_id(state)
+        .exec(&ctx.db)
+        .await?;
+    let claims = oidc
+        .finish(code, pending.pkce_verifier, &pending.nonce)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "OpenID sign-in refused");
+            AppError::Unauthenticated(format!(
+                "Sign-in failed: {e}. Start again at /api/v1/auth/oidc/login."
+            ))
+        })?;
     let u = provision(ctx, &claims, &oidc.settings.roles_claim).await?;
     let secret = open_session(ctx, u.id).await?;
     Ok((u, secret))
@@ -86,21 +113,36 @@ pub async fn oidc_finish(ctx: &AppContext, code: String, state: String) -> AppRe
 
 fn claimed_roles(claims: &IdClaims, claim: &str) -> Option<BTreeSet<Role>> {
     let values = claims.other.get(claim)?.as_array()?;
-    Some(values.iter().filter_map(|v| v.as_str()).filter_map(Role::parse).collect())
+    Some(
+        values
+            .iter()
+            .filter_map(|v| v.as_str())
+            .filter_map(Role::parse)
+            .collect(),
+    )
 }
 
 /// Finds or creates the user behind an ID token. Roles come from the configured claim
 /// when the provider sends it; otherwise an administrator grants them.
-pub async fn provision(ctx: &AppContext, claims: &IdClaims, roles_claim: &str) -> AppResult<UserDto> {
+pub async fn provision(
+    ctx: &AppContext,
+    claims: &IdClaims,
+    roles_claim: &str,
+) -> AppResult<UserDto> {
     let w = ctx.begin_write().await?;
-    let by_subject = user::Entity::find().filter(user::Column::OidcSubject.eq(claims.sub.as_str())).one(&*w).await?;
+    let by_subject = user::Entity::find()
+        .filter(user::Column::OidcSubject.eq(claims.sub.as_str()))
+        .one(&*w)
+        .await?;
     let email = claims.email.clone().map(|e| e.trim().to_lowercase());
     let by_email = match (&by_subject, &email) {
-        (None, Some(e)) => user::Entity::find()
-            .filter(user::Column::Email.eq(e.as_str()))
-            .filter(user::Column::OidcSubject.is_null())
-            .one(&*w)
-            .await?,
+        (None, Some(e)) => {
+            user::Entity::find()
+                .filter(user::Column::Email.eq(e.as_str()))
+                .filter(user::Column::OidcSubject.is_null())
+                .one(&*w)
+                .await?
+        }
         _ => None,
     };
     let claimed = claimed_roles(claims, roles_claim);
@@ -112,7 +154,9 @@ pub async fn provision(ctx: &AppContext, claims: &IdClaims, roles_claim: &str) -
                 a.roles = Set(roles_json(r));
             }
             let changed = existing.oidc_subject.as_deref() != Some(claims.sub.as_str())
-                || claimed.as_ref().is_some_and(|r| *r != roles_of(&existing.roles));
+                || claimed
+                    .as_ref()
+                    .is_some_and(|r| *r != roles_of(&existing.roles));
             (a.update(&*w).await?, changed.then_some("user.linked_oidc"))
         }
         None => {
@@ -132,7 +176,11 @@ pub async fn provision(ctx: &AppContext, claims: &IdClaims, roles_claim: &str) -
         }
     };
     let dto = user_dto(&m);
-    let actor = Actor { user_id: m.id, roles: roles_of(&m.roles), token_id: None };
+    let actor = Actor {
+        user_id: m.id,
+        roles: roles_of(&m.roles),
+        token_id: None,
+    };
     if let Some(action) = action {
         audit::append(&*w, &actor, action, "user", m.id, &dto).await?;
     }

@@ -4,11 +4,13 @@ use base64::Engine;
 use chrono::Utc;
 use consilium_core::Role;
 use consilium_core::api::{
-    CreateStudy, PlanDto, PlanFileContent, PlanFileDto, ReviewDecision, ReviewDto, StudyDto, StudySite, StudyStatus,
-    SubmitPlan, SubmitReview, UpdateStudy,
+    CreateStudy, PlanDto, PlanFileContent, PlanFileDto, ReviewDecision, ReviewDto, StudyDto,
+    StudySite, StudyStatus, SubmitPlan, SubmitReview, UpdateStudy,
 };
 use consilium_core::hash::{canonical_sha256, sha256_hex};
-use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use uuid::Uuid;
@@ -31,8 +33,9 @@ pub fn study_dto(m: &study::Model) -> AppResult<StudyDto> {
         committee_id: m.committee_id,
         researcher_id: m.researcher_id,
         sites: from_json(&m.sites)?,
-        status: StudyStatus::parse(&m.status)
-            .ok_or_else(|| AppError::unexpected(anyhow::anyhow!("unknown study status {:?}", m.status)))?,
+        status: StudyStatus::parse(&m.status).ok_or_else(|| {
+            AppError::unexpected(anyhow::anyhow!("unknown study status {:?}", m.status))
+        })?,
         created_at: m.created_at,
         updated_at: m.updated_at,
     })
@@ -55,7 +58,14 @@ pub fn plan_dto(m: &plan::Model) -> AppResult<PlanDto> {
         version: m.version,
         hash: m.hash.clone(),
         manifest: from_json(&m.manifest)?,
-        files: files.into_iter().map(|f| PlanFileDto { name: f.name, size: f.size, sha256: f.sha256 }).collect(),
+        files: files
+            .into_iter()
+            .map(|f| PlanFileDto {
+                name: f.name,
+                size: f.size,
+                sha256: f.sha256,
+            })
+            .collect(),
         submitted_by: m.submitted_by,
         created_at: m.created_at,
     })
@@ -67,8 +77,9 @@ pub fn review_dto(m: &review::Model) -> AppResult<ReviewDto> {
         study_id: m.study_id,
         committee_id: m.committee_id,
         reviewer_id: m.reviewer_id,
-        decision: ReviewDecision::parse(&m.decision)
-            .ok_or_else(|| AppError::unexpected(anyhow::anyhow!("unknown decision {:?}", m.decision)))?,
+        decision: ReviewDecision::parse(&m.decision).ok_or_else(|| {
+            AppError::unexpected(anyhow::anyhow!("unknown decision {:?}", m.decision))
+        })?,
         comments: m.comments.clone(),
         conditions: m.conditions.clone(),
         expires_at: m.expires_at,
@@ -80,19 +91,31 @@ pub fn review_dto(m: &review::Model) -> AppResult<ReviewDto> {
 
 /// The plan's content hash: SHA-256 over the canonical JSON of the manifest and the
 /// files' names and digests (sorted by name).
-pub fn plan_hash(manifest: &consilium_core::manifest::TrainingPlanManifest, files: &[PlanFileDto]) -> AppResult<String> {
+pub fn plan_hash(
+    manifest: &consilium_core::manifest::TrainingPlanManifest,
+    files: &[PlanFileDto],
+) -> AppResult<String> {
     #[derive(Serialize)]
     struct Canonical<'a> {
         manifest: &'a consilium_core::manifest::TrainingPlanManifest,
         files: Vec<(&'a str, &'a str)>,
     }
-    let mut listed: Vec<(&str, &str)> = files.iter().map(|f| (f.name.as_str(), f.sha256.as_str())).collect();
+    let mut listed: Vec<(&str, &str)> = files
+        .iter()
+        .map(|f| (f.name.as_str(), f.sha256.as_str()))
+        .collect();
     listed.sort();
-    Ok(canonical_sha256(&Canonical { manifest, files: listed })?)
+    Ok(canonical_sha256(&Canonical {
+        manifest,
+        files: listed,
+    })?)
 }
 
 pub async fn load_study<C: ConnectionTrait>(db: &C, id: Uuid) -> AppResult<study::Model> {
-    study::Entity::find_by_id(id).one(db).await?.ok_or_else(|| not_found("study", id))
+    study::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .ok_or_else(|| not_found("study", id))
 }
 
 /// Who may read a study: administrators and auditors; its researcher; members of its
@@ -121,44 +144,92 @@ pub async fn can_see<C: ConnectionTrait>(db: &C, actor: &Actor, s: &StudyDto) ->
     Ok(false)
 }
 
-pub async fn visible_study<C: ConnectionTrait>(db: &C, actor: &Actor, id: Uuid) -> AppResult<StudyDto> {
+pub async fn visible_study<C: ConnectionTrait>(
+    db: &C,
+    actor: &Actor,
+    id: Uuid,
+) -> AppResult<StudyDto> {
     let s = study_dto(&load_study(db, id).await?)?;
-    if can_see(db, actor, &s).await? { Ok(s) } else { Err(not_found("study", id)) }
+    if can_see(db, actor, &s).await? {
+        Ok(s)
+    } else {
+        Err(not_found("study", id))
+    }
 }
 
 fn require_owner(actor: &Actor, s: &StudyDto) -> AppResult<()> {
     if s.researcher_id == actor.user_id {
         Ok(())
     } else {
-        Err(AppError::Forbidden("Only the researcher who drafted this study may change it.".into()))
+        Err(AppError::Forbidden(
+            "Only the researcher who drafted this study may change it.".into(),
+        ))
     }
 }
 
-async fn check_sites<C: ConnectionTrait>(db: &C, checks: &mut Checks, sites: &[StudySite]) -> AppResult<()> {
-    checks.check(!sites.is_empty(), "sites must name at least one participating site");
+async fn check_sites<C: ConnectionTrait>(
+    db: &C,
+    checks: &mut Checks,
+    sites: &[StudySite],
+) -> AppResult<()> {
+    checks.check(
+        !sites.is_empty(),
+        "sites must name at least one participating site",
+    );
     let unique: BTreeSet<Uuid> = sites.iter().map(|s| s.site_id).collect();
     checks.check(unique.len() == sites.len(), "sites lists a site twice");
     for (i, s) in sites.iter().enumerate() {
         if site::Entity::find_by_id(s.site_id).one(db).await?.is_none() {
-            checks.0.push(format!("sites[{i}].site_id: no site with id {}", s.site_id));
+            checks
+                .0
+                .push(format!("sites[{i}].site_id: no site with id {}", s.site_id));
         }
-        checks.text(&format!("sites[{i}].scope.modality"), &s.scope.modality, 16, false);
-        checks.text(&format!("sites[{i}].scope.body_part"), &s.scope.body_part, 64, false);
-        checks.text(&format!("sites[{i}].scope.label"), &s.scope.label, 128, false);
-        checks.check(s.scope.cases > 0, format!("sites[{i}].scope.cases must be at least 1"));
+        checks.text(
+            &format!("sites[{i}].scope.modality"),
+            &s.scope.modality,
+            16,
+            false,
+        );
+        checks.text(
+            &format!("sites[{i}].scope.body_part"),
+            &s.scope.body_part,
+            64,
+            false,
+        );
+        checks.text(
+            &format!("sites[{i}].scope.label"),
+            &s.scope.label,
+            128,
+            false,
+        );
+        checks.check(
+            s.scope.cases > 0,
+            format!("sites[{i}].scope.cases must be at least 1"),
+        );
     }
     Ok(())
 }
 
 #[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
-pub async fn create_study(ctx: &AppContext, actor: &Actor, input: CreateStudy) -> AppResult<StudyDto> {
+pub async fn create_study(
+    ctx: &AppContext,
+    actor: &Actor,
+    input: CreateStudy,
+) -> AppResult<StudyDto> {
     require(actor, Operation::CreateStudy)?;
     let mut checks = Checks::default();
     let title = checks.text("title", &input.title, 300, false);
     let protocol_text = checks.text("protocol_text", &input.protocol_text, 100_000, true);
     let purpose = checks.text("purpose", &input.purpose, 10_000, true);
-    if committee::Entity::find_by_id(input.committee_id).one(&ctx.db).await?.is_none() {
-        checks.0.push(format!("committee_id: no committee with id {}", input.committee_id));
+    if committee::Entity::find_by_id(input.committee_id)
+        .one(&ctx.db)
+        .await?
+        .is_none()
+    {
+        checks.0.push(format!(
+            "committee_id: no committee with id {}",
+            input.committee_id
+        ));
     }
     check_sites(&ctx.db, &mut checks, &input.sites).await?;
     checks.finish()?;
@@ -186,14 +257,28 @@ pub async fn create_study(ctx: &AppContext, actor: &Actor, input: CreateStudy) -
 }
 
 #[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
-pub async fn update_study(ctx: &AppContext, actor: &Actor, id: Uuid, input: UpdateStudy) -> AppResult<StudyDto> {
+pub async fn update_study(
+    ctx: &AppContext,
+    actor: &Actor,
+    id: Uuid,
+    input: UpdateStudy,
+) -> AppResult<StudyDto> {
     require(actor, Operation::UpdateStudy)?;
     let current = visible_study(&ctx.db, actor, id).await?;
     require_owner(actor, &current)?;
     let mut checks = Checks::default();
-    let title = input.title.as_deref().map(|t| checks.text("title", t, 300, false));
-    let protocol = input.protocol_text.as_deref().map(|t| checks.text("protocol_text", t, 100_000, true));
-    let purpose = input.purpose.as_deref().map(|t| checks.text("purpose", t, 10_000, true));
+    let title = input
+        .title
+        .as_deref()
+        .map(|t| checks.text("title", t, 300, false));
+    let protocol = input
+        .protocol_text
+        .as_deref()
+        .map(|t| checks.text("protocol_text", t, 100_000, true));
+    let purpose = input
+        .purpose
+        .as_deref()
+        .map(|t| checks.text("purpose", t, 10_000, true));
     if let Some(sites) = &input.sites {
         check_sites(&ctx.db, &mut checks, sites).await?;
     }
@@ -222,7 +307,11 @@ pub async fn update_study(ctx: &AppContext, actor: &Actor, id: Uuid, input: Upda
     a.updated_at = Set(Utc::now());
     let m = a.update(&*w).await?;
     let dto = study_dto(&m)?;
-    let action = if status == StudyStatus::Approved { "study.amended" } else { "study.updated" };
+    let action = if status == StudyStatus::Approved {
+        "study.amended"
+    } else {
+        "study.updated"
+    };
     audit::append(&*w, actor, action, "study", m.id, &dto).await?;
     w.commit().await?;
     Ok(dto)
@@ -254,7 +343,10 @@ pub async fn submit_study(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResul
 }
 
 pub async fn list_studies(ctx: &AppContext, actor: &Actor) -> AppResult<Vec<StudyDto>> {
-    let rows = study::Entity::find().order_by_desc(study::Column::CreatedAt).all(&ctx.db).await?;
+    let rows = study::Entity::find()
+        .order_by_desc(study::Column::CreatedAt)
+        .all(&ctx.db)
+        .await?;
     let mut out = Vec::new();
     for m in &rows {
         let s = study_dto(m)?;
@@ -275,7 +367,10 @@ pub async fn plans_of<C: ConnectionTrait>(db: &C, study_id: Uuid) -> AppResult<V
         .await?)
 }
 
-pub async fn latest_plan<C: ConnectionTrait>(db: &C, study_id: Uuid) -> AppResult<Option<plan::Model>> {
+pub async fn latest_plan<C: ConnectionTrait>(
+    db: &C,
+    study_id: Uuid,
+) -> AppResult<Option<plan::Model>> {
     Ok(plans_of(db, study_id).await?.pop())
 }
 
@@ -289,7 +384,12 @@ fn check_file_name(checks: &mut Checks, i: usize, name: &str) -> String {
 }
 
 #[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
-pub async fn submit_plan(ctx: &AppContext, actor: &Actor, study_id: Uuid, input: SubmitPlan) -> AppResult<PlanDto> {
+pub async fn submit_plan(
+    ctx: &AppContext,
+    actor: &Actor,
+    study_id: Uuid,
+    input: SubmitPlan,
+) -> AppResult<PlanDto> {
     require(actor, Operation::SubmitPlan)?;
     let current = visible_study(&ctx.db, actor, study_id).await?;
     require_owner(actor, &current)?;
@@ -298,7 +398,10 @@ pub async fn submit_plan(ctx: &AppContext, actor: &Actor, study_id: Uuid, input:
     let mut names = BTreeSet::new();
     for (i, f) in input.files.iter().enumerate() {
         let name = check_file_name(&mut checks, i, &f.name);
-        checks.check(names.insert(name.clone()), format!("files[{i}].name: {name:?} is attached twice"));
+        checks.check(
+            names.insert(name.clone()),
+            format!("files[{i}].name: {name:?} is attached twice"),
+        );
         match base64::engine::general_purpose::STANDARD.decode(f.content_base64.trim()) {
             Ok(bytes) => files.push(StoredFile {
                 name,
@@ -306,12 +409,20 @@ pub async fn submit_plan(ctx: &AppContext, actor: &Actor, study_id: Uuid, input:
                 sha256: sha256_hex(&bytes),
                 content_base64: f.content_base64.trim().to_string(),
             }),
-            Err(_) => checks.0.push(format!("files[{i}].content_base64 is not valid base64")),
+            Err(_) => checks
+                .0
+                .push(format!("files[{i}].content_base64 is not valid base64")),
         }
     }
     checks.finish()?;
-    let listed: Vec<PlanFileDto> =
-        files.iter().map(|f| PlanFileDto { name: f.name.clone(), size: f.size, sha256: f.sha256.clone() }).collect();
+    let listed: Vec<PlanFileDto> = files
+        .iter()
+        .map(|f| PlanFileDto {
+            name: f.name.clone(),
+            size: f.size,
+            sha256: f.sha256.clone(),
+        })
+        .collect();
     let hash = plan_hash(&input.manifest, &listed)?;
 
     let w = ctx.begin_write().await?;
@@ -319,13 +430,16 @@ pub async fn submit_plan(ctx: &AppContext, actor: &Actor, study_id: Uuid, input:
     let status = StudyStatus::parse(&s.status).unwrap_or(StudyStatus::Draft);
     let next = amend_transition(status).map_err(|d| AppError::conflict("invalid_state", d))?;
     let existing = plans_of(&*w, study_id).await?;
-    if let Some(last) = existing.last() {
-        if last.hash == hash {
-            return Err(AppError::conflict(
-                "plan_unchanged",
-                format!("This plan is identical to version {} (hash {}); nothing to submit.", last.version, hash),
-            ));
-        }
+    if let Some(last) = existing.last()
+        && last.hash == hash
+    {
+        return Err(AppError::conflict(
+            "plan_unchanged",
+            format!(
+                "This plan is identical to version {} (hash {}); nothing to submit.",
+                last.version, hash
+            ),
+        ));
     }
     let version = existing.last().map_or(1, |p| p.version + 1);
     let m = plan::ActiveModel {
@@ -353,14 +467,27 @@ pub async fn submit_plan(ctx: &AppContext, actor: &Actor, study_id: Uuid, input:
     Ok(dto)
 }
 
-pub async fn list_plans(ctx: &AppContext, actor: &Actor, study_id: Uuid) -> AppResult<Vec<PlanDto>> {
+pub async fn list_plans(
+    ctx: &AppContext,
+    actor: &Actor,
+    study_id: Uuid,
+) -> AppResult<Vec<PlanDto>> {
     visible_study(&ctx.db, actor, study_id).await?;
-    plans_of(&ctx.db, study_id).await?.iter().map(plan_dto).collect()
+    plans_of(&ctx.db, study_id)
+        .await?
+        .iter()
+        .map(plan_dto)
+        .collect()
 }
 
 async fn visible_plan(ctx: &AppContext, actor: &Actor, plan_id: Uuid) -> AppResult<plan::Model> {
-    let m = plan::Entity::find_by_id(plan_id).one(&ctx.db).await?.ok_or_else(|| not_found("plan", plan_id))?;
-    visible_study(&ctx.db, actor, m.study_id).await.map_err(|_| not_found("plan", plan_id))?;
+    let m = plan::Entity::find_by_id(plan_id)
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(|| not_found("plan", plan_id))?;
+    visible_study(&ctx.db, actor, m.study_id)
+        .await
+        .map_err(|_| not_found("plan", plan_id))?;
     Ok(m)
 }
 
@@ -368,16 +495,31 @@ pub async fn get_plan(ctx: &AppContext, actor: &Actor, plan_id: Uuid) -> AppResu
     plan_dto(&visible_plan(ctx, actor, plan_id).await?)
 }
 
-pub async fn plan_files(ctx: &AppContext, actor: &Actor, plan_id: Uuid) -> AppResult<Vec<PlanFileContent>> {
+pub async fn plan_files(
+    ctx: &AppContext,
+    actor: &Actor,
+    plan_id: Uuid,
+) -> AppResult<Vec<PlanFileContent>> {
     let m = visible_plan(ctx, actor, plan_id).await?;
     let files: Vec<StoredFile> = from_json(&m.files)?;
-    Ok(files.into_iter().map(|f| PlanFileContent { name: f.name, content_base64: f.content_base64 }).collect())
+    Ok(files
+        .into_iter()
+        .map(|f| PlanFileContent {
+            name: f.name,
+            content_base64: f.content_base64,
+        })
+        .collect())
 }
 
 // ------------------------------------------------------------------ ethics review
 
 #[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
-pub async fn review_study(ctx: &AppContext, actor: &Actor, study_id: Uuid, input: SubmitReview) -> AppResult<ReviewDto> {
+pub async fn review_study(
+    ctx: &AppContext,
+    actor: &Actor,
+    study_id: Uuid,
+    input: SubmitReview,
+) -> AppResult<ReviewDto> {
     require(actor, Operation::ReviewStudy)?;
     let s = visible_study(&ctx.db, actor, study_id).await?;
     let c = directory::get_committee(&ctx.db, s.committee_id).await?;
@@ -388,14 +530,18 @@ pub async fn review_study(ctx: &AppContext, actor: &Actor, study_id: Uuid, input
         )));
     }
     if s.researcher_id == actor.user_id {
-        return Err(AppError::Forbidden("Nobody reviews their own study; another committee member must decide.".into()));
+        return Err(AppError::Forbidden(
+            "Nobody reviews their own study; another committee member must decide.".into(),
+        ));
     }
     let mut checks = Checks::default();
     let comments = checks.text("comments", &input.comments, 20_000, true);
     let conditions = checks.optional_text("conditions", input.conditions.as_deref(), 20_000);
     if input.decision == ReviewDecision::Approve {
         match input.expires_at {
-            None => checks.0.push("expires_at is required for an approval".into()),
+            None => checks
+                .0
+                .push("expires_at is required for an approval".into()),
             Some(e) => checks.check(e > Utc::now(), "expires_at must be in the future"),
         }
     }
@@ -404,7 +550,8 @@ pub async fn review_study(ctx: &AppContext, actor: &Actor, study_id: Uuid, input
     let w = ctx.begin_write().await?;
     let m = load_study(&*w, study_id).await?;
     let status = StudyStatus::parse(&m.status).unwrap_or(StudyStatus::Draft);
-    let next = review_transition(status, input.decision).map_err(|d| AppError::conflict("invalid_state", d))?;
+    let next = review_transition(status, input.decision)
+        .map_err(|d| AppError::conflict("invalid_state", d))?;
     let plan = latest_plan(&*w, study_id).await?;
     let plan_hashes: Vec<String> = plan.into_iter().map(|p| p.hash).collect();
     let r = review::ActiveModel {
@@ -415,7 +562,11 @@ pub async fn review_study(ctx: &AppContext, actor: &Actor, study_id: Uuid, input
         decision: Set(input.decision.as_str().to_string()),
         comments: Set(comments),
         conditions: Set(conditions),
-        expires_at: Set(if input.decision == ReviewDecision::Approve { input.expires_at } else { None }),
+        expires_at: Set(if input.decision == ReviewDecision::Approve {
+            input.expires_at
+        } else {
+            None
+        }),
         protocol_version: Set(m.protocol_version),
         plan_hashes: Set(serde_json::to_value(&plan_hashes)?),
         created_at: Set(Utc::now()),
@@ -423,12 +574,28 @@ pub async fn review_study(ctx: &AppContext, actor: &Actor, study_id: Uuid, input
     .insert(&*w)
     .await?;
     let dto = review_dto(&r)?;
-    audit::append(&*w, actor, &format!("review.{}", input.decision.as_str()), "review", r.id, &dto).await?;
+    audit::append(
+        &*w,
+        actor,
+        &format!("review.{}", input.decision.as_str()),
+        "review",
+        r.id,
+        &dto,
+    )
+    .await?;
     let mut a: study::ActiveModel = m.into();
     a.status = Set(next.as_str().to_string());
     a.updated_at = Set(Utc::now());
     let m = a.update(&*w).await?;
-    audit::append(&*w, actor, &format!("study.{}", next.as_str()), "study", m.id, &study_dto(&m)?).await?;
+    audit::append(
+        &*w,
+        actor,
+        &format!("study.{}", next.as_str()),
+        "study",
+        m.id,
+        &study_dto(&m)?,
+    )
+    .await?;
     w.commit().await?;
     Ok(dto)
 }
@@ -444,7 +611,11 @@ pub async fn reviews_of<C: ConnectionTrait>(db: &C, study_id: Uuid) -> AppResult
         .collect()
 }
 
-pub async fn list_reviews(ctx: &AppContext, actor: &Actor, study_id: Uuid) -> AppResult<Vec<ReviewDto>> {
+pub async fn list_reviews(
+    ctx: &AppContext,
+    actor: &Actor,
+    study_id: Uuid,
+) -> AppResult<Vec<ReviewDto>> {
     visible_study(&ctx.db, actor, study_id).await?;
     reviews_of(&ctx.db, study_id).await
 }

@@ -34,25 +34,43 @@ pub fn token_dto(m: &api_token::Model) -> TokenDto {
 /// Creates a token for `owner`. A person creates their own; the system (CLI) may create
 /// one for anybody.
 #[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
-pub async fn create(ctx: &AppContext, actor: &Actor, owner: Uuid, input: CreateToken) -> AppResult<TokenCreated> {
+pub async fn create(
+    ctx: &AppContext,
+    actor: &Actor,
+    owner: Uuid,
+    input: CreateToken,
+) -> AppResult<TokenCreated> {
     if !actor.is_system() && actor.user_id != owner {
-        return Err(AppError::Forbidden("You may create API tokens only for yourself.".into()));
+        return Err(AppError::Forbidden(
+            "You may create API tokens only for yourself.".into(),
+        ));
     }
     if actor.token_id.is_some() {
-        return Err(AppError::Forbidden("An API token can't create other tokens; sign in to create one.".into()));
+        return Err(AppError::Forbidden(
+            "An API token can't create other tokens; sign in to create one.".into(),
+        ));
     }
-    let owner_row = user::Entity::find_by_id(owner).one(&ctx.db).await?.ok_or_else(|| not_found("user", owner))?;
+    let owner_row = user::Entity::find_by_id(owner)
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(|| not_found("user", owner))?;
     let owner_roles = roles_of(&owner_row.roles);
     let mut checks = Checks::default();
     let name = checks.text("name", &input.name, 200, false);
     let roles: BTreeSet<Role> = input.roles.into_iter().collect();
     checks.check(!roles.is_empty(), "roles must name at least one role");
     for r in &roles {
-        checks.check(owner_roles.contains(r), format!("roles: you do not hold the {r} role, so a token can't carry it"));
+        checks.check(
+            owner_roles.contains(r),
+            format!("roles: you do not hold the {r} role, so a token can't carry it"),
+        );
     }
     let now = Utc::now();
     checks.check(input.expires_at > now, "expires_at must be in the future");
-    checks.check(input.expires_at <= now + Duration::days(MAX_DAYS), format!("expires_at must be within {MAX_DAYS} days"));
+    checks.check(
+        input.expires_at <= now + Duration::days(MAX_DAYS),
+        format!("expires_at must be within {MAX_DAYS} days"),
+    );
     checks.finish()?;
     let secret = format!("{TOKEN_PREFIX}{}", random_secret(32));
     let w = ctx.begin_write().await?;
@@ -71,7 +89,10 @@ pub async fn create(ctx: &AppContext, actor: &Actor, owner: Uuid, input: CreateT
     let info = token_dto(&m);
     audit::append(&*w, actor, "token.created", "api_token", m.id, &info).await?;
     w.commit().await?;
-    Ok(TokenCreated { token: secret, info })
+    Ok(TokenCreated {
+        token: secret,
+        info,
+    })
 }
 
 pub async fn list(ctx: &AppContext, actor: &Actor) -> AppResult<Vec<TokenDto>> {
@@ -86,12 +107,18 @@ pub async fn list(ctx: &AppContext, actor: &Actor) -> AppResult<Vec<TokenDto>> {
 #[tracing::instrument(skip(ctx), fields(actor = %actor.audit_name()))]
 pub async fn revoke(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<TokenDto> {
     let w = ctx.begin_write().await?;
-    let m = api_token::Entity::find_by_id(id).one(&*w).await?.ok_or_else(|| not_found("API token", id))?;
+    let m = api_token::Entity::find_by_id(id)
+        .one(&*w)
+        .await?
+        .ok_or_else(|| not_found("API token", id))?;
     if m.user_id != actor.user_id && !actor.has(Role::Administrator) {
         return Err(not_found("API token", id));
     }
     if m.revoked_at.is_some() {
-        return Err(AppError::conflict("invalid_state", "This token is already revoked."));
+        return Err(AppError::conflict(
+            "invalid_state",
+            "This token is already revoked.",
+        ));
     }
     let mut a: api_token::ActiveModel = m.into();
     a.revoked_at = Set(Some(Utc::now()));

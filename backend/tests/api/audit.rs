@@ -1,0 +1,124 @@
+//! The audit log is a hash chain: editing a row is detected and the event named.
+
+use crate::helpers::*;
+use crate::on_both;
+use sea_orm::{ConnectionTrait, Statement};
+
+async fn an_edited_audit_row_is_named_by_verify(db: Db) {
+    let app = spawn_app(db).await;
+    let w = world(&app).await;
+    let ok = app
+        .get("/api/v1/audit/verify", &w.auditor.auth)
+        .await
+        .expect(200);
+    assert_eq!(ok["ok"], true);
+    let total = ok["events_checked"].as_u64().expect("count");
+    assert!(
+        total >= 11,
+        "the world's users, tokens, committee and sites: {total}"
+    );
+
+    // Exports: one JSON line per event; CSV with a header.
+    let resp = app
+        .client
+        .get(format!("{}/api/v1/audit/export", app.address))
+        .bearer_auth(token(&w.auditor))
+        .send()
+        .await
+        .expect("export");
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    let jsonl = resp.text().await.expect("body");
+    let lines: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len() as u64, total);
+    assert_eq!(lines[0]["seq"], 1);
+    assert_eq!(lines[0]["prev_hash"], "0".repeat(64));
+    assert_eq!(lines[1]["prev_hash"], lines[0]["hash"]);
+    let csv = app
+        .client
+        .get(format!("{}/api/v1/audit/export?format=csv", app.address))
+        .bearer_auth(token(&w.auditor))
+        .send()
+        .await
+        .expect("csv")
+        .text()
+        .await
+        .expect("body");
+    let mut rows = csv.lines();
+    assert_eq!(
+        rows.next(),
+        Some("seq,id,at,actor,action,object_type,object_id,digest,prev_hash,hash")
+    );
+    assert_eq!(rows.count() as u64, total);
+
+    // Someone with database access rewrites event 3.
+    let backend = app.ctx.db.get_database_backend();
+    app.ctx
+        .db
+        .execute_raw(Statement::from_string(
+            backend,
+            "UPDATE audit_events SET action = 'user.deleted' WHERE seq = 3",
+        ))
+        .await
+        .expect("tamper");
+    let broken = app
+        .get("/api/v1/audit/verify", &w.auditor.auth)
+        .await
+        .expect(200);
+    assert_eq!(broken["ok"], false);
+    assert_eq!(broken["first_broken"]["seq"], 3);
+    assert_eq!(broken["first_broken"]["id"], lines[2]["id"]);
+    assert!(
+        broken["first_broken"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("altered"),
+        "{broken}"
+    );
+
+    // Deleting an event is detected too (at the event after the gap).
+    app.ctx
+        .db
+        .execute_raw(Statement::from_string(
+            backend,
+            "UPDATE audit_events SET action = 'user.created' WHERE seq = 3",
+        ))
+        .await
+        .expect("restore");
+    assert_eq!(
+        app.get("/api/v1/audit/verify", &w.auditor.auth)
+            .await
+            .expect(200)["ok"],
+        true
+    );
+    app.ctx
+        .db
+        .execute_raw(Statement::from_string(
+            backend,
+            "DELETE FROM audit_events WHERE seq = 5",
+        ))
+        .await
+        .expect("delete");
+    let gap = app
+        .get("/api/v1/audit/verify", &w.auditor.auth)
+        .await
+        .expect(200);
+    assert_eq!(gap["first_broken"]["seq"], 6);
+    assert!(
+        gap["first_broken"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("missing"),
+        "{gap}"
+    );
+}
+on_both!(an_edited_audit_row_is_named_by_verify);
+
+fn token(p: &Person) -> String {
+    match &p.auth {
+        Auth::Token(t) => t.clone(),
+        _ => panic!("a token"),
+    }
+}

@@ -1,0 +1,13 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Integration tests: the real server on a free port, against SQLite in a temporary folder
+//! and PostgreSQL (127.0.0.1:5432) cloned from a migrated template per test.
+
+mod helpers;
+
+mod audit;
+mod errors;
+mod lifecycle;
+mod oidc;
+mod openapi;
+mod roles;
+mod tokens;

@@ -1,0 +1,410 @@
+//! Sign-in through a real OpenID provider (the npm package oidc-provider, started here on a
+//! loopback port): the authorization code flow with PKCE, users provisioned at first
+//! sign-in with roles from a claim, and ID tokens that must be refused.
+
+use crate::helpers::*;
+use crate::on_both;
+use chrono::Utc;
+use consilium_backend::configuration::OidcSettings;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use secrecy::SecretString;
+use serde_json::json;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+struct ProviderProcess {
+    child: Child,
+    pub issuer: String,
+    pub keys: tempfile::TempDir,
+}
+
+impl Drop for ProviderProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn start_provider(redirect_uri: &str) -> ProviderProcess {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/oidc");
+    if !dir.join("node_modules/oidc-provider").exists() {
+        let ok = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status()
+            .expect("npm runs");
+        assert!(ok.success(), "npm ci in {} failed", dir.display());
+    }
+    let port = free_port();
+    let keys = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new("node")
+        .arg("provider.mjs")
+        .arg(port.to_string())
+        .arg(redirect_uri)
+        .arg(keys.path())
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node starts (install Node.js 20+)");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("provider output");
+    assert_eq!(line.trim(), "ready", "the OpenID provider did not start");
+    ProviderProcess {
+        child,
+        issuer: format!("http://127.0.0.1:{port}"),
+        keys,
+    }
+}
+
+async fn app_with_provider(db: Db) -> (TestApp, ProviderProcess) {
+    let port = free_port();
+    let redirect = format!("http://127.0.0.1:{port}/api/v1/auth/oidc/callback");
+    let provider = start_provider(&redirect);
+    let issuer = provider.issuer.clone();
+    let app = spawn_app_with(db, |s| {
+        s.server.port = port;
+        s.auth.oidc = Some(OidcSettings {
+            issuer_url: issuer,
+            client_id: "consilium".into(),
+            client_secret: SecretString::from("test-secret-that-is-long-enough"),
+            redirect_url: redirect,
+            roles_claim: "consilium_roles".into(),
+            scopes: vec!["openid".into(), "email".into(), "profile".into()],
+        });
+    })
+    .await;
+    (app, provider)
+}
+
+fn attr<'a>(html: &'a str, after: &str, name: &str) -> Option<&'a str> {
+    let start = html.find(after)?;
+    let rest = &html[start..];
+    let key = format!("{name}=\"");
+    let i = rest.find(&key)? + key.len();
+    let end = rest[i..].find('"')?;
+    Some(&rest[i..i + end])
+}
+
+/// Walks the browser's part of the flow: our login redirect, the provider's login and
+/// consent forms, back to our callback. Returns the callback's response.
+async fn sign_in_through_provider(app: &TestApp, login: &str) -> reqwest::Response {
+    let browser = reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let mut resp = browser
+        .get(format!("{}/api/v1/auth/oidc/login", app.address))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(resp.status().as_u16(), 303);
+    for _ in 0..20 {
+        if resp.status().is_redirection() {
+            let location = resp
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .expect("location")
+                .to_string();
+            let next = resp.url().join(&location).expect("url");
+            resp = browser.get(next).send().await.expect("follow");
+            if resp.url().path() == "/api/v1/auth/oidc/callback" {
+                return resp;
+            }
+            continue;
+        }
+        let base = resp.url().clone();
+        let html = resp.text().await.expect("page");
+        let action = attr(&html, "<form", "action")
+            .unwrap_or_else(|| panic!("a form on the provider page {base}: {html}"))
+            .to_string();
+        let target = base.join(&action).expect("form url");
+        let prompt = attr(&html, "name=\"prompt\"", "value")
+            .unwrap_or_default()
+            .to_string();
+        let mut form: Vec<(&str, &str)> = vec![("prompt", prompt.as_str())];
+        if prompt == "login" {
+            form.extend([("login", login), ("password", "any password")]);
+        }
+        resp = browser
+            .post(target)
+            .form(&form)
+            .send()
+            .await
+            .expect("form post");
+    }
+    panic!("the sign-in flow did not reach the callback");
+}
+
+fn session_from(resp: &reqwest::Response) -> (String, String) {
+    let header = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("consilium_session="))
+        .expect("a session cookie")
+        .to_string();
+    let value = header
+        .split(';')
+        .next()
+        .and_then(|kv| kv.split_once('='))
+        .map(|(_, v)| v.to_string())
+        .expect("value");
+    (value, header)
+}
+
+async fn sign_in_with_a_real_openid_provider(db: Db) {
+    let (app, _provider) = app_with_provider(db).await;
+
+    let config = app
+        .get("/api/v1/auth/config", &Auth::None)
+        .await
+        .expect(200);
+    assert_eq!(config, json!({"local_accounts": false, "oidc": true}));
+
+    let callback = sign_in_through_provider(&app, "rhea").await;
+    assert_eq!(
+        callback.status().as_u16(),
+        303,
+        "callback: {:?}",
+        callback.headers()
+    );
+    assert_eq!(
+        callback
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok()),
+        Some("/")
+    );
+    let (session, header) = session_from(&callback);
+    for attribute in ["HttpOnly", "Secure", "SameSite=Lax", "Path=/"] {
+        assert!(
+            header.contains(attribute),
+            "{attribute} missing from {header}"
+        );
+    }
+    let me = app
+        .get("/api/v1/auth/me", &Auth::Cookie(session.clone()))
+        .await
+        .expect(200);
+    assert_eq!(me["user"]["email"], "rhea@uni.test");
+    assert_eq!(me["user"]["name"], "Rhea Researcher");
+    assert_eq!(me["user"]["roles"], json!(["researcher"]));
+    assert_eq!(me["user"]["oidc_subject"], "rhea");
+
+    // Signing in again finds the same user.
+    let (again, _) = session_from(&sign_in_through_provider(&app, "rhea").await);
+    let me2 = app
+        .get("/api/v1/auth/me", &Auth::Cookie(again))
+        .await
+        .expect(200);
+    assert_eq!(me2["user"]["id"], me["user"]["id"]);
+
+    // Without a roles claim, the user has none until an administrator grants them.
+    let (nora, _) = session_from(&sign_in_through_provider(&app, "nora").await);
+    let nora_auth = Auth::Cookie(nora);
+    assert_eq!(
+        app.get("/api/v1/auth/me", &nora_auth).await.expect(200)["user"]["roles"],
+        json!([])
+    );
+    app.post("/api/v1/sites", &nora_auth, json!({"name": "Nora's site"}))
+        .await
+        .expect(403);
+    let admin = app
+        .person(
+            "admin@consilium.test",
+            &[consilium_core::Role::Administrator],
+        )
+        .await;
+    let nora_id = app.get("/api/v1/auth/me", &nora_auth).await.expect(200)["user"]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    app.call(
+        reqwest::Method::PUT,
+        &format!("/api/v1/users/{nora_id}/roles"),
+        &admin.auth,
+        Some(json!({"roles": ["auditor"]})),
+    )
+    .await
+    .expect(200);
+    assert_eq!(
+        app.get("/api/v1/auth/me", &nora_auth).await.expect(200)["acting_roles"],
+        json!(["auditor"])
+    );
+
+    // Provisioning is audited.
+    let events = app
+        .get("/api/v1/audit/events?action=user.provisioned", &admin.auth)
+        .await
+        .expect(200);
+    assert_eq!(events.as_array().map(Vec::len), Some(2));
+
+    // Local passwords are off while OpenID Connect is configured.
+    let p = app
+        .post(
+            "/api/v1/auth/login",
+            &Auth::None,
+            json!({"email": "admin@consilium.test", "password": PASSWORD}),
+        )
+        .await
+        .expect(403);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Local accounts are disabled")
+    );
+
+    // A callback nobody started is refused.
+    let p = app
+        .get(
+            "/api/v1/auth/oidc/callback?code=abc&state=made-up",
+            &Auth::None,
+        )
+        .await
+        .expect(400);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unknown or has expired")
+    );
+    let p = app
+        .get(
+            "/api/v1/auth/oidc/callback?error=access_denied&error_description=User%20cancelled",
+            &Auth::None,
+        )
+        .await
+        .expect(401);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("User cancelled")
+    );
+
+    // Logging out ends the session.
+    let resp = app
+        .client
+        .post(format!("{}/api/v1/auth/logout", app.address))
+        .header("Cookie", format!("consilium_session={session}"))
+        .send()
+        .await
+        .expect("logout");
+    assert_eq!(resp.status().as_u16(), 204);
+    app.get("/api/v1/auth/me", &Auth::Cookie(session))
+        .await
+        .expect(401);
+}
+on_both!(sign_in_with_a_real_openid_provider);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_expired_and_misdirected_id_tokens_are_refused() {
+    let (app, provider) = app_with_provider(Db::Sqlite).await;
+    let oidc = app.ctx.oidc.clone().expect("OpenID configured");
+    let pem = |name: &str| std::fs::read(provider.keys.path().join(name)).expect("key file");
+    let good_key = EncodingKey::from_rsa_pem(&pem("signing-key.pem")).expect("key");
+    let forged_key = EncodingKey::from_rsa_pem(&pem("forged-key.pem")).expect("key");
+    let now = Utc::now().timestamp();
+    let claims = |iss: &str, aud: &str, exp: i64, nonce: &str| json!({"iss": iss, "aud": aud, "sub": "rhea", "iat": now, "exp": exp, "nonce": nonce, "email": "rhea@uni.test"});
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("test-key".into());
+    let sign = |key: &EncodingKey, c: serde_json::Value| {
+        jsonwebtoken::encode(&header, &c, key).expect("signed")
+    };
+    let iss = provider.issuer.as_str();
+
+    // The provider's own key, right claims: accepted (so the refusals below are meaningful).
+    let ok = oidc
+        .validate(
+            &sign(&good_key, claims(iss, "consilium", now + 300, "n1")),
+            "n1",
+        )
+        .await
+        .expect("valid token");
+    assert_eq!(ok.sub, "rhea");
+
+    let refusals = [
+        (
+            "forged",
+            sign(&forged_key, claims(iss, "consilium", now + 300, "n1")),
+            "InvalidSignature",
+        ),
+        (
+            "expired",
+            sign(&good_key, claims(iss, "consilium", now - 3600, "n1")),
+            "ExpiredSignature",
+        ),
+        (
+            "other audience",
+            sign(&good_key, claims(iss, "another-app", now + 300, "n1")),
+            "InvalidAudience",
+        ),
+        (
+            "other issuer",
+            sign(
+                &good_key,
+                claims("http://evil.test", "consilium", now + 300, "n1"),
+            ),
+            "InvalidIssuer",
+        ),
+        (
+            "replayed nonce",
+            sign(&good_key, claims(iss, "consilium", now + 300, "n0")),
+            "nonce",
+        ),
+    ];
+    for (what, token, reason) in refusals {
+        let err = oidc
+            .validate(&token, "n1")
+            .await
+            .expect_err(what)
+            .to_string();
+        assert!(err.contains(reason), "{what}: {err}");
+    }
+    // Payload altered after signing.
+    let good = sign(&good_key, claims(iss, "consilium", now + 300, "n1"));
+    let parts: Vec<&str> = good.split('.').collect();
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let altered = b64.encode(
+        claims(iss, "consilium", now + 300, "n1")
+            .to_string()
+            .replace("rhea", "root"),
+    );
+    let tampered = format!("{}.{}.{}", parts[0], altered, parts[2]);
+    let err = oidc
+        .validate(&tampered, "n1")
+        .await
+        .expect_err("tampered")
+        .to_string();
+    assert!(err.contains("InvalidSignature"), "{err}");
+    // A symmetric algorithm (HS256 keyed with public material) is never accepted.
+    let hs = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims(iss, "consilium", now + 300, "n1"),
+        &EncodingKey::from_secret(b"k"),
+    )
+    .expect("hs");
+    let err = oidc
+        .validate(&hs, "n1")
+        .await
+        .expect_err("hs256")
+        .to_string();
+    assert!(err.contains("not accepted"), "{err}");
+}
