@@ -124,6 +124,21 @@ pub async fn list<C: ConnectionTrait>(db: &C, q: &AuditQuery) -> AppResult<Vec<A
             "limit must be between 1 and 1000.".into(),
         ));
     }
+    for (name, value) in [
+        ("actor", &q.actor),
+        ("action", &q.action),
+        ("object_type", &q.object_type),
+        ("object_id", &q.object_id),
+    ] {
+        if value
+            .as_deref()
+            .is_some_and(|v| v.chars().any(char::is_control) || v.len() > 200)
+        {
+            return Err(AppError::Invalid(format!(
+                "{name} must be printable text of at most 200 characters."
+            )));
+        }
+    }
     let mut select = audit_event::Entity::find().order_by_asc(audit_event::Column::Seq);
     if let Some(v) = &q.actor {
         select = select.filter(audit_event::Column::Actor.eq(v.as_str()));

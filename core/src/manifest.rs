@@ -161,9 +161,25 @@ impl TrainingPlanManifest {
         if !non_empty(&self.aggregation.strategy) {
             out.push("aggregation.strategy must name a strategy, e.g. \"fedavg\"".to_string());
         }
+        if let Ok(v) = serde_json::to_value(self) {
+            if has_control_text(&v) {
+                out.push("the manifest's text must not contain control characters".to_string());
+            }
+        }
         if self.stopping.target_value.is_some() != self.stopping.target_metric.is_some() {
             out.push("stopping.target_metric and stopping.target_value go together".to_string());
         }
         out
+    }
+}
+
+fn has_control_text(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.chars().any(char::is_control),
+        serde_json::Value::Array(a) => a.iter().any(has_control_text),
+        serde_json::Value::Object(o) => o
+            .iter()
+            .any(|(k, v)| k.chars().any(char::is_control) || has_control_text(v)),
+        _ => false,
     }
 }

@@ -26,6 +26,9 @@ pub async fn local_login(ctx: &AppContext, input: LocalLogin) -> AppResult<(User
     }
     let wrong = || AppError::Unauthenticated("The email or the password is wrong.".into());
     let email = input.email.trim().to_lowercase();
+    if email.chars().any(char::is_control) || email.len() > 254 {
+        return Err(wrong());
+    }
     let u = user::Entity::find()
         .filter(user::Column::Email.eq(email))
         .one(&ctx.db)
@@ -85,9 +88,18 @@ pub async fn oidc_finish(
     state: String,
 ) -> AppResult<(UserDto, String)> {
     let oidc = ctx.oidc.as_ref().ok_or_else(oidc_off)?;
-    let pending = oidc_pending::Entity::find_by_id(state.clone())
-        .one(&ctx.db)
-        .await?;
+    let well_formed = !state.is_empty()
+        && state.len() <= 128
+        && state
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'));
+    let pending = if well_formed {
+        oidc_pending::Entity::find_by_id(state.clone())
+            .one(&ctx.db)
+            .await?
+    } else {
+        None
+    };
     let Some(pending) = pending.filter(|p| p.created_at > Utc::now() - Duration::minutes(10))
     else {
         return Err(AppError::Invalid(

@@ -165,6 +165,39 @@ async fn bad_requests_are_problems_not_server_errors(db: Db) {
         Some(1)
     );
 
+    // Control characters never reach the database (PostgreSQL refuses NUL in text).
+    app.post(
+        "/api/v1/auth/login",
+        &Auth::None,
+        json!({"email": "a\u{0}b@x.test", "password": "whatever it is"}),
+    )
+    .await
+    .expect(401);
+    let p = app
+        .get("/api/v1/audit/events?actor=%00x", a)
+        .await
+        .expect(400);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("actor must be printable text")
+    );
+    let mut m = manifest(0.1);
+    m["model"]["architecture"] = json!("small\u{0}cnn");
+    let p = app
+        .post(
+            &format!("/api/v1/studies/{sid}/plans"),
+            &w.researcher.auth,
+            json!({"manifest": m}),
+        )
+        .await
+        .expect(422);
+    assert_eq!(
+        p["errors"][0],
+        "the manifest's text must not contain control characters"
+    );
+
     // Unauthenticated and bad credentials.
     let p = app.get("/api/v1/studies", &Auth::None).await.expect(401);
     assert!(
