@@ -161,10 +161,8 @@ impl TrainingPlanManifest {
         if !non_empty(&self.aggregation.strategy) {
             out.push("aggregation.strategy must name a strategy, e.g. \"fedavg\"".to_string());
         }
-        if let Ok(v) = serde_json::to_value(self) {
-            if has_control_text(&v) {
-                out.push("the manifest's text must not contain control characters".to_string());
-            }
+        if serde_json::to_value(self).is_ok_and(|v| has_control_text(&v)) {
+            out.push("the manifest's text must not contain control characters".to_string());
         }
         if self.stopping.target_value.is_some() != self.stopping.target_metric.is_some() {
             out.push("stopping.target_metric and stopping.target_value go together".to_string());
