@@ -33,6 +33,17 @@ pub struct Cli {
 pub enum Command {
     /// Runs the server (migrates the database first).
     Serve,
+    /// Walks a governed study end to end on this machine, then serves it.
+    Demo {
+        /// The demo's own folder (its database is recreated every time).
+        #[arg(long, default_value = "data/demo")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Stop after the walk-through instead of serving.
+        #[arg(long)]
+        exit: bool,
+    },
     /// Brings the database schema up to date and exits.
     Migrate,
     /// Writes the OpenAPI document.
@@ -92,7 +103,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Command::Openapi { out, check } = &cli.command {
         return openapi(out, *check);
     }
-    let settings: Settings = configuration::load(cli.config.as_deref())?;
+    let mut settings: Settings = configuration::load(cli.config.as_deref())?;
+    if matches!(cli.command, Command::Demo { .. }) && settings.log.level == "info" {
+        // The demo's own output tells the story; the log shows only what went wrong.
+        settings.log.level = "warn".into();
+    }
     telemetry::init(&settings.log);
     match cli.command {
         Command::Openapi { .. } => Ok(0),
@@ -104,6 +119,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             );
             app.run_until_stopped().await?;
             Ok(0)
+        }
+        Command::Demo {
+            data_dir,
+            port,
+            exit,
+        } => {
+            crate::demo::run(
+                settings,
+                crate::demo::DemoOptions {
+                    data_dir,
+                    port,
+                    exit,
+                },
+            )
+            .await
         }
         Command::Migrate => {
             startup::connect_and_migrate(&settings).await?;

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod cli;
 pub mod configuration;
 pub mod context;
+pub mod demo;
 pub mod domain;
 pub mod entities;
 pub mod error;
