@@ -124,9 +124,6 @@ pub async fn build_context(settings: Settings) -> Result<AppContext, StartupErro
         Some(o) => Some(Arc::new(OidcClient::discover(o).await?)),
         None => None,
     };
-    if settings.auth.local_accounts_enabled() {
-        tracing::warn!("local accounts are enabled: they are for development and demos only");
-    }
     Ok(AppContext::new(db, settings, oidc))
 }
 
@@ -147,6 +144,9 @@ impl Application {
             .local_addr()
             .map_err(|source| StartupError::Bind { addr, source })?
             .port();
+        if settings.auth.local_accounts_enabled() {
+            tracing::warn!("local accounts are enabled: they are for development and demos only");
+        }
         let context = build_context(settings).await?;
         let server = run(listener, context.clone())?;
         tracing::info!(port, "Consilium is listening");
