@@ -153,3 +153,52 @@ pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
     figment = figment.merge(Env::prefixed("CONSILIUM_").split("__"));
     figment.extract().map_err(|e| ConfigError(Box::new(e)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_and_secrets() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "consilium.toml",
+                r#"
+                [server]
+                port = 9000
+                [auth.oidc]
+                issuer_url = "https://id.example"
+                client_id = "consilium"
+                client_secret = "very-secret-value"
+                redirect_url = "https://consilium.example/api/v1/auth/oidc/callback"
+                "#,
+            )?;
+            jail.set_env("CONSILIUM_SERVER__PORT", "9100");
+            jail.set_env("CONSILIUM_DATABASE__URL", "postgres://u:pw@db/consilium");
+            let s = load(None).expect("loads");
+            assert_eq!(s.server.port, 9100, "the environment wins over the file");
+            assert_eq!(s.server.host, "127.0.0.1", "defaults fill the rest");
+            assert!(s.database.is_postgres());
+            assert!(
+                !s.auth.local_accounts_enabled(),
+                "OIDC turns local accounts off"
+            );
+            let printed = format!("{s:?}");
+            assert!(
+                !printed.contains("very-secret-value") && !printed.contains("pw@db"),
+                "{printed}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("consilium.toml", "[server]\nprot = 1\n")?;
+            let err = load(None).expect_err("a typo is reported").to_string();
+            assert!(err.contains("prot"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -21,3 +21,38 @@ fn committed_openapi_document_is_current() {
         "every operation is documented ({operations})"
     );
 }
+
+#[tokio::test]
+async fn interactive_docs_are_served_without_a_cdn() {
+    let app = crate::helpers::spawn_app(crate::helpers::Db::Sqlite).await;
+    let page = app
+        .client
+        .get(format!("{}/api/docs/", app.address))
+        .send()
+        .await
+        .expect("docs");
+    assert_eq!(page.status().as_u16(), 200);
+    let html = page.text().await.expect("html");
+    assert!(html.contains("swagger-ui"), "{html}");
+    assert!(
+        !html.contains("https://"),
+        "the docs page must not load anything from the internet"
+    );
+    let init = app
+        .client
+        .get(format!("{}/api/docs/swagger-initializer.js", app.address))
+        .send()
+        .await
+        .expect("js");
+    assert!(init.text().await.expect("js").contains("/api/openapi.json"));
+    let spec: serde_json::Value = app
+        .client
+        .get(format!("{}/api/openapi.json", app.address))
+        .send()
+        .await
+        .expect("spec")
+        .json()
+        .await
+        .expect("json");
+    assert!(spec["paths"]["/api/v1/studies/{id}/preflight"]["get"].is_object());
+}
