@@ -155,6 +155,7 @@ pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
