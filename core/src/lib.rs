@@ -1,10 +1,12 @@
 //! Consilium's shared types: the REST contract between the server, the portal and
 //! integrations, the training-plan manifest and its content hash. No I/O, builds for wasm.
 
+pub mod aggregate;
 pub mod api;
 pub mod hash;
 pub mod manifest;
 pub mod problem;
+pub mod protocol;
 pub mod role;
 
 pub use role::Role;

@@ -115,6 +115,29 @@ pub struct PrivacySettings {
     pub secure_aggregation: bool,
 }
 
+/// A plan's content hash: SHA-256 over the canonical JSON of the manifest and the attached
+/// files' names and SHA-256 digests (sorted by name). The server and every worker compute it
+/// the same way.
+pub fn plan_hash(
+    manifest: &TrainingPlanManifest,
+    files: &[(String, String)],
+) -> Result<String, serde_json::Error> {
+    #[derive(Serialize)]
+    struct Canonical<'a> {
+        manifest: &'a TrainingPlanManifest,
+        files: Vec<(&'a str, &'a str)>,
+    }
+    let mut listed: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, h)| (n.as_str(), h.as_str()))
+        .collect();
+    listed.sort();
+    crate::hash::canonical_sha256(&Canonical {
+        manifest,
+        files: listed,
+    })
+}
+
 impl TrainingPlanManifest {
     /// Every reason this manifest can't be run, in words; empty when it is sound.
     pub fn problems(&self) -> Vec<String> {

@@ -7,7 +7,7 @@ use consilium_core::api::{
     CreateStudy, PlanDto, PlanFileContent, PlanFileDto, ReviewDecision, ReviewDto, StudyDto,
     StudySite, StudyStatus, SubmitPlan, SubmitReview, UpdateStudy,
 };
-use consilium_core::hash::{canonical_sha256, sha256_hex};
+use consilium_core::hash::sha256_hex;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set,
 };
@@ -89,26 +89,16 @@ pub fn review_dto(m: &review::Model) -> AppResult<ReviewDto> {
     })
 }
 
-/// The plan's content hash: SHA-256 over the canonical JSON of the manifest and the
-/// files' names and digests (sorted by name).
+/// The plan's content hash (see `consilium_core::manifest::plan_hash`).
 pub fn plan_hash(
     manifest: &consilium_core::manifest::TrainingPlanManifest,
     files: &[PlanFileDto],
 ) -> AppResult<String> {
-    #[derive(Serialize)]
-    struct Canonical<'a> {
-        manifest: &'a consilium_core::manifest::TrainingPlanManifest,
-        files: Vec<(&'a str, &'a str)>,
-    }
-    let mut listed: Vec<(&str, &str)> = files
+    let listed: Vec<(String, String)> = files
         .iter()
-        .map(|f| (f.name.as_str(), f.sha256.as_str()))
+        .map(|f| (f.name.clone(), f.sha256.clone()))
         .collect();
-    listed.sort();
-    Ok(canonical_sha256(&Canonical {
-        manifest,
-        files: listed,
-    })?)
+    Ok(consilium_core::manifest::plan_hash(manifest, &listed)?)
 }
 
 pub async fn load_study<C: ConnectionTrait>(db: &C, id: Uuid) -> AppResult<study::Model> {

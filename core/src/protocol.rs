@@ -1,0 +1,122 @@
+//! The wire protocol between the server and the site workers (JSON over the broker).
+//! Model weights never travel here: messages carry the SHA-256 of a safetensors file in the
+//! artifact store.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::manifest::TrainingPlanManifest;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Evaluate the global model on the held-out split, then train it locally.
+    Train,
+    /// Evaluate the global model on the held-out split only.
+    Evaluate,
+}
+
+/// A job for one site. `job_id` is the idempotency key: the server counts its result once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub job_id: Uuid,
+    pub kind: JobKind,
+    pub run_id: Uuid,
+    pub round: u32,
+    pub study_id: Uuid,
+    pub site_id: Uuid,
+    /// The approved plan's hash; the worker re-hashes `manifest` (with `files`) and checks both.
+    pub plan_hash: String,
+    pub manifest: TrainingPlanManifest,
+    /// Names and SHA-256 of the plan's attached files, which are part of its hash.
+    #[serde(default)]
+    pub files: Vec<(String, String)>,
+    /// SHA-256 of the global model (safetensors) in the artifact store; none in round 1.
+    pub global_model: Option<String>,
+    pub deadline: DateTime<Utc>,
+}
+
+/// Metrics on a labelled split.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+pub struct Metrics {
+    pub loss: f64,
+    pub accuracy: f64,
+    /// Area under the ROC curve (one-vs-rest, averaged over classes); none when the split
+    /// lacks positives or negatives.
+    pub auroc: Option<f64>,
+    pub samples: u64,
+}
+
+/// A file a data handler could not use, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+pub struct Skipped {
+    pub file: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    Trained {
+        /// SHA-256 of the update (safetensors) in the artifact store.
+        update_hash: String,
+        /// Training samples.
+        samples: u64,
+        /// The incoming global model on the held-out split.
+        evaluation: Metrics,
+        /// Mean training loss on the incoming model's first pass and after local training.
+        train_loss_before: f64,
+        train_loss_after: f64,
+        duration_ms: u64,
+        skipped: Vec<Skipped>,
+    },
+    Evaluated {
+        evaluation: Metrics,
+        duration_ms: u64,
+    },
+    /// The worker would not run the job (e.g. the plan is not approved for this site).
+    Refused { reason: String },
+    /// The job failed at the site (e.g. no usable data).
+    Failed { reason: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub job_id: Uuid,
+    pub run_id: Uuid,
+    pub round: u32,
+    pub site_id: Uuid,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Idle,
+    Training,
+}
+
+/// What a worker says every few seconds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+pub struct Heartbeat {
+    pub site_id: Uuid,
+    pub state: WorkerState,
+    /// e.g. "412 images (dicom), 3 skipped".
+    pub data_summary: String,
+    pub version: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Everything a worker sends to the server, on the one results queue.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMessage {
+    Result(JobResult),
+    Heartbeat(Heartbeat),
+}

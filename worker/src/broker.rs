@@ -1,0 +1,418 @@
+//! The message broker between the server and the sites, behind one trait with two adapters:
+//! RabbitMQ (durable queues, one per site, publisher confirms, manual acks, a dead-letter
+//! queue) and in-process channels for the embedded default. Delivery is at least once.
+
+use async_trait::async_trait;
+use consilium_core::protocol::{Job, WorkerMessage};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+pub const RESULTS_QUEUE: &str = "consilium.results";
+pub const DEAD_LETTER_EXCHANGE: &str = "consilium.dead-letter";
+pub const DEAD_LETTER_QUEUE: &str = "consilium.dead-letter";
+
+pub fn site_queue(site: Uuid) -> String {
+    format!("consilium.site.{site}.jobs")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("the broker is unreachable: {0}")]
+    Unreachable(String),
+    #[error("the broker did not confirm the message: {0}")]
+    NotConfirmed(String),
+    #[error("{0}")]
+    Closed(String),
+}
+
+enum Acker {
+    Requeue(mpsc::UnboundedSender<Vec<u8>>),
+    Rabbit(lapin::Acker),
+}
+
+/// A received message; acknowledge it once handled, or reject it.
+pub struct Delivery {
+    pub payload: Vec<u8>,
+    /// Set when the broker delivered it before (RabbitMQ's redelivered flag).
+    pub redelivered: bool,
+    acker: Acker,
+}
+
+impl Delivery {
+    pub async fn ack(self) {
+        if let Acker::Rabbit(a) = self.acker
+            && let Err(e) = a.ack(BasicAckOptions::default()).await
+        {
+            tracing::warn!(error = %e, "ack failed; the broker will deliver the message again");
+        }
+    }
+
+    /// Gives the message back for another delivery (a transient failure).
+    pub async fn requeue(self) {
+        match self.acker {
+            Acker::Rabbit(a) => {
+                let _ = a
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            Acker::Requeue(tx) => {
+                let _ = tx.send(self.payload);
+            }
+        }
+    }
+
+    /// Sends the message to the dead-letter queue (it can never be processed).
+    pub async fn dead_letter(self) {
+        if let Acker::Rabbit(a) = self.acker {
+            let _ = a
+                .nack(BasicNackOptions {
+                    requeue: false,
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
+}
+
+pub type Subscription = mpsc::Receiver<Delivery>;
+
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// Server → one site's job queue.
+    async fn publish_job(&self, job: &Job) -> Result<(), BrokerError>;
+    /// Site → the server's results queue.
+    async fn publish_message(&self, message: &WorkerMessage) -> Result<(), BrokerError>;
+    /// A site's jobs, one at a time.
+    async fn jobs(&self, site: Uuid) -> Result<Subscription, BrokerError>;
+    /// Everything the sites send.
+    async fn results(&self) -> Result<Subscription, BrokerError>;
+    /// Raw bytes to the results queue (used to test dead-lettering).
+    async fn publish_raw_result(&self, payload: &[u8]) -> Result<(), BrokerError>;
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------- in-process
+
+/// Tokio channels inside one process (the embedded default and the demo).
+#[derive(Clone, Default)]
+pub struct InProcessBroker {
+    inner: Arc<Mutex<InProcessQueues>>,
+}
+
+#[derive(Default)]
+struct InProcessQueues {
+    queues: HashMap<String, mpsc::UnboundedSender<Vec<u8>>>,
+    pending: HashMap<String, mpsc::UnboundedReceiver<Vec<u8>>>,
+}
+
+impl InProcessBroker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn sender(&self, queue: &str) -> Result<mpsc::UnboundedSender<Vec<u8>>, BrokerError> {
+        let mut q = self
+            .inner
+            .lock()
+            .map_err(|_| BrokerError::Closed("broker state poisoned".into()))?;
+        if let Some(tx) = q.queues.get(queue) {
+            return Ok(tx.clone());
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        q.queues.insert(queue.to_string(), tx.clone());
+        q.pending.insert(queue.to_string(), rx);
+        Ok(tx)
+    }
+
+    fn subscribe(&self, queue: &str) -> Result<Subscription, BrokerError> {
+        let requeue = self.sender(queue)?;
+        let mut rx = {
+            let mut q = self
+                .inner
+                .lock()
+                .map_err(|_| BrokerError::Closed("broker state poisoned".into()))?;
+            q.pending
+                .remove(queue)
+                .ok_or_else(|| BrokerError::Closed(format!("{queue} already has a consumer")))?
+        };
+        let (tx, out) = mpsc::channel(1);
+        tokio::spawn(async move {
+            while let Some(payload) = rx.recv().await {
+                let d = Delivery {
+                    payload,
+                    redelivered: false,
+                    acker: Acker::Requeue(requeue.clone()),
+                };
+                if tx.send(d).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(out)
+    }
+
+    fn send(&self, queue: &str, payload: Vec<u8>) -> Result<(), BrokerError> {
+        self.sender(queue)?
+            .send(payload)
+            .map_err(|_| BrokerError::Closed(format!("{queue} is closed")))
+    }
+}
+
+#[async_trait]
+impl Broker for InProcessBroker {
+    async fn publish_job(&self, job: &Job) -> Result<(), BrokerError> {
+        self.send(&site_queue(job.site_id), encode(job))
+    }
+    async fn publish_message(&self, message: &WorkerMessage) -> Result<(), BrokerError> {
+        self.send(RESULTS_QUEUE, encode(message))
+    }
+    async fn jobs(&self, site: Uuid) -> Result<Subscription, BrokerError> {
+        self.subscribe(&site_queue(site))
+    }
+    async fn results(&self) -> Result<Subscription, BrokerError> {
+        self.subscribe(RESULTS_QUEUE)
+    }
+    async fn publish_raw_result(&self, payload: &[u8]) -> Result<(), BrokerError> {
+        self.send(RESULTS_QUEUE, payload.to_vec())
+    }
+}
+
+// ---------------------------------------------------------------- RabbitMQ
+
+/// RabbitMQ through lapin. Reconnects (with back-off) whenever the connection drops.
+#[derive(Clone)]
+pub struct RabbitBroker {
+    url: String,
+    publisher: Arc<tokio::sync::Mutex<Option<(Connection, Channel)>>>,
+}
+
+fn queue_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-dead-letter-exchange"),
+        AMQPValue::LongString(DEAD_LETTER_EXCHANGE.into()),
+    );
+    args
+}
+
+async fn open(url: &str) -> Result<(Connection, Channel), BrokerError> {
+    let unreachable = |e: lapin::Error| BrokerError::Unreachable(e.to_string());
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .map_err(unreachable)?;
+    let channel = conn.create_channel().await.map_err(unreachable)?;
+    channel
+        .exchange_declare(
+            DEAD_LETTER_EXCHANGE.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unreachable)?;
+    channel
+        .queue_declare(
+            DEAD_LETTER_QUEUE.into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unreachable)?;
+    channel
+        .queue_bind(
+            DEAD_LETTER_QUEUE.into(),
+            DEAD_LETTER_EXCHANGE.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unreachable)?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(unreachable)?;
+    Ok((conn, channel))
+}
+
+async fn declare(channel: &Channel, queue: &str) -> Result<(), BrokerError> {
+    channel
+        .queue_declare(queue.into(), QueueDeclareOptions::durable(), queue_args())
+        .await
+        .map(|_| ())
+        .map_err(|e| BrokerError::Unreachable(e.to_string()))
+}
+
+impl RabbitBroker {
+    /// Connects (and declares the shared topology) to check the URL early.
+    pub async fn connect(url: &str) -> Result<Self, BrokerError> {
+        let pair = open(url).await?;
+        declare(&pair.1, RESULTS_QUEUE).await?;
+        Ok(RabbitBroker {
+            url: url.to_string(),
+            publisher: Arc::new(tokio::sync::Mutex::new(Some(pair))),
+        })
+    }
+
+    async fn publish(&self, queue: &str, payload: &[u8]) -> Result<(), BrokerError> {
+        let mut last = String::new();
+        for attempt in 0..5u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
+            }
+            let mut guard = self.publisher.lock().await;
+            if guard
+                .as_ref()
+                .is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected())
+            {
+                match open(&self.url).await {
+                    Ok(pair) => *guard = Some(pair),
+                    Err(e) => {
+                        last = e.to_string();
+                        continue;
+                    }
+                }
+            }
+            let Some((_, channel)) = guard.as_ref() else {
+                continue;
+            };
+            if let Err(e) = declare(channel, queue).await {
+                last = e.to_string();
+                *guard = None;
+                continue;
+            }
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into());
+            match channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    payload,
+                    props,
+                )
+                .await
+            {
+                Ok(confirm) => match confirm.await {
+                    Ok(Confirmation::Ack(_)) | Ok(Confirmation::NotRequested) => return Ok(()),
+                    Ok(other) => last = format!("{other:?}"),
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            }
+            *guard = None;
+        }
+        Err(BrokerError::NotConfirmed(last))
+    }
+
+    /// Consumes `queue` with prefetch 1, reconnecting whenever the connection is lost.
+    fn consume(&self, queue: String) -> Subscription {
+        let (tx, rx) = mpsc::channel(1);
+        let url = self.url.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                if tx.is_closed() {
+                    return;
+                }
+                match consume_once(&url, &queue, &tx).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(queue, error = %e, "broker connection lost; reconnecting");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+        rx
+    }
+}
+
+/// Returns Ok when the subscriber went away, Err when the connection failed.
+async fn consume_once(
+    url: &str,
+    queue: &str,
+    tx: &mpsc::Sender<Delivery>,
+) -> Result<(), BrokerError> {
+    let (conn, channel) = open(url).await?;
+    declare(&channel, queue).await?;
+    channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .map_err(|e| BrokerError::Unreachable(e.to_string()))?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            format!("consilium-{}", Uuid::new_v4()).into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| BrokerError::Unreachable(e.to_string()))?;
+    tracing::info!(queue, "consuming");
+    while let Some(next) = consumer.next().await {
+        let d = next.map_err(|e| BrokerError::Unreachable(e.to_string()))?;
+        let delivery = Delivery {
+            payload: d.data.clone(),
+            redelivered: d.redelivered,
+            acker: Acker::Rabbit(d.acker),
+        };
+        if tx.send(delivery).await.is_err() {
+            let _ = conn.close(200, "done".into()).await;
+            return Ok(());
+        }
+    }
+    Err(BrokerError::Unreachable(
+        "the consumer was cancelled".into(),
+    ))
+}
+
+#[async_trait]
+impl Broker for RabbitBroker {
+    async fn publish_job(&self, job: &Job) -> Result<(), BrokerError> {
+        self.publish(&site_queue(job.site_id), &encode(job)).await
+    }
+    async fn publish_message(&self, message: &WorkerMessage) -> Result<(), BrokerError> {
+        self.publish(RESULTS_QUEUE, &encode(message)).await
+    }
+    async fn jobs(&self, site: Uuid) -> Result<Subscription, BrokerError> {
+        Ok(self.consume(site_queue(site)))
+    }
+    async fn results(&self) -> Result<Subscription, BrokerError> {
+        Ok(self.consume(RESULTS_QUEUE.to_string()))
+    }
+    async fn publish_raw_result(&self, payload: &[u8]) -> Result<(), BrokerError> {
+        self.publish(RESULTS_QUEUE, payload).await
+    }
+}
+
+/// Both adapters behind one handle.
+pub type SharedBroker = Arc<dyn Broker>;
+
+/// `amqp://…` selects RabbitMQ; anything else is an error (the in-process broker is made in code).
+pub async fn connect(url: &str) -> Result<SharedBroker, BrokerError> {
+    Ok(Arc::new(RabbitBroker::connect(url).await?))
+}

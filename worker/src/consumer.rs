@@ -1,0 +1,85 @@
+//! The worker's loop: heartbeats, and one job at a time from its site's queue.
+
+use chrono::Utc;
+use consilium_core::protocol::{Heartbeat, Job, WorkerMessage, WorkerState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::broker::SharedBroker;
+use crate::job::{SiteContext, process};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Runs until `stop` resolves: heartbeats every `heartbeat`, and jobs as they come.
+pub async fn run(
+    ctx: Arc<SiteContext>,
+    broker: SharedBroker,
+    heartbeat: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let busy = Arc::new(AtomicBool::new(false));
+    let beat = {
+        let (ctx, broker, busy) = (ctx.clone(), broker.clone(), busy.clone());
+        tokio::spawn(async move {
+            loop {
+                let summary = match ctx.data(crate::model::input_size(&default_spec(), None)) {
+                    Ok(d) => d.summary(ctx.dataset.kind),
+                    Err(e) => format!("data unreadable: {e}"),
+                };
+                let hb = Heartbeat {
+                    site_id: ctx.site_id,
+                    state: if busy.load(Ordering::Relaxed) {
+                        WorkerState::Training
+                    } else {
+                        WorkerState::Idle
+                    },
+                    data_summary: summary,
+                    version: VERSION.to_string(),
+                    at: Utc::now(),
+                };
+                if let Err(e) = broker.publish_message(&WorkerMessage::Heartbeat(hb)).await {
+                    tracing::warn!(error = %e, "heartbeat not sent");
+                }
+                tokio::time::sleep(heartbeat).await;
+            }
+        })
+    };
+    let mut jobs = broker.jobs(ctx.site_id).await?;
+    tracing::info!(site = %ctx.site_id, "waiting for jobs");
+    tokio::pin!(stop);
+    loop {
+        let delivery = tokio::select! {
+            d = jobs.recv() => match d { Some(d) => d, None => break },
+            _ = &mut stop => break,
+        };
+        let job: Job = match serde_json::from_slice(&delivery.payload) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!(error = %e, "a job message can't be read; it goes to the dead-letter queue");
+                delivery.dead_letter().await;
+                continue;
+            }
+        };
+        busy.store(true, Ordering::Relaxed);
+        let result = process(&job, &ctx).await;
+        busy.store(false, Ordering::Relaxed);
+        match broker.publish_message(&WorkerMessage::Result(result)).await {
+            Ok(()) => delivery.ack().await,
+            Err(e) => {
+                tracing::warn!(error = %e, job = %job.job_id, "result not delivered; the job will run again");
+                delivery.requeue().await;
+            }
+        }
+    }
+    beat.abort();
+    Ok(())
+}
+
+fn default_spec() -> consilium_core::manifest::ModelSpec {
+    consilium_core::manifest::ModelSpec {
+        architecture: "small_cnn".into(),
+        num_classes: 2,
+        hyper_parameters: Default::default(),
+    }
+}

@@ -1,0 +1,378 @@
+//! One job at a site: verify it, evaluate the incoming global model on the held-out split,
+//! train locally, protect and store the update. `process` is what tests call directly; the
+//! consumer loop around it (see `consumer`) is thin.
+
+use async_trait::async_trait;
+use chrono::Utc;
+use consilium_core::aggregate::is_batch_norm;
+use consilium_core::manifest::plan_hash;
+use consilium_core::protocol::{Job, JobKind, JobResult, Outcome};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use uuid::Uuid;
+
+use crate::artifacts::ArtifactStore;
+use crate::data::{self, Dataset, DatasetSpec, Sample};
+use crate::train::{Net, Rng, device};
+
+/// Where the worker learns which plans its site has approved.
+#[async_trait]
+pub trait Approvals: Send + Sync {
+    /// `Ok(None)`: approved. `Ok(Some(reason))`: not approved. `Err`: could not find out.
+    async fn check(
+        &self,
+        site: Uuid,
+        study: Uuid,
+        plan_hash: &str,
+    ) -> Result<Option<String>, String>;
+}
+
+#[derive(Deserialize)]
+struct GrantView {
+    study_id: Uuid,
+    plan_hashes: Vec<String>,
+}
+
+/// Asks the server (`GET /api/v1/sites/{id}/grants`) with the site's worker token.
+pub struct ServerApprovals {
+    pub server_url: String,
+    pub token: String,
+    pub http: reqwest::Client,
+}
+
+#[async_trait]
+impl Approvals for ServerApprovals {
+    async fn check(&self, site: Uuid, study: Uuid, hash: &str) -> Result<Option<String>, String> {
+        let url = format!(
+            "{}/api/v1/sites/{site}/grants",
+            self.server_url.trim_end_matches('/')
+        );
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("{url} answered {}", resp.status()));
+        }
+        let grants: Vec<GrantView> = resp.json().await.map_err(|e| format!("{url}: {e}"))?;
+        let study_grants: Vec<&GrantView> = grants.iter().filter(|g| g.study_id == study).collect();
+        Ok(if study_grants.is_empty() {
+            Some(format!(
+                "no data-access grant in force at this site for study {study}"
+            ))
+        } else if !study_grants
+            .iter()
+            .any(|g| g.plan_hashes.iter().any(|h| h == hash))
+        {
+            Some(format!(
+                "training plan {hash} is not approved for this site's data"
+            ))
+        } else {
+            None
+        })
+    }
+}
+
+pub struct SiteContext {
+    pub site_id: Uuid,
+    pub dataset: DatasetSpec,
+    pub artifacts: ArtifactStore,
+    pub approvals: Arc<dyn Approvals>,
+    /// Datasets by image size, loaded once.
+    cache: Mutex<HashMap<usize, Arc<Dataset>>>,
+    /// The site's last trained weights, for FedBN (its batch-norm parameters stay local).
+    local: Mutex<Option<Vec<u8>>>,
+}
+
+impl SiteContext {
+    pub fn new(
+        site_id: Uuid,
+        dataset: DatasetSpec,
+        artifacts: ArtifactStore,
+        approvals: Arc<dyn Approvals>,
+    ) -> Self {
+        SiteContext {
+            site_id,
+            dataset,
+            artifacts,
+            approvals,
+            cache: Mutex::default(),
+            local: Mutex::default(),
+        }
+    }
+
+    /// The dataset at `size × size`, loaded on first use.
+    pub fn data(&self, size: usize) -> Result<Arc<Dataset>, String> {
+        if let Some(d) = self.cache.lock().ok().and_then(|c| c.get(&size).cloned()) {
+            return Ok(d);
+        }
+        let d = Arc::new(data::load(&self.dataset, size).map_err(|e| e.to_string())?);
+        if let Ok(mut c) = self.cache.lock() {
+            c.insert(size, d.clone());
+        }
+        Ok(d)
+    }
+}
+
+fn refuse(reason: impl Into<String>) -> Outcome {
+    Outcome::Refused {
+        reason: reason.into(),
+    }
+}
+
+fn fail(reason: impl Into<String>) -> Outcome {
+    Outcome::Failed {
+        reason: reason.into(),
+    }
+}
+
+/// Runs a job to its outcome. Never panics on bad input: every problem is an outcome.
+pub async fn process(job: &Job, ctx: &SiteContext) -> JobResult {
+    let outcome = outcome(job, ctx).await;
+    match &outcome {
+        Outcome::Refused { reason } => tracing::warn!(job = %job.job_id, reason, "job refused"),
+        Outcome::Failed { reason } => tracing::warn!(job = %job.job_id, reason, "job failed"),
+        _ => tracing::info!(job = %job.job_id, round = job.round, "job done"),
+    }
+    JobResult {
+        job_id: job.job_id,
+        run_id: job.run_id,
+        round: job.round,
+        site_id: ctx.site_id,
+        outcome,
+    }
+}
+
+async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
+    if job.site_id != ctx.site_id {
+        return refuse(format!(
+            "the job is addressed to site {}, not this site ({})",
+            job.site_id, ctx.site_id
+        ));
+    }
+    match plan_hash(&job.manifest, &job.files) {
+        Ok(h) if h == job.plan_hash => {}
+        Ok(h) => {
+            return refuse(format!(
+                "the plan in the job hashes to {h}, not to the approved {}: it was altered",
+                job.plan_hash
+            ));
+        }
+        Err(e) => return refuse(format!("the plan can't be hashed: {e}")),
+    }
+    match ctx
+        .approvals
+        .check(ctx.site_id, job.study_id, &job.plan_hash)
+        .await
+    {
+        Ok(None) => {}
+        Ok(Some(reason)) => return refuse(reason),
+        Err(e) => {
+            return fail(format!(
+                "could not confirm the approvals with the server: {e}"
+            ));
+        }
+    }
+    if job.deadline < Utc::now() {
+        return fail("the round's deadline passed before the job could start");
+    }
+    let global = match &job.global_model {
+        Some(h) => match ctx.artifacts.get(h).await {
+            Ok(b) => Some(b),
+            Err(e) => return fail(e.to_string()),
+        },
+        None => None,
+    };
+    let size = crate::model::input_size(&job.manifest.model, job.manifest.preprocessing.image_size);
+    let data = match ctx.data(size) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let local = if job.manifest.aggregation.strategy == "fedbn" {
+        ctx.local.lock().ok().and_then(|l| l.clone())
+    } else {
+        None
+    };
+    let job2 = job.clone();
+    let site = ctx.site_id;
+    let started = Instant::now();
+    let result = tokio::task::spawn_blocking(move || {
+        compute(&job2, site, &data, global.as_deref(), local.as_deref())
+    })
+    .await;
+    let (outcome, weights) = match result {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => return fail(e),
+        Err(e) => return fail(format!("training stopped unexpectedly: {e}")),
+    };
+    let duration_ms = started.elapsed().as_millis() as u64;
+    match (outcome, weights) {
+        (Computed::Evaluated(evaluation), _) => Outcome::Evaluated {
+            evaluation,
+            duration_ms,
+        },
+        (
+            Computed::Trained {
+                samples,
+                evaluation,
+                before,
+                after,
+                skipped,
+            },
+            Some(bytes),
+        ) => {
+            if let Ok(mut l) = ctx.local.lock() {
+                *l = Some(bytes.clone());
+            }
+            match ctx.artifacts.put(bytes).await {
+                Ok(update_hash) => Outcome::Trained {
+                    update_hash,
+                    samples,
+                    evaluation,
+                    train_loss_before: before,
+                    train_loss_after: after,
+                    duration_ms,
+                    skipped,
+                },
+                Err(e) => fail(e.to_string()),
+            }
+        }
+        (Computed::Trained { .. }, None) => fail("training produced no weights"),
+    }
+}
+
+enum Computed {
+    Evaluated(consilium_core::protocol::Metrics),
+    Trained {
+        samples: u64,
+        evaluation: consilium_core::protocol::Metrics,
+        before: f64,
+        after: f64,
+        skipped: Vec<consilium_core::protocol::Skipped>,
+    },
+}
+
+/// The CPU/GPU-bound part, off the async runtime.
+fn compute(
+    job: &Job,
+    site: Uuid,
+    data: &Dataset,
+    global: Option<&[u8]>,
+    local: Option<&[u8]>,
+) -> Result<(Computed, Option<Vec<u8>>), String> {
+    let manifest = &job.manifest;
+    let dev = device();
+    let net = Net::new(manifest, &dev).map_err(|e| e.to_string())?;
+    if let Some(g) = global {
+        net.load_safetensors(g, |_| false)
+            .map_err(|e| e.to_string())?;
+    }
+    if let Some(l) = local {
+        // FedBN: this site's own batch-norm parameters replace the global ones.
+        let _ = net.load_safetensors(l, |name| !is_batch_norm(name));
+    }
+    let holdout: Vec<&Sample> = data.holdout().collect();
+    let train: Vec<&Sample> = data.train().collect();
+    if train.is_empty() && holdout.is_empty() {
+        return Err(format!(
+            "no usable images at this site ({} files skipped)",
+            data.skipped.len()
+        ));
+    }
+    if let Some(bad) = data
+        .samples
+        .iter()
+        .find(|s| s.label >= manifest.model.num_classes)
+    {
+        return Err(format!(
+            "{} has label {}, but the plan's model has {} classes",
+            bad.source, bad.label, manifest.model.num_classes
+        ));
+    }
+    let evaluation = net
+        .evaluate(&holdout, manifest)
+        .map_err(|e| e.to_string())?;
+    if job.kind == JobKind::Evaluate {
+        return Ok((Computed::Evaluated(evaluation), None));
+    }
+    let reference = net.weights().map_err(|e| e.to_string())?;
+    let before = net
+        .evaluate(&train, manifest)
+        .map_err(|e| e.to_string())?
+        .loss;
+    let seed = manifest.seed
+        ^ u64::from(job.round).wrapping_mul(0x1000_0001)
+        ^ u64::from_le_bytes(site.as_bytes()[..8].try_into().unwrap_or([0; 8]));
+    net.train(&train, manifest, seed)
+        .map_err(|e| e.to_string())?;
+    let after = net
+        .evaluate(&train, manifest)
+        .map_err(|e| e.to_string())?
+        .loss;
+    if let Some(clip) = manifest.privacy.clip_norm.filter(|c| *c > 0.0) {
+        protect(
+            &net,
+            &reference,
+            clip,
+            manifest.privacy.noise_multiplier.unwrap_or(0.0),
+            seed,
+        )?;
+    }
+    let bytes = net.to_safetensors().map_err(|e| e.to_string())?;
+    Ok((
+        Computed::Trained {
+            samples: train.len() as u64,
+            evaluation,
+            before,
+            after,
+            skipped: data.skipped.clone(),
+        },
+        Some(bytes),
+    ))
+}
+
+/// Clips the update (local − global) to an L2 norm and adds Gaussian noise of
+/// `noise_multiplier × clip` per coordinate (the Gaussian mechanism of DP-FedAvg).
+fn protect(
+    net: &Net,
+    reference: &crate::train::NamedWeights,
+    clip: f64,
+    noise_multiplier: f64,
+    seed: u64,
+) -> Result<(), String> {
+    let local = net.weights().map_err(|e| e.to_string())?;
+    let mut names: Vec<&String> = local.keys().collect();
+    names.sort();
+    let mut norm2 = 0f64;
+    for name in &names {
+        if let (Some((_, w)), Some((_, g))) = (local.get(*name), reference.get(*name)) {
+            norm2 += w
+                .iter()
+                .zip(g)
+                .map(|(a, b)| f64::from(a - b).powi(2))
+                .sum::<f64>();
+        }
+    }
+    let scale = (clip / norm2.sqrt().max(1e-12)).min(1.0);
+    let sigma = noise_multiplier * clip;
+    let mut rng = Rng::new(seed ^ 0xD1F);
+    let mut out = HashMap::new();
+    for name in names {
+        let (shape, w) = &local[name];
+        let Some((_, g)) = reference.get(name) else {
+            continue;
+        };
+        let protected = w
+            .iter()
+            .zip(g)
+            .map(|(a, b)| b + ((f64::from(a - b) * scale) + sigma * rng.normal()) as f32)
+            .collect();
+        out.insert(name.clone(), (shape.clone(), protected));
+    }
+    net.set_weights(&out).map_err(|e| e.to_string())
+}

@@ -1,0 +1,122 @@
+//! `consilium-worker`: one per hospital.
+
+use clap::{Parser, Subcommand};
+use consilium_worker::artifacts::ArtifactStore;
+use consilium_worker::data::{self, DatasetSpec};
+use consilium_worker::job::{ServerApprovals, SiteContext};
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(
+    name = "consilium-worker",
+    version,
+    about = "The Consilium site worker: trains approved plans on this hospital's images"
+)]
+struct Cli {
+    /// The worker's TOML configuration (also `CONSILIUM_WORKER_*` variables).
+    #[arg(long, env = "CONSILIUM_WORKER_CONFIG", default_value = "worker.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Connects to the broker and runs jobs until stopped.
+    Run,
+    /// Reads the dataset and reports what is usable and what is skipped, then exits.
+    CheckData {
+        #[arg(long, default_value_t = 28)]
+        size: usize,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkerSettings {
+    site_id: Uuid,
+    /// The Consilium server, e.g. `https://consilium.example.org`.
+    server_url: String,
+    /// The site's worker token (`consilium admin create-worker-token`).
+    token: String,
+    /// `amqp://user:password@host:5672/%2f`
+    broker_url: String,
+    /// Artifact store: a folder, or `s3://bucket/prefix`.
+    artifacts: String,
+    #[serde(default = "default_heartbeat")]
+    heartbeat_seconds: u64,
+    dataset: DatasetSpec,
+}
+
+fn default_heartbeat() -> u64 {
+    5
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings: WorkerSettings = Figment::new()
+        .merge(Toml::file_exact(&cli.config))
+        .merge(Env::prefixed("CONSILIUM_WORKER_").split("__"))
+        .extract()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "invalid worker configuration ({}): {e}",
+                cli.config.display()
+            )
+        })?;
+    match cli.command {
+        Command::CheckData { size } => {
+            let ds = data::load(&settings.dataset, size)?;
+            println!("{}", ds.summary(settings.dataset.kind));
+            for s in &ds.skipped {
+                println!("  skipped {}: {}", s.file, s.reason);
+            }
+            Ok(())
+        }
+        Command::Run => {
+            let artifacts = ArtifactStore::open(&settings.artifacts)?;
+            let approvals = Arc::new(ServerApprovals {
+                server_url: settings.server_url.clone(),
+                token: settings.token.clone(),
+                http: reqwest::Client::new(),
+            });
+            let ctx = Arc::new(SiteContext::new(
+                settings.site_id,
+                settings.dataset,
+                artifacts,
+                approvals,
+            ));
+            let broker = consilium_worker::broker::connect(&settings.broker_url).await?;
+            let stop = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            consilium_worker::consumer::run(
+                ctx,
+                broker,
+                Duration::from_secs(settings.heartbeat_seconds),
+                stop,
+            )
+            .await
+        }
+    }
+}

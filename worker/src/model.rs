@@ -1,0 +1,210 @@
+//! The models a training plan can name, as candle-nn modules: `small_cnn` and `resnet`.
+
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::{
+    BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder, batch_norm, conv2d, conv2d_no_bias, linear,
+};
+use consilium_core::manifest::ModelSpec;
+
+/// conv(1→32, 3×3) → ReLU → max-pool 2 → conv(32→64, 3×3) → ReLU → max-pool 2 → linear.
+pub struct SmallCnn {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    fc: Linear,
+}
+
+impl SmallCnn {
+    pub fn new(vb: VarBuilder, size: usize, classes: usize) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv1 = conv2d(1, 32, 3, cfg, vb.pp("conv1"))?;
+        let conv2 = conv2d(32, 64, 3, cfg, vb.pp("conv2"))?;
+        let side = size / 4;
+        let fc = linear(64 * side * side, classes, vb.pp("fc"))?;
+        Ok(SmallCnn { conv1, conv2, fc })
+    }
+}
+
+impl ModuleT for SmallCnn {
+    fn forward_t(&self, xs: &Tensor, _train: bool) -> Result<Tensor> {
+        let xs = self.conv1.forward(xs)?.relu()?.max_pool2d(2)?;
+        let xs = self.conv2.forward(&xs)?.relu()?.max_pool2d(2)?;
+        self.fc.forward(&xs.flatten_from(1)?)
+    }
+}
+
+struct BasicBlock {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    shortcut: Option<(Conv2d, BatchNorm)>,
+}
+
+impl BasicBlock {
+    fn new(vb: VarBuilder, cin: usize, cout: usize, stride: usize) -> Result<Self> {
+        let c3 = |stride| Conv2dConfig {
+            padding: 1,
+            stride,
+            ..Default::default()
+        };
+        let conv1 = conv2d_no_bias(cin, cout, 3, c3(stride), vb.pp("conv1"))?;
+        let bn1 = batch_norm(cout, 1e-5, vb.pp("bn1"))?;
+        let conv2 = conv2d_no_bias(cout, cout, 3, c3(1), vb.pp("conv2"))?;
+        let bn2 = batch_norm(cout, 1e-5, vb.pp("bn2"))?;
+        let shortcut = if stride != 1 || cin != cout {
+            let cfg = Conv2dConfig {
+                stride,
+                ..Default::default()
+            };
+            Some((
+                conv2d_no_bias(cin, cout, 1, cfg, vb.pp("down"))?,
+                batch_norm(cout, 1e-5, vb.pp("bn_down"))?,
+            ))
+        } else {
+            None
+        };
+        Ok(BasicBlock {
+            conv1,
+            bn1,
+            conv2,
+            bn2,
+            shortcut,
+        })
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let ys = self
+            .bn1
+            .forward_t(&self.conv1.forward(xs)?, train)?
+            .relu()?;
+        let ys = self.bn2.forward_t(&self.conv2.forward(&ys)?, train)?;
+        let skip = match &self.shortcut {
+            Some((conv, bn)) => bn.forward_t(&conv.forward(xs)?, train)?,
+            None => xs.clone(),
+        };
+        (ys + skip)?.relu()
+    }
+}
+
+/// A small ResNet: a 3×3 stem, residual stages of `widths` (each after the first halves the
+/// resolution), global average pooling, a linear classifier.
+pub struct ResNet {
+    stem: Conv2d,
+    bn: BatchNorm,
+    blocks: Vec<BasicBlock>,
+    fc: Linear,
+}
+
+impl ResNet {
+    pub fn new(vb: VarBuilder, widths: &[usize], classes: usize) -> Result<Self> {
+        let first = widths.first().copied().unwrap_or(16);
+        let stem = conv2d_no_bias(
+            1,
+            first,
+            3,
+            Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            },
+            vb.pp("stem"),
+        )?;
+        let bn = batch_norm(first, 1e-5, vb.pp("bn_stem"))?;
+        let mut blocks = Vec::new();
+        let mut cin = first;
+        for (i, &w) in widths.iter().enumerate() {
+            blocks.push(BasicBlock::new(
+                vb.pp(format!("layer{i}")),
+                cin,
+                w,
+                if i == 0 { 1 } else { 2 },
+            )?);
+            cin = w;
+        }
+        let fc = linear(cin, classes, vb.pp("fc"))?;
+        Ok(ResNet {
+            stem,
+            bn,
+            blocks,
+            fc,
+        })
+    }
+}
+
+impl ModuleT for ResNet {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut ys = self.bn.forward_t(&self.stem.forward(xs)?, train)?.relu()?;
+        for b in &self.blocks {
+            ys = b.forward_t(&ys, train)?;
+        }
+        self.fc.forward(&ys.mean(3)?.mean(2)?)
+    }
+}
+
+pub enum Model {
+    SmallCnn(SmallCnn),
+    ResNet(ResNet),
+}
+
+impl ModuleT for Model {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Model::SmallCnn(m) => m.forward_t(xs, train),
+            Model::ResNet(m) => m.forward_t(xs, train),
+        }
+    }
+}
+
+/// The input side the plan asks for (`preprocessing.image_size`), or the model's default.
+pub fn input_size(spec: &ModelSpec, image_size: Option<u32>) -> usize {
+    image_size
+        .map(|s| s as usize)
+        .unwrap_or(match spec.architecture.as_str() {
+            "resnet" => 32,
+            _ => 28,
+        })
+}
+
+/// Builds the model a plan names.
+pub fn build(spec: &ModelSpec, size: usize, vb: VarBuilder) -> std::result::Result<Model, String> {
+    let classes = spec.num_classes as usize;
+    match spec.architecture.as_str() {
+        "small_cnn" => {
+            if !size.is_multiple_of(4) || size < 8 {
+                return Err(format!(
+                    "small_cnn needs an image size divisible by 4 (at least 8), not {size}"
+                ));
+            }
+            SmallCnn::new(vb, size, classes)
+                .map(Model::SmallCnn)
+                .map_err(|e| e.to_string())
+        }
+        "resnet" => {
+            let widths: Vec<usize> = spec
+                .hyper_parameters
+                .get("widths")
+                .and_then(|v| v.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_u64())
+                        .map(|x| x as usize)
+                        .collect()
+                })
+                .unwrap_or_else(|| vec![16, 32, 64]);
+            if widths.is_empty() || widths.iter().any(|&w| w == 0 || w > 1024) {
+                return Err(
+                    "resnet's hyper_parameters.widths must be channel counts between 1 and 1024"
+                        .into(),
+                );
+            }
+            ResNet::new(vb, &widths, classes)
+                .map(Model::ResNet)
+                .map_err(|e| e.to_string())
+        }
+        other => Err(format!(
+            "unknown model architecture {other:?}; this worker offers small_cnn and resnet"
+        )),
+    }
+}

@@ -1,0 +1,459 @@
+//! Local training and evaluation with candle: deterministic initialisation from the plan's
+//! seed, SGD with momentum or AdamW, the FedProx proximal term, and held-out metrics.
+
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use consilium_core::manifest::TrainingPlanManifest;
+use consilium_core::protocol::Metrics;
+use std::collections::HashMap;
+
+use crate::data::Sample;
+use crate::model::{self, Model};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Plan(String),
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("the model weights are unreadable: {0}")]
+    Weights(String),
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+/// Weights by name: shape and row-major values.
+pub type NamedWeights = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// A small, fast, seedable generator (SplitMix64) so that runs reproduce exactly.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.unit().max(1e-300), self.unit());
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// The device training runs on: the first CUDA GPU when built with `cuda` and one is
+/// present, else the CPU.
+pub fn device() -> Device {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = Device::new_cuda(0) {
+        return d;
+    }
+    Device::Cpu
+}
+
+pub struct Net {
+    pub varmap: VarMap,
+    pub model: Model,
+    pub size: usize,
+    pub device: Device,
+}
+
+fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().map(|d| d.clone()).unwrap_or_default();
+    let mut v: Vec<(String, Var)> = data.into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn is_running_stat(name: &str) -> bool {
+    name.ends_with("running_mean") || name.ends_with("running_var")
+}
+
+impl Net {
+    /// The plan's model, initialised from its seed: every site starts from the same weights.
+    pub fn new(manifest: &TrainingPlanManifest, device: &Device) -> Result<Net> {
+        let size = model::input_size(&manifest.model, manifest.preprocessing.image_size);
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = model::build(&manifest.model, size, vb).map_err(TrainError::Plan)?;
+        let net = Net {
+            varmap,
+            model,
+            size,
+            device: device.clone(),
+        };
+        net.initialise(manifest.seed)?;
+        Ok(net)
+    }
+
+    /// Kaiming-uniform weights, zero biases, unit batch-norm scales, from `seed`.
+    fn initialise(&self, seed: u64) -> Result<()> {
+        let mut rng = Rng::new(seed);
+        for (name, var) in sorted_vars(&self.varmap) {
+            let shape = var.shape().clone();
+            let n = shape.elem_count();
+            let is_bn = name.split('.').any(|p| p.starts_with("bn"));
+            let values: Vec<f32> =
+                if name.ends_with("running_var") || (is_bn && name.ends_with("weight")) {
+                    vec![1.0; n]
+                } else if name.ends_with("bias") || name.ends_with("running_mean") {
+                    vec![0.0; n]
+                } else {
+                    let fan_in: usize = shape.dims().iter().skip(1).product::<usize>().max(1);
+                    let bound = (6.0 / fan_in as f64).sqrt();
+                    (0..n)
+                        .map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32)
+                        .collect()
+                };
+            var.set(&Tensor::from_vec(values, shape, &self.device)?)?;
+        }
+        Ok(())
+    }
+
+    /// The weights as safetensors bytes.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let tensors: Vec<(String, Tensor)> = sorted_vars(&self.varmap)
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().to_device(&Device::Cpu)))
+            .map(|(n, t)| t.map(|t| (n, t)))
+            .collect::<candle_core::Result<_>>()?;
+        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
+            .map_err(|e| TrainError::Weights(e.to_string()))
+    }
+
+    /// Loads weights (safetensors bytes); every tensor of the model must be there with its shape.
+    pub fn load_safetensors(&self, bytes: &[u8], keep_local: impl Fn(&str) -> bool) -> Result<()> {
+        let loaded = candle_core::safetensors::load_buffer(bytes, &self.device)?;
+        for (name, var) in sorted_vars(&self.varmap) {
+            if keep_local(&name) {
+                continue;
+            }
+            let t = loaded
+                .get(&name)
+                .ok_or_else(|| TrainError::Weights(format!("tensor {name} is missing")))?;
+            if t.shape() != var.shape() {
+                return Err(TrainError::Weights(format!(
+                    "tensor {name} has shape {:?}, expected {:?}",
+                    t.shape(),
+                    var.shape()
+                )));
+            }
+            var.set(&t.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+
+    fn batch(
+        &self,
+        samples: &[&Sample],
+        zscore: bool,
+        flip: Option<&mut Rng>,
+    ) -> Result<(Tensor, Tensor)> {
+        let s = self.size;
+        let mut pixels = Vec::with_capacity(samples.len() * s * s);
+        let mut rng = flip;
+        for sample in samples {
+            let mut img = sample.pixels.clone();
+            if let Some(r) = rng.as_deref_mut()
+                && r.unit() < 0.5
+            {
+                for row in img.chunks_mut(s) {
+                    row.reverse();
+                }
+            }
+            if zscore {
+                let mean = img.iter().sum::<f32>() / img.len() as f32;
+                let var = img.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / img.len() as f32;
+                let sd = var.sqrt().max(1e-6);
+                img.iter_mut().for_each(|v| *v = (*v - mean) / sd);
+            }
+            pixels.extend(img);
+        }
+        let x = Tensor::from_vec(pixels, (samples.len(), 1, s, s), &self.device)?;
+        let y = Tensor::from_vec(
+            samples.iter().map(|s| s.label).collect::<Vec<u32>>(),
+            samples.len(),
+            &self.device,
+        )?;
+        Ok((x, y))
+    }
+
+    /// Loss, accuracy and AUROC on `samples` (evaluation mode).
+    pub fn evaluate(
+        &self,
+        samples: &[&Sample],
+        manifest: &TrainingPlanManifest,
+    ) -> Result<Metrics> {
+        let zscore = manifest.preprocessing.normalisation.as_deref() == Some("zscore");
+        let classes = manifest.model.num_classes as usize;
+        let mut loss_sum = 0.0;
+        let mut correct = 0u64;
+        let mut scores: Vec<(Vec<f32>, u32)> = Vec::with_capacity(samples.len());
+        for chunk in samples.chunks(256) {
+            let (x, y) = self.batch(chunk, zscore, None)?;
+            let logits = self.model.forward_t(&x, false)?;
+            loss_sum += f64::from(candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?)
+                * chunk.len() as f64;
+            let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+            for (p, s) in probs.into_iter().zip(chunk) {
+                let best = p
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |(i, _)| i);
+                correct += u64::from(best == s.label as usize);
+                scores.push((p, s.label));
+            }
+        }
+        let n = samples.len().max(1) as f64;
+        Ok(Metrics {
+            loss: loss_sum / n,
+            accuracy: correct as f64 / n,
+            auroc: auroc(&scores, classes),
+            samples: samples.len() as u64,
+        })
+    }
+
+    /// Trains for the plan's local epochs. `global` is the round's incoming model for the
+    /// FedProx term. Returns the mean loss of the first and of the last epoch.
+    pub fn train(
+        &self,
+        samples: &[&Sample],
+        manifest: &TrainingPlanManifest,
+        seed: u64,
+    ) -> Result<(f64, f64)> {
+        if samples.is_empty() {
+            return Err(TrainError::Plan(
+                "there are no training samples at this site".into(),
+            ));
+        }
+        let trainable: Vec<(String, Var)> = sorted_vars(&self.varmap)
+            .into_iter()
+            .filter(|(n, _)| !is_running_stat(n))
+            .collect();
+        let mu = manifest.optimiser.proximal_mu.unwrap_or(0.0);
+        let anchor: Vec<Tensor> = trainable
+            .iter()
+            .map(|(_, v)| v.as_tensor().detach())
+            .collect();
+        let opt = &manifest.optimiser;
+        let mut optimiser = match opt.name.as_str() {
+            "adamw" => Opt::AdamW(AdamW::new(
+                trainable.iter().map(|(_, v)| v.clone()).collect(),
+                ParamsAdamW {
+                    lr: opt.learning_rate,
+                    weight_decay: opt.weight_decay.unwrap_or(0.01),
+                    ..Default::default()
+                },
+            )?),
+            "sgd" => Opt::Sgd(Sgd::new(
+                trainable.iter().map(|(_, v)| v.clone()).collect(),
+                opt.learning_rate,
+                opt.momentum.unwrap_or(0.0),
+                opt.weight_decay.unwrap_or(0.0),
+            )?),
+            other => return Err(TrainError::Plan(format!("unknown optimiser {other:?}"))),
+        };
+        let zscore = manifest.preprocessing.normalisation.as_deref() == Some("zscore");
+        let flip = manifest
+            .preprocessing
+            .augmentations
+            .iter()
+            .any(|a| a == "flip");
+        let mut rng = Rng::new(seed);
+        let mut order: Vec<usize> = (0..samples.len()).collect();
+        let batch = manifest.batch_size.max(1) as usize;
+        let (mut first, mut last) = (0.0, 0.0);
+        for epoch in 0..manifest.local_epochs.max(1) {
+            rng.shuffle(&mut order);
+            let mut sum = 0.0;
+            let mut aug = Rng::new(rng.next_u64());
+            for idx in order.chunks(batch) {
+                let chunk: Vec<&Sample> = idx.iter().map(|&i| samples[i]).collect();
+                let (x, y) = self.batch(&chunk, zscore, flip.then_some(&mut aug))?;
+                let logits = self.model.forward_t(&x, true)?;
+                let mut loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+                sum += f64::from(loss.to_scalar::<f32>()?) * chunk.len() as f64;
+                if mu > 0.0 {
+                    let mut prox = Tensor::zeros((), DType::F32, &self.device)?;
+                    for ((_, v), g) in trainable.iter().zip(&anchor) {
+                        prox = (prox + (v.as_tensor() - g)?.sqr()?.sum_all()?)?;
+                    }
+                    loss = (loss + (prox * (mu / 2.0))?)?;
+                }
+                optimiser.backward_step(&loss)?;
+            }
+            let mean = sum / samples.len() as f64;
+            if epoch == 0 {
+                first = mean;
+            }
+            last = mean;
+        }
+        Ok((first, last))
+    }
+
+    /// All weights by name, on the CPU, as f32 vectors.
+    pub fn weights(&self) -> Result<NamedWeights> {
+        let mut out = HashMap::new();
+        for (name, var) in sorted_vars(&self.varmap) {
+            let t = var.as_tensor().to_device(&Device::Cpu)?;
+            out.insert(
+                name,
+                (t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?),
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn set_weights(&self, weights: &NamedWeights) -> Result<()> {
+        for (name, var) in sorted_vars(&self.varmap) {
+            if let Some((shape, data)) = weights.get(&name) {
+                var.set(&Tensor::from_vec(
+                    data.clone(),
+                    shape.as_slice(),
+                    &self.device,
+                )?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Opt {
+    Sgd(Sgd),
+    AdamW(AdamW),
+}
+
+impl Opt {
+    fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+        match self {
+            Opt::Sgd(o) => o.backward_step(loss),
+            Opt::AdamW(o) => Ok(o.backward_step(loss)?),
+        }
+    }
+}
+
+/// SGD with (heavy-ball) momentum and L2 weight decay, as PyTorch's `torch.optim.SGD`.
+struct Sgd {
+    vars: Vec<Var>,
+    velocity: Vec<Option<Tensor>>,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+}
+
+impl Sgd {
+    fn new(vars: Vec<Var>, lr: f64, momentum: f64, weight_decay: f64) -> Result<Self> {
+        let velocity = vars.iter().map(|_| None).collect();
+        Ok(Sgd {
+            vars,
+            velocity,
+            lr,
+            momentum,
+            weight_decay,
+        })
+    }
+
+    fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+        let grads = loss.backward()?;
+        for (var, vel) in self.vars.iter().zip(self.velocity.iter_mut()) {
+            let Some(g) = grads.get(var) else { continue };
+            let mut g = g.clone();
+            if self.weight_decay > 0.0 {
+                g = (g + (var.as_tensor() * self.weight_decay)?)?;
+            }
+            let step = if self.momentum > 0.0 {
+                let v = match vel.take() {
+                    Some(v) => ((v * self.momentum)? + &g)?,
+                    None => g,
+                };
+                *vel = Some(v.clone());
+                v
+            } else {
+                g
+            };
+            var.set(&(var.as_tensor() - (step * self.lr)?)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// One-vs-rest AUROC averaged over classes (binary: the positive class), by the rank
+/// statistic with ties counted half. None when no class has both positives and negatives.
+pub fn auroc(scores: &[(Vec<f32>, u32)], classes: usize) -> Option<f64> {
+    let targets: Vec<usize> = if classes == 2 {
+        vec![1]
+    } else {
+        (0..classes).collect()
+    };
+    let mut aucs = Vec::new();
+    for c in targets {
+        let mut pairs: Vec<(f32, bool)> = scores
+            .iter()
+            .map(|(p, l)| (p.get(c).copied().unwrap_or(0.0), *l as usize == c))
+            .collect();
+        let pos = pairs.iter().filter(|p| p.1).count();
+        let neg = pairs.len() - pos;
+        if pos == 0 || neg == 0 {
+            continue;
+        }
+        pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut rank_sum = 0.0;
+        let mut i = 0;
+        while i < pairs.len() {
+            let mut j = i;
+            while j < pairs.len() && pairs[j].0 == pairs[i].0 {
+                j += 1;
+            }
+            let avg_rank = (i + j + 1) as f64 / 2.0; // ranks i+1 ..= j
+            rank_sum += avg_rank * pairs[i..j].iter().filter(|p| p.1).count() as f64;
+            i = j;
+        }
+        aucs.push((rank_sum - (pos * (pos + 1)) as f64 / 2.0) / (pos * neg) as f64);
+    }
+    (!aucs.is_empty()).then(|| aucs.iter().sum::<f64>() / aucs.len() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auroc_by_hand() {
+        let s = |p: f32, l| (vec![1.0 - p, p], l);
+        // Perfect ranking → 1; reversed → 0; one tie between a positive and a negative → 0.5 for that pair.
+        assert_eq!(auroc(&[s(0.1, 0), s(0.9, 1)], 2), Some(1.0));
+        assert_eq!(auroc(&[s(0.9, 0), s(0.1, 1)], 2), Some(0.0));
+        // pos {0.8, 0.4}, neg {0.4, 0.2}: pairs (0.8>0.4)1 (0.8>0.2)1 (0.4=0.4)0.5 (0.4>0.2)1 → 3.5/4
+        assert_eq!(
+            auroc(&[s(0.8, 1), s(0.4, 1), s(0.4, 0), s(0.2, 0)], 2),
+            Some(0.875)
+        );
+        assert_eq!(auroc(&[s(0.8, 1)], 2), None);
+    }
+
+    #[test]
+    fn rng_is_reproducible() {
+        let (mut a, mut b) = (Rng::new(7), Rng::new(7));
+        assert_eq!(
+            (0..5).map(|_| a.next_u64()).collect::<Vec<_>>(),
+            (0..5).map(|_| b.next_u64()).collect::<Vec<_>>()
+        );
+        let mean: f64 = (0..10_000).map(|_| Rng::new(1).unit()).sum::<f64>();
+        assert!(mean > 0.0);
+    }
+}
