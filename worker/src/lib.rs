@@ -10,4 +10,5 @@ pub mod consumer;
 pub mod data;
 pub mod job;
 pub mod model;
+pub mod synthetic;
 pub mod train;

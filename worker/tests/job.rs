@@ -1,0 +1,210 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The job step, called directly (no broker): verification, training on a site's images,
+//! the update in the artifact store, determinism.
+
+use async_trait::async_trait;
+use chrono::{Duration, Utc};
+use consilium_core::manifest::{TrainingPlanManifest, plan_hash};
+use consilium_core::protocol::{Job, JobKind, Outcome};
+use consilium_worker::artifacts::ArtifactStore;
+use consilium_worker::data::{DataKind, DatasetSpec, LabelKey};
+use consilium_worker::job::{Approvals, SiteContext, process};
+use consilium_worker::synthetic::{SiteProfile, write_site};
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// The approvals as the server would answer them: one study, one plan hash.
+struct Granted {
+    study: Uuid,
+    hash: String,
+}
+
+#[async_trait]
+impl Approvals for Granted {
+    async fn check(&self, _site: Uuid, study: Uuid, hash: &str) -> Result<Option<String>, String> {
+        Ok(if study == self.study && hash == self.hash {
+            None
+        } else {
+            Some(format!(
+                "training plan {hash} is not approved for this site's data"
+            ))
+        })
+    }
+}
+
+fn manifest() -> TrainingPlanManifest {
+    serde_json::from_value(serde_json::json!({
+        "model": {"architecture": "small_cnn", "num_classes": 2},
+        "preprocessing": {"image_size": 28, "normalisation": "zscore"},
+        "optimiser": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9},
+        "local_epochs": 4, "batch_size": 8, "rounds": 3,
+        "aggregation": {"strategy": "fedavg"}, "seed": 5
+    }))
+    .unwrap()
+}
+
+struct Site {
+    _dir: tempfile::TempDir,
+    ctx: SiteContext,
+    study: Uuid,
+    site: Uuid,
+}
+
+fn site(hash: &str, study: Uuid) -> Site {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = SiteProfile {
+        images: 200,
+        lesion_fraction: 0.5,
+        gain: 1.0,
+        offset: 0.0,
+        noise: 0.03,
+        blur: 0,
+        seed: 3,
+    };
+    write_site(&dir.path().join("data"), 32, &profile).unwrap();
+    let spec = DatasetSpec {
+        kind: DataKind::Images,
+        root: dir.path().join("data"),
+        labels: dir.path().join("data/labels.csv"),
+        label_key: LabelKey::Path,
+        holdout: 0.25,
+        window: None,
+    };
+    let store = ArtifactStore::open(dir.path().join("artifacts").to_str().unwrap()).unwrap();
+    let site = Uuid::new_v4();
+    let ctx = SiteContext::new(
+        site,
+        spec,
+        store,
+        Arc::new(Granted {
+            study,
+            hash: hash.to_string(),
+        }),
+    );
+    Site {
+        _dir: dir,
+        ctx,
+        study,
+        site,
+    }
+}
+
+fn job(s: &Site, m: &TrainingPlanManifest, hash: &str, round: u32, global: Option<String>) -> Job {
+    Job {
+        job_id: Uuid::new_v4(),
+        kind: JobKind::Train,
+        run_id: Uuid::nil(),
+        round,
+        study_id: s.study,
+        site_id: s.site,
+        plan_hash: hash.to_string(),
+        manifest: m.clone(),
+        files: vec![],
+        global_model: global,
+        deadline: Utc::now() + Duration::minutes(10),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_trains_the_approved_plan_and_learns() {
+    let m = manifest();
+    let hash = plan_hash(&m, &[]).unwrap();
+    let s = site(&hash, Uuid::new_v4());
+    let r1 = process(&job(&s, &m, &hash, 1, None), &s.ctx).await;
+    let Outcome::Trained {
+        update_hash,
+        samples,
+        evaluation,
+        train_loss_before,
+        train_loss_after,
+        skipped,
+        ..
+    } = r1.outcome
+    else {
+        panic!("{:?}", r1.outcome)
+    };
+    assert!(skipped.is_empty());
+    assert!(
+        samples > 100 && samples < 200,
+        "a quarter is held out: {samples}"
+    );
+    assert_eq!(evaluation.samples + samples, 200);
+    assert!(
+        train_loss_after < train_loss_before,
+        "{train_loss_before} → {train_loss_after}"
+    );
+    let bytes = s.ctx.artifacts.get(&update_hash).await.unwrap();
+    assert_eq!(consilium_core::hash::sha256_hex(&bytes), update_hash);
+
+    // The next round starts from that model: on the held-out split it is clearly above chance.
+    let r2 = process(&job(&s, &m, &hash, 2, Some(update_hash.clone())), &s.ctx).await;
+    let Outcome::Trained { evaluation, .. } = r2.outcome else {
+        panic!("{:?}", r2.outcome)
+    };
+    assert!(
+        evaluation.accuracy > 0.8,
+        "held-out accuracy {}",
+        evaluation.accuracy
+    );
+    assert!(
+        evaluation.auroc.unwrap() > 0.85,
+        "held-out AUROC {:?}",
+        evaluation.auroc
+    );
+
+    // The same job on the same data trains to the same weights (deterministic given the seed).
+    let twin = site(&hash, s.study);
+    let twin_ctx = SiteContext::new(
+        s.site,
+        twin.ctx.dataset.clone(),
+        twin.ctx.artifacts.clone(),
+        Arc::new(Granted {
+            study: s.study,
+            hash: hash.clone(),
+        }),
+    );
+    let again = process(&job(&s, &m, &hash, 1, None), &twin_ctx).await;
+    let Outcome::Trained {
+        update_hash: replayed,
+        ..
+    } = again.outcome
+    else {
+        panic!("{:?}", again.outcome)
+    };
+    assert_eq!(
+        replayed, update_hash,
+        "same site, same data, same plan: the same update"
+    );
+}
+
+#[tokio::test]
+async fn an_altered_or_unapproved_plan_is_refused() {
+    let m = manifest();
+    let hash = plan_hash(&m, &[]).unwrap();
+    let s = site(&hash, Uuid::new_v4());
+    // Someone changes the learning rate on the way but keeps the approved hash.
+    let mut altered = m.clone();
+    altered.optimiser.learning_rate = 0.5;
+    let r = process(&job(&s, &altered, &hash, 1, None), &s.ctx).await;
+    let Outcome::Refused { reason } = r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    assert!(reason.contains("it was altered"), "{reason}");
+    // A consistent plan that the site never approved.
+    let other_hash = plan_hash(&altered, &[]).unwrap();
+    let r = process(&job(&s, &altered, &other_hash, 1, None), &s.ctx).await;
+    let Outcome::Refused { reason } = r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    assert!(
+        reason.contains("is not approved for this site's data"),
+        "{reason}"
+    );
+    // A job for another site.
+    let mut j = job(&s, &m, &hash, 1, None);
+    j.site_id = Uuid::new_v4();
+    assert!(matches!(
+        process(&j, &s.ctx).await.outcome,
+        Outcome::Refused { .. }
+    ));
+}
