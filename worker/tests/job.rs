@@ -109,7 +109,7 @@ fn job(s: &Site, m: &TrainingPlanManifest, hash: &str, round: u32, global: Optio
 async fn a_site_trains_the_approved_plan_and_learns() {
     let m = manifest();
     let hash = plan_hash(&m, &[]).unwrap();
-    let s = site(&hash, Uuid::new_v4());
+    let s = site(&hash, Uuid::from_u128(1));
     let r1 = process(&job(&s, &m, &hash, 1, None), &s.ctx).await;
     let Outcome::Trained {
         update_hash,
