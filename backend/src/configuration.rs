@@ -14,7 +14,29 @@ pub struct Settings {
     pub server: ServerSettings,
     pub database: DatabaseSettings,
     pub auth: AuthSettings,
+    pub engine: EngineSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSettings {
+    /// `amqp://user:password@host:5672/%2f` for RabbitMQ; unset: the in-process broker.
+    pub broker_url: Option<SecretString>,
+    /// Artifact store: a folder or `s3://bucket/prefix`; unset: `data_dir/artifacts`.
+    pub artifacts: Option<String>,
+    /// How long a round waits for the sites before excluding the missing ones.
+    pub round_timeout_seconds: u64,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            broker_url: None,
+            artifacts: None,
+            round_timeout_seconds: 600,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Clone)]

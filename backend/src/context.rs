@@ -4,7 +4,7 @@ use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, Statement,
     TransactionTrait,
 };
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tokio::sync::{Mutex, MutexGuard};
 
 use crate::auth::oidc::OidcClient;
@@ -16,6 +16,7 @@ pub struct AppContext {
     pub db: DatabaseConnection,
     pub settings: Arc<Settings>,
     pub oidc: Option<Arc<OidcClient>>,
+    engine: Arc<OnceLock<crate::engine::Engine>>,
     write_lock: Arc<Mutex<()>>,
 }
 
@@ -50,8 +51,18 @@ impl AppContext {
             db,
             settings: Arc::new(settings),
             oidc,
+            engine: Arc::new(OnceLock::new()),
             write_lock: Arc::new(Mutex::new(())),
         }
+    }
+
+    /// The federated engine, once started (the CLI's admin commands run without it).
+    pub fn engine(&self) -> Option<&crate::engine::Engine> {
+        self.engine.get()
+    }
+
+    pub fn set_engine(&self, engine: crate::engine::Engine) {
+        let _ = self.engine.set(engine);
     }
 
     pub async fn begin_write(&self) -> AppResult<WriteTxn<'_>> {

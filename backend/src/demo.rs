@@ -44,6 +44,7 @@ fn as_actor(u: &consilium_core::api::UserDto) -> Actor {
         user_id: u.id,
         roles: u.roles.iter().copied().collect(),
         token_id: None,
+        site_id: None,
     }
 }
 

@@ -17,6 +17,8 @@ pub struct Actor {
     pub roles: BTreeSet<Role>,
     /// Set when the request came with an API token.
     pub token_id: Option<Uuid>,
+    /// Set for a site worker's token: it acts for this site only, with no role.
+    pub site_id: Option<Uuid>,
 }
 
 impl Actor {
@@ -25,6 +27,7 @@ impl Actor {
             user_id: Uuid::nil(),
             roles: [Role::Administrator].into_iter().collect(),
             token_id: None,
+            site_id: None,
         }
     }
 
@@ -199,6 +202,12 @@ pub struct PreflightOutcome {
     pub review_id: Option<Uuid>,
     /// The grant in force for each site that has one.
     pub grant_ids: Vec<Uuid>,
+    /// The conditions about the study, its plan and its ethics approval (not about sites).
+    pub study_unmet: Vec<String>,
+    /// The sites whose grant covers the plan now.
+    pub eligible_sites: Vec<Uuid>,
+    /// Sites that may not take part, with the reason.
+    pub site_unmet: Vec<(Uuid, String)>,
 }
 
 impl PreflightOutcome {
@@ -286,8 +295,11 @@ pub fn preflight(input: &PreflightInput<'_>) -> PreflightOutcome {
         }
     }
 
+    let study_unmet = unmet.clone();
     // Data access: an approved, unexpired grant covering this plan for every site.
     let mut grant_ids = Vec::new();
+    let mut eligible_sites = Vec::new();
+    let mut site_unmet = Vec::new();
     for site in &study.sites {
         let name = input
             .site_names
@@ -308,6 +320,7 @@ pub fn preflight(input: &PreflightInput<'_>) -> PreflightOutcome {
         });
         if let Some(grant) = in_force {
             grant_ids.push(grant.id);
+            eligible_sites.push(site.site_id);
             continue;
         }
         let reason = match requests.last() {
@@ -333,6 +346,7 @@ pub fn preflight(input: &PreflightInput<'_>) -> PreflightOutcome {
             },
         };
         unmet.push(format!("Site {name}: {reason}"));
+        site_unmet.push((site.site_id, reason));
     }
 
     PreflightOutcome {
@@ -340,6 +354,9 @@ pub fn preflight(input: &PreflightInput<'_>) -> PreflightOutcome {
         unmet,
         review_id,
         grant_ids,
+        study_unmet,
+        eligible_sites,
+        site_unmet,
     }
 }
 
@@ -572,6 +589,7 @@ mod tests {
             user_id: Uuid::new_v4(),
             roles: [Role::Researcher].into(),
             token_id: None,
+            site_id: None,
         };
         assert!(authorize(&r, Operation::CreateStudy).is_ok());
         assert!(authorize(&r, Operation::ReviewStudy).is_err());

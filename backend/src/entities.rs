@@ -116,6 +116,10 @@ entity!(run, "runs", {
     pub review_id: Uuid,
     pub grant_ids: Json,
     pub created_at: DateTimeUtc,
+    pub current_round: i32,
+    pub stop_reason: Option<String>,
+    /// FedAdam/FedYogi server moments (JSON), kept between rounds.
+    pub server_state: Option<String>,
 });
 
 entity!(api_token, "api_tokens", {
@@ -128,6 +132,8 @@ entity!(api_token, "api_tokens", {
     pub expires_at: DateTimeUtc,
     pub revoked_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,
+    /// Set for a site worker's token: it may act only for that site.
+    pub site_id: Option<Uuid>,
 });
 
 entity!(session, "sessions", {
@@ -158,4 +164,82 @@ entity!(audit_event, "audit_events", {
     pub digest: String,
     pub prev_hash: String,
     pub hash: String,
+});
+
+entity!(round, "rounds", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub run_id: Uuid,
+    pub number: i32,
+    pub state: String,
+    pub deadline: DateTimeUtc,
+    pub quorum: i32,
+    pub sites: Json,
+    /// `[{site_id, reason}]`
+    pub excluded: Json,
+    pub global_in: Option<String>,
+    pub model_version_id: Option<Uuid>,
+    pub failure: Option<String>,
+    pub created_at: DateTimeUtc,
+    pub updated_at: DateTimeUtc,
+});
+
+entity!(update, "updates", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub run_id: Uuid,
+    pub round: i32,
+    pub site_id: Uuid,
+    #[sea_orm(unique)]
+    pub job_id: Uuid,
+    pub kind: String,
+    pub outcome: String,
+    pub update_hash: Option<String>,
+    pub samples: Option<i64>,
+    pub evaluation: Option<Json>,
+    pub train_loss_before: Option<f64>,
+    pub train_loss_after: Option<f64>,
+    pub duration_ms: Option<i64>,
+    pub reason: Option<String>,
+    pub skipped: Option<Json>,
+    pub late: bool,
+    pub received_at: DateTimeUtc,
+});
+
+entity!(model_version, "model_versions", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub run_id: Uuid,
+    pub study_id: Uuid,
+    pub round: i32,
+    pub hash: String,
+    pub parent_id: Option<Uuid>,
+    pub plan_hash: String,
+    pub review_id: Uuid,
+    pub grant_ids: Json,
+    pub strategy: String,
+    pub contributions: Json,
+    pub evaluation: Option<Json>,
+    pub created_at: DateTimeUtc,
+    pub released_at: Option<DateTimeUtc>,
+    pub released_by: Option<Uuid>,
+});
+
+entity!(monitoring_report, "monitoring_reports", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub model_version_id: Uuid,
+    pub site_id: Uuid,
+    pub metrics: Json,
+    pub note: Option<String>,
+    pub reported_at: DateTimeUtc,
+});
+
+entity!(heartbeat, "heartbeats", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub site_id: Uuid,
+    pub state: String,
+    pub data_summary: String,
+    pub version: String,
+    pub at: DateTimeUtc,
 });

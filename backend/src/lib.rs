@@ -7,6 +7,7 @@ pub mod configuration;
 pub mod context;
 pub mod demo;
 pub mod domain;
+pub mod engine;
 pub mod entities;
 pub mod error;
 pub mod routes;

@@ -83,6 +83,8 @@ pub enum StartupError {
     Migrate(#[source] sea_orm::DbErr),
     #[error("{0}")]
     Oidc(#[from] crate::auth::oidc::OidcError),
+    #[error("cannot start the federated engine: {0}")]
+    Engine(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -131,6 +133,42 @@ pub struct Application {
     port: u16,
     server: Server,
     pub context: AppContext,
+    /// The broker the engine uses (the in-process one unless `engine.broker_url` is set).
+    pub broker: consilium_worker::broker::SharedBroker,
+}
+
+/// Connects the broker and the artifact store and starts the federated engine.
+pub async fn start_engine(
+    context: &AppContext,
+) -> Result<consilium_worker::broker::SharedBroker, StartupError> {
+    let settings = &context.settings;
+    let broker: consilium_worker::broker::SharedBroker = match &settings.engine.broker_url {
+        Some(url) => consilium_worker::broker::connect(url.expose_secret())
+            .await
+            .map_err(|e| StartupError::Engine(e.to_string()))?,
+        None => Arc::new(consilium_worker::broker::InProcessBroker::new()),
+    };
+    let location = settings.engine.artifacts.clone().unwrap_or_else(|| {
+        settings
+            .database
+            .data_dir
+            .join("artifacts")
+            .display()
+            .to_string()
+    });
+    let artifacts = consilium_worker::artifacts::ArtifactStore::open(&location)
+        .map_err(|e| StartupError::Engine(e.to_string()))?;
+    let engine = crate::engine::Engine::new(
+        broker.clone(),
+        artifacts,
+        settings.engine.round_timeout_seconds,
+    );
+    context.set_engine(engine.clone());
+    engine
+        .start(context)
+        .await
+        .map_err(|e| StartupError::Engine(e.to_string()))?;
+    Ok(broker)
 }
 
 impl Application {
@@ -148,12 +186,14 @@ impl Application {
             tracing::warn!("local accounts are enabled: they are for development and demos only");
         }
         let context = build_context(settings).await?;
+        let broker = start_engine(&context).await?;
         let server = run(listener, context.clone())?;
         tracing::info!(port, "Consilium is listening");
         Ok(Application {
             port,
             server,
             context,
+            broker,
         })
     }
 

@@ -391,7 +391,12 @@ dto! {
         pub id: Uuid,
         pub study_id: Uuid,
         pub plan_hash: String,
+        /// `created`, `running`, `paused`, `completed`, `failed` or `stopped`.
         pub status: String,
+        /// The last round that closed (0 before the first).
+        pub current_round: i32,
+        /// Why the run stopped, paused or failed, in words.
+        pub stop_reason: Option<String>,
         pub created_by: Uuid,
         /// The ethics decision in force when the run was created.
         pub review_id: Uuid,
@@ -543,6 +548,147 @@ pub struct ExportQuery {
 pub struct AccessListQuery {
     #[serde(default)]
     pub site_id: Option<Uuid>,
+    #[serde(default)]
+    pub study_id: Option<Uuid>,
+}
+
+// ---------------------------------------------------------------- the federated engine
+
+dto! {
+    /// One site's part in a round.
+    pub struct RoundSiteDto {
+        pub site_id: Uuid,
+        pub site_name: String,
+        /// `waiting`, `trained`, `refused`, `failed` or `excluded`.
+        pub status: String,
+        pub reason: Option<String>,
+        pub samples: Option<i64>,
+        /// The incoming global model on this site's held-out split.
+        pub evaluation: Option<crate::protocol::Metrics>,
+        pub duration_ms: Option<i64>,
+    }
+
+    pub struct ExcludedSite {
+        pub site_id: Uuid,
+        pub reason: String,
+    }
+
+    pub struct RoundDto {
+        pub number: i32,
+        /// `collecting`, `aggregating`, `evaluated`, `closed` or `failed`.
+        pub state: String,
+        pub deadline: DateTime<Utc>,
+        pub quorum: i32,
+        pub sites: Vec<RoundSiteDto>,
+        pub excluded: Vec<ExcludedSite>,
+        pub model_version_id: Option<Uuid>,
+        pub failure: Option<String>,
+    }
+
+    /// An update that went into a model version.
+    pub struct Contribution {
+        pub site_id: Uuid,
+        pub site_name: String,
+        pub update_hash: String,
+        pub samples: u64,
+        /// The incoming global model on the site's held-out split.
+        pub evaluation: crate::protocol::Metrics,
+        pub train_loss_before: f64,
+        pub train_loss_after: f64,
+    }
+
+    pub struct SiteEvaluation {
+        pub site_id: Uuid,
+        pub site_name: String,
+        pub metrics: crate::protocol::Metrics,
+    }
+
+    /// The model evaluated at every site, and the sample-weighted mean.
+    pub struct ModelEvaluation {
+        pub global: crate::protocol::Metrics,
+        pub sites: Vec<SiteEvaluation>,
+    }
+
+    pub struct ModelVersionDto {
+        pub id: Uuid,
+        pub run_id: Uuid,
+        pub study_id: Uuid,
+        pub round: i32,
+        /// SHA-256 of the weights (safetensors).
+        pub hash: String,
+        pub parent_id: Option<Uuid>,
+        pub plan_hash: String,
+        pub strategy: String,
+        pub review_id: Uuid,
+        pub grant_ids: Vec<Uuid>,
+        pub contributions: Vec<Contribution>,
+        pub evaluation: Option<ModelEvaluation>,
+        pub created_at: DateTime<Utc>,
+        pub released_at: Option<DateTime<Utc>>,
+        pub released_by: Option<Uuid>,
+    }
+
+    /// Everything a model version stands on.
+    pub struct LineageDto {
+        pub model: ModelVersionDto,
+        pub parent: Option<ModelVersionDto>,
+        pub run: RunDto,
+        pub round: RoundDto,
+        pub plan: PlanDto,
+        pub review: ReviewDto,
+        pub grants: Vec<AccessRequestDto>,
+    }
+
+    /// A grant in force for a site, as its worker sees it.
+    pub struct SiteGrantDto {
+        pub study_id: Uuid,
+        pub plan_hashes: Vec<String>,
+        pub expires_at: DateTime<Utc>,
+    }
+
+    pub struct HeartbeatDto {
+        pub site_id: Uuid,
+        pub state: String,
+        pub data_summary: String,
+        pub version: String,
+        pub at: DateTime<Utc>,
+    }
+
+    pub struct MonitoringReportDto {
+        pub id: Uuid,
+        pub model_version_id: Uuid,
+        pub site_id: Uuid,
+        pub metrics: crate::protocol::Metrics,
+        pub note: Option<String>,
+        pub reported_at: DateTime<Utc>,
+    }
+}
+
+input! {
+    pub struct StopRun {
+        pub reason: String,
+    }
+
+    /// A site's monitoring metrics for a released model (lifecycle step 10).
+    pub struct ReportMonitoring {
+        pub site_id: Uuid,
+        pub metrics: crate::protocol::Metrics,
+        #[serde(default)]
+        pub note: Option<String>,
+    }
+
+    pub struct CreateWorkerToken {
+        pub name: String,
+        pub expires_at: DateTime<Utc>,
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(IntoParams))]
+#[serde(deny_unknown_fields)]
+pub struct ModelListQuery {
+    #[serde(default)]
+    pub run_id: Option<Uuid>,
     #[serde(default)]
     pub study_id: Option<Uuid>,
 }

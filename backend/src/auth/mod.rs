@@ -153,6 +153,7 @@ async fn resolve(
             user_id: owner.id,
             roles,
             token_id: Some(row.id),
+            site_id: row.site_id,
         });
     }
     if let Some(secret) = cookie {
@@ -166,6 +167,7 @@ async fn resolve(
                 user_id: u.id,
                 roles: roles_of(&u.roles),
                 token_id: None,
+                site_id: None,
             });
         }
         return Err(AppError::Unauthenticated(

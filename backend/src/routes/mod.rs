@@ -5,6 +5,7 @@ mod access;
 mod audit;
 mod auth;
 mod directory;
+mod engine;
 mod studies;
 
 use utoipa_actix_web::service_config::ServiceConfig;
@@ -15,4 +16,5 @@ pub fn configure(cfg: &mut ServiceConfig) {
     studies::configure(cfg);
     access::configure(cfg);
     audit::configure(cfg);
+    engine::configure(cfg);
 }

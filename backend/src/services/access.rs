@@ -326,3 +326,41 @@ pub async fn get(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<AccessR
         Err(not_found("data-access request", id))
     }
 }
+
+/// The grants in force at a site: what its worker checks every job against. Its worker
+/// token, its custodians, administrators and auditors may read them.
+pub async fn site_grants(
+    ctx: &AppContext,
+    actor: &Actor,
+    site_id: Uuid,
+) -> AppResult<Vec<consilium_core::api::SiteGrantDto>> {
+    let site = directory::get_site(&ctx.db, site_id).await?;
+    let allowed = actor.site_id == Some(site_id)
+        || (actor.has(Role::Custodian) && site.custodians.contains(&actor.user_id))
+        || actor.has(Role::Administrator)
+        || actor.has(Role::Auditor);
+    if !allowed {
+        return Err(AppError::Forbidden(format!(
+            "Only site {:?}'s worker or custodians may read its grants.",
+            site.name
+        )));
+    }
+    let now = Utc::now();
+    let rows = access_request::Entity::find()
+        .filter(access_request::Column::SiteId.eq(site_id))
+        .filter(access_request::Column::Status.eq(AccessStatus::Approved.as_str()))
+        .all(&ctx.db)
+        .await?;
+    let mut out = Vec::new();
+    for m in rows {
+        let dto = access_dto(&m)?;
+        if let Some(expires_at) = dto.expires_at.filter(|e| *e > now) {
+            out.push(consilium_core::api::SiteGrantDto {
+                study_id: dto.study_id,
+                plan_hashes: dto.plan_hashes,
+                expires_at,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod directory;
+pub mod models;
 pub mod runs;
 pub mod sessions;
 pub mod studies;

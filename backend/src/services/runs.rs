@@ -22,6 +22,8 @@ pub fn run_dto(m: &run::Model) -> AppResult<RunDto> {
         study_id: m.study_id,
         plan_hash: m.plan_hash.clone(),
         status: m.status.clone(),
+        current_round: m.current_round,
+        stop_reason: m.stop_reason.clone(),
         created_by: m.created_by,
         review_id: m.review_id,
         grant_ids: from_json(&m.grant_ids)?,
@@ -101,17 +103,29 @@ pub async fn create_run(
         id: Set(Uuid::new_v4()),
         study_id: Set(study_id),
         plan_hash: Set(plan_hash),
-        status: Set("created".into()),
+        // With the federated engine attached the run starts at once; without it, it waits.
+        status: Set(if ctx.engine().is_some() {
+            "running"
+        } else {
+            "created"
+        }
+        .into()),
         created_by: Set(actor.user_id),
         review_id: Set(review_id),
         grant_ids: Set(serde_json::to_value(&out.grant_ids)?),
         created_at: Set(Utc::now()),
+        current_round: Set(0),
+        stop_reason: Set(None),
+        server_state: Set(None),
     }
     .insert(&*w)
     .await?;
     let dto = run_dto(&m)?;
     audit::append(&*w, actor, "run.created", "run", m.id, &dto).await?;
     w.commit().await?;
+    if let Some(engine) = ctx.engine() {
+        engine.spawn(ctx, m.id);
+    }
     Ok(dto)
 }
 
@@ -136,4 +150,44 @@ pub async fn get_run(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<Run
         .await
         .map_err(|_| not_found("run", id))?;
     run_dto(&m)
+}
+
+/// Stops a running or paused run: the study's researcher, or an administrator.
+#[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
+pub async fn stop_run(
+    ctx: &AppContext,
+    actor: &Actor,
+    id: Uuid,
+    input: consilium_core::api::StopRun,
+) -> AppResult<RunDto> {
+    let current = get_run(ctx, actor, id).await?;
+    let s = studies::visible_study(&ctx.db, actor, current.study_id).await?;
+    let owner = actor.has(consilium_core::Role::Researcher) && s.researcher_id == actor.user_id;
+    if !(owner || actor.has(consilium_core::Role::Administrator)) {
+        return Err(AppError::Forbidden(
+            "Only the study's researcher or an administrator may stop its runs.".into(),
+        ));
+    }
+    let mut checks = super::Checks::default();
+    let reason = checks.text("reason", &input.reason, 2000, true);
+    checks.finish()?;
+    let w = ctx.begin_write().await?;
+    let m = run::Entity::find_by_id(id)
+        .one(&*w)
+        .await?
+        .ok_or_else(|| not_found("run", id))?;
+    if !matches!(m.status.as_str(), "created" | "running" | "paused") {
+        return Err(AppError::conflict(
+            "invalid_state",
+            format!("The run is already {}.", m.status),
+        ));
+    }
+    let mut a: run::ActiveModel = m.into();
+    a.status = Set("stopped".into());
+    a.stop_reason = Set(Some(reason));
+    let m = a.update(&*w).await?;
+    let dto = run_dto(&m)?;
+    audit::append(&*w, actor, "run.stopped", "run", m.id, &dto).await?;
+    w.commit().await?;
+    Ok(dto)
 }

@@ -48,6 +48,7 @@ pub async fn local_login(ctx: &AppContext, input: LocalLogin) -> AppResult<(User
         user_id: u.id,
         roles: roles_of(&u.roles),
         token_id: None,
+        site_id: None,
     };
     let dto = user_dto(&u);
     audit::append(&*w, &actor, "session.signed_in_local", "user", u.id, &dto).await?;
@@ -192,6 +193,7 @@ pub async fn provision(
         user_id: m.id,
         roles: roles_of(&m.roles),
         token_id: None,
+        site_id: None,
     };
     if let Some(action) = action {
         audit::append(&*w, &actor, action, "user", m.id, &dto).await?;

@@ -83,6 +83,7 @@ pub async fn create(
         expires_at: Set(input.expires_at),
         revoked_at: Set(None),
         created_at: Set(now),
+        site_id: Set(None),
     }
     .insert(&*w)
     .await?;
@@ -127,4 +128,77 @@ pub async fn revoke(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<Toke
     audit::append(&*w, actor, "token.revoked", "api_token", m.id, &dto).await?;
     w.commit().await?;
     Ok(dto)
+}
+
+/// A site worker's token: bound to one site, no role. The site's custodian (or an
+/// administrator, or the CLI) creates it; it is shown once.
+#[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
+pub async fn create_worker_token(
+    ctx: &AppContext,
+    actor: &Actor,
+    site_id: Uuid,
+    input: consilium_core::api::CreateWorkerToken,
+) -> AppResult<TokenCreated> {
+    let site = crate::services::directory::get_site(&ctx.db, site_id).await?;
+    let allowed = actor.is_system()
+        || actor.has(Role::Administrator)
+        || (actor.has(Role::Custodian) && site.custodians.contains(&actor.user_id));
+    if !allowed || actor.token_id.is_some() {
+        return Err(AppError::Forbidden(format!(
+            "Only a custodian of {:?} or an administrator, signed in, may create its worker tokens.",
+            site.name
+        )));
+    }
+    let mut checks = Checks::default();
+    let name = checks.text("name", &input.name, 200, false);
+    let now = Utc::now();
+    checks.check(input.expires_at > now, "expires_at must be in the future");
+    checks.check(
+        input.expires_at <= now + Duration::days(MAX_DAYS),
+        format!("expires_at must be within {MAX_DAYS} days"),
+    );
+    checks.finish()?;
+    let secret = format!("{TOKEN_PREFIX}{}", random_secret(32));
+    let w = ctx.begin_write().await?;
+    let owner = if actor.is_system() {
+        // The CLI acts as the system: the token belongs to the site's first custodian, else to
+        // the first administrator.
+        match site.custodians.first() {
+            Some(c) => *c,
+            None => user::Entity::find()
+                .all(&*w)
+                .await?
+                .into_iter()
+                .find(|u| roles_of(&u.roles).contains(&Role::Administrator))
+                .map(|u| u.id)
+                .ok_or_else(|| {
+                    AppError::conflict(
+                        "no_owner",
+                        "Register a custodian for this site (or an administrator) first.",
+                    )
+                })?,
+        }
+    } else {
+        actor.user_id
+    };
+    let m = api_token::ActiveModel {
+        id: Set(Uuid::new_v4()),
+        user_id: Set(owner),
+        name: Set(name),
+        token_hash: Set(secret_hash(&secret)),
+        roles: Set(serde_json::json!([])),
+        expires_at: Set(input.expires_at),
+        revoked_at: Set(None),
+        created_at: Set(now),
+        site_id: Set(Some(site_id)),
+    }
+    .insert(&*w)
+    .await?;
+    let info = token_dto(&m);
+    audit::append(&*w, actor, "token.worker_created", "api_token", m.id, &info).await?;
+    w.commit().await?;
+    Ok(TokenCreated {
+        token: secret,
+        info,
+    })
 }

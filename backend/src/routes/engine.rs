@@ -1,0 +1,207 @@
+use actix_web::{HttpResponse, get, post, web};
+use consilium_core::api::{
+    CreateWorkerToken, HeartbeatDto, LineageDto, ModelListQuery, ModelVersionDto,
+    MonitoringReportDto, ReportMonitoring, RoundDto, RunDto, SiteGrantDto, StopRun, TokenCreated,
+};
+use consilium_core::problem::Problem;
+use sea_orm::EntityTrait;
+use utoipa_actix_web::service_config::ServiceConfig;
+use uuid::Uuid;
+
+use crate::auth::Authenticated;
+use crate::context::AppContext;
+use crate::entities::heartbeat;
+use crate::error::{AppError, AppResult};
+use crate::services::{access, models, runs, tokens};
+
+pub fn configure(cfg: &mut ServiceConfig) {
+    cfg.service(rounds)
+        .service(stop)
+        .service(list_models)
+        .service(get_model)
+        .service(lineage)
+        .service(weights)
+        .service(release)
+        .service(report)
+        .service(monitoring)
+        .service(site_grants)
+        .service(worker_token)
+        .service(site_heartbeat);
+}
+
+/// The run's rounds: state, deadline, quorum, and each site's part.
+#[utoipa::path(tag = "runs", responses((status = 200, body = Vec<RoundDto>),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/runs/{id}/rounds")]
+async fn rounds(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    id: web::Path<Uuid>,
+) -> AppResult<web::Json<Vec<RoundDto>>> {
+    Ok(web::Json(models::rounds(&ctx, &a, id.into_inner()).await?))
+}
+
+/// Stops a run; no further round starts.
+#[utoipa::path(tag = "runs", responses((status = 200, body = RunDto),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[post("/runs/{id}/stop")]
+async fn stop(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    id: web::Path<Uuid>,
+    body: web::Json<StopRun>,
+) -> AppResult<web::Json<RunDto>> {
+    Ok(web::Json(
+        runs::stop_run(&ctx, &a, id.into_inner(), body.into_inner()).await?,
+    ))
+}
+
+/// Model versions you may see, optionally of one run or study.
+#[utoipa::path(tag = "models", params(ModelListQuery), responses((status = 200, body = Vec<ModelVersionDto>),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/models")]
+async fn list_models(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    q: web::Query<ModelListQuery>,
+) -> AppResult<web::Json<Vec<ModelVersionDto>>> {
+    Ok(web::Json(
+        models::list(&ctx, &a, q.run_id, q.study_id).await?,
+    ))
+}
+
+/// One model version.
+#[utoipa::path(tag = "models", responses((status = 200, body = ModelVersionDto),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/models/{id}")]
+async fn get_model(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    id: web::Path<Uuid>,
+) -> AppResult<web::Json<ModelVersionDto>> {
+    Ok(web::Json(models::get(&ctx, &a, id.into_inner()).await?))
+}
+
+/// Everything the version stands on: parent, round, updates and sites, plan, ethics decision, grants.
+#[utoipa::path(tag = "models", responses((status = 200, body = LineageDto),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/models/{id}/lineage")]
+async fn lineage(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    id: web::Path<Uuid>,
+) -> AppResult<web::Json<LineageDto>> {
+    Ok(web::Json(models::lineage(&ctx, &a, id.into_inner()).await?))
+}
+
+/// The version's weights (safetensors).
+#[utoipa::path(tag = "models", responses(
+    (status = 200, description = "safetensors", body = Vec<u8>, content_type = "application/octet-stream"),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/models/{id}/weights")]
+async fn weights(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    id: web::Path<Uuid>,
+) -> AppResult<HttpResponse> {
+    let (hash, bytes) = models::weights(&ctx, &a, id.into_inner()).await?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/octet-stream")
+        .insert_header((
+            "Content-Disposition",
+            format!("attachment; filename=\"{hash}.safetensors\""),
+        ))
+        .insert_header(("ETag", format!("\"{hash}\"")))
+        .body(bytes))
+}
+
+/// Releases the version for deployment to the sites.
+#[utoipa::path(tag = "models", responses((status = 200, body = ModelVersionDto),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[post("/models/{id}/release")]
+async fn release(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    id: web::Path<Uuid>,
+) -> AppResult<web::Json<ModelVersionDto>> {
+    Ok(web::Json(models::release(&ctx, &a, id.into_inner()).await?))
+}
+
+/// A site reports how a released model performs on its data.
+#[utoipa::path(tag = "models", responses((status = 201, body = MonitoringReportDto),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[post("/models/{id}/monitoring")]
+async fn report(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    id: web::Path<Uuid>,
+    body: web::Json<ReportMonitoring>,
+) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Created()
+        .json(models::report(&ctx, &a, id.into_inner(), body.into_inner()).await?))
+}
+
+/// The sites' monitoring reports for a version.
+#[utoipa::path(tag = "models", responses((status = 200, body = Vec<MonitoringReportDto>),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/models/{id}/monitoring")]
+async fn monitoring(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    id: web::Path<Uuid>,
+) -> AppResult<web::Json<Vec<MonitoringReportDto>>> {
+    Ok(web::Json(
+        models::monitoring(&ctx, &a, id.into_inner()).await?,
+    ))
+}
+
+/// The grants in force at a site (what its worker checks each job against).
+#[utoipa::path(tag = "sites", responses((status = 200, body = Vec<SiteGrantDto>),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/sites/{id}/grants")]
+async fn site_grants(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    id: web::Path<Uuid>,
+) -> AppResult<web::Json<Vec<SiteGrantDto>>> {
+    Ok(web::Json(
+        access::site_grants(&ctx, &a, id.into_inner()).await?,
+    ))
+}
+
+/// Creates the site worker's token (the site's custodian or an administrator); shown once.
+#[utoipa::path(tag = "sites", responses((status = 201, body = TokenCreated),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[post("/sites/{id}/worker-tokens")]
+async fn worker_token(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    id: web::Path<Uuid>,
+    body: web::Json<CreateWorkerToken>,
+) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Created()
+        .json(tokens::create_worker_token(&ctx, &a, id.into_inner(), body.into_inner()).await?))
+}
+
+/// The site worker's last heartbeat.
+#[utoipa::path(tag = "sites", responses((status = 200, body = HeartbeatDto),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/sites/{id}/heartbeat")]
+async fn site_heartbeat(
+    ctx: web::Data<AppContext>,
+    Authenticated(_a): Authenticated,
+    id: web::Path<Uuid>,
+) -> AppResult<web::Json<HeartbeatDto>> {
+    let id = id.into_inner();
+    let h = heartbeat::Entity::find_by_id(id)
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("Site {id}'s worker has not reported yet; check that it runs and reaches the broker.")))?;
+    Ok(web::Json(HeartbeatDto {
+        site_id: h.site_id,
+        state: h.state,
+        data_summary: h.data_summary,
+        version: h.version,
+        at: h.at,
+    }))
+}
