@@ -28,6 +28,8 @@ use crate::services::{directory, runs as run_service, studies};
 
 #[derive(Clone)]
 pub struct Engine {
+    /// The runtime the engine's tasks run on (not the web server's per-thread runtimes).
+    runtime: tokio::runtime::Handle,
     pub broker: SharedBroker,
     pub artifacts: ArtifactStore,
     notify: Arc<Notify>,
@@ -49,6 +51,7 @@ fn from<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> AppResult<T> {
 impl Engine {
     pub fn new(broker: SharedBroker, artifacts: ArtifactStore, round_timeout_seconds: u64) -> Self {
         Engine {
+            runtime: tokio::runtime::Handle::current(),
             broker,
             artifacts,
             notify: Arc::new(Notify::new()),
@@ -92,7 +95,7 @@ impl Engine {
     /// Drives a run (already marked running) in the background.
     pub fn spawn(&self, ctx: &AppContext, run_id: Uuid) {
         let (engine, ctx) = (self.clone(), ctx.clone());
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             if let Err(e) = engine.drive(&ctx, run_id).await {
                 tracing::error!(run = %run_id, error = ?e, "the run stopped on an error");
                 let _ = engine
@@ -799,9 +802,14 @@ impl Engine {
             .as_deref()
             .and_then(|s| serde_json::from_str(s).ok())
             .unwrap_or_default();
-        let next =
-            tokio::task::block_in_place(|| aggregate(&strategy, &global, &updates, &mut state))
-                .map_err(|e| AppError::unexpected(anyhow::anyhow!("aggregation: {e}")))?;
+        let (g, u) = (global.clone(), updates);
+        let next = tokio::task::spawn_blocking(move || {
+            aggregate(&strategy, &g, &u, &mut state).map(|w| (w, state))
+        })
+        .await
+        .map_err(AppError::unexpected)?
+        .map_err(|e| AppError::unexpected(anyhow::anyhow!("aggregation: {e}")))?;
+        let (next, state) = next;
         let bytes =
             weights::to_safetensors(&next).map_err(|e| AppError::unexpected(anyhow::anyhow!(e)))?;
         let hash = self

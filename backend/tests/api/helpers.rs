@@ -94,6 +94,7 @@ async fn pg_template() -> String {
 
 pub struct TestApp {
     pub address: String,
+    pub broker: consilium_worker::broker::SharedBroker,
     pub client: reqwest::Client,
     pub ctx: AppContext,
 
@@ -159,6 +160,7 @@ pub async fn spawn_app_with(db: Db, configure: impl FnOnce(&mut Settings)) -> Te
         .expect("the server starts");
     let address = format!("http://127.0.0.1:{}", app.port());
     let ctx = app.context.clone();
+    let broker = app.broker.clone();
     tokio::spawn(app.run_until_stopped());
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -166,6 +168,7 @@ pub async fn spawn_app_with(db: Db, configure: impl FnOnce(&mut Settings)) -> Te
         .expect("client");
     TestApp {
         address,
+        broker,
         client,
         ctx,
         _dir: dir,

@@ -5,6 +5,7 @@
 mod helpers;
 
 mod audit;
+mod engine;
 mod errors;
 mod lifecycle;
 mod oidc;

@@ -1,0 +1,310 @@
+//! A governed run trains a model across site workers (in-process broker, real training on
+//! synthetic radiograph-like data), and every model version names what it stands on.
+
+use crate::helpers::*;
+use crate::on_both;
+
+use consilium_worker::data::{DataKind, DatasetSpec, LabelKey};
+use consilium_worker::job::{ServerApprovals, SiteContext};
+use consilium_worker::synthetic::{SiteProfile, write_site};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+pub fn engine_manifest(rounds: u32) -> Value {
+    json!({
+        "model": {"architecture": "small_cnn", "num_classes": 2},
+        "preprocessing": {"image_size": 28, "normalisation": "zscore"},
+        "optimiser": {"name": "adamw", "learning_rate": 0.003, "weight_decay": 0.0001},
+        "local_epochs": 3, "batch_size": 16, "rounds": rounds,
+        "aggregation": {"strategy": "fedavg", "min_sites": 2},
+        "seed": 9
+    })
+}
+
+/// Starts a site worker in this process, with its own worker token, data and the server's broker.
+pub async fn start_worker(
+    app: &TestApp,
+    site: Uuid,
+    custodian: &Person,
+    profile: SiteProfile,
+    dir: &std::path::Path,
+) -> tokio::task::JoinHandle<()> {
+    let data = dir.join(format!("site-{site}"));
+    write_site(&data, 32, &profile).expect("synthetic data");
+    // Worker tokens are made by a signed-in custodian, not by another token.
+    let session = Auth::Cookie(app.sign_in(&custodian.email).await);
+    let token = app
+        .post(
+            &format!("/api/v1/sites/{site}/worker-tokens"),
+            &session,
+            json!({"name": "worker", "expires_at": in_days(30)}),
+        )
+        .await
+        .expect(201)["token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let spec = DatasetSpec {
+        kind: DataKind::Images,
+        labels: data.join("labels.csv"),
+        root: data,
+        label_key: LabelKey::Path,
+        holdout: 0.25,
+        window: None,
+    };
+    let artifacts = app.ctx.engine().expect("engine").artifacts.clone();
+    let approvals = Arc::new(ServerApprovals {
+        server_url: app.address.clone(),
+        token,
+        http: reqwest::Client::new(),
+    });
+    let ctx = Arc::new(SiteContext::new(site, spec, artifacts, approvals));
+    let broker = app.broker.clone();
+    tokio::spawn(async move {
+        let _ = consilium_worker::consumer::run(
+            ctx,
+            broker,
+            Duration::from_secs(1),
+            std::future::pending(),
+        )
+        .await;
+    })
+}
+
+/// Drafts, approves and grants a two-site study; returns (study id, plan hash).
+pub async fn approved_study(app: &TestApp, w: &World, manifest: Value) -> (String, String) {
+    let r = &w.researcher.auth;
+    let sid = id_of(
+        &app.post("/api/v1/studies", r, study_body(w, &[w.site_a, w.site_b]))
+            .await
+            .expect(201),
+    );
+    let hash = app
+        .post(
+            &format!("/api/v1/studies/{sid}/plans"),
+            r,
+            json!({"manifest": manifest}),
+        )
+        .await
+        .expect(201)["hash"]
+        .as_str()
+        .expect("hash")
+        .to_string();
+    app.post(&format!("/api/v1/studies/{sid}/submit"), r, json!({}))
+        .await
+        .expect(200);
+    app.post(
+        &format!("/api/v1/studies/{sid}/reviews"),
+        &w.member.auth,
+        json!({"decision": "approve", "comments": "ok", "expires_at": in_days(30)}),
+    )
+    .await
+    .expect(201);
+    for (site, custodian) in [(w.site_a, &w.custodian_a), (w.site_b, &w.custodian_b)] {
+        let req = id_of(
+            &app.post(
+                &format!("/api/v1/studies/{sid}/access-requests"),
+                r,
+                json!({"site_id": site, "justification": "training"}),
+            )
+            .await
+            .expect(201),
+        );
+        app.post(
+            &format!("/api/v1/access-requests/{req}/decision"),
+            &custodian.auth,
+            json!({"decision": "approve", "expires_at": in_days(30)}),
+        )
+        .await
+        .expect(200);
+    }
+    (sid, hash)
+}
+
+pub async fn wait_for_run(app: &TestApp, run: &str, auth: &Auth, secs: u64) -> Value {
+    for _ in 0..secs * 4 {
+        let r = app
+            .get(&format!("/api/v1/runs/{run}"), auth)
+            .await
+            .expect(200);
+        if r["status"] != "running" {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("the run did not finish within {secs} s");
+}
+
+async fn a_governed_run_trains_across_sites(db: Db) {
+    let app = spawn_app_with(db, |s| s.engine.round_timeout_seconds = 120).await;
+    let w = world(&app).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let p = |seed, lesion_fraction, noise| SiteProfile {
+        images: 120,
+        lesion_fraction,
+        gain: 1.0,
+        offset: 0.0,
+        noise,
+        blur: 0,
+        seed,
+    };
+    let _a = start_worker(&app, w.site_a, &w.custodian_a, p(1, 0.5, 0.03), dir.path()).await;
+    let _b = start_worker(&app, w.site_b, &w.custodian_b, p(2, 0.35, 0.06), dir.path()).await;
+    let (sid, hash) = approved_study(&app, &w, engine_manifest(3)).await;
+    let run = app
+        .post(
+            &format!("/api/v1/studies/{sid}/runs"),
+            &w.researcher.auth,
+            json!({}),
+        )
+        .await
+        .expect(201);
+    assert_eq!(run["status"], "running");
+    let rid = id_of(&run);
+    let done = wait_for_run(&app, &rid, &w.researcher.auth, 240).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["current_round"], 3);
+    assert_eq!(done["stop_reason"], "Completed the plan's 3 rounds.");
+
+    let rounds = app
+        .get(&format!("/api/v1/runs/{rid}/rounds"), &w.researcher.auth)
+        .await
+        .expect(200);
+    assert_eq!(rounds.as_array().map(Vec::len), Some(3));
+    for round in rounds.as_array().expect("rounds") {
+        assert_eq!(round["state"], "closed");
+        let statuses: Vec<&str> = round["sites"]
+            .as_array()
+            .expect("sites")
+            .iter()
+            .filter_map(|s| s["status"].as_str())
+            .collect();
+        assert_eq!(statuses, vec!["trained", "trained"], "{round}");
+    }
+
+    let models = app
+        .get(&format!("/api/v1/models?run_id={rid}"), &w.researcher.auth)
+        .await
+        .expect(200);
+    let models = models.as_array().expect("models").clone();
+    assert_eq!(models.len(), 3);
+    let last = &models[2];
+    assert_eq!(last["parent_id"], models[1]["id"]);
+    let acc = last["evaluation"]["global"]["accuracy"]
+        .as_f64()
+        .expect("accuracy");
+    assert!(
+        acc > 0.75,
+        "the global model is clearly above chance at the sites: {acc}"
+    );
+
+    // Lineage: model → round → updates → sites → plan hash → approvals.
+    let lineage = app
+        .get(
+            &format!("/api/v1/models/{}/lineage", id_of(last)),
+            &w.auditor.auth,
+        )
+        .await
+        .expect(200);
+    assert_eq!(lineage["model"]["plan_hash"], json!(hash));
+    assert_eq!(lineage["plan"]["hash"], json!(hash));
+    assert_eq!(lineage["review"]["decision"], "approve");
+    assert_eq!(lineage["grants"].as_array().map(Vec::len), Some(2));
+    let contributions = lineage["model"]["contributions"]
+        .as_array()
+        .expect("contributions");
+    let mut sites: Vec<String> = contributions
+        .iter()
+        .map(|c| c["site_name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    sites.sort();
+    assert_eq!(sites, vec!["North Hospital", "South Hospital"]);
+    for c in contributions {
+        assert_eq!(c["update_hash"].as_str().map(str::len), Some(64));
+        assert!(c["samples"].as_u64().unwrap_or(0) > 50);
+    }
+    assert_eq!(lineage["parent"]["id"], models[1]["id"]);
+
+    // The weights download is the stored artifact, and hashes to the version's hash.
+    let resp = app
+        .client
+        .get(format!(
+            "{}/api/v1/models/{}/weights",
+            app.address,
+            id_of(last)
+        ))
+        .bearer_auth(token(&w.researcher))
+        .send()
+        .await
+        .expect("weights");
+    let bytes = resp.bytes().await.expect("bytes");
+    assert_eq!(
+        consilium_core::hash::sha256_hex(&bytes),
+        last["hash"].as_str().expect("hash")
+    );
+
+    // Release, then a site reports monitoring metrics for it.
+    app.post(
+        &format!("/api/v1/models/{}/release", id_of(last)),
+        &w.researcher.auth,
+        json!({}),
+    )
+    .await
+    .expect(200);
+    let report = json!({"site_id": w.site_a, "metrics": {"loss": 0.3, "accuracy": 0.9, "auroc": 0.95, "samples": 40}, "note": "first month"});
+    app.post(
+        &format!("/api/v1/models/{}/monitoring", id_of(last)),
+        &w.custodian_b.auth,
+        report.clone(),
+    )
+    .await
+    .expect(403);
+    app.post(
+        &format!("/api/v1/models/{}/monitoring", id_of(last)),
+        &w.custodian_a.auth,
+        report,
+    )
+    .await
+    .expect(201);
+
+    // Every step is audited and the chain holds.
+    let audit = app
+        .get(
+            "/api/v1/audit/events?action=update.received&limit=1000",
+            &w.auditor.auth,
+        )
+        .await
+        .expect(200);
+    assert_eq!(audit.as_array().map(Vec::len), Some(6));
+    assert_eq!(
+        app.get("/api/v1/audit/verify", &w.auditor.auth)
+            .await
+            .expect(200)["ok"],
+        true
+    );
+    // The workers report in.
+    let hb = app
+        .get(
+            &format!("/api/v1/sites/{}/heartbeat", w.site_a),
+            &w.admin.auth,
+        )
+        .await
+        .expect(200);
+    assert!(
+        hb["data_summary"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("images"),
+        "{hb}"
+    );
+}
+on_both!(a_governed_run_trains_across_sites);
+
+fn token(p: &Person) -> String {
+    match &p.auth {
+        Auth::Token(t) => t.clone(),
+        _ => panic!("a token"),
+    }
+}
