@@ -63,10 +63,16 @@ pub async fn run(mut settings: Settings, opts: DemoOptions) -> anyhow::Result<i3
     settings.server.port = opts.port;
     settings.auth.oidc = None;
     settings.auth.local_accounts = Some(true);
+    settings.engine.broker_url = None;
+    settings.engine.round_timeout_seconds = settings.engine.round_timeout_seconds.min(180);
     let app = Application::build(settings).await?;
     let ctx = app.context.clone();
-    walk_through(&ctx).await?;
+    let broker = app.broker.clone();
     let url = format!("http://127.0.0.1:{}", app.port());
+    // The API must answer while the demo runs: the site workers ask it for their grants.
+    let server = tokio::spawn(app.run_until_stopped());
+    let walked = walk_through(&ctx).await?;
+    train(&ctx, &broker, &url, &opts.data_dir, &walked).await?;
     println!();
     println!("Sign in (development-only local accounts, password {DEMO_PASSWORD:?}):");
     for (email, role) in PEOPLE.iter().map(|(e, _, r)| (e, r)) {
@@ -78,11 +84,12 @@ pub async fn run(mut settings: Settings, opts: DemoOptions) -> anyhow::Result<i3
         "Sign in with:      curl -c cookies -H 'content-type: application/json' -d '{{\"email\":\"rhea@uni.example\",\"password\":\"{DEMO_PASSWORD}\"}}' {url}/api/v1/auth/login"
     );
     if opts.exit {
+        server.abort();
         return Ok(0);
     }
     println!("Serving on {url} — press Ctrl-C to stop.");
     tokio::select! {
-        r = app.run_until_stopped() => r?,
+        r = server => { r??; }
         _ = tokio::signal::ctrl_c() => println!("Stopped."),
     }
     Ok(0)
@@ -110,7 +117,7 @@ const PEOPLE: [(&str, &str, Role); 7] = [
     ("aldo@audit.example", "Aldo Auditor", Role::Auditor),
 ];
 
-async fn walk_through(ctx: &AppContext) -> anyhow::Result<()> {
+async fn walk_through(ctx: &AppContext) -> anyhow::Result<Walked> {
     let system = Actor::system();
     println!("A governed study, step by step:");
     let mut people = Vec::new();
@@ -195,8 +202,8 @@ async fn walk_through(ctx: &AppContext) -> anyhow::Result<()> {
     let manifest: TrainingPlanManifest = serde_json::from_value(serde_json::json!({
         "model": {"architecture": "small_cnn", "num_classes": 2},
         "preprocessing": {"image_size": 28, "normalisation": "zscore"},
-        "optimiser": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9},
-        "local_epochs": 1, "batch_size": 32, "rounds": 5,
+        "optimiser": {"name": "adamw", "learning_rate": 0.003, "weight_decay": 0.0001},
+        "local_epochs": 2, "batch_size": 16, "rounds": 5,
         "aggregation": {"strategy": "fedavg", "min_sites": 2},
         "stopping": {"target_metric": "accuracy", "target_value": 0.95, "patience": 3},
         "seed": 42
@@ -286,26 +293,206 @@ async fn walk_through(ctx: &AppContext) -> anyhow::Result<()> {
     );
     let after = runs::report(ctx, &r, study.id, None).await.map_err(fail)?;
     step(8, &format!("Preflight now: ready = {}.", after.ready));
-    let run = runs::create_run(ctx, &r, study.id, CreateRun { plan_hash: None })
+    Ok(Walked {
+        study: study.id,
+        researcher: r,
+        sites: sites.iter().map(|s| (s.id, s.name.clone())).collect(),
+    })
+}
+
+pub struct Walked {
+    pub study: uuid::Uuid,
+    pub researcher: Actor,
+    pub sites: Vec<(uuid::Uuid, String)>,
+}
+
+/// Generates each hospital's synthetic images, starts its site worker in this process, runs
+/// the federated training with a progress bar per round, and prints the results.
+async fn train(
+    ctx: &AppContext,
+    broker: &consilium_worker::broker::SharedBroker,
+    url: &str,
+    data_dir: &std::path::Path,
+    w: &Walked,
+) -> anyhow::Result<()> {
+    use consilium_worker::data::{DataKind, DatasetSpec, LabelKey};
+    use consilium_worker::job::{ServerApprovals, SiteContext};
+    use std::sync::Arc;
+
+    let engine = ctx
+        .engine()
+        .ok_or_else(|| anyhow::anyhow!("the federated engine is not running"))?;
+    let profiles = consilium_worker::synthetic::demo_sites(1);
+    println!();
+    println!("Three site workers, each with its own synthetic chest-radiograph phantoms:");
+    for ((site, name), (key, profile)) in w.sites.iter().zip(profiles) {
+        let dir = data_dir.join("sites").join(key);
+        let _ = std::fs::remove_dir_all(&dir);
+        let lesions = consilium_worker::synthetic::write_site(&dir, 32, &profile)?;
+        println!(
+            "  {name:<16} {} images, {lesions} with a lesion, noise {:.2}, blur {}",
+            profile.images, profile.noise, profile.blur
+        );
+        let token = crate::services::tokens::create_worker_token(
+            ctx,
+            &Actor::system(),
+            *site,
+            consilium_core::api::CreateWorkerToken {
+                name: format!("{name} worker"),
+                expires_at: Utc::now() + Duration::days(30),
+            },
+        )
+        .await
+        .map_err(fail)?
+        .token;
+        let spec = DatasetSpec {
+            kind: DataKind::Images,
+            labels: dir.join("labels.csv"),
+            root: dir,
+            label_key: LabelKey::Path,
+            holdout: 0.25,
+            window: None,
+        };
+        let approvals = Arc::new(ServerApprovals {
+            server_url: url.to_string(),
+            token,
+            http: reqwest::Client::new(),
+        });
+        let site_ctx = Arc::new(SiteContext::new(
+            *site,
+            spec,
+            engine.artifacts.clone(),
+            approvals,
+        ));
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            if let Err(e) = consilium_worker::consumer::run(
+                site_ctx,
+                broker,
+                std::time::Duration::from_secs(3),
+                std::future::pending(),
+            )
+            .await
+            {
+                tracing::error!(error = %e, "a demo site worker stopped");
+            }
+        });
+    }
+    let run = runs::create_run(ctx, &w.researcher, w.study, CreateRun { plan_hash: None })
         .await
         .map_err(fail)?;
-    step(
-        9,
-        &format!(
-            "The run {} was created under review {} and {} grants.",
-            run.id,
-            run.review_id,
-            run.grant_ids.len()
-        ),
+    println!();
+    println!("Federated training (run {}):", run.id);
+    let bars = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template(
+        "  round {prefix:>2} [{bar:24}] {pos}/{len} sites  {msg}",
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?
+    .progress_chars("=> ");
+    let mut shown: Vec<indicatif::ProgressBar> = Vec::new();
+    let started = std::time::Instant::now();
+    let final_run = loop {
+        let rounds = crate::services::models::rounds(ctx, &w.researcher, run.id)
+            .await
+            .map_err(fail)?;
+        for (i, round) in rounds.iter().enumerate() {
+            if shown.len() <= i {
+                let bar = bars.add(indicatif::ProgressBar::new(round.sites.len() as u64));
+                bar.set_style(style.clone());
+                bar.set_prefix(round.number.to_string());
+                shown.push(bar);
+            }
+            let bar = &shown[i];
+            let done = round.sites.iter().filter(|s| s.status != "waiting").count();
+            bar.set_position(done as u64);
+            let model = match round.model_version_id {
+                Some(id) => crate::services::models::get(ctx, &w.researcher, id)
+                    .await
+                    .ok(),
+                None => None,
+            };
+            let msg = match (round.state.as_str(), model.and_then(|m| m.evaluation)) {
+                (_, Some(e)) => format!("global accuracy {:.3}", e.global.accuracy),
+                (state, None) => state.to_string(),
+            };
+            bar.set_message(msg);
+            if round.state == "closed" || round.state == "failed" {
+                bar.finish();
+            }
+        }
+        let current = runs::get_run(ctx, &w.researcher, run.id)
+            .await
+            .map_err(fail)?;
+        if current.status != "running" {
+            break current;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    };
+    for b in &shown {
+        b.finish();
+    }
+    println!(
+        "  {} after {:.1} s: {}",
+        final_run.status,
+        started.elapsed().as_secs_f64(),
+        final_run.stop_reason.clone().unwrap_or_default()
     );
+    let versions = crate::services::models::list(ctx, &w.researcher, Some(run.id), None)
+        .await
+        .map_err(fail)?;
+    println!();
+    let names: Vec<&str> = w.sites.iter().map(|(_, n)| n.as_str()).collect();
+    println!(
+        "  round  global acc  global AUROC  {}",
+        names.iter().map(|n| format!("{n:>16}")).collect::<String>()
+    );
+    for v in &versions {
+        let Some(e) = &v.evaluation else { continue };
+        let per_site: String = w
+            .sites
+            .iter()
+            .map(|(id, _)| {
+                e.sites.iter().find(|s| s.site_id == *id).map_or_else(
+                    || format!("{:>16}", "—"),
+                    |s| format!("{:>16.3}", s.metrics.accuracy),
+                )
+            })
+            .collect();
+        println!(
+            "  {:>5}  {:>10.3}  {:>12}  {per_site}",
+            v.round,
+            e.global.accuracy,
+            e.global.auroc.map_or("—".into(), |a| format!("{a:.3}"))
+        );
+    }
+    if let Some(last) = versions.last() {
+        println!();
+        println!(
+            "Final model {} (round {}, {}):",
+            last.id, last.round, last.strategy
+        );
+        println!("  weights sha256 {}", last.hash);
+        println!(
+            "  plan {}  ethics decision {}  grants {}",
+            &last.plan_hash[..16],
+            last.review_id,
+            last.grant_ids.len()
+        );
+        for c in &last.contributions {
+            println!(
+                "  update {} from {:<16} {} samples",
+                &c.update_hash[..16],
+                c.site_name,
+                c.samples
+            );
+        }
+        println!("  lineage: GET /api/v1/models/{}/lineage", last.id);
+    }
     let verified = audit::verify(&ctx.db).await.map_err(fail)?;
-    step(
-        10,
-        &format!(
-            "The audit trail holds {} hash-chained events; verification: {}.",
-            verified.events_checked,
-            if verified.ok { "intact" } else { "BROKEN" }
-        ),
+    println!(
+        "The audit trail holds {} hash-chained events; verification: {}.",
+        verified.events_checked,
+        if verified.ok { "intact" } else { "BROKEN" }
     );
     Ok(())
 }
