@@ -144,7 +144,9 @@ pub fn is_batch_norm(name: &str) -> bool {
         .any(|part| part.starts_with("bn") || part == "norm" || part.ends_with("_bn"))
 }
 
-fn check(global: &Weights, updates: &[Update]) -> Result<(), AggregateError> {
+/// Shapes always; values only when `values` (the weighted means check their output instead,
+/// which reads the data once rather than twice).
+fn check(global: &Weights, updates: &[Update], values: bool) -> Result<(), AggregateError> {
     if updates.is_empty() {
         return Err(AggregateError::NoUpdates);
     }
@@ -172,7 +174,7 @@ fn check(global: &Weights, updates: &[Update]) -> Result<(), AggregateError> {
                         ),
                     });
                 }
-                Some(t) if t.data.iter().any(|x| !x.is_finite()) => {
+                Some(t) if values && t.data.iter().any(|x| !x.is_finite()) => {
                     return Err(AggregateError::Mismatch {
                         index,
                         reason: format!("tensor {name} holds a value that is not finite"),
@@ -286,7 +288,23 @@ pub fn aggregate(
     updates: &[Update],
     state: &mut ServerState,
 ) -> Result<Weights, AggregateError> {
-    check(global, updates)?;
+    let weighted_mean_based = matches!(strategy, Strategy::FedAvg | Strategy::FedBn | Strategy::FedCostWAvg { .. });
+    check(global, updates, !weighted_mean_based)?;
+    let out = aggregate_checked(strategy, global, updates, state)?;
+    if weighted_mean_based && out.values().any(|t| t.data.iter().any(|x| !x.is_finite())) {
+        // Some input was not finite: find it to say which (the rare, slow path).
+        check(global, updates, true)?;
+        return Err(AggregateError::Invalid("the aggregate is not finite".into()));
+    }
+    Ok(out)
+}
+
+fn aggregate_checked(
+    strategy: &Strategy,
+    global: &Weights,
+    updates: &[Update],
+    state: &mut ServerState,
+) -> Result<Weights, AggregateError> {
     match strategy {
         Strategy::FedAvg => Ok(weighted_mean(
             global,
