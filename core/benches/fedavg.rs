@@ -10,8 +10,12 @@ const SITES: usize = 10;
 const REPEATS: usize = 5;
 
 fn weights(seed: f32) -> Weights {
-    let data: Vec<f32> = (0..PARAMS).map(|i| seed + (i % 1000) as f32 * 1e-3).collect();
-    [("w".to_string(), Tensor::new(vec![PARAMS], data))].into_iter().collect()
+    let data: Vec<f32> = (0..PARAMS)
+        .map(|i| seed + (i % 1000) as f32 * 1e-3)
+        .collect();
+    [("w".to_string(), Tensor::new(vec![PARAMS], data))]
+        .into_iter()
+        .collect()
 }
 
 fn best_of(mut f: impl FnMut() -> f32) -> (f64, f32) {
@@ -28,7 +32,12 @@ fn best_of(mut f: impl FnMut() -> f32) -> (f64, f32) {
 fn main() {
     let global = weights(0.0);
     let updates: Vec<Update> = (0..SITES)
-        .map(|i| Update { weights: weights(i as f32), samples: 100 + i as u64, loss_before: None, loss_after: None })
+        .map(|i| Update {
+            weights: weights(i as f32),
+            samples: 100 + i as u64,
+            loss_before: None,
+            loss_after: None,
+        })
         .collect();
     let bytes = (SITES * PARAMS * 4) as f64;
 
@@ -41,12 +50,25 @@ fn main() {
         dst[PARAMS / 2]
     });
     let (avg, s2) = best_of(|| {
-        let out = aggregate(&Strategy::FedAvg, &global, &updates, &mut ServerState::default()).unwrap_or_default();
+        let out = aggregate(
+            &Strategy::FedAvg,
+            &global,
+            &updates,
+            &mut ServerState::default(),
+        )
+        .unwrap_or_default();
         out["w"].data[PARAMS / 2]
     });
     let gbs = |secs: f64| bytes / secs / 1e9;
-    println!("updates: {SITES} × {PARAMS} f32 parameters ({:.0} MB read per aggregation)", bytes / 1e6);
+    println!(
+        "updates: {SITES} × {PARAMS} f32 parameters ({:.0} MB read per aggregation)",
+        bytes / 1e6
+    );
     println!("plain copy: {:.2} GB/s ({:.1} ms)", gbs(copy), copy * 1e3);
     println!("FedAvg:     {:.2} GB/s ({:.1} ms)", gbs(avg), avg * 1e3);
-    println!("FedAvg / copy: {:.2}  (goal ≥ 0.5)   [checksum {:.1}]", copy / avg, s1 + s2);
+    println!(
+        "FedAvg / copy: {:.2}  (goal ≥ 0.5)   [checksum {:.1}]",
+        copy / avg,
+        s1 + s2
+    );
 }

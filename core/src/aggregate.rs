@@ -288,13 +288,18 @@ pub fn aggregate(
     updates: &[Update],
     state: &mut ServerState,
 ) -> Result<Weights, AggregateError> {
-    let weighted_mean_based = matches!(strategy, Strategy::FedAvg | Strategy::FedBn | Strategy::FedCostWAvg { .. });
+    let weighted_mean_based = matches!(
+        strategy,
+        Strategy::FedAvg | Strategy::FedBn | Strategy::FedCostWAvg { .. }
+    );
     check(global, updates, !weighted_mean_based)?;
     let out = aggregate_checked(strategy, global, updates, state)?;
     if weighted_mean_based && out.values().any(|t| t.data.iter().any(|x| !x.is_finite())) {
         // Some input was not finite: find it to say which (the rare, slow path).
         check(global, updates, true)?;
-        return Err(AggregateError::Invalid("the aggregate is not finite".into()));
+        return Err(AggregateError::Invalid(
+            "the aggregate is not finite".into(),
+        ));
     }
     Ok(out)
 }

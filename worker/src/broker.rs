@@ -20,8 +20,6 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 pub const RESULTS_QUEUE: &str = "consilium.results";
-pub const DEAD_LETTER_EXCHANGE: &str = "consilium.dead-letter";
-pub const DEAD_LETTER_QUEUE: &str = "consilium.dead-letter";
 
 pub fn site_queue(site: Uuid) -> String {
     format!("consilium.site.{site}.jobs")
@@ -201,19 +199,32 @@ impl Broker for InProcessBroker {
 #[derive(Clone)]
 pub struct RabbitBroker {
     url: String,
+    /// Prefix of every queue and exchange name (`consilium`; tests use their own).
+    ns: String,
     publisher: Arc<tokio::sync::Mutex<Option<(Connection, Channel)>>>,
 }
 
-fn queue_args() -> FieldTable {
+fn queue_args(ns: &str) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         ShortString::from("x-dead-letter-exchange"),
-        AMQPValue::LongString(DEAD_LETTER_EXCHANGE.into()),
+        AMQPValue::LongString(dead_letter(ns).into()),
     );
     args
 }
 
-async fn open(url: &str) -> Result<(Connection, Channel), BrokerError> {
+/// The names of a namespace's shared queues: results, and dead letters (exchange and queue).
+pub fn results_queue(ns: &str) -> String {
+    format!("{ns}.results")
+}
+pub fn dead_letter(ns: &str) -> String {
+    format!("{ns}.dead-letter")
+}
+fn site_queue_in(ns: &str, site: Uuid) -> String {
+    format!("{ns}.site.{site}.jobs")
+}
+
+async fn open(url: &str, ns: &str) -> Result<(Connection, Channel), BrokerError> {
     let unreachable = |e: lapin::Error| BrokerError::Unreachable(e.to_string());
     let conn = Connection::connect(url, ConnectionProperties::default())
         .await
@@ -221,7 +232,7 @@ async fn open(url: &str) -> Result<(Connection, Channel), BrokerError> {
     let channel = conn.create_channel().await.map_err(unreachable)?;
     channel
         .exchange_declare(
-            DEAD_LETTER_EXCHANGE.into(),
+            dead_letter(ns).into(),
             ExchangeKind::Fanout,
             ExchangeDeclareOptions {
                 durable: true,
@@ -233,7 +244,7 @@ async fn open(url: &str) -> Result<(Connection, Channel), BrokerError> {
         .map_err(unreachable)?;
     channel
         .queue_declare(
-            DEAD_LETTER_QUEUE.into(),
+            dead_letter(ns).into(),
             QueueDeclareOptions::durable(),
             FieldTable::default(),
         )
@@ -241,8 +252,8 @@ async fn open(url: &str) -> Result<(Connection, Channel), BrokerError> {
         .map_err(unreachable)?;
     channel
         .queue_bind(
-            DEAD_LETTER_QUEUE.into(),
-            DEAD_LETTER_EXCHANGE.into(),
+            dead_letter(ns).into(),
+            dead_letter(ns).into(),
             "".into(),
             QueueBindOptions::default(),
             FieldTable::default(),
@@ -256,9 +267,9 @@ async fn open(url: &str) -> Result<(Connection, Channel), BrokerError> {
     Ok((conn, channel))
 }
 
-async fn declare(channel: &Channel, queue: &str) -> Result<(), BrokerError> {
+async fn declare(channel: &Channel, ns: &str, queue: &str) -> Result<(), BrokerError> {
     channel
-        .queue_declare(queue.into(), QueueDeclareOptions::durable(), queue_args())
+        .queue_declare(queue.into(), QueueDeclareOptions::durable(), queue_args(ns))
         .await
         .map(|_| ())
         .map_err(|e| BrokerError::Unreachable(e.to_string()))
@@ -267,10 +278,16 @@ async fn declare(channel: &Channel, queue: &str) -> Result<(), BrokerError> {
 impl RabbitBroker {
     /// Connects (and declares the shared topology) to check the URL early.
     pub async fn connect(url: &str) -> Result<Self, BrokerError> {
-        let pair = open(url).await?;
-        declare(&pair.1, RESULTS_QUEUE).await?;
+        Self::connect_in(url, "consilium").await
+    }
+
+    /// Uses queue and exchange names under `ns` (isolated test runs share one broker).
+    pub async fn connect_in(url: &str, ns: &str) -> Result<Self, BrokerError> {
+        let pair = open(url, ns).await?;
+        declare(&pair.1, ns, &results_queue(ns)).await?;
         Ok(RabbitBroker {
             url: url.to_string(),
+            ns: ns.to_string(),
             publisher: Arc::new(tokio::sync::Mutex::new(Some(pair))),
         })
     }
@@ -286,7 +303,7 @@ impl RabbitBroker {
                 .as_ref()
                 .is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected())
             {
-                match open(&self.url).await {
+                match open(&self.url, &self.ns).await {
                     Ok(pair) => *guard = Some(pair),
                     Err(e) => {
                         last = e.to_string();
@@ -297,7 +314,7 @@ impl RabbitBroker {
             let Some((_, channel)) = guard.as_ref() else {
                 continue;
             };
-            if let Err(e) = declare(channel, queue).await {
+            if let Err(e) = declare(channel, &self.ns, queue).await {
                 last = e.to_string();
                 *guard = None;
                 continue;
@@ -330,14 +347,14 @@ impl RabbitBroker {
     /// Consumes `queue` with prefetch 1, reconnecting whenever the connection is lost.
     fn consume(&self, queue: String) -> Subscription {
         let (tx, rx) = mpsc::channel(1);
-        let url = self.url.clone();
+        let (url, ns) = (self.url.clone(), self.ns.clone());
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
                 if tx.is_closed() {
                     return;
                 }
-                match consume_once(&url, &queue, &tx).await {
+                match consume_once(&url, &ns, &queue, &tx).await {
                     Ok(()) => return,
                     Err(e) => {
                         tracing::warn!(queue, error = %e, "broker connection lost; reconnecting");
@@ -354,11 +371,12 @@ impl RabbitBroker {
 /// Returns Ok when the subscriber went away, Err when the connection failed.
 async fn consume_once(
     url: &str,
+    ns: &str,
     queue: &str,
     tx: &mpsc::Sender<Delivery>,
 ) -> Result<(), BrokerError> {
-    let (conn, channel) = open(url).await?;
-    declare(&channel, queue).await?;
+    let (conn, channel) = open(url, ns).await?;
+    declare(&channel, ns, queue).await?;
     channel
         .basic_qos(1, BasicQosOptions::default())
         .await
@@ -393,19 +411,21 @@ async fn consume_once(
 #[async_trait]
 impl Broker for RabbitBroker {
     async fn publish_job(&self, job: &Job) -> Result<(), BrokerError> {
-        self.publish(&site_queue(job.site_id), &encode(job)).await
+        self.publish(&site_queue_in(&self.ns, job.site_id), &encode(job))
+            .await
     }
     async fn publish_message(&self, message: &WorkerMessage) -> Result<(), BrokerError> {
-        self.publish(RESULTS_QUEUE, &encode(message)).await
+        self.publish(&results_queue(&self.ns), &encode(message))
+            .await
     }
     async fn jobs(&self, site: Uuid) -> Result<Subscription, BrokerError> {
-        Ok(self.consume(site_queue(site)))
+        Ok(self.consume(site_queue_in(&self.ns, site)))
     }
     async fn results(&self) -> Result<Subscription, BrokerError> {
-        Ok(self.consume(RESULTS_QUEUE.to_string()))
+        Ok(self.consume(results_queue(&self.ns)))
     }
     async fn publish_raw_result(&self, payload: &[u8]) -> Result<(), BrokerError> {
-        self.publish(RESULTS_QUEUE, payload).await
+        self.publish(&results_queue(&self.ns), payload).await
     }
 }
 
