@@ -494,5 +494,21 @@ async fn train(
         verified.events_checked,
         if verified.ok { "intact" } else { "BROKEN" }
     );
+    if final_run.status != "completed" {
+        anyhow::bail!(
+            "the demo's run ended {}: {}",
+            final_run.status,
+            final_run.stop_reason.unwrap_or_default()
+        );
+    }
+    let accuracy = versions
+        .last()
+        .and_then(|v| v.evaluation.as_ref())
+        .map_or(0.0, |e| e.global.accuracy);
+    if accuracy < 0.7 {
+        anyhow::bail!(
+            "the demo's model reached only {accuracy:.3} accuracy at the sites; expected clearly above chance"
+        );
+    }
     Ok(())
 }
