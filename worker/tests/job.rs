@@ -36,7 +36,7 @@ fn manifest() -> TrainingPlanManifest {
     serde_json::from_value(serde_json::json!({
         "model": {"architecture": "small_cnn", "num_classes": 2},
         "preprocessing": {"image_size": 28, "normalisation": "zscore"},
-        "optimiser": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9},
+        "optimiser": {"name": "adamw", "learning_rate": 0.003, "weight_decay": 0.0001},
         "local_epochs": 4, "batch_size": 8, "rounds": 3,
         "aggregation": {"strategy": "fedavg"}, "seed": 5
     }))
