@@ -35,6 +35,18 @@ enum Command {
         #[arg(long, default_value_t = 28)]
         size: usize,
     },
+    /// Measures local training steps/s of a model (random data, batch 64, SGD with momentum)
+    /// with 1 thread and with all threads, each in a fresh process.
+    BenchTrain {
+        /// `small_cnn` (28×28 input) or `resnet` (32×32).
+        #[arg(long, default_value = "small_cnn")]
+        model: String,
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        /// Run one measurement with this many threads (used by the parent run).
+        #[arg(long, hide = true)]
+        threads: Option<usize>,
+    },
 }
 
 #[derive(Deserialize)]
@@ -74,6 +86,14 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::BenchTrain {
+        model,
+        steps,
+        threads,
+    } = &cli.command
+    {
+        return bench_train(model, *steps, *threads);
+    }
     let settings: WorkerSettings = Figment::new()
         .merge(Toml::file_exact(&cli.config))
         .merge(Env::prefixed("CONSILIUM_WORKER_").split("__"))
@@ -93,6 +113,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::BenchTrain { .. } => Ok(()),
         Command::Run => {
             let artifacts = ArtifactStore::open(&settings.artifacts)?;
             let approvals = Arc::new(ServerApprovals {
@@ -119,4 +140,70 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
     }
+}
+
+fn bench_train(model: &str, steps: usize, threads: Option<usize>) -> anyhow::Result<()> {
+    use consilium_worker::data::Sample;
+    use consilium_worker::train::{Net, Rng};
+    let Some(threads) = threads else {
+        // The parent: one child process per thread count (a thread pool is sized once per process).
+        let all = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let exe = std::env::current_exe()?;
+        println!("{model}: batch 64, SGD with momentum, {steps} steps after 3 warm-up steps");
+        for t in [1, all] {
+            let out = std::process::Command::new(&exe)
+                .args([
+                    "bench-train",
+                    "--model",
+                    model,
+                    "--steps",
+                    &steps.to_string(),
+                    "--threads",
+                    &t.to_string(),
+                ])
+                .env("RAYON_NUM_THREADS", t.to_string())
+                .output()?;
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            if !out.status.success() {
+                anyhow::bail!(
+                    "the {t}-thread measurement failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        return Ok(());
+    };
+    let size = if model == "resnet" { 32 } else { 28 };
+    let manifest: consilium_core::manifest::TrainingPlanManifest = serde_json::from_value(
+        serde_json::json!({
+            "model": {"architecture": model, "num_classes": 10},
+            "preprocessing": {"image_size": size},
+            "optimiser": {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9},
+            "local_epochs": 1, "batch_size": 64, "rounds": 1, "aggregation": {"strategy": "fedavg"}, "seed": 1
+        }),
+    )?;
+    let net = Net::new(&manifest, &consilium_worker::train::device())?;
+    let mut rng = Rng::new(7);
+    let samples: Vec<Sample> = (0..64)
+        .map(|i| Sample {
+            pixels: (0..size * size).map(|_| rng.unit() as f32).collect(),
+            label: i % 10,
+            source: String::new(),
+            holdout: false,
+        })
+        .collect();
+    let batch: Vec<&Sample> = samples.iter().collect();
+    // One epoch over 64 samples with batch 64 is exactly one step.
+    for _ in 0..3 {
+        net.train(&batch, &manifest, 1)?;
+    }
+    let started = std::time::Instant::now();
+    for i in 0..steps {
+        net.train(&batch, &manifest, i as u64)?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("  {threads} thread(s): {:.2} steps/s", steps as f64 / secs);
+    Ok(())
 }
