@@ -1,7 +1,7 @@
 //! API tokens for integrations: shown once, stored hashed, scoped to some of the owner's
 //! roles, with an expiry, revocable.
 
-use chrono::{Duration, Utc};
+use chrono::{DateTime, Duration, Utc};
 use consilium_core::Role;
 use consilium_core::api::{CreateToken, TokenCreated, TokenDto};
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::{Checks, not_found};
 use crate::audit;
 use crate::auth::{TOKEN_PREFIX, random_secret, roles_of, secret_hash};
-use crate::context::AppContext;
+use crate::context::{AppContext, WriteTxn};
 use crate::domain::Actor;
 use crate::entities::{api_token, user};
 use crate::error::{AppError, AppResult};
@@ -65,35 +65,18 @@ pub async fn create(
             format!("roles: you do not hold the {r} role, so a token can't carry it"),
         );
     }
-    let now = Utc::now();
-    checks.check(input.expires_at > now, "expires_at must be in the future");
-    checks.check(
-        input.expires_at <= now + Duration::days(MAX_DAYS),
-        format!("expires_at must be within {MAX_DAYS} days"),
-    );
+    let now = check_expiry(&mut checks, input.expires_at);
     checks.finish()?;
-    let secret = format!("{TOKEN_PREFIX}{}", random_secret(32));
     let w = ctx.begin_write().await?;
-    let m = api_token::ActiveModel {
-        id: Set(Uuid::new_v4()),
-        user_id: Set(owner),
-        name: Set(name),
-        token_hash: Set(secret_hash(&secret)),
-        roles: Set(roles_json(&roles)),
-        expires_at: Set(input.expires_at),
-        revoked_at: Set(None),
-        created_at: Set(now),
-        site_id: Set(None),
-    }
-    .insert(&*w)
-    .await?;
-    let info = token_dto(&m);
-    audit::append(&*w, actor, "token.created", "api_token", m.id, &info).await?;
-    w.commit().await?;
-    Ok(TokenCreated {
-        token: secret,
-        info,
-    })
+    let token = NewToken {
+        owner,
+        name,
+        roles: roles_json(&roles),
+        expires_at: input.expires_at,
+        site_id: None,
+        now,
+    };
+    insert(w, actor, token, "token.created").await
 }
 
 pub async fn list(ctx: &AppContext, actor: &Actor) -> AppResult<Vec<TokenDto>> {
@@ -151,14 +134,8 @@ pub async fn create_worker_token(
     }
     let mut checks = Checks::default();
     let name = checks.text("name", &input.name, 200, false);
-    let now = Utc::now();
-    checks.check(input.expires_at > now, "expires_at must be in the future");
-    checks.check(
-        input.expires_at <= now + Duration::days(MAX_DAYS),
-        format!("expires_at must be within {MAX_DAYS} days"),
-    );
+    let now = check_expiry(&mut checks, input.expires_at);
     checks.finish()?;
-    let secret = format!("{TOKEN_PREFIX}{}", random_secret(32));
     let w = ctx.begin_write().await?;
     let owner = if actor.is_system() {
         // The CLI acts as the system: the token belongs to the site's first custodian, else to
@@ -181,21 +158,60 @@ pub async fn create_worker_token(
     } else {
         actor.user_id
     };
+    let token = NewToken {
+        owner,
+        name,
+        roles: serde_json::json!([]),
+        expires_at: input.expires_at,
+        site_id: Some(site_id),
+        now,
+    };
+    insert(w, actor, token, "token.worker_created").await
+}
+
+/// Checks a token's expiry (future, within `MAX_DAYS`); returns "now".
+fn check_expiry(checks: &mut Checks, expires_at: DateTime<Utc>) -> DateTime<Utc> {
+    let now = Utc::now();
+    checks.check(expires_at > now, "expires_at must be in the future");
+    checks.check(
+        expires_at <= now + Duration::days(MAX_DAYS),
+        format!("expires_at must be within {MAX_DAYS} days"),
+    );
+    now
+}
+
+struct NewToken {
+    owner: Uuid,
+    name: String,
+    roles: serde_json::Value,
+    expires_at: DateTime<Utc>,
+    site_id: Option<Uuid>,
+    now: DateTime<Utc>,
+}
+
+/// Stores a new token (only its hash), audits it, commits, and returns the secret once.
+async fn insert(
+    w: WriteTxn<'_>,
+    actor: &Actor,
+    t: NewToken,
+    action: &str,
+) -> AppResult<TokenCreated> {
+    let secret = format!("{TOKEN_PREFIX}{}", random_secret(32));
     let m = api_token::ActiveModel {
         id: Set(Uuid::new_v4()),
-        user_id: Set(owner),
-        name: Set(name),
+        user_id: Set(t.owner),
+        name: Set(t.name),
         token_hash: Set(secret_hash(&secret)),
-        roles: Set(serde_json::json!([])),
-        expires_at: Set(input.expires_at),
+        roles: Set(t.roles),
+        expires_at: Set(t.expires_at),
         revoked_at: Set(None),
-        created_at: Set(now),
-        site_id: Set(Some(site_id)),
+        created_at: Set(t.now),
+        site_id: Set(t.site_id),
     }
     .insert(&*w)
     .await?;
     let info = token_dto(&m);
-    audit::append(&*w, actor, "token.worker_created", "api_token", m.id, &info).await?;
+    audit::append(&*w, actor, action, "api_token", m.id, &info).await?;
     w.commit().await?;
     Ok(TokenCreated {
         token: secret,
