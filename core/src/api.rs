@@ -583,6 +583,20 @@ dto! {
         pub excluded: Vec<ExcludedSite>,
         pub model_version_id: Option<Uuid>,
         pub failure: Option<String>,
+        /// Results received for this round that were not counted: late (after the deadline or
+        /// the round's phase), or for a job the server never sent (e.g. an altered plan,
+        /// refused by the site).
+        pub not_counted: Vec<UncountedResult>,
+    }
+
+    /// A result the round did not count, kept for the record (and audited).
+    pub struct UncountedResult {
+        pub site_id: Uuid,
+        pub job_id: Uuid,
+        /// `trained`, `evaluated`, `refused` or `failed`.
+        pub outcome: String,
+        pub reason: Option<String>,
+        pub received_at: DateTime<Utc>,
     }
 
     /// An update that went into a model version.

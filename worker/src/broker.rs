@@ -292,6 +292,25 @@ impl RabbitBroker {
         })
     }
 
+    /// How many messages wait in the dead-letter queue (messages nobody could read).
+    pub async fn dead_letters(&self) -> Result<u32, BrokerError> {
+        let (conn, channel) = open(&self.url, &self.ns).await?;
+        let queue = channel
+            .queue_declare(
+                dead_letter(&self.ns).into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| BrokerError::Unreachable(e.to_string()))?;
+        let _ = conn.close(200, "done".into()).await;
+        Ok(queue.message_count())
+    }
+
     async fn publish(&self, queue: &str, payload: &[u8]) -> Result<(), BrokerError> {
         let mut last = String::new();
         for attempt in 0..5u32 {

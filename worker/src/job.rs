@@ -165,17 +165,29 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
         }
         Err(e) => return refuse(format!("the plan can't be hashed: {e}")),
     }
-    match ctx
-        .approvals
-        .check(ctx.site_id, job.study_id, &job.plan_hash)
-        .await
-    {
-        Ok(None) => {}
-        Ok(Some(reason)) => return refuse(reason),
-        Err(e) => {
-            return fail(format!(
-                "could not confirm the approvals with the server: {e}"
-            ));
+    // The server may be briefly unreachable (a restart): ask again until the deadline.
+    let mut wait = std::time::Duration::from_millis(500);
+    loop {
+        match ctx
+            .approvals
+            .check(ctx.site_id, job.study_id, &job.plan_hash)
+            .await
+        {
+            Ok(None) => break,
+            Ok(Some(reason)) => return refuse(reason),
+            Err(e)
+                if Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default()
+                    < job.deadline =>
+            {
+                tracing::warn!(job = %job.job_id, error = %e, "can't reach the server to confirm the approvals; asking again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => {
+                return fail(format!(
+                    "could not confirm the approvals with the server before the deadline: {e}"
+                ));
+            }
         }
     }
     if job.deadline < Utc::now() {

@@ -251,10 +251,12 @@ impl Engine {
             token_id: None,
             site_id: Some(r.site_id),
         };
+        // A refusal is always recorded as one, even for a job the server did not expect
+        // (an altered or forged job): the custodian and the auditors need to see it.
         let action = match (expected, outcome) {
+            (_, "refused") => "job.refused",
+            (_, "failed") => "job.failed",
             (false, _) => "update.late",
-            (true, "refused") => "job.refused",
-            (true, "failed") => "job.failed",
             (true, "evaluated") => "model.evaluated_at_site",
             _ => "update.received",
         };
@@ -266,7 +268,7 @@ impl Engine {
             m.id,
             &serde_json::json!({
                 "run_id": r.run_id, "round": r.round, "site_id": r.site_id, "job_id": r.job_id,
-                "outcome": outcome, "update_hash": m.update_hash, "reason": m.reason,
+                "outcome": outcome, "update_hash": m.update_hash, "reason": m.reason, "late": !expected,
             }),
         )
         .await?;
@@ -296,6 +298,9 @@ impl Engine {
     }
 
     async fn drive(&self, ctx: &AppContext, run_id: Uuid) -> AppResult<()> {
+        // The round this process opened (and sent jobs for); any other collecting round was
+        // found at start, and its unanswered jobs are sent again.
+        let mut opened: Option<i32> = None;
         loop {
             let Some(r) = run::Entity::find_by_id(run_id).one(&ctx.db).await? else {
                 return Ok(());
@@ -310,9 +315,15 @@ impl Engine {
                 .one(&ctx.db)
                 .await?;
             match latest {
-                None => self.open_round(ctx, &r, &manifest, &files, 1, None).await?,
+                None => {
+                    self.open_round(ctx, &r, &manifest, &files, 1, None).await?;
+                    opened = Some(1);
+                }
                 Some(x) => match x.state.as_str() {
-                    "collecting" => self.collect(ctx, &r, &manifest, &files, x).await?,
+                    "collecting" => {
+                        let resend = opened != Some(x.number);
+                        self.collect(ctx, &r, &manifest, &files, x, resend).await?
+                    }
                     "aggregating" => self.aggregate(ctx, &r, &manifest, &files, x).await?,
                     "evaluated" => self.close(ctx, &r, &manifest, x).await?,
                     "closed" => {
@@ -324,7 +335,8 @@ impl Engine {
                             None => None,
                         };
                         self.open_round(ctx, &r, &manifest, &files, x.number + 1, global)
-                            .await?
+                            .await?;
+                        opened = Some(x.number + 1);
                     }
                     _ => {
                         let why = x.failure.clone().unwrap_or_else(|| "a round failed".into());
@@ -523,8 +535,9 @@ impl Engine {
         Ok(rows.into_iter().map(|u| (u.site_id, u)).collect())
     }
 
-    /// Waits until every site answered or the deadline passed, re-sending unanswered jobs
-    /// after a restart (the same job ids: a site's second answer is not counted).
+    /// Waits until every site answered or the deadline passed. With `resend` (a round found
+    /// at start) the unanswered jobs are sent again first: the same job ids, so a site's
+    /// second answer is not counted.
     #[allow(clippy::too_many_arguments)]
     async fn wait_for(
         &self,
@@ -536,6 +549,7 @@ impl Engine {
         files: &[(String, String)],
         model: &str,
         askable: &[Uuid],
+        resend: bool,
     ) -> AppResult<HashMap<Uuid, update::Model>> {
         let sites: Vec<Uuid> = from(&x.sites)?;
         let label = if kind == JobKind::Train {
@@ -543,7 +557,7 @@ impl Engine {
         } else {
             "evaluate"
         };
-        let mut resent = false;
+        let mut resent = !resend;
         loop {
             let notified = self.notify.notified();
             let got = self.results_of(ctx, r.id, x.number, label).await?;
@@ -589,11 +603,22 @@ impl Engine {
         manifest: &TrainingPlanManifest,
         files: &[(String, String)],
         x: round::Model,
+        resend: bool,
     ) -> AppResult<()> {
         let global = x.global_in.clone().unwrap_or_default();
         let sites: Vec<Uuid> = from(&x.sites)?;
         let got = self
-            .wait_for(ctx, r, &x, JobKind::Train, manifest, files, &global, &sites)
+            .wait_for(
+                ctx,
+                r,
+                &x,
+                JobKind::Train,
+                manifest,
+                files,
+                &global,
+                &sites,
+                resend,
+            )
             .await?;
         if run::Entity::find_by_id(r.id)
             .one(&ctx.db)
@@ -693,6 +718,7 @@ impl Engine {
                 files,
                 &hash,
                 &evaluators,
+                false,
             )
             .await?;
         if run::Entity::find_by_id(r.id)

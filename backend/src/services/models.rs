@@ -5,7 +5,7 @@ use chrono::Utc;
 use consilium_core::Role;
 use consilium_core::api::{
     ExcludedSite, LineageDto, ModelVersionDto, MonitoringReportDto, ReportMonitoring, RoundDto,
-    RoundSiteDto,
+    RoundSiteDto, UncountedResult,
 };
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
 use uuid::Uuid;
@@ -111,6 +111,22 @@ pub async fn round_dto(ctx: &AppContext, x: &round::Model) -> AppResult<RoundDto
         .filter(update::Column::Late.eq(false))
         .all(&ctx.db)
         .await?;
+    let not_counted = update::Entity::find()
+        .filter(update::Column::RunId.eq(x.run_id))
+        .filter(update::Column::Round.eq(x.number))
+        .filter(update::Column::Late.eq(true))
+        .order_by_asc(update::Column::ReceivedAt)
+        .all(&ctx.db)
+        .await?
+        .into_iter()
+        .map(|u| UncountedResult {
+            site_id: u.site_id,
+            job_id: u.job_id,
+            outcome: u.outcome,
+            reason: u.reason,
+            received_at: u.received_at,
+        })
+        .collect();
     let mut out = Vec::new();
     for s in sites.iter().chain(
         excluded
@@ -152,6 +168,7 @@ pub async fn round_dto(ctx: &AppContext, x: &round::Model) -> AppResult<RoundDto
         excluded,
         model_version_id: x.model_version_id,
         failure: x.failure.clone(),
+        not_counted,
     })
 }
 

@@ -115,10 +115,3 @@ async fn an_edited_audit_row_is_named_by_verify(db: Db) {
     );
 }
 on_both!(an_edited_audit_row_is_named_by_verify);
-
-fn token(p: &Person) -> String {
-    match &p.auth {
-        Auth::Token(t) => t.clone(),
-        _ => panic!("a token"),
-    }
-}

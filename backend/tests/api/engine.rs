@@ -75,9 +75,26 @@ pub async fn start_worker(
 
 /// Drafts, approves and grants a two-site study; returns (study id, plan hash).
 pub async fn approved_study(app: &TestApp, w: &World, manifest: Value) -> (String, String) {
+    approved_study_at(
+        app,
+        w,
+        manifest,
+        &[(w.site_a, &w.custodian_a), (w.site_b, &w.custodian_b)],
+    )
+    .await
+}
+
+/// Drafts, approves and grants a study at these sites (each with its custodian).
+pub async fn approved_study_at(
+    app: &TestApp,
+    w: &World,
+    manifest: Value,
+    sites: &[(Uuid, &Person)],
+) -> (String, String) {
     let r = &w.researcher.auth;
+    let ids: Vec<Uuid> = sites.iter().map(|(s, _)| *s).collect();
     let sid = id_of(
-        &app.post("/api/v1/studies", r, study_body(w, &[w.site_a, w.site_b]))
+        &app.post("/api/v1/studies", r, study_body(w, &ids))
             .await
             .expect(201),
     );
@@ -102,7 +119,7 @@ pub async fn approved_study(app: &TestApp, w: &World, manifest: Value) -> (Strin
     )
     .await
     .expect(201);
-    for (site, custodian) in [(w.site_a, &w.custodian_a), (w.site_b, &w.custodian_b)] {
+    for (site, custodian) in sites {
         let req = id_of(
             &app.post(
                 &format!("/api/v1/studies/{sid}/access-requests"),
@@ -301,10 +318,3 @@ async fn a_governed_run_trains_across_sites(db: Db) {
     );
 }
 on_both!(a_governed_run_trains_across_sites);
-
-fn token(p: &Person) -> String {
-    match &p.auth {
-        Auth::Token(t) => t.clone(),
-        _ => panic!("a token"),
-    }
-}

@@ -128,6 +128,15 @@ impl Drop for TestApp {
     }
 }
 
+impl TestApp {
+    /// The PostgreSQL database this app uses (None on SQLite).
+    pub fn database_url(&self) -> Option<String> {
+        self.pg_database
+            .as_ref()
+            .map(|name| format!("{}/{name}", pg_base()))
+    }
+}
+
 pub async fn spawn_app(db: Db) -> TestApp {
     spawn_app_with(db, |_| {}).await
 }
@@ -466,4 +475,12 @@ pub fn id_of(v: &Value) -> String {
 
 pub fn in_days(days: i64) -> String {
     (Utc::now() + Duration::days(days)).to_rfc3339()
+}
+
+/// The person's API token (people made by `TestApp::person` sign in with one).
+pub fn token(p: &Person) -> String {
+    match &p.auth {
+        Auth::Token(t) => t.clone(),
+        _ => panic!("a token"),
+    }
 }

@@ -7,6 +7,7 @@ mod helpers;
 mod audit;
 mod engine;
 mod errors;
+mod federation;
 mod lifecycle;
 mod oidc;
 mod openapi;
