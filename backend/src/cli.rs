@@ -44,6 +44,14 @@ pub enum Command {
         #[arg(long)]
         exit: bool,
     },
+    /// Tries a training plan on local folders, one per simulated site, before asking for
+    /// approval; prints each round and writes a JSON report. Never touches production data.
+    /// Here `--config` names the experiment file (default: experiment.toml).
+    Simulate {
+        /// Instead: write a ready-to-run example experiment (three synthetic sites) here.
+        #[arg(long, value_name = "DIR")]
+        example: Option<PathBuf>,
+    },
     /// Brings the database schema up to date and exits.
     Migrate,
     /// Writes the OpenAPI document.
@@ -103,8 +111,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Command::Openapi { out, check } = &cli.command {
         return openapi(out, *check);
     }
-    let mut settings: Settings = configuration::load(cli.config.as_deref())?;
-    if matches!(cli.command, Command::Demo { .. }) && settings.log.level == "info" {
+    // For `simulate`, --config is the experiment; the server's own settings are not used.
+    let server_config = match cli.command {
+        Command::Simulate { .. } => None,
+        _ => cli.config.as_deref(),
+    };
+    let mut settings: Settings = configuration::load(server_config)?;
+    if matches!(cli.command, Command::Demo { .. } | Command::Simulate { .. })
+        && settings.log.level == "info"
+    {
         // The demo's own output tells the story; the log shows only what went wrong.
         settings.log.level = "warn".into();
     }
@@ -134,6 +149,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 },
             )
             .await
+        }
+        Command::Simulate { example } => {
+            let experiment = cli
+                .config
+                .unwrap_or_else(|| PathBuf::from("experiment.toml"));
+            crate::simulate::run(settings, &experiment, example.as_deref()).await
         }
         Command::Migrate => {
             startup::connect_and_migrate(&settings).await?;
@@ -243,5 +264,16 @@ async fn admin(ctx: &AppContext, cmd: AdminCommand) -> anyhow::Result<i32> {
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(if v.ok { 0 } else { 1 })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

@@ -9,7 +9,10 @@ use consilium_core::api::{
     CreateUser, DataScope, DecideAccessRequest, ReviewDecision, StudySite, SubmitPlan,
     SubmitReview,
 };
+use consilium_core::api::{AuditVerification, ModelVersionDto, RoundDto, RunDto};
 use consilium_core::manifest::TrainingPlanManifest;
+use consilium_worker::broker::SharedBroker;
+use consilium_worker::data::{DataKind, DatasetSpec, LabelKey};
 use std::path::PathBuf;
 
 use crate::audit;
@@ -36,7 +39,24 @@ fn step(n: usize, text: &str) {
 
 fn fail(e: AppError) -> anyhow::Error {
     let p = e.problem();
-    anyhow::anyhow!("{} {}", p.detail, p.errors.join("; "))
+    let missing: Vec<&String> = p
+        .errors
+        .iter()
+        .filter(|x| !p.detail.contains(x.as_str()))
+        .collect();
+    if missing.is_empty() {
+        anyhow::anyhow!("{}", p.detail)
+    } else {
+        anyhow::anyhow!(
+            "{} {}",
+            p.detail,
+            missing
+                .iter()
+                .map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    }
 }
 
 fn as_actor(u: &consilium_core::api::UserDto) -> Actor {
@@ -71,7 +91,7 @@ pub async fn run(mut settings: Settings, opts: DemoOptions) -> anyhow::Result<i3
     let url = format!("http://127.0.0.1:{}", app.port());
     // The API must answer while the demo runs: the site workers ask it for their grants.
     let server = tokio::spawn(app.run_until_stopped());
-    let walked = walk_through(&ctx).await?;
+    let walked = walk_through(&ctx, demo_scenario()?).await?;
     train(&ctx, &broker, &url, &opts.data_dir, &walked).await?;
     println!();
     println!("Sign in (development-only local accounts, password {DEMO_PASSWORD:?}):");
@@ -117,30 +137,91 @@ const PEOPLE: [(&str, &str, Role); 7] = [
     ("aldo@audit.example", "Aldo Auditor", Role::Auditor),
 ];
 
-async fn walk_through(ctx: &AppContext) -> anyhow::Result<Walked> {
+/// Who takes part in a governed study and what it trains: the demo's story, or a simulation.
+pub struct Scenario {
+    /// (email, name, role): at least an administrator, a researcher, a committee member and
+    /// each site's custodian.
+    pub people: Vec<(String, String, Role)>,
+    /// (site name, its custodian's email, cases in the data scope).
+    pub sites: Vec<(String, String, u32)>,
+    pub title: String,
+    pub purpose: String,
+    pub manifest: TrainingPlanManifest,
+    /// Development-only local password for everyone (the demo's people sign in).
+    pub password: Option<String>,
+}
+
+fn demo_scenario() -> anyhow::Result<Scenario> {
+    Ok(Scenario {
+        people: PEOPLE
+            .iter()
+            .map(|(e, n, r)| (e.to_string(), n.to_string(), *r))
+            .collect(),
+        sites: vec![
+            ("North Hospital".into(), "cara@north.example".into(), 400),
+            ("South Hospital".into(), "cody@south.example".into(), 250),
+            ("East Clinic".into(), "cleo@east.example".into(), 120),
+        ],
+        title: "Lesion detection on chest radiographs".into(),
+        purpose: "Train a lesion classifier across three hospitals without moving images.".into(),
+        manifest: serde_json::from_value(serde_json::json!({
+            "model": {"architecture": "small_cnn", "num_classes": 2},
+            "preprocessing": {"image_size": 28, "normalisation": "zscore"},
+            "optimiser": {"name": "adamw", "learning_rate": 0.003, "weight_decay": 0.0001},
+            "local_epochs": 2, "batch_size": 16, "rounds": 5,
+            "aggregation": {"strategy": "fedavg", "min_sites": 2},
+            "stopping": {"target_metric": "accuracy", "target_value": 0.95, "patience": 3},
+            "seed": 42
+        }))?,
+        password: Some(DEMO_PASSWORD.into()),
+    })
+}
+
+/// Walks the governance of `sc` through the services the API uses, every step audited:
+/// people, committee, sites, study, plan, review, data-access grants.
+pub async fn walk_through(ctx: &AppContext, sc: Scenario) -> anyhow::Result<Walked> {
     let system = Actor::system();
     println!("A governed study, step by step:");
     let mut people = Vec::new();
-    for (email, name, role) in PEOPLE {
+    for (email, name, role) in &sc.people {
         let u = directory::create_user(
             ctx,
             &system,
             CreateUser {
-                email: email.into(),
-                name: name.into(),
-                roles: vec![role],
-                password: Some(DEMO_PASSWORD.into()),
+                email: email.clone(),
+                name: name.clone(),
+                roles: vec![*role],
+                password: sc.password.clone(),
             },
         )
         .await
         .map_err(fail)?;
         people.push(u);
     }
-    let [admin, researcher, member, north, south, east, _auditor] = &people[..] else {
-        anyhow::bail!("the demo cast is incomplete");
+    let first = |role: Role| {
+        people
+            .iter()
+            .find(|u| u.roles.contains(&role))
+            .ok_or_else(|| anyhow::anyhow!("the cast has no {}", role.as_str()))
     };
-    step(1, "The administrator registered 7 people with their roles.");
-    let admin = as_actor(admin);
+    let by_email = |email: &str| {
+        people
+            .iter()
+            .find(|u| u.email == email)
+            .ok_or_else(|| anyhow::anyhow!("the cast has nobody with the email {email}"))
+    };
+    let (admin, researcher, member) = (
+        as_actor(first(Role::Administrator)?),
+        first(Role::Researcher)?,
+        first(Role::CommitteeMember)?,
+    );
+    step(
+        1,
+        &format!(
+            "The administrator registered {} people with their roles.",
+            people.len()
+        ),
+    );
     let committee = directory::create_committee(
         ctx,
         &admin,
@@ -152,27 +233,26 @@ async fn walk_through(ctx: &AppContext) -> anyhow::Result<Walked> {
     .await
     .map_err(fail)?;
     let mut sites = Vec::new();
-    for (name, custodian) in [
-        ("North Hospital", north),
-        ("South Hospital", south),
-        ("East Clinic", east),
-    ] {
-        sites.push(
-            directory::create_site(
-                ctx,
-                &admin,
-                CreateSite {
-                    name: name.into(),
-                    custodians: vec![custodian.id],
-                },
-            )
-            .await
-            .map_err(fail)?,
-        );
+    for (name, custodian, cases) in &sc.sites {
+        let custodian = by_email(custodian)?;
+        let site = directory::create_site(
+            ctx,
+            &admin,
+            CreateSite {
+                name: name.clone(),
+                custodians: vec![custodian.id],
+            },
+        )
+        .await
+        .map_err(fail)?;
+        sites.push((site, custodian, *cases));
     }
     step(
         2,
-        "…an ethics committee and three hospitals, each with its data custodian.",
+        &format!(
+            "…an ethics committee and {} sites, each with its data custodian.",
+            sites.len()
+        ),
     );
 
     let r = as_actor(researcher);
@@ -186,11 +266,14 @@ async fn walk_through(ctx: &AppContext) -> anyhow::Result<Walked> {
         ctx,
         &r,
         CreateStudy {
-            title: "Lesion detection on chest radiographs".into(),
-            protocol_text: "Retrospective study on de-identified chest radiographs.\nPrimary endpoint: AUROC on each site's held-out data.".into(),
-            purpose: "Train a lesion classifier across three hospitals without moving images.".into(),
+            title: sc.title.clone(),
+            protocol_text: "Retrospective study on de-identified images.\nPrimary endpoint: AUROC on each site's held-out data.".into(),
+            purpose: sc.purpose.clone(),
             committee_id: committee.id,
-            sites: sites.iter().zip([400, 250, 120]).map(|(s, n)| StudySite { site_id: s.id, scope: scope(n) }).collect(),
+            sites: sites
+                .iter()
+                .map(|(s, _, cases)| StudySite { site_id: s.id, scope: scope(*cases) })
+                .collect(),
         },
     )
     .await
@@ -199,21 +282,12 @@ async fn walk_through(ctx: &AppContext) -> anyhow::Result<Walked> {
         3,
         &format!("The researcher drafted the study {:?}.", study.title),
     );
-    let manifest: TrainingPlanManifest = serde_json::from_value(serde_json::json!({
-        "model": {"architecture": "small_cnn", "num_classes": 2},
-        "preprocessing": {"image_size": 28, "normalisation": "zscore"},
-        "optimiser": {"name": "adamw", "learning_rate": 0.003, "weight_decay": 0.0001},
-        "local_epochs": 2, "batch_size": 16, "rounds": 5,
-        "aggregation": {"strategy": "fedavg", "min_sites": 2},
-        "stopping": {"target_metric": "accuracy", "target_value": 0.95, "patience": 3},
-        "seed": 42
-    }))?;
     let plan = studies::submit_plan(
         ctx,
         &r,
         study.id,
         SubmitPlan {
-            manifest,
+            manifest: sc.manifest,
             files: vec![],
         },
     )
@@ -260,7 +334,7 @@ async fn walk_through(ctx: &AppContext) -> anyhow::Result<Walked> {
             &plan.hash[..16]
         ),
     );
-    for (site, custodian) in sites.iter().zip([north, south, east]) {
+    for (site, custodian, _) in &sites {
         let req = access::create_request(
             ctx,
             &r,
@@ -295,13 +369,18 @@ async fn walk_through(ctx: &AppContext) -> anyhow::Result<Walked> {
     step(8, &format!("Preflight now: ready = {}.", after.ready));
     Ok(Walked {
         study: study.id,
+        plan_hash: plan.hash,
         researcher: r,
-        sites: sites.iter().map(|s| (s.id, s.name.clone())).collect(),
+        sites: sites
+            .iter()
+            .map(|(s, _, _)| (s.id, s.name.clone()))
+            .collect(),
     })
 }
 
 pub struct Walked {
     pub study: uuid::Uuid,
+    pub plan_hash: String,
     pub researcher: Actor,
     pub sites: Vec<(uuid::Uuid, String)>,
 }
@@ -310,21 +389,15 @@ pub struct Walked {
 /// the federated training with a progress bar per round, and prints the results.
 async fn train(
     ctx: &AppContext,
-    broker: &consilium_worker::broker::SharedBroker,
+    broker: &SharedBroker,
     url: &str,
     data_dir: &std::path::Path,
     w: &Walked,
 ) -> anyhow::Result<()> {
-    use consilium_worker::data::{DataKind, DatasetSpec, LabelKey};
-    use consilium_worker::job::{ServerApprovals, SiteContext};
-    use std::sync::Arc;
-
-    let engine = ctx
-        .engine()
-        .ok_or_else(|| anyhow::anyhow!("the federated engine is not running"))?;
     let profiles = consilium_worker::synthetic::demo_sites(1);
     println!();
     println!("Three site workers, each with its own synthetic chest-radiograph phantoms:");
+    let mut specs = Vec::new();
     for ((site, name), (key, profile)) in w.sites.iter().zip(profiles) {
         let dir = data_dir.join("sites").join(key);
         let _ = std::fs::remove_dir_all(&dir);
@@ -333,10 +406,60 @@ async fn train(
             "  {name:<16} {} images, {lesions} with a lesion, noise {:.2}, blur {}",
             profile.images, profile.noise, profile.blur
         );
+        specs.push((
+            *site,
+            name.clone(),
+            DatasetSpec {
+                kind: DataKind::Images,
+                labels: dir.join("labels.csv"),
+                root: dir,
+                label_key: LabelKey::Path,
+                holdout: 0.25,
+                window: None,
+            },
+        ));
+    }
+    start_workers(ctx, broker, url, specs).await?;
+    let result = follow(ctx, w).await?;
+    if result.run.status != "completed" {
+        anyhow::bail!(
+            "the demo's run ended {}: {}",
+            result.run.status,
+            result.run.stop_reason.unwrap_or_default()
+        );
+    }
+    let accuracy = result
+        .versions
+        .last()
+        .and_then(|v| v.evaluation.as_ref())
+        .map_or(0.0, |e| e.global.accuracy);
+    if accuracy < 0.7 {
+        anyhow::bail!(
+            "the demo's model reached only {accuracy:.3} accuracy at the sites; expected clearly above chance"
+        );
+    }
+    Ok(())
+}
+
+/// Starts one site worker per site in this process, each with its own worker token and data,
+/// on the server's broker and artifact store.
+pub async fn start_workers(
+    ctx: &AppContext,
+    broker: &SharedBroker,
+    url: &str,
+    sites: Vec<(uuid::Uuid, String, DatasetSpec)>,
+) -> anyhow::Result<()> {
+    use consilium_worker::job::{ServerApprovals, SiteContext};
+    use std::sync::Arc;
+
+    let engine = ctx
+        .engine()
+        .ok_or_else(|| anyhow::anyhow!("the federated engine is not running"))?;
+    for (site, name, spec) in sites {
         let token = crate::services::tokens::create_worker_token(
             ctx,
             &Actor::system(),
-            *site,
+            site,
             consilium_core::api::CreateWorkerToken {
                 name: format!("{name} worker"),
                 expires_at: Utc::now() + Duration::days(30),
@@ -345,21 +468,13 @@ async fn train(
         .await
         .map_err(fail)?
         .token;
-        let spec = DatasetSpec {
-            kind: DataKind::Images,
-            labels: dir.join("labels.csv"),
-            root: dir,
-            label_key: LabelKey::Path,
-            holdout: 0.25,
-            window: None,
-        };
         let approvals = Arc::new(ServerApprovals {
             server_url: url.to_string(),
             token,
             http: reqwest::Client::new(),
         });
         let site_ctx = Arc::new(SiteContext::new(
-            *site,
+            site,
             spec,
             engine.artifacts.clone(),
             approvals,
@@ -374,10 +489,25 @@ async fn train(
             )
             .await
             {
-                tracing::error!(error = %e, "a demo site worker stopped");
+                tracing::error!(site = %name, error = %e, "a site worker stopped");
             }
         });
     }
+    Ok(())
+}
+
+/// How a followed run ended.
+pub struct Followed {
+    pub run: RunDto,
+    pub rounds: Vec<RoundDto>,
+    pub versions: Vec<ModelVersionDto>,
+    pub audit: AuditVerification,
+    pub seconds: f64,
+}
+
+/// Starts the study's run and follows it to its end: a progress bar per round, then a table
+/// of global and per-site accuracy, the final model and its lineage, the audit verification.
+pub async fn follow(ctx: &AppContext, w: &Walked) -> anyhow::Result<Followed> {
     let run = runs::create_run(ctx, &w.researcher, w.study, CreateRun { plan_hash: None })
         .await
         .map_err(fail)?;
@@ -391,7 +521,7 @@ async fn train(
     .progress_chars("=> ");
     let mut shown: Vec<indicatif::ProgressBar> = Vec::new();
     let started = std::time::Instant::now();
-    let final_run = loop {
+    let (final_run, rounds) = loop {
         let rounds = crate::services::models::rounds(ctx, &w.researcher, run.id)
             .await
             .map_err(fail)?;
@@ -424,17 +554,17 @@ async fn train(
             .await
             .map_err(fail)?;
         if current.status != "running" {
-            break current;
+            break (current, rounds);
         }
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     };
     for b in &shown {
         b.finish();
     }
+    let seconds = started.elapsed().as_secs_f64();
     println!(
-        "  {} after {:.1} s: {}",
+        "  {} after {seconds:.1} s: {}",
         final_run.status,
-        started.elapsed().as_secs_f64(),
         final_run.stop_reason.clone().unwrap_or_default()
     );
     let versions = crate::services::models::list(ctx, &w.researcher, Some(run.id), None)
@@ -494,21 +624,11 @@ async fn train(
         verified.events_checked,
         if verified.ok { "intact" } else { "BROKEN" }
     );
-    if final_run.status != "completed" {
-        anyhow::bail!(
-            "the demo's run ended {}: {}",
-            final_run.status,
-            final_run.stop_reason.unwrap_or_default()
-        );
-    }
-    let accuracy = versions
-        .last()
-        .and_then(|v| v.evaluation.as_ref())
-        .map_or(0.0, |e| e.global.accuracy);
-    if accuracy < 0.7 {
-        anyhow::bail!(
-            "the demo's model reached only {accuracy:.3} accuracy at the sites; expected clearly above chance"
-        );
-    }
-    Ok(())
+    Ok(Followed {
+        run: final_run,
+        rounds,
+        versions,
+        audit: verified,
+        seconds,
+    })
 }

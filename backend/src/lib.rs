@@ -12,5 +12,6 @@ pub mod entities;
 pub mod error;
 pub mod routes;
 pub mod services;
+pub mod simulate;
 pub mod startup;
 pub mod telemetry;

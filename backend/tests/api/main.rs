@@ -12,4 +12,5 @@ mod lifecycle;
 mod oidc;
 mod openapi;
 mod roles;
+mod simulate;
 mod tokens;

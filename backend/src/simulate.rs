@@ -1,0 +1,343 @@
+//! `consilium simulate --config experiment.toml`: a researcher tries a training plan on
+//! local folders before asking for approval. Each folder plays one site; the run goes through
+//! the same governance, orchestrator, broker, workers and aggregation as a real one, in a
+//! database and artifact folder of the simulation's own (recreated every time), so nothing
+//! it produces can reach a production registry. Results go to the terminal and a JSON report.
+
+use consilium_core::Role;
+use consilium_core::manifest::TrainingPlanManifest;
+use consilium_worker::data::{self, DatasetSpec};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use crate::audit;
+use crate::configuration::Settings;
+use crate::demo::{self, Scenario};
+use crate::domain::Actor;
+use crate::startup::Application;
+
+/// An experiment file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// What is being tried (shown in the audit trail and the report).
+    pub name: String,
+    /// The simulation's own folder: database, artifacts, site worker state. Recreated.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Where the JSON report goes.
+    #[serde(default = "default_report")]
+    pub report: PathBuf,
+    /// How long a round waits for the simulated sites.
+    #[serde(default = "default_timeout")]
+    pub round_timeout_seconds: u64,
+    /// The training plan, exactly as it would be submitted for approval.
+    pub plan: TrainingPlanManifest,
+    /// One entry per simulated site: a name and a dataset any site worker could read.
+    pub sites: Vec<SimulatedSite>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatedSite {
+    pub name: String,
+    pub dataset: DatasetSpec,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data/simulation")
+}
+fn default_report() -> PathBuf {
+    PathBuf::from("simulation-report.json")
+}
+fn default_timeout() -> u64 {
+    600
+}
+
+/// Writes a ready-to-run experiment into `dir`: three site folders of synthetic
+/// chest-radiograph phantoms (PNG with a labels CSV) and `experiment.toml` naming them.
+pub fn write_example(dir: &Path) -> anyhow::Result<PathBuf> {
+    let mut sites = String::new();
+    for (key, profile) in consilium_worker::synthetic::demo_sites(1) {
+        let folder = dir.join("sites").join(key);
+        let _ = std::fs::remove_dir_all(&folder);
+        consilium_worker::synthetic::write_site(&folder, 32, &profile)?;
+        sites.push_str(&format!(
+            r#"
+[[sites]]
+name = "{key}"
+[sites.dataset]
+kind = "images"              # or "dicom", "nifti"
+root = "sites/{key}"
+labels = "sites/{key}/labels.csv"
+label_key = "path"           # or "sop_instance_uid" for DICOM
+holdout = 0.25
+"#
+        ));
+    }
+    let path = dir.join("experiment.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"# A local simulation: `consilium simulate --config {}`
+name = "Lesion classifier, first try"
+data_dir = "run"                  # the simulation's own database and artifacts (recreated)
+report = "simulation-report.json"
+round_timeout_seconds = 600
+
+# The training plan, exactly as it will be submitted for approval.
+[plan]
+local_epochs = 2
+batch_size = 16
+rounds = 3
+seed = 1
+[plan.model]
+architecture = "small_cnn"       # or "resnet"
+num_classes = 2
+[plan.preprocessing]
+image_size = 28
+normalisation = "zscore"
+[plan.optimiser]
+name = "adamw"                   # or "sgd" (with momentum)
+learning_rate = 0.003
+weight_decay = 0.0001
+[plan.aggregation]
+strategy = "fedavg"              # fedadam, fedyogi, fedbn, fedcostwavg, median, trimmed_mean, krum
+min_sites = 2
+{sites}"#,
+            path.display()
+        ),
+    )?;
+    Ok(path)
+}
+
+/// Reads and checks an experiment file; relative paths are taken from the file's folder.
+pub fn load(path: &Path) -> anyhow::Result<Experiment> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the experiment file {}: {e}", path.display()))?;
+    let mut exp: Experiment = figment::Figment::from(<figment::providers::Toml as figment::providers::Format>::string(&text))
+        .extract()
+        .map_err(|e| {
+        anyhow::anyhow!(
+            "the experiment file {} is not valid: {e}\nIt needs `name`, a `[plan]` table (the training plan manifest) and one or more `[[sites]]` with a `name` and a `[sites.dataset]`; see the README's \"Local simulation\".",
+            path.display()
+        )
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let resolve = |p: &mut PathBuf| {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    };
+    resolve(&mut exp.data_dir);
+    resolve(&mut exp.report);
+    let mut problems = Vec::new();
+    if exp.name.trim().is_empty() {
+        problems.push("`name` is empty".to_string());
+    }
+    if exp.sites.is_empty() {
+        problems.push("there is no `[[sites]]` entry: add at least one site folder".to_string());
+    }
+    let mut names = HashSet::new();
+    for s in &mut exp.sites {
+        resolve(&mut s.dataset.root);
+        resolve(&mut s.dataset.labels);
+        if s.name.trim().is_empty() {
+            problems.push("a site has an empty `name`".to_string());
+        } else if !names.insert(s.name.trim().to_lowercase()) {
+            problems.push(format!("the site name {:?} appears twice", s.name));
+        }
+        if !s.dataset.root.is_dir() {
+            problems.push(format!(
+                "site {:?}: the folder {} does not exist",
+                s.name,
+                s.dataset.root.display()
+            ));
+        }
+        if !s.dataset.labels.is_file() {
+            problems.push(format!(
+                "site {:?}: the labels file {} does not exist",
+                s.name,
+                s.dataset.labels.display()
+            ));
+        }
+    }
+    problems.extend(
+        exp.plan
+            .problems()
+            .into_iter()
+            .map(|e| format!("plan: {e}")),
+    );
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "the experiment file {} can't be run:\n  - {}",
+            path.display(),
+            problems.join("\n  - ")
+        );
+    }
+    Ok(exp)
+}
+
+/// Runs the experiment; returns the exit code (0 when the run completed).
+pub async fn run(
+    mut settings: Settings,
+    config: &Path,
+    example: Option<&Path>,
+) -> anyhow::Result<i32> {
+    if let Some(dir) = example {
+        let path = write_example(dir)?;
+        println!(
+            "Wrote an example experiment with three synthetic sites: {}",
+            path.display()
+        );
+        println!(
+            "Run it with: consilium simulate --config {}",
+            path.display()
+        );
+        return Ok(0);
+    }
+    let exp = load(config)?;
+    let size =
+        consilium_worker::model::input_size(&exp.plan.model, exp.plan.preprocessing.image_size);
+    println!("Simulation {:?} ({}):", exp.name, config.display());
+    let mut cases = Vec::new();
+    for s in &exp.sites {
+        let ds = data::load(&s.dataset, size)
+            .map_err(|e| anyhow::anyhow!("site {:?}: its data can't be read: {e}", s.name))?;
+        println!("  {:<16} {}", s.name, ds.summary(s.dataset.kind));
+        for skipped in ds.skipped.iter().take(5) {
+            println!("      skipped {}: {}", skipped.file, skipped.reason);
+        }
+        let (train, holdout) = (ds.train().count(), ds.holdout().count());
+        if train == 0 || holdout == 0 {
+            anyhow::bail!(
+                "site {:?} has {train} training and {holdout} held-out images; it needs both (check the labels file and `holdout`)",
+                s.name
+            );
+        }
+        cases.push(ds.samples.len() as u32);
+    }
+    println!();
+
+    // The simulation's own embedded stack, whatever the configuration says about production.
+    let db_file = exp.data_dir.join("consilium.db");
+    let artifacts = exp.data_dir.join("artifacts");
+    for old in [&db_file] {
+        if old.exists() {
+            std::fs::remove_file(old)?;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&artifacts);
+    settings.database.url = None;
+    settings.database.data_dir = exp.data_dir.clone();
+    settings.server.host = "127.0.0.1".into();
+    settings.server.port = 0;
+    settings.auth.oidc = None;
+    settings.auth.local_accounts = Some(false);
+    settings.engine.broker_url = None;
+    settings.engine.artifacts = None;
+    settings.engine.round_timeout_seconds = exp.round_timeout_seconds;
+    let app = Application::build(settings).await?;
+    let ctx = app.context.clone();
+    let broker = app.broker.clone();
+    let url = format!("http://127.0.0.1:{}", app.port());
+    let server = tokio::spawn(app.run_until_stopped());
+
+    let person = |local: &str, name: &str, role| {
+        (format!("{local}@simulation.local"), name.to_string(), role)
+    };
+    let mut people = vec![
+        person(
+            "administrator",
+            "Simulation administrator",
+            Role::Administrator,
+        ),
+        person("researcher", "Simulation researcher", Role::Researcher),
+        person("committee", "Simulation committee", Role::CommitteeMember),
+    ];
+    let mut sites = Vec::new();
+    for (i, s) in exp.sites.iter().enumerate() {
+        let (email, name, role) = person(
+            &format!("custodian-{}", i + 1),
+            &format!("Simulated custodian of {}", s.name),
+            Role::Custodian,
+        );
+        sites.push((s.name.clone(), email.clone(), cases[i]));
+        people.push((email, name, role));
+    }
+    let walked = demo::walk_through(
+        &ctx,
+        Scenario {
+            people,
+            sites,
+            title: format!("[simulation] {}", exp.name),
+            purpose: "A local simulation of a training plan; not for production data.".into(),
+            manifest: exp.plan.clone(),
+            password: None,
+        },
+    )
+    .await?;
+    let details = serde_json::json!({
+        "simulation": true,
+        "experiment": exp.name,
+        "config": config.display().to_string(),
+        "plan_hash": walked.plan_hash,
+        "sites": exp.sites.iter().map(|s| serde_json::json!({
+            "name": s.name, "kind": format!("{:?}", s.dataset.kind).to_lowercase(), "root": s.dataset.root.display().to_string(),
+        })).collect::<Vec<_>>(),
+    });
+    {
+        let w = ctx.begin_write().await?;
+        audit::append(
+            &*w,
+            &Actor::system(),
+            "simulation.started",
+            "study",
+            walked.study,
+            &details,
+        )
+        .await?;
+        w.commit().await?;
+    }
+    let specs = walked
+        .sites
+        .iter()
+        .zip(&exp.sites)
+        .map(|((id, name), s)| (*id, name.clone(), s.dataset.clone()))
+        .collect();
+    demo::start_workers(&ctx, &broker, &url, specs).await?;
+    let result = demo::follow(&ctx, &walked).await?;
+    server.abort();
+
+    let report = serde_json::json!({
+        "simulation": true,
+        "note": "A local simulation: its database, models and audit trail live in data_dir only and never enter a production registry.",
+        "experiment": exp.name,
+        "config": config.display().to_string(),
+        "data_dir": exp.data_dir.display().to_string(),
+        "plan_hash": walked.plan_hash,
+        "seconds": result.seconds,
+        "run": result.run,
+        "rounds": result.rounds,
+        "models": result.versions,
+        "final_model": result.versions.last(),
+        "audit": result.audit,
+    });
+    if let Some(dir) = exp.report.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&exp.report, serde_json::to_string_pretty(&report)?)?;
+    println!();
+    println!("Report: {}", exp.report.display());
+    if result.run.status == "completed" {
+        Ok(0)
+    } else {
+        eprintln!(
+            "error: the simulated run ended {}: {}",
+            result.run.status,
+            result.run.stop_reason.unwrap_or_default()
+        );
+        Ok(1)
+    }
+}

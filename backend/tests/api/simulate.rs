@@ -1,0 +1,132 @@
+//! `consilium simulate`: a researcher's local try of a plan, from an experiment file.
+
+use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
+use serde_json::Value;
+use std::process::Command;
+
+fn consilium(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_consilium"))
+        .args(args)
+        .env_remove("CONSILIUM_TEST_PG")
+        .env_remove("CONSILIUM_CONFIG")
+        .output()
+        .expect("consilium runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_simulation_trains_the_plan_on_local_folders_and_writes_a_report() {
+    let dir = tempfile::tempdir().expect("dir");
+    let example = dir.path().join("try");
+    let (code, out, err) = consilium(&["simulate", "--example", example.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}{err}");
+    let config = example.join("experiment.toml");
+    assert!(out.contains(&format!("consilium simulate --config {}", config.display())));
+
+    let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("north            160 images"), "{out}");
+    assert!(out.contains("completed after"), "{out}");
+    assert!(out.contains("verification: intact"), "{out}");
+
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(example.join("simulation-report.json")).expect("report"),
+    )
+    .expect("JSON report");
+    assert_eq!(report["simulation"], true);
+    assert_eq!(report["run"]["status"], "completed");
+    assert_eq!(report["rounds"].as_array().map(Vec::len), Some(3));
+    assert_eq!(report["models"].as_array().map(Vec::len), Some(3));
+    let acc = report["final_model"]["evaluation"]["global"]["accuracy"]
+        .as_f64()
+        .expect("accuracy");
+    assert!(acc > 0.7, "above chance: {acc}");
+    assert_eq!(report["audit"]["ok"], true);
+
+    // Marked as a simulation in its own audit trail, kept in its own database.
+    let db = Database::connect(format!(
+        "sqlite://{}?mode=ro",
+        example.join("run").join("consilium.db").display()
+    ))
+    .await
+    .expect("the simulation's database");
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT action FROM audit_events WHERE action = 'simulation.started'".to_string(),
+        ))
+        .await
+        .expect("audit events");
+    assert_eq!(rows.len(), 1);
+    let studies = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT title FROM studies".to_string(),
+        ))
+        .await
+        .expect("studies");
+    let title: String = studies[0].try_get("", "title").expect("title");
+    assert_eq!(title, "[simulation] Lesion classifier, first try");
+}
+
+#[test]
+fn a_broken_experiment_file_names_every_problem() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("experiment.toml");
+    std::fs::write(
+        &config,
+        r#"
+name = "broken"
+[plan]
+local_epochs = 1
+batch_size = 0
+rounds = 1
+[plan.model]
+architecture = "small_cnn"
+num_classes = 2
+[plan.preprocessing]
+image_size = 28
+[plan.optimiser]
+name = "sgd"
+learning_rate = 0.01
+[plan.aggregation]
+strategy = "fedavg"
+
+[[sites]]
+name = "north"
+[sites.dataset]
+kind = "images"
+root = "nowhere"
+labels = "nowhere/labels.csv"
+
+[[sites]]
+name = "North"
+[sites.dataset]
+kind = "images"
+root = "."
+labels = "labels.csv"
+"#,
+    )
+    .expect("write");
+    let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("can't be run"), "{err}");
+    assert!(err.contains("nowhere does not exist"), "{err}");
+    assert!(
+        err.contains("the site name \"North\" appears twice"),
+        "{err}"
+    );
+    assert!(err.contains("plan: "), "{err}");
+    assert!(err.contains("batch_size"), "{err}");
+
+    let (code, _, err) = consilium(&["simulate", "--config", "/no/such/experiment.toml"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("cannot read the experiment file /no/such/experiment.toml"),
+        "{err}"
+    );
+}
