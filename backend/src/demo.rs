@@ -149,6 +149,8 @@ pub struct Scenario {
     pub manifest: TrainingPlanManifest,
     /// Development-only local password for everyone (the demo's people sign in).
     pub password: Option<String>,
+    /// Print each step.
+    pub narrate: bool,
 }
 
 fn demo_scenario() -> anyhow::Result<Scenario> {
@@ -174,6 +176,7 @@ fn demo_scenario() -> anyhow::Result<Scenario> {
             "seed": 42
         }))?,
         password: Some(DEMO_PASSWORD.into()),
+        narrate: true,
     })
 }
 
@@ -181,7 +184,14 @@ fn demo_scenario() -> anyhow::Result<Scenario> {
 /// people, committee, sites, study, plan, review, data-access grants.
 pub async fn walk_through(ctx: &AppContext, sc: Scenario) -> anyhow::Result<Walked> {
     let system = Actor::system();
-    println!("A governed study, step by step:");
+    let step = |n: usize, text: &str| {
+        if sc.narrate {
+            step(n, text)
+        }
+    };
+    if sc.narrate {
+        println!("A governed study, step by step:");
+    }
     let mut people = Vec::new();
     for (email, name, role) in &sc.people {
         let u = directory::create_user(

@@ -275,6 +275,7 @@ pub async fn run(
             purpose: "A local simulation of a training plan; not for production data.".into(),
             manifest: exp.plan.clone(),
             password: None,
+            narrate: true,
         },
     )
     .await?;

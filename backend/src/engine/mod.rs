@@ -71,7 +71,13 @@ impl Engine {
                         delivery.dead_letter().await;
                     }
                     Ok(msg) => match engine.receive(&c, msg).await {
-                        Ok(()) => delivery.ack().await,
+                        Ok(true) => delivery.ack().await,
+                        Ok(false) => {
+                            tracing::error!(
+                                "a result names a run or site this server does not know; it goes to the dead-letter queue"
+                            );
+                            delivery.dead_letter().await;
+                        }
                         Err(e) => {
                             tracing::error!(error = ?e, "a result could not be recorded; it will be delivered again");
                             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -110,7 +116,20 @@ impl Engine {
         });
     }
 
-    async fn receive(&self, ctx: &AppContext, msg: WorkerMessage) -> AppResult<()> {
+    /// Records a message; `Ok(false)` when it names a run or site that does not exist here
+    /// (it can never be recorded: it goes to the dead-letter queue).
+    async fn receive(&self, ctx: &AppContext, msg: WorkerMessage) -> AppResult<bool> {
+        let site = match &msg {
+            WorkerMessage::Heartbeat(h) => h.site_id,
+            WorkerMessage::Result(r) => r.site_id,
+        };
+        if crate::entities::site::Entity::find_by_id(site)
+            .one(&ctx.db)
+            .await?
+            .is_none()
+        {
+            return Ok(false);
+        }
         match msg {
             WorkerMessage::Heartbeat(h) => {
                 let m = heartbeat::ActiveModel {
@@ -126,9 +145,19 @@ impl Engine {
                 heartbeat::Entity::insert(m)
                     .exec_without_returning(&ctx.db)
                     .await?;
-                Ok(())
+                Ok(true)
             }
-            WorkerMessage::Result(r) => self.record(ctx, r).await,
+            WorkerMessage::Result(r) => {
+                if run::Entity::find_by_id(r.run_id)
+                    .one(&ctx.db)
+                    .await?
+                    .is_none()
+                {
+                    return Ok(false);
+                }
+                self.record(ctx, r).await?;
+                Ok(true)
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use crate::engine::{approved_study_at, engine_manifest};
 use crate::helpers::*;
 
 use consilium_core::Role;
-use consilium_core::protocol::{Job, JobKind};
+use consilium_core::protocol::{Job, JobKind, JobResult, Outcome, WorkerMessage};
 use consilium_worker::broker::{Broker, RabbitBroker};
 use consilium_worker::synthetic::{SiteProfile, write_site};
 use serde_json::{Value, json};
@@ -332,6 +332,19 @@ holdout = 0.25
         .publish_raw_result(b"{\"not\": \"a worker message\"")
         .await
         .expect("published");
+    // A well-formed result for a run this server never had: dead-lettered too, not retried.
+    rabbit
+        .publish_message(&WorkerMessage::Result(JobResult {
+            job_id: Uuid::new_v4(),
+            run_id: Uuid::new_v4(),
+            round: 1,
+            site_id: w.site_a,
+            outcome: Outcome::Failed {
+                reason: "no such run".into(),
+            },
+        }))
+        .await
+        .expect("published");
 
     let run = app
         .client
@@ -503,8 +516,8 @@ holdout = 0.25
         .expect("accuracy");
     assert!(acc > 0.7, "above chance at the sites: {acc}");
 
-    // The malformed message sits in the dead-letter queue.
-    assert!(rabbit.dead_letters().await.expect("dead letters") >= 1);
+    // The malformed message and the stray result sit in the dead-letter queue.
+    assert_eq!(rabbit.dead_letters().await.expect("dead letters"), 2);
 
     // The altered plan was refused: round 1 lists the refusal with its reason, uncounted,
     // and the audit trail records it.
