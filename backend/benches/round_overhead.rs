@@ -198,7 +198,8 @@ fn main() {
         many * 1e3,
         (many - base) * 1e3 / (sites - 1).max(1) as f64
     );
-    match rabbit_vhost() {
+    let rabbit = rabbit_vhost();
+    match rabbit {
         Some((url, vhost)) => {
             let many = rt.block_on(measure(Some(url), sites, rounds));
             println!(
@@ -212,4 +213,7 @@ fn main() {
         }
         None => println!("  RabbitMQ: skipped (no rabbitmqctl or broker here)"),
     }
+    // lapin's connection threads would complain about the runtime going away.
+    rt.shutdown_background();
+    std::process::exit(0);
 }

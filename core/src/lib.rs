@@ -3,6 +3,8 @@
 
 pub mod aggregate;
 pub mod api;
+#[cfg(feature = "train")]
+pub mod conv;
 pub mod hash;
 pub mod manifest;
 pub mod problem;

@@ -12,6 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
+/// Training allocates and frees large tensors every step; jemalloc keeps freed memory for a
+/// while instead of returning it to the kernel and faulting it back in (a quarter of CPU
+/// training time with the system allocator).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "consilium-worker",
@@ -46,6 +52,9 @@ enum Command {
         /// Run one measurement with this many threads (used by the parent run).
         #[arg(long, hide = true)]
         threads: Option<usize>,
+        /// With candle's own convolution kernels (the baseline; used by the parent run).
+        #[arg(long, hide = true)]
+        candle_conv: bool,
     },
 }
 
@@ -90,9 +99,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         model,
         steps,
         threads,
+        candle_conv,
     } = &cli.command
     {
-        return bench_train(model, *steps, *threads);
+        return bench_train(model, *steps, *threads, *candle_conv);
     }
     let settings: WorkerSettings = Figment::new()
         .merge(Toml::file_exact(&cli.config))
@@ -142,39 +152,65 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn bench_train(model: &str, steps: usize, threads: Option<usize>) -> anyhow::Result<()> {
+fn bench_train(
+    model: &str,
+    steps: usize,
+    threads: Option<usize>,
+    candle_conv: bool,
+) -> anyhow::Result<()> {
     use consilium_worker::data::Sample;
     use consilium_worker::train::{Net, Rng};
     let Some(threads) = threads else {
-        // The parent: one child process per thread count (a thread pool is sized once per process).
+        // The parent: one child process per measurement (a thread pool is sized once per
+        // process), candle's convolution kernels and Consilium's side by side.
         let all = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
         let exe = std::env::current_exe()?;
         println!("{model}: batch 64, SGD with momentum, {steps} steps after 3 warm-up steps");
+        let mut rates = Vec::new();
         for t in [1, all] {
-            let out = std::process::Command::new(&exe)
-                .args([
-                    "bench-train",
-                    "--model",
-                    model,
-                    "--steps",
-                    &steps.to_string(),
-                    "--threads",
-                    &t.to_string(),
-                ])
-                .env("RAYON_NUM_THREADS", t.to_string())
-                .output()?;
-            print!("{}", String::from_utf8_lossy(&out.stdout));
-            if !out.status.success() {
-                anyhow::bail!(
-                    "the {t}-thread measurement failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
+            for baseline in [true, false] {
+                let mut args = vec![
+                    "bench-train".to_string(),
+                    "--model".into(),
+                    model.into(),
+                    "--steps".into(),
+                    steps.to_string(),
+                    "--threads".into(),
+                    t.to_string(),
+                ];
+                if baseline {
+                    args.push("--candle-conv".into());
+                }
+                let out = std::process::Command::new(&exe)
+                    .args(&args)
+                    .env("RAYON_NUM_THREADS", t.to_string())
+                    .output()?;
+                if !out.status.success() {
+                    anyhow::bail!(
+                        "the {t}-thread measurement failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                let rate: f64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+                rates.push(rate);
+                println!(
+                    "  {t} thread(s), {:<22} {rate:>7.2} steps/s",
+                    if baseline {
+                        "candle's conv2d:"
+                    } else {
+                        "im2col + GEMM (used):"
+                    }
                 );
+            }
+            if let [.., base, ours] = rates[..] {
+                println!("  {t} thread(s), speed-up {:.2}x", ours / base);
             }
         }
         return Ok(());
     };
+    consilium_core::conv::use_candle_kernels(candle_conv);
     let size = if model == "resnet" { 32 } else { 28 };
     let manifest: consilium_core::manifest::TrainingPlanManifest = serde_json::from_value(
         serde_json::json!({
@@ -204,6 +240,7 @@ fn bench_train(model: &str, steps: usize, threads: Option<usize>) -> anyhow::Res
         net.train(&batch, &manifest, i as u64)?;
     }
     let secs = started.elapsed().as_secs_f64();
-    println!("  {threads} thread(s): {:.2} steps/s", steps as f64 / secs);
+    tracing::debug!(threads, "measured");
+    println!("{:.3}", steps as f64 / secs);
     Ok(())
 }
