@@ -186,6 +186,83 @@ impl CustomOp1 for Col2Im {
     }
 }
 
+/// The whole convolution as one node of the autograd graph: (input, weight matrix) → output.
+/// Its backward pass computes both gradients directly, instead of candle zero-filling and
+/// accumulating a gradient for every intermediate tensor (patches, product, transpose).
+struct Conv {
+    g: Geometry,
+    oc: usize,
+}
+
+impl Conv {
+    /// (OC, N·OH·OW) ↔ (N, OC, OH·OW)
+    fn image_major(&self, t: &Tensor) -> Result<Tensor> {
+        t.reshape((self.oc, self.g.n, self.g.positions()))?
+            .transpose(0, 1)?
+            .contiguous()
+    }
+    fn channel_major(&self, t: &Tensor) -> Result<Tensor> {
+        t.reshape((self.g.n, self.oc, self.g.positions()))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((self.oc, self.g.columns()))
+    }
+}
+
+impl candle_core::CustomOp2 for Conv {
+    fn name(&self) -> &'static str {
+        "consilium-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.g;
+        let (CpuStorage::F32(cols), _) = Im2Col(g).cpu_fwd(s1, l1)? else {
+            bail!("conv2d: im2col produced a non-f32 matrix")
+        };
+        let cols = Tensor::from_vec(cols, (g.rows(), g.columns()), &candle_core::Device::Cpu)?;
+        let wm = Tensor::from_slice(
+            contiguous_f32(s2, l2, "conv2d")?,
+            (self.oc, g.rows()),
+            &candle_core::Device::Cpu,
+        )?;
+        let y = self.image_major(&wm.matmul(&cols)?)?;
+        Ok((
+            CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            Shape::from((g.n, self.oc, g.oh, g.ow)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wm: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = self.channel_major(&grad.detach())?;
+        let cols = x.detach().contiguous()?.apply_op1_no_bwd(&Im2Col(self.g))?;
+        let dw = dy.matmul(&cols.t()?)?;
+        // The first layer's input is data: no gradient to compute.
+        let dx = if x.track_op() {
+            Some(
+                wm.detach()
+                    .t()?
+                    .matmul(&dy)?
+                    .apply_op1_no_bwd(&Col2Im(self.g))?,
+            )
+        } else {
+            None
+        };
+        Ok((dx, Some(dw)))
+    }
+}
+
 /// `x` (N, C, H, W) convolved with `weight` (OC, C, KH, KW), plus `bias` (OC), with zero
 /// padding and a stride; the same result and gradients as candle's `conv2d`, faster to train
 /// on CPU.
@@ -224,20 +301,12 @@ pub fn conv2d(
             ow: (w + 2 * padding - kw) / stride + 1,
             ones: bias.is_some(),
         };
-        let cols = x.contiguous()?.apply_op1(Im2Col(g))?;
-        // The bias is the last column of the weight matrix against the row of ones: the GEMM
-        // adds it, and its gradient is the GEMM's too.
+        // The bias is the last column of the weight matrix, against the row of ones.
         let mut wm = weight.reshape((oc, g.patch()))?;
         if let Some(b) = bias {
             wm = Tensor::cat(&[&wm, &b.reshape((oc, 1))?], 1)?;
         }
-        // (OC, rows) · (rows, N·OH·OW) → (OC, N, OH·OW) → (N, OC, OH, OW)
-        return wm
-            .matmul(&cols)?
-            .reshape((oc, n, g.positions()))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((n, oc, g.oh, g.ow));
+        return x.contiguous()?.apply_op2(&wm, Conv { g, oc });
     } else {
         x.conv2d(weight, padding, stride, 1, 1)?
     };

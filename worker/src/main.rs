@@ -152,6 +152,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The Python with PyTorch to compare with: CONSILIUM_TORCH_PYTHON, or .venv-torch.
+fn torch_python() -> Option<PathBuf> {
+    std::env::var_os("CONSILIUM_TORCH_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| Some(PathBuf::from(".venv-torch/bin/python")))
+        .filter(|p| p.exists())
+}
+
+/// PyTorch's steps/s on the same model, batch and optimiser (scripts/torch_bench.py).
+fn torch_rate(model: &str, steps: usize, threads: usize) -> anyhow::Result<Option<f64>> {
+    let Some(python) = torch_python() else {
+        return Ok(None);
+    };
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/torch_bench.py");
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .args([model, &steps.to_string(), &threads.to_string()])
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "PyTorch ({}) failed: {}",
+            python.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(Some(String::from_utf8_lossy(&out.stdout).trim().parse()?))
+}
+
 fn bench_train(
     model: &str,
     steps: usize,
@@ -206,7 +235,18 @@ fn bench_train(
             }
             if let [.., base, ours] = rates[..] {
                 println!("  {t} thread(s), speed-up {:.2}x", ours / base);
+                if let Some(torch) = torch_rate(model, steps, t)? {
+                    println!(
+                        "  {t} thread(s), PyTorch:               {torch:>7.2} steps/s (Consilium at {:.2}x PyTorch)",
+                        ours / torch
+                    );
+                }
             }
+        }
+        if torch_python().is_none() {
+            println!(
+                "  (PyTorch not measured: scripts/torch-venv creates .venv-torch, or set CONSILIUM_TORCH_PYTHON)"
+            );
         }
         return Ok(());
     };
