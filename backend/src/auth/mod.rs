@@ -86,21 +86,25 @@ pub fn expired_session_cookie(ctx: &AppContext) -> Cookie<'static> {
 pub async fn open_session(ctx: &AppContext, user_id: uuid::Uuid) -> AppResult<String> {
     let secret = random_secret(32);
     let now = Utc::now();
+    let w = ctx.begin_write().await?;
     session::Entity::insert(session::ActiveModel {
         id_hash: sea_orm::Set(secret_hash(&secret)),
         user_id: sea_orm::Set(user_id),
         expires_at: sea_orm::Set(now + chrono::Duration::hours(ctx.settings.server.session_hours)),
         created_at: sea_orm::Set(now),
     })
-    .exec_without_returning(&ctx.db)
+    .exec_without_returning(&*w)
     .await?;
+    w.commit().await?;
     Ok(secret)
 }
 
 pub async fn close_session(ctx: &AppContext, secret: &str) -> AppResult<()> {
+    let w = ctx.begin_write().await?;
     session::Entity::delete_by_id(secret_hash(secret))
-        .exec(&ctx.db)
+        .exec(&*w)
         .await?;
+    w.commit().await?;
     Ok(())
 }
 

@@ -40,6 +40,14 @@ fn job_id(run: Uuid, round: i32, site: Uuid, kind: JobKind) -> Uuid {
     Uuid::new_v5(&run, format!("{round}/{site}/{kind:?}").as_bytes())
 }
 
+/// Whether the run is still running (a researcher may have stopped it meanwhile).
+async fn still_running(ctx: &AppContext, id: Uuid) -> AppResult<bool> {
+    Ok(run::Entity::find_by_id(id)
+        .one(&ctx.db)
+        .await?
+        .is_some_and(|x| x.status == "running"))
+}
+
 fn json<T: serde::Serialize>(v: &T) -> AppResult<serde_json::Value> {
     Ok(serde_json::to_value(v)?)
 }
@@ -139,12 +147,14 @@ impl Engine {
                     version: Set(h.version.chars().take(50).collect()),
                     at: Set(h.at),
                 };
-                heartbeat::Entity::delete_by_id(h.site_id)
-                    .exec(&ctx.db)
-                    .await?;
+                // Through the one writer, like every other write: SQLite refuses a second
+                // writer that would deadlock with an open transaction.
+                let w = ctx.begin_write().await?;
+                heartbeat::Entity::delete_by_id(h.site_id).exec(&*w).await?;
                 heartbeat::Entity::insert(m)
-                    .exec_without_returning(&ctx.db)
+                    .exec_without_returning(&*w)
                     .await?;
+                w.commit().await?;
                 Ok(true)
             }
             WorkerMessage::Result(r) => {
@@ -610,11 +620,7 @@ impl Engine {
                 .await;
                 resent = true;
             }
-            if run::Entity::find_by_id(r.id)
-                .one(&ctx.db)
-                .await?
-                .is_none_or(|x| x.status != "running")
-            {
+            if !still_running(ctx, r.id).await? {
                 return Ok(got);
             }
             let left = (x.deadline - Utc::now())
@@ -649,11 +655,7 @@ impl Engine {
                 resend,
             )
             .await?;
-        if run::Entity::find_by_id(r.id)
-            .one(&ctx.db)
-            .await?
-            .is_none_or(|x| x.status != "running")
-        {
+        if !still_running(ctx, r.id).await? {
             return Ok(());
         }
         let mut excluded: Vec<ExcludedSite> = from(&x.excluded)?;
@@ -750,11 +752,7 @@ impl Engine {
                 false,
             )
             .await?;
-        if run::Entity::find_by_id(r.id)
-            .one(&ctx.db)
-            .await?
-            .is_none_or(|x| x.status != "running")
-        {
+        if !still_running(ctx, r.id).await? {
             return Ok(());
         }
         let mut per_site = Vec::new();

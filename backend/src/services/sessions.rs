@@ -61,9 +61,10 @@ pub async fn oidc_start(ctx: &AppContext) -> AppResult<String> {
     let oidc = ctx.oidc.as_ref().ok_or_else(oidc_off)?;
     let start = oidc.start();
     // Pending sign-ins older than 10 minutes are dropped.
+    let w = ctx.begin_write().await?;
     oidc_pending::Entity::delete_many()
         .filter(oidc_pending::Column::CreatedAt.lt(Utc::now() - Duration::minutes(10)))
-        .exec(&ctx.db)
+        .exec(&*w)
         .await?;
     oidc_pending::Entity::insert(oidc_pending::ActiveModel {
         state: Set(start.state),
@@ -71,8 +72,9 @@ pub async fn oidc_start(ctx: &AppContext) -> AppResult<String> {
         nonce: Set(start.nonce),
         created_at: Set(Utc::now()),
     })
-    .exec_without_returning(&ctx.db)
+    .exec_without_returning(&*w)
     .await?;
+    w.commit().await?;
     Ok(start.url)
 }
 
@@ -107,9 +109,11 @@ pub async fn oidc_finish(
             "This sign-in link is unknown or has expired (they last 10 minutes); start again at /api/v1/auth/oidc/login.".into(),
         ));
     };
-    oidc_pending::Entity::delete_by_id(state)
-        .exec(&ctx.db)
-        .await?;
+    {
+        let w = ctx.begin_write().await?;
+        oidc_pending::Entity::delete_by_id(state).exec(&*w).await?;
+        w.commit().await?;
+    }
     let claims = oidc
         .finish(code, pending.pkce_verifier, &pending.nonce)
         .await
