@@ -192,6 +192,8 @@ impl CustomOp1 for Col2Im {
 struct Conv {
     g: Geometry,
     oc: usize,
+    /// The forward pass's patch matrix, kept for the weight gradient.
+    cols: std::sync::Mutex<Option<Tensor>>,
 }
 
 impl Conv {
@@ -226,6 +228,9 @@ impl candle_core::CustomOp2 for Conv {
             bail!("conv2d: im2col produced a non-f32 matrix")
         };
         let cols = Tensor::from_vec(cols, (g.rows(), g.columns()), &candle_core::Device::Cpu)?;
+        if let Ok(mut kept) = self.cols.lock() {
+            *kept = Some(cols.clone());
+        }
         let wm = Tensor::from_slice(
             contiguous_f32(s2, l2, "conv2d")?,
             (self.oc, g.rows()),
@@ -246,7 +251,11 @@ impl candle_core::CustomOp2 for Conv {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = self.channel_major(&grad.detach())?;
-        let cols = x.detach().contiguous()?.apply_op1_no_bwd(&Im2Col(self.g))?;
+        let kept = self.cols.lock().ok().and_then(|mut c| c.take());
+        let cols = match kept {
+            Some(c) => c,
+            None => x.detach().contiguous()?.apply_op1_no_bwd(&Im2Col(self.g))?,
+        };
         let dw = dy.matmul(&cols.t()?)?;
         // The first layer's input is data: no gradient to compute.
         let dx = if x.track_op() {
@@ -306,7 +315,14 @@ pub fn conv2d(
         if let Some(b) = bias {
             wm = Tensor::cat(&[&wm, &b.reshape((oc, 1))?], 1)?;
         }
-        return x.contiguous()?.apply_op2(&wm, Conv { g, oc });
+        return x.contiguous()?.apply_op2(
+            &wm,
+            Conv {
+                g,
+                oc,
+                cols: Default::default(),
+            },
+        );
     } else {
         x.conv2d(weight, padding, stride, 1, 1)?
     };
