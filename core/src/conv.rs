@@ -196,19 +196,27 @@ struct Conv {
     cols: std::sync::Mutex<Option<Tensor>>,
 }
 
-impl Conv {
-    /// (OC, N·OH·OW) ↔ (N, OC, OH·OW)
-    fn image_major(&self, t: &Tensor) -> Result<Tensor> {
-        t.reshape((self.oc, self.g.n, self.g.positions()))?
-            .transpose(0, 1)?
-            .contiguous()
-    }
-    fn channel_major(&self, t: &Tensor) -> Result<Tensor> {
-        t.reshape((self.g.n, self.oc, self.g.positions()))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((self.oc, self.g.columns()))
-    }
+/// (A, B, P) → (B, A, P), in parallel runs of P contiguous values: between the GEMM's
+/// channel-major layout and the images'.
+fn swap_outer(src: &[f32], a: usize, b: usize, p: usize) -> Vec<f32> {
+    let mut out = vec![0f32; a * b * p];
+    out.par_chunks_mut((a * p).max(1))
+        .enumerate()
+        .for_each(|(j, block)| {
+            for i in 0..a {
+                block[i * p..(i + 1) * p].copy_from_slice(&src[(i * b + j) * p..][..p]);
+            }
+        });
+    out
+}
+
+/// Runs `f` on a contiguous f32 CPU tensor's values.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        bail!("conv2d: expected a CPU tensor")
+    };
+    Ok(f(contiguous_f32(cpu, layout, "conv2d")?))
 }
 
 impl candle_core::CustomOp2 for Conv {
@@ -236,11 +244,10 @@ impl candle_core::CustomOp2 for Conv {
             (self.oc, g.rows()),
             &candle_core::Device::Cpu,
         )?;
-        let y = self.image_major(&wm.matmul(&cols)?)?;
-        Ok((
-            CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
-            Shape::from((g.n, self.oc, g.oh, g.ow)),
-        ))
+        let y = with_values(&wm.matmul(&cols)?, |v| {
+            swap_outer(v, self.oc, g.n, g.positions())
+        })?;
+        Ok((CpuStorage::F32(y), Shape::from((g.n, self.oc, g.oh, g.ow))))
     }
 
     fn bwd(
@@ -250,7 +257,11 @@ impl candle_core::CustomOp2 for Conv {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = self.channel_major(&grad.detach())?;
+        let g = self.g;
+        let dy = with_values(&grad.contiguous()?, |v| {
+            swap_outer(v, g.n, self.oc, g.positions())
+        })?;
+        let dy = Tensor::from_vec(dy, (self.oc, g.columns()), grad.device())?;
         let kept = self.cols.lock().ok().and_then(|mut c| c.take());
         let cols = match kept {
             Some(c) => c,
