@@ -7,7 +7,6 @@
 //! `cargo bench -p consilium-backend --bench round_overhead [-- SITES ROUNDS]`
 //! (defaults 100 and 3; RabbitMQ at CONSILIUM_BENCH_AMQP or amqp://guest:guest@127.0.0.1:5672,
 //! in a virtual host of its own made with rabbitmqctl; skipped when either is missing).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use consilium_backend::configuration::Settings;
 use consilium_backend::demo::{self, Scenario};
@@ -74,16 +73,14 @@ async fn respond(broker: SharedBroker, site: Uuid) {
 }
 
 /// Seconds per round for `sites` sites over `rounds` rounds.
-async fn measure(broker_url: Option<String>, sites: usize, rounds: u32) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
+async fn measure(broker_url: Option<String>, sites: usize, rounds: u32) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
     let mut settings = Settings::default();
     settings.server.port = 0;
     settings.database.data_dir = dir.path().to_path_buf();
     settings.log.level = "error".into();
     settings.engine.broker_url = broker_url.map(Into::into);
-    let app = consilium_backend::startup::Application::build(settings)
-        .await
-        .unwrap();
+    let app = consilium_backend::startup::Application::build(settings).await?;
     let ctx = app.context.clone();
     let broker = app.broker.clone();
     let server = tokio::spawn(app.run_until_stopped());
@@ -117,8 +114,7 @@ async fn measure(broker_url: Option<String>, sites: usize, rounds: u32) -> f64 {
         "local_epochs": 1, "batch_size": 16, "rounds": rounds,
         "aggregation": {"strategy": "fedavg"},
         "seed": 1
-    }))
-    .unwrap();
+    }))?;
     let walked = demo::walk_through(
         &ctx,
         Scenario {
@@ -131,8 +127,7 @@ async fn measure(broker_url: Option<String>, sites: usize, rounds: u32) -> f64 {
             narrate: false,
         },
     )
-    .await
-    .unwrap();
+    .await?;
     for (site, _) in &walked.sites {
         tokio::spawn(respond(broker.clone(), *site));
     }
@@ -144,20 +139,25 @@ async fn measure(broker_url: Option<String>, sites: usize, rounds: u32) -> f64 {
         CreateRun { plan_hash: None },
     )
     .await
-    .unwrap();
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     loop {
         let r = runs::get_run(&ctx, &walked.researcher, run.id)
             .await
-            .unwrap();
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         if r.status != "running" {
-            assert_eq!(r.status, "completed", "{:?}", r.stop_reason);
+            anyhow::ensure!(
+                r.status == "completed",
+                "the run ended {}: {:?}",
+                r.status,
+                r.stop_reason
+            );
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let secs = started.elapsed().as_secs_f64() / rounds as f64;
     server.abort();
-    secs
+    Ok(secs)
 }
 
 fn rabbit_vhost() -> Option<(String, String)> {
@@ -175,7 +175,7 @@ fn rabbit_vhost() -> Option<(String, String)> {
     .then(|| (format!("{base}/{vhost}"), vhost))
 }
 
-fn main() {
+fn main() -> anyhow::Result<()> {
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
@@ -184,15 +184,14 @@ fn main() {
     let rounds = args.get(1).copied().unwrap_or(3) as u32;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()
-        .unwrap();
+        .build()?;
     println!("Server overhead per round (sites answer at once; {rounds} rounds, SQLite):");
-    let base = rt.block_on(measure(None, 1, rounds));
+    let base = rt.block_on(measure(None, 1, rounds))?;
     println!(
         "  in-process broker,   1 site : {:>8.1} ms per round",
         base * 1e3
     );
-    let many = rt.block_on(measure(None, sites, rounds));
+    let many = rt.block_on(measure(None, sites, rounds))?;
     println!(
         "  in-process broker, {sites:>3} sites: {:>8.1} ms per round ({:.2} ms per site)",
         many * 1e3,
@@ -201,7 +200,7 @@ fn main() {
     let rabbit = rabbit_vhost();
     match rabbit {
         Some((url, vhost)) => {
-            let many = rt.block_on(measure(Some(url), sites, rounds));
+            let many = rt.block_on(measure(Some(url), sites, rounds))?;
             println!(
                 "  RabbitMQ,          {sites:>3} sites: {:>8.1} ms per round ({:.2} ms per site)",
                 many * 1e3,
