@@ -142,10 +142,6 @@ impl CustomOp1 for Im2Col {
             });
         Ok((CpuStorage::F32(out), Shape::from((g.rows(), cols))))
     }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Col2Im(self.0))?))
-    }
 }
 
 /// The adjoint of `Im2Col`: sums each patch value back onto its pixel, image by image.

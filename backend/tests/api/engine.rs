@@ -23,6 +23,21 @@ pub fn engine_manifest(rounds: u32) -> Value {
     })
 }
 
+/// A worker token for the site, made by its signed-in custodian (not by another token).
+pub async fn worker_token(app: &TestApp, site: Uuid, custodian: &Person) -> String {
+    let session = Auth::Cookie(app.sign_in(&custodian.email).await);
+    app.post(
+        &format!("/api/v1/sites/{site}/worker-tokens"),
+        &session,
+        json!({"name": "worker", "expires_at": in_days(30)}),
+    )
+    .await
+    .expect(201)["token"]
+        .as_str()
+        .expect("token")
+        .to_string()
+}
+
 /// Starts a site worker in this process, with its own worker token, data and the server's broker.
 pub async fn start_worker(
     app: &TestApp,
@@ -33,19 +48,7 @@ pub async fn start_worker(
 ) -> tokio::task::JoinHandle<()> {
     let data = dir.join(format!("site-{site}"));
     write_site(&data, 32, &profile).expect("synthetic data");
-    // Worker tokens are made by a signed-in custodian, not by another token.
-    let session = Auth::Cookie(app.sign_in(&custodian.email).await);
-    let token = app
-        .post(
-            &format!("/api/v1/sites/{site}/worker-tokens"),
-            &session,
-            json!({"name": "worker", "expires_at": in_days(30)}),
-        )
-        .await
-        .expect(201)["token"]
-        .as_str()
-        .expect("token")
-        .to_string();
+    let token = worker_token(app, site, custodian).await;
     let spec = DatasetSpec {
         kind: DataKind::Images,
         labels: data.join("labels.csv"),

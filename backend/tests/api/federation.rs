@@ -6,7 +6,7 @@
 //! Needs the worker binary next to the server's (`cargo build -p consilium-worker`; `cargo
 //! test --workspace` builds it) and `rabbitmqctl` (each run gets its own virtual host).
 
-use crate::engine::{approved_study_at, engine_manifest};
+use crate::engine::{approved_study_at, engine_manifest, worker_token};
 use crate::helpers::*;
 
 use consilium_core::Role;
@@ -276,18 +276,7 @@ async fn three_worker_processes_train_through_failures() {
             },
         )
         .expect("synthetic data");
-        let session = Auth::Cookie(app.sign_in(&custodian.email).await);
-        let worker_token = app
-            .post(
-                &format!("/api/v1/sites/{site}/worker-tokens"),
-                &session,
-                json!({"name": "worker", "expires_at": in_days(30)}),
-            )
-            .await
-            .expect(201)["token"]
-            .as_str()
-            .expect("token")
-            .to_string();
+        let worker_token = worker_token(&app, *site, custodian).await;
         let config = c.dir.join(format!("worker-{i}.toml"));
         std::fs::write(
             &config,
