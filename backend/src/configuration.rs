@@ -16,6 +16,24 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub engine: EngineSettings,
     pub log: LogSettings,
+    pub portal: PortalSettings,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(default, deny_unknown_fields)]
+pub struct PortalSettings {
+    /// Folder holding the portal's browser bundle in `pkg/` (scripts/build-portal writes
+    /// `target/site`). Without it the portal still works, server-rendered, without live
+    /// updates, and says so.
+    pub site_root: PathBuf,
+}
+
+impl Default for PortalSettings {
+    fn default() -> Self {
+        Self {
+            site_root: PathBuf::from("target/site"),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Clone)]

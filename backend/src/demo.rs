@@ -153,7 +153,7 @@ pub struct Scenario {
     pub narrate: bool,
 }
 
-fn demo_scenario() -> anyhow::Result<Scenario> {
+pub fn demo_scenario() -> anyhow::Result<Scenario> {
     Ok(Scenario {
         people: PEOPLE
             .iter()
@@ -180,18 +180,30 @@ fn demo_scenario() -> anyhow::Result<Scenario> {
     })
 }
 
-/// Walks the governance of `sc` through the services the API uses, every step audited:
-/// people, committee, sites, study, plan, review, data-access grants.
-pub async fn walk_through(ctx: &AppContext, sc: Scenario) -> anyhow::Result<Walked> {
-    let system = Actor::system();
-    let step = |n: usize, text: &str| {
-        if sc.narrate {
-            step(n, text)
-        }
-    };
-    if sc.narrate {
-        println!("A governed study, step by step:");
+/// The people, the ethics committee and the sites of a scenario (the administrator's part),
+/// created through the services the API uses.
+pub struct Cast {
+    pub people: Vec<consilium_core::api::UserDto>,
+    pub committee: consilium_core::api::CommitteeDto,
+    /// Each site with its custodian and the cases the study asks of it.
+    pub sites: Vec<(
+        consilium_core::api::SiteDto,
+        consilium_core::api::UserDto,
+        u32,
+    )>,
+}
+
+impl Cast {
+    pub fn first(&self, role: Role) -> anyhow::Result<&consilium_core::api::UserDto> {
+        self.people
+            .iter()
+            .find(|u| u.roles.contains(&role))
+            .ok_or_else(|| anyhow::anyhow!("the cast has no {}", role.as_str()))
     }
+}
+
+pub async fn cast(ctx: &AppContext, sc: &Scenario) -> anyhow::Result<Cast> {
+    let system = Actor::system();
     let mut people = Vec::new();
     for (email, name, role) in &sc.people {
         let u = directory::create_user(
@@ -220,17 +232,9 @@ pub async fn walk_through(ctx: &AppContext, sc: Scenario) -> anyhow::Result<Walk
             .find(|u| u.email == email)
             .ok_or_else(|| anyhow::anyhow!("the cast has nobody with the email {email}"))
     };
-    let (admin, researcher, member) = (
+    let (admin, member) = (
         as_actor(first(Role::Administrator)?),
-        first(Role::Researcher)?,
         first(Role::CommitteeMember)?,
-    );
-    step(
-        1,
-        &format!(
-            "The administrator registered {} people with their roles.",
-            people.len()
-        ),
     );
     let committee = directory::create_committee(
         ctx,
@@ -255,8 +259,47 @@ pub async fn walk_through(ctx: &AppContext, sc: Scenario) -> anyhow::Result<Walk
         )
         .await
         .map_err(fail)?;
-        sites.push((site, custodian, *cases));
+        sites.push((site, custodian.clone(), *cases));
     }
+
+    Ok(Cast {
+        people,
+        committee,
+        sites,
+    })
+}
+
+/// Walks the governance of `sc` through the services the API uses, every step audited:
+/// people, committee, sites, study, plan, review, data-access grants.
+pub async fn walk_through(ctx: &AppContext, sc: Scenario) -> anyhow::Result<Walked> {
+    let step = |n: usize, text: &str| {
+        if sc.narrate {
+            step(n, text)
+        }
+    };
+    if sc.narrate {
+        println!("A governed study, step by step:");
+    }
+    let Cast {
+        people,
+        committee,
+        sites,
+    } = cast(ctx, &sc).await?;
+    let researcher = people
+        .iter()
+        .find(|u| u.roles.contains(&Role::Researcher))
+        .ok_or_else(|| anyhow::anyhow!("the cast has no researcher"))?;
+    let member = people
+        .iter()
+        .find(|u| u.roles.contains(&Role::CommitteeMember))
+        .ok_or_else(|| anyhow::anyhow!("the cast has no committee member"))?;
+    step(
+        1,
+        &format!(
+            "The administrator registered {} people with their roles.",
+            people.len()
+        ),
+    );
     step(
         2,
         &format!(
@@ -404,31 +447,9 @@ async fn train(
     data_dir: &std::path::Path,
     w: &Walked,
 ) -> anyhow::Result<()> {
-    let profiles = consilium_worker::synthetic::demo_sites(1);
     println!();
     println!("Three site workers, each with its own synthetic chest-radiograph phantoms:");
-    let mut specs = Vec::new();
-    for ((site, name), (key, profile)) in w.sites.iter().zip(profiles) {
-        let dir = data_dir.join("sites").join(key);
-        let _ = std::fs::remove_dir_all(&dir);
-        let lesions = consilium_worker::synthetic::write_site(&dir, 32, &profile)?;
-        println!(
-            "  {name:<16} {} images, {lesions} with a lesion, noise {:.2}, blur {}",
-            profile.images, profile.noise, profile.blur
-        );
-        specs.push((
-            *site,
-            name.clone(),
-            DatasetSpec {
-                kind: DataKind::Images,
-                labels: dir.join("labels.csv"),
-                root: dir,
-                label_key: LabelKey::Path,
-                holdout: 0.25,
-                window: None,
-            },
-        ));
-    }
+    let specs = synthetic_sites(data_dir, &w.sites, true)?;
     start_workers(ctx, broker, url, specs).await?;
     let result = follow(ctx, w).await?;
     if result.run.status != "completed" {
@@ -449,6 +470,41 @@ async fn train(
         );
     }
     Ok(())
+}
+
+/// Writes synthetic chest-radiograph phantoms for each site (the demo's profiles, in order)
+/// under `data_dir/sites/`, and describes each as a worker's dataset.
+pub fn synthetic_sites(
+    data_dir: &std::path::Path,
+    sites: &[(uuid::Uuid, String)],
+    narrate: bool,
+) -> anyhow::Result<Vec<(uuid::Uuid, String, DatasetSpec)>> {
+    let profiles = consilium_worker::synthetic::demo_sites(1);
+    let mut specs = Vec::new();
+    for ((site, name), (key, profile)) in sites.iter().zip(profiles) {
+        let dir = data_dir.join("sites").join(key);
+        let _ = std::fs::remove_dir_all(&dir);
+        let lesions = consilium_worker::synthetic::write_site(&dir, 32, &profile)?;
+        if narrate {
+            println!(
+                "  {name:<16} {} images, {lesions} with a lesion, noise {:.2}, blur {}",
+                profile.images, profile.noise, profile.blur
+            );
+        }
+        specs.push((
+            *site,
+            name.clone(),
+            DatasetSpec {
+                kind: DataKind::Images,
+                labels: dir.join("labels.csv"),
+                root: dir,
+                label_key: LabelKey::Path,
+                holdout: 0.25,
+                window: None,
+            },
+        ));
+    }
+    Ok(specs)
 }
 
 /// Starts one site worker per site in this process, each with its own worker token and data,

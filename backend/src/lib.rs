@@ -10,6 +10,7 @@ pub mod domain;
 pub mod engine;
 pub mod entities;
 pub mod error;
+pub mod portal;
 pub mod routes;
 pub mod services;
 pub mod simulate;

@@ -6,6 +6,7 @@ use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use consilium_migrations::{Migrator, MigratorTrait};
+use leptos_actix::LeptosRoutes;
 use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use secrecy::ExposeSecret;
 use std::net::TcpListener;
@@ -285,7 +286,15 @@ pub fn run(listener: TcpListener, context: AppContext) -> Result<Server, Startup
     let body_limit = context.settings.server.body_limit_bytes;
     let data = web::Data::new(context);
     let spec = openapi();
+    let addr = listener.local_addr().map_err(|source| StartupError::Bind {
+        addr: "listener".into(),
+        source,
+    })?;
+    let portal = crate::portal::Portal::new(&data.settings.portal, addr);
+    let routes = leptos_actix::generate_route_list(consilium_frontend::App);
     let server = HttpServer::new(move || {
+        let portal_context = portal.context();
+        let options = portal.options.clone();
         let (app, _) = App::new()
             .wrap(TracingLogger::default())
             .app_data(data.clone())
@@ -300,17 +309,34 @@ pub fn run(listener: TcpListener, context: AppContext) -> Result<Server, Startup
             .into_utoipa_app()
             .service(utoipa_actix_web::scope("/api/v1").configure(crate::routes::configure))
             .split_for_parts();
-        app.route("/health", web::get().to(health))
-            .service(SwaggerUi::new("/api/docs/{_:.*}").url("/api/openapi.json", spec.clone()))
+        let app = app
+            .app_data(web::Data::new(portal.options.clone()))
             .route(
-                "/api/docs",
-                web::get().to(|| async {
-                    HttpResponse::Found()
-                        .insert_header(("Location", "/api/docs/"))
-                        .finish()
-                }),
+                consilium_frontend::STYLESHEET_PATH,
+                web::get().to(crate::portal::stylesheet),
             )
-            .default_service(web::to(not_found))
+            .route(
+                "/portal/{tail:.*}",
+                leptos_actix::handle_server_fns_with_context(portal_context.clone()),
+            );
+        let app = match &portal.pkg_dir {
+            Some(dir) => app.service(actix_files::Files::new("/pkg", dir)),
+            None => app,
+        };
+        app.leptos_routes_with_context(routes.clone(), portal_context, move || {
+            consilium_frontend::shell(options.clone())
+        })
+        .route("/health", web::get().to(health))
+        .service(SwaggerUi::new("/api/docs/{_:.*}").url("/api/openapi.json", spec.clone()))
+        .route(
+            "/api/docs",
+            web::get().to(|| async {
+                HttpResponse::Found()
+                    .insert_header(("Location", "/api/docs/"))
+                    .finish()
+            }),
+        )
+        .default_service(web::to(not_found))
     })
     .listen(listener)
     .map_err(|source| StartupError::Bind {

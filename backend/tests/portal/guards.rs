@@ -1,0 +1,136 @@
+//! What the portal refuses or explains: why a run cannot start yet, a form that comes back
+//! with its error and what was typed, a custodian who cannot see another site's requests.
+
+use consilium_backend::domain::Actor;
+use consilium_backend::services::{access, studies};
+use consilium_core::Role;
+use consilium_core::api::{CreateAccessRequest, CreateStudy, DataScope, StudySite, SubmitPlan};
+
+use crate::harness::Portal;
+
+fn actor(u: &consilium_core::api::UserDto) -> Actor {
+    Actor {
+        user_id: u.id,
+        roles: u.roles.iter().copied().collect(),
+        token_id: None,
+        site_id: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasons_errors_and_what_each_person_may_see() {
+    let mut p = Portal::start("guards", 0).await;
+    let researcher = actor(p.cast.first(Role::Researcher).unwrap());
+    let sites: Vec<_> = p.cast.sites.iter().map(|(s, _, _)| s.clone()).collect();
+
+    // A study with a plan, through the services (as an integration would through the API),
+    // with access requests for North and South.
+    let study = studies::create_study(
+        &p.ctx,
+        &researcher,
+        CreateStudy {
+            title: "Fracture triage".into(),
+            protocol_text: "Retrospective.".into(),
+            purpose: "Triage wrist fractures.".into(),
+            committee_id: p.cast.committee.id,
+            sites: sites[..2]
+                .iter()
+                .map(|s| StudySite {
+                    site_id: s.id,
+                    scope: DataScope {
+                        modality: "CR".into(),
+                        body_part: "WRIST".into(),
+                        label: "fracture".into(),
+                        cases: 50,
+                    },
+                })
+                .collect(),
+        },
+    )
+    .await
+    .unwrap();
+    let manifest = consilium_backend::demo::demo_scenario().unwrap().manifest;
+    studies::submit_plan(
+        &p.ctx,
+        &researcher,
+        study.id,
+        SubmitPlan {
+            manifest,
+            files: vec![],
+        },
+    )
+    .await
+    .unwrap();
+    for s in &sites[..2] {
+        access::create_request(
+            &p.ctx,
+            &researcher,
+            study.id,
+            CreateAccessRequest {
+                site_id: s.id,
+                plan_hashes: None,
+                justification: "Fracture triage training.".into(),
+            },
+        )
+        .await
+        .unwrap();
+    }
+
+    // The researcher sees, in words, why the run cannot start; there is no start button.
+    p.sign_in("rhea@uni.example").await;
+    p.goto(&format!("/studies/{}", study.id)).await;
+    p.wait_for("Training plans", 10).await;
+    let reasons = p.text_of("#preflight").await;
+    assert!(reasons.contains("A run cannot start yet"), "{reasons}");
+    assert!(
+        reasons.to_lowercase().contains("ethics") || reasons.to_lowercase().contains("approv"),
+        "the missing approval is named: {reasons}"
+    );
+    assert!(!p.text().await.contains("Start a run"));
+    p.shot_at("run-cannot-start", "#preflight").await;
+
+    // A form with a mistake comes back with the error and what was typed.
+    p.goto("/studies/new").await;
+    p.wait_for("Draft a new study", 10).await;
+    p.fill("#title", "Knee effusion grading").await;
+    p.fill("#purpose", "Grade effusions.").await;
+    p.fill("#protocol", "Prospective.").await;
+    p.choose("#committee", "Regional Ethics Committee").await;
+    p.fill("#label", "effusion").await;
+    p.press("Save draft").await;
+    let error = p.wait_for("Not saved", 20).await;
+    assert!(error.contains("Tick at least one site"), "{error}");
+    let kept = p
+        .browser
+        .find(fantoccini::Locator::Css("#title"))
+        .await
+        .unwrap()
+        .prop("value")
+        .await
+        .unwrap();
+    assert_eq!(
+        kept.as_deref(),
+        Some("Knee effusion grading"),
+        "the title survives the error"
+    );
+    p.shot("form-error-keeps-input").await;
+    p.sign_out().await;
+
+    // East's custodian sees no other site's requests; North's sees North's only.
+    p.sign_in("cleo@east.example").await;
+    p.goto("/access").await;
+    let page = p.wait_for("Requests for your sites", 10).await;
+    assert!(page.contains("No requests for your sites"), "{page}");
+    assert!(!page.contains("Fracture triage"), "{page}");
+    p.shot("custodian-east-sees-nothing").await;
+    p.sign_out().await;
+    p.sign_in("cara@north.example").await;
+    p.goto("/access").await;
+    p.wait_for("Requests for your sites", 10).await;
+    let table = p.text_of("#site-requests").await;
+    assert!(
+        table.contains("North Hospital") && !table.contains("South Hospital"),
+        "{table}"
+    );
+    p.close().await;
+}

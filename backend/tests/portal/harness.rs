@@ -1,0 +1,284 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use consilium_backend::configuration::Settings;
+use consilium_backend::context::AppContext;
+use consilium_backend::demo::{self, Cast};
+use consilium_backend::startup::Application;
+use fantoccini::{Client, ClientBuilder, Locator};
+
+pub const PASSWORD: &str = demo::DEMO_PASSWORD;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn find_program(env: &str, names: &[&str]) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        for n in names {
+            let p = dir.join(n);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!(
+        "{} not found (or set {env}); install Debian's chromium and chromium-driver \
+         (apt-get install -y chromium chromium-driver) — scripts/test does it",
+        names.join(" or ")
+    );
+}
+
+/// A running server with the demo's cast (people, committee, three sites), site workers for
+/// the first `workers` sites, and a headless Chromium to look at it.
+pub struct Portal {
+    pub url: String,
+    pub ctx: AppContext,
+    pub cast: Cast,
+    pub browser: Client,
+    shots: PathBuf,
+    step: usize,
+    _driver: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Portal {
+    pub async fn start(test: &str, workers: usize) -> Portal {
+        let site_root = workspace().join("target").join("site");
+        let bundle = site_root.join("pkg").join("consilium_bg.wasm");
+        assert!(
+            bundle.is_file(),
+            "the portal's browser bundle {} is missing: run scripts/build-portal first",
+            bundle.display()
+        );
+        let chromium = find_program("CHROMIUM", &["chromium", "chromium-browser"]);
+        let chromedriver = find_program("CHROMEDRIVER", &["chromedriver"]);
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut settings = Settings::default();
+        settings.server.port = 0;
+        settings.database.data_dir = dir.path().join("data");
+        settings.log.level = "warn".into();
+        settings.engine.round_timeout_seconds = 120;
+        settings.portal.site_root = site_root;
+        let app = Application::build(settings)
+            .await
+            .expect("the server starts");
+        let url = format!("http://127.0.0.1:{}", app.port());
+        let ctx = app.context.clone();
+        let broker = app.broker.clone();
+        tokio::spawn(app.run_until_stopped());
+
+        let scenario = demo::demo_scenario().expect("the demo's scenario");
+        let cast = demo::cast(&ctx, &scenario).await.expect("the cast");
+        let sites: Vec<(uuid::Uuid, String)> = cast
+            .sites
+            .iter()
+            .take(workers)
+            .map(|(s, _, _)| (s.id, s.name.clone()))
+            .collect();
+        if !sites.is_empty() {
+            let specs = demo::synthetic_sites(dir.path(), &sites, false).expect("site data");
+            demo::start_workers(&ctx, &broker, &url, specs)
+                .await
+                .expect("the site workers start");
+        }
+
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            l.local_addr().expect("port").port()
+        };
+        let driver = tokio::process::Command::new(&chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromedriver.display()));
+        let driver_url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let mut ready = false;
+        for _ in 0..100 {
+            if let Ok(r) = http.get(format!("{driver_url}/status")).send().await
+                && r.status().is_success()
+            {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ready, "chromedriver did not answer on {driver_url}");
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            serde_json::json!({
+                "binary": chromium.display().to_string(),
+                "args": ["--headless", "--no-sandbox", "--disable-background-networking",
+                         "--disable-dev-shm-usage", "--window-size=1280,1000"],
+            }),
+        );
+        let browser = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&driver_url)
+            .await
+            .expect("a Chromium session");
+
+        let shots = workspace()
+            .join("target")
+            .join("portal-screenshots")
+            .join(test);
+        let _ = std::fs::remove_dir_all(&shots);
+        std::fs::create_dir_all(&shots).expect("screenshot folder");
+        Portal {
+            url,
+            ctx,
+            cast,
+            browser,
+            shots,
+            step: 0,
+            _driver: driver,
+            _dir: dir,
+        }
+    }
+
+    pub async fn goto(&self, path: &str) {
+        self.browser
+            .goto(&format!("{}{path}", self.url))
+            .await
+            .unwrap_or_else(|e| panic!("open {path}: {e}"));
+    }
+
+    pub async fn path(&self) -> String {
+        self.browser
+            .current_url()
+            .await
+            .expect("url")
+            .path()
+            .to_string()
+    }
+
+    /// Everything the page shows, as text.
+    pub async fn text(&self) -> String {
+        self.text_of("body").await
+    }
+
+    /// The text of the element `css` (asked again while the page is being replaced).
+    pub async fn text_of(&self, css: &str) -> String {
+        let mut last = String::new();
+        for _ in 0..40 {
+            match self.browser.find(Locator::Css(css)).await {
+                Ok(el) => match el.text().await {
+                    Ok(t) => return t,
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("{css}: {last}");
+    }
+
+    /// Waits until the page shows `needle` (up to `secs` seconds), without reloading it.
+    pub async fn wait_for(&self, needle: &str, secs: u64) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let t = self.text().await;
+            if t.contains(needle) {
+                return t;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("the page never showed {needle:?}; it shows:\n{t}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn fill(&self, css: &str, value: &str) {
+        let el = self
+            .browser
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"));
+        el.clear().await.expect("clear");
+        el.send_keys(value).await.expect("type");
+    }
+
+    pub async fn click(&self, css: &str) {
+        self.browser
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"))
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("click {css}: {e}"));
+    }
+
+    /// Clicks the button that reads `label`, or else the link.
+    pub async fn press(&self, label: &str) {
+        let button = format!("//button[normalize-space(.)='{label}']");
+        let link = format!("//a[normalize-space(.)='{label}']");
+        let el = match self.browser.find(Locator::XPath(&button)).await {
+            Ok(el) => el,
+            Err(_) => self
+                .browser
+                .find(Locator::XPath(&link))
+                .await
+                .unwrap_or_else(|e| panic!("no button or link {label:?}: {e}")),
+        };
+        el.click()
+            .await
+            .unwrap_or_else(|e| panic!("press {label:?}: {e}"));
+    }
+
+    /// Picks the option that reads `label` in the select `css`.
+    pub async fn choose(&self, css: &str, label: &str) {
+        self.browser
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"))
+            .select_by_label(label)
+            .await
+            .unwrap_or_else(|e| panic!("choose {label:?} in {css}: {e}"));
+    }
+
+    /// Saves what the browser shows as the next numbered screenshot.
+    pub async fn shot(&mut self, name: &str) {
+        self.step += 1;
+        let png = self.browser.screenshot().await.expect("screenshot");
+        let path = self.shots.join(format!("{:02}-{name}.png", self.step));
+        std::fs::write(&path, png).expect("write screenshot");
+    }
+
+    /// Scrolls `css` into the middle of the window, then saves the screenshot.
+    pub async fn shot_at(&mut self, name: &str, css: &str) {
+        self.browser
+            .execute(
+                "document.querySelector(arguments[0]).scrollIntoView({block: 'center'});",
+                vec![serde_json::json!(css)],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("scroll to {css}: {e}"));
+        self.shot(name).await;
+    }
+
+    pub async fn sign_in(&self, email: &str) {
+        self.goto("/signin").await;
+        self.fill("#email", email).await;
+        self.fill("#password", PASSWORD).await;
+        self.press("Sign in").await;
+        self.wait_for("Sign out", 20).await;
+    }
+
+    pub async fn sign_out(&self) {
+        self.press("Sign out").await;
+        self.wait_for("Sign in", 20).await;
+    }
+
+    pub async fn close(self) {
+        self.browser.close().await.expect("close the browser");
+    }
+}

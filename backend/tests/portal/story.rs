@@ -1,0 +1,218 @@
+//! The whole governed story, in the browser, as the researcher, the committee member, the
+//! custodians and the auditor.
+
+use crate::harness::Portal;
+
+const MANIFEST: &str = r#"{
+  "model": { "architecture": "small_cnn", "num_classes": 2 },
+  "preprocessing": { "image_size": 28, "normalisation": "zscore" },
+  "optimiser": { "name": "adamw", "learning_rate": 0.003, "weight_decay": 0.0001 },
+  "local_epochs": 2,
+  "batch_size": 16,
+  "rounds": 3,
+  "aggregation": { "strategy": "fedavg", "min_sites": 2 },
+  "seed": 42
+}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_study_from_draft_to_model_in_the_browser() {
+    let mut p = Portal::start("story", 2).await;
+    let north = p.cast.sites[0].0.clone();
+    let south = p.cast.sites[1].0.clone();
+
+    // The researcher drafts a study for two hospitals.
+    p.sign_in("rhea@uni.example").await;
+    let home = p.wait_for("What waits for you", 10).await;
+    assert!(home.contains("Welcome, Rhea Researcher"), "{home}");
+    assert!(home.contains("No studies yet"), "{home}");
+    p.shot("researcher-home").await;
+    p.press("No studies yet: draft your first study").await;
+    p.wait_for("Draft a new study", 10).await;
+    p.fill("#title", "Pneumothorax detection across two hospitals")
+        .await;
+    p.fill(
+        "#purpose",
+        "Detect pneumothorax on chest radiographs without moving images.",
+    )
+    .await;
+    p.fill(
+        "#protocol",
+        "Retrospective, de-identified chest radiographs.\nPrimary endpoint: AUROC per site.",
+    )
+    .await;
+    p.choose("#committee", "Regional Ethics Committee").await;
+    p.fill("#label", "lesion").await;
+    p.click(&format!("#site-{}", north.id)).await;
+    p.click(&format!("#site-{}", south.id)).await;
+    p.fill(&format!("#cases-{}", north.id), "300").await;
+    p.fill(&format!("#cases-{}", south.id), "200").await;
+    p.shot("study-form").await;
+    p.press("Save draft").await;
+    let page = p.wait_for("Training plans", 20).await;
+    assert!(
+        page.contains("Pneumothorax detection across two hospitals"),
+        "{page}"
+    );
+    assert!(page.contains("draft"), "{page}");
+    assert!(
+        page.contains("A run cannot start yet"),
+        "the reasons show before approval: {page}"
+    );
+    let study_path = p.path().await;
+    assert!(study_path.starts_with("/studies/"), "{study_path}");
+
+    // …submits the training plan with its code attached.
+    let code = p.ctx.settings.database.data_dir.join("train.py");
+    std::fs::create_dir_all(code.parent().unwrap()).unwrap();
+    std::fs::write(
+        &code,
+        "# the training step the committee reviews\nprint('train')\n",
+    )
+    .unwrap();
+    p.fill("#manifest", MANIFEST).await;
+    p.browser
+        .find(fantoccini::Locator::Css("#files"))
+        .await
+        .unwrap()
+        .send_keys(&code.display().to_string())
+        .await
+        .unwrap();
+    p.press("Submit plan").await;
+    let page = p.wait_for("train.py", 20).await;
+    assert!(
+        page.contains("not yet submitted"),
+        "plan state per committee: {page}"
+    );
+    assert!(
+        page.contains("North Hospital: not requested"),
+        "plan state per site: {page}"
+    );
+
+    // …asks both hospitals for access and submits the study to the committee.
+    p.choose("#site", "North Hospital").await;
+    p.fill(
+        "#justification",
+        "Federated training of the submitted plan on chest radiographs.",
+    )
+    .await;
+    p.press("Request access").await;
+    p.wait_for("North Hospital: pending", 20).await;
+    p.fill(
+        "#justification",
+        "Federated training of the submitted plan on chest radiographs.",
+    )
+    .await;
+    p.press("Request access").await;
+    p.wait_for("South Hospital: pending", 20).await;
+    p.press("Submit for ethics review").await;
+    let page = p.wait_for("awaiting decision", 20).await;
+    assert!(page.contains("submitted"), "{page}");
+    p.shot_at("study-submitted", "#plans-h").await;
+    p.sign_out().await;
+
+    // The committee member finds it in the queue and approves with conditions.
+    p.sign_in("mira@ethics.example").await;
+    let home = p.wait_for("What waits for you", 10).await;
+    assert!(home.contains("1 study awaits your review"), "{home}");
+    p.shot("committee-home").await;
+    p.press("1 study awaits your review").await;
+    p.wait_for("Review queue", 10).await;
+    p.press("Pneumothorax detection across two hospitals").await;
+    p.wait_for("Your committee's decision", 10).await;
+    p.fill("#comments", "Sound protocol; the plan matches it.")
+        .await;
+    p.fill("#conditions", "Report incidental findings to the sites.")
+        .await;
+    p.shot_at("committee-review", "#review-form").await;
+    p.press("Record decision").await;
+    let page = p
+        .wait_for("Conditions: Report incidental findings", 20)
+        .await;
+    assert!(
+        page.contains("approved until"),
+        "plan approved by the committee: {page}"
+    );
+    p.shot_at("committee-approved", "#review-h").await;
+    p.sign_out().await;
+
+    // Each custodian grants access for their own site, and sees only their site's request.
+    for (email, site, other) in [
+        ("cara@north.example", "North Hospital", "South Hospital"),
+        ("cody@south.example", "South Hospital", "North Hospital"),
+    ] {
+        p.sign_in(email).await;
+        let home = p.wait_for("What waits for you", 10).await;
+        assert!(
+            home.contains("1 data-access request for your site"),
+            "{home}"
+        );
+        p.press("1 data-access request for your site").await;
+        p.wait_for("Requests for your sites", 10).await;
+        let table = p.text_of("#site-requests").await;
+        assert!(table.contains(site) && !table.contains(other), "{table}");
+        p.shot(&format!(
+            "custodian-{}",
+            site.split(' ').next().unwrap().to_lowercase()
+        ))
+        .await;
+        p.press("Approve").await;
+        p.wait_for("Revoke", 20).await;
+        p.sign_out().await;
+    }
+
+    // The researcher starts the run and watches the rounds arrive.
+    p.sign_in("rhea@uni.example").await;
+    p.goto(&study_path).await;
+    let page = p.wait_for("Everything a run needs is in place", 10).await;
+    assert!(page.contains("North Hospital: granted until"), "{page}");
+    p.press("Start a run").await;
+    p.wait_for("Rounds", 20).await;
+    assert!(p.path().await.starts_with("/runs/"));
+    p.shot("run-started").await;
+    p.wait_for("Round 1", 90).await;
+    let page = p.wait_for("completed", 180).await;
+    assert!(page.contains("Accuracy per round"), "charts drawn: {page}");
+    assert!(
+        page.contains("North Hospital") && page.contains("South Hospital"),
+        "{page}"
+    );
+    let charts = p
+        .browser
+        .find_all(fantoccini::Locator::Css("figure.chart svg polyline"))
+        .await
+        .unwrap();
+    assert!(charts.len() >= 2, "a line per series");
+    p.shot("run-completed").await;
+
+    // The model's lineage names the approvals behind it.
+    p.click("section.round a[href^='/models/']").await;
+    let page = p.wait_for("Lineage", 20).await;
+    for expected in [
+        "Ethics approval",
+        "approve",
+        "Data-access grants",
+        "North Hospital",
+        "South Hospital",
+        "Training plan",
+        "Download weights",
+    ] {
+        assert!(page.contains(expected), "{expected:?} in {page}");
+    }
+    p.shot("model-lineage").await;
+    p.sign_out().await;
+
+    // The auditor sees the whole trail, its chain verified.
+    p.sign_in("aldo@audit.example").await;
+    p.goto("/audit").await;
+    let page = p.wait_for("Chain verified", 20).await;
+    for action in [
+        "study.submitted",
+        "review.approve",
+        "access.approved",
+        "run.created",
+    ] {
+        assert!(page.contains(action), "{action:?} in the trail: {page}");
+    }
+    p.shot("audit").await;
+    p.close().await;
+}

@@ -1,0 +1,218 @@
+//! The portal's client of the REST API (server side only): every read and write of the portal
+//! goes through `/api/v1`, with the signed-in person's session cookie, so the portal and an
+//! integration leave the same audit events.
+
+use actix_web::http::header;
+use leptos::prelude::*;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::PortalError;
+
+/// Where the REST API answers (the server's own address) and the HTTP client to reach it.
+/// The backend provides it as context to every page render and server function.
+#[derive(Clone, Debug)]
+pub struct ApiClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    pub fn new(base: impl Into<String>) -> Self {
+        ApiClient {
+            base: base.into().trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+/// The REST API as the person behind the current request.
+pub struct Api {
+    client: ApiClient,
+    cookie: Option<String>,
+}
+
+/// The session cookie the API sets on sign-in, to hand on to the browser.
+pub struct SetCookie(pub String);
+
+impl Api {
+    pub fn current() -> Result<Self, PortalError> {
+        let client = use_context::<ApiClient>().ok_or_else(|| {
+            PortalError::new(
+                "portal",
+                "The portal is not connected to the API (no ApiClient in context).",
+            )
+        })?;
+        let cookie = use_context::<leptos_actix::Request>().and_then(|r| {
+            r.into_inner()
+                .headers()
+                .get(header::COOKIE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
+        Ok(Api { client, cookie })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self
+            .client
+            .http
+            .request(method, format!("{}/api/v1{path}", self.client.base));
+        if let Some(c) = &self.cookie {
+            r = r.header(header::COOKIE.as_str(), c);
+        }
+        r
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, PortalError> {
+        let resp = self.request(reqwest::Method::GET, path).send().await;
+        decode(resp).await.map(|(v, _)| v)
+    }
+
+    pub async fn text(&self, path: &str) -> Result<String, PortalError> {
+        let resp = self
+            .request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        if !resp.status().is_success() {
+            return Err(problem(resp).await);
+        }
+        resp.text().await.map_err(unreachable)
+    }
+
+    pub async fn send<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T, PortalError> {
+        let resp = self.request(method, path).json(body).send().await;
+        decode(resp).await.map(|(v, _)| v)
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, PortalError> {
+        self.send(reqwest::Method::POST, path, body).await
+    }
+
+    /// Posts and also returns the cookie the API set (sign-in).
+    pub async fn post_for_cookie<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<(T, Option<SetCookie>), PortalError> {
+        let resp = self
+            .request(reqwest::Method::POST, path)
+            .json(body)
+            .send()
+            .await;
+        decode(resp).await
+    }
+
+    /// A POST whose answer has no body (sign-out); returns the cookie the API set.
+    pub async fn post_empty(&self, path: &str) -> Result<Option<SetCookie>, PortalError> {
+        let resp = self
+            .request(reqwest::Method::POST, path)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        if !resp.status().is_success() {
+            return Err(problem(resp).await);
+        }
+        Ok(set_cookie(&resp))
+    }
+}
+
+fn unreachable(e: reqwest::Error) -> PortalError {
+    tracing::error!(error = %e, "the portal could not reach the API");
+    PortalError::new(
+        "api_unreachable",
+        "The portal could not reach the Consilium API. Try again in a moment; if it persists, ask the administrator to check the server.",
+    )
+}
+
+fn set_cookie(resp: &reqwest::Response) -> Option<SetCookie> {
+    resp.headers()
+        .get(reqwest::header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| SetCookie(v.to_string()))
+}
+
+async fn problem(resp: reqwest::Response) -> PortalError {
+    let status = resp.status().as_u16();
+    match resp.json::<consilium_core::problem::Problem>().await {
+        Ok(p) => PortalError {
+            status,
+            code: p.code,
+            detail: p.detail,
+            errors: p.errors,
+        },
+        Err(_) => PortalError {
+            status,
+            code: "api".into(),
+            detail: format!(
+                "The API answered {status} without an explanation. Try again; if it persists, ask the administrator."
+            ),
+            errors: Vec::new(),
+        },
+    }
+}
+
+async fn decode<T: DeserializeOwned>(
+    resp: Result<reqwest::Response, reqwest::Error>,
+) -> Result<(T, Option<SetCookie>), PortalError> {
+    let resp = resp.map_err(unreachable)?;
+    if !resp.status().is_success() {
+        return Err(problem(resp).await);
+    }
+    let cookie = set_cookie(&resp);
+    let v = resp.json::<T>().await.map_err(|e| {
+        tracing::error!(error = %e, "the API's answer did not decode");
+        PortalError::new("api", "The API's answer could not be read by the portal. Reload the page; if it persists, ask the administrator.")
+    })?;
+    Ok((v, cookie))
+}
+
+/// The end of a form post: go to `to` (success), or back to the form with the error and
+/// what was typed (never passwords), so that the page shows both — with or without the
+/// browser bundle.
+pub fn finish(
+    result: Result<String, PortalError>,
+    form: &std::collections::HashMap<String, String>,
+) {
+    match result {
+        Ok(to) => leptos_actix::redirect(&to),
+        Err(e) => {
+            let back = referer_path().unwrap_or_else(|| "/".into());
+            let mut q = url::form_urlencoded::Serializer::new(String::new());
+            q.append_pair("error", &e.message());
+            for (k, v) in form {
+                if !k.contains("password") {
+                    q.append_pair(&format!("f_{k}"), v);
+                }
+            }
+            leptos_actix::redirect(&format!("{back}?{}", q.finish()));
+        }
+    }
+}
+
+/// The path (without query) of the page the form was on.
+fn referer_path() -> Option<String> {
+    let req = use_context::<leptos_actix::Request>()?.into_inner();
+    let r = req.headers().get(header::REFERER)?.to_str().ok()?;
+    let u = url::Url::parse(r).ok()?;
+    Some(u.path().to_string())
+}
+
+/// Hands the API's session cookie on to the browser.
+pub fn pass_cookie(c: Option<SetCookie>) {
+    if let (Some(SetCookie(c)), Some(res)) = (c, use_context::<leptos_actix::ResponseOptions>())
+        && let Ok(v) = header::HeaderValue::from_str(&c)
+    {
+        res.append_header(header::SET_COOKIE, v);
+    }
+}

@@ -1,0 +1,327 @@
+//! Turning a posted form into a REST call (server side): read and check the fields, call the
+//! API, say where to go next. A field the person left wrong gets an error that names it.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use consilium_core::api::{
+    AccessDecision, AccessRequestDto, CreateAccessRequest, CreateRun, CreateStudy, DataScope,
+    DecideAccessRequest, ModelVersionDto, ReviewDecision, ReviewDto, RevokeAccess, RunDto, StopRun,
+    StudyDto, StudySite, SubmitReview, UpdateStudy,
+};
+use uuid::Uuid;
+
+use crate::api::Api;
+use crate::error::PortalError;
+use crate::server::Form;
+
+fn invalid(detail: impl Into<String>) -> PortalError {
+    PortalError::new("invalid", detail)
+}
+
+pub fn uuid(what: &str, s: &str) -> Result<Uuid, PortalError> {
+    Uuid::parse_str(s.trim()).map_err(|_| {
+        PortalError::new(
+            "not_found",
+            format!("There is no {what} {s:?}; follow a link from the list instead."),
+        )
+    })
+}
+
+pub fn required(form: &Form, key: &str, label: &str) -> Result<String, PortalError> {
+    match form.get(key).map(|v| v.trim()) {
+        Some(v) if !v.is_empty() => Ok(v.to_string()),
+        _ => Err(invalid(format!("{label} is required."))),
+    }
+}
+
+fn optional(form: &Form, key: &str) -> Option<String> {
+    form.get(key)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// A date field (YYYY-MM-DD) as the end of that day, UTC.
+fn date(form: &Form, key: &str, label: &str) -> Result<DateTime<Utc>, PortalError> {
+    let v = required(form, key, label)?;
+    let d = NaiveDate::parse_from_str(&v, "%Y-%m-%d").map_err(|_| {
+        invalid(format!(
+            "{label} must be a date such as 2027-06-30, not {v:?}."
+        ))
+    })?;
+    d.and_hms_opt(23, 59, 59)
+        .map(|t| t.and_utc())
+        .ok_or_else(|| invalid(format!("{label} is not a valid date.")))
+}
+
+fn number(form: &Form, key: &str, label: &str) -> Result<u32, PortalError> {
+    let v = required(form, key, label)?;
+    v.parse::<u32>()
+        .map_err(|_| invalid(format!("{label} must be a whole number, not {v:?}.")))
+}
+
+/// The sites ticked on the study form, each with the shared scope and its own case count.
+fn study_sites(form: &Form) -> Result<Vec<StudySite>, PortalError> {
+    let modality = required(form, "modality", "Modality")?;
+    let body_part = required(form, "body_part", "Body part")?;
+    let label = required(form, "label", "Label")?;
+    let mut ids: Vec<&String> = form
+        .keys()
+        .filter(|k| k.starts_with("site_") && form.get(*k).is_some_and(|v| v == "on"))
+        .collect();
+    ids.sort();
+    let mut sites = Vec::new();
+    for k in ids {
+        let id = k.trim_start_matches("site_");
+        let site_id = uuid("site", id)?;
+        let cases = number(form, &format!("cases_{id}"), "Cases for each ticked site")?;
+        sites.push(StudySite {
+            site_id,
+            scope: DataScope {
+                modality: modality.clone(),
+                body_part: body_part.clone(),
+                label: label.clone(),
+                cases,
+            },
+        });
+    }
+    if sites.is_empty() {
+        return Err(invalid(
+            "Tick at least one site whose data the study needs.",
+        ));
+    }
+    Ok(sites)
+}
+
+pub async fn save_study(api: &Api, form: &Form) -> Result<String, PortalError> {
+    let title = required(form, "title", "Title")?;
+    let purpose = required(form, "purpose", "Purpose")?;
+    let protocol_text = required(form, "protocol_text", "Protocol")?;
+    let sites = study_sites(form)?;
+    let s: StudyDto = match optional(form, "study_id") {
+        Some(id) => {
+            let id = uuid("study", &id)?;
+            api.send(
+                reqwest::Method::PATCH,
+                &format!("/studies/{id}"),
+                &UpdateStudy {
+                    title: Some(title),
+                    protocol_text: Some(protocol_text),
+                    purpose: Some(purpose),
+                    sites: Some(sites),
+                },
+            )
+            .await?
+        }
+        None => {
+            let committee_id = uuid(
+                "committee",
+                &required(form, "committee_id", "Ethics committee")?,
+            )?;
+            api.post(
+                "/studies",
+                &CreateStudy {
+                    title,
+                    protocol_text,
+                    purpose,
+                    committee_id,
+                    sites,
+                },
+            )
+            .await?
+        }
+    };
+    Ok(format!("/studies/{}", s.id))
+}
+
+pub async fn study_action(api: &Api, form: &Form) -> Result<String, PortalError> {
+    let id = uuid("study", &required(form, "study_id", "Study")?)?;
+    let back = format!("/studies/{id}");
+    match required(form, "action", "Action")?.as_str() {
+        "submit" => {
+            let _: StudyDto = api
+                .post(&format!("/studies/{id}/submit"), &serde_json::json!({}))
+                .await?;
+            Ok(back)
+        }
+        "review" => {
+            let decision = required(form, "decision", "Decision")?;
+            let decision = ReviewDecision::parse(&decision)
+                .ok_or_else(|| invalid("Choose approve, request changes or reject."))?;
+            let expires_at = match decision {
+                ReviewDecision::Approve => Some(date(form, "expires_on", "Approval expires on")?),
+                _ => None,
+            };
+            let _: ReviewDto = api
+                .post(
+                    &format!("/studies/{id}/reviews"),
+                    &SubmitReview {
+                        decision,
+                        comments: required(form, "comments", "Comments")?,
+                        conditions: optional(form, "conditions"),
+                        expires_at,
+                    },
+                )
+                .await?;
+            Ok(back)
+        }
+        "request_access" => {
+            let site_id = uuid("site", &required(form, "site_id", "Site")?)?;
+            let _: AccessRequestDto = api
+                .post(
+                    &format!("/studies/{id}/access-requests"),
+                    &CreateAccessRequest {
+                        site_id,
+                        plan_hashes: None,
+                        justification: required(form, "justification", "Justification")?,
+                    },
+                )
+                .await?;
+            Ok(back)
+        }
+        "start_run" => {
+            let run: RunDto = api
+                .post(
+                    &format!("/studies/{id}/runs"),
+                    &CreateRun { plan_hash: None },
+                )
+                .await?;
+            Ok(format!("/runs/{}", run.id))
+        }
+        "stop_run" => {
+            let run = uuid("run", &required(form, "run_id", "Run")?)?;
+            let _: RunDto = api
+                .post(
+                    &format!("/runs/{run}/stop"),
+                    &StopRun {
+                        reason: required(form, "reason", "Reason for stopping")?,
+                    },
+                )
+                .await?;
+            Ok(format!("/runs/{run}"))
+        }
+        other => Err(invalid(format!("Unknown action {other:?}."))),
+    }
+}
+
+pub async fn access_action(api: &Api, form: &Form) -> Result<String, PortalError> {
+    let id = uuid(
+        "data-access request",
+        &required(form, "request_id", "Request")?,
+    )?;
+    let back = optional(form, "back").unwrap_or_else(|| "/access".into());
+    let back = if back.starts_with('/') {
+        back
+    } else {
+        "/access".into()
+    };
+    match required(form, "action", "Action")?.as_str() {
+        "approve" | "deny" => {
+            let approve = form.get("action").is_some_and(|a| a == "approve");
+            let current: AccessRequestDto = api.get(&format!("/access-requests/{id}")).await?;
+            let scope = match optional(form, "cases") {
+                Some(_) if approve => {
+                    let cases = number(form, "cases", "Cases granted")?;
+                    Some(DataScope {
+                        cases,
+                        ..current.scope
+                    })
+                }
+                _ => None,
+            };
+            let _: AccessRequestDto = api
+                .post(
+                    &format!("/access-requests/{id}/decision"),
+                    &DecideAccessRequest {
+                        decision: if approve {
+                            AccessDecision::Approve
+                        } else {
+                            AccessDecision::Deny
+                        },
+                        comment: optional(form, "comment"),
+                        expires_at: if approve {
+                            Some(date(form, "expires_on", "Access expires on")?)
+                        } else {
+                            None
+                        },
+                        scope,
+                    },
+                )
+                .await?;
+            Ok(back)
+        }
+        "revoke" => {
+            let _: AccessRequestDto = api
+                .post(
+                    &format!("/access-requests/{id}/revoke"),
+                    &RevokeAccess {
+                        reason: required(form, "reason", "Reason for revoking")?,
+                    },
+                )
+                .await?;
+            Ok(back)
+        }
+        other => Err(invalid(format!("Unknown action {other:?}."))),
+    }
+}
+
+pub async fn model_action(api: &Api, form: &Form) -> Result<String, PortalError> {
+    let id = uuid("model", &required(form, "model_id", "Model")?)?;
+    match required(form, "action", "Action")?.as_str() {
+        "release" => {
+            let _: ModelVersionDto = api
+                .post(&format!("/models/{id}/release"), &serde_json::json!({}))
+                .await?;
+            Ok(format!("/models/{id}"))
+        }
+        other => Err(invalid(format!("Unknown action {other:?}."))),
+    }
+}
+
+pub async fn submit_plan(
+    api: &Api,
+    data: leptos::server_fn::codec::MultipartData,
+    form: &mut Form,
+) -> Result<String, PortalError> {
+    use base64::Engine;
+    let mut mp = data
+        .into_inner()
+        .ok_or_else(|| invalid("The plan form arrived without its fields."))?;
+    let mut files = Vec::new();
+    while let Some(field) = mp.next_field().await.map_err(unreadable)? {
+        let name = field.name().unwrap_or_default().to_string();
+        let file_name = field.file_name().map(str::to_string);
+        let bytes = field.bytes().await.map_err(unreadable)?;
+        match (name.as_str(), file_name) {
+            ("files", Some(file_name)) if !file_name.is_empty() => {
+                files.push(consilium_core::api::PlanFileUpload {
+                    name: file_name,
+                    content_base64: base64::engine::general_purpose::STANDARD.encode(&bytes),
+                });
+            }
+            ("files", _) => {}
+            _ => {
+                form.insert(name, String::from_utf8_lossy(&bytes).into_owned());
+            }
+        }
+    }
+    let id = uuid("study", &required(form, "study_id", "Study")?)?;
+    let text = required(form, "manifest", "The manifest")?;
+    let manifest: consilium_core::manifest::TrainingPlanManifest = serde_json::from_str(&text)
+        .map_err(|e| {
+            invalid(format!(
+                "The manifest is not valid JSON for a training plan: {e} (line {}, column {}).",
+                e.line(),
+                e.column()
+            ))
+        })?;
+    let _: consilium_core::api::PlanDto = api
+        .post(
+            &format!("/studies/{id}/plans"),
+            &consilium_core::api::SubmitPlan { manifest, files },
+        )
+        .await?;
+    Ok(format!("/studies/{id}"))
+}
+
+fn unreadable<E: std::fmt::Display>(e: E) -> PortalError {
+    invalid(format!("The form could not be read ({e}); send it again."))
+}

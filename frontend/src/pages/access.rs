@@ -1,0 +1,164 @@
+//! Data access: a custodian decides the requests for their sites and sees what runs on their
+//! sites' data; a researcher sees their own requests.
+
+use consilium_core::Role;
+use consilium_core::api::{AccessRequestDto, AccessStatus};
+use leptos::prelude::*;
+use leptos::server_fn::ServerFn as _;
+
+use super::loading;
+use crate::components::{Badge, Failure, FormError, Hash, day, field, typed, when};
+use crate::server::{AccessAction, AccessPage, load_access};
+
+#[component]
+pub fn Access() -> impl IntoView {
+    let data = Resource::new(|| (), |_| load_access());
+    view! {
+        <h1>"Data access"</h1>
+        <FormError/>
+        <Suspense fallback=loading>
+            {move || Suspend::new(async move {
+                match data.await {
+                    Ok(d) => view! { <AccessView d/> }.into_any(),
+                    Err(e) => view! { <Failure error=e/> }.into_any(),
+                }
+            })}
+        </Suspense>
+    }
+}
+
+#[component]
+fn AccessView(d: AccessPage) -> impl IntoView {
+    let me = d.me.user.id;
+    let my_sites: Vec<uuid::Uuid> = d
+        .directory
+        .sites
+        .iter()
+        .filter(|s| s.custodians.contains(&me))
+        .map(|s| s.id)
+        .collect();
+    let custodian = d.me.acting_roles.contains(&Role::Custodian);
+    let site_name = |id: uuid::Uuid| {
+        d.directory
+            .sites
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    };
+    let study_title = |id: uuid::Uuid| {
+        d.studies
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.title.clone())
+            .unwrap_or_else(|| id.to_string())
+    };
+    let for_me: Vec<&AccessRequestDto> = d
+        .requests
+        .iter()
+        .filter(|r| my_sites.contains(&r.site_id))
+        .collect();
+    let mine: Vec<&AccessRequestDto> = d.requests.iter().filter(|r| r.requester_id == me).collect();
+    let names = my_sites
+        .iter()
+        .map(|s| site_name(*s))
+        .collect::<Vec<_>>()
+        .join(", ");
+
+    let decide = |r: &AccessRequestDto| {
+        let id = r.id.to_string();
+        match r.status {
+            AccessStatus::Pending => view! {
+                <form method="post" action=AccessAction::url() class="decide">
+                    <input type="hidden" name=field("request_id") value=id.clone()/>
+                    <label for=format!("expires-{id}")>"Access expires on"</label>
+                    <input id=format!("expires-{id}") type="date" name=field("expires_on") value=typed("expires_on", &d.next_year)/>
+                    <label for=format!("cases-{id}")>"Cases granted (at most the cases asked)"</label>
+                    <input id=format!("cases-{id}") type="number" min="1" max=r.scope.cases name=field("cases") value=typed("cases", &r.scope.cases.to_string()) class="short"/>
+                    <label for=format!("comment-{id}")>"Comment"</label>
+                    <input id=format!("comment-{id}") name=field("comment") value=typed("comment", "")/>
+                    <div class="actions">
+                        <button type="submit" name=field("action") value="approve">"Approve"</button>
+                        <button type="submit" name=field("action") value="deny" class="danger">"Deny"</button>
+                    </div>
+                </form>
+            }.into_any(),
+            AccessStatus::Approved => view! {
+                <form method="post" action=AccessAction::url() class="decide">
+                    <input type="hidden" name=field("request_id") value=id.clone()/>
+                    <input type="hidden" name=field("action") value="revoke"/>
+                    <label for=format!("reason-{id}")>"Reason for revoking"</label>
+                    <input id=format!("reason-{id}") name=field("reason") required/>
+                    <button type="submit" class="danger">"Revoke"</button>
+                </form>
+            }.into_any(),
+            _ => view! { <span class="hint">"decided"</span> }.into_any(),
+        }
+    };
+
+    let request_rows = for_me.iter().map(|r| view! {
+        <tr>
+            <td><a href=format!("/studies/{}", r.study_id)>{study_title(r.study_id)}</a></td>
+            <td>{site_name(r.site_id)}</td>
+            <td>{format!("{} {} · {} · {} cases", r.scope.modality, r.scope.body_part, r.scope.label, r.scope.cases)}</td>
+            <td>{r.justification.clone()}</td>
+            <td>{r.plan_hashes.iter().map(|h| view! { <Hash hash=h.clone()/>" " }).collect_view()}</td>
+            <td><Badge text=r.status.as_str().to_string()/>{r.expires_at.map(|e| view! { <br/>"until "{day(&e)} })}</td>
+            <td>{decide(r)}</td>
+        </tr>
+    }).collect_view();
+
+    let activity = d.activity.iter().map(|a| {
+        let rounds = a.rounds.iter().map(|round| {
+            let cells = round.sites.iter().filter(|s| my_sites.contains(&s.site_id)).map(|s| {
+                let metrics = s.evaluation.as_ref().map(|m| format!(", accuracy {:.3}, loss {:.3}", m.accuracy, m.loss)).unwrap_or_default();
+                format!("{}: {}{}{}", s.site_name, s.status, s.samples.map(|n| format!(", {n} samples")).unwrap_or_default(), metrics)
+            }).collect::<Vec<_>>().join("; ");
+            view! { <li>"Round "{round.number}" ("{round.state.clone()}"): "{cells}</li> }
+        }).collect_view();
+        view! {
+            <li class="card">
+                <p><a href=format!("/runs/{}", a.run.id)>{a.study_title.clone()}</a>" "<Badge text=a.run.status.clone()/></p>
+                <p class="meta">"Plan "<Hash hash=a.run.plan_hash.clone()/>" · ethics decision "<code>{a.run.review_id.to_string()}</code>" · grants "{a.run.grant_ids.iter().map(|g| view! { <code>{g.to_string()}</code>" " }).collect_view()}" · started "{when(&a.run.created_at)}</p>
+                <ul class="plain">{rounds}</ul>
+            </li>
+        }
+    }).collect_view();
+
+    let my_rows = mine.iter().map(|r| view! {
+        <tr>
+            <td><a href=format!("/studies/{}", r.study_id)>{study_title(r.study_id)}</a></td>
+            <td>{site_name(r.site_id)}</td>
+            <td><Badge text=r.status.as_str().to_string()/></td>
+            <td>{r.expires_at.as_ref().map(day).unwrap_or_default()}</td>
+            <td>{r.comment.clone().unwrap_or_default()}</td>
+        </tr>
+    }).collect_view();
+
+    view! {
+        {custodian.then(|| view! {
+            <section aria-labelledby="for-site">
+                <h2 id="for-site">"Requests for your sites ("{names.clone()}")"</h2>
+                {if for_me.is_empty() { view! { <p>"No requests for your sites."</p> }.into_any() } else { view! {
+                    <table id="site-requests">
+                        <thead><tr><th scope="col">"Study"</th><th scope="col">"Site"</th><th scope="col">"Scope"</th><th scope="col">"Justification"</th><th scope="col">"Plans"</th><th scope="col">"Status"</th><th scope="col">"Decision"</th></tr></thead>
+                        <tbody>{request_rows}</tbody>
+                    </table>
+                }.into_any() }}
+            </section>
+            <section aria-labelledby="on-site">
+                <h2 id="on-site">"Running on your sites' data"</h2>
+                {if d.activity.is_empty() { view! { <p>"Nothing has run on your sites' data."</p> }.into_any() } else { view! { <ul class="plain">{activity}</ul> }.into_any() }}
+            </section>
+        })}
+        {(!mine.is_empty()).then(|| view! {
+            <section aria-labelledby="yours">
+                <h2 id="yours">"Your requests"</h2>
+                <table>
+                    <thead><tr><th scope="col">"Study"</th><th scope="col">"Site"</th><th scope="col">"Status"</th><th scope="col">"Expires"</th><th scope="col">"Comment"</th></tr></thead>
+                    <tbody>{my_rows}</tbody>
+                </table>
+            </section>
+        })}
+    }
+}

@@ -1,0 +1,223 @@
+//! Runs: the list, and one run's live state per round and per site with its charts.
+
+use leptos::prelude::*;
+use leptos::server_fn::ServerFn as _;
+use leptos_router::hooks::use_params_map;
+
+use super::loading;
+use crate::components::{Badge, Failure, FormError, Hash, LineChart, Series, field, when};
+use crate::server::{RunPage, StudyAction, load_run, load_runs};
+
+#[component]
+pub fn Runs() -> impl IntoView {
+    let data = Resource::new(|| (), |_| load_runs());
+    view! {
+        <h1>"Runs"</h1>
+        <Suspense fallback=loading>
+            {move || Suspend::new(async move {
+                match data.await {
+                    Ok(d) if d.runs.is_empty() => view! { <p>"No runs you may see yet."</p> }.into_any(),
+                    Ok(d) => {
+                        let title = |id| d.studies.iter().find(|s| s.id == id).map(|s| s.title.clone()).unwrap_or_default();
+                        view! {
+                            <table>
+                                <thead><tr><th scope="col">"Study"</th><th scope="col">"Status"</th><th scope="col">"Round"</th><th scope="col">"Plan"</th><th scope="col">"Started"</th></tr></thead>
+                                <tbody>
+                                    {d.runs.iter().map(|r| view! {
+                                        <tr>
+                                            <td><a href=format!("/runs/{}", r.id)>{title(r.study_id)}</a></td>
+                                            <td><Badge text=r.status.clone()/></td>
+                                            <td>{r.current_round}</td>
+                                            <td><Hash hash=r.plan_hash.clone()/></td>
+                                            <td>{when(&r.created_at)}</td>
+                                        </tr>
+                                    }).collect_view()}
+                                </tbody>
+                            </table>
+                        }.into_any()
+                    }
+                    Err(e) => view! { <Failure error=e/> }.into_any(),
+                }
+            })}
+        </Suspense>
+    }
+}
+
+fn live(status: &str) -> bool {
+    matches!(status, "created" | "running")
+}
+
+#[component]
+pub fn Run() -> impl IntoView {
+    let params = use_params_map();
+    let data = Resource::new(
+        move || params.read().get("id").unwrap_or_default(),
+        load_run,
+    );
+    // In the browser: ask again every two seconds while the run is going.
+    Effect::new(move |_| {
+        let _ = set_interval_with_handle(
+            move || {
+                let going = data
+                    .get_untracked()
+                    .and_then(|r| r.ok())
+                    .is_some_and(|d| live(&d.run.status));
+                if going {
+                    data.refetch();
+                }
+            },
+            std::time::Duration::from_secs(2),
+        );
+    });
+    view! {
+        <Transition fallback=loading>
+            {move || Suspend::new(async move {
+                match data.await {
+                    Ok(d) => view! { <RunView d/> }.into_any(),
+                    Err(e) => view! { <h1>"Run"</h1><Failure error=e/> }.into_any(),
+                }
+            })}
+        </Transition>
+    }
+}
+
+#[component]
+fn RunView(d: RunPage) -> impl IntoView {
+    let r = d.run.clone();
+    let owner = d.study.researcher_id == d.me.user.id;
+    let going = live(&r.status);
+    // Charts: the global model's loss and accuracy per round, and each site's accuracy.
+    let mut models = d.models.clone();
+    models.sort_by_key(|m| m.round);
+    let global_acc = Series {
+        label: "global model".into(),
+        points: models
+            .iter()
+            .filter_map(|m| {
+                m.evaluation
+                    .as_ref()
+                    .map(|e| (f64::from(m.round), e.global.accuracy))
+            })
+            .collect(),
+    };
+    let global_loss = Series {
+        label: "global model".into(),
+        points: models
+            .iter()
+            .filter_map(|m| {
+                m.evaluation
+                    .as_ref()
+                    .map(|e| (f64::from(m.round), e.global.loss))
+            })
+            .collect(),
+    };
+    let mut site_names: Vec<(uuid::Uuid, String)> = Vec::new();
+    for round in &d.rounds {
+        for s in &round.sites {
+            if !site_names.iter().any(|(id, _)| *id == s.site_id) {
+                site_names.push((s.site_id, s.site_name.clone()));
+            }
+        }
+    }
+    let mut acc_series = vec![global_acc];
+    for (id, name) in &site_names {
+        acc_series.push(Series {
+            label: name.clone(),
+            points: models
+                .iter()
+                .filter_map(|m| {
+                    m.evaluation
+                        .as_ref()?
+                        .sites
+                        .iter()
+                        .find(|s| s.site_id == *id)
+                        .map(|s| (f64::from(m.round), s.metrics.accuracy))
+                })
+                .collect(),
+        });
+    }
+    let mut loss_series = vec![global_loss];
+    for (id, name) in &site_names {
+        loss_series.push(Series {
+            label: name.clone(),
+            points: models
+                .iter()
+                .filter_map(|m| {
+                    m.evaluation
+                        .as_ref()?
+                        .sites
+                        .iter()
+                        .find(|s| s.site_id == *id)
+                        .map(|s| (f64::from(m.round), s.metrics.loss))
+                })
+                .collect(),
+        });
+    }
+    let has_points = models.iter().any(|m| m.evaluation.is_some());
+
+    let rounds = d.rounds.iter().rev().map(|round| {
+        let model = round.model_version_id.map(|id| view! { <a href=format!("/models/{id}")>"model of this round"</a> });
+        let sites = round.sites.iter().map(|s| view! {
+            <tr>
+                <td>{s.site_name.clone()}</td>
+                <td><Badge text=s.status.clone()/></td>
+                <td>{s.samples.map(|n| n.to_string()).unwrap_or_default()}</td>
+                <td>{s.evaluation.as_ref().map(|m| format!("{:.3}", m.accuracy)).unwrap_or_default()}</td>
+                <td>{s.evaluation.as_ref().map(|m| format!("{:.3}", m.loss)).unwrap_or_default()}</td>
+                <td>{s.duration_ms.map(|ms| format!("{:.1} s", ms as f64 / 1000.0)).unwrap_or_default()}</td>
+                <td>{s.reason.clone().unwrap_or_default()}</td>
+            </tr>
+        }).collect_view();
+        let excluded = round.excluded.iter().map(|x| {
+            let name = round.sites.iter().find(|s| s.site_id == x.site_id).map(|s| s.site_name.clone()).unwrap_or_else(|| x.site_id.to_string());
+            view! { <li>{name}": "{x.reason.clone()}</li> }
+        }).collect_view();
+        let late = round.not_counted.iter().map(|x| {
+            let name = round.sites.iter().find(|s| s.site_id == x.site_id).map(|s| s.site_name.clone()).unwrap_or_else(|| x.site_id.to_string());
+            view! { <li>{name}": "{x.outcome.clone()}" — "{x.reason.clone().unwrap_or_else(|| "arrived too late".into())}</li> }
+        }).collect_view();
+        let waiting = round.sites.iter().filter(|s| s.status == "waiting").map(|s| s.site_name.clone()).collect::<Vec<_>>();
+        view! {
+            <section class="card round" aria-label=format!("Round {}", round.number)>
+                <h3>"Round "{round.number}" "<Badge text=round.state.clone()/></h3>
+                <p class="meta">"Quorum "{round.quorum}" · deadline "{when(&round.deadline)}" "{model}</p>
+                {round.failure.clone().map(|f| view! { <p class="notice error">{f}</p> })}
+                {(!waiting.is_empty() && round.state == "collecting").then(|| view! { <p class="hint">"Waiting for: "{waiting.join(", ")}</p> })}
+                <table>
+                    <thead><tr><th scope="col">"Site"</th><th scope="col">"Status"</th><th scope="col">"Samples"</th><th scope="col">"Accuracy"</th><th scope="col">"Loss"</th><th scope="col">"Time"</th><th scope="col">"Reason"</th></tr></thead>
+                    <tbody>{sites}</tbody>
+                </table>
+                {(!round.excluded.is_empty()).then(|| view! { <p><strong>"Excluded:"</strong></p><ul>{excluded}</ul> })}
+                {(!round.not_counted.is_empty()).then(|| view! { <p><strong>"Not counted:"</strong></p><ul>{late}</ul> })}
+            </section>
+        }
+    }).collect_view();
+
+    view! {
+        <h1>"Run of "<a href=format!("/studies/{}", d.study.id)>{d.study.title.clone()}</a>" "<Badge text=r.status.clone()/></h1>
+        <FormError/>
+        <p class="meta" id="run-state" aria-live="polite">
+            {format!("Round {} closed", r.current_round)}" · plan "<Hash hash=r.plan_hash.clone()/>" · started "{when(&r.created_at)}
+            {going.then_some(view! { " · updating live" })}
+        </p>
+        {r.stop_reason.clone().map(|s| view! { <p class="notice warn">{s}</p> })}
+        {(owner && going).then(|| view! {
+            <form method="post" action=StudyAction::url() class="inline-form">
+                <input type="hidden" name=field("study_id") value=d.study.id.to_string()/>
+                <input type="hidden" name=field("run_id") value=r.id.to_string()/>
+                <input type="hidden" name=field("action") value="stop_run"/>
+                <label for="reason">"Reason for stopping"</label>
+                <input id="reason" name=field("reason") required/>
+                <button type="submit" class="danger">"Stop run"</button>
+            </form>
+        })}
+        {has_points.then(|| view! {
+            <div class="charts">
+                <LineChart title="Accuracy per round".to_string() series=acc_series unit_max=1.0/>
+                <LineChart title="Loss per round".to_string() series=loss_series/>
+            </div>
+        })}
+        <h2>"Rounds"</h2>
+        {if d.rounds.is_empty() { view! { <p>"No round has opened yet."</p> }.into_any() } else { view! { <div>{rounds}</div> }.into_any() }}
+    }
+}

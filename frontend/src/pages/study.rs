@@ -1,0 +1,378 @@
+//! A study: protocol, sites, training plans with their approval state, the ethics review,
+//! data access, and the runs (with the reasons a run cannot start yet).
+
+use consilium_core::Role;
+use consilium_core::api::{
+    AccessRequestDto, AccessStatus, PlanDto, ReviewDecision, ReviewDto, StudyDto, StudyStatus,
+};
+use leptos::prelude::*;
+use leptos::server_fn::ServerFn as _;
+use leptos_router::hooks::use_params_map;
+
+use super::loading;
+use crate::components::{Badge, Failure, FormError, Hash, day, field, typed, when};
+use crate::server::{StudyAction, StudyPage, SubmitPlan, load_study};
+
+#[component]
+pub fn Study() -> impl IntoView {
+    let params = use_params_map();
+    let data = Resource::new(
+        move || params.read().get("id").unwrap_or_default(),
+        load_study,
+    );
+    view! {
+        <Suspense fallback=loading>
+            {move || Suspend::new(async move {
+                match data.await {
+                    Ok(d) => view! { <StudyView d/> }.into_any(),
+                    Err(e) => view! { <h1>"Study"</h1><Failure error=e/> }.into_any(),
+                }
+            })}
+        </Suspense>
+    }
+}
+
+/// The decision of the study's committee now in force for the current protocol version.
+fn latest_decision<'a>(study: &StudyDto, reviews: &'a [ReviewDto]) -> Option<&'a ReviewDto> {
+    reviews
+        .iter()
+        .filter(|r| r.protocol_version == study.protocol_version)
+        .max_by_key(|r| r.created_at)
+}
+
+fn last_approval(reviews: &[ReviewDto]) -> Option<&ReviewDto> {
+    reviews
+        .iter()
+        .filter(|r| r.decision == ReviewDecision::Approve)
+        .max_by_key(|r| r.created_at)
+}
+
+fn committee_state(study: &StudyDto, reviews: &[ReviewDto], hash: &str) -> String {
+    match latest_decision(study, reviews) {
+        Some(r)
+            if r.decision == ReviewDecision::Approve && r.plan_hashes.iter().any(|h| h == hash) =>
+        {
+            format!(
+                "approved until {}",
+                r.expires_at.as_ref().map(day).unwrap_or_default()
+            )
+        }
+        Some(r) if r.decision == ReviewDecision::Approve => "not covered by the approval".into(),
+        Some(r) if r.decision == ReviewDecision::RequestChanges => "changes requested".into(),
+        Some(_) => "rejected".into(),
+        None if study.status == StudyStatus::Submitted => "awaiting decision".into(),
+        None => "not yet submitted".into(),
+    }
+}
+
+fn site_state(requests: &[AccessRequestDto], site: uuid::Uuid, hash: &str) -> String {
+    let mine: Vec<&AccessRequestDto> = requests.iter().filter(|r| r.site_id == site).collect();
+    if let Some(g) = mine
+        .iter()
+        .find(|r| r.status == AccessStatus::Approved && r.plan_hashes.iter().any(|h| h == hash))
+    {
+        return format!(
+            "granted until {}",
+            g.expires_at.as_ref().map(day).unwrap_or_default()
+        );
+    }
+    if mine.iter().any(|r| r.status == AccessStatus::Approved) {
+        return "granted for another plan".into();
+    }
+    match mine.last() {
+        Some(r) => r.status.as_str().to_string(),
+        None => "not requested".into(),
+    }
+}
+
+const EXAMPLE_MANIFEST: &str = r#"{
+  "model": { "architecture": "small_cnn", "num_classes": 2 },
+  "preprocessing": { "image_size": 28, "normalisation": "zscore" },
+  "optimiser": { "name": "adamw", "learning_rate": 0.003, "weight_decay": 0.0001 },
+  "local_epochs": 2,
+  "batch_size": 16,
+  "rounds": 3,
+  "aggregation": { "strategy": "fedavg", "min_sites": 2 },
+  "seed": 7
+}"#;
+
+#[component]
+fn StudyView(d: StudyPage) -> impl IntoView {
+    let s = d.study.clone();
+    let me = d.me.user.id;
+    let owner = s.researcher_id == me && d.me.acting_roles.contains(&Role::Researcher);
+    let committee = d
+        .directory
+        .committees
+        .iter()
+        .find(|c| c.id == s.committee_id)
+        .cloned();
+    let member = d.me.acting_roles.contains(&Role::CommitteeMember)
+        && committee.as_ref().is_some_and(|c| c.members.contains(&me));
+    let site_name = |id: uuid::Uuid| {
+        d.directory
+            .sites
+            .iter()
+            .find(|x| x.id == id)
+            .map(|x| x.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    };
+    let sid = s.id.to_string();
+    let latest = d.plans.iter().max_by_key(|p| p.version).cloned();
+    let manifest_default = latest
+        .as_ref()
+        .and_then(|p| serde_json::to_string_pretty(&p.manifest).ok())
+        .unwrap_or_else(|| EXAMPLE_MANIFEST.to_string());
+    let can_edit = owner && s.status != StudyStatus::Submitted && s.status != StudyStatus::Rejected;
+    let can_submit =
+        owner && matches!(s.status, StudyStatus::Draft | StudyStatus::ChangesRequested);
+    let can_review = member && s.status == StudyStatus::Submitted;
+
+    let plan_rows = d.plans.iter().rev().map(|p| {
+        let per_site = s.sites.iter().map(|st| {
+            format!("{}: {}", site_name(st.site_id), site_state(&d.requests, st.site_id, &p.hash))
+        }).collect::<Vec<_>>();
+        view! {
+            <tr>
+                <td>{p.version}</td>
+                <td><Hash hash=p.hash.clone()/></td>
+                <td>{p.manifest.model.architecture.clone()}", "{p.manifest.rounds}" rounds"</td>
+                <td>{p.files.iter().map(|f| f.name.clone()).collect::<Vec<_>>().join(", ")}</td>
+                <td>{committee_state(&s, &d.reviews, &p.hash)}</td>
+                <td><ul class="plain">{per_site.into_iter().map(|x| view! { <li>{x}</li> }).collect_view()}</ul></td>
+            </tr>
+        }
+    }).collect_view();
+
+    let diff = plan_diff(&d.plans, &d.reviews, latest.as_ref());
+    let protocol_note = last_approval(&d.reviews).and_then(|r| {
+        (r.protocol_version != s.protocol_version).then(|| format!(
+            "The protocol changed since the last approval (version {} approved; this is version {}).",
+            r.protocol_version, s.protocol_version
+        ))
+    });
+
+    let reviews = d.reviews.iter().rev().map(|r| view! {
+        <li class="card">
+            <p><Badge text=r.decision.as_str().to_string()/>" on protocol version "{r.protocol_version}", "{when(&r.created_at)}</p>
+            <p>{r.comments.clone()}</p>
+            {r.conditions.clone().map(|c| view! { <p><strong>"Conditions: "</strong>{c}</p> })}
+            {r.expires_at.map(|e| view! { <p>"Expires "{day(&e)}</p> })}
+            <p class="hint">"Covers plans "{r.plan_hashes.iter().map(|h| h.chars().take(12).collect::<String>()).collect::<Vec<_>>().join(", ")}</p>
+        </li>
+    }).collect_view();
+
+    let requests = d.requests.iter().map(|r| view! {
+        <tr>
+            <td>{site_name(r.site_id)}</td>
+            <td><Badge text=r.status.as_str().to_string()/></td>
+            <td>{format!("{} {} · {} · {} cases", r.scope.modality, r.scope.body_part, r.scope.label, r.scope.cases)}</td>
+            <td>{r.expires_at.as_ref().map(day).unwrap_or_default()}</td>
+            <td>{r.comment.clone().unwrap_or_default()}</td>
+        </tr>
+    }).collect_view();
+    let requestable: Vec<(String, String)> = s
+        .sites
+        .iter()
+        .filter(|st| {
+            !d.requests.iter().any(|r| {
+                r.site_id == st.site_id
+                    && matches!(r.status, AccessStatus::Pending | AccessStatus::Approved)
+            })
+        })
+        .map(|st| (st.site_id.to_string(), site_name(st.site_id)))
+        .collect();
+
+    let runs = d.runs.iter().map(|r| view! {
+        <li><a href=format!("/runs/{}", r.id)>"Run of "{when(&r.created_at)}</a>" "<Badge text=r.status.clone()/>" — round "{r.current_round}</li>
+    }).collect_view();
+
+    let sites = s.sites.iter().map(|st| view! {
+        <tr><td>{site_name(st.site_id)}</td><td>{st.scope.modality.clone()}</td><td>{st.scope.body_part.clone()}</td><td>{st.scope.label.clone()}</td><td>{st.scope.cases}</td></tr>
+    }).collect_view();
+
+    view! {
+        <h1>{s.title.clone()}" "<Badge text=s.status.as_str().to_string()/></h1>
+        <FormError/>
+        <p class="meta">"Protocol version "{s.protocol_version}" · committee: "{committee.map(|c| c.name).unwrap_or_default()}" · updated "{when(&s.updated_at)}</p>
+        <div class="actions">
+            {can_edit.then(|| view! { <a class="button secondary" href=format!("/studies/{}/edit", s.id)>"Edit study"</a> })}
+            {can_submit.then(|| view! {
+                <form method="post" action=StudyAction::url()>
+                    <input type="hidden" name=field("study_id") value=sid.clone()/>
+                    <input type="hidden" name=field("action") value="submit"/>
+                    <button type="submit">"Submit for ethics review"</button>
+                </form>
+            })}
+        </div>
+        <section aria-labelledby="protocol-h">
+            <h2 id="protocol-h">"Protocol"</h2>
+            <p><strong>"Purpose: "</strong>{s.purpose.clone()}</p>
+            <pre class="protocol">{s.protocol_text.clone()}</pre>
+            <table>
+                <caption>"Sites and the data asked of each"</caption>
+                <thead><tr><th scope="col">"Site"</th><th scope="col">"Modality"</th><th scope="col">"Body part"</th><th scope="col">"Label"</th><th scope="col">"Cases"</th></tr></thead>
+                <tbody>{sites}</tbody>
+            </table>
+        </section>
+
+        <section aria-labelledby="plans-h">
+            <h2 id="plans-h">"Training plans"</h2>
+            {if d.plans.is_empty() {
+                view! { <p>"No training plan submitted yet."</p> }.into_any()
+            } else {
+                view! {
+                    <table>
+                        <thead><tr><th scope="col">"Version"</th><th scope="col">"Hash"</th><th scope="col">"Model"</th><th scope="col">"Files"</th><th scope="col">"Ethics committee"</th><th scope="col">"Sites"</th></tr></thead>
+                        <tbody>{plan_rows}</tbody>
+                    </table>
+                }.into_any()
+            }}
+            {owner.then(|| view! {
+                <details class="card" open=d.plans.is_empty()>
+                    <summary>"Submit a training plan"</summary>
+                    <form method="post" action=SubmitPlan::url() enctype="multipart/form-data">
+                        <input type="hidden" name="study_id" value=sid.clone()/>
+                        <label for="manifest">"Manifest (JSON): model, preprocessing, optimiser, epochs, batch size, rounds, aggregation"</label>
+                        <textarea id="manifest" name="manifest" rows="14" class="code" required>{typed("manifest", &manifest_default)}</textarea>
+                        <label for="files">"Attachments (training code, documentation)"</label>
+                        <input id="files" type="file" name="files" multiple/>
+                        <button type="submit">"Submit plan"</button>
+                    </form>
+                </details>
+            })}
+        </section>
+
+        <section aria-labelledby="review-h">
+            <h2 id="review-h">"Ethics review"</h2>
+            {protocol_note.map(|n| view! { <p class="notice warn">{n}</p> })}
+            {diff}
+            {can_review.then(|| view! { <ReviewForm study_id=sid.clone() next_year=d.next_year.clone()/> })}
+            {if d.reviews.is_empty() { view! { <p>"No decision yet."</p> }.into_any() } else { view! { <ul class="plain">{reviews}</ul> }.into_any() }}
+        </section>
+
+        <section aria-labelledby="access-h">
+            <h2 id="access-h">"Data access"</h2>
+            {if d.requests.is_empty() {
+                view! { <p>"No data-access requests yet."</p> }.into_any()
+            } else {
+                view! {
+                    <table>
+                        <thead><tr><th scope="col">"Site"</th><th scope="col">"Status"</th><th scope="col">"Scope"</th><th scope="col">"Expires"</th><th scope="col">"Custodian's comment"</th></tr></thead>
+                        <tbody>{requests}</tbody>
+                    </table>
+                }.into_any()
+            }}
+            {(owner && !requestable.is_empty()).then(|| view! {
+                <form method="post" action=StudyAction::url() class="card">
+                    <h3>"Request access to a site's data"</h3>
+                    <input type="hidden" name=field("study_id") value=sid.clone()/>
+                    <input type="hidden" name=field("action") value="request_access"/>
+                    <label for="site">"Site"</label>
+                    <select id="site" name=field("site_id")>
+                        {requestable.into_iter().map(|(id, name)| view! { <option value=id>{name}</option> }).collect_view()}
+                    </select>
+                    <label for="justification">"Justification"</label>
+                    <textarea id="justification" name=field("justification") rows="3" required>{typed("justification", "")}</textarea>
+                    <button type="submit">"Request access"</button>
+                </form>
+            })}
+        </section>
+
+        <section aria-labelledby="runs-h">
+            <h2 id="runs-h">"Runs"</h2>
+            {if d.preflight.ready {
+                view! {
+                    <p class="notice ok" role="status">"Everything a run needs is in place: the committee's approval, the plan, and every site's grant."</p>
+                    {owner.then(|| view! {
+                        <form method="post" action=StudyAction::url()>
+                            <input type="hidden" name=field("study_id") value=sid.clone()/>
+                            <input type="hidden" name=field("action") value="start_run"/>
+                            <button type="submit">"Start a run"</button>
+                        </form>
+                    })}
+                }.into_any()
+            } else {
+                view! {
+                    <div class="notice warn" id="preflight">
+                        <p><strong>"A run cannot start yet:"</strong></p>
+                        <ul>{d.preflight.unmet.iter().map(|u| view! { <li>{u.clone()}</li> }).collect_view()}</ul>
+                    </div>
+                }.into_any()
+            }}
+            <ul class="plain">{runs}</ul>
+        </section>
+    }
+}
+
+/// The latest plan against the last approved one, line by line.
+fn plan_diff(
+    plans: &[PlanDto],
+    reviews: &[ReviewDto],
+    latest: Option<&PlanDto>,
+) -> Option<AnyView> {
+    let latest = latest?;
+    let approved = last_approval(reviews)?;
+    if approved.plan_hashes.contains(&latest.hash) {
+        return Some(
+            view! { <p class="hint">"The latest plan is the one last approved."</p> }.into_any(),
+        );
+    }
+    let old = plans
+        .iter()
+        .rev()
+        .find(|p| approved.plan_hashes.contains(&p.hash))?;
+    let a = serde_json::to_string_pretty(&old.manifest).ok()?;
+    let b = serde_json::to_string_pretty(&latest.manifest).ok()?;
+    let diff = similar::TextDiff::from_lines(&a, &b);
+    let lines = diff
+        .iter_all_changes()
+        .map(|c| {
+            let (class, sign) = match c.tag() {
+                similar::ChangeTag::Delete => ("del", "− "),
+                similar::ChangeTag::Insert => ("ins", "+ "),
+                similar::ChangeTag::Equal => ("same", "  "),
+            };
+            view! { <span class=class>{sign}{c.value().to_string()}</span> }
+        })
+        .collect_view();
+    Some(view! {
+        <h3>{format!("Changes since the last approved plan (version {} → {})", old.version, latest.version)}</h3>
+        <pre class="diff" aria-label="Plan changes">{lines}</pre>
+    }.into_any())
+}
+
+#[component]
+fn ReviewForm(study_id: String, next_year: String) -> impl IntoView {
+    let decision = typed("decision", "approve");
+    let choice = move |value: &'static str, label: &'static str| {
+        let id = format!("decision-{value}");
+        let checked = decision == value;
+        view! {
+            <div class="choice">
+                <input type="radio" id=id.clone() name=field("decision") value=value checked=checked/>
+                <label for=id>{label}</label>
+            </div>
+        }
+    };
+    view! {
+        <form method="post" action=StudyAction::url() class="card" id="review-form">
+            <h3>"Your committee's decision"</h3>
+            <input type="hidden" name=field("study_id") value=study_id/>
+            <input type="hidden" name=field("action") value="review"/>
+            <fieldset>
+                <legend>"Decision"</legend>
+                {choice("approve", "Approve")}
+                {choice("request_changes", "Request changes")}
+                {choice("reject", "Reject")}
+            </fieldset>
+            <label for="comments">"Comments"</label>
+            <textarea id="comments" name=field("comments") rows="3" required>{typed("comments", "")}</textarea>
+            <label for="conditions">"Conditions (with an approval)"</label>
+            <textarea id="conditions" name=field("conditions") rows="2">{typed("conditions", "")}</textarea>
+            <label for="expires">"Approval expires on"</label>
+            <input id="expires" type="date" name=field("expires_on") value=typed("expires_on", &next_year)/>
+            <button type="submit">"Record decision"</button>
+        </form>
+    }
+}

@@ -1,0 +1,384 @@
+//! The portal's server functions: each read gathers one page's data from the REST API; each
+//! write is the target of a plain HTML form (so it works before the browser bundle has
+//! loaded) and ends in a redirect: to the result on success, back to the form with the error
+//! and what was typed otherwise.
+
+use std::collections::HashMap;
+
+use consilium_core::api::{
+    AccessRequestDto, AuditEventDto, AuditVerification, CommitteeDto, LineageDto, MeDto,
+    ModelVersionDto, PlanDto, PreflightReport, ReviewDto, RoundDto, RunDto, SiteDto, StudyDto,
+};
+use leptos::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::PortalError;
+
+#[cfg(feature = "ssr")]
+use crate::api::{Api, finish, pass_cookie};
+#[cfg(feature = "ssr")]
+use crate::forms;
+
+/// What every page needs: the signed-in person (none when signed out).
+#[server(prefix = "/portal", endpoint = "me")]
+pub async fn me() -> Result<Option<MeDto>, PortalError> {
+    match Api::current()?.get::<MeDto>("/auth/me").await {
+        Ok(me) => Ok(Some(me)),
+        Err(e) if e.is_unauthenticated() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Directory {
+    pub sites: Vec<SiteDto>,
+    pub committees: Vec<CommitteeDto>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HomeData {
+    pub me: MeDto,
+    pub studies: Vec<StudyDto>,
+    pub requests: Vec<AccessRequestDto>,
+    pub directory: Directory,
+    /// Runs of the visible studies, newest first.
+    pub runs: Vec<RunDto>,
+}
+
+#[cfg(feature = "ssr")]
+async fn directory(api: &Api) -> Result<Directory, PortalError> {
+    Ok(Directory {
+        sites: api.get("/sites").await?,
+        committees: api.get("/committees").await?,
+    })
+}
+
+#[cfg(feature = "ssr")]
+async fn runs_of(api: &Api, studies: &[StudyDto]) -> Result<Vec<RunDto>, PortalError> {
+    let mut runs = Vec::new();
+    for s in studies {
+        runs.extend(
+            api.get::<Vec<RunDto>>(&format!("/studies/{}/runs", s.id))
+                .await?,
+        );
+    }
+    runs.sort_by_key(|r| std::cmp::Reverse(r.created_at));
+    Ok(runs)
+}
+
+#[server(prefix = "/portal", endpoint = "home")]
+pub async fn load_home() -> Result<HomeData, PortalError> {
+    let api = Api::current()?;
+    let me: MeDto = api.get("/auth/me").await?;
+    let studies: Vec<StudyDto> = api.get("/studies").await?;
+    let requests = api.get("/access-requests").await?;
+    let runs = runs_of(&api, &studies).await?;
+    Ok(HomeData {
+        me,
+        studies,
+        requests,
+        directory: directory(&api).await?,
+        runs,
+    })
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StudiesData {
+    pub studies: Vec<StudyDto>,
+    pub directory: Directory,
+}
+
+#[server(prefix = "/portal", endpoint = "studies")]
+pub async fn load_studies() -> Result<StudiesData, PortalError> {
+    let api = Api::current()?;
+    Ok(StudiesData {
+        studies: api.get("/studies").await?,
+        directory: directory(&api).await?,
+    })
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StudyPage {
+    pub me: MeDto,
+    pub study: StudyDto,
+    pub directory: Directory,
+    pub plans: Vec<PlanDto>,
+    pub reviews: Vec<ReviewDto>,
+    pub requests: Vec<AccessRequestDto>,
+    pub preflight: PreflightReport,
+    pub runs: Vec<RunDto>,
+    /// A date one year ahead (YYYY-MM-DD), the default expiry offered in forms.
+    pub next_year: String,
+}
+
+#[server(prefix = "/portal", endpoint = "study")]
+pub async fn load_study(id: String) -> Result<StudyPage, PortalError> {
+    let api = Api::current()?;
+    let id = forms::uuid("study", &id)?;
+    Ok(StudyPage {
+        me: api.get("/auth/me").await?,
+        study: api.get(&format!("/studies/{id}")).await?,
+        directory: directory(&api).await?,
+        plans: api.get(&format!("/studies/{id}/plans")).await?,
+        reviews: api.get(&format!("/studies/{id}/reviews")).await?,
+        requests: api.get(&format!("/access-requests?study_id={id}")).await?,
+        preflight: api.get(&format!("/studies/{id}/preflight")).await?,
+        runs: api.get(&format!("/studies/{id}/runs")).await?,
+        next_year: (chrono::Utc::now() + chrono::Duration::days(365))
+            .format("%Y-%m-%d")
+            .to_string(),
+    })
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AccessPage {
+    pub me: MeDto,
+    pub requests: Vec<AccessRequestDto>,
+    pub studies: Vec<StudyDto>,
+    pub directory: Directory,
+    /// Runs on the data of the custodian's sites, with their rounds.
+    pub activity: Vec<SiteActivity>,
+    pub next_year: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SiteActivity {
+    pub run: RunDto,
+    pub study_title: String,
+    pub rounds: Vec<RoundDto>,
+}
+
+#[server(prefix = "/portal", endpoint = "access")]
+pub async fn load_access() -> Result<AccessPage, PortalError> {
+    let api = Api::current()?;
+    let me: MeDto = api.get("/auth/me").await?;
+    let studies: Vec<StudyDto> = api.get("/studies").await?;
+    let requests: Vec<AccessRequestDto> = api.get("/access-requests").await?;
+    let directory = directory(&api).await?;
+    let mine: Vec<uuid::Uuid> = directory
+        .sites
+        .iter()
+        .filter(|s| s.custodians.contains(&me.user.id))
+        .map(|s| s.id)
+        .collect();
+    let mut activity = Vec::new();
+    if !mine.is_empty() {
+        for s in studies
+            .iter()
+            .filter(|s| s.sites.iter().any(|x| mine.contains(&x.site_id)))
+        {
+            for run in api
+                .get::<Vec<RunDto>>(&format!("/studies/{}/runs", s.id))
+                .await?
+            {
+                let rounds: Vec<RoundDto> = api.get(&format!("/runs/{}/rounds", run.id)).await?;
+                activity.push(SiteActivity {
+                    run,
+                    study_title: s.title.clone(),
+                    rounds,
+                });
+            }
+        }
+    }
+    Ok(AccessPage {
+        me,
+        requests,
+        studies,
+        directory,
+        activity,
+        next_year: (chrono::Utc::now() + chrono::Duration::days(365))
+            .format("%Y-%m-%d")
+            .to_string(),
+    })
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunPage {
+    pub me: MeDto,
+    pub run: RunDto,
+    pub study: StudyDto,
+    pub rounds: Vec<RoundDto>,
+    pub models: Vec<ModelVersionDto>,
+}
+
+#[server(prefix = "/portal", endpoint = "run")]
+pub async fn load_run(id: String) -> Result<RunPage, PortalError> {
+    let api = Api::current()?;
+    let id = forms::uuid("run", &id)?;
+    let run: RunDto = api.get(&format!("/runs/{id}")).await?;
+    Ok(RunPage {
+        me: api.get("/auth/me").await?,
+        study: api.get(&format!("/studies/{}", run.study_id)).await?,
+        rounds: api.get(&format!("/runs/{id}/rounds")).await?,
+        models: api.get(&format!("/models?run_id={id}")).await?,
+        run,
+    })
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunsData {
+    pub runs: Vec<RunDto>,
+    pub studies: Vec<StudyDto>,
+}
+
+#[server(prefix = "/portal", endpoint = "runs")]
+pub async fn load_runs() -> Result<RunsData, PortalError> {
+    let api = Api::current()?;
+    let studies: Vec<StudyDto> = api.get("/studies").await?;
+    Ok(RunsData {
+        runs: runs_of(&api, &studies).await?,
+        studies,
+    })
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelsData {
+    pub models: Vec<ModelVersionDto>,
+    pub studies: Vec<StudyDto>,
+}
+
+#[server(prefix = "/portal", endpoint = "models")]
+pub async fn load_models() -> Result<ModelsData, PortalError> {
+    let api = Api::current()?;
+    let mut models: Vec<ModelVersionDto> = api.get("/models").await?;
+    models.sort_by_key(|m| std::cmp::Reverse(m.created_at));
+    Ok(ModelsData {
+        models,
+        studies: api.get("/studies").await?,
+    })
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LineagePage {
+    pub me: MeDto,
+    pub lineage: LineageDto,
+    pub study: StudyDto,
+    pub directory: Directory,
+}
+
+#[server(prefix = "/portal", endpoint = "lineage")]
+pub async fn load_lineage(id: String) -> Result<LineagePage, PortalError> {
+    let api = Api::current()?;
+    let id = forms::uuid("model", &id)?;
+    let lineage: LineageDto = api.get(&format!("/models/{id}/lineage")).await?;
+    Ok(LineagePage {
+        me: api.get("/auth/me").await?,
+        study: api
+            .get(&format!("/studies/{}", lineage.model.study_id))
+            .await?,
+        directory: directory(&api).await?,
+        lineage,
+    })
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub events: Vec<AuditEventDto>,
+    pub verification: AuditVerification,
+}
+
+#[server(prefix = "/portal", endpoint = "audit")]
+pub async fn load_audit(
+    actor: String,
+    action: String,
+    object_type: String,
+    object_id: String,
+) -> Result<AuditPage, PortalError> {
+    let api = Api::current()?;
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in [
+        ("actor", &actor),
+        ("action", &action),
+        ("object_type", &object_type),
+        ("object_id", &object_id),
+    ] {
+        if !v.trim().is_empty() {
+            q.append_pair(k, v.trim());
+        }
+    }
+    q.append_pair("limit", "1000");
+    let mut events: Vec<AuditEventDto> = api.get(&format!("/audit/events?{}", q.finish())).await?;
+    events.reverse();
+    Ok(AuditPage {
+        events,
+        verification: api.get("/audit/verify").await?,
+    })
+}
+
+// ------------------------------------------------------------------ form posts
+
+/// Every form posts its fields as `form[name]`; a form post answers with a redirect.
+pub type Form = HashMap<String, String>;
+
+#[server(prefix = "/portal", endpoint = "sign-in")]
+pub async fn sign_in(form: Form) -> Result<(), PortalError> {
+    let api = Api::current()?;
+    let r = async {
+        let body = consilium_core::api::LocalLogin {
+            email: forms::required(&form, "email", "Email")?,
+            password: forms::required(&form, "password", "Password")?,
+        };
+        let (_me, cookie): (MeDto, _) = api.post_for_cookie("/auth/login", &body).await?;
+        pass_cookie(cookie);
+        Ok("/".to_string())
+    }
+    .await;
+    finish(r, &form);
+    Ok(())
+}
+
+#[server(prefix = "/portal", endpoint = "sign-out")]
+pub async fn sign_out() -> Result<(), PortalError> {
+    let api = Api::current()?;
+    let cookie = api.post_empty("/auth/logout").await?;
+    pass_cookie(cookie);
+    leptos_actix::redirect("/signin");
+    Ok(())
+}
+
+#[server(prefix = "/portal", endpoint = "save-study")]
+pub async fn save_study(form: Form) -> Result<(), PortalError> {
+    let api = Api::current()?;
+    let r = forms::save_study(&api, &form).await;
+    finish(r, &form);
+    Ok(())
+}
+
+#[server(prefix = "/portal", endpoint = "study-action")]
+pub async fn study_action(form: Form) -> Result<(), PortalError> {
+    let api = Api::current()?;
+    let r = forms::study_action(&api, &form).await;
+    finish(r, &form);
+    Ok(())
+}
+
+#[server(prefix = "/portal", endpoint = "access-action")]
+pub async fn access_action(form: Form) -> Result<(), PortalError> {
+    let api = Api::current()?;
+    let r = forms::access_action(&api, &form).await;
+    finish(r, &form);
+    Ok(())
+}
+
+#[server(prefix = "/portal", endpoint = "model-action")]
+pub async fn model_action(form: Form) -> Result<(), PortalError> {
+    let api = Api::current()?;
+    let r = forms::model_action(&api, &form).await;
+    finish(r, &form);
+    Ok(())
+}
+
+/// The training-plan form: the manifest (JSON) and any attachments, as multipart form data.
+#[server(prefix = "/portal", endpoint = "submit-plan", input = leptos::server_fn::codec::MultipartFormData)]
+pub async fn submit_plan(data: leptos::server_fn::codec::MultipartData) -> Result<(), PortalError> {
+    let api = Api::current()?;
+    let mut form = Form::new();
+    let r = forms::submit_plan(&api, data, &mut form).await;
+    finish(r, &form);
+    Ok(())
+}
+
+#[server(prefix = "/portal", endpoint = "auth-config")]
+pub async fn auth_config() -> Result<consilium_core::api::AuthConfigDto, PortalError> {
+    Api::current()?.get("/auth/config").await
+}
