@@ -72,3 +72,21 @@ pub async fn stylesheet() -> HttpResponse {
         .insert_header(("Cache-Control", "no-cache"))
         .body(consilium_frontend::STYLESHEET)
 }
+
+/// A browser asking for a page the portal does not have.
+pub fn not_found_page() -> HttpResponse {
+    HttpResponse::NotFound()
+        .content_type("text/html; charset=utf-8")
+        .body(format!(
+            concat!(
+                "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+                "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+                "<link rel=\"stylesheet\" href=\"{}\"><title>Page not found · Consilium</title></head>",
+                "<body><header class=\"top\"><a class=\"brand\" href=\"/\">Consilium</a></header>",
+                "<main id=\"main\"><h1>Page not found</h1><p>There is no page at this address. ",
+                "Go to the <a href=\"/\">home page</a>; the navigation there leads everywhere.</p>",
+                "</main></body></html>"
+            ),
+            consilium_frontend::STYLESHEET_PATH
+        ))
+}

@@ -266,6 +266,14 @@ fn query_error(err: QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {
 }
 
 async fn not_found(req: HttpRequest) -> HttpResponse {
+    let wants_page = req
+        .headers()
+        .get(actix_web::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/html"));
+    if wants_page && !req.path().starts_with("/api") && !req.path().starts_with("/portal/") {
+        return crate::portal::not_found_page();
+    }
     problem_response(&problem(
         StatusCode::NOT_FOUND,
         "not_found",

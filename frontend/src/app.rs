@@ -17,6 +17,8 @@ use crate::server::{SignOut, me};
 pub struct BundleMissing;
 
 pub fn shell(options: LeptosOptions) -> impl IntoView {
+    // Without a bundle there is nothing to load: no script tags that would only fail.
+    let bundle = use_context::<BundleMissing>().is_none();
     view! {
         <!DOCTYPE html>
         <html lang="en">
@@ -24,7 +26,7 @@ pub fn shell(options: LeptosOptions) -> impl IntoView {
                 <meta charset="utf-8"/>
                 <meta name="viewport" content="width=device-width, initial-scale=1"/>
                 <link rel="stylesheet" href=crate::STYLESHEET_PATH/>
-                <HydrationScripts options/>
+                {bundle.then(|| view! { <HydrationScripts options/> })}
                 <MetaTags/>
             </head>
             <body>

@@ -107,19 +107,52 @@ pub struct StudyPage {
     pub requests: Vec<AccessRequestDto>,
     pub preflight: PreflightReport,
     pub runs: Vec<RunDto>,
+    /// The latest plan's attachments as text (name, content), for the committee to read.
+    pub latest_files: Vec<(String, String)>,
     /// A date one year ahead (YYYY-MM-DD), the default expiry offered in forms.
     pub next_year: String,
+}
+
+/// A plan's attachments, as text where they are text.
+#[cfg(feature = "ssr")]
+async fn plan_files(
+    api: &Api,
+    plan: Option<&PlanDto>,
+) -> Result<Vec<(String, String)>, PortalError> {
+    use base64::Engine;
+    let Some(plan) = plan else {
+        return Ok(Vec::new());
+    };
+    let files: Vec<consilium_core::api::PlanFileContent> =
+        api.get(&format!("/plans/{}/files", plan.id)).await?;
+    Ok(files
+        .into_iter()
+        .map(|f| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(f.content_base64.as_bytes())
+                .unwrap_or_default();
+            let text = match String::from_utf8(bytes) {
+                Ok(t) if t.len() <= 200_000 => t,
+                Ok(t) => format!("(text, {} bytes: too long to show here)", t.len()),
+                Err(e) => format!("(binary file, {} bytes)", e.as_bytes().len()),
+            };
+            (f.name, text)
+        })
+        .collect())
 }
 
 #[server(prefix = "/portal", endpoint = "study")]
 pub async fn load_study(id: String) -> Result<StudyPage, PortalError> {
     let api = Api::current()?;
     let id = forms::uuid("study", &id)?;
+    let plans: Vec<PlanDto> = api.get(&format!("/studies/{id}/plans")).await?;
+    let latest_files = plan_files(&api, plans.iter().max_by_key(|p| p.version)).await?;
     Ok(StudyPage {
         me: api.get("/auth/me").await?,
         study: api.get(&format!("/studies/{id}")).await?,
         directory: directory(&api).await?,
-        plans: api.get(&format!("/studies/{id}/plans")).await?,
+        plans,
+        latest_files,
         reviews: api.get(&format!("/studies/{id}/reviews")).await?,
         requests: api.get(&format!("/access-requests?study_id={id}")).await?,
         preflight: api.get(&format!("/studies/{id}/preflight")).await?,

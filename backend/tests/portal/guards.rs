@@ -89,6 +89,17 @@ async fn reasons_errors_and_what_each_person_may_see() {
     assert!(!p.text().await.contains("Start a run"));
     p.shot_at("run-cannot-start", "#preflight").await;
 
+    // The draft can be edited.
+    p.press("Edit study").await;
+    p.wait_for("Save changes", 10).await;
+    p.fill("#title", "Fracture triage (wrist)").await;
+    p.press("Save changes").await;
+    let page = p.wait_for("Fracture triage (wrist)", 20).await;
+    assert!(
+        page.contains("Training plans"),
+        "back on the study page: {page}"
+    );
+
     // A form with a mistake comes back with the error and what was typed.
     p.goto("/studies/new").await;
     p.wait_for("Draft a new study", 10).await;
@@ -121,7 +132,7 @@ async fn reasons_errors_and_what_each_person_may_see() {
     p.goto("/access").await;
     let page = p.wait_for("Requests for your sites", 10).await;
     assert!(page.contains("No requests for your sites"), "{page}");
-    assert!(!page.contains("Fracture triage"), "{page}");
+    assert!(!page.contains("Fracture triage (wrist)"), "{page}");
     p.shot("custodian-east-sees-nothing").await;
     p.sign_out().await;
     p.sign_in("cara@north.example").await;

@@ -7,4 +7,5 @@
 
 mod guards;
 mod harness;
+mod nojs;
 mod story;

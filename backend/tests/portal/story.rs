@@ -119,6 +119,9 @@ async fn a_study_from_draft_to_model_in_the_browser() {
     p.wait_for("Review queue", 10).await;
     p.press("Pneumothorax detection across two hospitals").await;
     p.wait_for("Your committee's decision", 10).await;
+    p.click("#plan-content summary").await;
+    p.wait_for("the training step the committee reviews", 10)
+        .await;
     p.fill("#comments", "Sound protocol; the plan matches it.")
         .await;
     p.fill("#conditions", "Report incidental findings to the sites.")

@@ -228,6 +228,17 @@ fn StudyView(d: StudyPage) -> impl IntoView {
                     </table>
                 }.into_any()
             }}
+            {latest.as_ref().map(|p| view! {
+                <details class="card" id="plan-content">
+                    <summary>{format!("The manifest and files of plan version {}", p.version)}</summary>
+                    <h3>"Manifest"</h3>
+                    <pre class="code">{serde_json::to_string_pretty(&p.manifest).unwrap_or_default()}</pre>
+                    {d.latest_files.iter().map(|(name, text)| view! {
+                        <h3>{name.clone()}</h3>
+                        <pre class="code">{text.clone()}</pre>
+                    }).collect_view()}
+                </details>
+            })}
             {owner.then(|| view! {
                 <details class="card" open=d.plans.is_empty()>
                     <summary>"Submit a training plan"</summary>
