@@ -94,6 +94,7 @@ pub async fn run(mut settings: Settings, opts: DemoOptions) -> anyhow::Result<i3
     let walked = walk_through(&ctx, demo_scenario()?).await?;
     train(&ctx, &broker, &url, &opts.data_dir, &walked).await?;
     println!();
+    println!("The portal:        {url}/");
     println!("Sign in (development-only local accounts, password {DEMO_PASSWORD:?}):");
     for (email, role) in PEOPLE.iter().map(|(e, _, r)| (e, r)) {
         println!("  {email:<28} {role}");
@@ -101,7 +102,7 @@ pub async fn run(mut settings: Settings, opts: DemoOptions) -> anyhow::Result<i3
     println!();
     println!("API documentation: {url}/api/docs/");
     println!(
-        "Sign in with:      curl -c cookies -H 'content-type: application/json' -d '{{\"email\":\"rhea@uni.example\",\"password\":\"{DEMO_PASSWORD}\"}}' {url}/api/v1/auth/login"
+        "From a script:     curl -c cookies -H 'content-type: application/json' -d '{{\"email\":\"rhea@uni.example\",\"password\":\"{DEMO_PASSWORD}\"}}' {url}/api/v1/auth/login"
     );
     if opts.exit {
         server.abort();

@@ -265,7 +265,7 @@ fn StudyView(d: StudyPage) -> impl IntoView {
         <section aria-labelledby="access-h">
             <h2 id="access-h">"Data access"</h2>
             {if d.requests.is_empty() {
-                view! { <p>"No data-access requests yet."</p> }.into_any()
+                view! { <p>"No data-access requests that you may see."</p> }.into_any()
             } else {
                 view! {
                     <table>
