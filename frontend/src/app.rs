@@ -82,7 +82,7 @@ pub fn App() -> impl IntoView {
             </main>
             <footer class="foot">
                 "Consilium — governed federated learning for medical imaging. "
-                <a href="/api/docs/">"API documentation"</a>
+                <a href="/api/docs/" rel="external">"API documentation"</a>
             </footer>
         </Router>
     }

@@ -143,5 +143,58 @@ async fn reasons_errors_and_what_each_person_may_see() {
         table.contains("North Hospital") && !table.contains("South Hospital"),
         "{table}"
     );
+
+    // Readable on a tablet: nothing wider than the screen.
+    p.browser.set_window_size(820, 1180).await.unwrap();
+    for path in [
+        "/access".to_string(),
+        format!("/studies/{}", study.id),
+        "/".into(),
+    ] {
+        p.goto(&path).await;
+        p.wait_for("Sign out", 10).await;
+        let fits = p
+            .browser
+            .execute(
+                "return document.documentElement.scrollWidth <= window.innerWidth;",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            fits,
+            serde_json::json!(true),
+            "{path} is wider than a tablet"
+        );
+    }
+    p.goto("/access").await;
+    p.wait_for("Requests for your sites", 10).await;
+    p.shot("tablet-custodian").await;
+    p.browser.set_window_size(1280, 1000).await.unwrap();
+    p.sign_out().await;
+
+    // Every page is reachable from the navigation (the auditor sees them all).
+    p.sign_in("aldo@audit.example").await;
+    for (link, heading) in [
+        ("Studies", "Studies"),
+        ("Reviews", "Review queue"),
+        ("Data access", "Data access"),
+        ("Runs", "Runs"),
+        ("Models", "Models"),
+        ("Audit", "Audit trail"),
+        ("Home", "What waits for you"),
+    ] {
+        p.press(link).await;
+        let page = p.wait_for(heading, 10).await;
+        let alerts = p
+            .browser
+            .find_all(fantoccini::Locator::Css("[role=alert]"))
+            .await
+            .unwrap();
+        assert!(alerts.is_empty(), "{link}: {page}");
+    }
+    p.goto("/studies").await;
+    p.wait_for("Fracture triage (wrist)", 10).await;
+    p.shot("auditor-studies").await;
     p.close().await;
 }

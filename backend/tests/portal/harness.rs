@@ -48,6 +48,15 @@ pub struct Portal {
 
 impl Portal {
     pub async fn start(test: &str, workers: usize) -> Portal {
+        Self::start_with(test, workers, |_| {}).await
+    }
+
+    /// As `start`, with the settings changed by `configure` before the server starts.
+    pub async fn start_with(
+        test: &str,
+        workers: usize,
+        configure: impl FnOnce(&mut Settings),
+    ) -> Portal {
         let site_root = workspace().join("target").join("site");
         let bundle = site_root.join("pkg").join("consilium_bg.wasm");
         assert!(
@@ -65,6 +74,7 @@ impl Portal {
         settings.log.level = "warn".into();
         settings.engine.round_timeout_seconds = 120;
         settings.portal.site_root = site_root;
+        configure(&mut settings);
         let app = Application::build(settings)
             .await
             .expect("the server starts");
@@ -73,7 +83,10 @@ impl Portal {
         let broker = app.broker.clone();
         tokio::spawn(app.run_until_stopped());
 
-        let scenario = demo::demo_scenario().expect("the demo's scenario");
+        let mut scenario = demo::demo_scenario().expect("the demo's scenario");
+        if !ctx.settings.auth.local_accounts_enabled() {
+            scenario.password = None;
+        }
         let cast = demo::cast(&ctx, &scenario).await.expect("the cast");
         let sites: Vec<(uuid::Uuid, String)> = cast
             .sites
@@ -219,8 +232,8 @@ impl Portal {
 
     /// Clicks the button that reads `label`, or else the link.
     pub async fn press(&self, label: &str) {
-        let button = format!("//button[normalize-space(.)='{label}']");
-        let link = format!("//a[normalize-space(.)='{label}']");
+        let button = format!("//button[normalize-space(.)=\"{label}\"]");
+        let link = format!("//a[normalize-space(.)=\"{label}\"]");
         let el = match self.browser.find(Locator::XPath(&button)).await {
             Ok(el) => el,
             Err(_) => self

@@ -8,4 +8,5 @@
 mod guards;
 mod harness;
 mod nojs;
+mod oidc;
 mod story;

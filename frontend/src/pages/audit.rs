@@ -34,8 +34,8 @@ pub fn Audit() -> impl IntoView {
         </form>
         <p class="actions">
             "Export the whole trail: "
-            <a href="/api/v1/audit/export?format=jsonl" download>"JSON lines"</a>" · "
-            <a href="/api/v1/audit/export?format=csv" download>"CSV"</a>
+            <a href="/api/v1/audit/export?format=jsonl" rel="external" download>"JSON lines"</a>" · "
+            <a href="/api/v1/audit/export?format=csv" rel="external" download>"CSV"</a>
         </p>
         <Suspense fallback=loading>
             {move || Suspend::new(async move {

@@ -187,7 +187,7 @@ pub fn SignIn() -> impl IntoView {
 fn SignInOptions(c: AuthConfigDto) -> impl IntoView {
     view! {
         {c.oidc.then(|| view! {
-            <p><a class="button" href="/api/v1/auth/oidc/login">"Sign in with your organisation's account"</a></p>
+            <p><a class="button" href="/api/v1/auth/oidc/login" rel="external">"Sign in with your organisation's account"</a></p>
         })}
         {c.local_accounts.then(|| view! {
             <form method="post" action=SignInFn::url() class="card narrow">

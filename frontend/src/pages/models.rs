@@ -106,7 +106,7 @@ fn LineageView(d: LineagePage) -> impl IntoView {
         <p class="meta">"Weights "<Hash hash=m.hash.clone()/>" · "{m.strategy.clone()}" · created "{when(&m.created_at)}
             {m.released_at.map(|t| view! { " · released "{day(&t)} })}</p>
         <div class="actions">
-            <a class="button secondary" href=format!("/api/v1/models/{}/weights", m.id) download>"Download weights (safetensors)"</a>
+            <a class="button secondary" href=format!("/api/v1/models/{}/weights", m.id) rel="external" download>"Download weights (safetensors)"</a>
             {(owner && m.released_at.is_none()).then(|| view! {
                 <form method="post" action=ModelAction::url()>
                     <input type="hidden" name=field("model_id") value=m.id.to_string()/>
