@@ -4,7 +4,10 @@
 use consilium_backend::domain::Actor;
 use consilium_backend::services::{access, studies};
 use consilium_core::Role;
-use consilium_core::api::{CreateAccessRequest, CreateStudy, DataScope, StudySite, SubmitPlan};
+use consilium_core::api::{
+    AccessDecision, CreateAccessRequest, CreateStudy, DataScope, DecideAccessRequest,
+    ReviewDecision, StudySite, SubmitPlan, SubmitReview,
+};
 
 use crate::harness::Portal;
 
@@ -171,6 +174,91 @@ async fn reasons_errors_and_what_each_person_may_see() {
     p.wait_for("Requests for your sites", 10).await;
     p.shot("tablet-custodian").await;
     p.browser.set_window_size(1280, 1000).await.unwrap();
+    p.sign_out().await;
+
+    // Approved and granted (through the services), the researcher starts a run; with no site
+    // worker answering it waits, and the researcher stops it with a reason.
+    let member = actor(p.cast.first(Role::CommitteeMember).unwrap());
+    studies::submit_study(&p.ctx, &researcher, study.id)
+        .await
+        .unwrap();
+    studies::review_study(
+        &p.ctx,
+        &member,
+        study.id,
+        SubmitReview {
+            decision: ReviewDecision::Approve,
+            comments: "Fine.".into(),
+            conditions: None,
+            expires_at: Some(chrono::Utc::now() + chrono::Duration::days(30)),
+        },
+    )
+    .await
+    .unwrap();
+    for (site, custodian, _) in &p.cast.sites[..2] {
+        let req = access::list(&p.ctx, &researcher, Some(site.id), Some(study.id))
+            .await
+            .unwrap()
+            .remove(0);
+        access::decide(
+            &p.ctx,
+            &actor(custodian),
+            req.id,
+            DecideAccessRequest {
+                decision: AccessDecision::Approve,
+                comment: None,
+                expires_at: Some(chrono::Utc::now() + chrono::Duration::days(30)),
+                scope: None,
+            },
+        )
+        .await
+        .unwrap();
+    }
+    p.sign_in("rhea@uni.example").await;
+    p.goto(&format!("/studies/{}", study.id)).await;
+    p.wait_for("Everything a run needs is in place", 10).await;
+    p.press("Start a run").await;
+    p.wait_for("Rounds", 20).await;
+    p.fill("#reason", "Wrong label column at one site.").await;
+    p.shot("run-stopping").await;
+    p.press("Stop run").await;
+    let page = p.wait_for("Wrong label column at one site.", 20).await;
+    assert!(page.contains("stopped"), "{page}");
+
+    // A new plan version after the approval: the committee sees what changed.
+    let mut manifest = consilium_backend::demo::demo_scenario().unwrap().manifest;
+    manifest.rounds = 9;
+    studies::submit_plan(
+        &p.ctx,
+        &researcher,
+        study.id,
+        SubmitPlan {
+            manifest,
+            files: vec![],
+        },
+    )
+    .await
+    .unwrap();
+    studies::submit_study(&p.ctx, &researcher, study.id)
+        .await
+        .unwrap();
+    p.sign_out().await;
+    p.sign_in("mira@ethics.example").await;
+    p.goto(&format!("/studies/{}", study.id)).await;
+    let page = p
+        .wait_for("Changes since the last approved plan (version 1 → 2)", 10)
+        .await;
+    let diff = p.text_of("pre.diff").await;
+    assert!(
+        diff.contains("− ") && diff.contains("\"rounds\": 5"),
+        "{diff}"
+    );
+    assert!(
+        diff.contains("+ ") && diff.contains("\"rounds\": 9"),
+        "{diff}"
+    );
+    assert!(page.contains("Your committee's decision"), "{page}");
+    p.shot_at("plan-diff", "pre.diff").await;
     p.sign_out().await;
 
     // Every page is reachable from the navigation (the auditor sees them all).
