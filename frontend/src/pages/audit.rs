@@ -50,7 +50,7 @@ pub fn Audit() -> impl IntoView {
                         };
                         view! {
                             {verdict}
-                            <p>{format!("{} events shown, newest first.", d.events.len())}</p>
+                            <p>{if d.events.len() >= 1000 { "1000 events shown, the most this page lists: narrow the filter, or export the whole trail.".to_string() } else { format!("{} events shown, newest first.", d.events.len()) }}</p>
                             <table class="audit">
                                 <thead><tr><th scope="col">"#"</th><th scope="col">"When"</th><th scope="col">"Actor"</th><th scope="col">"Action"</th><th scope="col">"Object"</th><th scope="col">"Hash"</th></tr></thead>
                                 <tbody>
