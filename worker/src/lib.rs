@@ -10,5 +10,6 @@ pub mod consumer;
 pub mod data;
 pub mod job;
 pub mod model;
+pub mod preview;
 pub mod synthetic;
 pub mod train;

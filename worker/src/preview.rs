@@ -1,0 +1,346 @@
+//! Synthetic previews of a site's data (lifecycle: researchers see what the data looks like
+//! without seeing it). At the site: a generator fitted to the site's images per class, a
+//! memorisation check before anything may leave, and an aggregated metadata summary with
+//! small counts suppressed and no identifying DICOM attribute read at all.
+//!
+//! The generator here is the fast one the issue calls the fallback for small datasets: per
+//! class, the mean image plus a Gaussian over its leading principal components (found by
+//! subspace iteration, so only `components` directions are ever computed).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::train::Rng;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreviewError {
+    #[error(
+        "class {label} has {count} training image(s); a preview needs at least {needed} per class"
+    )]
+    TooFew {
+        label: u32,
+        count: usize,
+        needed: usize,
+    },
+    #[error("images of different sizes ({0} and {1} pixels); load them at one size")]
+    Sizes(usize, usize),
+}
+
+/// A Gaussian over the leading principal components of one class's images.
+#[derive(Clone, Debug)]
+pub struct PcaGaussian {
+    mean: Vec<f32>,
+    /// Unit directions, each `mean.len()` long.
+    components: Vec<Vec<f32>>,
+    /// Standard deviation of the data along each direction.
+    scales: Vec<f32>,
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn normalise(v: &mut [f32]) -> f32 {
+    let n = dot(v, v).sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+    n
+}
+
+pub const MIN_PER_CLASS: usize = 3;
+
+impl PcaGaussian {
+    /// Fits to `images` (each `size × size`, values in [0, 1]), keeping at most `components`
+    /// directions (fewer when the class has fewer images).
+    pub fn fit(images: &[&[f32]], components: usize, seed: u64) -> Result<Self, PreviewError> {
+        let d = images.first().map_or(0, |i| i.len());
+        if let Some(bad) = images.iter().find(|i| i.len() != d) {
+            return Err(PreviewError::Sizes(d, bad.len()));
+        }
+        let n = images.len();
+        let mut mean = vec![0f32; d];
+        for img in images {
+            mean.iter_mut()
+                .zip(img.iter())
+                .for_each(|(m, x)| *m += x / n as f32);
+        }
+        let centred: Vec<Vec<f32>> = images
+            .iter()
+            .map(|img| img.iter().zip(&mean).map(|(x, m)| x - m).collect())
+            .collect();
+        let k = components.min(n.saturating_sub(1)).max(1);
+        let mut rng = Rng::new(seed);
+        let mut basis: Vec<Vec<f32>> = (0..k)
+            .map(|_| (0..d).map(|_| rng.normal() as f32).collect())
+            .collect();
+        // Subspace iteration on the covariance Xᵀ X: basis ← orth(Xᵀ (X basis)).
+        for _ in 0..12 {
+            for v in basis.iter_mut() {
+                let projections: Vec<f32> = centred.iter().map(|x| dot(x, v)).collect();
+                let mut next = vec![0f32; d];
+                for (x, p) in centred.iter().zip(&projections) {
+                    next.iter_mut().zip(x).for_each(|(o, xi)| *o += p * xi);
+                }
+                *v = next;
+            }
+            // Gram–Schmidt.
+            for i in 0..basis.len() {
+                for j in 0..i {
+                    let (head, tail) = basis.split_at_mut(i);
+                    let c = dot(&tail[0], &head[j]);
+                    tail[0]
+                        .iter_mut()
+                        .zip(&head[j])
+                        .for_each(|(a, b)| *a -= c * b);
+                }
+                normalise(&mut basis[i]);
+            }
+        }
+        let scales = basis
+            .iter()
+            .map(|v| {
+                let var: f32 =
+                    centred.iter().map(|x| dot(x, v).powi(2)).sum::<f32>() / (n.max(2) - 1) as f32;
+                var.sqrt()
+            })
+            .collect();
+        Ok(PcaGaussian {
+            mean,
+            components: basis,
+            scales,
+        })
+    }
+
+    /// One new image: the mean plus a random combination of the components, clamped to [0, 1].
+    pub fn sample(&self, rng: &mut Rng) -> Vec<f32> {
+        let mut img = self.mean.clone();
+        for (v, s) in self.components.iter().zip(&self.scales) {
+            let z = rng.normal() as f32 * s;
+            img.iter_mut().zip(v).for_each(|(p, c)| *p += z * c);
+        }
+        img.iter_mut().for_each(|p| *p = p.clamp(0.0, 1.0));
+        img
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PreviewImage {
+    pub label: u32,
+    /// Row-major, `size × size`, values in [0, 1].
+    pub pixels: Vec<f32>,
+}
+
+/// `per_class` synthetic images for each class of `train` (label, pixels), class by class.
+pub fn generate(
+    train: &[(u32, &[f32])],
+    per_class: usize,
+    components: usize,
+    seed: u64,
+) -> Result<Vec<PreviewImage>, PreviewError> {
+    let mut classes: BTreeMap<u32, Vec<&[f32]>> = BTreeMap::new();
+    for (label, px) in train {
+        classes.entry(*label).or_default().push(px);
+    }
+    let mut rng = Rng::new(seed ^ 0x5eed);
+    let mut out = Vec::new();
+    for (label, images) in classes {
+        if images.len() < MIN_PER_CLASS {
+            return Err(PreviewError::TooFew {
+                label,
+                count: images.len(),
+                needed: MIN_PER_CLASS,
+            });
+        }
+        let model = PcaGaussian::fit(&images, components, seed.wrapping_add(u64::from(label)))?;
+        for _ in 0..per_class {
+            out.push(PreviewImage {
+                label,
+                pixels: model.sample(&mut rng),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// The memorisation check: how close each synthetic image is to its nearest real training
+/// image, measured against how close real images are to each other.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemorisationReport {
+    /// Median over real images of the distance to the nearest other real image.
+    pub real_nn_median: f64,
+    /// For each synthetic image: its distance to the closest real image divided by
+    /// `real_nn_median` (the distance-to-closest-record ratio).
+    pub ratios: Vec<f64>,
+    /// Images whose ratio is below `threshold`: too close to a real image; withheld.
+    pub flagged: Vec<usize>,
+    pub threshold: f64,
+}
+
+pub const DEFAULT_DCR_THRESHOLD: f64 = 0.5;
+
+pub fn memorisation_check(
+    real: &[&[f32]],
+    synthetic: &[&[f32]],
+    threshold: f64,
+) -> MemorisationReport {
+    let mut real_nn: Vec<f64> = real
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            real.iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, b)| distance(a, b))
+                .fold(f64::INFINITY, f64::min)
+        })
+        .filter(|d| d.is_finite())
+        .collect();
+    real_nn.sort_by(f64::total_cmp);
+    let real_nn_median = real_nn.get(real_nn.len() / 2).copied().unwrap_or(0.0);
+    let ratios: Vec<f64> = synthetic
+        .iter()
+        .map(|s| {
+            let closest = real
+                .iter()
+                .map(|r| distance(s, r))
+                .fold(f64::INFINITY, f64::min);
+            if real_nn_median > 0.0 {
+                closest / real_nn_median
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let flagged = ratios
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| **r < threshold)
+        .map(|(i, _)| i)
+        .collect();
+    MemorisationReport {
+        real_nn_median,
+        ratios,
+        flagged,
+        threshold,
+    }
+}
+
+/// A count in a summary: exact when at least k, otherwise suppressed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Count {
+    pub value: String,
+    /// `None`: fewer than k, suppressed.
+    pub count: Option<u64>,
+}
+
+/// What a site's data looks like, aggregated; every count below `k` is suppressed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetadataSummary {
+    pub k: u64,
+    pub files: u64,
+    pub modalities: Vec<Count>,
+    /// `rows×columns`.
+    pub image_sizes: Vec<Count>,
+    /// Pixel spacing in mm, rounded to 0.1.
+    pub pixel_spacings: Vec<Count>,
+    /// Manufacturers seen fewer than k times are pooled as `other`, unnamed.
+    pub manufacturers: Vec<Count>,
+    pub labels: Vec<Count>,
+    /// Files that could not be read as DICOM (counted, never named).
+    pub unreadable: u64,
+}
+
+fn counts(map: BTreeMap<String, u64>, k: u64) -> Vec<Count> {
+    map.into_iter()
+        .map(|(value, n)| Count {
+            value,
+            count: (n >= k).then_some(n),
+        })
+        .collect()
+}
+
+/// Like `counts`, but a value seen fewer than k times is not named at all (a rare scanner can
+/// point at a small hospital): such values are pooled as "other".
+fn merge_rare(map: BTreeMap<String, u64>, k: u64) -> Vec<Count> {
+    let mut out = BTreeMap::new();
+    for (value, n) in map {
+        let key = if n >= k { value } else { "other".to_string() };
+        *out.entry(key).or_insert(0) += n;
+    }
+    counts(out, k)
+}
+
+/// Summarises DICOM files and their labels. Only these attributes are ever read: Modality,
+/// Rows, Columns, Pixel Spacing, Manufacturer — no name, id, date or institution, so none can
+/// leave the site.
+pub fn summarise_dicom(files: &[(&Path, u32)], k: u64) -> MetadataSummary {
+    use dicom_dictionary_std::tags;
+    let mut modalities = BTreeMap::new();
+    let mut sizes = BTreeMap::new();
+    let mut spacings = BTreeMap::new();
+    let mut makers = BTreeMap::new();
+    let mut labels = BTreeMap::new();
+    let mut unreadable = 0;
+    for (path, label) in files {
+        *labels.entry(label.to_string()).or_insert(0) += 1;
+        let Ok(obj) = dicom_object::OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(path)
+        else {
+            unreadable += 1;
+            continue;
+        };
+        let text = |tag| {
+            obj.element(tag)
+                .ok()
+                .and_then(|e| e.to_str().ok())
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        };
+        let number = |tag| obj.element(tag).ok().and_then(|e| e.to_int::<u32>().ok());
+        *modalities
+            .entry(text(tags::MODALITY).unwrap_or_else(|| "unknown".into()))
+            .or_insert(0) += 1;
+        let size = match (number(tags::ROWS), number(tags::COLUMNS)) {
+            (Some(r), Some(c)) => format!("{r}×{c}"),
+            _ => "unknown".into(),
+        };
+        *sizes.entry(size).or_insert(0) += 1;
+        let spacing = obj
+            .element(tags::PIXEL_SPACING)
+            .ok()
+            .and_then(|e| e.to_multi_float64().ok())
+            .map(|v| {
+                v.iter()
+                    .map(|x| format!("{x:.1}"))
+                    .collect::<Vec<_>>()
+                    .join("×")
+            })
+            .unwrap_or_else(|| "unknown".into());
+        *spacings.entry(spacing).or_insert(0) += 1;
+        *makers
+            .entry(text(tags::MANUFACTURER).unwrap_or_else(|| "unknown".into()))
+            .or_insert(0) += 1;
+    }
+    MetadataSummary {
+        k,
+        files: files.len() as u64,
+        modalities: counts(modalities, k),
+        image_sizes: counts(sizes, k),
+        pixel_spacings: counts(spacings, k),
+        manufacturers: merge_rare(makers, k),
+        labels: counts(labels, k),
+        unreadable,
+    }
+}

@@ -1,0 +1,215 @@
+//! Synthetic previews at the site: the generator's output, the memorisation check, and the
+//! metadata summary (small counts suppressed, no identifying DICOM attribute).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use consilium_worker::preview::{
+    DEFAULT_DCR_THRESHOLD, PreviewError, generate, memorisation_check, summarise_dicom,
+};
+use consilium_worker::synthetic::{SiteProfile, phantom};
+use consilium_worker::train::Rng;
+
+fn phantoms(n: usize, size: usize) -> Vec<(u32, Vec<f32>)> {
+    let profile = SiteProfile {
+        images: n,
+        lesion_fraction: 0.5,
+        gain: 1.0,
+        offset: 0.0,
+        noise: 0.04,
+        blur: 1,
+        seed: 3,
+    };
+    let mut rng = Rng::new(11);
+    (0..n)
+        .map(|i| {
+            let lesion = i % 2 == 1;
+            (u32::from(lesion), phantom(size, lesion, &profile, &mut rng))
+        })
+        .collect()
+}
+
+#[test]
+fn previews_have_the_shape_range_and_class_balance_asked_for() {
+    let data = phantoms(40, 32);
+    let train: Vec<(u32, &[f32])> = data.iter().map(|(l, p)| (*l, p.as_slice())).collect();
+    let previews = generate(&train, 12, 8, 5).unwrap();
+    assert_eq!(previews.len(), 24);
+    for label in [0, 1] {
+        assert_eq!(previews.iter().filter(|p| p.label == label).count(), 12);
+    }
+    for p in &previews {
+        assert_eq!(p.pixels.len(), 32 * 32);
+        assert!(p.pixels.iter().all(|x| (0.0..=1.0).contains(x)));
+    }
+    assert_ne!(previews[0].pixels, previews[1].pixels, "samples differ");
+    // A class's previews look like that class: closer to its own mean than to the other's.
+    let mean = |label: u32| {
+        let members: Vec<&Vec<f32>> = data
+            .iter()
+            .filter(|(l, _)| *l == label)
+            .map(|(_, p)| p)
+            .collect();
+        (0..32 * 32)
+            .map(|i| members.iter().map(|m| m[i]).sum::<f32>() / members.len() as f32)
+            .collect::<Vec<f32>>()
+    };
+    let (m0, m1) = (mean(0), mean(1));
+    let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>();
+    let right = previews
+        .iter()
+        .filter(|p| {
+            let (own, other) = if p.label == 0 { (&m0, &m1) } else { (&m1, &m0) };
+            dist(&p.pixels, own) < dist(&p.pixels, other)
+        })
+        .count();
+    assert!(right >= 20, "{right} of 24 previews nearer their own class");
+    // Deterministic for a seed.
+    assert_eq!(generate(&train, 12, 8, 5).unwrap(), previews);
+}
+
+#[test]
+fn a_class_with_too_few_images_is_refused_with_the_reason() {
+    let data = phantoms(10, 16);
+    let mut train: Vec<(u32, &[f32])> = data.iter().map(|(l, p)| (*l, p.as_slice())).collect();
+    train.push((7, data[0].1.as_slice()));
+    let err = generate(&train, 4, 4, 1).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PreviewError::TooFew {
+                label: 7,
+                count: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("class 7 has 1 training image"),
+        "{err}"
+    );
+}
+
+#[test]
+fn copies_of_training_images_are_flagged_and_fresh_samples_pass() {
+    let data = phantoms(40, 32);
+    let real: Vec<&[f32]> = data.iter().map(|(_, p)| p.as_slice()).collect();
+    // A "generator" that memorised: its output is the training images, barely changed.
+    let copies: Vec<Vec<f32>> = data
+        .iter()
+        .take(10)
+        .map(|(_, p)| p.iter().map(|x| (x + 0.001).min(1.0)).collect())
+        .collect();
+    let copies_ref: Vec<&[f32]> = copies.iter().map(Vec::as_slice).collect();
+    let report = memorisation_check(&real, &copies_ref, DEFAULT_DCR_THRESHOLD);
+    assert_eq!(report.flagged, (0..10).collect::<Vec<_>>(), "{report:?}");
+    assert!(
+        report.ratios.iter().all(|r| *r < 0.1),
+        "{:?}",
+        report.ratios
+    );
+
+    let train: Vec<(u32, &[f32])> = data.iter().map(|(l, p)| (*l, p.as_slice())).collect();
+    let fresh = generate(&train, 10, 8, 9).unwrap();
+    let fresh_ref: Vec<&[f32]> = fresh.iter().map(|p| p.pixels.as_slice()).collect();
+    let report = memorisation_check(&real, &fresh_ref, DEFAULT_DCR_THRESHOLD);
+    assert!(report.real_nn_median > 0.0);
+    assert!(
+        report.flagged.len() <= 2,
+        "samples from the class model are not copies: {:?}",
+        report.ratios
+    );
+}
+
+fn dicom_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom")
+}
+
+#[test]
+fn the_summary_suppresses_rare_values_and_names_nobody() {
+    let files: Vec<PathBuf> = std::fs::read_dir(dicom_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "dcm"))
+        .collect();
+    assert!(files.len() >= 10);
+    // Every file labelled 0, except one rare label 1.
+    let labelled: Vec<(&Path, u32)> = files
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.as_path(), u32::from(i == 0)))
+        .collect();
+    let k = 3;
+    let summary = summarise_dicom(&labelled, k);
+    let label = |v: &str| summary.labels.iter().find(|c| c.value == v).unwrap().count;
+    assert_eq!(label("0"), Some(files.len() as u64 - 1));
+    assert_eq!(label("1"), None, "a count below k is suppressed");
+    assert!(
+        summary
+            .modalities
+            .iter()
+            .any(|c| c.value == "MR" && c.count.is_some()),
+        "{summary:?}"
+    );
+
+    // Nothing identifying: collect every name, id, date and institution in the files, and
+    // look for each in what would leave the site.
+    use dicom_dictionary_std::tags;
+    let json = serde_json::to_string(&summary).unwrap();
+    let mut identifying = Vec::new();
+    let mut makers = Vec::new();
+    for f in &files {
+        let Ok(obj) = dicom_object::OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(f)
+        else {
+            continue;
+        };
+        if let Some(m) = obj
+            .element(tags::MANUFACTURER)
+            .ok()
+            .and_then(|e| e.to_str().ok())
+        {
+            makers.push(m.trim().to_string());
+        }
+        for tag in [
+            tags::PATIENT_NAME,
+            tags::PATIENT_ID,
+            tags::PATIENT_BIRTH_DATE,
+            tags::STUDY_DATE,
+            tags::INSTITUTION_NAME,
+            tags::REFERRING_PHYSICIAN_NAME,
+            tags::ACCESSION_NUMBER,
+            tags::STUDY_INSTANCE_UID,
+        ] {
+            if let Some(v) = obj.element(tag).ok().and_then(|e| e.to_str().ok()) {
+                let v = v.trim().trim_end_matches('\0').to_string();
+                if v.len() >= 3 {
+                    identifying.push(v);
+                }
+            }
+        }
+    }
+    // (A file whose institution is recorded as its scanner's maker names no one.)
+    identifying.retain(|v| !makers.iter().any(|m| m.contains(v.as_str())));
+    assert!(
+        identifying.len() >= 10,
+        "the files carry identifying attributes: {identifying:?}"
+    );
+    for m in &makers {
+        let named = summary.manufacturers.iter().any(|c| &c.value == m);
+        let n = makers.iter().filter(|x| *x == m).count() as u64;
+        assert_eq!(
+            named,
+            n >= k,
+            "{m:?} seen {n} times: named only when at least k"
+        );
+    }
+    for v in &identifying {
+        // As a value of its own, or inside one when long enough not to match by chance.
+        let whole = json.contains(&format!("\"{v}\""));
+        let inside = v.len() >= 6 && json.contains(v.as_str());
+        assert!(!whole && !inside, "{v:?} leaked into {json}");
+    }
+}
