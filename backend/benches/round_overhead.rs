@@ -52,6 +52,9 @@ async fn respond(broker: SharedBroker, site: Uuid) {
                 evaluation: metrics(),
                 duration_ms: 0,
             },
+            JobKind::Preview => Outcome::Failed {
+                reason: "this benchmark's sites make no previews".into(),
+            },
         };
         let result = JobResult {
             job_id: job.job_id,

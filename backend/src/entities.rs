@@ -243,3 +243,31 @@ entity!(heartbeat, "heartbeats", {
     pub version: String,
     pub at: DateTimeUtc,
 });
+
+entity!(preview_set, "preview_sets", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub study_id: Uuid,
+    pub site_id: Uuid,
+    pub requested_by: Uuid,
+    pub grant_id: Uuid,
+    pub plan_hash: String,
+    /// `generating`, `awaiting_release`, `released`, `rejected` or `failed`.
+    pub status: String,
+    pub spec: Json,
+    pub set_hash: Option<String>,
+    pub generator: Option<String>,
+    pub epsilon: Option<f64>,
+    pub images: Option<i32>,
+    pub withheld: Option<i32>,
+    /// The label of each image in the set, in order.
+    pub labels: Option<Json>,
+    pub memorisation: Option<Json>,
+    pub summary: Option<Json>,
+    pub failure: Option<String>,
+    pub decided_by: Option<Uuid>,
+    pub decided_at: Option<DateTimeUtc>,
+    pub comment: Option<String>,
+    pub created_at: DateTimeUtc,
+    pub updated_at: DateTimeUtc,
+});

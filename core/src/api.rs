@@ -706,3 +706,64 @@ pub struct ModelListQuery {
     #[serde(default)]
     pub study_id: Option<Uuid>,
 }
+
+// ---------------------------------------------------------------- synthetic previews
+
+input! {
+    /// Asks a site for a synthetic preview of its data for this study (the study's researcher,
+    /// with a data-access grant in force for the site).
+    pub struct RequestPreview {
+        pub site_id: Uuid,
+        /// Synthetic images per class, 1 to 64 (default 12).
+        #[serde(default)]
+        pub per_class: Option<u32>,
+    }
+
+    /// The site's custodian releases a checked preview set to the study's researcher, or
+    /// rejects it.
+    pub struct DecidePreview {
+        /// `release` or `reject`.
+        pub decision: String,
+        pub comment: String,
+    }
+}
+
+dto! {
+    pub struct PreviewImageDto {
+        /// Position in the set: `GET /previews/{id}/images/{index}` is the PNG.
+        pub index: u32,
+        pub label: u32,
+    }
+
+    pub struct PreviewDto {
+        pub id: Uuid,
+        pub study_id: Uuid,
+        pub site_id: Uuid,
+        pub site_name: String,
+        pub requested_by: Uuid,
+        /// The grant that authorised it, and the plan hash the job ran under.
+        pub grant_id: Uuid,
+        pub plan_hash: String,
+        /// `generating`, `awaiting_release`, `released`, `rejected` or `failed`.
+        pub status: String,
+        /// `pca_gaussian` or `cvae`.
+        pub generator: Option<String>,
+        /// The differential-privacy budget spent; none when the generator was not private.
+        pub epsilon: Option<f64>,
+        /// The images (only for those who may see them: the site's custodian, and the
+        /// researcher once released).
+        pub images: Vec<PreviewImageDto>,
+        /// Images the memorisation check withheld (they never left the site).
+        pub withheld: Option<u32>,
+        pub memorisation: Option<crate::preview::MemorisationReport>,
+        pub summary: Option<crate::preview::MetadataSummary>,
+        /// Why the site could not make it.
+        pub failure: Option<String>,
+        pub decided_by: Option<Uuid>,
+        pub decided_by_name: Option<String>,
+        pub decided_at: Option<DateTime<Utc>>,
+        pub comment: Option<String>,
+        pub created_at: DateTime<Utc>,
+        pub updated_at: DateTime<Utc>,
+    }
+}

@@ -7,6 +7,7 @@ pub mod api;
 pub mod conv;
 pub mod hash;
 pub mod manifest;
+pub mod preview;
 pub mod problem;
 pub mod protocol;
 pub mod role;

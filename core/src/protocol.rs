@@ -16,6 +16,8 @@ pub enum JobKind {
     Train,
     /// Evaluate the global model on the held-out split only.
     Evaluate,
+    /// Fit a generator to the training split and send back a checked synthetic preview set.
+    Preview,
 }
 
 /// A job for one site. `job_id` is the idempotency key: the server counts its result once.
@@ -36,6 +38,9 @@ pub struct Job {
     /// SHA-256 of the global model (safetensors) in the artifact store; none in round 1.
     pub global_model: Option<String>,
     pub deadline: DateTime<Utc>,
+    /// For a preview job: what to generate. `run_id` then names the preview request.
+    #[serde(default)]
+    pub preview: Option<crate::preview::PreviewSpec>,
 }
 
 /// Metrics on a labelled split.
@@ -76,6 +81,15 @@ pub enum Outcome {
     },
     Evaluated {
         evaluation: Metrics,
+        duration_ms: u64,
+    },
+    /// A preview set, checked, in the artifact store (JSON, `PreviewSet`).
+    Previewed {
+        /// SHA-256 of the preview set in the artifact store.
+        set: String,
+        /// Images in the set, and images withheld as too close to a real one.
+        images: u32,
+        withheld: u32,
         duration_ms: u64,
     },
     /// The worker would not run the job (e.g. the plan is not approved for this site).

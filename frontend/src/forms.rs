@@ -177,6 +177,20 @@ pub async fn study_action(api: &Api, form: &Form) -> Result<String, PortalError>
                 .await?;
             Ok(back)
         }
+        "request_preview" => {
+            let site_id = uuid("site", &required(form, "site_id", "Site")?)?;
+            let per_class = match optional(form, "per_class") {
+                Some(_) => Some(number(form, "per_class", "Images per class")?),
+                None => None,
+            };
+            let _: consilium_core::api::PreviewDto = api
+                .post(
+                    &format!("/studies/{id}/previews"),
+                    &consilium_core::api::RequestPreview { site_id, per_class },
+                )
+                .await?;
+            Ok(format!("{back}#previews-h"))
+        }
         "start_run" => {
             let run: RunDto = api
                 .post(
@@ -261,6 +275,25 @@ pub async fn access_action(api: &Api, form: &Form) -> Result<String, PortalError
         }
         other => Err(invalid(format!("Unknown action {other:?}."))),
     }
+}
+
+pub async fn preview_action(api: &Api, form: &Form) -> Result<String, PortalError> {
+    let id = uuid("preview", &required(form, "preview_id", "Preview")?)?;
+    let decision = match required(form, "action", "Action")?.as_str() {
+        "release" => "release",
+        "reject" => "reject",
+        other => return Err(invalid(format!("Unknown action {other:?}."))),
+    };
+    let _: consilium_core::api::PreviewDto = api
+        .post(
+            &format!("/previews/{id}/decision"),
+            &consilium_core::api::DecidePreview {
+                decision: decision.into(),
+                comment: required(form, "comment", "Comment")?,
+            },
+        )
+        .await?;
+    Ok("/access#previews-h".into())
 }
 
 pub async fn model_action(api: &Api, form: &Form) -> Result<String, PortalError> {

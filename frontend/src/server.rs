@@ -7,7 +7,8 @@ use std::collections::HashMap;
 
 use consilium_core::api::{
     AccessRequestDto, AuditEventDto, AuditVerification, CommitteeDto, LineageDto, MeDto,
-    ModelVersionDto, PlanDto, PreflightReport, ReviewDto, RoundDto, RunDto, SiteDto, StudyDto,
+    ModelVersionDto, PlanDto, PreflightReport, PreviewDto, ReviewDto, RoundDto, RunDto, SiteDto,
+    StudyDto,
 };
 use leptos::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -109,6 +110,8 @@ pub struct StudyPage {
     pub runs: Vec<RunDto>,
     /// The latest plan's attachments as text (name, content), for the committee to read.
     pub latest_files: Vec<(String, String)>,
+    /// The synthetic previews of the sites' data this person may see.
+    pub previews: Vec<PreviewDto>,
     /// A date one year ahead (YYYY-MM-DD), the default expiry offered in forms.
     pub next_year: String,
 }
@@ -153,6 +156,7 @@ pub async fn load_study(id: String) -> Result<StudyPage, PortalError> {
         directory: directory(&api).await?,
         plans,
         latest_files,
+        previews: api.get(&format!("/studies/{id}/previews")).await?,
         reviews: api.get(&format!("/studies/{id}/reviews")).await?,
         requests: api.get(&format!("/access-requests?study_id={id}")).await?,
         preflight: api.get(&format!("/studies/{id}/preflight")).await?,
@@ -171,6 +175,8 @@ pub struct AccessPage {
     pub directory: Directory,
     /// Runs on the data of the custodian's sites, with their rounds.
     pub activity: Vec<SiteActivity>,
+    /// Preview sets of the custodian's sites (with their images), newest first.
+    pub previews: Vec<PreviewDto>,
     pub next_year: String,
 }
 
@@ -195,11 +201,14 @@ pub async fn load_access() -> Result<AccessPage, PortalError> {
         .map(|s| s.id)
         .collect();
     let mut activity = Vec::new();
+    let mut previews = Vec::new();
     if !mine.is_empty() {
         for s in studies
             .iter()
             .filter(|s| s.sites.iter().any(|x| mine.contains(&x.site_id)))
         {
+            let sets: Vec<PreviewDto> = api.get(&format!("/studies/{}/previews", s.id)).await?;
+            previews.extend(sets.into_iter().filter(|p| mine.contains(&p.site_id)));
             for run in api
                 .get::<Vec<RunDto>>(&format!("/studies/{}/runs", s.id))
                 .await?
@@ -213,12 +222,14 @@ pub async fn load_access() -> Result<AccessPage, PortalError> {
             }
         }
     }
+    previews.sort_by_key(|p| std::cmp::Reverse(p.created_at));
     Ok(AccessPage {
         me,
         requests,
         studies,
         directory,
         activity,
+        previews,
         next_year: (chrono::Utc::now() + chrono::Duration::days(365))
             .format("%Y-%m-%d")
             .to_string(),
@@ -423,4 +434,12 @@ pub async fn submit_plan(data: leptos::server_fn::codec::MultipartData) -> Resul
 #[server(prefix = "/portal", endpoint = "auth-config")]
 pub async fn auth_config() -> Result<consilium_core::api::AuthConfigDto, PortalError> {
     Api::current()?.get("/auth/config").await
+}
+
+#[server(prefix = "/portal", endpoint = "preview-action")]
+pub async fn preview_action(form: Form) -> Result<(), PortalError> {
+    let api = Api::current()?;
+    let r = forms::preview_action(&api, &form).await;
+    finish(r, &form);
+    Ok(())
 }

@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261127_000001_governance;
 mod m20261127_000002_engine;
+mod m20261127_000003_previews;
 
 pub struct Migrator;
 
@@ -14,6 +15,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261127_000001_governance::Migration),
             Box::new(m20261127_000002_engine::Migration),
+            Box::new(m20261127_000003_previews::Migration),
         ]
     }
 }

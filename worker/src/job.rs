@@ -119,6 +119,43 @@ impl SiteContext {
     }
 }
 
+/// A synthetic preview of this site's training images, checked before it leaves.
+async fn preview(job: &Job, ctx: &SiteContext) -> Outcome {
+    let spec = job.preview.clone().unwrap_or_default();
+    let data = match ctx.data(spec.image_size as usize) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let dicom = ctx.dataset.kind == data::DataKind::Dicom;
+    let root = ctx.dataset.root.clone();
+    let seed = job.manifest.seed
+        ^ u64::from_le_bytes(job.job_id.as_bytes()[..8].try_into().unwrap_or_default());
+    let started = Instant::now();
+    let built = tokio::task::spawn_blocking(move || {
+        crate::preview::build_set(&data, &spec, &root, dicom, seed)
+    })
+    .await;
+    let (set, withheld) = match built {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return fail(e),
+        Err(e) => return fail(format!("the preview stopped unexpectedly: {e}")),
+    };
+    let images = set.images.len() as u32;
+    let bytes = match serde_json::to_vec(&set) {
+        Ok(b) => b,
+        Err(e) => return fail(format!("the preview set could not be written: {e}")),
+    };
+    match ctx.artifacts.put(bytes).await {
+        Ok(hash) => Outcome::Previewed {
+            set: hash,
+            images,
+            withheld,
+            duration_ms: started.elapsed().as_millis() as u64,
+        },
+        Err(e) => fail(e.to_string()),
+    }
+}
+
 fn refuse(reason: impl Into<String>) -> Outcome {
     Outcome::Refused {
         reason: reason.into(),
@@ -192,6 +229,9 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
     }
     if job.deadline < Utc::now() {
         return fail("the round's deadline passed before the job could start");
+    }
+    if job.kind == JobKind::Preview {
+        return preview(job, ctx).await;
     }
     let global = match &job.global_model {
         Some(h) => match ctx.artifacts.get(h).await {

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+pub use consilium_core::preview::{Count, MemorisationReport, MetadataSummary};
 use serde::{Deserialize, Serialize};
 
 use crate::train::Rng;
@@ -173,20 +174,6 @@ fn distance(a: &[f32], b: &[f32]) -> f64 {
         .sqrt()
 }
 
-/// The memorisation check: how close each synthetic image is to its nearest real training
-/// image, measured against how close real images are to each other.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct MemorisationReport {
-    /// Median over real images of the distance to the nearest other real image.
-    pub real_nn_median: f64,
-    /// For each synthetic image: its distance to the closest real image divided by
-    /// `real_nn_median` (the distance-to-closest-record ratio).
-    pub ratios: Vec<f64>,
-    /// Images whose ratio is below `threshold`: too close to a real image; withheld.
-    pub flagged: Vec<usize>,
-    pub threshold: f64,
-}
-
 pub const DEFAULT_DCR_THRESHOLD: f64 = 0.5;
 
 pub fn memorisation_check(
@@ -234,31 +221,6 @@ pub fn memorisation_check(
         flagged,
         threshold,
     }
-}
-
-/// A count in a summary: exact when at least k, otherwise suppressed.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Count {
-    pub value: String,
-    /// `None`: fewer than k, suppressed.
-    pub count: Option<u64>,
-}
-
-/// What a site's data looks like, aggregated; every count below `k` is suppressed.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct MetadataSummary {
-    pub k: u64,
-    pub files: u64,
-    pub modalities: Vec<Count>,
-    /// `rows×columns`.
-    pub image_sizes: Vec<Count>,
-    /// Pixel spacing in mm, rounded to 0.1.
-    pub pixel_spacings: Vec<Count>,
-    /// Manufacturers seen fewer than k times are pooled as `other`, unnamed.
-    pub manufacturers: Vec<Count>,
-    pub labels: Vec<Count>,
-    /// Files that could not be read as DICOM (counted, never named).
-    pub unreadable: u64,
 }
 
 fn counts(map: BTreeMap<String, u64>, k: u64) -> Vec<Count> {
@@ -343,4 +305,114 @@ pub fn summarise_dicom(files: &[(&Path, u32)], k: u64) -> MetadataSummary {
         labels: counts(labels, k),
         unreadable,
     }
+}
+
+/// A summary for image files without DICOM metadata (PNG, NIfTI): the labels, and the
+/// number of files.
+pub fn summarise_labels(labels: &[u32], files: u64, k: u64) -> MetadataSummary {
+    let mut map = BTreeMap::new();
+    for l in labels {
+        *map.entry(l.to_string()).or_insert(0) += 1;
+    }
+    MetadataSummary {
+        k,
+        files,
+        labels: counts(map, k),
+        ..MetadataSummary::default()
+    }
+}
+
+fn png(pixels: &[f32], size: u32) -> Result<Vec<u8>, String> {
+    let bytes: Vec<u8> = pixels
+        .iter()
+        .map(|p| (p.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
+    let img = image::GrayImage::from_raw(size, size, bytes)
+        .ok_or_else(|| "a synthetic image has the wrong number of pixels".to_string())?;
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| format!("a synthetic image could not be encoded: {e}"))?;
+    Ok(out.into_inner())
+}
+
+/// Builds what leaves the site for a preview job: generated images, minus those the
+/// memorisation check flags, the check's figures and the metadata summary. `dicom_root` is
+/// the dataset's folder when its files are DICOM (for the summary); `root` the folder of its
+/// files.
+pub fn build_set(
+    data: &crate::data::Dataset,
+    spec: &consilium_core::preview::PreviewSpec,
+    root: &Path,
+    dicom: bool,
+    seed: u64,
+) -> Result<(consilium_core::preview::PreviewSet, u32), String> {
+    use base64::Engine as _;
+    let train: Vec<(u32, &[f32])> = data
+        .train()
+        .map(|s| (s.label, s.pixels.as_slice()))
+        .collect();
+    if train.is_empty() {
+        return Err("the site has no training images to preview".into());
+    }
+    let generated =
+        generate(&train, spec.per_class as usize, 16, seed).map_err(|e| e.to_string())?;
+    let real: Vec<&[f32]> = train.iter().map(|(_, p)| *p).collect();
+    let synthetic: Vec<&[f32]> = generated.iter().map(|g| g.pixels.as_slice()).collect();
+    let memorisation = memorisation_check(&real, &synthetic, DEFAULT_DCR_THRESHOLD);
+    let mut images = Vec::new();
+    for (i, g) in generated.iter().enumerate() {
+        if memorisation.flagged.contains(&i) {
+            continue;
+        }
+        images.push(consilium_core::preview::PreviewImageData {
+            label: g.label,
+            png_base64: base64::engine::general_purpose::STANDARD
+                .encode(png(&g.pixels, data.size as u32)?),
+        });
+    }
+    let withheld = memorisation.flagged.len() as u32;
+    let labels: Vec<u32> = data.train().map(|s| s.label).collect();
+    let summary = match dicom {
+        true => {
+            let mut files: BTreeMap<String, u32> = BTreeMap::new();
+            for s in data.train() {
+                let file = s.source.split('#').next().unwrap_or(&s.source).to_string();
+                files.entry(file).or_insert(s.label);
+            }
+            let paths: Vec<(std::path::PathBuf, u32)> =
+                files.into_iter().map(|(f, l)| (root.join(f), l)).collect();
+            let refs: Vec<(&Path, u32)> = paths.iter().map(|(p, l)| (p.as_path(), *l)).collect();
+            let mut s = summarise_dicom(&refs, spec.k);
+            // Labels per image (a multi-frame file has several), not per file.
+            s.labels = summarise_labels(&labels, 0, spec.k).labels;
+            s
+        }
+        false => {
+            let files = data
+                .train()
+                .map(|s| s.source.split('#').next().unwrap_or(&s.source))
+                .collect::<std::collections::BTreeSet<_>>();
+            let mut sizes = BTreeMap::new();
+            for f in &files {
+                let size = image::image_dimensions(root.join(f))
+                    .map(|(w, h)| format!("{h}×{w}"))
+                    .unwrap_or_else(|_| "unknown".into());
+                *sizes.entry(size).or_insert(0) += 1;
+            }
+            let mut s = summarise_labels(&labels, files.len() as u64, spec.k);
+            s.image_sizes = counts(sizes, spec.k);
+            s
+        }
+    };
+    Ok((
+        consilium_core::preview::PreviewSet {
+            generator: "pca_gaussian".into(),
+            epsilon: None,
+            image_size: data.size as u32,
+            images,
+            memorisation,
+            summary,
+        },
+        withheld,
+    ))
 }

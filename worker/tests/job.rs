@@ -102,6 +102,7 @@ fn job(s: &Site, m: &TrainingPlanManifest, hash: &str, round: u32, global: Optio
         files: vec![],
         global_model: global,
         deadline: Utc::now() + Duration::minutes(10),
+        preview: None,
     }
 }
 
@@ -205,6 +206,59 @@ async fn an_altered_or_unapproved_plan_is_refused() {
     j.site_id = Uuid::new_v4();
     assert!(matches!(
         process(&j, &s.ctx).await.outcome,
+        Outcome::Refused { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_job_sends_back_only_checked_images_and_a_summary() {
+    let m = manifest();
+    let hash = plan_hash(&m, &[]).unwrap();
+    let s = site(&hash, Uuid::new_v4());
+    let mut j = job(&s, &m, &hash, 0, None);
+    j.kind = JobKind::Preview;
+    j.preview = Some(consilium_core::preview::PreviewSpec {
+        per_class: 6,
+        image_size: 64,
+        k: 10,
+    });
+    let r = process(&j, &s.ctx).await;
+    let Outcome::Previewed {
+        set,
+        images,
+        withheld,
+        ..
+    } = r.outcome
+    else {
+        panic!("{:?}", r.outcome);
+    };
+    assert_eq!(images + withheld, 12, "6 per class, two classes");
+    let bytes = s.ctx.artifacts.get(&set).await.unwrap();
+    let set: consilium_core::preview::PreviewSet = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(set.images.len() as u32, images);
+    assert_eq!(set.image_size, 64);
+    assert_eq!(set.memorisation.ratios.len(), 12);
+    assert_eq!(set.summary.k, 10);
+    assert_eq!(
+        set.summary.image_sizes,
+        vec![consilium_core::preview::Count {
+            value: "32×32".into(),
+            count: Some(set.summary.files)
+        }]
+    );
+    // Each image is a 64×64 PNG.
+    use base64::Engine as _;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(&set.images[0].png_base64)
+        .unwrap();
+    let img = image::load_from_memory(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+
+    // A preview under a plan the site has not approved is refused like any other job.
+    let mut forged = j.clone();
+    forged.study_id = Uuid::new_v4();
+    assert!(matches!(
+        process(&forged, &s.ctx).await.outcome,
         Outcome::Refused { .. }
     ));
 }

@@ -38,6 +38,7 @@ fn job(site: Uuid) -> Job {
         files: vec![],
         global_model: None,
         deadline: Utc::now(),
+        preview: None,
     }
 }
 

@@ -158,6 +158,10 @@ impl Engine {
                 Ok(true)
             }
             WorkerMessage::Result(r) => {
+                if crate::services::previews::is_preview(ctx, r.run_id).await? {
+                    crate::services::previews::record(ctx, &self.artifacts, r).await?;
+                    return Ok(true);
+                }
                 if run::Entity::find_by_id(r.run_id)
                     .one(&ctx.db)
                     .await?
@@ -199,6 +203,8 @@ impl Engine {
             let phase = match kind {
                 JobKind::Train => x.state == "collecting",
                 JobKind::Evaluate => x.state == "aggregating",
+                // Preview results are routed to their request before they get here.
+                JobKind::Preview => false,
             };
             phase
                 && sites.contains(&r.site_id)
@@ -238,6 +244,17 @@ impl Engine {
                     None,
                     Some(*duration_ms as i64),
                     None,
+                    None,
+                ),
+                Outcome::Previewed { .. } => (
+                    "failed",
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    Some("a preview set arrived for a training run".to_string()),
                     None,
                 ),
                 Outcome::Refused { reason } => (
@@ -442,6 +459,7 @@ impl Engine {
                 files: files.to_vec(),
                 global_model: Some(model.to_string()),
                 deadline,
+                preview: None,
             };
             if let Err(e) = self.broker.publish_job(&job).await {
                 failed.push((*site, format!("the job could not be sent: {e}")));

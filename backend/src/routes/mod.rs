@@ -6,6 +6,7 @@ mod audit;
 mod auth;
 mod directory;
 mod engine;
+mod previews;
 mod studies;
 
 use utoipa_actix_web::service_config::ServiceConfig;
@@ -17,4 +18,5 @@ pub fn configure(cfg: &mut ServiceConfig) {
     access::configure(cfg);
     audit::configure(cfg);
     engine::configure(cfg);
+    previews::configure(cfg);
 }

@@ -5,6 +5,7 @@
 pub mod access;
 pub mod directory;
 pub mod models;
+pub mod previews;
 pub mod runs;
 pub mod sessions;
 pub mod studies;

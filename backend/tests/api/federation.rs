@@ -365,6 +365,7 @@ holdout = 0.25
         files: vec![],
         global_model: None,
         deadline: chrono::Utc::now() + chrono::Duration::minutes(5),
+        preview: None,
     };
     rabbit.publish_job(&forged).await.expect("published");
 

@@ -9,4 +9,5 @@ mod guards;
 mod harness;
 mod nojs;
 mod oidc;
+mod previews;
 mod story;

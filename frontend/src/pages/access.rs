@@ -7,8 +7,9 @@ use leptos::prelude::*;
 use leptos::server_fn::ServerFn as _;
 
 use super::loading;
+use super::previews::PreviewSet;
 use crate::components::{Badge, Failure, FormError, Hash, day, field, typed, when};
-use crate::server::{AccessAction, AccessPage, load_access};
+use crate::server::{AccessAction, AccessPage, PreviewAction, load_access};
 
 #[component]
 pub fn Access() -> impl IntoView {
@@ -145,6 +146,30 @@ fn AccessView(d: AccessPage) -> impl IntoView {
                         <tbody>{request_rows}</tbody>
                     </table>
                 }.into_any() }}
+            </section>
+            <section aria-labelledby="previews-h">
+                <h2 id="previews-h">"Synthetic previews of your sites' data"</h2>
+                {if d.previews.is_empty() { view! { <p>"No previews asked of your sites."</p> }.into_any() } else {
+                    d.previews.iter().map(|p| {
+                        let id = p.id.to_string();
+                        let study = study_title(p.study_id);
+                        view! {
+                            <p class="meta">"For the study "<a href=format!("/studies/{}", p.study_id)>{study}</a></p>
+                            <PreviewSet p=p.clone()/>
+                            {(p.status == "awaiting_release").then(|| view! {
+                                <form method="post" action=PreviewAction::url() class="decide card">
+                                    <input type="hidden" name=field("preview_id") value=id.clone()/>
+                                    <label for=format!("preview-comment-{id}")>"Comment"</label>
+                                    <input id=format!("preview-comment-{id}") name=field("comment") required value=typed("comment", "")/>
+                                    <div class="actions">
+                                        <button type="submit" name=field("action") value="release">"Release to the researcher"</button>
+                                        <button type="submit" name=field("action") value="reject" class="danger">"Reject"</button>
+                                    </div>
+                                </form>
+                            })}
+                        }
+                    }).collect_view().into_any()
+                }}
             </section>
             <section aria-labelledby="on-site">
                 <h2 id="on-site">"Running on your sites' data"</h2>

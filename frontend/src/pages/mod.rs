@@ -4,6 +4,7 @@ pub mod access;
 pub mod audit;
 pub mod home;
 pub mod models;
+pub mod previews;
 pub mod runs;
 pub mod studies;
 pub mod study;

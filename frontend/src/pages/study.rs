@@ -183,6 +183,17 @@ fn StudyView(d: StudyPage) -> impl IntoView {
         .map(|st| (st.site_id.to_string(), site_name(st.site_id)))
         .collect();
 
+    let granted: Vec<(String, String)> = s
+        .sites
+        .iter()
+        .filter(|st| {
+            d.requests
+                .iter()
+                .any(|r| r.site_id == st.site_id && r.status == AccessStatus::Approved)
+        })
+        .map(|st| (st.site_id.to_string(), site_name(st.site_id)))
+        .collect();
+
     let runs = d.runs.iter().map(|r| view! {
         <li><a href=format!("/runs/{}", r.id)>"Run of "{when(&r.created_at)}</a>" "<Badge text=r.status.clone()/>" — round "{r.current_round}</li>
     }).collect_view();
@@ -288,6 +299,47 @@ fn StudyView(d: StudyPage) -> impl IntoView {
                     <button type="submit">"Request access"</button>
                 </form>
             })}
+        </section>
+
+        <section aria-labelledby="previews-h">
+            <h2 id="previews-h">"Synthetic previews"</h2>
+            <p class="hint">"A site can generate synthetic images that resemble its data, checked so that none is a near-copy of a real image; its custodian decides whether you may see them."</p>
+            {(owner && !granted.is_empty()).then(|| view! {
+                <form method="post" action=StudyAction::url() class="card inline-form">
+                    <input type="hidden" name=field("study_id") value=sid.clone()/>
+                    <input type="hidden" name=field("action") value="request_preview"/>
+                    <div>
+                        <label for="preview-site">"Site"</label>
+                        <select id="preview-site" name=field("site_id")>
+                            {granted.iter().map(|(id, name)| view! { <option value=id.clone()>{name.clone()}</option> }).collect_view()}
+                        </select>
+                    </div>
+                    <div>
+                        <label for="per-class">"Images per class"</label>
+                        <input id="per-class" type="number" min="1" max="64" name=field("per_class") value=typed("per_class", "12") class="short"/>
+                    </div>
+                    <button type="submit">"Ask for a preview"</button>
+                </form>
+            })}
+            {(owner && granted.is_empty()).then(|| view! { <p class="hint">"A site can make a preview once its custodian has granted you access."</p> })}
+            {if d.previews.is_empty() {
+                view! { <p>"No previews yet."</p> }.into_any()
+            } else {
+                d.previews.iter().map(|p| {
+                    if p.images.is_empty() {
+                        let state = match p.status.as_str() {
+                            "generating" => "being generated at the site".to_string(),
+                            "awaiting_release" => "generated and checked; awaiting the custodian's release".to_string(),
+                            "rejected" => format!("rejected by the custodian: {}", p.comment.clone().unwrap_or_default()),
+                            "failed" => format!("failed: {}", p.failure.clone().unwrap_or_default()),
+                            other => other.replace('_', " "),
+                        };
+                        view! { <p class="preview-state">{format!("{}: {state}", p.site_name)}</p> }.into_any()
+                    } else {
+                        view! { <super::previews::PreviewSet p=p.clone()/> }.into_any()
+                    }
+                }).collect_view().into_any()
+            }}
         </section>
 
         <section aria-labelledby="runs-h">

@@ -1,0 +1,458 @@
+//! Synthetic previews: the researcher asks a site (under a data-access grant in force), the
+//! site's worker generates and checks a preview set, the site's custodian releases or rejects
+//! it, and only then may the researcher see it. Every step is audited.
+
+use base64::Engine as _;
+use chrono::{Duration, Utc};
+use consilium_core::Role;
+use consilium_core::api::{DecidePreview, PreviewDto, PreviewImageDto, RequestPreview};
+use consilium_core::preview::{PreviewSet, PreviewSpec};
+use consilium_core::protocol::{Job, JobKind, JobResult, Outcome};
+use consilium_worker::artifacts::ArtifactStore;
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
+use uuid::Uuid;
+
+use super::{Checks, from_json, not_found};
+use crate::audit;
+use crate::context::AppContext;
+use crate::domain::Actor;
+use crate::entities::{access_request, plan, preview_set, user};
+use crate::error::{AppError, AppResult};
+use crate::services::{directory, studies};
+
+fn json<T: serde::Serialize>(v: &T) -> AppResult<serde_json::Value> {
+    serde_json::to_value(v).map_err(AppError::unexpected)
+}
+
+/// Who may see what of a preview.
+#[derive(PartialEq)]
+enum Sight {
+    None,
+    /// The record (status, who decided), not the images.
+    Record,
+    /// Everything.
+    Images,
+}
+
+async fn sight(ctx: &AppContext, actor: &Actor, m: &preview_set::Model) -> AppResult<Sight> {
+    let site = directory::get_site(&ctx.db, m.site_id).await?;
+    if actor.has(Role::Custodian) && site.custodians.contains(&actor.user_id) {
+        return Ok(Sight::Images);
+    }
+    let study = studies::load_study(&ctx.db, m.study_id).await?;
+    if actor.has(Role::Researcher) && study.researcher_id == actor.user_id {
+        let granted = grant_in_force(ctx, m.study_id, m.site_id).await?.is_some();
+        return Ok(if m.status == "released" && granted {
+            Sight::Images
+        } else {
+            Sight::Record
+        });
+    }
+    if actor.has(Role::Administrator) || actor.has(Role::Auditor) {
+        return Ok(Sight::Record);
+    }
+    Ok(Sight::None)
+}
+
+async fn grant_in_force(
+    ctx: &AppContext,
+    study: Uuid,
+    site: Uuid,
+) -> AppResult<Option<access_request::Model>> {
+    let now = Utc::now();
+    Ok(access_request::Entity::find()
+        .filter(access_request::Column::StudyId.eq(study))
+        .filter(access_request::Column::SiteId.eq(site))
+        .filter(access_request::Column::Status.eq("approved"))
+        .order_by_desc(access_request::Column::DecidedAt)
+        .all(&ctx.db)
+        .await?
+        .into_iter()
+        .find(|g| g.expires_at.is_some_and(|e| e > now)))
+}
+
+async fn dto(ctx: &AppContext, m: &preview_set::Model, images: bool) -> AppResult<PreviewDto> {
+    let site = directory::get_site(&ctx.db, m.site_id).await?;
+    let labels: Vec<u32> = match &m.labels {
+        Some(l) if images => from_json(l)?,
+        _ => Vec::new(),
+    };
+    let decided_by_name = match m.decided_by {
+        Some(id) => user::Entity::find_by_id(id)
+            .one(&ctx.db)
+            .await?
+            .map(|u| u.name),
+        None => None,
+    };
+    Ok(PreviewDto {
+        id: m.id,
+        study_id: m.study_id,
+        site_id: m.site_id,
+        site_name: site.name,
+        requested_by: m.requested_by,
+        grant_id: m.grant_id,
+        plan_hash: m.plan_hash.clone(),
+        status: m.status.clone(),
+        generator: m.generator.clone(),
+        epsilon: m.epsilon,
+        images: labels
+            .into_iter()
+            .enumerate()
+            .map(|(i, label)| PreviewImageDto {
+                index: i as u32,
+                label,
+            })
+            .collect(),
+        withheld: m.withheld.map(|w| w.max(0) as u32),
+        memorisation: match (&m.memorisation, images) {
+            (Some(v), true) => Some(from_json(v)?),
+            _ => None,
+        },
+        summary: match (&m.summary, images) {
+            (Some(v), true) => Some(from_json(v)?),
+            _ => None,
+        },
+        failure: m.failure.clone(),
+        decided_by: m.decided_by,
+        decided_by_name,
+        decided_at: m.decided_at,
+        comment: m.comment.clone(),
+        created_at: m.created_at,
+        updated_at: m.updated_at,
+    })
+}
+
+async fn visible(
+    ctx: &AppContext,
+    actor: &Actor,
+    id: Uuid,
+) -> AppResult<(preview_set::Model, Sight)> {
+    let m = preview_set::Entity::find_by_id(id)
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(|| not_found("preview", id))?;
+    match sight(ctx, actor, &m).await? {
+        Sight::None => Err(not_found("preview", id)),
+        s => Ok((m, s)),
+    }
+}
+
+/// The study's researcher asks a site for a preview; the site's worker gets a job.
+pub async fn request(
+    ctx: &AppContext,
+    actor: &Actor,
+    study_id: Uuid,
+    input: RequestPreview,
+) -> AppResult<PreviewDto> {
+    let s = studies::visible_study(&ctx.db, actor, study_id).await?;
+    if !(actor.has(Role::Researcher) && s.researcher_id == actor.user_id) {
+        return Err(AppError::Forbidden(
+            "Only the study's researcher may ask its sites for previews.".into(),
+        ));
+    }
+    let mut checks = Checks::default();
+    let per_class = input.per_class.unwrap_or(12);
+    checks.check(
+        (1..=64).contains(&per_class),
+        "per_class must be between 1 and 64",
+    );
+    checks.check(
+        s.sites.iter().any(|x| x.site_id == input.site_id),
+        format!(
+            "site_id: site {} does not take part in this study",
+            input.site_id
+        ),
+    );
+    checks.finish()?;
+    let site = directory::get_site(&ctx.db, input.site_id).await?;
+    let Some(grant) = grant_in_force(ctx, study_id, input.site_id).await? else {
+        return Err(AppError::conflict(
+            "no_grant",
+            format!(
+                "There is no data-access grant in force for {:?}: ask its custodian for access first; a preview is made under that grant.",
+                site.name
+            ),
+        ));
+    };
+    let hashes: Vec<String> = from_json(&grant.plan_hashes)?;
+    let plans = plan::Entity::find()
+        .filter(plan::Column::StudyId.eq(study_id))
+        .order_by_desc(plan::Column::Version)
+        .all(&ctx.db)
+        .await?;
+    let Some(p) = plans.iter().find(|p| hashes.contains(&p.hash)) else {
+        return Err(AppError::conflict(
+            "plan_missing",
+            "The grant names no plan of this study.",
+        ));
+    };
+    let plan = studies::plan_dto(p)?;
+    let engine = ctx.engine().ok_or_else(|| {
+        AppError::unexpected(anyhow::anyhow!("the federated engine is not running"))
+    })?;
+    let spec = PreviewSpec {
+        per_class,
+        ..PreviewSpec::default()
+    };
+    let now = Utc::now();
+    let id = Uuid::new_v4();
+    let w = ctx.begin_write().await?;
+    let m = preview_set::ActiveModel {
+        id: Set(id),
+        study_id: Set(study_id),
+        site_id: Set(input.site_id),
+        requested_by: Set(actor.user_id),
+        grant_id: Set(grant.id),
+        plan_hash: Set(plan.hash.clone()),
+        status: Set("generating".into()),
+        spec: Set(json(&spec)?),
+        set_hash: Set(None),
+        generator: Set(None),
+        epsilon: Set(None),
+        images: Set(None),
+        withheld: Set(None),
+        labels: Set(None),
+        memorisation: Set(None),
+        summary: Set(None),
+        failure: Set(None),
+        decided_by: Set(None),
+        decided_at: Set(None),
+        comment: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    }
+    .insert(&*w)
+    .await?;
+    let out = dto(ctx, &m, false).await?;
+    audit::append(&*w, actor, "preview.requested", "preview", id, &out).await?;
+    w.commit().await?;
+    let job = Job {
+        job_id: Uuid::new_v4(),
+        kind: JobKind::Preview,
+        run_id: id,
+        round: 0,
+        study_id,
+        site_id: input.site_id,
+        plan_hash: plan.hash.clone(),
+        manifest: plan.manifest.clone(),
+        files: plan
+            .files
+            .iter()
+            .map(|f| (f.name.clone(), f.sha256.clone()))
+            .collect(),
+        global_model: None,
+        deadline: now + Duration::minutes(30),
+        preview: Some(spec),
+    };
+    if let Err(e) = engine.broker.publish_job(&job).await {
+        mark_failed(
+            ctx,
+            id,
+            &format!("the job could not be sent to the site: {e}"),
+        )
+        .await?;
+    }
+    Ok(out)
+}
+
+async fn mark_failed(ctx: &AppContext, id: Uuid, reason: &str) -> AppResult<()> {
+    let w = ctx.begin_write().await?;
+    if let Some(m) = preview_set::Entity::find_by_id(id).one(&*w).await? {
+        let mut a: preview_set::ActiveModel = m.into();
+        a.status = Set("failed".into());
+        a.failure = Set(Some(reason.to_string()));
+        a.updated_at = Set(Utc::now());
+        let m = a.update(&*w).await?;
+        audit::append(
+            &*w,
+            &Actor::system(),
+            "preview.failed",
+            "preview",
+            id,
+            &m.failure,
+        )
+        .await?;
+    }
+    w.commit().await?;
+    Ok(())
+}
+
+pub async fn is_preview(ctx: &AppContext, id: Uuid) -> AppResult<bool> {
+    Ok(preview_set::Entity::find_by_id(id)
+        .one(&ctx.db)
+        .await?
+        .is_some())
+}
+
+/// A site's answer to a preview job (counted once: later copies are ignored).
+pub async fn record(ctx: &AppContext, artifacts: &ArtifactStore, r: JobResult) -> AppResult<()> {
+    let Some(m) = preview_set::Entity::find_by_id(r.run_id)
+        .one(&ctx.db)
+        .await?
+    else {
+        return Ok(());
+    };
+    if m.status != "generating" || m.site_id != r.site_id {
+        tracing::info!(preview = %m.id, "a repeated or misaddressed preview result, ignored");
+        return Ok(());
+    }
+    match r.outcome {
+        Outcome::Previewed {
+            set,
+            images,
+            withheld,
+            ..
+        } => {
+            let bytes = artifacts.get(&set).await.map_err(AppError::unexpected)?;
+            let parsed: PreviewSet =
+                serde_json::from_slice(&bytes).map_err(AppError::unexpected)?;
+            let labels: Vec<u32> = parsed.images.iter().map(|i| i.label).collect();
+            let w = ctx.begin_write().await?;
+            let mut a: preview_set::ActiveModel = m.into();
+            a.status = Set("awaiting_release".into());
+            a.set_hash = Set(Some(set));
+            a.generator = Set(Some(parsed.generator.clone()));
+            a.epsilon = Set(parsed.epsilon);
+            a.images = Set(Some(images as i32));
+            a.withheld = Set(Some(withheld as i32));
+            a.labels = Set(Some(json(&labels)?));
+            a.memorisation = Set(Some(json(&parsed.memorisation)?));
+            a.summary = Set(Some(json(&parsed.summary)?));
+            a.updated_at = Set(Utc::now());
+            let m = a.update(&*w).await?;
+            audit::append(
+                &*w,
+                &Actor::system(),
+                "preview.generated",
+                "preview",
+                m.id,
+                &(m.set_hash.clone(), images, withheld),
+            )
+            .await?;
+            w.commit().await?;
+            Ok(())
+        }
+        Outcome::Refused { reason } | Outcome::Failed { reason } => {
+            mark_failed(ctx, m.id, &reason).await
+        }
+        _ => {
+            mark_failed(
+                ctx,
+                m.id,
+                "the site answered with something other than a preview",
+            )
+            .await
+        }
+    }
+}
+
+pub async fn list(ctx: &AppContext, actor: &Actor, study_id: Uuid) -> AppResult<Vec<PreviewDto>> {
+    studies::visible_study(&ctx.db, actor, study_id).await?;
+    let rows = preview_set::Entity::find()
+        .filter(preview_set::Column::StudyId.eq(study_id))
+        .order_by_desc(preview_set::Column::CreatedAt)
+        .all(&ctx.db)
+        .await?;
+    let mut out = Vec::new();
+    for m in rows {
+        match sight(ctx, actor, &m).await? {
+            Sight::None => {}
+            s => out.push(dto(ctx, &m, s == Sight::Images).await?),
+        }
+    }
+    Ok(out)
+}
+
+pub async fn get(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<PreviewDto> {
+    let (m, s) = visible(ctx, actor, id).await?;
+    dto(ctx, &m, s == Sight::Images).await
+}
+
+/// One image of a set, as PNG.
+pub async fn image(ctx: &AppContext, actor: &Actor, id: Uuid, index: u32) -> AppResult<Vec<u8>> {
+    let (m, s) = visible(ctx, actor, id).await?;
+    if s != Sight::Images {
+        return Err(AppError::Forbidden(
+            "The images are shown to the study's researcher once the site's custodian has released them.".into(),
+        ));
+    }
+    let hash = m
+        .set_hash
+        .ok_or_else(|| AppError::conflict("invalid_state", "This preview has no images (yet)."))?;
+    let engine = ctx.engine().ok_or_else(|| {
+        AppError::unexpected(anyhow::anyhow!("the federated engine is not running"))
+    })?;
+    let bytes = engine
+        .artifacts
+        .get(&hash)
+        .await
+        .map_err(AppError::unexpected)?;
+    let set: PreviewSet = serde_json::from_slice(&bytes).map_err(AppError::unexpected)?;
+    let img = set.images.get(index as usize).ok_or_else(|| {
+        AppError::NotFound(format!(
+            "This preview has {} images (0 to {}); there is no image {index}.",
+            set.images.len(),
+            set.images.len().saturating_sub(1)
+        ))
+    })?;
+    base64::engine::general_purpose::STANDARD
+        .decode(img.png_base64.as_bytes())
+        .map_err(AppError::unexpected)
+}
+
+/// The site's custodian releases or rejects a generated preview set.
+pub async fn decide(
+    ctx: &AppContext,
+    actor: &Actor,
+    id: Uuid,
+    input: DecidePreview,
+) -> AppResult<PreviewDto> {
+    let (m, _) = visible(ctx, actor, id).await?;
+    let site = directory::get_site(&ctx.db, m.site_id).await?;
+    if !(actor.has(Role::Custodian) && site.custodians.contains(&actor.user_id)) {
+        return Err(AppError::Forbidden(format!(
+            "Only the custodian of {:?} may release or reject its previews.",
+            site.name
+        )));
+    }
+    let mut checks = Checks::default();
+    let comment = checks.text("comment", &input.comment, 20_000, true);
+    let status = match input.decision.as_str() {
+        "release" => "released",
+        "reject" => "rejected",
+        _ => {
+            checks.check(false, "decision must be `release` or `reject`");
+            ""
+        }
+    };
+    checks.finish()?;
+    if m.status != "awaiting_release" {
+        return Err(AppError::conflict(
+            "invalid_state",
+            format!(
+                "This preview is {}; only a generated set awaiting release can be released or rejected.",
+                m.status.replace('_', " ")
+            ),
+        ));
+    }
+    let w = ctx.begin_write().await?;
+    let mut a: preview_set::ActiveModel = m.into();
+    a.status = Set(status.into());
+    a.decided_by = Set(Some(actor.user_id));
+    a.decided_at = Set(Some(Utc::now()));
+    a.comment = Set(Some(comment));
+    a.updated_at = Set(Utc::now());
+    let m = a.update(&*w).await?;
+    let out = dto(ctx, &m, true).await?;
+    audit::append(
+        &*w,
+        actor,
+        &format!("preview.{status}"),
+        "preview",
+        id,
+        &out,
+    )
+    .await?;
+    w.commit().await?;
+    Ok(out)
+}
