@@ -717,6 +717,11 @@ input! {
         /// Synthetic images per class, 1 to 64 (default 12).
         #[serde(default)]
         pub per_class: Option<u32>,
+        /// `cvae` (a class-conditional variational autoencoder) or `pca_gaussian` (a Gaussian
+        /// over each class's principal components, for small datasets); by default the VAE
+        /// where every class has at least 40 training images.
+        #[serde(default)]
+        pub generator: Option<String>,
     }
 
     /// The site's custodian releases a checked preview set to the study's researcher, or

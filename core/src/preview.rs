@@ -16,6 +16,9 @@ pub struct PreviewSpec {
     pub image_size: u32,
     /// Counts below k are suppressed in the metadata summary.
     pub k: u64,
+    /// `cvae` or `pca_gaussian`; by default the VAE where every class has enough images.
+    #[serde(default)]
+    pub generator: Option<String>,
 }
 
 impl Default for PreviewSpec {
@@ -24,6 +27,7 @@ impl Default for PreviewSpec {
             per_class: 12,
             image_size: 64,
             k: 10,
+            generator: None,
         }
     }
 }

@@ -186,7 +186,11 @@ pub async fn study_action(api: &Api, form: &Form) -> Result<String, PortalError>
             let _: consilium_core::api::PreviewDto = api
                 .post(
                     &format!("/studies/{id}/previews"),
-                    &consilium_core::api::RequestPreview { site_id, per_class },
+                    &consilium_core::api::RequestPreview {
+                        site_id,
+                        per_class,
+                        generator: optional(form, "generator").filter(|g| g != "auto"),
+                    },
                 )
                 .await?;
             Ok(format!("{back}#previews-h"))

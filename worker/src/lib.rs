@@ -7,6 +7,7 @@
 pub mod artifacts;
 pub mod broker;
 pub mod consumer;
+pub mod cvae;
 pub mod data;
 pub mod job;
 pub mod model;

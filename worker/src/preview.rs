@@ -354,8 +354,36 @@ pub fn build_set(
     if train.is_empty() {
         return Err("the site has no training images to preview".into());
     }
-    let generated =
-        generate(&train, spec.per_class as usize, 16, seed).map_err(|e| e.to_string())?;
+    let mut per_class: BTreeMap<u32, usize> = BTreeMap::new();
+    for (l, _) in &train {
+        *per_class.entry(*l).or_insert(0) += 1;
+    }
+    let fewest = per_class.values().copied().min().unwrap_or(0);
+    let vae = match spec.generator.as_deref() {
+        Some("cvae") => true,
+        Some("pca_gaussian") => false,
+        Some(other) => {
+            return Err(format!(
+                "unknown generator {other:?}: use cvae or pca_gaussian"
+            ));
+        }
+        None => fewest >= crate::cvae::MIN_PER_CLASS,
+    };
+    let (generated, generator) = if vae {
+        if fewest < MIN_PER_CLASS {
+            return Err(format!(
+                "a class has {fewest} training image(s); a preview needs at least {MIN_PER_CLASS} per class"
+            ));
+        }
+        let images =
+            crate::cvae::generate(&train, spec.per_class as usize, crate::cvae::STEPS, seed)
+                .map_err(|e| format!("the generator could not be trained: {e}"))?;
+        (images, "cvae")
+    } else {
+        let images =
+            generate(&train, spec.per_class as usize, 16, seed).map_err(|e| e.to_string())?;
+        (images, "pca_gaussian")
+    };
     let real: Vec<&[f32]> = train.iter().map(|(_, p)| *p).collect();
     let synthetic: Vec<&[f32]> = generated.iter().map(|g| g.pixels.as_slice()).collect();
     let memorisation = memorisation_check(&real, &synthetic, DEFAULT_DCR_THRESHOLD);
@@ -406,7 +434,7 @@ pub fn build_set(
     };
     Ok((
         consilium_core::preview::PreviewSet {
-            generator: "pca_gaussian".into(),
+            generator: generator.into(),
             epsilon: None,
             image_size: data.size as u32,
             images,

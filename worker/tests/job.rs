@@ -221,6 +221,7 @@ async fn a_preview_job_sends_back_only_checked_images_and_a_summary() {
         per_class: 6,
         image_size: 64,
         k: 10,
+        generator: None,
     });
     let r = process(&j, &s.ctx).await;
     let Outcome::Previewed {

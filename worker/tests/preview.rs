@@ -213,3 +213,122 @@ fn the_summary_suppresses_rare_values_and_names_nobody() {
         assert!(!whole && !inside, "{v:?} leaked into {json}");
     }
 }
+
+#[test]
+fn the_conditional_vae_draws_each_class_on_demand() {
+    let data = phantoms(160, 32);
+    let train: Vec<(u32, &[f32])> = data.iter().map(|(l, p)| (*l, p.as_slice())).collect();
+    let previews =
+        consilium_worker::cvae::generate(&train, 10, consilium_worker::cvae::STEPS, 7).unwrap();
+    assert_eq!(previews.len(), 20);
+    for label in [0, 1] {
+        assert_eq!(previews.iter().filter(|p| p.label == label).count(), 10);
+    }
+    for p in &previews {
+        assert_eq!(p.pixels.len(), 32 * 32);
+        assert!(p.pixels.iter().all(|x| (0.0..=1.0).contains(x)));
+    }
+    // Conditioned on the class: nearer that class's mean image than the other's.
+    let mean = |label: u32| {
+        let members: Vec<&Vec<f32>> = data
+            .iter()
+            .filter(|(l, _)| *l == label)
+            .map(|(_, p)| p)
+            .collect();
+        (0..32 * 32)
+            .map(|i| members.iter().map(|m| m[i]).sum::<f32>() / members.len() as f32)
+            .collect::<Vec<f32>>()
+    };
+    let (m0, m1) = (mean(0), mean(1));
+    let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>();
+    let right = previews
+        .iter()
+        .filter(|p| {
+            let (own, other) = if p.label == 0 { (&m0, &m1) } else { (&m1, &m0) };
+            dist(&p.pixels, own) < dist(&p.pixels, other)
+        })
+        .count();
+    assert!(
+        right >= 16,
+        "{right} of 20 VAE samples nearer their own class"
+    );
+    // And not copies of the training images.
+    let real: Vec<&[f32]> = data.iter().map(|(_, p)| p.as_slice()).collect();
+    let samples: Vec<&[f32]> = previews.iter().map(|p| p.pixels.as_slice()).collect();
+    let report = memorisation_check(&real, &samples, DEFAULT_DCR_THRESHOLD);
+    assert!(report.flagged.len() <= 2, "{:?}", report.ratios);
+}
+
+#[test]
+fn nothing_identifying_leaves_with_a_preview_of_dicom_images() {
+    use std::io::Write;
+    let dir = dicom_dir();
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".dcm"))
+        .collect();
+    let mut labels = tempfile::NamedTempFile::new().unwrap();
+    writeln!(labels, "file,label").unwrap();
+    for (i, n) in names.iter().enumerate() {
+        writeln!(labels, "{n},{}", i % 2).unwrap();
+    }
+    labels.flush().unwrap();
+    let spec = consilium_worker::data::DatasetSpec {
+        kind: consilium_worker::data::DataKind::Dicom,
+        root: dir.clone(),
+        labels: labels.path().to_path_buf(),
+        label_key: consilium_worker::data::LabelKey::Path,
+        holdout: 0.0,
+        window: None,
+    };
+    let data = consilium_worker::data::load(&spec, 32).unwrap();
+    let preview = consilium_core::preview::PreviewSpec {
+        per_class: 4,
+        image_size: 32,
+        k: 3,
+        generator: None,
+    };
+    let (set, _) = consilium_worker::preview::build_set(&data, &preview, &dir, true, 1).unwrap();
+    assert_eq!(
+        set.generator, "pca_gaussian",
+        "few images per class: the fallback"
+    );
+    assert!(set.summary.modalities.iter().any(|c| c.count.is_some()));
+    let everything = serde_json::to_string(&set).unwrap();
+
+    use dicom_dictionary_std::tags;
+    for n in &names {
+        let Ok(obj) = dicom_object::OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(dir.join(n))
+        else {
+            continue;
+        };
+        for tag in [
+            tags::PATIENT_NAME,
+            tags::PATIENT_ID,
+            tags::PATIENT_BIRTH_DATE,
+            tags::STUDY_DATE,
+            tags::REFERRING_PHYSICIAN_NAME,
+            tags::ACCESSION_NUMBER,
+            tags::STUDY_INSTANCE_UID,
+            tags::SOP_INSTANCE_UID,
+        ] {
+            if let Some(v) = obj.element(tag).ok().and_then(|e| e.to_str().ok()) {
+                let v = v.trim().trim_end_matches('\0');
+                if v.len() >= 3 {
+                    assert!(
+                        !(everything.contains(&format!("\"{v}\""))
+                            || v.len() >= 6 && everything.contains(v)),
+                        "{v:?} (from {n}) left the site"
+                    );
+                }
+            }
+        }
+        assert!(
+            !everything.contains(n.as_str()),
+            "a file name ({n}) left the site"
+        );
+    }
+}

@@ -157,6 +157,13 @@ pub async fn request(
         "per_class must be between 1 and 64",
     );
     checks.check(
+        input
+            .generator
+            .as_deref()
+            .is_none_or(|g| matches!(g, "cvae" | "pca_gaussian")),
+        "generator must be `cvae` or `pca_gaussian`",
+    );
+    checks.check(
         s.sites.iter().any(|x| x.site_id == input.site_id),
         format!(
             "site_id: site {} does not take part in this study",
@@ -192,6 +199,7 @@ pub async fn request(
     })?;
     let spec = PreviewSpec {
         per_class,
+        generator: input.generator.clone(),
         ..PreviewSpec::default()
     };
     let now = Utc::now();

@@ -315,6 +315,14 @@ fn StudyView(d: StudyPage) -> impl IntoView {
                         </select>
                     </div>
                     <div>
+                        <label for="generator">"Generator"</label>
+                        <select id="generator" name=field("generator")>
+                            <option value="auto">"Automatic (VAE with enough images)"</option>
+                            <option value="cvae">"Conditional VAE"</option>
+                            <option value="pca_gaussian">"PCA-Gaussian (small datasets)"</option>
+                        </select>
+                    </div>
+                    <div>
                         <label for="per-class">"Images per class"</label>
                         <input id="per-class" type="number" min="1" max="64" name=field("per_class") value=typed("per_class", "12") class="short"/>
                     </div>
