@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use consilium_worker::preview::{
-    DEFAULT_DCR_THRESHOLD, PreviewError, generate, memorisation_check, summarise_dicom,
+    DEFAULT_DCR_THRESHOLD, PreviewError, PreviewImage, generate, memorisation_check,
+    summarise_dicom,
 };
 use consilium_worker::synthetic::{SiteProfile, phantom};
 use consilium_worker::train::Rng;
@@ -29,6 +30,30 @@ fn phantoms(n: usize, size: usize) -> Vec<(u32, Vec<f32>)> {
         .collect()
 }
 
+/// How many previews are nearer the mean image of their own class than of the other.
+fn nearer_own_class(data: &[(u32, Vec<f32>)], previews: &[PreviewImage]) -> usize {
+    let n = data[0].1.len();
+    let mean = |label: u32| {
+        let members: Vec<&Vec<f32>> = data
+            .iter()
+            .filter(|(l, _)| *l == label)
+            .map(|(_, p)| p)
+            .collect();
+        (0..n)
+            .map(|i| members.iter().map(|m| m[i]).sum::<f32>() / members.len() as f32)
+            .collect::<Vec<f32>>()
+    };
+    let (m0, m1) = (mean(0), mean(1));
+    let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>();
+    previews
+        .iter()
+        .filter(|p| {
+            let (own, other) = if p.label == 0 { (&m0, &m1) } else { (&m1, &m0) };
+            dist(&p.pixels, own) < dist(&p.pixels, other)
+        })
+        .count()
+}
+
 #[test]
 fn previews_have_the_shape_range_and_class_balance_asked_for() {
     let data = phantoms(40, 32);
@@ -44,25 +69,7 @@ fn previews_have_the_shape_range_and_class_balance_asked_for() {
     }
     assert_ne!(previews[0].pixels, previews[1].pixels, "samples differ");
     // A class's previews look like that class: closer to its own mean than to the other's.
-    let mean = |label: u32| {
-        let members: Vec<&Vec<f32>> = data
-            .iter()
-            .filter(|(l, _)| *l == label)
-            .map(|(_, p)| p)
-            .collect();
-        (0..32 * 32)
-            .map(|i| members.iter().map(|m| m[i]).sum::<f32>() / members.len() as f32)
-            .collect::<Vec<f32>>()
-    };
-    let (m0, m1) = (mean(0), mean(1));
-    let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>();
-    let right = previews
-        .iter()
-        .filter(|p| {
-            let (own, other) = if p.label == 0 { (&m0, &m1) } else { (&m1, &m0) };
-            dist(&p.pixels, own) < dist(&p.pixels, other)
-        })
-        .count();
+    let right = nearer_own_class(&data, &previews);
     assert!(right >= 20, "{right} of 24 previews nearer their own class");
     // Deterministic for a seed.
     assert_eq!(generate(&train, 12, 8, 5).unwrap(), previews);
@@ -229,25 +236,7 @@ fn the_conditional_vae_draws_each_class_on_demand() {
         assert!(p.pixels.iter().all(|x| (0.0..=1.0).contains(x)));
     }
     // Conditioned on the class: nearer that class's mean image than the other's.
-    let mean = |label: u32| {
-        let members: Vec<&Vec<f32>> = data
-            .iter()
-            .filter(|(l, _)| *l == label)
-            .map(|(_, p)| p)
-            .collect();
-        (0..32 * 32)
-            .map(|i| members.iter().map(|m| m[i]).sum::<f32>() / members.len() as f32)
-            .collect::<Vec<f32>>()
-    };
-    let (m0, m1) = (mean(0), mean(1));
-    let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>();
-    let right = previews
-        .iter()
-        .filter(|p| {
-            let (own, other) = if p.label == 0 { (&m0, &m1) } else { (&m1, &m0) };
-            dist(&p.pixels, own) < dist(&p.pixels, other)
-        })
-        .count();
+    let right = nearer_own_class(&data, &previews);
     assert!(
         right >= 16,
         "{right} of 20 VAE samples nearer their own class"

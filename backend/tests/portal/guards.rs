@@ -1,83 +1,20 @@
 //! What the portal refuses or explains: why a run cannot start yet, a form that comes back
 //! with its error and what was typed, a custodian who cannot see another site's requests.
 
-use consilium_backend::domain::Actor;
-use consilium_backend::services::{access, studies};
-use consilium_core::Role;
-use consilium_core::api::{
-    AccessDecision, CreateAccessRequest, CreateStudy, DataScope, DecideAccessRequest,
-    ReviewDecision, StudySite, SubmitPlan, SubmitReview,
-};
+use consilium_backend::services::studies;
+use consilium_core::api::SubmitPlan;
 
 use crate::harness::Portal;
-
-fn actor(u: &consilium_core::api::UserDto) -> Actor {
-    Actor {
-        user_id: u.id,
-        roles: u.roles.iter().copied().collect(),
-        token_id: None,
-        site_id: None,
-    }
-}
+use crate::setup::{approved, drafted_study, granted, researcher};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reasons_errors_and_what_each_person_may_see() {
     let mut p = Portal::start("guards", 0).await;
-    let researcher = actor(p.cast.first(Role::Researcher).unwrap());
-    let sites: Vec<_> = p.cast.sites.iter().map(|(s, _, _)| s.clone()).collect();
+    let researcher = researcher(&p);
 
     // A study with a plan, through the services (as an integration would through the API),
     // with access requests for North and South.
-    let study = studies::create_study(
-        &p.ctx,
-        &researcher,
-        CreateStudy {
-            title: "Fracture triage".into(),
-            protocol_text: "Retrospective.".into(),
-            purpose: "Triage wrist fractures.".into(),
-            committee_id: p.cast.committee.id,
-            sites: sites[..2]
-                .iter()
-                .map(|s| StudySite {
-                    site_id: s.id,
-                    scope: DataScope {
-                        modality: "CR".into(),
-                        body_part: "WRIST".into(),
-                        label: "fracture".into(),
-                        cases: 50,
-                    },
-                })
-                .collect(),
-        },
-    )
-    .await
-    .unwrap();
-    let manifest = consilium_backend::demo::demo_scenario().unwrap().manifest;
-    studies::submit_plan(
-        &p.ctx,
-        &researcher,
-        study.id,
-        SubmitPlan {
-            manifest,
-            files: vec![],
-        },
-    )
-    .await
-    .unwrap();
-    for s in &sites[..2] {
-        access::create_request(
-            &p.ctx,
-            &researcher,
-            study.id,
-            CreateAccessRequest {
-                site_id: s.id,
-                plan_hashes: None,
-                justification: "Fracture triage training.".into(),
-            },
-        )
-        .await
-        .unwrap();
-    }
+    let study = drafted_study(&p, "Fracture triage", 2).await;
 
     // The researcher sees, in words, why the run cannot start; there is no start button.
     p.sign_in("rhea@uni.example").await;
@@ -178,42 +115,9 @@ async fn reasons_errors_and_what_each_person_may_see() {
 
     // Approved and granted (through the services), the researcher starts a run; with no site
     // worker answering it waits, and the researcher stops it with a reason.
-    let member = actor(p.cast.first(Role::CommitteeMember).unwrap());
-    studies::submit_study(&p.ctx, &researcher, study.id)
-        .await
-        .unwrap();
-    studies::review_study(
-        &p.ctx,
-        &member,
-        study.id,
-        SubmitReview {
-            decision: ReviewDecision::Approve,
-            comments: "Fine.".into(),
-            conditions: None,
-            expires_at: Some(chrono::Utc::now() + chrono::Duration::days(30)),
-        },
-    )
-    .await
-    .unwrap();
-    for (site, custodian, _) in &p.cast.sites[..2] {
-        let req = access::list(&p.ctx, &researcher, Some(site.id), Some(study.id))
-            .await
-            .unwrap()
-            .remove(0);
-        access::decide(
-            &p.ctx,
-            &actor(custodian),
-            req.id,
-            DecideAccessRequest {
-                decision: AccessDecision::Approve,
-                comment: None,
-                expires_at: Some(chrono::Utc::now() + chrono::Duration::days(30)),
-                scope: None,
-            },
-        )
-        .await
-        .unwrap();
-    }
+    approved(&p, &study).await;
+    granted(&p, &study, 0).await;
+    granted(&p, &study, 1).await;
     p.sign_in("rhea@uni.example").await;
     p.goto(&format!("/studies/{}", study.id)).await;
     p.wait_for("Everything a run needs is in place", 10).await;

@@ -10,4 +10,5 @@ mod harness;
 mod nojs;
 mod oidc;
 mod previews;
+mod setup;
 mod story;

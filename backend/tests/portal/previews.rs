@@ -3,23 +3,12 @@
 //! without a grant cannot.
 
 use consilium_backend::domain::Actor;
-use consilium_backend::services::{access, directory, studies};
+use consilium_backend::services::directory;
 use consilium_core::Role;
-use consilium_core::api::{
-    AccessDecision, CreateAccessRequest, CreateStudy, CreateUser, DataScope, DecideAccessRequest,
-    ReviewDecision, StudySite, SubmitPlan, SubmitReview,
-};
+use consilium_core::api::CreateUser;
 
 use crate::harness::{PASSWORD, Portal};
-
-fn actor(u: &consilium_core::api::UserDto) -> Actor {
-    Actor {
-        user_id: u.id,
-        roles: u.roles.iter().copied().collect(),
-        token_id: None,
-        site_id: None,
-    }
-}
+use crate::setup::{approved, drafted_study, granted};
 
 /// How many of the images matching `css` the browser has loaded and decoded.
 async fn loaded_images(p: &Portal, css: &str) -> u64 {
@@ -37,10 +26,6 @@ async fn loaded_images(p: &Portal, css: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_custodian_releases_checked_previews_to_the_researcher() {
     let mut p = Portal::start("previews", 1).await;
-    let researcher = actor(p.cast.first(Role::Researcher).unwrap());
-    let member = actor(p.cast.first(Role::CommitteeMember).unwrap());
-    let (north, north_custodian, _) = p.cast.sites[0].clone();
-    let (south, _, _) = p.cast.sites[1].clone();
     directory::create_user(
         &p.ctx,
         &Actor::system(),
@@ -55,89 +40,9 @@ async fn a_custodian_releases_checked_previews_to_the_researcher() {
     .unwrap();
 
     // An approved study; North has granted access, South has not.
-    let study = studies::create_study(
-        &p.ctx,
-        &researcher,
-        CreateStudy {
-            title: "Lesion detection, previews first".into(),
-            protocol_text: "Retrospective.".into(),
-            purpose: "See the data's shape before writing the plan.".into(),
-            committee_id: p.cast.committee.id,
-            sites: [&north, &south]
-                .iter()
-                .map(|s| StudySite {
-                    site_id: s.id,
-                    scope: DataScope {
-                        modality: "CR".into(),
-                        body_part: "CHEST".into(),
-                        label: "lesion".into(),
-                        cases: 100,
-                    },
-                })
-                .collect(),
-        },
-    )
-    .await
-    .unwrap();
-    let manifest = consilium_backend::demo::demo_scenario().unwrap().manifest;
-    studies::submit_plan(
-        &p.ctx,
-        &researcher,
-        study.id,
-        SubmitPlan {
-            manifest,
-            files: vec![],
-        },
-    )
-    .await
-    .unwrap();
-    studies::submit_study(&p.ctx, &researcher, study.id)
-        .await
-        .unwrap();
-    studies::review_study(
-        &p.ctx,
-        &member,
-        study.id,
-        SubmitReview {
-            decision: ReviewDecision::Approve,
-            comments: "Fine.".into(),
-            conditions: None,
-            expires_at: Some(chrono::Utc::now() + chrono::Duration::days(30)),
-        },
-    )
-    .await
-    .unwrap();
-    for site in [&north, &south] {
-        access::create_request(
-            &p.ctx,
-            &researcher,
-            study.id,
-            CreateAccessRequest {
-                site_id: site.id,
-                plan_hashes: None,
-                justification: "Previews, then training.".into(),
-            },
-        )
-        .await
-        .unwrap();
-    }
-    let north_request = access::list(&p.ctx, &researcher, Some(north.id), Some(study.id))
-        .await
-        .unwrap()
-        .remove(0);
-    access::decide(
-        &p.ctx,
-        &actor(&north_custodian),
-        north_request.id,
-        DecideAccessRequest {
-            decision: AccessDecision::Approve,
-            comment: None,
-            expires_at: Some(chrono::Utc::now() + chrono::Duration::days(30)),
-            scope: None,
-        },
-    )
-    .await
-    .unwrap();
+    let study = drafted_study(&p, "Lesion detection, previews first", 2).await;
+    approved(&p, &study).await;
+    granted(&p, &study, 0).await;
 
     // The researcher asks North (the only granted site) for a preview.
     p.sign_in("rhea@uni.example").await;

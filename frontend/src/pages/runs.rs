@@ -1,5 +1,6 @@
 //! Runs: the list, and one run's live state per round and per site with its charts.
 
+use consilium_core::protocol::Metrics;
 use leptos::prelude::*;
 use leptos::server_fn::ServerFn as _;
 use leptos_router::hooks::use_params_map;
@@ -89,28 +90,6 @@ fn RunView(d: RunPage) -> impl IntoView {
     // Charts: the global model's loss and accuracy per round, and each site's accuracy.
     let mut models = d.models.clone();
     models.sort_by_key(|m| m.round);
-    let global_acc = Series {
-        label: "global model".into(),
-        points: models
-            .iter()
-            .filter_map(|m| {
-                m.evaluation
-                    .as_ref()
-                    .map(|e| (f64::from(m.round), e.global.accuracy))
-            })
-            .collect(),
-    };
-    let global_loss = Series {
-        label: "global model".into(),
-        points: models
-            .iter()
-            .filter_map(|m| {
-                m.evaluation
-                    .as_ref()
-                    .map(|e| (f64::from(m.round), e.global.loss))
-            })
-            .collect(),
-    };
     let mut site_names: Vec<(uuid::Uuid, String)> = Vec::new();
     for round in &d.rounds {
         for s in &round.sites {
@@ -119,9 +98,20 @@ fn RunView(d: RunPage) -> impl IntoView {
             }
         }
     }
-    let mut acc_series = vec![global_acc];
-    for (id, name) in &site_names {
-        acc_series.push(Series {
+    // One line for the global model, then one per site, of one measure.
+    let series = |measure: fn(&Metrics) -> f64| {
+        let global = Series {
+            label: "global model".into(),
+            points: models
+                .iter()
+                .filter_map(|m| {
+                    m.evaluation
+                        .as_ref()
+                        .map(|e| (f64::from(m.round), measure(&e.global)))
+                })
+                .collect(),
+        };
+        let sites = site_names.iter().map(|(id, name)| Series {
             label: name.clone(),
             points: models
                 .iter()
@@ -131,28 +121,14 @@ fn RunView(d: RunPage) -> impl IntoView {
                         .sites
                         .iter()
                         .find(|s| s.site_id == *id)
-                        .map(|s| (f64::from(m.round), s.metrics.accuracy))
+                        .map(|s| (f64::from(m.round), measure(&s.metrics)))
                 })
                 .collect(),
         });
-    }
-    let mut loss_series = vec![global_loss];
-    for (id, name) in &site_names {
-        loss_series.push(Series {
-            label: name.clone(),
-            points: models
-                .iter()
-                .filter_map(|m| {
-                    m.evaluation
-                        .as_ref()?
-                        .sites
-                        .iter()
-                        .find(|s| s.site_id == *id)
-                        .map(|s| (f64::from(m.round), s.metrics.loss))
-                })
-                .collect(),
-        });
-    }
+        std::iter::once(global).chain(sites).collect::<Vec<_>>()
+    };
+    let acc_series = series(|m| m.accuracy);
+    let loss_series = series(|m| m.loss);
     let has_points = models.iter().any(|m| m.evaluation.is_some());
 
     let rounds = d.rounds.iter().rev().map(|round| {

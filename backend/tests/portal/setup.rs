@@ -1,0 +1,124 @@
+//! What the browser tests set up through the services (as an integration would through the
+//! API) before the browser takes over.
+
+use consilium_backend::domain::Actor;
+use consilium_backend::services::{access, studies};
+use consilium_core::Role;
+use consilium_core::api::{
+    AccessDecision, CreateAccessRequest, CreateStudy, DataScope, DecideAccessRequest,
+    ReviewDecision, StudyDto, StudySite, SubmitPlan, SubmitReview, UserDto,
+};
+
+use crate::harness::Portal;
+
+pub fn actor(u: &UserDto) -> Actor {
+    Actor {
+        user_id: u.id,
+        roles: u.roles.iter().copied().collect(),
+        token_id: None,
+        site_id: None,
+    }
+}
+
+pub fn researcher(p: &Portal) -> Actor {
+    actor(p.cast.first(Role::Researcher).unwrap())
+}
+
+/// The researcher's draft study at the cast's first `sites` sites, with the demo's plan, and
+/// an access request filed for each site.
+pub async fn drafted_study(p: &Portal, title: &str, sites: usize) -> StudyDto {
+    let researcher = researcher(p);
+    let study = studies::create_study(
+        &p.ctx,
+        &researcher,
+        CreateStudy {
+            title: title.into(),
+            protocol_text: "Retrospective.".into(),
+            purpose: format!("{title}, for the portal's tests."),
+            committee_id: p.cast.committee.id,
+            sites: p.cast.sites[..sites]
+                .iter()
+                .map(|(s, _, _)| StudySite {
+                    site_id: s.id,
+                    scope: DataScope {
+                        modality: "CR".into(),
+                        body_part: "CHEST".into(),
+                        label: "lesion".into(),
+                        cases: 50,
+                    },
+                })
+                .collect(),
+        },
+    )
+    .await
+    .unwrap();
+    let manifest = consilium_backend::demo::demo_scenario().unwrap().manifest;
+    studies::submit_plan(
+        &p.ctx,
+        &researcher,
+        study.id,
+        SubmitPlan {
+            manifest,
+            files: vec![],
+        },
+    )
+    .await
+    .unwrap();
+    for (s, _, _) in &p.cast.sites[..sites] {
+        access::create_request(
+            &p.ctx,
+            &researcher,
+            study.id,
+            CreateAccessRequest {
+                site_id: s.id,
+                plan_hashes: None,
+                justification: format!("{title}: training."),
+            },
+        )
+        .await
+        .unwrap();
+    }
+    study
+}
+
+/// Submitted by the researcher and approved by the committee member, for 30 days.
+pub async fn approved(p: &Portal, study: &StudyDto) {
+    studies::submit_study(&p.ctx, &researcher(p), study.id)
+        .await
+        .unwrap();
+    studies::review_study(
+        &p.ctx,
+        &actor(p.cast.first(Role::CommitteeMember).unwrap()),
+        study.id,
+        SubmitReview {
+            decision: ReviewDecision::Approve,
+            comments: "Fine.".into(),
+            conditions: None,
+            expires_at: Some(chrono::Utc::now() + chrono::Duration::days(30)),
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// The custodian of the cast's site number `site` grants the study's request, for 30 days.
+pub async fn granted(p: &Portal, study: &StudyDto, site: usize) {
+    let (s, custodian, _) = &p.cast.sites[site];
+    let req = access::list(&p.ctx, &researcher(p), Some(s.id), Some(study.id))
+        .await
+        .unwrap()
+        .remove(0);
+    access::decide(
+        &p.ctx,
+        &actor(custodian),
+        req.id,
+        DecideAccessRequest {
+            decision: AccessDecision::Approve,
+            comment: None,
+            expires_at: Some(chrono::Utc::now() + chrono::Duration::days(30)),
+            scope: None,
+        },
+    )
+    .await
+    .unwrap();
+}
