@@ -191,7 +191,9 @@ pub fn finish(
             let mut q = url::form_urlencoded::Serializer::new(String::new());
             q.append_pair("error", &e.message());
             for (k, v) in form {
-                if !k.contains("password") {
+                // Never a password; nor a value too long to travel in a URL (the form then
+                // shows its default there).
+                if !k.contains("password") && v.len() <= 4000 {
                     q.append_pair(&format!("f_{k}"), v);
                 }
             }

@@ -157,6 +157,7 @@ fn Dashboard(d: HomeData) -> impl IntoView {
     let name = me.user.name.clone();
     view! {
         <h1>"Welcome, "{name}</h1>
+        <FormError/>
         <section aria-labelledby="waiting">
             <h2 id="waiting">"What waits for you"</h2>
             <ul class="tasks">
