@@ -23,6 +23,22 @@ async fn loaded_images(p: &Portal, css: &str) -> u64 {
         .unwrap()
 }
 
+/// Reloads the study page until the newest preview is generated (or failed); it must be
+/// awaiting the custodian's release.
+async fn until_generated(p: &Portal, study_path: &str) {
+    let mut page = String::new();
+    for _ in 0..120 {
+        p.goto(study_path).await;
+        page = p.wait_for("Synthetic previews", 10).await;
+        if !page.contains("being generated at the site") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(page.contains("awaiting the custodian's release"), "{page}");
+    assert!(!page.contains("failed:"), "{page}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_custodian_releases_checked_previews_to_the_researcher() {
     let mut p = Portal::start("previews", 1).await;
@@ -57,16 +73,7 @@ async fn a_custodian_releases_checked_previews_to_the_researcher() {
     p.fill("#per-class", "8").await;
     p.press("Ask for a preview").await;
     p.wait_for("North Hospital: ", 20).await;
-    let mut page = String::new();
-    for _ in 0..120 {
-        p.goto(&study_path).await;
-        page = p.wait_for("Synthetic previews", 10).await;
-        if page.contains("awaiting the custodian's release") || page.contains("failed:") {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-    assert!(page.contains("awaiting the custodian's release"), "{page}");
+    until_generated(&p, &study_path).await;
     assert_eq!(
         loaded_images(&p, ".preview img").await,
         0,
@@ -117,6 +124,35 @@ async fn a_custodian_releases_checked_previews_to_the_researcher() {
         .await
         .unwrap()
         .unwrap();
+
+    // A second set, from the PCA-Gaussian generator, which the custodian rejects.
+    p.choose("#generator", "PCA-Gaussian (small datasets)")
+        .await;
+    p.fill("#per-class", "4").await;
+    p.press("Ask for a preview").await;
+    until_generated(&p, &study_path).await;
+    p.sign_out().await;
+    p.sign_in("cara@north.example").await;
+    p.goto("/access").await;
+    let page = p
+        .wait_for("Synthetic previews of your sites' data", 10)
+        .await;
+    assert!(page.contains("Generator pca_gaussian"), "{page}");
+    p.fill(
+        "input[id^=preview-comment-]",
+        "Too few images per class to share.",
+    )
+    .await;
+    p.press("Reject").await;
+    p.wait_for("Decided", 20).await;
+    p.sign_out().await;
+    p.sign_in("rhea@uni.example").await;
+    p.goto(&study_path).await;
+    p.wait_for(
+        "rejected by the custodian: Too few images per class to share.",
+        10,
+    )
+    .await;
     p.sign_out().await;
 
     // Another researcher, without a grant, sees neither the study nor the images.
