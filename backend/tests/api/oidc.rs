@@ -5,9 +5,7 @@
 use crate::helpers::*;
 use crate::on_both;
 use chrono::Utc;
-use consilium_backend::configuration::OidcSettings;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use secrecy::SecretString;
 use serde_json::json;
 #[path = "../common/oidc_provider.rs"]
 mod oidc_provider;
@@ -17,17 +15,9 @@ async fn app_with_provider(db: Db) -> (TestApp, ProviderProcess) {
     let port = free_port();
     let redirect = format!("http://127.0.0.1:{port}/api/v1/auth/oidc/callback");
     let provider = start_provider(&redirect);
-    let issuer = provider.issuer.clone();
     let app = spawn_app_with(db, |s| {
         s.server.port = port;
-        s.auth.oidc = Some(OidcSettings {
-            issuer_url: issuer,
-            client_id: "consilium".into(),
-            client_secret: SecretString::from("test-secret-that-is-long-enough"),
-            redirect_url: redirect,
-            roles_claim: "consilium_roles".into(),
-            scopes: vec!["openid".into(), "email".into(), "profile".into()],
-        });
+        s.auth.oidc = Some(provider.settings(&redirect));
     })
     .await;
     (app, provider)

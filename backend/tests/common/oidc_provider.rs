@@ -19,6 +19,20 @@ impl Drop for ProviderProcess {
     }
 }
 
+impl ProviderProcess {
+    /// The server's OpenID Connect settings for this provider and its one client.
+    pub fn settings(&self, redirect: &str) -> consilium_backend::configuration::OidcSettings {
+        consilium_backend::configuration::OidcSettings {
+            issuer_url: self.issuer.clone(),
+            client_id: "consilium".into(),
+            client_secret: secrecy::SecretString::from("test-secret-that-is-long-enough"),
+            redirect_url: redirect.to_string(),
+            roles_claim: "consilium_roles".into(),
+            scopes: vec!["openid".into(), "email".into(), "profile".into()],
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

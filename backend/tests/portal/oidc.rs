@@ -3,9 +3,7 @@
 #[path = "../common/oidc_provider.rs"]
 mod oidc_provider;
 
-use consilium_backend::configuration::OidcSettings;
 use oidc_provider::{free_port, start_provider};
-use secrecy::SecretString;
 
 use crate::harness::Portal;
 
@@ -14,17 +12,9 @@ async fn sign_in_with_the_organisations_account() {
     let port = free_port();
     let redirect = format!("http://127.0.0.1:{port}/api/v1/auth/oidc/callback");
     let provider = start_provider(&redirect);
-    let issuer = provider.issuer.clone();
     let mut p = Portal::start_with("oidc", 0, |s| {
         s.server.port = port;
-        s.auth.oidc = Some(OidcSettings {
-            issuer_url: issuer,
-            client_id: "consilium".into(),
-            client_secret: SecretString::from("test-secret-that-is-long-enough"),
-            redirect_url: redirect,
-            roles_claim: "consilium_roles".into(),
-            scopes: vec!["openid".into(), "email".into(), "profile".into()],
-        });
+        s.auth.oidc = Some(provider.settings(&redirect));
     })
     .await;
 
