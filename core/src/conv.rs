@@ -1,22 +1,36 @@
-//! 2-D convolution for training on CPU as im2col and one matrix multiply.
+//! 2-D convolution and 2×2 max-pooling for training on CPU.
 //!
 //! candle's CPU convolution computes its input gradient with a direct transposed convolution
 //! and its weight gradient as a convolution over the batch, both far slower than a matrix
-//! multiply. Here the forward pass unfolds the input into a matrix of patches (im2col) and
-//! multiplies it by the weights with candle's multithreaded GEMM; the backward pass is then the
-//! matrix multiply's own two products (patchesᵀ · grad for the weights, grad · weights for the
-//! patches) and a fold of the patch gradient back onto the image (col2im). Other devices and
-//! dtypes keep candle's kernels.
+//! multiply. Here each image is unfolded into a small matrix of patches (im2col) that stays in
+//! cache, and one matrix multiply by the weights writes the image's output in place. The
+//! backward pass accumulates the weight gradient as output-gradient · patchesᵀ image by image,
+//! and folds weightsᵀ · output-gradient back onto the image (col2im) for the input gradient.
+//! The batch is split over rayon's threads, each with its own patch buffer and partial weight
+//! gradient, so nothing synchronises inside a multiply; a batch smaller than the pool spreads
+//! each multiply over the pool instead. Other devices and dtypes keep candle's kernels.
 
+use crate::matmul::{View, matmul};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static CANDLE_KERNELS: AtomicBool = AtomicBool::new(false);
 
-/// Uses candle's own convolution kernels on CPU too (the benchmark's baseline).
+/// Uses candle's own convolution and pooling kernels on CPU too (the benchmark's baseline).
 pub fn use_candle_kernels(yes: bool) {
     CANDLE_KERNELS.store(yes, Ordering::Relaxed);
+}
+
+/// Runs `f` compiled for the widest vector instructions this CPU has (AVX-512, AVX2, …), so
+/// that its loops vectorise beyond the build's baseline.
+#[inline(always)]
+fn vectorised<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
+}
+
+fn fast_path(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && !CANDLE_KERNELS.load(Ordering::Relaxed)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,7 +45,7 @@ struct Geometry {
     padding: usize,
     oh: usize,
     ow: usize,
-    /// Each row of the patch matrix ends with a 1, for the bias.
+    /// The patch matrix ends with a row of ones, against the bias column of the weights.
     ones: bool,
 }
 
@@ -44,19 +58,32 @@ impl Geometry {
     fn rows(&self) -> usize {
         self.patch() + usize::from(self.ones)
     }
+    /// Columns of the patch matrix: the output positions of one image.
     fn positions(&self) -> usize {
         self.oh * self.ow
-    }
-    /// Columns of the patch matrix: every output position of every image.
-    fn columns(&self) -> usize {
-        self.n * self.positions()
     }
     fn image(&self) -> usize {
         self.c * self.h * self.w
     }
 
-    /// For kernel offset `kx`: the output columns `ox` that read inside the image, and the
-    /// image column the first of them reads.
+    /// Patch row `r` as (channel, kernel row, kernel column).
+    fn offsets(&self, r: usize) -> (usize, usize, usize) {
+        (
+            r / (self.kh * self.kw),
+            (r / self.kw) % self.kh,
+            r % self.kw,
+        )
+    }
+
+    /// The image row that output row `oy` reads at kernel row `ky`, unless it is padding.
+    fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
+        (oy * self.stride + ky)
+            .checked_sub(self.padding)
+            .filter(|&iy| iy < self.h)
+    }
+
+    /// For kernel column `kx`: the first output column that reads inside the image, how many
+    /// do, and the image column the first of them reads.
     fn span(&self, kx: usize) -> Option<(usize, usize, usize)> {
         // ox · stride + kx − padding must lie in 0..w.
         let first = self.padding.saturating_sub(kx).div_ceil(self.stride);
@@ -71,28 +98,93 @@ impl Geometry {
         })
     }
 
-    /// For patch row `r` = (c, ky, kx) and image `n`: calls `f(column, pixel, len)` for each
-    /// output line, where `len` columns from `column` read pixels `pixel, pixel + stride, …`.
-    fn lines(&self, r: usize, n: usize, mut f: impl FnMut(usize, usize, usize)) {
-        let (c, ky, kx) = (
-            r / (self.kh * self.kw),
-            (r / self.kw) % self.kh,
-            r % self.kw,
-        );
-        let Some((ox, len, ix)) = self.span(kx) else {
-            return;
-        };
-        for oy in 0..self.oh {
-            let Some(iy) = (oy * self.stride + ky).checked_sub(self.padding) else {
+    /// Unfolds image `x` (C, H, W) into `cols` (rows × positions): row (c, ky, kx) holds, for
+    /// each output position, the pixel the kernel's (ky, kx) tap reads there (0 in padding).
+    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        vectorised(
+            #[inline(always)]
+            || self.im2col_scalar(x, cols),
+        )
+    }
+
+    #[inline(always)]
+    fn im2col_scalar(&self, x: &[f32], cols: &mut [f32]) {
+        let p = self.positions();
+        for (r, row) in cols
+            .chunks_exact_mut(p.max(1))
+            .take(self.patch())
+            .enumerate()
+        {
+            let (c, ky, kx) = self.offsets(r);
+            let span = self.span(kx);
+            for (oy, line) in row.chunks_exact_mut(self.ow.max(1)).enumerate() {
+                let (Some(iy), Some((ox, len, ix))) = (self.input_row(oy, ky), span) else {
+                    line.fill(0.0);
+                    continue;
+                };
+                line[..ox].fill(0.0);
+                line[ox + len..].fill(0.0);
+                let src = &x[(c * self.h + iy) * self.w + ix..];
+                let dst = &mut line[ox..ox + len];
+                if self.stride == 1 {
+                    dst.copy_from_slice(&src[..len]);
+                } else {
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        *d = src[i * self.stride];
+                    }
+                }
+            }
+        }
+        if self.ones {
+            cols[self.patch() * p..self.rows() * p].fill(1.0);
+        }
+    }
+
+    /// The adjoint of `im2col`: sums each patch value of `cols` (patch × positions) onto the
+    /// pixel it came from in `dx` (C, H, W).
+    fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
+        vectorised(
+            #[inline(always)]
+            || self.col2im_scalar(cols, dx),
+        )
+    }
+
+    #[inline(always)]
+    fn col2im_scalar(&self, cols: &[f32], dx: &mut [f32]) {
+        dx.fill(0.0);
+        let p = self.positions();
+        for (r, row) in cols.chunks_exact(p.max(1)).take(self.patch()).enumerate() {
+            let (c, ky, kx) = self.offsets(r);
+            let Some((ox, len, ix)) = self.span(kx) else {
                 continue;
             };
-            if iy >= self.h {
-                continue;
+            for oy in 0..self.oh {
+                let Some(iy) = self.input_row(oy, ky) else {
+                    continue;
+                };
+                let src = &row[oy * self.ow + ox..][..len];
+                let dst = &mut dx[(c * self.h + iy) * self.w + ix..];
+                if self.stride == 1 {
+                    for (d, s) in dst[..len].iter_mut().zip(src) {
+                        *d += s;
+                    }
+                } else {
+                    for (i, s) in src.iter().enumerate() {
+                        dst[i * self.stride] += s;
+                    }
+                }
             }
-            let column = n * self.positions() + oy * self.ow + ox;
-            let pixel = n * self.image() + (c * self.h + iy) * self.w + ix;
-            f(column, pixel, len);
         }
+    }
+}
+
+/// How to spread `n` images over rayon's pool: images per task, and threads per multiply.
+fn split(n: usize) -> (usize, usize) {
+    let threads = rayon::current_num_threads().max(1);
+    if n >= threads {
+        (n.div_ceil(threads), 1)
+    } else {
+        (1, threads)
     }
 }
 
@@ -106,113 +198,103 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
     }
 }
 
-/// (N, C, H, W) → (C·KH·KW [+ 1], N·OH·OW): one row per channel and kernel offset, one
-/// column per output position; each line of a row is a (strided) run of one image line.
-struct Im2Col(Geometry);
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "consilium-im2col"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let x = contiguous_f32(storage, layout, "im2col")?;
-        let cols = g.columns();
-        let mut out = vec![0f32; g.rows() * cols];
-        out.par_chunks_mut(cols.max(1))
-            .enumerate()
-            .for_each(|(r, row)| {
-                if r == g.patch() {
-                    row.fill(1.0);
-                    return;
-                }
-                for n in 0..g.n {
-                    g.lines(r, n, |column, pixel, len| {
-                        let dst = &mut row[column..column + len];
-                        if g.stride == 1 {
-                            dst.copy_from_slice(&x[pixel..pixel + len]);
-                        } else {
-                            for (i, d) in dst.iter_mut().enumerate() {
-                                *d = x[pixel + i * g.stride];
-                            }
-                        }
-                    });
-                }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((g.rows(), cols))))
-    }
-}
-
-/// The adjoint of `Im2Col`: sums each patch value back onto its pixel, image by image.
-struct Col2Im(Geometry);
-
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "consilium-col2im"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
-        let cols = contiguous_f32(storage, layout, "col2im")?;
-        let width = g.columns();
-        let mut out = vec![0f32; g.n * g.image()];
-        out.par_chunks_mut(g.image().max(1))
-            .enumerate()
-            .for_each(|(n, img)| {
-                let base = n * g.image();
-                for r in 0..g.patch() {
-                    let row = &cols[r * width..(r + 1) * width];
-                    g.lines(r, n, |column, pixel, len| {
-                        let src = &row[column..column + len];
-                        let at = pixel - base;
-                        if g.stride == 1 {
-                            for (d, s) in img[at..at + len].iter_mut().zip(src) {
-                                *d += s;
-                            }
-                        } else {
-                            for (i, s) in src.iter().enumerate() {
-                                img[at + i * g.stride] += s;
-                            }
-                        }
-                    });
-                }
-            });
-        Ok((CpuStorage::F32(out), Shape::from((g.n, g.c, g.h, g.w))))
-    }
-}
-
-/// The whole convolution as one node of the autograd graph: (input, weight matrix) → output.
-/// Its backward pass computes both gradients directly, instead of candle zero-filling and
-/// accumulating a gradient for every intermediate tensor (patches, product, transpose).
-struct Conv {
-    g: Geometry,
-    oc: usize,
-    /// The forward pass's patch matrix, kept for the weight gradient.
-    cols: std::sync::Mutex<Option<Tensor>>,
-}
-
-/// (A, B, P) → (B, A, P), in parallel runs of P contiguous values: between the GEMM's
-/// channel-major layout and the images'.
-fn swap_outer(src: &[f32], a: usize, b: usize, p: usize) -> Vec<f32> {
-    let mut out = vec![0f32; a * b * p];
-    out.par_chunks_mut((a * p).max(1))
-        .enumerate()
-        .for_each(|(j, block)| {
-            for i in 0..a {
-                block[i * p..(i + 1) * p].copy_from_slice(&src[(i * b + j) * p..][..p]);
-            }
-        });
-    out
-}
-
 /// Runs `f` on a contiguous f32 CPU tensor's values.
 fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
-        bail!("conv2d: expected a CPU tensor")
+        bail!("expected a CPU tensor")
     };
     Ok(f(contiguous_f32(cpu, layout, "conv2d")?))
+}
+
+/// The whole convolution as one node of the autograd graph: (input, weight matrix) → output,
+/// where the weight matrix is (OC, rows): the kernels flattened, then the bias column.
+struct Conv {
+    g: Geometry,
+    oc: usize,
+}
+
+impl Conv {
+    fn forward(&self, x: &[f32], wm: &[f32]) -> Result<Vec<f32>> {
+        let (g, oc) = (self.g, self.oc);
+        let (p, img, out) = (g.positions(), g.image(), self.oc * g.positions());
+        let w = View::rows(wm, oc, g.rows());
+        let mut y = vec![0f32; g.n * out];
+        let (per, threads) = split(g.n);
+        y.par_chunks_mut((per * out).max(1))
+            .enumerate()
+            .try_for_each(|(t, ys)| -> Result<()> {
+                let mut cols = vec![0f32; g.rows() * p];
+                for (i, yn) in ys.chunks_exact_mut(out.max(1)).enumerate() {
+                    let n = t * per + i;
+                    g.im2col(&x[n * img..(n + 1) * img], &mut cols);
+                    matmul(yn, w, View::rows(&cols, g.rows(), p), false, threads)?;
+                }
+                Ok(())
+            })?;
+        Ok(y)
+    }
+
+    /// The input gradient (when asked for) and the weight matrix's gradient.
+    fn backward(
+        &self,
+        x: &[f32],
+        wm: &[f32],
+        dy: &[f32],
+        want_dx: bool,
+    ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+        let (g, oc) = (self.g, self.oc);
+        let (p, img, out, k) = (g.positions(), g.image(), oc * g.positions(), g.rows());
+        // Weightsᵀ without the bias column: (patch × OC).
+        let wt = View {
+            data: wm,
+            rows: g.patch(),
+            cols: oc,
+            row_stride: 1,
+            col_stride: k,
+        };
+        let (per, threads) = split(g.n);
+        // One task: images from `first` on (as many as `dxs` holds, or `per`), its partial dW.
+        let task = |first: usize, mut dxs: Option<&mut [f32]>| -> Result<Vec<f32>> {
+            let mut cols = vec![0f32; k * p];
+            let mut dcols = vec![0f32; if dxs.is_some() { g.patch() * p } else { 0 }];
+            let mut dw = vec![0f32; oc * k];
+            for n in first..(first + per).min(g.n) {
+                let dyn_ = View::rows(&dy[n * out..(n + 1) * out], oc, p);
+                g.im2col(&x[n * img..(n + 1) * img], &mut cols);
+                matmul(&mut dw, dyn_, View::rows(&cols, k, p).t(), true, threads)?;
+                if let Some(dxs) = dxs.as_deref_mut() {
+                    matmul(&mut dcols, wt, dyn_, false, threads)?;
+                    let at = (n - first) * img;
+                    g.col2im(&dcols, &mut dxs[at..at + img]);
+                }
+            }
+            Ok(dw)
+        };
+        let (dx, partials) = if want_dx {
+            let mut dx = vec![0f32; g.n * img];
+            let partials = dx
+                .par_chunks_mut((per * img).max(1))
+                .enumerate()
+                .map(|(t, d)| task(t * per, Some(d)))
+                .collect::<Result<Vec<_>>>()?;
+            (Some(dx), partials)
+        } else {
+            let partials = (0..g.n.div_ceil(per))
+                .into_par_iter()
+                .map(|t| task(t * per, None))
+                .collect::<Result<Vec<_>>>()?;
+            (None, partials)
+        };
+        let dw = partials
+            .into_iter()
+            .reduce(|mut sum, part| {
+                sum.iter_mut().zip(&part).for_each(|(s, v)| *s += v);
+                sum
+            })
+            .unwrap_or_else(|| vec![0f32; oc * k]);
+        Ok((dx, dw))
+    }
 }
 
 impl candle_core::CustomOp2 for Conv {
@@ -228,21 +310,10 @@ impl candle_core::CustomOp2 for Conv {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.g;
-        let (CpuStorage::F32(cols), _) = Im2Col(g).cpu_fwd(s1, l1)? else {
-            bail!("conv2d: im2col produced a non-f32 matrix")
-        };
-        let cols = Tensor::from_vec(cols, (g.rows(), g.columns()), &candle_core::Device::Cpu)?;
-        if let Ok(mut kept) = self.cols.lock() {
-            *kept = Some(cols.clone());
-        }
-        let wm = Tensor::from_slice(
+        let y = self.forward(
+            contiguous_f32(s1, l1, "conv2d")?,
             contiguous_f32(s2, l2, "conv2d")?,
-            (self.oc, g.rows()),
-            &candle_core::Device::Cpu,
         )?;
-        let y = with_values(&wm.matmul(&cols)?, |v| {
-            swap_outer(v, self.oc, g.n, g.positions())
-        })?;
         Ok((CpuStorage::F32(y), Shape::from((g.n, self.oc, g.oh, g.ow))))
     }
 
@@ -254,28 +325,22 @@ impl candle_core::CustomOp2 for Conv {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = self.g;
-        let dy = with_values(&grad.contiguous()?, |v| {
-            swap_outer(v, g.n, self.oc, g.positions())
-        })?;
-        let dy = Tensor::from_vec(dy, (self.oc, g.columns()), grad.device())?;
-        let kept = self.cols.lock().ok().and_then(|mut c| c.take());
-        let cols = match kept {
-            Some(c) => c,
-            None => x.detach().contiguous()?.apply_op1_no_bwd(&Im2Col(self.g))?,
-        };
-        let dw = dy.matmul(&cols.t()?)?;
+        let grad = grad.contiguous()?;
         // The first layer's input is data: no gradient to compute.
-        let dx = if x.track_op() {
-            Some(
-                wm.detach()
-                    .t()?
-                    .matmul(&dy)?
-                    .apply_op1_no_bwd(&Col2Im(self.g))?,
-            )
-        } else {
-            None
+        let want_dx = x.track_op();
+        let (dx, dw) = with_values(x, |x| {
+            with_values(wm, |w| {
+                with_values(&grad, |dy| self.backward(x, w, dy, want_dx))
+            })
+        })????;
+        let dx = match dx {
+            Some(dx) => Some(Tensor::from_vec(dx, (g.n, g.c, g.h, g.w), x.device())?),
+            None => None,
         };
-        Ok((dx, Some(dw)))
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dw, (self.oc, g.rows()), x.device())?),
+        ))
     }
 }
 
@@ -289,65 +354,65 @@ pub fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let fast = x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
-        && !CANDLE_KERNELS.load(Ordering::Relaxed);
-    let y = if fast {
-        let (n, c, h, w) = x.dims4()?;
-        let (oc, ic, kh, kw) = weight.dims4()?;
-        if ic != c {
-            bail!("conv2d: the input has {c} channels, the weights expect {ic}")
-        }
-        if stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
-            bail!(
-                "conv2d: a {kh}×{kw} kernel with stride {stride} and padding {padding} does not fit a {h}×{w} input"
-            )
-        }
-        let g = Geometry {
-            n,
-            c,
-            h,
-            w,
-            kh,
-            kw,
-            stride,
-            padding,
-            oh: (h + 2 * padding - kh) / stride + 1,
-            ow: (w + 2 * padding - kw) / stride + 1,
-            ones: bias.is_some(),
+    if !(fast_path(x) && weight.dtype() == DType::F32) {
+        let y = x.conv2d(weight, padding, stride, 1, 1)?;
+        return match bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
         };
-        // The bias is the last column of the weight matrix, against the row of ones.
-        let mut wm = weight.reshape((oc, g.patch()))?;
-        if let Some(b) = bias {
-            wm = Tensor::cat(&[&wm, &b.reshape((oc, 1))?], 1)?;
-        }
-        return x.contiguous()?.apply_op2(
-            &wm,
-            Conv {
-                g,
-                oc,
-                cols: Default::default(),
-            },
-        );
-    } else {
-        x.conv2d(weight, padding, stride, 1, 1)?
-    };
-    match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-        None => Ok(y),
     }
+    let (n, c, h, w) = x.dims4()?;
+    let (oc, ic, kh, kw) = weight.dims4()?;
+    if ic != c {
+        bail!("conv2d: the input has {c} channels, the weights expect {ic}")
+    }
+    if stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+        bail!(
+            "conv2d: a {kh}×{kw} kernel with stride {stride} and padding {padding} does not fit a {h}×{w} input"
+        )
+    }
+    let g = Geometry {
+        n,
+        c,
+        h,
+        w,
+        kh,
+        kw,
+        stride,
+        padding,
+        oh: (h + 2 * padding - kh) / stride + 1,
+        ow: (w + 2 * padding - kw) / stride + 1,
+        ones: bias.is_some(),
+    };
+    // The bias is the last column of the weight matrix, against the row of ones.
+    let mut wm = weight.reshape((oc, g.patch()))?;
+    if let Some(b) = bias {
+        wm = Tensor::cat(&[&wm, &b.reshape((oc, 1))?], 1)?;
+    }
+    x.contiguous()?.apply_op2(&wm.contiguous()?, Conv { g, oc })
 }
 
 /// 2×2 max-pooling with stride 2 (odd edges dropped, as candle's `max_pool2d(2)`); the
-/// gradient goes to the first maximum of each window. One pass each way on CPU, where
-/// candle's backward builds a mask from several whole-tensor operations.
+/// gradient goes to the first maximum of each window, as in PyTorch. One pass each way on CPU,
+/// where candle's backward builds a mask from several whole-tensor operations.
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
-    if !(x.device().is_cpu() && x.dtype() == DType::F32) || CANDLE_KERNELS.load(Ordering::Relaxed) {
-        return x.max_pool2d(2);
+    pool(x, false)
+}
+
+/// `max_pool2x2(x)` then ReLU, in one pass each way (the same values as ReLU then pooling,
+/// both being monotone, on a quarter of the data); the gradient of a window whose maximum is
+/// not positive is 0, as PyTorch's ReLU gives at 0.
+pub fn max_pool2x2_relu(x: &Tensor) -> Result<Tensor> {
+    pool(x, true)
+}
+
+fn pool(x: &Tensor, relu: bool) -> Result<Tensor> {
+    if !fast_path(x) {
+        let y = x.max_pool2d(2)?;
+        return if relu { y.relu() } else { Ok(y) };
     }
     let (n, c, h, w) = x.dims4()?;
-    x.contiguous()?.apply_op1(MaxPool2 { n, c, h, w })
+    x.contiguous()?.apply_op1(MaxPool2 { n, c, h, w, relu })
 }
 
 #[derive(Clone, Copy)]
@@ -356,6 +421,7 @@ struct MaxPool2 {
     c: usize,
     h: usize,
     w: usize,
+    relu: bool,
 }
 
 impl MaxPool2 {
@@ -363,16 +429,27 @@ impl MaxPool2 {
         (self.h / 2, self.w / 2)
     }
 
-    /// The index in `plane` of the first maximum of output cell (oy, ox).
-    fn argmax(&self, plane: &[f32], oy: usize, ox: usize) -> usize {
-        let at = |dy: usize, dx: usize| (2 * oy + dy) * self.w + 2 * ox + dx;
-        let mut best = at(0, 0);
-        for i in [at(0, 1), at(1, 0), at(1, 1)] {
-            if plane[i] > plane[best] {
-                best = i;
-            }
-        }
-        best
+    /// Output row `oy` of `plane`: its two input rows, each cut to whole windows.
+    #[inline(always)]
+    fn rows<'a>(&self, plane: &'a [f32], oy: usize) -> (&'a [f32], &'a [f32]) {
+        let width = 2 * (self.w / 2);
+        (
+            &plane[2 * oy * self.w..][..width],
+            &plane[(2 * oy + 1) * self.w..][..width],
+        )
+    }
+
+    /// Runs `f(input plane, output plane)` over the planes of (N, C), in parallel.
+    fn planes<T: Send>(&self, out: &mut [T], per_plane: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+        out.par_chunks_mut(per_plane.max(1))
+            .with_min_len(16)
+            .enumerate()
+            .for_each(|(i, o)| {
+                vectorised(
+                    #[inline(always)]
+                    || f(i, o),
+                )
+            });
     }
 }
 
@@ -384,58 +461,70 @@ impl CustomOp1 for MaxPool2 {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout, "max_pool2x2")?;
         let (oh, ow) = self.out();
+        let plane = self.h * self.w;
+        let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
         let mut out = vec![0f32; self.n * self.c * oh * ow];
-        out.par_chunks_mut((oh * ow).max(1))
-            .zip(x.par_chunks((self.h * self.w).max(1)))
-            .for_each(|(o, plane)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        o[oy * ow + ox] = plane[self.argmax(plane, oy, ox)];
+        self.planes(
+            &mut out,
+            oh * ow,
+            #[inline(always)]
+            |i, o| {
+                let input = &x[i * plane..(i + 1) * plane];
+                for (oy, line) in o.chunks_exact_mut(ow.max(1)).enumerate() {
+                    let (r0, r1) = self.rows(input, oy);
+                    for (i, d) in line.iter_mut().enumerate() {
+                        let top = r0[2 * i].max(r0[2 * i + 1]);
+                        let bottom = r1[2 * i].max(r1[2 * i + 1]);
+                        *d = top.max(bottom).max(floor);
                     }
                 }
-            });
+            },
+        );
         Ok((CpuStorage::F32(out), Shape::from((self.n, self.c, oh, ow))))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (oh, ow) = self.out();
+        let plane = self.h * self.w;
         let grad = grad.contiguous()?;
-        Ok(Some(
-            arg.contiguous()?
-                .apply_op2_no_bwd(&grad, &MaxPool2Grad(*self))?,
-        ))
-    }
-}
-
-/// (input, output gradient) → input gradient.
-struct MaxPool2Grad(MaxPool2);
-
-impl candle_core::CustomOp2 for MaxPool2Grad {
-    fn name(&self) -> &'static str {
-        "consilium-max-pool-2x2-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let p = &self.0;
-        let x = contiguous_f32(s1, l1, "max_pool2x2 backward")?;
-        let g = contiguous_f32(s2, l2, "max_pool2x2 backward")?;
-        let (oh, ow) = p.out();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut((p.h * p.w).max(1))
-            .zip(x.par_chunks((p.h * p.w).max(1)))
-            .zip(g.par_chunks((oh * ow).max(1)))
-            .for_each(|((o, plane), g)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        o[p.argmax(plane, oy, ox)] = g[oy * ow + ox];
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let mut dx = vec![0f32; self.n * self.c * plane];
+        with_values(arg, |x| {
+            with_values(res, |y| {
+                with_values(&grad, |g| {
+                    self.planes(
+                        &mut dx,
+                        plane,
+                        #[inline(always)]
+                        |i, d| {
+                            let input = &x[i * plane..(i + 1) * plane];
+                            let (y, g) = (&y[i * oh * ow..], &g[i * oh * ow..]);
+                            for oy in 0..oh {
+                                let (r0, r1) = self.rows(input, oy);
+                                let (d0, d1) = d.split_at_mut((2 * oy + 1) * self.w);
+                                let d0 = &mut d0[2 * oy * self.w..][..2 * ow];
+                                let d1 = &mut d1[..2 * ow];
+                                let (y, g) = (&y[oy * ow..][..ow], &g[oy * ow..][..ow]);
+                                for i in 0..ow {
+                                    let (m, dm) = (y[i], g[i]);
+                                    let (a0, a1, b0) = (r0[2 * i], r0[2 * i + 1], r1[2 * i]);
+                                    // Only the first of the window's values that is its maximum
+                                    // gets the gradient (none where the ReLU cut it to 0).
+                                    let dm = if self.relu && m <= 0.0 { 0.0 } else { dm };
+                                    let e0 = a0 == m;
+                                    let e1 = !e0 && a1 == m;
+                                    let e2 = !(e0 || e1) && b0 == m;
+                                    let e3 = !(e0 || e1 || e2);
+                                    d0[2 * i] = if e0 { dm } else { 0.0 };
+                                    d0[2 * i + 1] = if e1 { dm } else { 0.0 };
+                                    d1[2 * i] = if e2 { dm } else { 0.0 };
+                                    d1[2 * i + 1] = if e3 { dm } else { 0.0 };
+                                }
+                            }
+                        },
+                    )
+                })
+            })
+        })???;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }

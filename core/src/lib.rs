@@ -7,6 +7,8 @@ pub mod api;
 pub mod conv;
 pub mod hash;
 pub mod manifest;
+#[cfg(feature = "train")]
+mod matmul;
 pub mod preview;
 pub mod problem;
 pub mod protocol;

@@ -78,9 +78,9 @@ impl ModuleT for SmallCnn {
     fn forward_t(&self, xs: &Tensor, _train: bool) -> Result<Tensor> {
         // Pooling before the ReLU gives the same values (both are monotone) on a quarter of
         // the data.
-        let pool = consilium_core::conv::max_pool2x2;
-        let xs = pool(&self.conv1.forward(xs)?)?.relu()?;
-        let xs = pool(&self.conv2.forward(&xs)?)?.relu()?;
+        let pool = consilium_core::conv::max_pool2x2_relu;
+        let xs = pool(&self.conv1.forward(xs)?)?;
+        let xs = pool(&self.conv2.forward(&xs)?)?;
         self.fc.forward(&xs.flatten_from(1)?)
     }
 }

@@ -152,6 +152,26 @@ fn same_results_as_candle_and_gradients_as_a_plain_convolution() {
 }
 
 #[test]
+fn the_same_with_the_batch_split_over_threads_or_each_multiply_spread() {
+    // Three threads: batch 4 and 5 split into tasks of two images (the last one short);
+    // batch 2 and 1, smaller than the pool, spread each multiply over it instead.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        for case in [
+            (4, 3, 9, 9, 8, 3, 3, 1, 1, true),
+            (5, 2, 8, 11, 4, 3, 3, 1, 2, false),
+            (2, 4, 10, 10, 16, 3, 3, 1, 1, true),
+            (1, 5, 6, 6, 3, 3, 3, 0, 1, true),
+        ] {
+            check(case);
+        }
+    });
+}
+
+#[test]
 fn shapes_that_do_not_fit_are_errors() {
     let dev = Device::Cpu;
     let x = Tensor::zeros((1, 2, 3, 3), candle_core::DType::F32, &dev).unwrap();
@@ -184,6 +204,56 @@ fn reference_pool(x: &Tensor) -> Tensor {
         .unwrap()
         .max(4)
         .unwrap()
+}
+
+#[test]
+fn pooling_with_relu_is_relu_after_pooling_both_ways() {
+    let dev = Device::Cpu;
+    for (n, c, h, w) in [(2, 3, 8, 8), (1, 2, 7, 5), (4, 16, 6, 10)] {
+        // The first channel is all negative: the ReLU cuts its every window.
+        let negative = Tensor::rand(-2f32, -1., (n, 1, h, w), &dev).unwrap();
+        let mixed = Tensor::rand(-1f32, 1., (n, c - 1, h, w), &dev).unwrap();
+        let x = Var::from_tensor(&Tensor::cat(&[&negative, &mixed], 1).unwrap()).unwrap();
+        let ours = consilium_core::conv::max_pool2x2_relu(&x).unwrap();
+        let theirs = reference_pool(&x).relu().unwrap();
+        assert_close(&ours, &theirs, "max-pool + ReLU forward");
+        let cut = ours
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .filter(|v| **v == 0.0)
+            .count();
+        assert!(
+            cut >= n * (h / 2) * (w / 2),
+            "the negative channel's windows are cut"
+        );
+        let r = Tensor::rand(-1f32, 1., ours.dims(), &dev).unwrap();
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g1 = g1.get(&x).expect("gradient");
+        assert_close(
+            g1,
+            g2.get(&x).expect("gradient"),
+            "max-pool + ReLU gradient",
+        );
+        // One input per window whose maximum is positive gets a gradient; none elsewhere.
+        let nonzero = g1
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .filter(|v| **v != 0.0)
+            .count();
+        assert_eq!(nonzero, n * c * (h / 2) * (w / 2) - cut);
+    }
 }
 
 #[test]
