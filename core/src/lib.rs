@@ -9,6 +9,8 @@ pub mod hash;
 pub mod manifest;
 #[cfg(feature = "train")]
 mod matmul;
+#[cfg(feature = "train")]
+pub mod norm;
 pub mod preview;
 pub mod problem;
 pub mod protocol;

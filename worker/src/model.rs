@@ -1,7 +1,7 @@
 //! The models a training plan can name, as candle-nn modules: `small_cnn` and `resnet`.
 
-use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNorm, Conv2dConfig, Linear, VarBuilder, batch_norm, linear};
+use candle_core::{Module, ModuleT, Result, Tensor, Var};
+use candle_nn::{Conv2dConfig, Init, Linear, VarBuilder, linear};
 use consilium_core::manifest::ModelSpec;
 
 /// A convolution layer with candle-nn's parameters (names, shapes, initialisation), computed
@@ -51,6 +51,74 @@ fn conv2d_no_bias(
         candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb)?,
         cfg,
     ))
+}
+
+/// Batch normalisation with candle-nn's parameters (names, initialisation, momentum 0.1):
+/// trained on CPU by `consilium_core::norm` (the batch statistics, the affine map and an
+/// optional ReLU in one pass each way), otherwise — evaluation, other devices — by candle-nn.
+pub struct BatchNorm {
+    /// The same parameters as a candle-nn module.
+    candle: candle_nn::BatchNorm,
+    running_mean: Var,
+    running_var: Var,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+const BN_MOMENTUM: f64 = 0.1;
+
+fn batch_norm(channels: usize, eps: f64, vb: VarBuilder) -> Result<BatchNorm> {
+    let running_mean =
+        Var::from_tensor(&vb.get_with_hints(channels, "running_mean", Init::Const(0.))?)?;
+    let running_var =
+        Var::from_tensor(&vb.get_with_hints(channels, "running_var", Init::Const(1.))?)?;
+    let weight = vb.get_with_hints(channels, "weight", Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", Init::Const(0.))?;
+    let candle = candle_nn::BatchNorm::new(
+        channels,
+        running_mean.as_tensor().clone(),
+        running_var.as_tensor().clone(),
+        weight.clone(),
+        bias.clone(),
+        eps,
+    )?;
+    Ok(BatchNorm {
+        candle,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        eps,
+    })
+}
+
+impl BatchNorm {
+    /// Normalises `xs`, then applies a ReLU when `relu`. In training, by the batch's
+    /// statistics, which also update the running averages.
+    fn forward(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if !(train && consilium_core::conv::cpu_kernels(xs)) {
+            // candle-nn's: evaluation, and training on other devices.
+            let ys = self.candle.forward_t(xs, train)?;
+            return if relu { ys.relu() } else { Ok(ys) };
+        }
+        let (ys, stats) =
+            consilium_core::norm::batch_norm_train(xs, &self.weight, &self.bias, self.eps, relu)?;
+        let channels = stats.mean.len();
+        let dev = xs.device();
+        let mean = Tensor::from_vec(stats.mean, channels, dev)?;
+        let var = Tensor::from_vec(stats.var, channels, dev)?;
+        // The running variance is the unbiased estimate, as PyTorch's and candle-nn's.
+        let unbiased = stats.count as f64 / (stats.count.max(2) - 1) as f64;
+        let blend = |running: &Var, batch: Tensor, scale: f64| {
+            running.set(
+                &((running.as_tensor() * (1.0 - BN_MOMENTUM))? + (batch * (BN_MOMENTUM * scale))?)?,
+            )
+        };
+        blend(&self.running_mean, mean, 1.0)?;
+        blend(&self.running_var, var, unbiased)?;
+        Ok(ys)
+    }
 }
 
 /// conv(1→32, 3×3) → ReLU → max-pool 2 → conv(32→64, 3×3) → ReLU → max-pool 2 → linear.
@@ -126,13 +194,10 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let ys = self
-            .bn1
-            .forward_t(&self.conv1.forward(xs)?, train)?
-            .relu()?;
-        let ys = self.bn2.forward_t(&self.conv2.forward(&ys)?, train)?;
+        let ys = self.bn1.forward(&self.conv1.forward(xs)?, train, true)?;
+        let ys = self.bn2.forward(&self.conv2.forward(&ys)?, train, false)?;
         let skip = match &self.shortcut {
-            Some((conv, bn)) => bn.forward_t(&conv.forward(xs)?, train)?,
+            Some((conv, bn)) => bn.forward(&conv.forward(xs)?, train, false)?,
             None => xs.clone(),
         };
         (ys + skip)?.relu()
@@ -185,7 +250,7 @@ impl ResNet {
 
 impl ModuleT for ResNet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let mut ys = self.bn.forward_t(&self.stem.forward(xs)?, train)?.relu()?;
+        let mut ys = self.bn.forward(&self.stem.forward(xs)?, train, true)?;
         for b in &self.blocks {
             ys = b.forward_t(&ys, train)?;
         }

@@ -287,3 +287,57 @@ fn max_pooling_matches_candle_and_sends_the_gradient_to_the_maximum() {
         assert_eq!(nonzero, n * c * (h / 2) * (w / 2));
     }
 }
+
+#[test]
+fn batch_norm_gives_candle_nns_values_gradients_and_statistics() {
+    use candle_nn::{BatchNormConfig, ModuleT, VarBuilder, VarMap};
+    let dev = Device::Cpu;
+    for (n, c, h, w, relu) in [(4, 3, 5, 6, false), (2, 8, 4, 4, true), (1, 2, 3, 7, true)] {
+        let x = Var::from_tensor(&Tensor::randn(0.5f32, 2., (n, c, h, w), &dev).unwrap()).unwrap();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &dev);
+        let bn = candle_nn::batch_norm(c, BatchNormConfig::default(), vb.pp("bn")).unwrap();
+        // Not the initial 1 and 0, so that scaling and shifting are checked too.
+        let (weight, bias) = bn.weight_and_bias().unwrap();
+        let weight = Var::from_tensor(weight).unwrap();
+        let bias = Var::from_tensor(bias).unwrap();
+        weight
+            .set(&Tensor::rand(0.5f32, 1.5, c, &dev).unwrap())
+            .unwrap();
+        bias.set(&Tensor::rand(-1f32, 1., c, &dev).unwrap())
+            .unwrap();
+
+        let (ours, stats) =
+            consilium_core::norm::batch_norm_train(&x, &weight, &bias, 1e-5, relu).unwrap();
+        let theirs = bn.forward_t(&x, true).unwrap();
+        let theirs = if relu { theirs.relu().unwrap() } else { theirs };
+        assert_close(&ours, &theirs, "batch-norm forward");
+
+        // candle-nn updated its running averages from 0 and 1 with momentum 0.1.
+        let m = (n * h * w) as f32;
+        let mean = Tensor::new(stats.mean.as_slice(), &dev).unwrap();
+        let var = Tensor::new(stats.var.as_slice(), &dev).unwrap();
+        assert_close(&(mean * 0.1).unwrap(), bn.running_mean(), "the batch mean");
+        assert_close(
+            &((var * (0.1 * m / (m - 1.)) as f64).unwrap() + 0.9).unwrap(),
+            bn.running_var(),
+            "the batch variance",
+        );
+
+        let r = Tensor::rand(-1f32, 1., ours.dims(), &dev).unwrap();
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (var, name) in [(&x, "input"), (&weight, "weight"), (&bias, "bias")] {
+            assert_close(
+                g1.get(var).expect("gradient"),
+                g2.get(var).expect("gradient"),
+                &format!("batch-norm {name} gradient ({n}, {c}, {h}, {w}, relu {relu})"),
+            );
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Batch normalisation in training mode, optionally followed by a ReLU, as one node of
+//! candle's autograd graph on CPU.
+//!
+//! candle-nn's `BatchNorm` builds it from nine whole-tensor operations (a transposed copy, two
+//! means, a subtraction, a square, a division, a multiply, an add, and the copy back), and its
+//! backward pass from many more, each allocating and zero-filling a tensor the size of the
+//! activations. Here the forward pass is two reads of the input (mean, then variance) and one
+//! write; the backward pass two reads and one write, with the closed-form gradient.
+
+use crate::conv::{contiguous_f32, fast_path, vectorised, with_values};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// One batch's per-channel mean and (biased) variance.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BatchStats {
+    pub mean: Vec<f32>,
+    pub var: Vec<f32>,
+    /// Values per channel: batch × height × width.
+    pub count: usize,
+}
+
+/// `x` (N, C, H, W) normalised per channel by the batch's mean and variance, then scaled by
+/// `weight` and shifted by `bias` (C each), then — when `relu` — cut at 0. Returns the output
+/// and the batch's statistics (for the running averages). For f32 tensors on the CPU
+/// (`conv::cpu_kernels`).
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, BatchStats)> {
+    let (n, c, h, w) = x.dims4()?;
+    if weight.dims1()? != c || bias.dims1()? != c {
+        bail!("batch_norm: the input has {c} channels, the weight and bias must have as many")
+    }
+    if !fast_path(x) {
+        bail!("batch_norm: these kernels take f32 tensors on the CPU (elsewhere, use candle-nn's)")
+    }
+    let stats = Arc::new(Mutex::new(BatchStats::default()));
+    let op = BatchNorm {
+        n,
+        c,
+        h,
+        w,
+        plane: h * w,
+        eps: eps as f32,
+        relu,
+        stats: stats.clone(),
+    };
+    let y = x
+        .contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+    let stats = match stats.lock() {
+        Ok(s) => s.clone(),
+        Err(_) => bail!("batch_norm: the statistics were lost"),
+    };
+    Ok((y, stats))
+}
+
+struct BatchNorm {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    plane: usize,
+    eps: f32,
+    relu: bool,
+    /// Written by the forward pass: read by the caller and by the backward pass.
+    stats: Arc<Mutex<BatchStats>>,
+}
+
+impl BatchNorm {
+    /// Channel `ch`'s planes in `x`, one per image.
+    fn planes<'a>(&self, x: &'a [f32], ch: usize) -> impl Iterator<Item = &'a [f32]> {
+        (0..self.n).map(move |i| &x[(i * self.c + ch) * self.plane..][..self.plane])
+    }
+
+    fn count(&self) -> usize {
+        self.n * self.plane
+    }
+
+    fn stats(&self, x: &[f32]) -> BatchStats {
+        let m = self.count().max(1) as f64;
+        let (mean, var): (Vec<f32>, Vec<f32>) = (0..self.c)
+            .into_par_iter()
+            .map(|ch| {
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        let sum: f64 = self
+                            .planes(x, ch)
+                            .map(|p| f64::from(p.iter().sum::<f32>()))
+                            .sum();
+                        let mean = (sum / m) as f32;
+                        let sq: f64 = self
+                            .planes(x, ch)
+                            .map(|p| {
+                                f64::from(p.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>())
+                            })
+                            .sum();
+                        (mean, (sq / m) as f32)
+                    },
+                )
+            })
+            .unzip();
+        BatchStats {
+            mean,
+            var,
+            count: self.count(),
+        }
+    }
+
+    /// Each channel's mean and 1/√(variance + ε).
+    fn scale(&self, stats: &BatchStats) -> Vec<(f32, f32)> {
+        stats
+            .mean
+            .iter()
+            .zip(&stats.var)
+            .map(|(&m, &v)| (m, 1.0 / (v + self.eps).sqrt()))
+            .collect()
+    }
+}
+
+impl candle_core::CustomOp3 for BatchNorm {
+    fn name(&self) -> &'static str {
+        "consilium-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "batch_norm")?;
+        let gamma = contiguous_f32(s2, l2, "batch_norm")?;
+        let beta = contiguous_f32(s3, l3, "batch_norm")?;
+        let stats = self.stats(x);
+        let scale = self.scale(&stats);
+        let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(self.plane.max(1))
+            .zip(x.par_chunks(self.plane.max(1)))
+            .enumerate()
+            .for_each(|(i, (out, input))| {
+                let ch = i % self.c;
+                let (mean, inv) = scale[ch];
+                let (g, b) = (gamma[ch] * inv, beta[ch]);
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for (o, v) in out.iter_mut().zip(input) {
+                            *o = ((v - mean) * g + b).max(floor);
+                        }
+                    },
+                )
+            });
+        if let Ok(mut kept) = self.stats.lock() {
+            *kept = stats;
+        }
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((self.n, self.c, self.h, self.w)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let stats = match self.stats.lock() {
+            Ok(s) => s.clone(),
+            Err(_) => bail!("batch_norm: the statistics were lost"),
+        };
+        let scale = self.scale(&stats);
+        let m = self.count().max(1) as f32;
+        let grad = grad.contiguous()?;
+        let (dx, dgamma, dbeta) = with_values(x, |x| {
+            with_values(weight, |gamma| {
+                with_values(res, |y| {
+                    with_values(&grad, |dy| {
+                        // The gradient that passed the ReLU.
+                        let passed = |y: f32, d: f32| if self.relu && y <= 0.0 { 0.0 } else { d };
+                        // Per channel: Σ dy and Σ dy · x̂.
+                        let (dbeta, dgamma): (Vec<f32>, Vec<f32>) = (0..self.c)
+                            .into_par_iter()
+                            .map(|ch| {
+                                let (mean, inv) = scale[ch];
+                                vectorised(
+                                    #[inline(always)]
+                                    || {
+                                        let (mut sum, mut dot) = (0f64, 0f64);
+                                        for ((x, y), dy) in self
+                                            .planes(x, ch)
+                                            .zip(self.planes(y, ch))
+                                            .zip(self.planes(dy, ch))
+                                        {
+                                            let (mut s, mut d) = (0f32, 0f32);
+                                            for ((x, y), dy) in x.iter().zip(y).zip(dy) {
+                                                let g = passed(*y, *dy);
+                                                s += g;
+                                                d += g * (x - mean) * inv;
+                                            }
+                                            sum += f64::from(s);
+                                            dot += f64::from(d);
+                                        }
+                                        (sum as f32, dot as f32)
+                                    },
+                                )
+                            })
+                            .unzip();
+                        let mut dx = vec![0f32; x.len()];
+                        dx.par_chunks_mut(self.plane.max(1))
+                            .enumerate()
+                            .for_each(|(i, out)| {
+                                let ch = i % self.c;
+                                let (mean, inv) = scale[ch];
+                                let k = gamma[ch] * inv;
+                                let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
+                                let at = i * self.plane;
+                                let (x, y, dy) = (
+                                    &x[at..at + out.len()],
+                                    &y[at..at + out.len()],
+                                    &dy[at..at + out.len()],
+                                );
+                                vectorised(
+                                    #[inline(always)]
+                                    || {
+                                        for (((o, x), y), dy) in
+                                            out.iter_mut().zip(x).zip(y).zip(dy)
+                                        {
+                                            let xhat = (x - mean) * inv;
+                                            *o = k * (passed(*y, *dy) - mb - xhat * mg);
+                                        }
+                                    },
+                                )
+                            });
+                        (dx, dgamma, dbeta)
+                    })
+                })
+            })
+        })????;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dgamma, self.c, dev)?),
+            Some(Tensor::from_vec(dbeta, self.c, dev)?),
+        ))
+    }
+}
