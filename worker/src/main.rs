@@ -49,10 +49,13 @@ enum Command {
         model: String,
         #[arg(long, default_value_t = 30)]
         steps: usize,
+        /// Measurements of each kind; the median is reported, with the range.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
         /// Run one measurement with this many threads (used by the parent run).
         #[arg(long, hide = true)]
         threads: Option<usize>,
-        /// With candle's own convolution kernels (the baseline; used by the parent run).
+        /// With candle's own kernels (the baseline; used by the parent run).
         #[arg(long, hide = true)]
         candle_conv: bool,
     },
@@ -98,11 +101,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::BenchTrain {
         model,
         steps,
+        runs,
         threads,
         candle_conv,
     } = &cli.command
     {
-        return bench_train(model, *steps, *threads, *candle_conv);
+        return bench_train(model, *steps, *runs, *threads, *candle_conv);
     }
     let settings: WorkerSettings = Figment::new()
         .merge(Toml::file_exact(&cli.config))
@@ -181,74 +185,94 @@ fn torch_rate(model: &str, steps: usize, threads: usize) -> anyhow::Result<Optio
     Ok(Some(String::from_utf8_lossy(&out.stdout).trim().parse()?))
 }
 
+/// One measurement in a child process: steps/s with `threads` threads.
+fn bench_child(model: &str, steps: usize, threads: usize, baseline: bool) -> anyhow::Result<f64> {
+    let mut args = vec![
+        "bench-train".to_string(),
+        "--model".into(),
+        model.into(),
+        "--steps".into(),
+        steps.to_string(),
+        "--threads".into(),
+        threads.to_string(),
+    ];
+    if baseline {
+        args.push("--candle-conv".into());
+    }
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(&args)
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "the {threads}-thread measurement failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+/// The median of `runs` measurements, and their range, as "median (min–max)".
+fn measured(
+    runs: usize,
+    mut measure: impl FnMut() -> anyhow::Result<f64>,
+) -> anyhow::Result<(f64, String)> {
+    let mut rates = (0..runs.max(1))
+        .map(|_| measure())
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    rates.sort_by(f64::total_cmp);
+    let median = rates[rates.len() / 2];
+    let range = match (rates.first(), rates.last()) {
+        (Some(lo), Some(hi)) if rates.len() > 1 => format!(" ({lo:.2}–{hi:.2})"),
+        _ => String::new(),
+    };
+    Ok((median, format!("{median:>7.2} steps/s{range}")))
+}
+
+/// The parent: one child process per measurement (a thread pool is sized once per process),
+/// candle's kernels, Consilium's and PyTorch's side by side, each `runs` times, interleaved.
+fn bench_parent(model: &str, steps: usize, runs: usize) -> anyhow::Result<()> {
+    let all = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "{model}: batch 64, SGD with momentum, {steps} steps after 3 warm-up steps; median of {runs} run(s) (range)"
+    );
+    for t in [1, all] {
+        let (base, line) = measured(runs, || bench_child(model, steps, t, true))?;
+        println!("  {t} thread(s), candle's kernels:    {line}");
+        let (ours, line) = measured(runs, || bench_child(model, steps, t, false))?;
+        println!("  {t} thread(s), Consilium's kernels: {line}");
+        println!("  {t} thread(s), speed-up {:.2}x", ours / base);
+        if torch_python().is_some() {
+            let (torch, line) = measured(runs, || {
+                torch_rate(model, steps, t)?.ok_or_else(|| anyhow::anyhow!("PyTorch is gone"))
+            })?;
+            println!(
+                "  {t} thread(s), PyTorch:             {line} (Consilium at {:.2}x PyTorch)",
+                ours / torch
+            );
+        }
+    }
+    if torch_python().is_none() {
+        println!(
+            "  (PyTorch not measured: scripts/torch-venv creates .venv-torch, or set CONSILIUM_TORCH_PYTHON)"
+        );
+    }
+    Ok(())
+}
+
 fn bench_train(
     model: &str,
     steps: usize,
+    runs: usize,
     threads: Option<usize>,
     candle_conv: bool,
 ) -> anyhow::Result<()> {
     use consilium_worker::data::Sample;
     use consilium_worker::train::{Net, Rng};
     let Some(threads) = threads else {
-        // The parent: one child process per measurement (a thread pool is sized once per
-        // process), candle's convolution kernels and Consilium's side by side.
-        let all = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        let exe = std::env::current_exe()?;
-        println!("{model}: batch 64, SGD with momentum, {steps} steps after 3 warm-up steps");
-        let mut rates = Vec::new();
-        for t in [1, all] {
-            for baseline in [true, false] {
-                let mut args = vec![
-                    "bench-train".to_string(),
-                    "--model".into(),
-                    model.into(),
-                    "--steps".into(),
-                    steps.to_string(),
-                    "--threads".into(),
-                    t.to_string(),
-                ];
-                if baseline {
-                    args.push("--candle-conv".into());
-                }
-                let out = std::process::Command::new(&exe)
-                    .args(&args)
-                    .env("RAYON_NUM_THREADS", t.to_string())
-                    .output()?;
-                if !out.status.success() {
-                    anyhow::bail!(
-                        "the {t}-thread measurement failed: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-                let rate: f64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
-                rates.push(rate);
-                println!(
-                    "  {t} thread(s), {:<22} {rate:>7.2} steps/s",
-                    if baseline {
-                        "candle's conv2d:"
-                    } else {
-                        "im2col + GEMM (used):"
-                    }
-                );
-            }
-            if let [.., base, ours] = rates[..] {
-                println!("  {t} thread(s), speed-up {:.2}x", ours / base);
-                if let Some(torch) = torch_rate(model, steps, t)? {
-                    println!(
-                        "  {t} thread(s), PyTorch:               {torch:>7.2} steps/s (Consilium at {:.2}x PyTorch)",
-                        ours / torch
-                    );
-                }
-            }
-        }
-        if torch_python().is_none() {
-            println!(
-                "  (PyTorch not measured: scripts/torch-venv creates .venv-torch, or set CONSILIUM_TORCH_PYTHON)"
-            );
-        }
-        return Ok(());
+        return bench_parent(model, steps, runs);
     };
     consilium_core::conv::use_candle_kernels(candle_conv);
     let size = if model == "resnet" { 32 } else { 28 };
