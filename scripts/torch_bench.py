@@ -1,6 +1,6 @@
 """PyTorch on the model bench-train measures: steps/s of forward + backward + SGD with momentum.
 
-Usage: torch_bench.py MODEL STEPS THREADS  (prints one number: steps/s)
+Usage: torch_bench.py MODEL STEPS THREADS [DEVICE]  (prints one number: steps/s; DEVICE cpu or cuda)
 """
 import sys
 import time
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 model_name, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+device = torch.device(sys.argv[4] if len(sys.argv) > 4 else "cpu")
 torch.set_num_threads(threads)
 torch.manual_seed(1)
 
@@ -49,10 +50,10 @@ def resnet(widths=(16, 32, 64), classes=10):
 
 
 size = 32 if model_name == "resnet" else 28
-model = resnet() if model_name == "resnet" else small_cnn()
+model = (resnet() if model_name == "resnet" else small_cnn()).to(device)
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-x = torch.rand(64, 1, size, size)
-y = torch.arange(64) % 10
+x = torch.rand(64, 1, size, size, device=device)
+y = torch.arange(64, device=device) % 10
 loss_fn = nn.CrossEntropyLoss()
 
 
@@ -64,7 +65,11 @@ def step():
 
 for _ in range(3):
     step()
+if device.type == "cuda":
+    torch.cuda.synchronize()
 start = time.perf_counter()
 for _ in range(steps):
     step()
+if device.type == "cuda":
+    torch.cuda.synchronize()
 print(f"{steps / (time.perf_counter() - start):.3f}")

@@ -1,6 +1,7 @@
 //! The im2col convolution gives candle's own results and gradients, on odd shapes too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 
 fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
@@ -14,6 +15,20 @@ fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
             "{what}[{i}]: {x} vs candle's {y}"
         );
     }
+}
+
+/// The gradients of the same scalar loss through each of two results: sum(y · r) for one
+/// random r.
+fn gradients(ours: Tensor, theirs: Tensor) -> (GradStore, GradStore) {
+    let r = Tensor::rand(-1f32, 1., ours.dims(), ours.device()).unwrap();
+    let loss = |y: Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    (loss(ours), loss(theirs))
+}
+
+/// How many values of `t` satisfy `keep`.
+fn count(t: &Tensor, keep: impl Fn(f32) -> bool) -> usize {
+    let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    values.into_iter().filter(|v| keep(*v)).count()
 }
 
 /// A plain convolution from slices and matrix multiplies, whose gradients come from ops with
@@ -108,14 +123,7 @@ fn check(case: Case) {
     assert_close(&theirs, &candle, &format!("{case:?} reference forward"));
 
     // Gradients of the same scalar loss through each: sum(y · r) for a fixed random r.
-    let r = Tensor::rand(-1f32, 1., ours.dims(), &dev).unwrap();
-    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g2 = (theirs * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let (g1, g2) = gradients(ours, theirs);
     for (var, name) in [(&x, "input"), (&k, "weight")] {
         assert_close(
             g1.get(var).expect("gradient"),
@@ -217,26 +225,12 @@ fn pooling_with_relu_is_relu_after_pooling_both_ways() {
         let ours = consilium_core::conv::max_pool2x2_relu(&x).unwrap();
         let theirs = reference_pool(&x).relu().unwrap();
         assert_close(&ours, &theirs, "max-pool + ReLU forward");
-        let cut = ours
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .filter(|v| **v == 0.0)
-            .count();
+        let cut = count(&ours, |v| v == 0.0);
         assert!(
             cut >= n * (h / 2) * (w / 2),
             "the negative channel's windows are cut"
         );
-        let r = Tensor::rand(-1f32, 1., ours.dims(), &dev).unwrap();
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let (g1, g2) = gradients(ours, theirs);
         let g1 = g1.get(&x).expect("gradient");
         assert_close(
             g1,
@@ -244,14 +238,7 @@ fn pooling_with_relu_is_relu_after_pooling_both_ways() {
             "max-pool + ReLU gradient",
         );
         // One input per window whose maximum is positive gets a gradient; none elsewhere.
-        let nonzero = g1
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .filter(|v| **v != 0.0)
-            .count();
+        let nonzero = count(g1, |v| v != 0.0);
         assert_eq!(nonzero, n * c * (h / 2) * (w / 2) - cut);
     }
 }
@@ -265,25 +252,11 @@ fn max_pooling_matches_candle_and_sends_the_gradient_to_the_maximum() {
         assert_close(&ours, &x.max_pool2d(2).unwrap(), "max-pool forward");
         let theirs = reference_pool(&x);
         assert_close(&ours, &theirs, "max-pool reference forward");
-        let r = Tensor::rand(-1f32, 1., ours.dims(), &dev).unwrap();
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let (g1, g2) = gradients(ours, theirs);
         let g1 = g1.get(&x).expect("gradient");
         assert_close(g1, g2.get(&x).expect("gradient"), "max-pool gradient");
         // Exactly one input per window receives each output's gradient.
-        let nonzero = g1
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .filter(|v| **v != 0.0)
-            .count();
+        let nonzero = count(g1, |v| v != 0.0);
         assert_eq!(nonzero, n * c * (h / 2) * (w / 2));
     }
 }
@@ -324,14 +297,7 @@ fn batch_norm_gives_candle_nns_values_gradients_and_statistics() {
             "the batch variance",
         );
 
-        let r = Tensor::rand(-1f32, 1., ours.dims(), &dev).unwrap();
-        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let (g1, g2) = gradients(ours, theirs);
         for (var, name) in [(&x, "input"), (&weight, "weight"), (&bias, "bias")] {
             assert_close(
                 g1.get(var).expect("gradient"),
