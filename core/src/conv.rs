@@ -32,10 +32,6 @@ pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
 /// Whether Consilium's kernels compute on `x`: f32 on the CPU, unless the benchmark asked for
 /// candle's.
 pub fn cpu_kernels(x: &Tensor) -> bool {
-    fast_path(x)
-}
-
-pub(crate) fn fast_path(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && !CANDLE_KERNELS.load(Ordering::Relaxed)
 }
 
@@ -214,7 +210,7 @@ pub(crate) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         bail!("expected a CPU tensor")
     };
-    Ok(f(contiguous_f32(cpu, layout, "conv2d")?))
+    Ok(f(contiguous_f32(cpu, layout, "a CPU kernel")?))
 }
 
 /// The whole convolution as one node of the autograd graph: (input, weight matrix) → output,
@@ -372,7 +368,7 @@ pub fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    if !(fast_path(x) && weight.dtype() == DType::F32) {
+    if !(cpu_kernels(x) && weight.dtype() == DType::F32) {
         let y = x.conv2d(weight, padding, stride, 1, 1)?;
         return match bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
@@ -425,7 +421,7 @@ pub fn max_pool2x2_relu(x: &Tensor) -> Result<Tensor> {
 }
 
 fn pool(x: &Tensor, relu: bool) -> Result<Tensor> {
-    if !fast_path(x) {
+    if !cpu_kernels(x) {
         let y = x.max_pool2d(2)?;
         return if relu { y.relu() } else { Ok(y) };
     }

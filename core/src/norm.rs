@@ -7,7 +7,7 @@
 //! activations. Here the forward pass is two reads of the input (mean, then variance) and one
 //! write; the backward pass two reads and one write, with the closed-form gradient.
 
-use crate::conv::{contiguous_f32, fast_path, vectorised, with_values};
+use crate::conv::{contiguous_f32, cpu_kernels, vectorised, with_values};
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -36,7 +36,7 @@ pub fn batch_norm_train(
     if weight.dims1()? != c || bias.dims1()? != c {
         bail!("batch_norm: the input has {c} channels, the weight and bias must have as many")
     }
-    if !fast_path(x) {
+    if !cpu_kernels(x) {
         bail!("batch_norm: these kernels take f32 tensors on the CPU (elsewhere, use candle-nn's)")
     }
     let stats = Arc::new(Mutex::new(BatchStats::default()));
