@@ -169,7 +169,16 @@ fn torch_rate(model: &str, steps: usize, threads: usize) -> anyhow::Result<Optio
     let Some(python) = torch_python() else {
         return Ok(None);
     };
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/torch_bench.py");
+    // From the repository's root, or where this binary was built.
+    let script = [
+        PathBuf::from("scripts/torch_bench.py"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/torch_bench.py"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .ok_or_else(|| {
+        anyhow::anyhow!("scripts/torch_bench.py not found: run from the repository's root")
+    })?;
     let out = std::process::Command::new(&python)
         .arg(&script)
         .args([model, &steps.to_string(), &threads.to_string()])
