@@ -5,13 +5,16 @@ use consilium_core::protocol::{Heartbeat, Job, WorkerMessage, WorkerState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use tokio::sync::Notify;
 
 use crate::broker::SharedBroker;
 use crate::job::{SiteContext, process};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Runs until `stop` resolves: heartbeats every `heartbeat`, and jobs as they come.
+/// Runs until `stop` resolves: heartbeats every `heartbeat` and whenever the worker starts or
+/// finishes a job (so that the server shows what it does now, even for a job shorter than the
+/// interval), and jobs as they come.
 pub async fn run(
     ctx: Arc<SiteContext>,
     broker: SharedBroker,
@@ -19,8 +22,10 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let busy = Arc::new(AtomicBool::new(false));
+    let changed = Arc::new(Notify::new());
     let beat = {
-        let (ctx, broker, busy) = (ctx.clone(), broker.clone(), busy.clone());
+        let (ctx, broker, busy, changed) =
+            (ctx.clone(), broker.clone(), busy.clone(), changed.clone());
         tokio::spawn(async move {
             loop {
                 let summary = match ctx.data(crate::model::input_size(&default_spec(), None)) {
@@ -41,7 +46,10 @@ pub async fn run(
                 if let Err(e) = broker.publish_message(&WorkerMessage::Heartbeat(hb)).await {
                     tracing::warn!(error = %e, "heartbeat not sent");
                 }
-                tokio::time::sleep(heartbeat).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(heartbeat) => {}
+                    _ = changed.notified() => {}
+                }
             }
         })
     };
@@ -62,8 +70,10 @@ pub async fn run(
             }
         };
         busy.store(true, Ordering::Relaxed);
+        changed.notify_one();
         let result = process(&job, &ctx).await;
         busy.store(false, Ordering::Relaxed);
+        changed.notify_one();
         match broker.publish_message(&WorkerMessage::Result(result)).await {
             Ok(()) => delivery.ack().await,
             Err(e) => {

@@ -249,7 +249,8 @@ async fn three_worker_processes_train_through_failures() {
         (site_c, &custodian_c),
     ];
     let mut manifest = engine_manifest(4);
-    manifest["local_epochs"] = json!(4);
+    // Long enough local training for a worker and the server to be killed in the middle of it.
+    manifest["local_epochs"] = json!(40);
     let (sid, hash) = approved_study_at(&app, &w, manifest, &sites).await;
 
     let tmp = tempfile::tempdir().expect("dir");
