@@ -61,6 +61,27 @@ pub async fn append<C: ConnectionTrait, S: Serialize>(
     object_id: impl ToString,
     new_state: &S,
 ) -> AppResult<AuditEventDto> {
+    append_named(
+        db,
+        &actor.audit_name(),
+        action,
+        object_type,
+        object_id,
+        new_state,
+    )
+    .await
+}
+
+/// Appends an event whose actor is not a signed-in one (a failed sign-in, a refused request
+/// without credentials): `actor` says who it was, e.g. `anonymous from 10.0.0.7`.
+pub async fn append_named<C: ConnectionTrait, S: Serialize>(
+    db: &C,
+    actor: &str,
+    action: &str,
+    object_type: &str,
+    object_id: impl ToString,
+    new_state: &S,
+) -> AppResult<AuditEventDto> {
     let last = audit_event::Entity::find()
         .order_by_desc(audit_event::Column::Seq)
         .one(db)
@@ -73,7 +94,7 @@ pub async fn append<C: ConnectionTrait, S: Serialize>(
         seq,
         id: Uuid::new_v4(),
         at: truncate_micros(Utc::now()),
-        actor: actor.audit_name(),
+        actor: actor.to_string(),
         action: action.to_string(),
         object_type: object_type.to_string(),
         object_id: object_id.to_string(),
@@ -141,7 +162,13 @@ pub async fn list<C: ConnectionTrait>(db: &C, q: &AuditQuery) -> AppResult<Vec<A
     }
     let mut select = audit_event::Entity::find().order_by_asc(audit_event::Column::Seq);
     if let Some(v) = &q.actor {
-        select = select.filter(audit_event::Column::Actor.eq(v.as_str()));
+        // A user id matches every credential it acted with (`<id> via session`, `<id> via
+        // token …`); the full name matches itself.
+        select = select.filter(
+            sea_orm::Condition::any()
+                .add(audit_event::Column::Actor.eq(v.as_str()))
+                .add(audit_event::Column::Actor.starts_with(format!("{v} "))),
+        );
     }
     if let Some(v) = &q.action {
         select = select.filter(audit_event::Column::Action.eq(v.as_str()));

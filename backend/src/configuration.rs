@@ -128,6 +128,31 @@ pub struct AuthSettings {
     /// Development-only local accounts (argon2 passwords). Unset: on unless OIDC is configured.
     pub local_accounts: Option<bool>,
     pub oidc: Option<OidcSettings>,
+    /// How failed local sign-ins are slowed down and locked.
+    pub throttle: ThrottleSettings,
+}
+
+/// Failed sign-ins: after `account_failures` failures for one account (or `client_failures`
+/// from one client address) within `window_seconds`, each further failure locks sign-in there
+/// for twice as long as the last (1 s, 2 s, 4 s, … at most `max_lock_seconds`).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(default, deny_unknown_fields)]
+pub struct ThrottleSettings {
+    pub account_failures: u32,
+    pub client_failures: u32,
+    pub window_seconds: u64,
+    pub max_lock_seconds: u64,
+}
+
+impl Default for ThrottleSettings {
+    fn default() -> Self {
+        Self {
+            account_failures: 5,
+            client_failures: 20,
+            window_seconds: 15 * 60,
+            max_lock_seconds: 15 * 60,
+        }
+    }
 }
 
 impl AuthSettings {

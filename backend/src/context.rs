@@ -18,6 +18,13 @@ pub struct AppContext {
     pub oidc: Option<Arc<OidcClient>>,
     engine: Arc<OnceLock<crate::engine::Engine>>,
     write_lock: Arc<Mutex<()>>,
+    /// Failed sign-ins per account and client address.
+    pub sign_in_throttle: crate::throttle::SignInThrottle,
+    /// Repeated denials folded before they reach the audit chain.
+    pub audit_fold: crate::throttle::AuditFold,
+    /// A random secret the portal sends with its own calls to the API, so that the API
+    /// believes the browser's address the portal forwards (and nobody else's claim of one).
+    pub portal_key: Arc<secrecy::SecretString>,
 }
 
 /// A transaction in which state changes and their audit events are written together.
@@ -49,10 +56,13 @@ impl AppContext {
     pub fn new(db: DatabaseConnection, settings: Settings, oidc: Option<Arc<OidcClient>>) -> Self {
         AppContext {
             db,
+            sign_in_throttle: crate::throttle::SignInThrottle::new(settings.auth.throttle.clone()),
             settings: Arc::new(settings),
             oidc,
             engine: Arc::new(OnceLock::new()),
             write_lock: Arc::new(Mutex::new(())),
+            audit_fold: crate::throttle::AuditFold::default(),
+            portal_key: Arc::new(crate::auth::random_secret(32).into()),
         }
     }
 

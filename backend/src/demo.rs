@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use crate::audit;
 use crate::configuration::Settings;
 use crate::context::AppContext;
-use crate::domain::Actor;
+use crate::domain::{Actor, Via};
 use crate::error::AppError;
 use crate::services::{access, directory, runs, studies};
 use crate::startup::Application;
@@ -65,6 +65,7 @@ fn as_actor(u: &consilium_core::api::UserDto) -> Actor {
         roles: u.roles.iter().copied().collect(),
         token_id: None,
         site_id: None,
+        via: Via::Console,
     }
 }
 

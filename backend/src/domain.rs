@@ -19,6 +19,21 @@ pub struct Actor {
     pub token_id: Option<Uuid>,
     /// Set for a site worker's token: it acts for this site only, with no role.
     pub site_id: Option<Uuid>,
+    /// The credential behind the request, as the audit trail names it.
+    pub via: Via,
+}
+
+/// How an actor proved who they are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// A browser session (the portal, or the API with the session cookie).
+    Session,
+    /// An API token (its id is `Actor::token_id`).
+    Token,
+    /// A site worker: its token, or its signed result on the broker.
+    Worker { site: String },
+    /// On the server's own machine: the command line and the demo, calling the services.
+    Console,
 }
 
 impl Actor {
@@ -28,19 +43,40 @@ impl Actor {
             roles: [Role::Administrator].into_iter().collect(),
             token_id: None,
             site_id: None,
+            via: Via::Console,
+        }
+    }
+
+    /// A site's worker reporting through the broker (no user behind it).
+    pub fn site_worker(site_id: Uuid, site_name: &str) -> Self {
+        Actor {
+            user_id: Uuid::nil(),
+            roles: Default::default(),
+            token_id: None,
+            site_id: Some(site_id),
+            via: Via::Worker {
+                site: site_name.to_string(),
+            },
         }
     }
 
     pub fn is_system(&self) -> bool {
-        self.user_id.is_nil()
+        self.user_id.is_nil() && self.site_id.is_none()
     }
 
-    /// How the audit log names this actor.
+    /// How the audit log names this actor and the credential it acted with:
+    /// `system`, `<user id> via session`, `<user id> via token <token id>`,
+    /// `<user id> via console`, or `site <name> worker (<site id>)`.
     pub fn audit_name(&self) -> String {
         if self.is_system() {
-            "system".to_string()
-        } else {
-            self.user_id.to_string()
+            return "system".to_string();
+        }
+        match (&self.via, self.token_id, self.site_id) {
+            (Via::Worker { site }, _, Some(id)) => format!("site {site} worker ({id})"),
+            (_, Some(token), Some(id)) => format!("site {id} worker (token {token})"),
+            (_, Some(token), None) => format!("{} via token {token}", self.user_id),
+            (Via::Console, None, _) => format!("{} via console", self.user_id),
+            _ => format!("{} via session", self.user_id),
         }
     }
 
@@ -590,6 +626,7 @@ mod tests {
             roles: [Role::Researcher].into(),
             token_id: None,
             site_id: None,
+            via: Via::Session,
         };
         assert!(authorize(&r, Operation::CreateStudy).is_ok());
         assert!(authorize(&r, Operation::ReviewStudy).is_err());

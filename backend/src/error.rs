@@ -14,6 +14,13 @@ pub enum AppError {
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
+    /// Something the caller may not see: answered exactly like `NotFound` (so the answer does
+    /// not tell what exists), but audited as a denial.
+    #[error("{0}")]
+    Hidden(String),
+    /// Too many attempts (sign-in); try again after `retry_after` seconds (429).
+    #[error("{detail}")]
+    TooManyAttempts { retry_after: u64, detail: String },
     /// The request is malformed or a value is out of range (400).
     #[error("{0}")]
     Invalid(String),
@@ -66,7 +73,8 @@ impl AppError {
         match self {
             AppError::Unauthenticated(_) => "unauthenticated",
             AppError::Forbidden(_) => "forbidden",
-            AppError::NotFound(_) => "not_found",
+            AppError::NotFound(_) | AppError::Hidden(_) => "not_found",
+            AppError::TooManyAttempts { .. } => "too_many_attempts",
             AppError::Invalid(_) => "invalid_input",
             AppError::Unprocessable(_) => "invalid_input",
             AppError::Conflict { code, .. } => code,
@@ -119,7 +127,8 @@ impl ResponseError for AppError {
         match self {
             AppError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
-            AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::NotFound(_) | AppError::Hidden(_) => StatusCode::NOT_FOUND,
+            AppError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::Invalid(_) => StatusCode::BAD_REQUEST,
             AppError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Conflict { .. } | AppError::PreconditionsUnmet(_) => StatusCode::CONFLICT,
@@ -131,9 +140,29 @@ impl ResponseError for AppError {
         if let AppError::Unexpected(_) = self {
             tracing::error!(error.cause_chain = ?self, "request failed");
         }
-        problem_response(&self.problem())
+        let mut res = problem_response(&self.problem());
+        match self {
+            AppError::Forbidden(_) | AppError::Hidden(_) => {
+                res.extensions_mut().insert(Denied);
+            }
+            AppError::TooManyAttempts { retry_after, .. } => {
+                if let Ok(v) =
+                    actix_web::http::header::HeaderValue::from_str(&retry_after.to_string())
+                {
+                    res.headers_mut()
+                        .insert(actix_web::http::header::RETRY_AFTER, v);
+                }
+            }
+            _ => {}
+        }
+        res
     }
 }
+
+/// Marks a response as a refusal of something the caller tried (403, or a 404 that hides what
+/// exists), for the denial audit in `crate::security`.
+#[derive(Clone, Copy, Debug)]
+pub struct Denied;
 
 impl From<sea_orm::DbErr> for AppError {
     fn from(e: sea_orm::DbErr) -> Self {

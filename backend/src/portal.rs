@@ -2,14 +2,17 @@
 //! its pages, its server functions under `/portal/`, its stylesheet, and the browser bundle
 //! when it has been built.
 
+use actix_web::HttpMessage;
 use actix_web::HttpResponse;
-use consilium_frontend::api::ApiClient;
+use consilium_frontend::api::{ApiClient, UploadLimit};
 use consilium_frontend::app::BundleMissing;
-use leptos::prelude::{LeptosOptions, provide_context};
+use leptos::nonce::Nonce;
+use leptos::prelude::{LeptosOptions, provide_context, use_context};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::configuration::PortalSettings;
+use crate::configuration::{PortalSettings, Settings};
+use crate::security::CspNonce;
 
 #[derive(Clone)]
 pub struct Portal {
@@ -17,18 +20,26 @@ pub struct Portal {
     pub api: ApiClient,
     /// The folder served at `/pkg`, when the bundle is there.
     pub pkg_dir: Option<PathBuf>,
+    /// Whether cookies are marked `Secure` (`server.cookie_secure`).
+    cookie_secure: bool,
+    /// The most bytes of a plan upload the portal reads: the API's body limit less the growth
+    /// of base64 (the files travel to the API as base64 in JSON).
+    upload_limit: usize,
 }
 
 impl Portal {
-    /// `addr` is where this server listens: the portal calls the REST API there.
-    pub fn new(settings: &PortalSettings, addr: SocketAddr) -> Self {
+    /// `addr` is where this server listens: the portal calls the REST API there, with `key`
+    /// (the server's portal key) on every call.
+    pub fn new(settings: &Settings, addr: SocketAddr, key: &str) -> Self {
+        let server = &settings.server;
+        let settings: &PortalSettings = &settings.portal;
         let host = match addr.ip() {
             ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_string(),
             ip if ip.is_unspecified() => "[::1]".to_string(),
             std::net::IpAddr::V6(ip) => format!("[{ip}]"),
             ip => ip.to_string(),
         };
-        let api = ApiClient::new(format!("http://{host}:{}", addr.port()));
+        let api = ApiClient::new(format!("http://{host}:{}", addr.port()), key);
         let root = settings.site_root.clone();
         let pkg = root.join(consilium_frontend::BUNDLE_DIR);
         let wasm = pkg.join(format!("{}_bg.wasm", consilium_frontend::BUNDLE_NAME));
@@ -50,6 +61,8 @@ impl Portal {
             options,
             api,
             pkg_dir,
+            cookie_secure: server.cookie_secure,
+            upload_limit: server.body_limit_bytes / 4 * 3,
         }
     }
 
@@ -57,10 +70,21 @@ impl Portal {
     pub fn context(&self) -> impl Fn() + Clone + Send + 'static {
         let api = self.api.clone();
         let missing = self.pkg_dir.is_none();
+        let secure = self.cookie_secure;
+        let limit = UploadLimit(self.upload_limit);
         move || {
             provide_context(api.clone());
+            provide_context(limit);
             if missing {
                 provide_context(BundleMissing);
+            }
+            if let Some(req) = use_context::<leptos_actix::Request>() {
+                let req = req.into_inner();
+                // The nonce of this response's Content-Security-Policy, for the page's scripts.
+                if let Some(n) = req.extensions().get::<CspNonce>() {
+                    provide_context(Nonce::from_value(n.0.clone()));
+                }
+                consilium_frontend::csrf::provide(&req, crate::auth::SESSION_COOKIE, secure);
             }
         }
     }

@@ -298,12 +298,17 @@ pub fn run(listener: TcpListener, context: AppContext) -> Result<Server, Startup
         addr: "listener".into(),
         source,
     })?;
-    let portal = crate::portal::Portal::new(&data.settings.portal, addr);
+    let portal = crate::portal::Portal::new(
+        &data.settings,
+        addr,
+        secrecy::ExposeSecret::expose_secret(&*data.portal_key),
+    );
     let routes = leptos_actix::generate_route_list(consilium_frontend::App);
     let server = HttpServer::new(move || {
         let portal_context = portal.context();
         let options = portal.options.clone();
         let (app, _) = App::new()
+            .wrap(actix_web::middleware::from_fn(crate::security::guard))
             .wrap(TracingLogger::default())
             .app_data(data.clone())
             .app_data(

@@ -172,14 +172,14 @@ impl TrainingPlanManifest {
                 out.push(format!("{name} must be a non-negative number"));
             }
         }
-        if self.local_epochs == 0 {
-            out.push("local_epochs must be at least 1".to_string());
-        }
-        if self.batch_size == 0 {
-            out.push("batch_size must be at least 1".to_string());
-        }
-        if self.rounds == 0 {
-            out.push("rounds must be at least 1".to_string());
+        for (name, v, max) in [
+            ("local_epochs", self.local_epochs, MAX_LOCAL_EPOCHS),
+            ("batch_size", self.batch_size, MAX_BATCH_SIZE),
+            ("rounds", self.rounds, MAX_ROUNDS),
+        ] {
+            if v == 0 || v > max {
+                out.push(format!("{name} must be between 1 and {max}, not {v}"));
+            }
         }
         if !non_empty(&self.aggregation.strategy) {
             out.push("aggregation.strategy must name a strategy, e.g. \"fedavg\"".to_string());
@@ -193,6 +193,13 @@ impl TrainingPlanManifest {
         out
     }
 }
+
+/// The most rounds a plan may ask for.
+pub const MAX_ROUNDS: u32 = 10_000;
+/// The most local epochs per round.
+pub const MAX_LOCAL_EPOCHS: u32 = 1_000;
+/// The largest batch.
+pub const MAX_BATCH_SIZE: u32 = 4_096;
 
 fn has_control_text(v: &serde_json::Value) -> bool {
     match v {

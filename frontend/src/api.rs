@@ -11,25 +11,58 @@ use crate::error::PortalError;
 
 /// Where the REST API answers (the server's own address) and the HTTP client to reach it.
 /// The backend provides it as context to every page render and server function.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ApiClient {
     base: String,
     http: reqwest::Client,
+    /// Proves to the API that the browser address this client forwards is the portal's
+    /// (`consilium_backend::auth::client_addr`); never leaves this process.
+    key: std::sync::Arc<str>,
 }
 
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The headers with which the portal forwards the browser's address to the API.
+pub const CLIENT_HEADER: &str = "x-consilium-portal-client";
+pub const KEY_HEADER: &str = "x-consilium-portal-key";
+
 impl ApiClient {
-    pub fn new(base: impl Into<String>) -> Self {
+    pub fn new(base: impl Into<String>, key: &str) -> Self {
         ApiClient {
             base: base.into().trim_end_matches('/').to_string(),
             http: reqwest::Client::new(),
+            key: key.into(),
         }
     }
+}
+
+/// The most bytes of a form upload the portal reads (the backend provides it as context).
+#[derive(Clone, Copy, Debug)]
+pub struct UploadLimit(pub usize);
+
+/// The current request's declared body length, if any.
+pub fn content_length() -> Option<usize> {
+    let req = use_context::<leptos_actix::Request>()?.into_inner();
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// The REST API as the person behind the current request.
 pub struct Api {
     client: ApiClient,
     cookie: Option<String>,
+    /// The browser's address (for the API's sign-in throttling and audit).
+    peer: Option<String>,
 }
 
 /// The session cookie the API sets on sign-in, to hand on to the browser.
@@ -43,14 +76,22 @@ impl Api {
                 "The portal is not connected to the API (no ApiClient in context).",
             )
         })?;
-        let cookie = use_context::<leptos_actix::Request>().and_then(|r| {
-            r.into_inner()
-                .headers()
+        let req = use_context::<leptos_actix::Request>().map(|r| r.into_inner());
+        let cookie = req.as_ref().and_then(|r| {
+            r.headers()
                 .get(header::COOKIE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         });
-        Ok(Api { client, cookie })
+        let peer = req
+            .as_ref()
+            .and_then(|r| r.peer_addr())
+            .map(|a| a.ip().to_string());
+        Ok(Api {
+            client,
+            cookie,
+            peer,
+        })
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -60,6 +101,11 @@ impl Api {
             .request(method, format!("{}/api/v1{path}", self.client.base));
         if let Some(c) = &self.cookie {
             r = r.header(header::COOKIE.as_str(), c);
+        }
+        if let Some(p) = &self.peer {
+            r = r
+                .header(CLIENT_HEADER, p)
+                .header(KEY_HEADER, &*self.client.key);
         }
         r
     }
@@ -117,6 +163,7 @@ impl Api {
     pub async fn post_empty(&self, path: &str) -> Result<Option<SetCookie>, PortalError> {
         let resp = self
             .request(reqwest::Method::POST, path)
+            .json(&serde_json::json!({}))
             .send()
             .await
             .map_err(unreachable)?;
@@ -202,12 +249,23 @@ pub fn finish(
     }
 }
 
-/// The path (without query) of the page the form was on.
+/// The path (without query) of the page the form was on: only a page of this server (the
+/// `Referer`'s host must be the one the form was posted to), never `//host` or `/\host`.
 fn referer_path() -> Option<String> {
     let req = use_context::<leptos_actix::Request>()?.into_inner();
     let r = req.headers().get(header::REFERER)?.to_str().ok()?;
+    let host = req.headers().get(header::HOST)?.to_str().ok()?;
     let u = url::Url::parse(r).ok()?;
-    Some(u.path().to_string())
+    let authority = match u.port() {
+        Some(p) => format!("{}:{p}", u.host_str()?),
+        None => u.host_str()?.to_string(),
+    };
+    let path = u.path();
+    let local = authority.eq_ignore_ascii_case(host)
+        && path.starts_with('/')
+        && !path.starts_with("//")
+        && !path.starts_with("/\\");
+    local.then(|| path.to_string())
 }
 
 /// Hands the API's session cookie on to the browser.

@@ -3,6 +3,8 @@
 use consilium_core::Role;
 use consilium_core::api::MeDto;
 use leptos::prelude::*;
+
+use crate::csrf::CsrfField;
 use leptos::server_fn::ServerFn as _;
 use leptos_meta::{MetaTags, Title, provide_meta_context};
 use leptos_router::components::{A, Route, Router, Routes};
@@ -26,6 +28,7 @@ pub fn shell(options: LeptosOptions) -> impl IntoView {
                 <meta charset="utf-8"/>
                 <meta name="viewport" content="width=device-width, initial-scale=1"/>
                 <link rel="stylesheet" href=crate::STYLESHEET_PATH/>
+                <meta name="csrf-token" content=crate::csrf::current()/>
                 {bundle.then(|| view! { <HydrationScripts options/> })}
                 <MetaTags/>
             </head>
@@ -44,6 +47,15 @@ pub fn App() -> impl IntoView {
     let me: MeResource = Resource::new(|| (), |_| me());
     provide_context(me);
     let bundle_missing = use_context::<BundleMissing>().is_some();
+    // Effects run only in the browser, once the bundle has hydrated the page: the mark tells
+    // people's tools (and the browser tests) that the live parts work.
+    Effect::new(|_| {
+        if let Some(body) = document().body()
+            && let Err(e) = body.set_attribute("data-hydrated", "true")
+        {
+            leptos::logging::warn!("could not mark the page as hydrated: {e:?}");
+        }
+    });
     view! {
         <Title text="Consilium"/>
         <Router>
@@ -119,7 +131,7 @@ fn Nav(me: Option<MeDto>) -> impl IntoView {
         </nav>
         <div class="who">
             <span>{me.user.name.clone()}" · "<span class="roles">{roles}</span></span>
-            <form method="post" action=SignOut::url()>
+            <form method="post" action=SignOut::url()><CsrfField/>
                 <button type="submit" class="link">"Sign out"</button>
             </form>
         </div>

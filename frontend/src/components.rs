@@ -81,6 +81,21 @@ pub fn typed(name: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
+/// Text for a `<textarea>`. The renderer writes a textarea's children as they are (like a
+/// `<script>`'s), so on the server the text is escaped here: `</textarea><img onerror=…>`
+/// typed or sent in a link stays text. In the browser the children become a text node, which
+/// needs no escaping.
+pub fn textarea_text(text: String) -> String {
+    #[cfg(feature = "ssr")]
+    {
+        html_escape::encode_text(&text).into_owned()
+    }
+    #[cfg(not(feature = "ssr"))]
+    {
+        text
+    }
+}
+
 /// A form field's HTML name (every portal form posts `form[...]`).
 pub fn field(name: &str) -> String {
     format!("form[{name}]")
@@ -146,8 +161,15 @@ pub fn LineChart(
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let style = format!("background:{}", COLOURS[i % COLOURS.len()]);
-            view! { <li><span class="swatch" style=style></span>{s.label.clone()}</li> }
+            // A presentation attribute, not a style: the Content-Security-Policy allows no
+            // inline styles.
+            let colour = COLOURS[i % COLOURS.len()];
+            view! {
+                <li>
+                    <svg class="swatch" viewBox="0 0 10 10" aria-hidden="true"><rect width="10" height="10" rx="2" fill=colour/></svg>
+                    {s.label.clone()}
+                </li>
+            }
         })
         .collect_view();
     let table_rows = series

@@ -226,7 +226,8 @@ pub async fn access_action(api: &Api, form: &Form) -> Result<String, PortalError
         &required(form, "request_id", "Request")?,
     )?;
     let back = optional(form, "back").unwrap_or_else(|| "/access".into());
-    let back = if back.starts_with('/') {
+    // Only a page of this server: not `//host` or `/\host`, which browsers read as another.
+    let back = if back.starts_with('/') && !back.starts_with("//") && !back.starts_with("/\\") {
         back
     } else {
         "/access".into()
@@ -313,21 +314,50 @@ pub async fn model_action(api: &Api, form: &Form) -> Result<String, PortalError>
     }
 }
 
+/// The plan form, read as it streams in: the sender must be signed in before anything is
+/// read, the form's token must come before any file, and reading stops at the upload limit
+/// (the API's body limit, less the base64 growth of the files), so that nobody can make the
+/// server take in more than that.
 pub async fn submit_plan(
     api: &Api,
     data: leptos::server_fn::codec::MultipartData,
     form: &mut Form,
 ) -> Result<String, PortalError> {
     use base64::Engine;
+    let limit =
+        leptos::prelude::use_context::<crate::api::UploadLimit>().map_or(1024 * 1024, |l| l.0);
+    // Signed in? (Before a byte of the form is read.)
+    let _me: consilium_core::api::MeDto = api.get("/auth/me").await?;
+    if let Some(length) = crate::api::content_length()
+        && length > limit
+    {
+        return Err(too_large(limit));
+    }
     let mut mp = data
         .into_inner()
         .ok_or_else(|| invalid("The plan form arrived without its fields."))?;
     let mut files = Vec::new();
-    while let Some(field) = mp.next_field().await.map_err(unreadable)? {
+    let mut read = 0usize;
+    let mut token_checked = false;
+    while let Some(mut field) = mp.next_field().await.map_err(unreadable)? {
         let name = field.name().unwrap_or_default().to_string();
         let file_name = field.file_name().map(str::to_string);
-        let bytes = field.bytes().await.map_err(unreadable)?;
+        if !token_checked && name != crate::csrf::FIELD {
+            crate::csrf::check(None)?;
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = field.chunk().await.map_err(unreadable)? {
+            read += chunk.len();
+            if read > limit {
+                return Err(too_large(limit));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         match (name.as_str(), file_name) {
+            (crate::csrf::FIELD, _) => {
+                crate::csrf::check(Some(&String::from_utf8_lossy(&bytes).into_owned()))?;
+                token_checked = true;
+            }
             ("files", Some(file_name)) if !file_name.is_empty() => {
                 files.push(consilium_core::api::PlanFileUpload {
                     name: file_name,
@@ -339,6 +369,9 @@ pub async fn submit_plan(
                 form.insert(name, String::from_utf8_lossy(&bytes).into_owned());
             }
         }
+    }
+    if !token_checked {
+        crate::csrf::check(None)?;
     }
     let id = uuid("study", &required(form, "study_id", "Study")?)?;
     let text = required(form, "manifest", "The manifest")?;
@@ -357,6 +390,18 @@ pub async fn submit_plan(
         )
         .await?;
     Ok(format!("/studies/{id}"))
+}
+
+fn too_large(limit: usize) -> PortalError {
+    PortalError {
+        status: 413,
+        code: "invalid_body".into(),
+        detail: format!(
+            "The plan and its files are larger than the {} KiB this server accepts; attach smaller files (or ask the administrator to raise server.body_limit_bytes).",
+            limit / 1024
+        ),
+        errors: Vec::new(),
+    }
 }
 
 fn unreadable<E: std::fmt::Display>(e: E) -> PortalError {

@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod components;
+pub mod csrf;
 pub mod error;
 pub mod pages;
 pub mod server;

@@ -363,61 +363,77 @@ pub async fn load_audit(
 /// Every form posts its fields as `form[name]`; a form post answers with a redirect.
 pub type Form = HashMap<String, String>;
 
+/// A form post: its token checked first (`crate::csrf`), then `act`; ends in `finish`.
+#[cfg(feature = "ssr")]
+async fn posted<F, Fut>(form: &Form, act: F)
+where
+    F: FnOnce(Api) -> Fut,
+    Fut: std::future::Future<Output = Result<String, PortalError>>,
+{
+    let r = match (
+        crate::csrf::check(form.get(crate::csrf::FIELD)),
+        Api::current(),
+    ) {
+        (Ok(()), Ok(api)) => act(api).await,
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
+    let mut shown = form.clone();
+    shown.remove(crate::csrf::FIELD);
+    finish(r, &shown);
+}
+
 #[server(prefix = "/portal", endpoint = "sign-in")]
 pub async fn sign_in(form: Form) -> Result<(), PortalError> {
-    let api = Api::current()?;
-    let r = async {
+    let form = &form;
+    posted(form, |api| async move {
         let body = consilium_core::api::LocalLogin {
-            email: forms::required(&form, "email", "Email")?,
-            password: forms::required(&form, "password", "Password")?,
+            email: forms::required(form, "email", "Email")?,
+            password: forms::required(form, "password", "Password")?,
         };
         let (_me, cookie): (MeDto, _) = api.post_for_cookie("/auth/login", &body).await?;
         pass_cookie(cookie);
         Ok("/".to_string())
-    }
+    })
     .await;
-    finish(r, &form);
     Ok(())
 }
 
 #[server(prefix = "/portal", endpoint = "sign-out")]
-pub async fn sign_out() -> Result<(), PortalError> {
-    let api = Api::current()?;
-    let cookie = api.post_empty("/auth/logout").await?;
-    pass_cookie(cookie);
-    leptos_actix::redirect("/signin");
+pub async fn sign_out(form: Form) -> Result<(), PortalError> {
+    posted(&form, |api| async move {
+        let cookie = api.post_empty("/auth/logout").await?;
+        pass_cookie(cookie);
+        Ok("/signin".to_string())
+    })
+    .await;
     Ok(())
 }
 
 #[server(prefix = "/portal", endpoint = "save-study")]
 pub async fn save_study(form: Form) -> Result<(), PortalError> {
-    let api = Api::current()?;
-    let r = forms::save_study(&api, &form).await;
-    finish(r, &form);
+    let f = &form;
+    posted(f, |api| async move { forms::save_study(&api, f).await }).await;
     Ok(())
 }
 
 #[server(prefix = "/portal", endpoint = "study-action")]
 pub async fn study_action(form: Form) -> Result<(), PortalError> {
-    let api = Api::current()?;
-    let r = forms::study_action(&api, &form).await;
-    finish(r, &form);
+    let f = &form;
+    posted(f, |api| async move { forms::study_action(&api, f).await }).await;
     Ok(())
 }
 
 #[server(prefix = "/portal", endpoint = "access-action")]
 pub async fn access_action(form: Form) -> Result<(), PortalError> {
-    let api = Api::current()?;
-    let r = forms::access_action(&api, &form).await;
-    finish(r, &form);
+    let f = &form;
+    posted(f, |api| async move { forms::access_action(&api, f).await }).await;
     Ok(())
 }
 
 #[server(prefix = "/portal", endpoint = "model-action")]
 pub async fn model_action(form: Form) -> Result<(), PortalError> {
-    let api = Api::current()?;
-    let r = forms::model_action(&api, &form).await;
-    finish(r, &form);
+    let f = &form;
+    posted(f, |api| async move { forms::model_action(&api, f).await }).await;
     Ok(())
 }
 
@@ -438,8 +454,7 @@ pub async fn auth_config() -> Result<consilium_core::api::AuthConfigDto, PortalE
 
 #[server(prefix = "/portal", endpoint = "preview-action")]
 pub async fn preview_action(form: Form) -> Result<(), PortalError> {
-    let api = Api::current()?;
-    let r = forms::preview_action(&api, &form).await;
-    finish(r, &form);
+    let f = &form;
+    posted(f, |api| async move { forms::preview_action(&api, f).await }).await;
     Ok(())
 }

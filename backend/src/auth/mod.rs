@@ -4,7 +4,7 @@
 pub mod oidc;
 
 use actix_web::cookie::{Cookie, SameSite, time::Duration as CookieDuration};
-use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, dev::Payload, web};
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use base64::Engine;
@@ -13,13 +13,14 @@ use consilium_core::Role;
 use consilium_core::hash::sha256_hex;
 use rand::RngCore;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use secrecy::ExposeSecret;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 
 use crate::context::AppContext;
-use crate::domain::Actor;
-use crate::entities::{api_token, session, user};
+use crate::domain::{Actor, Via};
+use crate::entities::{api_token, session, site, user};
 use crate::error::{AppError, AppResult};
 
 pub const SESSION_COOKIE: &str = "consilium_session";
@@ -55,6 +56,55 @@ pub fn verify_password(password: &str, stored: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Verifies `password` against a hash of a random password nobody knows: what a sign-in for
+/// an unknown account (or one without a password) costs, so that its answer takes as long as
+/// a wrong password for a real account and timing reveals nothing.
+pub fn verify_dummy_password(password: &str) {
+    static DUMMY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let dummy = DUMMY.get_or_init(|| match hash_password(&random_secret(32)) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::error!(error = ?e, "could not prepare the dummy password hash");
+            None
+        }
+    });
+    if let Some(h) = dummy {
+        // Always false: nobody knows the password behind it.
+        let _always_false = verify_password(password, h);
+    }
+}
+
+/// The header with which the portal forwards the browser's address on its own API calls.
+pub const PORTAL_CLIENT_HEADER: &str = consilium_frontend::api::CLIENT_HEADER;
+/// The header carrying the portal's key, proving that the forwarded address is the portal's.
+pub const PORTAL_KEY_HEADER: &str = consilium_frontend::api::KEY_HEADER;
+
+/// The address of the person behind a request: the peer's, or, on the portal's own call to the
+/// API (which comes from this machine), the browser's address the portal forwards. A client
+/// cannot claim an address of its choice: the forwarded one counts only with the portal's key,
+/// a random secret of this server process.
+pub fn client_addr(ctx: &AppContext, req: &HttpRequest) -> Option<std::net::IpAddr> {
+    let peer = req.peer_addr().map(|a| a.ip());
+    let key = req
+        .headers()
+        .get(PORTAL_KEY_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let forwarded = req
+        .headers()
+        .get(PORTAL_CLIENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    match (key, forwarded) {
+        (Some(k), Some(addr)) if constant_time_eq(k, ctx.portal_key.expose_secret()) => Some(addr),
+        _ => peer,
+    }
+}
+
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
 pub fn roles_of(json: &serde_json::Value) -> BTreeSet<Role> {
     json.as_array()
         .map(|a| {
@@ -71,7 +121,7 @@ pub fn session_cookie(ctx: &AppContext, value: String) -> Cookie<'static> {
         .path("/")
         .http_only(true)
         .secure(ctx.settings.server.cookie_secure)
-        .same_site(SameSite::Lax)
+        .same_site(SameSite::Strict)
         .max_age(CookieDuration::hours(ctx.settings.server.session_hours))
         .finish()
 }
@@ -148,6 +198,16 @@ async fn resolve(
             .one(&ctx.db)
             .await?
             .ok_or_else(unauthenticated)?;
+        let via = match row.site_id {
+            Some(site_id) => Via::Worker {
+                site: site::Entity::find_by_id(site_id)
+                    .one(&ctx.db)
+                    .await?
+                    .map(|s| s.name)
+                    .unwrap_or_else(|| site_id.to_string()),
+            },
+            None => Via::Token,
+        };
         // A token never acts with a role its owner no longer holds.
         let roles = roles_of(&row.roles)
             .intersection(&roles_of(&owner.roles))
@@ -158,6 +218,7 @@ async fn resolve(
             roles,
             token_id: Some(row.id),
             site_id: row.site_id,
+            via,
         });
     }
     if let Some(secret) = cookie {
@@ -172,6 +233,7 @@ async fn resolve(
                 roles: roles_of(&u.roles),
                 token_id: None,
                 site_id: None,
+                via: Via::Session,
             });
         }
         return Err(AppError::Unauthenticated(
@@ -194,6 +256,7 @@ impl FromRequest for Authenticated {
             .get(actix_web::http::header::AUTHORIZATION)
             .map(|h| h.to_str().map(str::to_string));
         let cookie = req.cookie(SESSION_COOKIE).map(|c| c.value().to_string());
+        let req = req.clone();
         Box::pin(async move {
             let ctx = ctx.ok_or_else(|| {
                 AppError::unexpected(anyhow::anyhow!("application context missing"))
@@ -214,7 +277,10 @@ impl FromRequest for Authenticated {
                     ));
                 }
             };
-            resolve(ctx, bearer, cookie).await.map(Authenticated)
+            let actor = resolve(ctx, bearer, cookie).await?;
+            // The denial audit (crate::security) names who was refused.
+            req.extensions_mut().insert(actor.clone());
+            Ok(Authenticated(actor))
         })
     }
 }

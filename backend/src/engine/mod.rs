@@ -22,7 +22,7 @@ use uuid::Uuid;
 use crate::audit;
 use crate::context::AppContext;
 use crate::domain::Actor;
-use crate::entities::{heartbeat, model_version, plan, round, run, update};
+use crate::entities::{heartbeat, model_version, plan, round, run, site, update};
 use crate::error::{AppError, AppResult};
 use crate::services::{directory, runs as run_service, studies};
 
@@ -301,12 +301,12 @@ impl Engine {
         }
         .insert(&*w)
         .await?;
-        let site_actor = Actor {
-            user_id: Uuid::nil(),
-            roles: Default::default(),
-            token_id: None,
-            site_id: Some(r.site_id),
-        };
+        let site_name = site::Entity::find_by_id(r.site_id)
+            .one(&*w)
+            .await?
+            .map(|s| s.name)
+            .unwrap_or_else(|| "(unknown)".to_string());
+        let site_actor = Actor::site_worker(r.site_id, &site_name);
         // A refusal is always recorded as one, even for a job the server did not expect
         // (an altered or forged job): the custodian and the auditors need to see it.
         let action = match (expected, outcome) {

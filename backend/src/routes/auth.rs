@@ -40,8 +40,13 @@ async fn auth_config(ctx: web::Data<AppContext>) -> web::Json<AuthConfigDto> {
     (status = 200, body = MeDto),
     (status = "4XX", body = Problem, content_type = "application/problem+json")))]
 #[post("/auth/login")]
-async fn login(ctx: web::Data<AppContext>, body: web::Json<LocalLogin>) -> AppResult<HttpResponse> {
-    let (user, secret) = sessions::local_login(&ctx, body.into_inner()).await?;
+async fn login(
+    ctx: web::Data<AppContext>,
+    req: HttpRequest,
+    body: web::Json<LocalLogin>,
+) -> AppResult<HttpResponse> {
+    let client = crate::auth::client_addr(&ctx, &req);
+    let (user, secret) = sessions::local_login(&ctx, body.into_inner(), client).await?;
     let acting_roles = user.roles.clone();
     Ok(HttpResponse::Ok()
         .cookie(session_cookie(&ctx, secret))
@@ -82,11 +87,26 @@ async fn me(
     (status = 404, body = Problem, content_type = "application/problem+json")))]
 #[get("/auth/oidc/login")]
 async fn oidc_login(ctx: web::Data<AppContext>) -> AppResult<HttpResponse> {
-    let url = sessions::oidc_start(&ctx).await?;
+    let (url, state) = sessions::oidc_start(&ctx).await?;
     Ok(HttpResponse::SeeOther()
+        .cookie(oidc_state_cookie(&ctx, state))
         .insert_header(("Location", url))
         .finish())
 }
+
+/// The cookie that binds a sign-in to the browser that started it. `SameSite=Lax`: it must
+/// come back with the identity provider's redirect to the callback (a cross-site navigation).
+fn oidc_state_cookie(ctx: &AppContext, state: String) -> actix_web::cookie::Cookie<'static> {
+    actix_web::cookie::Cookie::build(OIDC_STATE_COOKIE, state)
+        .path("/api/v1/auth/oidc")
+        .http_only(true)
+        .secure(ctx.settings.server.cookie_secure)
+        .same_site(actix_web::cookie::SameSite::Lax)
+        .max_age(actix_web::cookie::time::Duration::minutes(10))
+        .finish()
+}
+
+const OIDC_STATE_COOKIE: &str = "consilium_oidc_state";
 
 #[derive(Deserialize, IntoParams)]
 struct CallbackQuery {
@@ -98,13 +118,15 @@ struct CallbackQuery {
 
 /// Where the identity provider sends the browser back; opens the session.
 #[utoipa::path(tag = "auth", params(CallbackQuery), responses(
-    (status = 303, description = "Signed in; redirect to the portal"),
+    (status = 200, description = "Signed in: a page that moves on to the portal", content_type = "text/html"),
     (status = "4XX", body = Problem, content_type = "application/problem+json")))]
 #[get("/auth/oidc/callback")]
 async fn oidc_callback(
     ctx: web::Data<AppContext>,
+    req: HttpRequest,
     q: web::Query<CallbackQuery>,
 ) -> AppResult<HttpResponse> {
+    let browser_state = req.cookie(OIDC_STATE_COOKIE).map(|c| c.value().to_string());
     let q = q.into_inner();
     if let Some(error) = q.error {
         return Err(AppError::Unauthenticated(format!(
@@ -119,11 +141,21 @@ async fn oidc_callback(
             "The callback needs `code` and `state` from the identity provider.".into(),
         ));
     };
-    let (_user, secret) = sessions::oidc_finish(&ctx, code, state).await?;
-    Ok(HttpResponse::SeeOther()
+    let (_user, secret) = sessions::oidc_finish(&ctx, code, state, browser_state).await?;
+    let mut used = oidc_state_cookie(&ctx, String::new());
+    used.make_removal();
+    // The session cookie is SameSite=Strict, so a browser would not send it on a redirect
+    // that continues the identity provider's cross-site navigation: this page moves on to the
+    // portal itself, a same-site navigation that carries the new session.
+    Ok(HttpResponse::Ok()
         .cookie(session_cookie(&ctx, secret))
-        .insert_header(("Location", "/"))
-        .finish())
+        .cookie(used)
+        .content_type("text/html; charset=utf-8")
+        .body(concat!(
+            "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+            "<meta http-equiv=\"refresh\" content=\"0;url=/\"><title>Signed in · Consilium</title></head>",
+            "<body><p>You are signed in. <a href=\"/\">Continue to Consilium</a>.</p></body></html>"
+        )))
 }
 
 /// Your API tokens (never their secrets).

@@ -1,4 +1,5 @@
 use actix_web::{HttpResponse, get, post, web};
+use consilium_core::Role;
 use consilium_core::api::{
     CreateWorkerToken, HeartbeatDto, LineageDto, ModelListQuery, ModelVersionDto,
     MonitoringReportDto, ReportMonitoring, RoundDto, RunDto, SiteGrantDto, StopRun, TokenCreated,
@@ -183,16 +184,28 @@ async fn worker_token(
         .json(tokens::create_worker_token(&ctx, &a, id.into_inner(), body.into_inner()).await?))
 }
 
-/// The site worker's last heartbeat.
+/// The site worker's last heartbeat: its worker, its custodians, administrators and auditors.
 #[utoipa::path(tag = "sites", responses((status = 200, body = HeartbeatDto),
     (status = "4XX", body = Problem, content_type = "application/problem+json")))]
 #[get("/sites/{id}/heartbeat")]
 async fn site_heartbeat(
     ctx: web::Data<AppContext>,
-    Authenticated(_a): Authenticated,
+    Authenticated(a): Authenticated,
     id: web::Path<Uuid>,
 ) -> AppResult<web::Json<HeartbeatDto>> {
     let id = id.into_inner();
+    // What a site's worker reports (its image counts, its version) is the site's business.
+    let site = crate::services::directory::get_site(&ctx.db, id).await?;
+    let allowed = a.site_id == Some(id)
+        || (a.site_id.is_none() && a.has(Role::Custodian) && site.custodians.contains(&a.user_id))
+        || a.has(Role::Administrator)
+        || a.has(Role::Auditor);
+    if !allowed {
+        return Err(AppError::Forbidden(format!(
+            "Only {:?}'s worker, its custodians, administrators and auditors may read its heartbeat.",
+            site.name
+        )));
+    }
     let h = heartbeat::Entity::find_by_id(id)
         .one(&ctx.db)
         .await?

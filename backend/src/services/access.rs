@@ -181,7 +181,7 @@ pub async fn decide(
             None => checks
                 .0
                 .push("expires_at is required for an approval".into()),
-            Some(e) => checks.check(e > Utc::now(), "expires_at must be in the future"),
+            Some(e) => checks.expiry("expires_at", e),
         }
         if let Some(s) = input.scope {
             let same_kind = s.modality == scope.modality
@@ -315,17 +315,40 @@ pub async fn list(
 
 pub async fn get(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<AccessRequestDto> {
     let m = load(ctx, id).await?;
-    let visible = actor.has(Role::Administrator)
+    if may_read(ctx, actor, &m).await? {
+        access_dto(&m)
+    } else {
+        Err(super::hidden("data-access request", id))
+    }
+}
+
+/// Who may read a data-access request whole (its justification, the custodian's comment,
+/// who decided): the requester, the site's custodians, administrators and auditors.
+pub async fn may_read(
+    ctx: &AppContext,
+    actor: &Actor,
+    m: &access_request::Model,
+) -> AppResult<bool> {
+    Ok(actor.has(Role::Administrator)
         || actor.has(Role::Auditor)
         || (actor.has(Role::Researcher) && m.requester_id == actor.user_id)
         || (actor.has(Role::Custodian)
-            && require_custodian(&ctx.db, actor, m.site_id).await.is_ok());
-    if visible {
-        access_dto(&m)
-    } else {
-        Err(not_found("data-access request", id))
-    }
+            && require_custodian(&ctx.db, actor, m.site_id).await.is_ok()))
 }
+
+/// A grant as somebody else sees it in a model's lineage: that it exists, for which site,
+/// plan and scope, in force until when — without the requester's justification, the
+/// custodian's comment or who decided.
+pub fn withheld(mut dto: AccessRequestDto) -> AccessRequestDto {
+    dto.justification = WITHHELD.to_string();
+    dto.comment = None;
+    dto.decided_by = None;
+    dto
+}
+
+/// What a withheld grant shows instead of its justification.
+pub const WITHHELD: &str =
+    "(withheld: only the requester, the site's custodians, administrators and auditors read this)";
 
 /// The grants in force at a site: what its worker checks every job against. Its worker
 /// token, its custodians, administrators and auditors may read them.

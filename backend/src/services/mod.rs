@@ -38,6 +38,16 @@ pub(crate) fn require_any(actor: &Actor, roles: &[Role], what: &str) -> AppResul
 #[derive(Default)]
 pub(crate) struct Checks(pub Vec<String>);
 
+/// The furthest an approval or a data-access grant may run.
+pub const MAX_EXPIRY_YEARS: i64 = 10;
+
+/// Unicode category Cf: bidirectional overrides, zero-width characters and the like, which
+/// make text display differently from what it is.
+pub fn is_format_char(c: char) -> bool {
+    unicode_general_category::get_general_category(c)
+        == unicode_general_category::GeneralCategory::Format
+}
+
 impl Checks {
     /// A required single-line or multi-line text: trimmed, non-empty, bounded, no control
     /// characters (other than line breaks and tabs in multi-line text).
@@ -54,8 +64,25 @@ impl Checks {
         {
             self.0
                 .push(format!("{field} must not contain control characters"));
+        } else if !multiline && v.chars().any(is_format_char) {
+            self.0.push(format!(
+                "{field} must not contain invisible formatting characters (Unicode category Cf, such as right-to-left overrides or zero-width spaces): they can make a name read differently from what it is"
+            ));
         }
         v.to_string()
+    }
+
+    /// An approval's or a grant's expiry: in the future, and at most `MAX_EXPIRY_YEARS` ahead
+    /// (a study is renewed by a new decision, not approved for ever).
+    pub fn expiry(&mut self, field: &str, at: chrono::DateTime<chrono::Utc>) {
+        let now = chrono::Utc::now();
+        if at <= now {
+            self.0.push(format!("{field} must be in the future"));
+        } else if at > now + chrono::Duration::days(365 * MAX_EXPIRY_YEARS) {
+            self.0.push(format!(
+                "{field} must be within {MAX_EXPIRY_YEARS} years from now"
+            ));
+        }
     }
 
     pub fn optional_text(
@@ -87,6 +114,14 @@ impl Checks {
 
 pub(crate) fn from_json<T: DeserializeOwned>(v: &serde_json::Value) -> AppResult<T> {
     serde_json::from_value(v.clone()).map_err(AppError::unexpected)
+}
+
+/// Like `not_found`, for something that exists but the caller may not see: the same answer,
+/// audited as a denial.
+pub(crate) fn hidden(what: &str, id: Uuid) -> AppError {
+    AppError::Hidden(format!(
+        "No {what} with id {id} exists (or you may not see it)."
+    ))
 }
 
 pub(crate) fn not_found(what: &str, id: Uuid) -> AppError {

@@ -51,7 +51,7 @@ async fn visible_version(
         .ok_or_else(|| not_found("model version", id))?;
     studies::visible_study(&ctx.db, actor, m.study_id)
         .await
-        .map_err(|_| not_found("model version", id))?;
+        .map_err(|_| super::hidden("model version", id))?;
     Ok(m)
 }
 
@@ -221,7 +221,12 @@ pub async fn lineage(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<Lin
     let mut grants = Vec::new();
     for g in grant_ids {
         if let Some(a) = access_request::Entity::find_by_id(g).one(&ctx.db).await? {
-            grants.push(access::access_dto(&a)?);
+            let dto = access::access_dto(&a)?;
+            grants.push(if access::may_read(ctx, actor, &a).await? {
+                dto
+            } else {
+                access::withheld(dto)
+            });
         }
     }
     Ok(LineageDto {
@@ -274,18 +279,27 @@ pub async fn report(
     id: Uuid,
     input: ReportMonitoring,
 ) -> AppResult<MonitoringReportDto> {
+    // Refused as "not found" unless the caller may see the model and speaks for a site of its
+    // study: otherwise the answers (404, 409, 201) would tell which model ids exist and which
+    // are released, and a site in no study could report on any model.
     let m = model_version::Entity::find_by_id(id)
         .one(&ctx.db)
         .await?
         .ok_or_else(|| not_found("model version", id))?;
-    let site = directory::get_site(&ctx.db, input.site_id).await?;
-    let allowed = actor.site_id == Some(site.id)
-        || (actor.has(Role::Custodian) && site.custodians.contains(&actor.user_id));
-    if !allowed {
-        return Err(AppError::Forbidden(format!(
-            "Only site {:?} (its worker or custodian) may report for it.",
-            site.name
-        )));
+    let site = directory::get_site(&ctx.db, input.site_id)
+        .await
+        .map_err(|_| super::hidden("model version", id))?;
+    let speaks_for_site = actor.site_id == Some(site.id)
+        || (actor.site_id.is_none()
+            && actor.has(Role::Custodian)
+            && site.custodians.contains(&actor.user_id));
+    let study = studies::load_study(&ctx.db, m.study_id).await?;
+    let in_study = studies::study_dto(&study)?
+        .sites
+        .iter()
+        .any(|s| s.site_id == site.id);
+    if !(speaks_for_site && in_study) {
+        return Err(super::hidden("model version", id));
     }
     if m.released_at.is_none() {
         return Err(AppError::conflict(

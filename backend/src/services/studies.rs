@@ -143,7 +143,7 @@ pub async fn visible_study<C: ConnectionTrait>(
     if can_see(db, actor, &s).await? {
         Ok(s)
     } else {
-        Err(not_found("study", id))
+        Err(super::hidden("study", id))
     }
 }
 
@@ -532,7 +532,7 @@ pub async fn review_study(
             None => checks
                 .0
                 .push("expires_at is required for an approval".into()),
-            Some(e) => checks.check(e > Utc::now(), "expires_at must be in the future"),
+            Some(e) => checks.expiry("expires_at", e),
         }
     }
     checks.finish()?;

@@ -79,7 +79,20 @@ pub async fn create(
     insert(w, actor, token, "token.created").await
 }
 
+/// Token management needs the person signed in: a token (a worker's or an integration's)
+/// may not list, create or revoke tokens — else a stolen token could revoke the production
+/// worker's, or see them all. A token may revoke only itself.
+fn require_signed_in(actor: &Actor, what: &str) -> AppResult<()> {
+    if actor.token_id.is_some() {
+        return Err(AppError::Forbidden(format!(
+            "An API token can't {what}; sign in to manage tokens."
+        )));
+    }
+    Ok(())
+}
+
 pub async fn list(ctx: &AppContext, actor: &Actor) -> AppResult<Vec<TokenDto>> {
+    require_signed_in(actor, "list tokens")?;
     let rows = api_token::Entity::find()
         .filter(api_token::Column::UserId.eq(actor.user_id))
         .order_by_asc(api_token::Column::CreatedAt)
@@ -90,13 +103,16 @@ pub async fn list(ctx: &AppContext, actor: &Actor) -> AppResult<Vec<TokenDto>> {
 
 #[tracing::instrument(skip(ctx), fields(actor = %actor.audit_name()))]
 pub async fn revoke(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<TokenDto> {
+    if actor.token_id != Some(id) {
+        require_signed_in(actor, "revoke other tokens")?;
+    }
     let w = ctx.begin_write().await?;
     let m = api_token::Entity::find_by_id(id)
         .one(&*w)
         .await?
         .ok_or_else(|| not_found("API token", id))?;
     if m.user_id != actor.user_id && !actor.has(Role::Administrator) {
-        return Err(not_found("API token", id));
+        return Err(super::hidden("API token", id));
     }
     if m.revoked_at.is_some() {
         return Err(AppError::conflict(

@@ -4,6 +4,7 @@
 use crate::helpers::*;
 use crate::on_both;
 
+use consilium_core::Role;
 use consilium_worker::data::{DataKind, DatasetSpec, LabelKey};
 use consilium_worker::job::{ServerApprovals, SiteContext};
 use consilium_worker::synthetic::{SiteProfile, write_site};
@@ -274,13 +275,17 @@ async fn a_governed_run_trains_across_sites(db: Db) {
     .await
     .expect(200);
     let report = json!({"site_id": w.site_a, "metrics": {"loss": 0.3, "accuracy": 0.9, "auroc": 0.95, "samples": 40}, "note": "first month"});
+    // Another site's custodian may not speak for North: answered as if the model did not
+    // exist, like every refusal below (404, not 403 or 409, which would tell what exists).
     app.post(
         &format!("/api/v1/models/{}/monitoring", id_of(last)),
         &w.custodian_b.auth,
         report.clone(),
     )
     .await
-    .expect(403);
+    .expect(404);
+    forged_reports_are_refused(&app, &w, &models).await;
+    each_site_sees_its_own(&app, &w, &id_of(last)).await;
     app.post(
         &format!("/api/v1/models/{}/monitoring", id_of(last)),
         &w.custodian_a.auth,
@@ -321,3 +326,167 @@ async fn a_governed_run_trains_across_sites(db: Db) {
     );
 }
 on_both!(a_governed_run_trains_across_sites);
+
+/// In a model's lineage, a site's custodian reads the other sites' grants without their
+/// justification, comment or decider; a site's heartbeat is its own business; a worker token
+/// manages no tokens.
+async fn each_site_sees_its_own(app: &TestApp, w: &World, model: &str) {
+    let path = format!("/api/v1/models/{model}/lineage");
+    for (who, own, theirs) in [
+        (&w.custodian_b, w.site_b, w.site_a),
+        (&w.custodian_a, w.site_a, w.site_b),
+    ] {
+        let lineage = app.get(&path, &who.auth).await.expect(200);
+        let grants = lineage["grants"].as_array().expect("grants");
+        let grant = |site: Uuid| {
+            grants
+                .iter()
+                .find(|g| g["site_id"] == json!(site))
+                .expect("a grant per site")
+        };
+        assert_eq!(grant(own)["justification"], "training");
+        assert!(
+            grant(theirs)["justification"]
+                .as_str()
+                .is_some_and(|j| j.starts_with("(withheld"))
+        );
+        assert_eq!(grant(theirs)["decided_by"], Value::Null);
+        assert_eq!(grant(theirs)["status"], "approved");
+        // The grant itself stays out of reach, as it was.
+        app.get(
+            &format!("/api/v1/access-requests/{}", id_of(grant(theirs))),
+            &who.auth,
+        )
+        .await
+        .expect(404);
+    }
+    let full = app.get(&path, &w.auditor.auth).await.expect(200);
+    assert!(
+        full["grants"]
+            .as_array()
+            .expect("grants")
+            .iter()
+            .all(|g| g["justification"] == "training")
+    );
+
+    let heartbeat = |site: Uuid| format!("/api/v1/sites/{site}/heartbeat");
+    app.get(&heartbeat(w.site_a), &w.custodian_a.auth)
+        .await
+        .expect(200);
+    app.get(&heartbeat(w.site_a), &w.custodian_b.auth)
+        .await
+        .expect(403);
+    app.get(&heartbeat(w.site_a), &w.researcher.auth)
+        .await
+        .expect(403);
+    let worker = Auth::Token(worker_token(app, w.site_a, &w.custodian_a).await);
+    app.get(&heartbeat(w.site_a), &worker).await.expect(200);
+    app.get(&heartbeat(w.site_b), &worker).await.expect(403);
+    // A worker token neither lists nor revokes its custodian's tokens.
+    app.get("/api/v1/tokens", &worker).await.expect(403);
+    let session = Auth::Cookie(app.sign_in(&w.custodian_a.email).await);
+    let tokens = app.get("/api/v1/tokens", &session).await.expect(200);
+    let sibling = tokens
+        .as_array()
+        .expect("tokens")
+        .first()
+        .map(id_of)
+        .expect("a token");
+    app.call(
+        reqwest::Method::DELETE,
+        &format!("/api/v1/tokens/{sibling}"),
+        &worker,
+        None,
+    )
+    .await
+    .expect(403);
+    // Site results are audited in the site worker's name, not the system's.
+    let received = app
+        .get(
+            "/api/v1/audit/events?action=update.received&limit=5",
+            &w.auditor.auth,
+        )
+        .await
+        .expect(200);
+    assert!(
+        received
+            .as_array()
+            .expect("events")
+            .iter()
+            .all(|e| e["actor"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("site ") && a.contains(" worker ("))),
+        "{received}"
+    );
+}
+
+/// A custodian of a site that takes part in no study reports on models it cannot read: refused
+/// exactly as for a model id that does not exist, released or not.
+async fn forged_reports_are_refused(app: &TestApp, w: &World, models: &[Value]) {
+    let outsider = app.person("olga@west.test", &[Role::Custodian]).await;
+    let west: Uuid = app
+        .post(
+            "/api/v1/sites",
+            &w.admin.auth,
+            json!({"name": "West Hospital", "custodians": [outsider.id]}),
+        )
+        .await
+        .expect(201)["id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("site id");
+    let report = json!({"site_id": west, "metrics": {"loss": 0.1, "accuracy": 0.99, "samples": 1}});
+    let released = id_of(&models[2]);
+    let unreleased = id_of(&models[0]);
+    let unknown = Uuid::new_v4().to_string();
+    let mut answers = Vec::new();
+    for model in [&released, &unreleased, &unknown] {
+        let body = app
+            .post(
+                &format!("/api/v1/models/{model}/monitoring"),
+                &outsider.auth,
+                report.clone(),
+            )
+            .await
+            .expect(404);
+        answers.push((
+            body["code"].clone(),
+            body["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .replace(model.as_str(), "ID"),
+        ));
+    }
+    assert!(answers.iter().all(|a| *a == answers[2]), "{answers:?}");
+    // A site in the study may not report in the name of a site outside it either.
+    app.post(
+        &format!("/api/v1/models/{released}/monitoring"),
+        &w.custodian_a.auth,
+        report,
+    )
+    .await
+    .expect(404);
+    let reports = app
+        .get(
+            &format!("/api/v1/models/{released}/monitoring"),
+            &w.auditor.auth,
+        )
+        .await
+        .expect(200);
+    assert_eq!(reports.as_array().map(Vec::len), Some(0), "{reports}");
+    // The refusals are in the audit trail, named by who tried and how.
+    let denied = app
+        .get(
+            "/api/v1/audit/events?action=models.denied&limit=1000",
+            &w.auditor.auth,
+        )
+        .await
+        .expect(200);
+    let denied = denied.as_array().expect("events");
+    assert!(
+        denied.iter().any(|e| e["actor"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("{} via token ", outsider.id)))),
+        "{denied:?}"
+    );
+}

@@ -140,7 +140,7 @@ async fn bad_requests_are_problems_not_server_errors(db: Db) {
         errors,
         vec![
             "optimiser.name must be \"sgd\" or \"adamw\", not \"adam\"",
-            "rounds must be at least 1",
+            "rounds must be between 1 and 10000, not 0",
             "files[0].name must be a plain file name, without folders",
             "files[0].content_base64 is not valid base64",
         ]

@@ -376,7 +376,7 @@ holdout = 0.25
         round_in(r, 1, "collecting")
     })
     .await;
-    wait_training(&app.client, &c, site_c, &w.researcher).await;
+    wait_training(&app.client, &c, site_c, &w.admin).await;
     workers[2].kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     workers[2] = c.start_worker(&configs[2], 3);
@@ -386,7 +386,7 @@ holdout = 0.25
         round_in(r, 2, "collecting")
     })
     .await;
-    wait_training(&app.client, &c, w.site_b, &w.researcher).await;
+    wait_training(&app.client, &c, w.site_b, &w.admin).await;
     server.kill();
     tokio::time::sleep(Duration::from_secs(2)).await;
     server = c.start_server(2);
@@ -397,7 +397,7 @@ holdout = 0.25
         round_in(r, 3, "collecting")
     })
     .await;
-    wait_training(&app.client, &c, w.site_a, &w.researcher).await;
+    wait_training(&app.client, &c, w.site_a, &w.admin).await;
     rabbitmqctl(&[
         "close_all_connections",
         "--vhost",

@@ -248,14 +248,18 @@ impl TestApp {
     ) -> Reply {
         let mut req = self
             .client
-            .request(method, format!("{}{}", self.address, path));
+            .request(method.clone(), format!("{}{}", self.address, path));
         req = match auth {
             Auth::None => req,
             Auth::Token(t) => req.bearer_auth(t),
             Auth::Cookie(c) => req.header("Cookie", format!("consilium_session={c}")),
         };
-        if let Some(b) = body {
-            req = req.json(&b);
+        let changes = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+        match body {
+            Some(b) => req = req.json(&b),
+            // A change through the API is JSON even without a body (see `security`).
+            None if changes => req = req.json(&json!({})),
+            None => {}
         }
         let resp = req.send().await.expect("request sent");
         let status = resp.status();

@@ -392,7 +392,13 @@ async fn governed_study_from_draft_to_run(db: Db) {
             "study.approved"
         ]
     );
-    assert_eq!(events[0]["actor"], json!(w.researcher.id.to_string()));
+    assert!(
+        events[0]["actor"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("{} via token ", w.researcher.id))),
+        "{}",
+        events[0]
+    );
     let verified = app
         .get("/api/v1/audit/verify", &w.auditor.auth)
         .await

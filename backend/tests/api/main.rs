@@ -13,5 +13,6 @@ mod oidc;
 mod openapi;
 mod previews;
 mod roles;
+mod security;
 mod simulate;
 mod tokens;

@@ -35,6 +35,13 @@ fn attr<'a>(html: &'a str, after: &str, name: &str) -> Option<&'a str> {
 /// Walks the browser's part of the flow: our login redirect, the provider's login and
 /// consent forms, back to our callback. Returns the callback's response.
 async fn sign_in_through_provider(app: &TestApp, login: &str) -> reqwest::Response {
+    let (browser, callback) = callback_url(app, login).await;
+    browser.get(callback).send().await.expect("callback")
+}
+
+/// The same walk, up to the link back to our callback (not followed); returns the browser
+/// (with its cookies) and that link.
+async fn callback_url(app: &TestApp, login: &str) -> (reqwest::Client, url::Url) {
     let browser = reqwest::Client::builder()
         .cookie_store(true)
         .redirect(reqwest::redirect::Policy::none())
@@ -55,10 +62,10 @@ async fn sign_in_through_provider(app: &TestApp, login: &str) -> reqwest::Respon
                 .expect("location")
                 .to_string();
             let next = resp.url().join(&location).expect("url");
-            resp = browser.get(next).send().await.expect("follow");
-            if resp.url().path() == "/api/v1/auth/oidc/callback" {
-                return resp;
+            if next.path() == "/api/v1/auth/oidc/callback" {
+                return (browser, next);
             }
+            resp = browser.get(next).send().await.expect("follow");
             continue;
         }
         let base = resp.url().clone();
@@ -111,22 +118,45 @@ async fn sign_in_with_a_real_openid_provider(db: Db) {
         .expect(200);
     assert_eq!(config, json!({"local_accounts": false, "oidc": true}));
 
+    // Login CSRF: a callback link made in someone else's browser (their code, their state)
+    // does not sign this browser in.
+    let (_attacker, forged) = callback_url(&app, "mallory").await;
+    let victim = app
+        .client
+        .get(forged)
+        .send()
+        .await
+        .expect("forged callback");
+    assert_eq!(victim.status().as_u16(), 400);
+    assert!(!victim.headers().get_all("set-cookie").iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.starts_with("consilium_session="))
+    }));
+    let problem: serde_json::Value = victim.json().await.expect("problem");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not start in this browser"),
+        "{problem}"
+    );
+
     let callback = sign_in_through_provider(&app, "rhea").await;
+    // The session cookie is SameSite=Strict, so the callback answers with a page that moves
+    // on to the portal (a same-site navigation) instead of a redirect.
     assert_eq!(
         callback.status().as_u16(),
-        303,
+        200,
         "callback: {:?}",
         callback.headers()
     );
-    assert_eq!(
-        callback
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok()),
-        Some("/")
-    );
     let (session, header) = session_from(&callback);
-    for attribute in ["HttpOnly", "Secure", "SameSite=Lax", "Path=/"] {
+    let page = callback.text().await.expect("page");
+    assert!(
+        page.contains("http-equiv=\"refresh\" content=\"0;url=/\""),
+        "{page}"
+    );
+    for attribute in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
         assert!(
             header.contains(attribute),
             "{attribute} missing from {header}"
@@ -238,6 +268,7 @@ async fn sign_in_with_a_real_openid_provider(db: Db) {
         .client
         .post(format!("{}/api/v1/auth/logout", app.address))
         .header("Cookie", format!("consilium_session={session}"))
+        .json(&json!({}))
         .send()
         .await
         .expect("logout");

@@ -82,6 +82,19 @@ async fn api_tokens_are_scoped_expire_and_can_be_revoked(db: Db) {
 
     // Another user can't revoke it; its owner can, and it stops working at once.
     let tid = created["info"]["id"].as_str().expect("id").to_string();
+    let other_session = Auth::Cookie(app.sign_in(&w.researcher.email).await);
+    app.call(
+        reqwest::Method::DELETE,
+        &format!("/api/v1/tokens/{tid}"),
+        &other_session,
+        None,
+    )
+    .await
+    .expect(404);
+    // Nor can a token (of anybody) manage tokens: not list, not revoke another.
+    app.get("/api/v1/tokens", &w.researcher.auth)
+        .await
+        .expect(403);
     app.call(
         reqwest::Method::DELETE,
         &format!("/api/v1/tokens/{tid}"),
@@ -89,7 +102,7 @@ async fn api_tokens_are_scoped_expire_and_can_be_revoked(db: Db) {
         None,
     )
     .await
-    .expect(404);
+    .expect(403);
     let revoked = app
         .call(
             reqwest::Method::DELETE,

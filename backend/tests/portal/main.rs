@@ -10,5 +10,6 @@ mod harness;
 mod nojs;
 mod oidc;
 mod previews;
+mod security;
 mod setup;
 mod story;

@@ -38,6 +38,13 @@ async fn pages_and_forms_work_without_the_bundle() {
         html.contains("browser bundle is not built") && html.contains("scripts/build-portal"),
         "the missing bundle is named, with the command that builds it: {html}"
     );
+    // Every form carries this browser's token (see `security`); a post without it is refused.
+    let token = html
+        .split("name=\"form[csrf]\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("the form's token")
+        .to_string();
 
     // A wrong password comes back to the form with the reason and the email kept.
     let wrong = browser
@@ -47,6 +54,7 @@ async fn pages_and_forms_work_without_the_bundle() {
         .form(&[
             ("form[email]", "rhea@uni.example"),
             ("form[password]", "not-it"),
+            ("form[csrf]", token.as_str()),
         ])
         .send()
         .await
@@ -68,6 +76,7 @@ async fn pages_and_forms_work_without_the_bundle() {
         .form(&[
             ("form[email]", "rhea@uni.example"),
             ("form[password]", demo::DEMO_PASSWORD),
+            ("form[csrf]", token.as_str()),
         ])
         .send()
         .await

@@ -17,11 +17,28 @@ pub fn actor(u: &UserDto) -> Actor {
         roles: u.roles.iter().copied().collect(),
         token_id: None,
         site_id: None,
+        via: consilium_backend::domain::Via::Console,
     }
 }
 
 pub fn researcher(p: &Portal) -> Actor {
     actor(p.cast.first(Role::Researcher).unwrap())
+}
+
+/// The cast's first `n` sites, each asked for 50 chest radiographs.
+pub fn study_sites(p: &Portal, n: usize) -> Vec<StudySite> {
+    p.cast.sites[..n]
+        .iter()
+        .map(|(s, _, _)| StudySite {
+            site_id: s.id,
+            scope: DataScope {
+                modality: "CR".into(),
+                body_part: "CHEST".into(),
+                label: "lesion".into(),
+                cases: 50,
+            },
+        })
+        .collect()
 }
 
 /// The researcher's draft study at the cast's first `sites` sites, with the demo's plan, and
@@ -36,18 +53,7 @@ pub async fn drafted_study(p: &Portal, title: &str, sites: usize) -> StudyDto {
             protocol_text: "Retrospective.".into(),
             purpose: format!("{title}, for the portal's tests."),
             committee_id: p.cast.committee.id,
-            sites: p.cast.sites[..sites]
-                .iter()
-                .map(|(s, _, _)| StudySite {
-                    site_id: s.id,
-                    scope: DataScope {
-                        modality: "CR".into(),
-                        body_part: "CHEST".into(),
-                        label: "lesion".into(),
-                        cases: 50,
-                    },
-                })
-                .collect(),
+            sites: study_sites(p, sites),
         },
     )
     .await

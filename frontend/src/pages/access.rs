@@ -4,6 +4,8 @@
 use consilium_core::Role;
 use consilium_core::api::{AccessRequestDto, AccessStatus};
 use leptos::prelude::*;
+
+use crate::csrf::CsrfField;
 use leptos::server_fn::ServerFn as _;
 
 use super::loading;
@@ -70,7 +72,7 @@ fn AccessView(d: AccessPage) -> impl IntoView {
         let id = r.id.to_string();
         match r.status {
             AccessStatus::Pending => view! {
-                <form method="post" action=AccessAction::url() class="decide">
+                <form method="post" action=AccessAction::url() class="decide"><CsrfField/>
                     <input type="hidden" name=field("request_id") value=id.clone()/>
                     <label for=format!("expires-{id}")>"Access expires on"</label>
                     <input id=format!("expires-{id}") type="date" name=field("expires_on") value=typed("expires_on", &d.next_year)/>
@@ -85,7 +87,7 @@ fn AccessView(d: AccessPage) -> impl IntoView {
                 </form>
             }.into_any(),
             AccessStatus::Approved => view! {
-                <form method="post" action=AccessAction::url() class="decide">
+                <form method="post" action=AccessAction::url() class="decide"><CsrfField/>
                     <input type="hidden" name=field("request_id") value=id.clone()/>
                     <input type="hidden" name=field("action") value="revoke"/>
                     <label for=format!("reason-{id}")>"Reason for revoking"</label>
@@ -157,7 +159,7 @@ fn AccessView(d: AccessPage) -> impl IntoView {
                             <p class="meta">"For the study "<a href=format!("/studies/{}", p.study_id)>{study}</a></p>
                             <PreviewSet p=p.clone()/>
                             {(p.status == "awaiting_release").then(|| view! {
-                                <form method="post" action=PreviewAction::url() class="decide card">
+                                <form method="post" action=PreviewAction::url() class="decide card"><CsrfField/>
                                     <input type="hidden" name=field("preview_id") value=id.clone()/>
                                     <label for=format!("preview-comment-{id}")>"Comment"</label>
                                     <input id=format!("preview-comment-{id}") name=field("comment") required value=typed("comment", "")/>

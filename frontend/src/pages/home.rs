@@ -3,6 +3,8 @@
 use consilium_core::Role;
 use consilium_core::api::{AccessStatus, AuthConfigDto, StudyStatus};
 use leptos::prelude::*;
+
+use crate::csrf::CsrfField;
 use leptos::server_fn::ServerFn as _;
 
 use super::loading;
@@ -191,7 +193,7 @@ fn SignInOptions(c: AuthConfigDto) -> impl IntoView {
             <p><a class="button" href="/api/v1/auth/oidc/login" rel="external">"Sign in with your organisation's account"</a></p>
         })}
         {c.local_accounts.then(|| view! {
-            <form method="post" action=SignInFn::url() class="card narrow">
+            <form method="post" action=SignInFn::url() class="card narrow"><CsrfField/>
                 <p class="hint">"Development and demo accounts (local passwords)."</p>
                 <label for="email">"Email"</label>
                 <input id="email" type="email" name=field("email") autocomplete="username" required value=typed("email", "")/>

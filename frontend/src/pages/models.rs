@@ -2,6 +2,8 @@
 //! approvals.
 
 use leptos::prelude::*;
+
+use crate::csrf::CsrfField;
 use leptos::server_fn::ServerFn as _;
 use leptos_router::hooks::use_params_map;
 
@@ -108,7 +110,7 @@ fn LineageView(d: LineagePage) -> impl IntoView {
         <div class="actions">
             <a class="button secondary" href=format!("/api/v1/models/{}/weights", m.id) rel="external" download>"Download weights (safetensors)"</a>
             {(owner && m.released_at.is_none()).then(|| view! {
-                <form method="post" action=ModelAction::url()>
+                <form method="post" action=ModelAction::url()><CsrfField/>
                     <input type="hidden" name=field("model_id") value=m.id.to_string()/>
                     <input type="hidden" name=field("action") value="release"/>
                     <button type="submit">"Release this model"</button>

@@ -2,6 +2,8 @@
 
 use consilium_core::protocol::Metrics;
 use leptos::prelude::*;
+
+use crate::csrf::CsrfField;
 use leptos::server_fn::ServerFn as _;
 use leptos_router::hooks::use_params_map;
 
@@ -178,7 +180,7 @@ fn RunView(d: RunPage) -> impl IntoView {
         </p>
         {r.stop_reason.clone().map(|s| view! { <p class="notice warn">{s}</p> })}
         {(owner && going).then(|| view! {
-            <form method="post" action=StudyAction::url() class="inline-form">
+            <form method="post" action=StudyAction::url() class="inline-form"><CsrfField/>
                 <input type="hidden" name=field("study_id") value=d.study.id.to_string()/>
                 <input type="hidden" name=field("run_id") value=r.id.to_string()/>
                 <input type="hidden" name=field("action") value="stop_run"/>

@@ -3,12 +3,14 @@
 use consilium_core::Role;
 use consilium_core::api::{StudyDto, StudyStatus};
 use leptos::prelude::*;
+
+use crate::csrf::CsrfField;
 use leptos::server_fn::ServerFn as _;
 use leptos_router::hooks::use_params_map;
 
 use super::loading;
 use crate::app::MeResource;
-use crate::components::{Badge, Failure, FormError, day, field, typed};
+use crate::components::{Badge, Failure, FormError, day, field, textarea_text, typed};
 use crate::server::{Directory, SaveStudy, StudiesData, load_studies, load_study};
 
 #[component]
@@ -173,14 +175,14 @@ fn StudyForm(directory: Directory, study: Option<StudyDto>) -> impl IntoView {
         })
         .collect_view();
     view! {
-        <form method="post" action=SaveStudy::url() class="card">
+        <form method="post" action=SaveStudy::url() class="card"><CsrfField/>
             <input type="hidden" name=field("study_id") value=study_id/>
             <label for="title">"Title"</label>
             <input id="title" name=field("title") value=title required/>
             <label for="purpose">"Purpose"</label>
             <input id="purpose" name=field("purpose") value=purpose required/>
             <label for="protocol">"Protocol"</label>
-            <textarea id="protocol" name=field("protocol_text") rows="8" required>{protocol}</textarea>
+            <textarea id="protocol" name=field("protocol_text") rows="8" required>{textarea_text(protocol)}</textarea>
             {(!editing).then(|| view! {
                 <label for="committee">"Ethics committee"</label>
                 <select id="committee" name=field("committee_id") required>

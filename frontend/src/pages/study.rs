@@ -6,11 +6,13 @@ use consilium_core::api::{
     AccessRequestDto, AccessStatus, PlanDto, ReviewDecision, ReviewDto, StudyDto, StudyStatus,
 };
 use leptos::prelude::*;
+
+use crate::csrf::CsrfField;
 use leptos::server_fn::ServerFn as _;
 use leptos_router::hooks::use_params_map;
 
 use super::loading;
-use crate::components::{Badge, Failure, FormError, Hash, day, field, typed, when};
+use crate::components::{Badge, Failure, FormError, Hash, day, field, textarea_text, typed, when};
 use crate::server::{StudyAction, StudyPage, SubmitPlan, load_study};
 
 #[component]
@@ -209,7 +211,7 @@ fn StudyView(d: StudyPage) -> impl IntoView {
         <div class="actions">
             {can_edit.then(|| view! { <a class="button secondary" href=format!("/studies/{}/edit", s.id)>"Edit study"</a> })}
             {can_submit.then(|| view! {
-                <form method="post" action=StudyAction::url()>
+                <form method="post" action=StudyAction::url()><CsrfField/>
                     <input type="hidden" name=field("study_id") value=sid.clone()/>
                     <input type="hidden" name=field("action") value="submit"/>
                     <button type="submit">"Submit for ethics review"</button>
@@ -253,10 +255,10 @@ fn StudyView(d: StudyPage) -> impl IntoView {
             {owner.then(|| view! {
                 <details class="card" open=d.plans.is_empty()>
                     <summary>"Submit a training plan"</summary>
-                    <form method="post" action=SubmitPlan::url() enctype="multipart/form-data">
+                    <form method="post" action=SubmitPlan::url() enctype="multipart/form-data"><CsrfField plain=true/>
                         <input type="hidden" name="study_id" value=sid.clone()/>
                         <label for="manifest">"Manifest (JSON): model, preprocessing, optimiser, epochs, batch size, rounds, aggregation"</label>
-                        <textarea id="manifest" name="manifest" rows="14" class="code" required>{typed("manifest", &manifest_default)}</textarea>
+                        <textarea id="manifest" name="manifest" rows="14" class="code" required>{textarea_text(typed("manifest", &manifest_default))}</textarea>
                         <label for="files">"Attachments (training code, documentation)"</label>
                         <input id="files" type="file" name="files" multiple/>
                         <button type="submit">"Submit plan"</button>
@@ -286,7 +288,7 @@ fn StudyView(d: StudyPage) -> impl IntoView {
                 }.into_any()
             }}
             {(owner && !requestable.is_empty()).then(|| view! {
-                <form method="post" action=StudyAction::url() class="card">
+                <form method="post" action=StudyAction::url() class="card"><CsrfField/>
                     <h3>"Request access to a site's data"</h3>
                     <input type="hidden" name=field("study_id") value=sid.clone()/>
                     <input type="hidden" name=field("action") value="request_access"/>
@@ -295,7 +297,7 @@ fn StudyView(d: StudyPage) -> impl IntoView {
                         {requestable.into_iter().map(|(id, name)| view! { <option value=id>{name}</option> }).collect_view()}
                     </select>
                     <label for="justification">"Justification"</label>
-                    <textarea id="justification" name=field("justification") rows="3" required>{typed("justification", "")}</textarea>
+                    <textarea id="justification" name=field("justification") rows="3" required>{textarea_text(typed("justification", ""))}</textarea>
                     <button type="submit">"Request access"</button>
                 </form>
             })}
@@ -305,7 +307,7 @@ fn StudyView(d: StudyPage) -> impl IntoView {
             <h2 id="previews-h">"Synthetic previews"</h2>
             <p class="hint">"A site can generate synthetic images that resemble its data, checked so that none is a near-copy of a real image; its custodian decides whether you may see them."</p>
             {(owner && !granted.is_empty()).then(|| view! {
-                <form method="post" action=StudyAction::url() class="card inline-form">
+                <form method="post" action=StudyAction::url() class="card inline-form"><CsrfField/>
                     <input type="hidden" name=field("study_id") value=sid.clone()/>
                     <input type="hidden" name=field("action") value="request_preview"/>
                     <div>
@@ -356,7 +358,7 @@ fn StudyView(d: StudyPage) -> impl IntoView {
                 view! {
                     <p class="notice ok" role="status">"Everything a run needs is in place: the committee's approval, the plan, and every site's grant."</p>
                     {owner.then(|| view! {
-                        <form method="post" action=StudyAction::url()>
+                        <form method="post" action=StudyAction::url()><CsrfField/>
                             <input type="hidden" name=field("study_id") value=sid.clone()/>
                             <input type="hidden" name=field("action") value="start_run"/>
                             <button type="submit">"Start a run"</button>
@@ -427,7 +429,7 @@ fn ReviewForm(study_id: String, next_year: String) -> impl IntoView {
         }
     };
     view! {
-        <form method="post" action=StudyAction::url() class="card" id="review-form">
+        <form method="post" action=StudyAction::url() class="card" id="review-form"><CsrfField/>
             <h3>"Your committee's decision"</h3>
             <input type="hidden" name=field("study_id") value=study_id/>
             <input type="hidden" name=field("action") value="review"/>
@@ -438,9 +440,9 @@ fn ReviewForm(study_id: String, next_year: String) -> impl IntoView {
                 {choice("reject", "Reject")}
             </fieldset>
             <label for="comments">"Comments"</label>
-            <textarea id="comments" name=field("comments") rows="3" required>{typed("comments", "")}</textarea>
+            <textarea id="comments" name=field("comments") rows="3" required>{textarea_text(typed("comments", ""))}</textarea>
             <label for="conditions">"Conditions (with an approval)"</label>
-            <textarea id="conditions" name=field("conditions") rows="2">{typed("conditions", "")}</textarea>
+            <textarea id="conditions" name=field("conditions") rows="2">{textarea_text(typed("conditions", ""))}</textarea>
             <label for="expires">"Approval expires on"</label>
             <input id="expires" type="date" name=field("expires_on") value=typed("expires_on", &next_year)/>
             <button type="submit">"Record decision"</button>
