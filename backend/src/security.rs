@@ -339,7 +339,6 @@ fn set_headers(headers: &mut HeaderMap, path: &str, nonce: &str, hsts: bool) {
     set("x-content-type-options", "nosniff");
     set("x-frame-options", "DENY");
     set("referrer-policy", "same-origin");
-    set("cross-origin-opener-policy", "same-origin");
     set("cross-origin-resource-policy", "same-origin");
     set(
         "permissions-policy",

@@ -198,8 +198,11 @@ pub async fn run(
         return Ok(0);
     }
     let exp = load(config)?;
-    let size =
-        consilium_worker::model::input_size(&exp.plan.model, exp.plan.preprocessing.image_size);
+    let size = exp
+        .plan
+        .parse()
+        .map_err(|p| anyhow::anyhow!("the plan: {}", p.join("; ")))?
+        .image_size;
     println!("Simulation {:?} ({}):", exp.name, config.display());
     let mut cases = Vec::new();
     for s in &exp.sites {

@@ -85,56 +85,12 @@ pub struct ServerState {
     pub v: Weights,
 }
 
-fn param(spec: &AggregationSpec, name: &str, default: f64) -> Result<f64, AggregateError> {
-    match spec.parameters.get(name) {
-        None => Ok(default),
-        Some(v) => v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
-            AggregateError::Invalid(format!("aggregation.parameters.{name} must be a number"))
-        }),
-    }
-}
-
 impl Strategy {
     /// The strategy a training plan names, with its parameters or their defaults.
     pub fn from_spec(spec: &AggregationSpec) -> Result<Strategy, AggregateError> {
-        let f = |n, d| param(spec, n, d).map(|x| x as f32);
-        Ok(match spec.strategy.as_str() {
-            "fedavg" => Strategy::FedAvg,
-            "fedadam" => Strategy::FedAdam {
-                lr: f("lr", 0.01)?,
-                beta1: f("beta1", 0.9)?,
-                beta2: f("beta2", 0.99)?,
-                tau: f("tau", 1e-3)?,
-            },
-            "fedyogi" => Strategy::FedYogi {
-                lr: f("lr", 0.01)?,
-                beta1: f("beta1", 0.9)?,
-                beta2: f("beta2", 0.99)?,
-                tau: f("tau", 1e-3)?,
-            },
-            "fedbn" => Strategy::FedBn,
-            "fedcostwavg" => Strategy::FedCostWAvg {
-                alpha: param(spec, "alpha", 0.5)?,
-            },
-            "median" => Strategy::Median,
-            "trimmed_mean" => {
-                let beta = param(spec, "beta", 0.1)?;
-                if !(0.0..0.5).contains(&beta) {
-                    return Err(AggregateError::Invalid(
-                        "aggregation.parameters.beta must be in [0, 0.5)".into(),
-                    ));
-                }
-                Strategy::TrimmedMean { beta }
-            }
-            "krum" => Strategy::Krum {
-                f: param(spec, "f", 1.0)?.max(0.0) as usize,
-            },
-            other => {
-                return Err(AggregateError::Invalid(format!(
-                    "unknown aggregation strategy {other:?}; one of fedavg, fedadam, fedyogi, fedbn, fedcostwavg, median, trimmed_mean, krum"
-                )));
-            }
-        })
+        let mut problems = Vec::new();
+        crate::plan::parse_strategy(spec, &mut problems)
+            .ok_or_else(|| AggregateError::Invalid(problems.join("; ")))
     }
 }
 
@@ -659,7 +615,7 @@ mod tests {
             Strategy::from_spec(&spec("fedsgd", serde_json::json!({})))
                 .unwrap_err()
                 .to_string()
-                .contains("unknown aggregation strategy")
+                .contains("aggregation.strategy must be one of")
         );
         assert!(
             Strategy::from_spec(&spec("trimmed_mean", serde_json::json!({"beta": 0.7}))).is_err()

@@ -11,6 +11,7 @@ pub mod manifest;
 mod matmul;
 #[cfg(feature = "train")]
 pub mod norm;
+pub mod plan;
 pub mod preview;
 pub mod problem;
 pub mod protocol;

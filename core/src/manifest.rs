@@ -31,11 +31,14 @@ pub struct TrainingPlanManifest {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// Model architecture, e.g. `small_cnn` or `resnet`.
+    /// Model architecture: `small_cnn` or `resnet`.
+    #[cfg_attr(feature = "server", schema(value_type = crate::plan::Architecture))]
     pub architecture: String,
     /// Number of output classes.
     pub num_classes: u32,
-    /// Architecture hyper-parameters (e.g. channel widths, depth).
+    /// The architecture's hyper-parameters: `small_cnn` takes `channels` (two counts, default
+    /// `[32, 64]`), `resnet` takes `widths` (one to eight counts, default `[16, 32, 64]`).
+    /// Unknown names are refused.
     #[serde(default)]
     #[cfg_attr(feature = "server", schema(value_type = Object))]
     pub hyper_parameters: BTreeMap<String, serde_json::Value>,
@@ -48,11 +51,13 @@ pub struct Preprocessing {
     /// Images are resized to this square size in pixels.
     #[serde(default)]
     pub image_size: Option<u32>,
-    /// Intensity normalisation, e.g. `zscore` or `minmax`.
+    /// Intensity normalisation of each image: `zscore`, `minmax` or `none` (absent: none).
     #[serde(default)]
+    #[cfg_attr(feature = "server", schema(value_type = Option<crate::plan::Normalisation>))]
     pub normalisation: Option<String>,
-    /// Augmentations applied during training, e.g. `flip`, `rotate`.
+    /// Augmentations of training batches: `flip`, `rotate` (±15°).
     #[serde(default)]
+    #[cfg_attr(feature = "server", schema(value_type = Vec<crate::plan::Augmentation>))]
     pub augmentations: Vec<String>,
 }
 
@@ -60,7 +65,8 @@ pub struct Preprocessing {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct OptimiserSpec {
-    /// `sgd` (with momentum) or `adamw`.
+    /// `sgd` (with momentum) or `adamw` (no `momentum`: it keeps its own moments).
+    #[cfg_attr(feature = "server", schema(value_type = crate::plan::OptimiserName))]
     pub name: String,
     pub learning_rate: f64,
     #[serde(default)]
@@ -76,11 +82,14 @@ pub struct OptimiserSpec {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AggregationSpec {
-    /// e.g. `fedavg`, `fedadam`, `fedyogi`, `fedbn`, `fedcostwavg`, `median`, `trimmed_mean`, `krum`.
+    /// `fedavg`, `fedadam`, `fedyogi`, `fedbn`, `fedcostwavg`, `median`, `trimmed_mean` or `krum`.
+    #[cfg_attr(feature = "server", schema(value_type = crate::plan::StrategyName))]
     pub strategy: String,
     /// Minimum number of sites whose updates a round needs.
     #[serde(default)]
     pub min_sites: Option<u32>,
+    /// The strategy's parameters: `fedadam`/`fedyogi` take `lr`, `beta1`, `beta2`, `tau`;
+    /// `fedcostwavg` `alpha`; `trimmed_mean` `beta`; `krum` `f`; the others none.
     #[serde(default)]
     #[cfg_attr(feature = "server", schema(value_type = Object))]
     pub parameters: BTreeMap<String, serde_json::Value>,
@@ -90,8 +99,10 @@ pub struct AggregationSpec {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StoppingCriteria {
-    /// Stop when the global model reaches this value of `target_metric`.
+    /// Stop when the global model reaches this value of `target_metric`: `accuracy`,
+    /// `auroc` or `loss` (at or below).
     #[serde(default)]
+    #[cfg_attr(feature = "server", schema(value_type = Option<crate::plan::TargetMetric>))]
     pub target_metric: Option<String>,
     #[serde(default)]
     pub target_value: Option<f64>,
@@ -110,7 +121,8 @@ pub struct PrivacySettings {
     /// Gaussian noise multiplier applied after clipping.
     #[serde(default)]
     pub noise_multiplier: Option<f64>,
-    /// Mask updates so that the server sees only their sum.
+    /// Mask updates so that the server sees only their sum. Not available yet: a plan that
+    /// asks for it is refused.
     #[serde(default)]
     pub secure_aggregation: bool,
 }
@@ -136,78 +148,4 @@ pub fn plan_hash(
         manifest,
         files: listed,
     })
-}
-
-impl TrainingPlanManifest {
-    /// Every reason this manifest can't be run, in words; empty when it is sound.
-    pub fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        let non_empty = |s: &str| !s.trim().is_empty();
-        if !non_empty(&self.model.architecture) {
-            out.push("model.architecture must name a model, e.g. \"small_cnn\"".to_string());
-        }
-        if self.model.num_classes < 2 {
-            out.push("model.num_classes must be at least 2".to_string());
-        }
-        if !matches!(self.optimiser.name.as_str(), "sgd" | "adamw") {
-            out.push(format!(
-                "optimiser.name must be \"sgd\" or \"adamw\", not {:?}",
-                self.optimiser.name
-            ));
-        }
-        if !(self.optimiser.learning_rate.is_finite() && self.optimiser.learning_rate > 0.0) {
-            out.push("optimiser.learning_rate must be a positive number".to_string());
-        }
-        for (name, v) in [
-            ("optimiser.momentum", self.optimiser.momentum),
-            ("optimiser.weight_decay", self.optimiser.weight_decay),
-            ("optimiser.proximal_mu", self.optimiser.proximal_mu),
-            ("privacy.clip_norm", self.privacy.clip_norm),
-            ("privacy.noise_multiplier", self.privacy.noise_multiplier),
-            ("stopping.target_value", self.stopping.target_value),
-        ] {
-            if let Some(v) = v
-                && !(v.is_finite() && v >= 0.0)
-            {
-                out.push(format!("{name} must be a non-negative number"));
-            }
-        }
-        for (name, v, max) in [
-            ("local_epochs", self.local_epochs, MAX_LOCAL_EPOCHS),
-            ("batch_size", self.batch_size, MAX_BATCH_SIZE),
-            ("rounds", self.rounds, MAX_ROUNDS),
-        ] {
-            if v == 0 || v > max {
-                out.push(format!("{name} must be between 1 and {max}, not {v}"));
-            }
-        }
-        if !non_empty(&self.aggregation.strategy) {
-            out.push("aggregation.strategy must name a strategy, e.g. \"fedavg\"".to_string());
-        }
-        if serde_json::to_value(self).is_ok_and(|v| has_control_text(&v)) {
-            out.push("the manifest's text must not contain control characters".to_string());
-        }
-        if self.stopping.target_value.is_some() != self.stopping.target_metric.is_some() {
-            out.push("stopping.target_metric and stopping.target_value go together".to_string());
-        }
-        out
-    }
-}
-
-/// The most rounds a plan may ask for.
-pub const MAX_ROUNDS: u32 = 10_000;
-/// The most local epochs per round.
-pub const MAX_LOCAL_EPOCHS: u32 = 1_000;
-/// The largest batch.
-pub const MAX_BATCH_SIZE: u32 = 4_096;
-
-fn has_control_text(v: &serde_json::Value) -> bool {
-    match v {
-        serde_json::Value::String(s) => s.chars().any(char::is_control),
-        serde_json::Value::Array(a) => a.iter().any(has_control_text),
-        serde_json::Value::Object(o) => o
-            .iter()
-            .any(|(k, v)| k.chars().any(char::is_control) || has_control_text(v)),
-        _ => false,
-    }
 }

@@ -23,6 +23,10 @@ pub enum JobKind {
 /// A job for one site. `job_id` is the idempotency key: the server counts its result once.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Job {
+    /// The protocol the server speaks (`PROTOCOL_VERSION`); a worker refuses jobs of a newer
+    /// protocol than its own, with that reason.
+    #[serde(default = "first_protocol")]
+    pub protocol: u32,
     pub job_id: Uuid,
     pub kind: JobKind,
     pub run_id: Uuid,
@@ -41,6 +45,13 @@ pub struct Job {
     /// For a preview job: what to generate. `run_id` then names the preview request.
     #[serde(default)]
     pub preview: Option<crate::preview::PreviewSpec>,
+}
+
+/// The job protocol this build speaks. 2: typed plans (a worker refuses a plan it cannot run).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+fn first_protocol() -> u32 {
+    1
 }
 
 /// Metrics on a labelled split.

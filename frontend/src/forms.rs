@@ -383,6 +383,26 @@ pub async fn submit_plan(
                 e.column()
             ))
         })?;
+    // "Check the plan": the server's verdict, nothing saved.
+    if form.contains_key("check") {
+        let problems = manifest.problems();
+        return Err(if problems.is_empty() {
+            PortalError::new(
+                "checked",
+                "nothing was submitted: the plan was only checked, and every setting will be carried out as written. Submit it when it is ready.",
+            )
+        } else {
+            PortalError {
+                status: 422,
+                code: "invalid_input".into(),
+                detail: format!(
+                    "the plan was only checked, and it would be refused: {}",
+                    problems.join("; ")
+                ),
+                errors: problems,
+            }
+        });
+    }
     let _: consilium_core::api::PlanDto = api
         .post(
             &format!("/studies/{id}/plans"),

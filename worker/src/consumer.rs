@@ -28,7 +28,7 @@ pub async fn run(
             (ctx.clone(), broker.clone(), busy.clone(), changed.clone());
         tokio::spawn(async move {
             loop {
-                let summary = match ctx.data(crate::model::input_size(&default_spec(), None)) {
+                let summary = match ctx.data(consilium_core::plan::DEFAULT_IMAGE_SIZE) {
                     Ok(d) => d.summary(ctx.dataset.kind),
                     Err(e) => format!("data unreadable: {e}"),
                 };
@@ -84,12 +84,4 @@ pub async fn run(
     }
     beat.abort();
     Ok(())
-}
-
-fn default_spec() -> consilium_core::manifest::ModelSpec {
-    consilium_core::manifest::ModelSpec {
-        architecture: "small_cnn".into(),
-        num_classes: 2,
-        hyper_parameters: Default::default(),
-    }
 }

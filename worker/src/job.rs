@@ -4,9 +4,10 @@
 
 use async_trait::async_trait;
 use chrono::Utc;
-use consilium_core::aggregate::is_batch_norm;
+use consilium_core::aggregate::{Strategy, is_batch_norm};
 use consilium_core::manifest::plan_hash;
-use consilium_core::protocol::{Job, JobKind, JobResult, Outcome};
+use consilium_core::plan::Plan;
+use consilium_core::protocol::{Job, JobKind, JobResult, Outcome, PROTOCOL_VERSION};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -85,8 +86,9 @@ pub struct SiteContext {
     pub approvals: Arc<dyn Approvals>,
     /// Datasets by image size, loaded once.
     cache: Mutex<HashMap<usize, Arc<Dataset>>>,
-    /// The site's last trained weights, for FedBN (its batch-norm parameters stay local).
-    local: Mutex<Option<Vec<u8>>>,
+    /// This site's last trained weights in each FedBN run (its batch-norm parameters stay
+    /// local), by run: never shared between runs, so never between studies.
+    local: Mutex<HashMap<Uuid, Vec<u8>>>,
 }
 
 impl SiteContext {
@@ -202,6 +204,24 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
         }
         Err(e) => return refuse(format!("the plan can't be hashed: {e}")),
     }
+    if job.protocol > PROTOCOL_VERSION {
+        return refuse(format!(
+            "this worker (version {}, protocol {PROTOCOL_VERSION}) is older than the server's jobs (protocol {}); upgrade the site worker",
+            env!("CARGO_PKG_VERSION"),
+            job.protocol
+        ));
+    }
+    // A plan this worker cannot run is refused before any data is touched.
+    let plan = match job.manifest.parse() {
+        Ok(p) => p,
+        Err(problems) => {
+            return refuse(format!(
+                "this worker (version {}) cannot run the plan: {}",
+                env!("CARGO_PKG_VERSION"),
+                problems.join("; ")
+            ));
+        }
+    };
     // The server may be briefly unreachable (a restart): ask again until the deadline.
     let mut wait = std::time::Duration::from_millis(500);
     loop {
@@ -240,13 +260,16 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
         },
         None => None,
     };
-    let size = crate::model::input_size(&job.manifest.model, job.manifest.preprocessing.image_size);
-    let data = match ctx.data(size) {
+    let data = match ctx.data(plan.image_size) {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
-    let local = if job.manifest.aggregation.strategy == "fedbn" {
-        ctx.local.lock().ok().and_then(|l| l.clone())
+    let fedbn = plan.strategy == Strategy::FedBn;
+    let local = if fedbn {
+        ctx.local
+            .lock()
+            .ok()
+            .and_then(|l| l.get(&job.run_id).cloned())
     } else {
         None
     };
@@ -254,7 +277,14 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
     let site = ctx.site_id;
     let started = Instant::now();
     let result = tokio::task::spawn_blocking(move || {
-        compute(&job2, site, &data, global.as_deref(), local.as_deref())
+        compute(
+            &job2,
+            &plan,
+            site,
+            &data,
+            global.as_deref(),
+            local.as_deref(),
+        )
     })
     .await;
     let (outcome, weights) = match result {
@@ -278,8 +308,8 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
             },
             Some(bytes),
         ) => {
-            if let Ok(mut l) = ctx.local.lock() {
-                *l = Some(bytes.clone());
+            if fedbn && let Ok(mut l) = ctx.local.lock() {
+                l.insert(job.run_id, bytes.clone());
             }
             match ctx.artifacts.put(bytes).await {
                 Ok(update_hash) => Outcome::Trained {
@@ -312,21 +342,24 @@ enum Computed {
 /// The CPU/GPU-bound part, off the async runtime.
 fn compute(
     job: &Job,
+    plan: &Plan,
     site: Uuid,
     data: &Dataset,
     global: Option<&[u8]>,
     local: Option<&[u8]>,
 ) -> Result<(Computed, Option<Vec<u8>>), String> {
-    let manifest = &job.manifest;
     let dev = device();
-    let net = Net::new(manifest, &dev).map_err(|e| e.to_string())?;
+    let net = Net::new(plan, &dev).map_err(|e| e.to_string())?;
     if let Some(g) = global {
         net.load_safetensors(g, |_| false)
             .map_err(|e| e.to_string())?;
     }
     if let Some(l) = local {
-        // FedBN: this site's own batch-norm parameters replace the global ones.
-        let _ = net.load_safetensors(l, |name| !is_batch_norm(name));
+        // FedBN: this site's own batch-norm parameters (of this run) replace the global ones.
+        net.load_safetensors(l, |name| !is_batch_norm(name))
+            .map_err(|e| {
+                format!("this site's own batch-norm state of this run is unreadable: {e}")
+            })?;
     }
     let holdout: Vec<&Sample> = data.holdout().collect();
     let train: Vec<&Sample> = data.train().collect();
@@ -339,41 +372,26 @@ fn compute(
     if let Some(bad) = data
         .samples
         .iter()
-        .find(|s| s.label >= manifest.model.num_classes)
+        .find(|s| s.label as usize >= plan.num_classes)
     {
         return Err(format!(
             "{} has label {}, but the plan's model has {} classes",
-            bad.source, bad.label, manifest.model.num_classes
+            bad.source, bad.label, plan.num_classes
         ));
     }
-    let evaluation = net
-        .evaluate(&holdout, manifest)
-        .map_err(|e| e.to_string())?;
+    let evaluation = net.evaluate(&holdout, plan).map_err(|e| e.to_string())?;
     if job.kind == JobKind::Evaluate {
         return Ok((Computed::Evaluated(evaluation), None));
     }
     let reference = net.weights().map_err(|e| e.to_string())?;
-    let before = net
-        .evaluate(&train, manifest)
-        .map_err(|e| e.to_string())?
-        .loss;
-    let seed = manifest.seed
+    let before = net.evaluate(&train, plan).map_err(|e| e.to_string())?.loss;
+    let seed = plan.seed
         ^ u64::from(job.round).wrapping_mul(0x1000_0001)
         ^ u64::from_le_bytes(site.as_bytes()[..8].try_into().unwrap_or([0; 8]));
-    net.train(&train, manifest, seed)
-        .map_err(|e| e.to_string())?;
-    let after = net
-        .evaluate(&train, manifest)
-        .map_err(|e| e.to_string())?
-        .loss;
-    if let Some(clip) = manifest.privacy.clip_norm.filter(|c| *c > 0.0) {
-        protect(
-            &net,
-            &reference,
-            clip,
-            manifest.privacy.noise_multiplier.unwrap_or(0.0),
-            seed,
-        )?;
+    net.train(&train, plan, seed).map_err(|e| e.to_string())?;
+    let after = net.evaluate(&train, plan).map_err(|e| e.to_string())?.loss;
+    if let Some(c) = plan.clipping {
+        protect(&net, &reference, c.clip_norm, c.noise_multiplier, seed)?;
     }
     let bytes = net.to_safetensors().map_err(|e| e.to_string())?;
     Ok((

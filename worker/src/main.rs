@@ -293,7 +293,10 @@ fn bench_train(
             "local_epochs": 1, "batch_size": 64, "rounds": 1, "aggregation": {"strategy": "fedavg"}, "seed": 1
         }),
     )?;
-    let net = Net::new(&manifest, &consilium_worker::train::device())?;
+    let plan = manifest
+        .parse()
+        .map_err(|p| anyhow::anyhow!("the benchmark's plan: {}", p.join("; ")))?;
+    let net = Net::new(&plan, &consilium_worker::train::device())?;
     let mut rng = Rng::new(7);
     let samples: Vec<Sample> = (0..64)
         .map(|i| Sample {
@@ -306,11 +309,11 @@ fn bench_train(
     let batch: Vec<&Sample> = samples.iter().collect();
     // One epoch over 64 samples with batch 64 is exactly one step.
     for _ in 0..3 {
-        net.train(&batch, &manifest, 1)?;
+        net.train(&batch, &plan, 1)?;
     }
     let started = std::time::Instant::now();
     for i in 0..steps {
-        net.train(&batch, &manifest, i as u64)?;
+        net.train(&batch, &plan, i as u64)?;
     }
     let secs = started.elapsed().as_secs_f64();
     tracing::debug!(threads, "measured");

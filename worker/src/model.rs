@@ -2,7 +2,7 @@
 
 use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Conv2dConfig, Init, Linear, VarBuilder, linear};
-use consilium_core::manifest::ModelSpec;
+use consilium_core::plan::ModelConfig;
 
 /// A convolution layer with candle-nn's parameters (names, shapes, initialisation), computed
 /// by `consilium_core::conv`: im2col and GEMM on CPU, candle's kernels elsewhere.
@@ -129,15 +129,17 @@ pub struct SmallCnn {
 }
 
 impl SmallCnn {
-    pub fn new(vb: VarBuilder, size: usize, classes: usize) -> Result<Self> {
+    /// `channels`: the output channels of the two convolutions (`model.hyper_parameters`).
+    pub fn new(vb: VarBuilder, size: usize, classes: usize, channels: [usize; 2]) -> Result<Self> {
         let cfg = Conv2dConfig {
             padding: 1,
             ..Default::default()
         };
-        let conv1 = conv2d(1, 32, 3, cfg, vb.pp("conv1"))?;
-        let conv2 = conv2d(32, 64, 3, cfg, vb.pp("conv2"))?;
+        let [c1, c2] = channels;
+        let conv1 = conv2d(1, c1, 3, cfg, vb.pp("conv1"))?;
+        let conv2 = conv2d(c1, c2, 3, cfg, vb.pp("conv2"))?;
         let side = size / 4;
-        let fc = linear(64 * side * side, classes, vb.pp("fc"))?;
+        let fc = linear(c2 * side * side, classes, vb.pp("fc"))?;
         Ok(SmallCnn { conv1, conv2, fc })
     }
 }
@@ -272,54 +274,17 @@ impl ModuleT for Model {
     }
 }
 
-/// The input side the plan asks for (`preprocessing.image_size`), or the model's default.
-pub fn input_size(spec: &ModelSpec, image_size: Option<u32>) -> usize {
-    image_size
-        .map(|s| s as usize)
-        .unwrap_or(match spec.architecture.as_str() {
-            "resnet" => 32,
-            _ => 28,
-        })
-}
-
-/// Builds the model a plan names.
-pub fn build(spec: &ModelSpec, size: usize, vb: VarBuilder) -> std::result::Result<Model, String> {
-    let classes = spec.num_classes as usize;
-    match spec.architecture.as_str() {
-        "small_cnn" => {
-            if !size.is_multiple_of(4) || size < 8 {
-                return Err(format!(
-                    "small_cnn needs an image size divisible by 4 (at least 8), not {size}"
-                ));
-            }
-            SmallCnn::new(vb, size, classes)
-                .map(Model::SmallCnn)
-                .map_err(|e| e.to_string())
+/// Builds the model a plan names (its configuration already checked by the plan's parser).
+pub fn build(
+    config: &ModelConfig,
+    classes: usize,
+    size: usize,
+    vb: VarBuilder,
+) -> std::result::Result<Model, crate::train::TrainError> {
+    Ok(match config {
+        ModelConfig::SmallCnn(hp) => {
+            Model::SmallCnn(SmallCnn::new(vb, size, classes, hp.channels)?)
         }
-        "resnet" => {
-            let widths: Vec<usize> = spec
-                .hyper_parameters
-                .get("widths")
-                .and_then(|v| v.as_array())
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_u64())
-                        .map(|x| x as usize)
-                        .collect()
-                })
-                .unwrap_or_else(|| vec![16, 32, 64]);
-            if widths.is_empty() || widths.iter().any(|&w| w == 0 || w > 1024) {
-                return Err(
-                    "resnet's hyper_parameters.widths must be channel counts between 1 and 1024"
-                        .into(),
-                );
-            }
-            ResNet::new(vb, &widths, classes)
-                .map(Model::ResNet)
-                .map_err(|e| e.to_string())
-        }
-        other => Err(format!(
-            "unknown model architecture {other:?}; this worker offers small_cnn and resnet"
-        )),
-    }
+        ModelConfig::ResNet(hp) => Model::ResNet(ResNet::new(vb, &hp.widths, classes)?),
+    })
 }

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use consilium_core::manifest::TrainingPlanManifest;
+use consilium_core::plan::{Augmentation, Normalisation, Optimiser, Plan, ROTATE_DEGREES};
 use consilium_core::protocol::Metrics;
 use std::collections::HashMap;
 
@@ -55,6 +55,59 @@ impl Rng {
     }
 }
 
+/// Normalises one image in place as the plan says.
+pub fn normalise(img: &mut [f32], normalisation: Normalisation) {
+    match normalisation {
+        Normalisation::None => {}
+        Normalisation::Zscore => {
+            let mean = img.iter().sum::<f32>() / img.len().max(1) as f32;
+            let var = img.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / img.len().max(1) as f32;
+            let sd = var.sqrt().max(1e-6);
+            img.iter_mut().for_each(|v| *v = (*v - mean) / sd);
+        }
+        Normalisation::Minmax => {
+            let (lo, hi) = img
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), v| {
+                    (lo.min(*v), hi.max(*v))
+                });
+            let range = (hi - lo).max(1e-6);
+            img.iter_mut().for_each(|v| *v = (*v - lo) / range);
+        }
+    }
+}
+
+/// `img` (`side` × `side`, row-major) rotated by `degrees` about its centre, bilinear, with
+/// the corners that come from outside the image black.
+pub fn rotate(img: &[f32], side: usize, degrees: f32) -> Vec<f32> {
+    let (sin, cos) = degrees.to_radians().sin_cos();
+    let c = (side as f32 - 1.0) / 2.0;
+    let at = |x: isize, y: isize| -> f32 {
+        if x < 0 || y < 0 || x >= side as isize || y >= side as isize {
+            0.0
+        } else {
+            img[y as usize * side + x as usize]
+        }
+    };
+    let mut out = vec![0.0; side * side];
+    for y in 0..side {
+        for x in 0..side {
+            // The source of this pixel: the inverse rotation of its position.
+            let (dx, dy) = (x as f32 - c, y as f32 - c);
+            let sx = cos * dx + sin * dy + c;
+            let sy = -sin * dx + cos * dy + c;
+            let (x0, y0) = (sx.floor(), sy.floor());
+            let (fx, fy) = (sx - x0, sy - y0);
+            let (x0, y0) = (x0 as isize, y0 as isize);
+            out[y * side + x] = at(x0, y0) * (1.0 - fx) * (1.0 - fy)
+                + at(x0 + 1, y0) * fx * (1.0 - fy)
+                + at(x0, y0 + 1) * (1.0 - fx) * fy
+                + at(x0 + 1, y0 + 1) * fx * fy;
+        }
+    }
+    out
+}
+
 /// The device training runs on: the first CUDA GPU when built with `cuda` and one is
 /// present, else the CPU.
 pub fn device() -> Device {
@@ -85,18 +138,18 @@ fn is_running_stat(name: &str) -> bool {
 
 impl Net {
     /// The plan's model, initialised from its seed: every site starts from the same weights.
-    pub fn new(manifest: &TrainingPlanManifest, device: &Device) -> Result<Net> {
-        let size = model::input_size(&manifest.model, manifest.preprocessing.image_size);
+    pub fn new(plan: &Plan, device: &Device) -> Result<Net> {
+        let size = plan.image_size;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let model = model::build(&manifest.model, size, vb).map_err(TrainError::Plan)?;
+        let model = model::build(&plan.model, plan.num_classes, size, vb)?;
         let net = Net {
             varmap,
             model,
             size,
             device: device.clone(),
         };
-        net.initialise(manifest.seed)?;
+        net.initialise(plan.seed)?;
         Ok(net)
     }
 
@@ -157,30 +210,36 @@ impl Net {
         Ok(())
     }
 
+    /// A batch as tensors: each image augmented (training only, from `aug`) and normalised
+    /// as the plan says.
     fn batch(
         &self,
         samples: &[&Sample],
-        zscore: bool,
-        flip: Option<&mut Rng>,
+        normalisation: Normalisation,
+        mut aug: Option<(&mut Rng, &[Augmentation])>,
     ) -> Result<(Tensor, Tensor)> {
         let s = self.size;
         let mut pixels = Vec::with_capacity(samples.len() * s * s);
-        let mut rng = flip;
         for sample in samples {
             let mut img = sample.pixels.clone();
-            if let Some(r) = rng.as_deref_mut()
-                && r.unit() < 0.5
-            {
-                for row in img.chunks_mut(s) {
-                    row.reverse();
+            if let Some((rng, augmentations)) = aug.as_mut() {
+                for a in augmentations.iter() {
+                    match a {
+                        Augmentation::Flip => {
+                            if rng.unit() < 0.5 {
+                                for row in img.chunks_mut(s) {
+                                    row.reverse();
+                                }
+                            }
+                        }
+                        Augmentation::Rotate => {
+                            let degrees = (rng.unit() * 2.0 - 1.0) as f32 * ROTATE_DEGREES;
+                            img = rotate(&img, s, degrees);
+                        }
+                    }
                 }
             }
-            if zscore {
-                let mean = img.iter().sum::<f32>() / img.len() as f32;
-                let var = img.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / img.len() as f32;
-                let sd = var.sqrt().max(1e-6);
-                img.iter_mut().for_each(|v| *v = (*v - mean) / sd);
-            }
+            normalise(&mut img, normalisation);
             pixels.extend(img);
         }
         let x = Tensor::from_vec(pixels, (samples.len(), 1, s, s), &self.device)?;
@@ -193,18 +252,13 @@ impl Net {
     }
 
     /// Loss, accuracy and AUROC on `samples` (evaluation mode).
-    pub fn evaluate(
-        &self,
-        samples: &[&Sample],
-        manifest: &TrainingPlanManifest,
-    ) -> Result<Metrics> {
-        let zscore = manifest.preprocessing.normalisation.as_deref() == Some("zscore");
-        let classes = manifest.model.num_classes as usize;
+    pub fn evaluate(&self, samples: &[&Sample], plan: &Plan) -> Result<Metrics> {
+        let classes = plan.num_classes;
         let mut loss_sum = 0.0;
         let mut correct = 0u64;
         let mut scores: Vec<(Vec<f32>, u32)> = Vec::with_capacity(samples.len());
         for chunk in samples.chunks(256) {
-            let (x, y) = self.batch(chunk, zscore, None)?;
+            let (x, y) = self.batch(chunk, plan.normalisation, None)?;
             let logits = self.model.forward_t(&x, false)?;
             loss_sum += f64::from(candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?)
                 * chunk.len() as f64;
@@ -230,12 +284,7 @@ impl Net {
 
     /// Trains for the plan's local epochs. `global` is the round's incoming model for the
     /// FedProx term. Returns the mean loss of the first and of the last epoch.
-    pub fn train(
-        &self,
-        samples: &[&Sample],
-        manifest: &TrainingPlanManifest,
-        seed: u64,
-    ) -> Result<(f64, f64)> {
+    pub fn train(&self, samples: &[&Sample], plan: &Plan, seed: u64) -> Result<(f64, f64)> {
         if samples.is_empty() {
             return Err(TrainError::Plan(
                 "there are no training samples at this site".into(),
@@ -245,46 +294,46 @@ impl Net {
             .into_iter()
             .filter(|(n, _)| !is_running_stat(n))
             .collect();
-        let mu = manifest.optimiser.proximal_mu.unwrap_or(0.0);
+        let mu = plan.proximal_mu;
+        // A copy of the incoming weights, outside the graph. `detach` alone shares their
+        // storage, which the optimiser updates in place, and `copy` alone keeps the copy in the
+        // graph: either way the proximal term's gradient would be zero.
         let anchor: Vec<Tensor> = trainable
             .iter()
-            .map(|(_, v)| v.as_tensor().detach())
-            .collect();
-        let opt = &manifest.optimiser;
-        let mut optimiser = match opt.name.as_str() {
-            "adamw" => Opt::AdamW(AdamW::new(
-                trainable.iter().map(|(_, v)| v.clone()).collect(),
+            .map(|(_, v)| v.as_tensor().copy().map(|t| t.detach()))
+            .collect::<candle_core::Result<_>>()?;
+        let vars = || trainable.iter().map(|(_, v)| v.clone()).collect();
+        let mut optimiser = match plan.optimiser {
+            Optimiser::AdamW {
+                learning_rate,
+                weight_decay,
+            } => Opt::AdamW(AdamW::new(
+                vars(),
                 ParamsAdamW {
-                    lr: opt.learning_rate,
-                    weight_decay: opt.weight_decay.unwrap_or(0.01),
+                    lr: learning_rate,
+                    weight_decay,
                     ..Default::default()
                 },
             )?),
-            "sgd" => Opt::Sgd(Sgd::new(
-                trainable.iter().map(|(_, v)| v.clone()).collect(),
-                opt.learning_rate,
-                opt.momentum.unwrap_or(0.0),
-                opt.weight_decay.unwrap_or(0.0),
-            )?),
-            other => return Err(TrainError::Plan(format!("unknown optimiser {other:?}"))),
+            Optimiser::Sgd {
+                learning_rate,
+                momentum,
+                weight_decay,
+            } => Opt::Sgd(Sgd::new(vars(), learning_rate, momentum, weight_decay)?),
         };
-        let zscore = manifest.preprocessing.normalisation.as_deref() == Some("zscore");
-        let flip = manifest
-            .preprocessing
-            .augmentations
-            .iter()
-            .any(|a| a == "flip");
         let mut rng = Rng::new(seed);
         let mut order: Vec<usize> = (0..samples.len()).collect();
-        let batch = manifest.batch_size.max(1) as usize;
+        let batch = plan.batch_size.max(1);
         let (mut first, mut last) = (0.0, 0.0);
-        for epoch in 0..manifest.local_epochs.max(1) {
+        for epoch in 0..plan.local_epochs.max(1) {
             rng.shuffle(&mut order);
             let mut sum = 0.0;
             let mut aug = Rng::new(rng.next_u64());
             for idx in order.chunks(batch) {
                 let chunk: Vec<&Sample> = idx.iter().map(|&i| samples[i]).collect();
-                let (x, y) = self.batch(&chunk, zscore, flip.then_some(&mut aug))?;
+                let augment = (!plan.augmentations.is_empty())
+                    .then_some((&mut aug, plan.augmentations.as_slice()));
+                let (x, y) = self.batch(&chunk, plan.normalisation, augment)?;
                 let logits = self.model.forward_t(&x, true)?;
                 let mut loss = candle_nn::loss::cross_entropy(&logits, &y)?;
                 sum += f64::from(loss.to_scalar::<f32>()?) * chunk.len() as f64;

@@ -91,6 +91,7 @@ fn site(hash: &str, study: Uuid) -> Site {
 
 fn job(s: &Site, m: &TrainingPlanManifest, hash: &str, round: u32, global: Option<String>) -> Job {
     Job {
+        protocol: consilium_core::protocol::PROTOCOL_VERSION,
         job_id: Uuid::new_v4(),
         kind: JobKind::Train,
         run_id: Uuid::nil(),

@@ -27,6 +27,7 @@ fn manifest() -> consilium_core::manifest::TrainingPlanManifest {
 
 fn job(site: Uuid) -> Job {
     Job {
+        protocol: consilium_core::protocol::PROTOCOL_VERSION,
         job_id: Uuid::new_v4(),
         kind: JobKind::Train,
         run_id: Uuid::new_v4(),

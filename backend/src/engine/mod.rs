@@ -10,6 +10,7 @@ use chrono::{Duration, Utc};
 use consilium_core::aggregate::{ServerState, Strategy, Update, aggregate};
 use consilium_core::api::{Contribution, ExcludedSite, ModelEvaluation, SiteEvaluation};
 use consilium_core::manifest::TrainingPlanManifest;
+use consilium_core::plan::{Plan, TargetMetric};
 use consilium_core::protocol::{Job, JobKind, JobResult, Metrics, Outcome, WorkerMessage};
 use consilium_worker::artifacts::ArtifactStore;
 use consilium_worker::broker::SharedBroker;
@@ -448,6 +449,7 @@ impl Engine {
         let mut failed = Vec::new();
         for site in sites {
             let job = Job {
+                protocol: consilium_core::protocol::PROTOCOL_VERSION,
                 job_id: job_id(r.id, number, *site, kind),
                 kind,
                 run_id: r.id,
@@ -513,9 +515,14 @@ impl Engine {
         let global = match global {
             Some(g) => g,
             None => {
-                let m = manifest.clone();
+                let plan = manifest.parse().map_err(|p| {
+                    AppError::unexpected(anyhow::anyhow!(
+                        "the approved plan does not parse: {}",
+                        p.join("; ")
+                    ))
+                })?;
                 let bytes = tokio::task::spawn_blocking(move || {
-                    consilium_worker::train::Net::new(&m, &candle_core::Device::Cpu)
+                    consilium_worker::train::Net::new(&plan, &candle_core::Device::Cpu)
                         .and_then(|n| n.to_safetensors())
                 })
                 .await
@@ -954,11 +961,12 @@ impl Engine {
             .order_by_asc(model_version::Column::Round)
             .all(&ctx.db)
             .await?;
-        let metric_name = manifest
-            .stopping
-            .target_metric
-            .clone()
-            .unwrap_or_else(|| "accuracy".into());
+        let plan = manifest.parse().map_err(|p| {
+            AppError::unexpected(anyhow::anyhow!(
+                "the approved plan does not parse: {}",
+                p.join("; ")
+            ))
+        })?;
         let values: Vec<f64> = history
             .iter()
             .filter_map(|v| {
@@ -966,9 +974,9 @@ impl Engine {
                     .as_ref()
                     .and_then(|e| from::<ModelEvaluation>(e).ok())
             })
-            .map(|e| metric(&e.global, &metric_name))
+            .map(|e| metric(&e.global, plan.stopping.metric))
             .collect();
-        let stop = stopping(manifest, x.number, &metric_name, &values);
+        let stop = stopping(&plan, x.number, &values);
         let w = ctx.begin_write().await?;
         let mut a: round::ActiveModel = x.into();
         a.state = Set("closed".into());
@@ -1005,11 +1013,12 @@ async fn site_name(ctx: &AppContext, id: Uuid) -> String {
         .unwrap_or_else(|_| id.to_string())
 }
 
-fn metric(m: &Metrics, name: &str) -> f64 {
+/// The plan's stopping metric of a round's global model, larger being better throughout.
+fn metric(m: &Metrics, name: TargetMetric) -> f64 {
     match name {
-        "loss" => -m.loss, // larger is better throughout
-        "auroc" => m.auroc.unwrap_or(0.0),
-        _ => m.accuracy,
+        TargetMetric::Loss => -m.loss,
+        TargetMetric::Auroc => m.auroc.unwrap_or(0.0),
+        TargetMetric::Accuracy => m.accuracy,
     }
 }
 
@@ -1042,28 +1051,24 @@ pub fn weighted<'a>(ms: impl Iterator<Item = &'a Metrics>) -> Metrics {
 
 /// Whether the run stops after `round`, and why: the maximum number of rounds, the target
 /// metric reached, or no improvement for `patience` rounds.
-pub fn stopping(
-    manifest: &TrainingPlanManifest,
-    round: i32,
-    metric_name: &str,
-    values: &[f64],
-) -> Option<String> {
-    if round as u32 >= manifest.rounds {
-        return Some(format!("Completed the plan's {} rounds.", manifest.rounds));
+pub fn stopping(plan: &Plan, round: i32, values: &[f64]) -> Option<String> {
+    if round as u32 >= plan.rounds {
+        return Some(format!("Completed the plan's {} rounds.", plan.rounds));
     }
-    if let (Some(target), Some(last)) = (manifest.stopping.target_value, values.last()) {
-        let reached = if metric_name == "loss" {
+    let name = plan.stopping.metric.name();
+    if let (Some(target), Some(last)) = (plan.stopping.target, values.last()) {
+        let reached = if plan.stopping.metric == TargetMetric::Loss {
             -last <= target
         } else {
             *last >= target
         };
         if reached {
             return Some(format!(
-                "Reached the target {metric_name} {target} in round {round}."
+                "Reached the target {name} {target} in round {round}."
             ));
         }
     }
-    if let Some(k) = manifest.stopping.patience.filter(|k| *k > 0) {
+    if let Some(k) = plan.stopping.patience {
         let k = k as usize;
         if values.len() > k {
             let best_before = values[..values.len() - k]
@@ -1071,9 +1076,85 @@ pub fn stopping(
                 .copied()
                 .fold(f64::NEG_INFINITY, f64::max);
             if values[values.len() - k..].iter().all(|v| *v <= best_before) {
-                return Some(format!("No improvement of {metric_name} for {k} rounds."));
+                return Some(format!("No improvement of {name} for {k} rounds."));
             }
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(stopping: serde_json::Value) -> Plan {
+        let m: TrainingPlanManifest = serde_json::from_value(serde_json::json!({
+            "model": {"architecture": "small_cnn", "num_classes": 2},
+            "optimiser": {"name": "sgd", "learning_rate": 0.05},
+            "local_epochs": 1, "batch_size": 8, "rounds": 10,
+            "aggregation": {"strategy": "fedavg"},
+            "stopping": stopping
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        m.parse().unwrap_or_else(|p| panic!("{p:?}"))
+    }
+
+    fn global(accuracy: f64, auroc: f64, loss: f64) -> Metrics {
+        Metrics {
+            loss,
+            accuracy,
+            auroc: Some(auroc),
+            samples: 10,
+        }
+    }
+
+    /// The same rounds stop the run, or not, by the metric the plan names.
+    #[test]
+    fn the_target_metric_decides_when_a_run_stops() {
+        let rounds = [global(0.80, 0.91, 0.40), global(0.86, 0.93, 0.35)];
+        let decide = |stopping: serde_json::Value| {
+            let p = plan(stopping);
+            let values: Vec<f64> = rounds
+                .iter()
+                .map(|m| metric(m, p.stopping.metric))
+                .collect();
+            stopping_reason(&p, &values)
+        };
+        assert_eq!(
+            decide(serde_json::json!({"target_metric": "accuracy", "target_value": 0.9})),
+            None
+        );
+        assert_eq!(
+            decide(serde_json::json!({"target_metric": "auroc", "target_value": 0.9})),
+            Some("Reached the target auroc 0.9 in round 2.".to_string())
+        );
+        assert_eq!(
+            decide(serde_json::json!({"target_metric": "loss", "target_value": 0.3})),
+            None
+        );
+        assert_eq!(
+            decide(serde_json::json!({"target_metric": "loss", "target_value": 0.36})),
+            Some("Reached the target loss 0.36 in round 2.".to_string())
+        );
+        // Patience watches the plan's metric too: accuracy fell, AUROC did not.
+        let worse = [global(0.86, 0.90, 0.3), global(0.84, 0.95, 0.3)];
+        let patient = |metric_name: &str| {
+            let mut s = serde_json::json!({"patience": 1});
+            if metric_name != "accuracy" {
+                s = serde_json::json!({"patience": 1, "target_metric": metric_name, "target_value": 0.99});
+            }
+            let p = plan(s);
+            let values: Vec<f64> = worse.iter().map(|m| metric(m, p.stopping.metric)).collect();
+            stopping_reason(&p, &values)
+        };
+        assert_eq!(
+            patient("accuracy"),
+            Some("No improvement of accuracy for 1 rounds.".to_string())
+        );
+        assert_eq!(patient("auroc"), None);
+    }
+
+    fn stopping_reason(p: &Plan, values: &[f64]) -> Option<String> {
+        stopping(p, values.len() as i32, values)
+    }
 }

@@ -235,6 +235,7 @@ pub async fn request(
     audit::append(&*w, actor, "preview.requested", "preview", id, &out).await?;
     w.commit().await?;
     let job = Job {
+        protocol: consilium_core::protocol::PROTOCOL_VERSION,
         job_id: Uuid::new_v4(),
         kind: JobKind::Preview,
         run_id: id,

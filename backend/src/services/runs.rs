@@ -38,11 +38,8 @@ pub async fn check<C: ConnectionTrait>(
     plan_hash: Option<&str>,
 ) -> AppResult<PreflightOutcome> {
     let study = studies::study_dto(&studies::load_study(db, study_id).await?)?;
-    let plan_hashes: Vec<String> = studies::plans_of(db, study_id)
-        .await?
-        .into_iter()
-        .map(|p| p.hash)
-        .collect();
+    let plans = studies::plans_of(db, study_id).await?;
+    let plan_hashes: Vec<String> = plans.iter().map(|p| p.hash.clone()).collect();
     let reviews = studies::reviews_of(db, study_id).await?;
     let requests = access::requests_of(db, study_id).await?;
     let mut site_names = HashMap::new();
@@ -51,7 +48,7 @@ pub async fn check<C: ConnectionTrait>(
             site_names.insert(site.id, site.name);
         }
     }
-    Ok(preflight(&PreflightInput {
+    let mut out = preflight(&PreflightInput {
         study: &study,
         plan_hashes: &plan_hashes,
         requested_plan: plan_hash,
@@ -59,7 +56,24 @@ pub async fn check<C: ConnectionTrait>(
         access: &requests,
         site_names: &site_names,
         now: Utc::now(),
-    }))
+    });
+    // A plan stored before its settings were checked as they are now (or by an older server)
+    // may name something no worker runs: it cannot start, and the reasons say why.
+    if let Some(hash) = out.plan_hash.as_deref()
+        && let Some(p) = plans.iter().find(|p| p.hash == hash)
+    {
+        let manifest: consilium_core::manifest::TrainingPlanManifest = from_json(&p.manifest)?;
+        if let Err(problems) = manifest.parse() {
+            let why = format!(
+                "Training plan version {} can't be run: {}. Submit a corrected plan.",
+                p.version,
+                problems.join("; ")
+            );
+            out.unmet.push(why.clone());
+            out.study_unmet.push(why);
+        }
+    }
+    Ok(out)
 }
 
 pub async fn report(

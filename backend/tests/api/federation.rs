@@ -355,6 +355,7 @@ holdout = 0.25
         serde_json::from_value(engine_manifest(4)).expect("manifest");
     altered.optimiser.learning_rate = 0.5;
     let forged = Job {
+        protocol: consilium_core::protocol::PROTOCOL_VERSION,
         job_id: Uuid::new_v4(),
         kind: JobKind::Train,
         run_id,

@@ -11,6 +11,7 @@ mod federation;
 mod lifecycle;
 mod oidc;
 mod openapi;
+mod plans;
 mod previews;
 mod roles;
 mod security;

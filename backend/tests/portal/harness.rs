@@ -33,6 +33,14 @@ fn find_program(env: &str, names: &[&str]) -> PathBuf {
     );
 }
 
+/// Awaits a WebDriver call, or fails the test when the browser does not answer within 45 s
+/// (a hung page would otherwise hang the test run).
+async fn within<T>(what: &str, call: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(45), call)
+        .await
+        .unwrap_or_else(|_| panic!("the browser did not answer within 45 s: {what}"))
+}
+
 /// A running server with the demo's cast (people, committee, three sites), site workers for
 /// the first `workers` sites, and a headless Chromium to look at it.
 pub struct Portal {
@@ -159,8 +167,7 @@ impl Portal {
     }
 
     pub async fn goto(&self, path: &str) {
-        self.browser
-            .goto(&format!("{}{path}", self.url))
+        within(path, self.browser.goto(&format!("{}{path}", self.url)))
             .await
             .unwrap_or_else(|e| panic!("open {path}: {e}"));
     }
@@ -183,8 +190,8 @@ impl Portal {
     pub async fn text_of(&self, css: &str) -> String {
         let mut last = String::new();
         for _ in 0..40 {
-            match self.browser.find(Locator::Css(css)).await {
-                Ok(el) => match el.text().await {
+            match within(css, self.browser.find(Locator::Css(css))).await {
+                Ok(el) => match within(css, el.text()).await {
                     Ok(t) => return t,
                     Err(e) => last = e.to_string(),
                 },
@@ -210,14 +217,32 @@ impl Portal {
         }
     }
 
+    /// Waits until the browser bundle has hydrated the page (its scripts ran).
+    pub async fn hydrated(&self) {
+        for _ in 0..80 {
+            let v = within(
+                "hydration",
+                self.browser.execute(
+                    "return document.body.getAttribute('data-hydrated');",
+                    vec![],
+                ),
+            )
+            .await
+            .expect("script");
+            if v == serde_json::json!("true") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("the page never hydrated (is the browser bundle current? scripts/build-portal)");
+    }
+
     pub async fn fill(&self, css: &str, value: &str) {
-        let el = self
-            .browser
-            .find(Locator::Css(css))
+        let el = within(css, self.browser.find(Locator::Css(css)))
             .await
             .unwrap_or_else(|e| panic!("{css}: {e}"));
-        el.clear().await.expect("clear");
-        el.send_keys(value).await.expect("type");
+        within(css, el.clear()).await.expect("clear");
+        within(css, el.send_keys(value)).await.expect("type");
     }
 
     pub async fn click(&self, css: &str) {
@@ -242,7 +267,7 @@ impl Portal {
                 .await
                 .unwrap_or_else(|e| panic!("no button or link {label:?}: {e}")),
         };
-        el.click()
+        within(label, el.click())
             .await
             .unwrap_or_else(|e| panic!("press {label:?}: {e}"));
     }

@@ -9,6 +9,7 @@ mod guards;
 mod harness;
 mod nojs;
 mod oidc;
+mod plan;
 mod previews;
 mod security;
 mod setup;

@@ -21,26 +21,7 @@ fn encode(v: &str) -> String {
 /// The page is hydrated (its scripts ran under the CSP), nothing injected ran, and each
 /// textarea holds the payload as text.
 async fn holds_as_text(p: &Portal, fields: &[(&str, &str)]) {
-    let mut hydrated = false;
-    for _ in 0..80 {
-        let v = p
-            .browser
-            .execute(
-                "return document.body.getAttribute('data-hydrated');",
-                vec![],
-            )
-            .await
-            .expect("script");
-        if v == serde_json::json!("true") {
-            hydrated = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    }
-    assert!(
-        hydrated,
-        "the portal hydrates under the Content-Security-Policy"
-    );
+    p.hydrated().await;
     let state = p
         .browser
         .execute(

@@ -255,14 +255,7 @@ fn StudyView(d: StudyPage) -> impl IntoView {
             {owner.then(|| view! {
                 <details class="card" open=d.plans.is_empty()>
                     <summary>"Submit a training plan"</summary>
-                    <form method="post" action=SubmitPlan::url() enctype="multipart/form-data"><CsrfField plain=true/>
-                        <input type="hidden" name="study_id" value=sid.clone()/>
-                        <label for="manifest">"Manifest (JSON): model, preprocessing, optimiser, epochs, batch size, rounds, aggregation"</label>
-                        <textarea id="manifest" name="manifest" rows="14" class="code" required>{textarea_text(typed("manifest", &manifest_default))}</textarea>
-                        <label for="files">"Attachments (training code, documentation)"</label>
-                        <input id="files" type="file" name="files" multiple/>
-                        <button type="submit">"Submit plan"</button>
-                    </form>
+                    <PlanForm study_id=sid.clone() manifest=typed("manifest", &manifest_default)/>
                 </details>
             })}
         </section>
@@ -447,5 +440,63 @@ fn ReviewForm(study_id: String, next_year: String) -> impl IntoView {
             <input id="expires" type="date" name=field("expires_on") value=typed("expires_on", &next_year)/>
             <button type="submit">"Record decision"</button>
         </form>
+    }
+}
+
+/// The plan form: the manifest as JSON, its problems listed as it is typed (once the bundle has
+/// loaded; without it, "Check the plan" asks the server), the choices of every setting, and
+/// the attachments.
+#[component]
+fn PlanForm(study_id: String, manifest: String) -> AnyView {
+    let problems = RwSignal::new(plan_problems(&manifest));
+    view! {
+        <form method="post" action=SubmitPlan::url() enctype="multipart/form-data"><CsrfField plain=true/>
+            <input type="hidden" name="study_id" value=study_id/>
+            <label for="manifest">"Manifest (JSON): model, preprocessing, optimiser, epochs, batch size, rounds, aggregation"</label>
+            <textarea id="manifest" name="manifest" rows="14" class="code" required aria-describedby="plan-problems" on:input=move |ev| problems.set(plan_problems(&event_target_value(&ev)))>{textarea_text(manifest)}</textarea>
+            <div id="plan-problems" aria-live="polite">
+                {move || {
+                    let list = problems.get();
+                    if list.is_empty() {
+                        view! { <p class="hint">"Every setting of this plan will be carried out as written."</p> }.into_any()
+                    } else {
+                        view! {
+                            <div class="notice warn">
+                                <p>{format!("This plan would be refused ({} problem{}):", list.len(), if list.len() == 1 { "" } else { "s" })}</p>
+                                <ul>{list.into_iter().map(|p| view! { <li>{p}</li> }).collect_view()}</ul>
+                            </div>
+                        }.into_any()
+                    }
+                }}
+            </div>
+            <details class="choices">
+                <summary>"Settings and their choices"</summary>
+                <table>
+                    <thead><tr><th scope="col">"Setting"</th><th scope="col">"Choices"</th></tr></thead>
+                    <tbody>
+                        {consilium_core::plan::CHOICES.iter().map(|(key, choices)| view! {
+                            <tr><td><code>{*key}</code></td><td>{*choices}</td></tr>
+                        }).collect_view()}
+                    </tbody>
+                </table>
+            </details>
+            <label for="files">"Attachments (training code, documentation)"</label>
+            <input id="files" type="file" name="files" multiple/>
+            <div class="row">
+                <button type="submit" name="check" value="yes" class="secondary">"Check the plan"</button>
+                <button type="submit">"Submit plan"</button>
+            </div>
+        </form>
+    }
+    .into_any()
+}
+
+/// What would make the server refuse this manifest text, in words.
+pub fn plan_problems(text: &str) -> Vec<String> {
+    match serde_json::from_str::<consilium_core::manifest::TrainingPlanManifest>(text) {
+        Ok(m) => m.problems(),
+        Err(e) => vec![format!(
+            "The manifest is not valid JSON for a training plan: {e}."
+        )],
     }
 }

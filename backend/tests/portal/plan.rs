@@ -1,0 +1,94 @@
+//! The plan form tells the researcher, before anything is submitted, what the server would
+//! refuse: live as the manifest is typed, and through "Check the plan" (which saves nothing).
+
+use consilium_backend::services::studies;
+
+use crate::harness::Portal;
+use crate::setup::{drafted_study, researcher};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plan_form_shows_the_problems_before_submitting() {
+    let mut p = Portal::start("plan", 0).await;
+    let study = drafted_study(&p, "Elbow effusions", 1).await;
+    let before = studies::list_plans(&p.ctx, &researcher(&p), study.id)
+        .await
+        .unwrap()
+        .len();
+    p.sign_in("rhea@uni.example").await;
+    p.goto(&format!("/studies/{}", study.id)).await;
+    p.wait_for("Training plans", 10).await;
+    p.hydrated().await;
+    p.browser
+        .execute(
+            "document.querySelector('#manifest').closest('details').open = true;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let bad = r#"{"model": {"architecture": "small_cnn", "num_classes": 2},
+ "optimiser": {"name": "adamw", "learning_rate": 0.01, "momentum": 0.9},
+ "local_epochs": 1, "batch_size": 8, "rounds": 2,
+ "aggregation": {"strategy": "fedsgd"},
+ "privacy": {"secure_aggregation": true}}"#;
+    p.fill("#manifest", bad).await;
+    let shown = p.wait_for("This plan would be refused", 10).await;
+    for problem in [
+        "aggregation.strategy must be one of",
+        "optimiser.momentum applies to sgd only",
+        "privacy.secure_aggregation is not available yet",
+    ] {
+        assert!(shown.contains(problem), "{problem}: {shown}");
+    }
+    p.shot_at("problems-while-typing", "#plan-problems").await;
+    // The choices are on the form.
+    p.click("details.choices > summary").await;
+    let choices = p.text_of("details.choices").await;
+    assert!(
+        choices.contains("fedavg, fedadam, fedyogi, fedbn"),
+        "{choices}"
+    );
+
+    // "Check the plan" asks the server and saves nothing; what was typed stays.
+    p.press("Check the plan").await;
+    let page = p.wait_for("Not saved", 20).await;
+    p.hydrated().await;
+    p.browser
+        .execute(
+            "document.querySelector('#manifest').closest('details').open = true;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(page.contains("would be refused"), "{page}");
+    let kept = p
+        .browser
+        .find(fantoccini::Locator::Css("#manifest"))
+        .await
+        .unwrap()
+        .prop("value")
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert!(kept.contains("fedsgd"), "the manifest survives: {kept}");
+    let after = studies::list_plans(&p.ctx, &researcher(&p), study.id)
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(before, after, "checking saved nothing");
+
+    // Mended, the form says it will run as written.
+    p.fill(
+        "#manifest",
+        &bad.replace("fedsgd", "fedavg")
+            .replace(", \"momentum\": 0.9", "")
+            .replace("true", "false"),
+    )
+    .await;
+    p.wait_for(
+        "Every setting of this plan will be carried out as written",
+        10,
+    )
+    .await;
+    p.shot_at("plan-sound", "#plan-problems").await;
+    p.close().await;
+}

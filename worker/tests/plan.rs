@@ -1,0 +1,279 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The typed plan at the site: every setting a plan may have changes what training does, a
+//! worker refuses a plan it cannot run (with the reason), and FedBN's site-local batch-norm
+//! state never crosses from one run (one study) to another.
+
+use async_trait::async_trait;
+use chrono::{Duration, Utc};
+use consilium_core::manifest::{TrainingPlanManifest, plan_hash};
+use consilium_core::plan::{Normalisation, Plan};
+use consilium_core::protocol::{Job, JobKind, Outcome, PROTOCOL_VERSION};
+use consilium_worker::artifacts::ArtifactStore;
+use consilium_worker::data::{DataKind, DatasetSpec, LabelKey, Sample};
+use consilium_worker::job::{Approvals, SiteContext, process};
+use consilium_worker::synthetic::{SiteProfile, write_site};
+use consilium_worker::train::{Net, Rng, normalise, rotate};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use uuid::Uuid;
+
+fn base() -> Value {
+    json!({
+        "model": {"architecture": "small_cnn", "num_classes": 2},
+        "preprocessing": {"image_size": 16},
+        "optimiser": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9},
+        "local_epochs": 2, "batch_size": 8, "rounds": 3,
+        "aggregation": {"strategy": "fedavg"}, "seed": 11
+    })
+}
+
+fn plan_of(v: Value) -> Plan {
+    let m: TrainingPlanManifest = serde_json::from_value(v).unwrap();
+    m.parse().unwrap_or_else(|p| panic!("{p:?}"))
+}
+
+/// Images of two classes (a bright or a dark bar on an offset background), not normalised.
+fn samples() -> Vec<Sample> {
+    let mut rng = Rng::new(3);
+    (0..48)
+        .map(|i| {
+            let label = (i % 2) as u32;
+            let pixels = (0..16 * 16)
+                .map(|p| {
+                    let bar = (p % 16) < 8;
+                    let base = 0.3 + 0.2 * rng.unit() as f32;
+                    if bar && label == 1 { base + 0.3 } else { base }
+                })
+                .collect();
+            Sample {
+                pixels,
+                label,
+                source: format!("image {i}"),
+                holdout: false,
+            }
+        })
+        .collect()
+}
+
+/// The SHA-256 of the weights after training on `samples` with this plan.
+fn trained(plan: &Plan) -> String {
+    let data = samples();
+    let refs: Vec<&Sample> = data.iter().collect();
+    let net = Net::new(plan, &candle_core::Device::Cpu).unwrap();
+    net.train(&refs, plan, 5).unwrap();
+    consilium_core::hash::sha256_hex(&net.to_safetensors().unwrap())
+}
+
+#[test]
+fn every_accepted_setting_changes_what_training_does() {
+    let variants: Vec<(&str, Value)> = vec![
+        ("as written", base()),
+        ("zscore", {
+            let mut m = base();
+            m["preprocessing"]["normalisation"] = "zscore".into();
+            m
+        }),
+        ("minmax", {
+            let mut m = base();
+            m["preprocessing"]["normalisation"] = "minmax".into();
+            m
+        }),
+        ("flip", {
+            let mut m = base();
+            m["preprocessing"]["augmentations"] = json!(["flip"]);
+            m
+        }),
+        ("rotate", {
+            let mut m = base();
+            m["preprocessing"]["augmentations"] = json!(["rotate"]);
+            m
+        }),
+        ("adamw", {
+            let mut m = base();
+            m["optimiser"] = json!({"name": "adamw", "learning_rate": 0.003});
+            m
+        }),
+        ("proximal term", {
+            let mut m = base();
+            m["optimiser"]["proximal_mu"] = 0.5.into();
+            m
+        }),
+    ];
+    let mut seen: Vec<(&str, String)> = Vec::new();
+    for (name, v) in variants {
+        let weights = trained(&plan_of(v));
+        for (other, w) in &seen {
+            assert_ne!(
+                &weights, w,
+                "{name} trains exactly as {other}: the setting has no effect"
+            );
+        }
+        seen.push((name, weights));
+    }
+    // `normalisation = "none"` is what an absent setting means.
+    let mut none = base();
+    none["preprocessing"]["normalisation"] = "none".into();
+    assert_eq!(trained(&plan_of(none)), seen[0].1);
+}
+
+#[test]
+fn small_cnn_takes_its_channels_from_the_plan() {
+    let mut m = base();
+    m["model"]["hyper_parameters"] = json!({"channels": [4, 6]});
+    let net = Net::new(&plan_of(m), &candle_core::Device::Cpu).unwrap();
+    let w = net.weights().unwrap();
+    assert_eq!(w["conv1.weight"].0, vec![4, 1, 3, 3]);
+    assert_eq!(w["conv2.weight"].0, vec![6, 4, 3, 3]);
+    assert_eq!(w["fc.weight"].0, vec![2, 6 * 4 * 4]);
+    let default = Net::new(&plan_of(base()), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(
+        default.weights().unwrap()["conv1.weight"].0,
+        vec![32, 1, 3, 3]
+    );
+}
+
+#[test]
+fn normalisations_and_rotations_do_what_they_say() {
+    let img: Vec<f32> = (0..16).map(|i| 0.2 + 0.01 * i as f32).collect();
+    let mut mm = img.clone();
+    normalise(&mut mm, Normalisation::Minmax);
+    assert!(
+        (mm[0] - 0.0).abs() < 1e-6 && (mm[15] - 1.0).abs() < 1e-5,
+        "{mm:?}"
+    );
+    let mut z = img.clone();
+    normalise(&mut z, Normalisation::Zscore);
+    let mean = z.iter().sum::<f32>() / 16.0;
+    let sd = (z.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 16.0).sqrt();
+    assert!(mean.abs() < 1e-5 && (sd - 1.0).abs() < 1e-4);
+    let mut n = img.clone();
+    normalise(&mut n, Normalisation::None);
+    assert_eq!(n, img);
+    // 0° keeps the image; 90° turns it a quarter (on screen, y pointing down): the top-left
+    // corner goes to the top-right, the bottom-left to the top-left.
+    assert_eq!(rotate(&img, 4, 0.0), img);
+    let r = rotate(&img, 4, 90.0);
+    assert!((r[3] - img[0]).abs() < 1e-4, "{r:?}");
+    assert!((r[0] - img[12]).abs() < 1e-4, "{r:?}");
+    // A small angle keeps the centre and blurs nothing away: the total stays close.
+    let r = rotate(&img, 4, 10.0);
+    assert!(r.iter().sum::<f32>() < img.iter().sum::<f32>());
+}
+
+/// Approves every plan of every study (the refusals below come from the worker itself).
+struct AllGranted;
+
+#[async_trait]
+impl Approvals for AllGranted {
+    async fn check(&self, _: Uuid, _: Uuid, _: &str) -> Result<Option<String>, String> {
+        Ok(None)
+    }
+}
+
+fn site_context(dir: &std::path::Path, site: Uuid) -> SiteContext {
+    let profile = SiteProfile {
+        images: 80,
+        lesion_fraction: 0.5,
+        gain: 1.0,
+        offset: 0.0,
+        noise: 0.03,
+        blur: 0,
+        seed: 3,
+    };
+    write_site(&dir.join("data"), 32, &profile).unwrap();
+    let spec = DatasetSpec {
+        kind: DataKind::Images,
+        root: dir.join("data"),
+        labels: dir.join("data/labels.csv"),
+        label_key: LabelKey::Path,
+        holdout: 0.25,
+        window: None,
+    };
+    let store = ArtifactStore::open(dir.join("artifacts").to_str().unwrap()).unwrap();
+    SiteContext::new(site, spec, store, Arc::new(AllGranted))
+}
+
+fn job(site: Uuid, study: Uuid, run: Uuid, manifest: Value) -> Job {
+    let manifest: TrainingPlanManifest = serde_json::from_value(manifest).unwrap();
+    Job {
+        protocol: PROTOCOL_VERSION,
+        job_id: Uuid::new_v4(),
+        kind: JobKind::Train,
+        run_id: run,
+        round: 1,
+        study_id: study,
+        site_id: site,
+        plan_hash: plan_hash(&manifest, &[]).unwrap(),
+        manifest,
+        files: vec![],
+        global_model: None,
+        deadline: Utc::now() + Duration::minutes(10),
+        preview: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refuses_what_it_cannot_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Uuid::new_v4();
+    let ctx = site_context(dir.path(), site);
+    // A plan from a server that knows a strategy this worker does not (or a forged one).
+    let mut m = base();
+    m["aggregation"]["strategy"] = "fedsgd".into();
+    let r = process(&job(site, Uuid::new_v4(), Uuid::new_v4(), m), &ctx).await;
+    let Outcome::Refused { reason } = &r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    assert!(reason.contains("cannot run the plan"), "{reason}");
+    assert!(
+        reason.contains("aggregation.strategy must be one of"),
+        "{reason}"
+    );
+    // A job of a newer protocol.
+    let mut newer = job(site, Uuid::new_v4(), Uuid::new_v4(), base());
+    newer.protocol = PROTOCOL_VERSION + 1;
+    let r = process(&newer, &ctx).await;
+    let Outcome::Refused { reason } = &r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    assert!(reason.contains("older than the server's jobs"), "{reason}");
+}
+
+fn fedbn() -> Value {
+    json!({
+        "model": {"architecture": "resnet", "num_classes": 2, "hyper_parameters": {"widths": [4, 8]}},
+        "preprocessing": {"image_size": 16},
+        "optimiser": {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9},
+        "local_epochs": 1, "batch_size": 8, "rounds": 3,
+        "aggregation": {"strategy": "fedbn"}, "seed": 13
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fedbn_state_never_crosses_from_one_study_to_another() {
+    let site = Uuid::new_v4();
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (busy, fresh) = (site_context(d1.path(), site), site_context(d2.path(), site));
+    // Study A's FedBN run trains at the site first (other batch-norm statistics: another seed).
+    let mut a = fedbn();
+    a["seed"] = 99.into();
+    let ra = process(&job(site, Uuid::new_v4(), Uuid::new_v4(), a), &busy).await;
+    assert!(
+        matches!(ra.outcome, Outcome::Trained { .. }),
+        "{:?}",
+        ra.outcome
+    );
+    // Study B's run at the same site gives exactly what it gives at a site that never ran A.
+    let b = job(site, Uuid::new_v4(), Uuid::new_v4(), fedbn());
+    let after_a = process(&b, &busy).await.outcome;
+    let alone = process(&b, &fresh).await.outcome;
+    let hash = |o: &Outcome| match o {
+        Outcome::Trained { update_hash, .. } => update_hash.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        hash(&after_a),
+        hash(&alone),
+        "study A's batch-norm state leaked into study B"
+    );
+}
