@@ -58,6 +58,7 @@ async fn respond(broker: SharedBroker, site: Uuid) {
         };
         let result = JobResult {
             job_id: job.job_id,
+            kind: None,
             run_id: job.run_id,
             round: job.round,
             site_id: site,

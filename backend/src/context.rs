@@ -4,7 +4,7 @@ use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, Statement,
     TransactionTrait,
 };
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use tokio::sync::{Mutex, MutexGuard};
 
 use crate::auth::oidc::OidcClient;
@@ -16,7 +16,9 @@ pub struct AppContext {
     pub db: DatabaseConnection,
     pub settings: Arc<Settings>,
     pub oidc: Option<Arc<OidcClient>>,
-    engine: Arc<OnceLock<crate::engine::Engine>>,
+    /// The federated side: the broker, the artifact store, and the handle that asks the
+    /// engine to drive a run. None for the command line's admin commands.
+    pub federation: Option<Federation>,
     write_lock: Arc<Mutex<()>>,
     /// Failed sign-ins per account and client address.
     pub sign_in_throttle: crate::throttle::SignInThrottle,
@@ -25,6 +27,35 @@ pub struct AppContext {
     /// A random secret the portal sends with its own calls to the API, so that the API
     /// believes the browser's address the portal forwards (and nobody else's claim of one).
     pub portal_key: Arc<secrecy::SecretString>,
+}
+
+/// What the services need of the federated side. The engine owns the rounds; services reach
+/// it only through `runs`, so that the engine depends on the services and not the reverse.
+#[derive(Clone)]
+pub struct Federation {
+    pub broker: consilium_worker::broker::SharedBroker,
+    pub artifacts: consilium_worker::artifacts::ArtifactStore,
+    pub runs: RunHandle,
+}
+
+/// Asks the engine to drive a run (a new one, or one found running at start).
+#[derive(Clone)]
+pub struct RunHandle(tokio::sync::mpsc::UnboundedSender<uuid::Uuid>);
+
+impl RunHandle {
+    pub fn channel() -> (Self, tokio::sync::mpsc::UnboundedReceiver<uuid::Uuid>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (RunHandle(tx), rx)
+    }
+
+    /// Hands the run to the engine; an error when the engine has stopped.
+    pub fn drive(&self, run: uuid::Uuid) -> AppResult<()> {
+        self.0.send(run).map_err(|_| {
+            crate::error::AppError::unexpected(anyhow::anyhow!(
+                "the federated engine has stopped; run {run} waits for a restart"
+            ))
+        })
+    }
 }
 
 /// A transaction in which state changes and their audit events are written together.
@@ -59,20 +90,27 @@ impl AppContext {
             sign_in_throttle: crate::throttle::SignInThrottle::new(settings.auth.throttle.clone()),
             settings: Arc::new(settings),
             oidc,
-            engine: Arc::new(OnceLock::new()),
+            federation: None,
             write_lock: Arc::new(Mutex::new(())),
             audit_fold: crate::throttle::AuditFold::default(),
             portal_key: Arc::new(crate::auth::random_secret(32).into()),
         }
     }
 
-    /// The federated engine, once started (the CLI's admin commands run without it).
-    pub fn engine(&self) -> Option<&crate::engine::Engine> {
-        self.engine.get()
+    /// With the federated side attached (the server; not the admin commands).
+    pub fn with_federation(mut self, federation: Federation) -> Self {
+        self.federation = Some(federation);
+        self
     }
 
-    pub fn set_engine(&self, engine: crate::engine::Engine) {
-        let _ = self.engine.set(engine);
+    /// The federated side, or a 409 that says this server runs without it.
+    pub fn federation(&self) -> AppResult<&Federation> {
+        self.federation.as_ref().ok_or_else(|| {
+            crate::error::AppError::conflict(
+                "engine_off",
+                "This server runs without the federated engine (no broker or artifact store); ask the administrator.",
+            )
+        })
     }
 
     pub async fn begin_write(&self) -> AppResult<WriteTxn<'_>> {

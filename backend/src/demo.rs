@@ -543,9 +543,7 @@ pub async fn start_workers(
     use consilium_worker::job::{ServerApprovals, SiteContext};
     use std::sync::Arc;
 
-    let engine = ctx
-        .engine()
-        .ok_or_else(|| anyhow::anyhow!("the federated engine is not running"))?;
+    let engine = ctx.federation()?;
     for (site, name, spec) in sites {
         let token = crate::services::tokens::create_worker_token(
             ctx,
@@ -561,7 +559,7 @@ pub async fn start_workers(
         .token;
         let approvals = Arc::new(ServerApprovals {
             server_url: url.to_string(),
-            token,
+            token: token.into(),
             http: reqwest::Client::new(),
         });
         let site_ctx = Arc::new(SiteContext::new(

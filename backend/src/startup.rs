@@ -138,10 +138,9 @@ pub struct Application {
     pub broker: consilium_worker::broker::SharedBroker,
 }
 
-/// Connects the broker and the artifact store and starts the federated engine.
-pub async fn start_engine(
-    context: &AppContext,
-) -> Result<consilium_worker::broker::SharedBroker, StartupError> {
+/// Connects the broker and the artifact store, attaches them to the context, and starts the
+/// federated engine on it. Returns the context the server and the services use.
+pub async fn start_engine(context: AppContext) -> Result<AppContext, StartupError> {
     let settings = &context.settings;
     let broker: consilium_worker::broker::SharedBroker = match &settings.engine.broker_url {
         Some(url) => consilium_worker::broker::connect(url.expose_secret())
@@ -159,17 +158,18 @@ pub async fn start_engine(
     });
     let artifacts = consilium_worker::artifacts::ArtifactStore::open(&location)
         .map_err(|e| StartupError::Engine(e.to_string()))?;
-    let engine = crate::engine::Engine::new(
-        broker.clone(),
-        artifacts,
-        settings.engine.round_timeout_seconds,
-    );
-    context.set_engine(engine.clone());
-    engine
-        .start(context)
+    let (runs, requests) = crate::context::RunHandle::channel();
+    let round_timeout = settings.engine.round_timeout_seconds;
+    let context = context.with_federation(crate::context::Federation {
+        broker: broker.clone(),
+        artifacts: artifacts.clone(),
+        runs,
+    });
+    crate::engine::Engine::new(broker, artifacts, round_timeout)
+        .start(&context, requests)
         .await
         .map_err(|e| StartupError::Engine(e.to_string()))?;
-    Ok(broker)
+    Ok(context)
 }
 
 impl Application {
@@ -186,8 +186,12 @@ impl Application {
         if settings.auth.local_accounts_enabled() {
             tracing::warn!("local accounts are enabled: they are for development and demos only");
         }
-        let context = build_context(settings).await?;
-        let broker = start_engine(&context).await?;
+        let context = start_engine(build_context(settings).await?).await?;
+        let broker = context
+            .federation()
+            .map_err(|e| StartupError::Engine(e.to_string()))?
+            .broker
+            .clone();
         let server = run(listener, context.clone())?;
         tracing::info!(port, "Consilium is listening");
         Ok(Application {

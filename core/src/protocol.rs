@@ -115,6 +115,9 @@ pub struct JobResult {
     pub run_id: Uuid,
     pub round: u32,
     pub site_id: Uuid,
+    /// The kind of job this answers (absent from workers before protocol 2).
+    #[serde(default)]
+    pub kind: Option<JobKind>,
     pub outcome: Outcome,
 }
 

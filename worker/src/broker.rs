@@ -6,8 +6,9 @@ use async_trait::async_trait;
 use consilium_core::protocol::{Job, WorkerMessage};
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{
@@ -33,6 +34,8 @@ pub enum BrokerError {
     NotConfirmed(String),
     #[error("{0}")]
     Closed(String),
+    #[error("the message could not be written as JSON: {0}")]
+    Encode(String),
 }
 
 enum Acker {
@@ -61,28 +64,36 @@ impl Delivery {
     pub async fn requeue(self) {
         match self.acker {
             Acker::Rabbit(a) => {
-                let _ = a
+                if let Err(e) = a
                     .nack(BasicNackOptions {
                         requeue: true,
                         ..Default::default()
                     })
-                    .await;
+                    .await
+                {
+                    // The channel is gone: the broker redelivers unacknowledged messages anyway.
+                    tracing::warn!(error = %e, "requeue failed; the broker will deliver the message again");
+                }
             }
             Acker::Requeue(tx) => {
-                let _ = tx.send(self.payload);
+                if tx.send(self.payload).is_err() {
+                    tracing::error!("the in-process queue is closed; a message was dropped");
+                }
             }
         }
     }
 
     /// Sends the message to the dead-letter queue (it can never be processed).
     pub async fn dead_letter(self) {
-        if let Acker::Rabbit(a) = self.acker {
-            let _ = a
+        if let Acker::Rabbit(a) = self.acker
+            && let Err(e) = a
                 .nack(BasicNackOptions {
                     requeue: false,
                     ..Default::default()
                 })
-                .await;
+                .await
+        {
+            tracing::warn!(error = %e, "dead-lettering failed; the broker will deliver the message again");
         }
     }
 }
@@ -101,10 +112,17 @@ pub trait Broker: Send + Sync {
     async fn results(&self) -> Result<Subscription, BrokerError>;
     /// Raw bytes to the results queue (used to test dead-lettering).
     async fn publish_raw_result(&self, payload: &[u8]) -> Result<(), BrokerError>;
+    /// Puts a message that can never be processed on the dead-letter queue, with the reason
+    /// (the `x-consilium-reason` header), for an operator to read; the caller then acks it.
+    async fn dead_letter(&self, payload: &[u8], reason: &str) -> Result<(), BrokerError>;
 }
 
-fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
+/// The header carrying why a message is on the dead-letter queue.
+pub const REASON_HEADER: &str = "x-consilium-reason";
+
+/// A message as JSON; one that cannot be written is an error, never an empty message.
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, BrokerError> {
+    serde_json::to_vec(v).map_err(|e| BrokerError::Encode(e.to_string()))
 }
 
 // ---------------------------------------------------------------- in-process
@@ -119,6 +137,8 @@ pub struct InProcessBroker {
 struct InProcessQueues {
     queues: HashMap<String, mpsc::UnboundedSender<Vec<u8>>>,
     pending: HashMap<String, mpsc::UnboundedReceiver<Vec<u8>>>,
+    /// Dead letters with their reasons, kept for the life of the process.
+    dead: Vec<(Vec<u8>, String)>,
 }
 
 impl InProcessBroker {
@@ -172,15 +192,23 @@ impl InProcessBroker {
             .send(payload)
             .map_err(|_| BrokerError::Closed(format!("{queue} is closed")))
     }
+
+    /// The dead letters so far, with their reasons.
+    pub fn dead_letters(&self) -> Vec<(Vec<u8>, String)> {
+        self.inner
+            .lock()
+            .map(|q| q.dead.clone())
+            .unwrap_or_default()
+    }
 }
 
 #[async_trait]
 impl Broker for InProcessBroker {
     async fn publish_job(&self, job: &Job) -> Result<(), BrokerError> {
-        self.send(&site_queue(job.site_id), encode(job))
+        self.send(&site_queue(job.site_id), encode(job)?)
     }
     async fn publish_message(&self, message: &WorkerMessage) -> Result<(), BrokerError> {
-        self.send(RESULTS_QUEUE, encode(message))
+        self.send(RESULTS_QUEUE, encode(message)?)
     }
     async fn jobs(&self, site: Uuid) -> Result<Subscription, BrokerError> {
         self.subscribe(&site_queue(site))
@@ -190,6 +218,15 @@ impl Broker for InProcessBroker {
     }
     async fn publish_raw_result(&self, payload: &[u8]) -> Result<(), BrokerError> {
         self.send(RESULTS_QUEUE, payload.to_vec())
+    }
+    async fn dead_letter(&self, payload: &[u8], reason: &str) -> Result<(), BrokerError> {
+        tracing::warn!(reason, "a message goes to the dead-letter list");
+        self.inner
+            .lock()
+            .map_err(|_| BrokerError::Closed("broker state poisoned".into()))?
+            .dead
+            .push((payload.to_vec(), reason.to_string()));
+        Ok(())
     }
 }
 
@@ -312,6 +349,46 @@ impl RabbitBroker {
     }
 
     async fn publish(&self, queue: &str, payload: &[u8]) -> Result<(), BrokerError> {
+        self.publish_with(queue, payload, FieldTable::default(), true)
+            .await
+    }
+
+    /// The dead-lettered messages' reasons, oldest first (read and left on the queue).
+    pub async fn dead_letter_reasons(&self) -> Result<Vec<String>, BrokerError> {
+        let (conn, channel) = open(&self.url, &self.ns).await?;
+        let mut out = Vec::new();
+        while let Some(m) = channel
+            .basic_get(dead_letter(&self.ns).into(), BasicGetOptions::default())
+            .await
+            .map_err(|e| BrokerError::Unreachable(e.to_string()))?
+        {
+            let reason = m
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(REASON_HEADER).cloned())
+                .and_then(|v| match v {
+                    AMQPValue::LongString(s) => Some(s.to_string()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| "(no reason recorded)".to_string());
+            out.push(reason);
+        }
+        // Unacknowledged, the messages go back on the queue when the channel closes.
+        if let Err(e) = conn.close(200, "done".into()).await {
+            tracing::warn!(error = %e, "closing the inspection connection");
+        }
+        Ok(out)
+    }
+
+    async fn publish_with(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        headers: FieldTable,
+        declare_queue: bool,
+    ) -> Result<(), BrokerError> {
         let mut last = String::new();
         for attempt in 0..5u32 {
             if attempt > 0 {
@@ -333,14 +410,15 @@ impl RabbitBroker {
             let Some((_, channel)) = guard.as_ref() else {
                 continue;
             };
-            if let Err(e) = declare(channel, &self.ns, queue).await {
+            if declare_queue && let Err(e) = declare(channel, &self.ns, queue).await {
                 last = e.to_string();
                 *guard = None;
                 continue;
             }
             let props = BasicProperties::default()
                 .with_delivery_mode(2)
-                .with_content_type("application/json".into());
+                .with_content_type("application/json".into())
+                .with_headers(headers.clone());
             match channel
                 .basic_publish(
                     "".into(),
@@ -430,11 +508,11 @@ async fn consume_once(
 #[async_trait]
 impl Broker for RabbitBroker {
     async fn publish_job(&self, job: &Job) -> Result<(), BrokerError> {
-        self.publish(&site_queue_in(&self.ns, job.site_id), &encode(job))
+        self.publish(&site_queue_in(&self.ns, job.site_id), &encode(job)?)
             .await
     }
     async fn publish_message(&self, message: &WorkerMessage) -> Result<(), BrokerError> {
-        self.publish(&results_queue(&self.ns), &encode(message))
+        self.publish(&results_queue(&self.ns), &encode(message)?)
             .await
     }
     async fn jobs(&self, site: Uuid) -> Result<Subscription, BrokerError> {
@@ -445,6 +523,17 @@ impl Broker for RabbitBroker {
     }
     async fn publish_raw_result(&self, payload: &[u8]) -> Result<(), BrokerError> {
         self.publish(&results_queue(&self.ns), payload).await
+    }
+    async fn dead_letter(&self, payload: &[u8], reason: &str) -> Result<(), BrokerError> {
+        let mut headers = FieldTable::default();
+        let reason: String = reason.chars().take(2000).collect();
+        headers.insert(
+            ShortString::from(REASON_HEADER),
+            AMQPValue::LongString(reason.into()),
+        );
+        // Straight to the dead-letter queue (declared with the topology, without arguments).
+        self.publish_with(&dead_letter(&self.ns), payload, headers, false)
+            .await
     }
 }
 

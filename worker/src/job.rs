@@ -39,7 +39,8 @@ struct GrantView {
 /// Asks the server (`GET /api/v1/sites/{id}/grants`) with the site's worker token.
 pub struct ServerApprovals {
     pub server_url: String,
-    pub token: String,
+    /// The site's worker token; never printed.
+    pub token: secrecy::SecretString,
     pub http: reqwest::Client,
 }
 
@@ -53,7 +54,7 @@ impl Approvals for ServerApprovals {
         let resp = self
             .http
             .get(&url)
-            .bearer_auth(&self.token)
+            .bearer_auth(secrecy::ExposeSecret::expose_secret(&self.token))
             .send()
             .await
             .map_err(|e| format!("{url}: {e}"))?;
@@ -158,19 +159,43 @@ async fn preview(job: &Job, ctx: &SiteContext) -> Outcome {
     }
 }
 
-fn refuse(reason: impl Into<String>) -> Outcome {
-    Outcome::Refused {
-        reason: reason.into(),
+/// Why a job produced no update.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Not a job this site runs: addressed elsewhere, altered, not approved, a plan or a
+    /// protocol this worker cannot run. Reported as refused, and audited as a refusal.
+    #[error("{0}")]
+    Refused(String),
+    /// Run and not finished: the data, the model or the store failed. Reported as failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<crate::train::TrainError> for JobError {
+    fn from(e: crate::train::TrainError) -> Self {
+        JobError::Failed(e.to_string())
     }
+}
+
+impl From<JobError> for Outcome {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Refused(reason) => Outcome::Refused { reason },
+            JobError::Failed(reason) => Outcome::Failed { reason },
+        }
+    }
+}
+
+fn refuse(reason: impl Into<String>) -> Outcome {
+    JobError::Refused(reason.into()).into()
 }
 
 fn fail(reason: impl Into<String>) -> Outcome {
-    Outcome::Failed {
-        reason: reason.into(),
-    }
+    JobError::Failed(reason.into()).into()
 }
 
 /// Runs a job to its outcome. Never panics on bad input: every problem is an outcome.
+#[tracing::instrument(skip_all, fields(job = %job.job_id, run = %job.run_id, round = job.round, kind = ?job.kind))]
 pub async fn process(job: &Job, ctx: &SiteContext) -> JobResult {
     let outcome = outcome(job, ctx).await;
     match &outcome {
@@ -180,6 +205,7 @@ pub async fn process(job: &Job, ctx: &SiteContext) -> JobResult {
     }
     JobResult {
         job_id: job.job_id,
+        kind: Some(job.kind),
         run_id: job.run_id,
         round: job.round,
         site_id: ctx.site_id,
@@ -289,7 +315,7 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
     .await;
     let (outcome, weights) = match result {
         Ok(Ok(pair)) => pair,
-        Ok(Err(e)) => return fail(e),
+        Ok(Err(e)) => return e.into(),
         Err(e) => return fail(format!("training stopped unexpectedly: {e}")),
     };
     let duration_ms = started.elapsed().as_millis() as u64;
@@ -347,53 +373,54 @@ fn compute(
     data: &Dataset,
     global: Option<&[u8]>,
     local: Option<&[u8]>,
-) -> Result<(Computed, Option<Vec<u8>>), String> {
+) -> Result<(Computed, Option<Vec<u8>>), JobError> {
     let dev = device();
-    let net = Net::new(plan, &dev).map_err(|e| e.to_string())?;
+    let net = Net::new(plan, &dev)?;
     if let Some(g) = global {
-        net.load_safetensors(g, |_| false)
-            .map_err(|e| e.to_string())?;
+        net.load_safetensors(g, |_| false)?;
     }
     if let Some(l) = local {
         // FedBN: this site's own batch-norm parameters (of this run) replace the global ones.
         net.load_safetensors(l, |name| !is_batch_norm(name))
             .map_err(|e| {
-                format!("this site's own batch-norm state of this run is unreadable: {e}")
+                JobError::Failed(format!(
+                    "this site's own batch-norm state of this run is unreadable: {e}"
+                ))
             })?;
     }
     let holdout: Vec<&Sample> = data.holdout().collect();
     let train: Vec<&Sample> = data.train().collect();
     if train.is_empty() && holdout.is_empty() {
-        return Err(format!(
+        return Err(JobError::Failed(format!(
             "no usable images at this site ({} files skipped)",
             data.skipped.len()
-        ));
+        )));
     }
     if let Some(bad) = data
         .samples
         .iter()
         .find(|s| s.label as usize >= plan.num_classes)
     {
-        return Err(format!(
+        return Err(JobError::Failed(format!(
             "{} has label {}, but the plan's model has {} classes",
             bad.source, bad.label, plan.num_classes
-        ));
+        )));
     }
-    let evaluation = net.evaluate(&holdout, plan).map_err(|e| e.to_string())?;
+    let evaluation = net.evaluate(&holdout, plan)?;
     if job.kind == JobKind::Evaluate {
         return Ok((Computed::Evaluated(evaluation), None));
     }
-    let reference = net.weights().map_err(|e| e.to_string())?;
-    let before = net.evaluate(&train, plan).map_err(|e| e.to_string())?.loss;
+    let reference = net.weights()?;
+    let before = net.evaluate(&train, plan)?.loss;
     let seed = plan.seed
         ^ u64::from(job.round).wrapping_mul(0x1000_0001)
         ^ u64::from_le_bytes(site.as_bytes()[..8].try_into().unwrap_or([0; 8]));
-    net.train(&train, plan, seed).map_err(|e| e.to_string())?;
-    let after = net.evaluate(&train, plan).map_err(|e| e.to_string())?.loss;
+    net.train(&train, plan, seed)?;
+    let after = net.evaluate(&train, plan)?.loss;
     if let Some(c) = plan.clipping {
-        protect(&net, &reference, c.clip_norm, c.noise_multiplier, seed)?;
+        protect(&net, &reference, c.clip_norm, c.noise_multiplier)?;
     }
-    let bytes = net.to_safetensors().map_err(|e| e.to_string())?;
+    let bytes = net.to_safetensors()?;
     Ok((
         Computed::Trained {
             samples: train.len() as u64,
@@ -413,9 +440,8 @@ fn protect(
     reference: &crate::train::NamedWeights,
     clip: f64,
     noise_multiplier: f64,
-    seed: u64,
-) -> Result<(), String> {
-    let local = net.weights().map_err(|e| e.to_string())?;
+) -> Result<(), JobError> {
+    let local = net.weights()?;
     let mut names: Vec<&String> = local.keys().collect();
     names.sort();
     let mut norm2 = 0f64;
@@ -430,7 +456,9 @@ fn protect(
     }
     let scale = (clip / norm2.sqrt().max(1e-12)).min(1.0);
     let sigma = noise_multiplier * clip;
-    let mut rng = Rng::new(seed ^ 0xD1F);
+    // Noise nobody can regenerate: from the operating system's generator, never the plan's
+    // seed (which the server knows).
+    let mut rng = Rng::from_entropy();
     let mut out = HashMap::new();
     for name in names {
         let (shape, w) = &local[name];
@@ -444,5 +472,5 @@ fn protect(
             .collect();
         out.insert(name.clone(), (shape.clone(), protected));
     }
-    net.set_weights(&out).map_err(|e| e.to_string())
+    Ok(net.set_weights(&out)?)
 }

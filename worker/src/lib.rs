@@ -5,6 +5,7 @@
 //! speaks to the sites through the same ones.
 
 pub mod artifacts;
+pub mod bench;
 pub mod broker;
 pub mod consumer;
 pub mod cvae;

@@ -67,10 +67,10 @@ struct WorkerSettings {
     site_id: Uuid,
     /// The Consilium server, e.g. `https://consilium.example.org`.
     server_url: String,
-    /// The site's worker token (`consilium admin create-worker-token`).
-    token: String,
-    /// `amqp://user:password@host:5672/%2f`
-    broker_url: String,
+    /// The site's worker token (`consilium admin create-worker-token`); never printed.
+    token: secrecy::SecretString,
+    /// `amqp://user:password@host:5672/%2f` (its password never printed).
+    broker_url: secrecy::SecretString,
     /// Artifact store: a folder, or `s3://bucket/prefix`.
     artifacts: String,
     #[serde(default = "default_heartbeat")]
@@ -106,7 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         candle_conv,
     } = &cli.command
     {
-        return bench_train(model, *steps, *runs, *threads, *candle_conv);
+        return consilium_worker::bench::bench_train(model, *steps, *runs, *threads, *candle_conv);
     }
     let settings: WorkerSettings = Figment::new()
         .merge(Toml::file_exact(&cli.config))
@@ -141,9 +141,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 artifacts,
                 approvals,
             ));
-            let broker = consilium_worker::broker::connect(&settings.broker_url).await?;
+            let broker = consilium_worker::broker::connect(secrecy::ExposeSecret::expose_secret(
+                &settings.broker_url,
+            ))
+            .await?;
             let stop = async {
-                let _ = tokio::signal::ctrl_c().await;
+                if let Err(e) = tokio::signal::ctrl_c().await {
+                    tracing::error!(error = %e, "cannot listen for Ctrl-C; stop the worker with a signal");
+                    std::future::pending::<()>().await;
+                }
             };
             consilium_worker::consumer::run(
                 ctx,
@@ -154,169 +160,4 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
     }
-}
-
-/// The Python with PyTorch to compare with: CONSILIUM_TORCH_PYTHON, or .venv-torch.
-fn torch_python() -> Option<PathBuf> {
-    std::env::var_os("CONSILIUM_TORCH_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| Some(PathBuf::from(".venv-torch/bin/python")))
-        .filter(|p| p.exists())
-}
-
-/// PyTorch's steps/s on the same model, batch and optimiser (scripts/torch_bench.py).
-fn torch_rate(model: &str, steps: usize, threads: usize) -> anyhow::Result<Option<f64>> {
-    let Some(python) = torch_python() else {
-        return Ok(None);
-    };
-    // From the repository's root, or where this binary was built.
-    let script = [
-        PathBuf::from("scripts/torch_bench.py"),
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/torch_bench.py"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .ok_or_else(|| {
-        anyhow::anyhow!("scripts/torch_bench.py not found: run from the repository's root")
-    })?;
-    let out = std::process::Command::new(&python)
-        .arg(&script)
-        .args([model, &steps.to_string(), &threads.to_string()])
-        .env("OMP_NUM_THREADS", threads.to_string())
-        .output()?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "PyTorch ({}) failed: {}",
-            python.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(Some(String::from_utf8_lossy(&out.stdout).trim().parse()?))
-}
-
-/// One measurement in a child process: steps/s with `threads` threads.
-fn bench_child(model: &str, steps: usize, threads: usize, baseline: bool) -> anyhow::Result<f64> {
-    let mut args = vec![
-        "bench-train".to_string(),
-        "--model".into(),
-        model.into(),
-        "--steps".into(),
-        steps.to_string(),
-        "--threads".into(),
-        threads.to_string(),
-    ];
-    if baseline {
-        args.push("--candle-conv".into());
-    }
-    let out = std::process::Command::new(std::env::current_exe()?)
-        .args(&args)
-        .env("RAYON_NUM_THREADS", threads.to_string())
-        .output()?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "the {threads}-thread measurement failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
-}
-
-/// The median of `runs` measurements, and their range, as "median (min–max)".
-fn measured(
-    runs: usize,
-    mut measure: impl FnMut() -> anyhow::Result<f64>,
-) -> anyhow::Result<(f64, String)> {
-    let mut rates = (0..runs.max(1))
-        .map(|_| measure())
-        .collect::<anyhow::Result<Vec<f64>>>()?;
-    rates.sort_by(f64::total_cmp);
-    let median = rates[rates.len() / 2];
-    let range = match (rates.first(), rates.last()) {
-        (Some(lo), Some(hi)) if rates.len() > 1 => format!(" ({lo:.2}–{hi:.2})"),
-        _ => String::new(),
-    };
-    Ok((median, format!("{median:>7.2} steps/s{range}")))
-}
-
-/// The parent: one child process per measurement (a thread pool is sized once per process),
-/// candle's kernels, Consilium's and PyTorch's side by side, each `runs` times, interleaved.
-fn bench_parent(model: &str, steps: usize, runs: usize) -> anyhow::Result<()> {
-    let all = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    println!(
-        "{model}: batch 64, SGD with momentum, {steps} steps after 3 warm-up steps; median of {runs} run(s) (range)"
-    );
-    for t in [1, all] {
-        let (base, line) = measured(runs, || bench_child(model, steps, t, true))?;
-        println!("  {t} thread(s), candle's kernels:    {line}");
-        let (ours, line) = measured(runs, || bench_child(model, steps, t, false))?;
-        println!("  {t} thread(s), Consilium's kernels: {line}");
-        println!("  {t} thread(s), speed-up {:.2}x", ours / base);
-        if torch_python().is_some() {
-            let (torch, line) = measured(runs, || {
-                torch_rate(model, steps, t)?.ok_or_else(|| anyhow::anyhow!("PyTorch is gone"))
-            })?;
-            println!(
-                "  {t} thread(s), PyTorch:             {line} (Consilium at {:.2}x PyTorch)",
-                ours / torch
-            );
-        }
-    }
-    if torch_python().is_none() {
-        println!(
-            "  (PyTorch not measured: scripts/torch-venv creates .venv-torch, or set CONSILIUM_TORCH_PYTHON)"
-        );
-    }
-    Ok(())
-}
-
-fn bench_train(
-    model: &str,
-    steps: usize,
-    runs: usize,
-    threads: Option<usize>,
-    candle_conv: bool,
-) -> anyhow::Result<()> {
-    use consilium_worker::data::Sample;
-    use consilium_worker::train::{Net, Rng};
-    let Some(threads) = threads else {
-        return bench_parent(model, steps, runs);
-    };
-    consilium_core::conv::use_candle_kernels(candle_conv);
-    let size = if model == "resnet" { 32 } else { 28 };
-    let manifest: consilium_core::manifest::TrainingPlanManifest = serde_json::from_value(
-        serde_json::json!({
-            "model": {"architecture": model, "num_classes": 10},
-            "preprocessing": {"image_size": size},
-            "optimiser": {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9},
-            "local_epochs": 1, "batch_size": 64, "rounds": 1, "aggregation": {"strategy": "fedavg"}, "seed": 1
-        }),
-    )?;
-    let plan = manifest
-        .parse()
-        .map_err(|p| anyhow::anyhow!("the benchmark's plan: {}", p.join("; ")))?;
-    let net = Net::new(&plan, &consilium_worker::train::device())?;
-    let mut rng = Rng::new(7);
-    let samples: Vec<Sample> = (0..64)
-        .map(|i| Sample {
-            pixels: (0..size * size).map(|_| rng.unit() as f32).collect(),
-            label: i % 10,
-            source: String::new(),
-            holdout: false,
-        })
-        .collect();
-    let batch: Vec<&Sample> = samples.iter().collect();
-    // One epoch over 64 samples with batch 64 is exactly one step.
-    for _ in 0..3 {
-        net.train(&batch, &plan, 1)?;
-    }
-    let started = std::time::Instant::now();
-    for i in 0..steps {
-        net.train(&batch, &plan, i as u64)?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    tracing::debug!(threads, "measured");
-    println!("{:.3}", steps as f64 / secs);
-    Ok(())
 }

@@ -25,23 +25,29 @@ pub type Result<T> = std::result::Result<T, TrainError>;
 /// Weights by name: shape and row-major values.
 pub type NamedWeights = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
-/// A small, fast, seedable generator (SplitMix64) so that runs reproduce exactly.
-pub struct Rng(u64);
+/// A seeded stream (ChaCha8, from `rand_chacha`) so that initialisation, shuffling and
+/// augmentation reproduce exactly. Never for anything secret: noise that protects an update
+/// comes from the operating system's generator (see `job::protect`).
+pub struct Rng(rand_chacha::ChaCha8Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+        use rand::SeedableRng;
+        Rng(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
     }
+
+    /// A stream seeded from the operating system's generator: unpredictable by anybody.
+    pub fn from_entropy() -> Self {
+        use rand::SeedableRng;
+        Rng(rand_chacha::ChaCha8Rng::from_entropy())
+    }
+
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        rand::RngCore::next_u64(&mut self.0)
     }
     /// Uniform in [0, 1).
     pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        rand::Rng::r#gen::<f64>(&mut self.0)
     }
     pub fn normal(&mut self) -> f64 {
         let (u1, u2) = (self.unit().max(1e-300), self.unit());

@@ -87,13 +87,8 @@ pub async fn get(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<ModelVe
 /// The weights (safetensors) of a model version.
 pub async fn weights(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<(String, Vec<u8>)> {
     let m = visible_version(ctx, actor, id).await?;
-    let engine = ctx.engine().ok_or_else(|| {
-        AppError::conflict(
-            "engine_off",
-            "This server runs without the federated engine; no weights are stored here.",
-        )
-    })?;
-    let bytes = engine
+    let bytes = ctx
+        .federation()?
         .artifacts
         .get(&m.hash)
         .await
@@ -143,10 +138,12 @@ pub async fn round_dto(ctx: &AppContext, x: &round::Model) -> AppResult<RoundDto
         };
         out.push(RoundSiteDto {
             site_id: *s,
-            site_name: directory::get_site(&ctx.db, *s)
-                .await
-                .map(|x| x.name)
-                .unwrap_or_default(),
+            site_name: match directory::get_site(&ctx.db, *s).await {
+                Ok(x) => x.name,
+                // A site removed since: named by its id. A database error is an error.
+                Err(AppError::NotFound(_)) => s.to_string(),
+                Err(e) => return Err(e),
+            },
             status,
             reason: u
                 .and_then(|u| u.reason.clone())

@@ -194,9 +194,7 @@ pub async fn request(
         ));
     };
     let plan = studies::plan_dto(p)?;
-    let engine = ctx.engine().ok_or_else(|| {
-        AppError::unexpected(anyhow::anyhow!("the federated engine is not running"))
-    })?;
+    let engine = ctx.federation()?;
     let spec = PreviewSpec {
         per_class,
         generator: input.generator.clone(),
@@ -388,9 +386,7 @@ pub async fn image(ctx: &AppContext, actor: &Actor, id: Uuid, index: u32) -> App
     let hash = m
         .set_hash
         .ok_or_else(|| AppError::conflict("invalid_state", "This preview has no images (yet)."))?;
-    let engine = ctx.engine().ok_or_else(|| {
-        AppError::unexpected(anyhow::anyhow!("the federated engine is not running"))
-    })?;
+    let engine = ctx.federation()?;
     let bytes = engine
         .artifacts
         .get(&hash)

@@ -118,7 +118,7 @@ pub async fn create_run(
         study_id: Set(study_id),
         plan_hash: Set(plan_hash),
         // With the federated engine attached the run starts at once; without it, it waits.
-        status: Set(if ctx.engine().is_some() {
+        status: Set(if ctx.federation.is_some() {
             "running"
         } else {
             "created"
@@ -137,8 +137,8 @@ pub async fn create_run(
     let dto = run_dto(&m)?;
     audit::append(&*w, actor, "run.created", "run", m.id, &dto).await?;
     w.commit().await?;
-    if let Some(engine) = ctx.engine() {
-        engine.spawn(ctx, m.id);
+    if let Some(f) = &ctx.federation {
+        f.runs.drive(m.id)?;
     }
     Ok(dto)
 }

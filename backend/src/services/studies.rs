@@ -134,6 +134,13 @@ pub async fn can_see<C: ConnectionTrait>(db: &C, actor: &Actor, s: &StudyDto) ->
     Ok(false)
 }
 
+/// A stored study status; an unknown one is an error (reading it as a draft would let a
+/// rejected study be edited and submitted again).
+fn status_of(stored: &str) -> AppResult<StudyStatus> {
+    StudyStatus::parse(stored)
+        .ok_or_else(|| AppError::unexpected(anyhow::anyhow!("unknown study status {stored:?}")))
+}
+
 pub async fn visible_study<C: ConnectionTrait>(
     db: &C,
     actor: &Actor,
@@ -275,7 +282,7 @@ pub async fn update_study(
     checks.finish()?;
     let w = ctx.begin_write().await?;
     let m = load_study(&*w, id).await?;
-    let status = StudyStatus::parse(&m.status).unwrap_or(StudyStatus::Draft);
+    let status = status_of(&m.status)?;
     let next = amend_transition(status).map_err(|d| AppError::conflict("invalid_state", d))?;
     let protocol_changed = protocol.as_ref().is_some_and(|p| *p != m.protocol_text);
     let version = m.protocol_version + i32::from(protocol_changed);
@@ -314,7 +321,7 @@ pub async fn submit_study(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResul
     require_owner(actor, &current)?;
     let w = ctx.begin_write().await?;
     let m = load_study(&*w, id).await?;
-    let status = StudyStatus::parse(&m.status).unwrap_or(StudyStatus::Draft);
+    let status = status_of(&m.status)?;
     let next = submit_transition(status).map_err(|d| AppError::conflict("invalid_state", d))?;
     if latest_plan(&*w, id).await?.is_none() {
         return Err(AppError::conflict(
@@ -417,7 +424,7 @@ pub async fn submit_plan(
 
     let w = ctx.begin_write().await?;
     let s = load_study(&*w, study_id).await?;
-    let status = StudyStatus::parse(&s.status).unwrap_or(StudyStatus::Draft);
+    let status = status_of(&s.status)?;
     let next = amend_transition(status).map_err(|d| AppError::conflict("invalid_state", d))?;
     let existing = plans_of(&*w, study_id).await?;
     if let Some(last) = existing.last()
@@ -539,7 +546,7 @@ pub async fn review_study(
 
     let w = ctx.begin_write().await?;
     let m = load_study(&*w, study_id).await?;
-    let status = StudyStatus::parse(&m.status).unwrap_or(StudyStatus::Draft);
+    let status = status_of(&m.status)?;
     let next = review_transition(status, input.decision)
         .map_err(|d| AppError::conflict("invalid_state", d))?;
     let plan = latest_plan(&*w, study_id).await?;

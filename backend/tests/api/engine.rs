@@ -58,10 +58,10 @@ pub async fn start_worker(
         holdout: 0.25,
         window: None,
     };
-    let artifacts = app.ctx.engine().expect("engine").artifacts.clone();
+    let artifacts = app.ctx.federation().expect("engine").artifacts.clone();
     let approvals = Arc::new(ServerApprovals {
         server_url: app.address.clone(),
-        token,
+        token: token.into(),
         http: reqwest::Client::new(),
     });
     let ctx = Arc::new(SiteContext::new(site, spec, artifacts, approvals));
@@ -488,5 +488,38 @@ async fn forged_reports_are_refused(app: &TestApp, w: &World, models: &[Value]) 
             .as_str()
             .is_some_and(|a| a.starts_with(&format!("{} via token ", outsider.id)))),
         "{denied:?}"
+    );
+}
+
+/// A run the engine cannot drive (its model store is gone) fails with a reason the researcher
+/// can act on, not "an unexpected error occurred", and without the store's internals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_names_its_cause() {
+    let app = spawn_app(Db::Sqlite).await;
+    let w = world(&app).await;
+    let (sid, _) = approved_study(&app, &w, engine_manifest(2)).await;
+    // The artifact folder replaced by a file: nothing can be written there any more.
+    let folder = app.ctx.settings.database.data_dir.join("artifacts");
+    std::fs::remove_dir_all(&folder).expect("remove the store");
+    std::fs::write(&folder, b"not a folder").expect("a file in its place");
+    let run = app
+        .post(
+            &format!("/api/v1/studies/{sid}/runs"),
+            &w.researcher.auth,
+            json!({}),
+        )
+        .await
+        .expect(201);
+    let done = wait_for_run(&app, &id_of(&run), &w.researcher.auth, 30).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let reason = done["stop_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("the model store (engine.artifacts) could not be read or written"),
+        "{reason}"
+    );
+    assert!(!reason.contains("unexpected"), "{reason}");
+    assert!(
+        !reason.contains(&folder.display().to_string()),
+        "no internals: {reason}"
     );
 }

@@ -43,16 +43,16 @@ fn rabbitmqctl(args: &[&str]) {
 }
 
 /// A RabbitMQ virtual host of this test's own, deleted afterwards.
-struct Vhost(String);
+pub struct Vhost(String);
 
 impl Vhost {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let name = format!("consilium-test-{}", Uuid::new_v4().simple());
         rabbitmqctl(&["add_vhost", &name]);
         rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
         Vhost(name)
     }
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0)
     }
 }
@@ -326,6 +326,7 @@ holdout = 0.25
     rabbit
         .publish_message(&WorkerMessage::Result(JobResult {
             job_id: Uuid::new_v4(),
+            kind: None,
             run_id: Uuid::new_v4(),
             round: 1,
             site_id: w.site_a,

@@ -8,6 +8,7 @@ mod audit;
 mod engine;
 mod errors;
 mod federation;
+mod intake;
 mod lifecycle;
 mod oidc;
 mod openapi;

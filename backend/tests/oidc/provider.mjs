@@ -3,7 +3,7 @@
 // Writes signing-key.pem (the key it signs ID tokens with, kid "test-key") and forged-key.pem
 // (a key it does not publish), then prints "ready".
 import Provider from 'oidc-provider';
-import { generateKeyPairSync } from 'node:crypto';
+import { createPrivateKey, generateKeyPairSync } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 
 // Only the 'ready' line goes to stdout (the test stops reading it after that); logs go to stderr.
@@ -13,11 +13,20 @@ console.info = console.error;
 const [port, redirectUri, keyDir] = process.argv.slice(2);
 const issuer = `http://127.0.0.1:${port}`;
 
-const signing = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
-const forged = generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
-writeFileSync(`${keyDir}/signing-key.pem`, signing.export({ format: 'pem', type: 'pkcs8' }));
-writeFileSync(`${keyDir}/forged-key.pem`, forged.export({ format: 'pem', type: 'pkcs8' }));
-const jwk = { ...signing.export({ format: 'jwk' }), kid: 'test-key', alg: 'RS256', use: 'sig' };
+// Keys come out of generation as PEM text, and the JWK is exported from a key object read
+// back from that text: exporting straight from a freshly generated key object can deadlock
+// Node 20 (a garbage collection during the export frees the generation job, which takes a
+// lock the export holds), and the provider then never starts.
+const pem = () => generateKeyPairSync('rsa', {
+  modulusLength: 2048,
+  publicKeyEncoding: { type: 'spki', format: 'pem' },
+  privateKeyEncoding: { type: 'pkcs8', format: 'pem' },
+}).privateKey;
+const signingPem = pem();
+const forgedPem = pem();
+writeFileSync(`${keyDir}/signing-key.pem`, signingPem);
+writeFileSync(`${keyDir}/forged-key.pem`, forgedPem);
+const jwk = { ...createPrivateKey(signingPem).export({ format: 'jwk' }), kid: 'test-key', alg: 'RS256', use: 'sig' };
 
 // Accounts: the login name is the account id; any password is accepted (development interactions).
 const accounts = {

@@ -1,0 +1,367 @@
+//! Results intake: every message the sites send, from the results queue into the database —
+//! heartbeats, and results counted once per job id.
+
+use super::rounds::RoundState;
+use super::*;
+use consilium_worker::broker::{Delivery, Subscription};
+
+/// Why a message from the sites could not be recorded.
+#[derive(Debug)]
+pub enum IntakeError {
+    /// It might be recorded on another try (the database or the model store was unavailable):
+    /// tried again, with a growing pause.
+    Transient(AppError),
+    /// It never will be (unreadable, names nothing this server knows, refers to a corrupt
+    /// artifact): it goes to the dead-letter queue with this reason, audited, and the next
+    /// message is read.
+    Permanent(String),
+}
+
+impl From<AppError> for IntakeError {
+    /// Database and store outages are transient; everything else about a message is its own
+    /// fault and permanent.
+    fn from(e: AppError) -> Self {
+        match &e {
+            AppError::Unexpected(inner) => {
+                let outage = inner.chain().any(|c| {
+                    c.downcast_ref::<sea_orm::DbErr>().is_some()
+                        || matches!(
+                            c.downcast_ref::<consilium_worker::artifacts::ArtifactError>(),
+                            Some(
+                                consilium_worker::artifacts::ArtifactError::Store(_)
+                                    | consilium_worker::artifacts::ArtifactError::Config(..)
+                            )
+                        )
+                });
+                if outage {
+                    IntakeError::Transient(e)
+                } else {
+                    IntakeError::Permanent(format!("it could not be recorded: {inner}"))
+                }
+            }
+            other => IntakeError::Permanent(format!("it could not be recorded: {other}")),
+        }
+    }
+}
+
+/// Tries of a message that fails transiently before it is given back to the broker, and
+/// the longest pause between two.
+const TRIES: u32 = 6;
+const MAX_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Engine {
+    /// Reads the results queue for as long as the server runs: each message is recorded, or
+    /// tried again when the failure may pass (a bounded backoff), or dead-lettered with its
+    /// reason when it never can be; either way the next message flows.
+    #[tracing::instrument(skip_all)]
+    pub(super) async fn consume(&self, ctx: &AppContext, mut results: Subscription) {
+        while let Some(delivery) = results.recv().await {
+            let mut pause = std::time::Duration::from_millis(250);
+            let mut tries = 0;
+            let outcome = loop {
+                tries += 1;
+                match self.intake(ctx, &delivery.payload).await {
+                    Err(IntakeError::Transient(e)) if tries < TRIES => {
+                        tracing::warn!(error = ?e, tries, "a result could not be recorded yet; trying again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(MAX_PAUSE);
+                    }
+                    other => break other,
+                }
+            };
+            match outcome {
+                Ok(()) => delivery.ack().await,
+                Err(IntakeError::Permanent(reason)) => {
+                    self.dead_letter(ctx, delivery, &reason).await
+                }
+                // Still failing (an outage): given back to the broker once; failing again
+                // after a redelivery, it is dead-lettered (kept there for an operator) so that
+                // the messages behind it flow.
+                Err(IntakeError::Transient(e)) if delivery.redelivered => {
+                    let reason = format!(
+                        "it could not be recorded after {TRIES} tries, twice: {}",
+                        stop_reason(&e)
+                    );
+                    tracing::error!(error = ?e, "a result keeps failing");
+                    self.dead_letter(ctx, delivery, &reason).await
+                }
+                Err(IntakeError::Transient(e)) => {
+                    tracing::error!(error = ?e, "a result could not be recorded; the broker will deliver it again");
+                    delivery.requeue().await;
+                }
+            }
+        }
+    }
+
+    /// One message: parsed, then recorded.
+    async fn intake(&self, ctx: &AppContext, payload: &[u8]) -> Result<(), IntakeError> {
+        let msg = serde_json::from_slice::<WorkerMessage>(payload).map_err(|e| {
+            IntakeError::Permanent(format!("it is not a message from a site worker: {e}"))
+        })?;
+        match self.receive(ctx, msg).await? {
+            true => Ok(()),
+            false => Err(IntakeError::Permanent(
+                "it names a run or site this server does not know".into(),
+            )),
+        }
+    }
+
+    /// Puts a message on the dead-letter queue with its reason, and audits it (repeats of one
+    /// reason folded, so a flood cannot bloat the chain).
+    async fn dead_letter(&self, ctx: &AppContext, delivery: Delivery, reason: &str) {
+        tracing::error!(
+            reason,
+            "a message on the results queue goes to the dead-letter queue"
+        );
+        let digest = consilium_core::hash::sha256_hex(&delivery.payload);
+        match self.broker.dead_letter(&delivery.payload, reason).await {
+            Ok(()) => delivery.ack().await,
+            // The reason could not go with it: rejected, the broker dead-letters it plainly.
+            Err(e) => {
+                tracing::error!(error = %e, "the dead-letter queue refused the message with its reason");
+                delivery.dead_letter().await
+            }
+        }
+        if let Some(folded) = ctx.audit_fold.admit(&format!("dead_letter {reason}")) {
+            let written = async {
+                let w = ctx.begin_write().await?;
+                audit::append(
+                    &*w,
+                    &Actor::system(),
+                    "message.dead_lettered",
+                    "message",
+                    &digest,
+                    &serde_json::json!({"reason": reason, "folded_before": folded}),
+                )
+                .await?;
+                w.commit().await
+            }
+            .await;
+            if let Err(e) = written {
+                tracing::error!(error = ?e, "could not audit a dead-lettered message");
+            }
+        }
+    }
+
+    /// Records a message; `Ok(false)` when it names a run or site that does not exist here
+    /// (it can never be recorded: it goes to the dead-letter queue).
+    pub(super) async fn receive(&self, ctx: &AppContext, msg: WorkerMessage) -> AppResult<bool> {
+        let site = match &msg {
+            WorkerMessage::Heartbeat(h) => h.site_id,
+            WorkerMessage::Result(r) => r.site_id,
+        };
+        if crate::entities::site::Entity::find_by_id(site)
+            .one(&ctx.db)
+            .await?
+            .is_none()
+        {
+            return Ok(false);
+        }
+        match msg {
+            WorkerMessage::Heartbeat(h) => {
+                let m = heartbeat::ActiveModel {
+                    site_id: Set(h.site_id),
+                    state: Set(format!("{:?}", h.state).to_lowercase()),
+                    data_summary: Set(h.data_summary.chars().take(500).collect()),
+                    version: Set(h.version.chars().take(50).collect()),
+                    at: Set(h.at),
+                };
+                // Through the one writer, like every other write: SQLite refuses a second
+                // writer that would deadlock with an open transaction.
+                let w = ctx.begin_write().await?;
+                heartbeat::Entity::delete_by_id(h.site_id).exec(&*w).await?;
+                heartbeat::Entity::insert(m)
+                    .exec_without_returning(&*w)
+                    .await?;
+                w.commit().await?;
+                Ok(true)
+            }
+            WorkerMessage::Result(r) => {
+                if crate::services::previews::is_preview(ctx, r.run_id).await? {
+                    crate::services::previews::record(ctx, &self.artifacts, r).await?;
+                    return Ok(true);
+                }
+                if run::Entity::find_by_id(r.run_id)
+                    .one(&ctx.db)
+                    .await?
+                    .is_none()
+                {
+                    return Ok(false);
+                }
+                self.record(ctx, r).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Records a result once per job id; a result for a round that moved on is kept as late
+    /// and audited, never counted.
+    #[tracing::instrument(skip_all, fields(run = %r.run_id, round = r.round, site = %r.site_id, job = %r.job_id))]
+    pub(super) async fn record(&self, ctx: &AppContext, r: JobResult) -> AppResult<()> {
+        let w = ctx.begin_write().await?;
+        if update::Entity::find()
+            .filter(update::Column::JobId.eq(r.job_id))
+            .one(&*w)
+            .await?
+            .is_some()
+        {
+            tracing::info!(job = %r.job_id, "duplicate result ignored");
+            return Ok(());
+        }
+        let rnd = round::Entity::find()
+            .filter(round::Column::RunId.eq(r.run_id))
+            .filter(round::Column::Number.eq(r.round as i32))
+            .one(&*w)
+            .await?;
+        // A worker of protocol 2 names its job's kind; an older one is judged by the outcome
+        // and the round.
+        let kind = match (&r.outcome, r.kind) {
+            (_, Some(kind)) => kind,
+            (Outcome::Evaluated { .. }, None) => JobKind::Evaluate,
+            _ if rnd
+                .as_ref()
+                .is_some_and(|x| x.state == RoundState::Aggregating.as_str()) =>
+            {
+                JobKind::Evaluate
+            }
+            _ => JobKind::Train,
+        };
+        let expected = match rnd.as_ref() {
+            None => false,
+            Some(x) => {
+                // An unreadable list of the round's sites is an error, not "no sites".
+                let sites: Vec<Uuid> = from(&x.sites)?;
+                let phase = match kind {
+                    JobKind::Train => x.state == RoundState::Collecting.as_str(),
+                    JobKind::Evaluate => x.state == RoundState::Aggregating.as_str(),
+                    // Preview results are routed to their request before they get here.
+                    JobKind::Preview => false,
+                };
+                phase
+                    && sites.contains(&r.site_id)
+                    && job_id(r.run_id, x.number, r.site_id, kind) == r.job_id
+                    && Utc::now() <= x.deadline
+            }
+        };
+        let (outcome, hash, samples, eval, before, after, duration, reason, skipped) =
+            match &r.outcome {
+                Outcome::Trained {
+                    update_hash,
+                    samples,
+                    evaluation,
+                    train_loss_before,
+                    train_loss_after,
+                    duration_ms,
+                    skipped,
+                } => (
+                    "trained",
+                    Some(update_hash.clone()),
+                    Some(*samples as i64),
+                    Some(json(evaluation)?),
+                    Some(*train_loss_before),
+                    Some(*train_loss_after),
+                    Some(*duration_ms as i64),
+                    None,
+                    Some(json(skipped)?),
+                ),
+                Outcome::Evaluated {
+                    evaluation,
+                    duration_ms,
+                } => (
+                    "evaluated",
+                    None,
+                    None,
+                    Some(json(evaluation)?),
+                    None,
+                    None,
+                    Some(*duration_ms as i64),
+                    None,
+                    None,
+                ),
+                Outcome::Previewed { .. } => (
+                    "failed",
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    Some("a preview set arrived for a training run".to_string()),
+                    None,
+                ),
+                Outcome::Refused { reason } => (
+                    "refused",
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    Some(reason.clone()),
+                    None,
+                ),
+                Outcome::Failed { reason } => (
+                    "failed",
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    Some(reason.clone()),
+                    None,
+                ),
+            };
+        let m = update::ActiveModel {
+            id: Set(Uuid::new_v4()),
+            run_id: Set(r.run_id),
+            round: Set(r.round as i32),
+            site_id: Set(r.site_id),
+            job_id: Set(r.job_id),
+            kind: Set(format!("{kind:?}").to_lowercase()),
+            outcome: Set(outcome.to_string()),
+            update_hash: Set(hash),
+            samples: Set(samples),
+            evaluation: Set(eval),
+            train_loss_before: Set(before.filter(|v| v.is_finite())),
+            train_loss_after: Set(after.filter(|v| v.is_finite())),
+            duration_ms: Set(duration),
+            reason: Set(reason.map(|s| s.chars().take(2000).collect())),
+            skipped: Set(skipped),
+            late: Set(!expected),
+            received_at: Set(Utc::now()),
+        }
+        .insert(&*w)
+        .await?;
+        let site_name = site::Entity::find_by_id(r.site_id)
+            .one(&*w)
+            .await?
+            .map(|s| s.name)
+            .unwrap_or_else(|| "(unknown)".to_string());
+        let site_actor = Actor::site_worker(r.site_id, &site_name);
+        // A refusal is always recorded as one, even for a job the server did not expect
+        // (an altered or forged job): the custodian and the auditors need to see it.
+        let action = match (expected, outcome) {
+            (_, "refused") => "job.refused",
+            (_, "failed") => "job.failed",
+            (false, _) => "update.late",
+            (true, "evaluated") => "model.evaluated_at_site",
+            _ => "update.received",
+        };
+        audit::append(
+            &*w,
+            &site_actor,
+            action,
+            "update",
+            m.id,
+            &serde_json::json!({
+                "run_id": r.run_id, "round": r.round, "site_id": r.site_id, "job_id": r.job_id,
+                "outcome": outcome, "update_hash": m.update_hash, "reason": m.reason, "late": !expected,
+            }),
+        )
+        .await?;
+        w.commit().await?;
+        self.notify.notify_waiters();
+        Ok(())
+    }
+}

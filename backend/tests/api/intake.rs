@@ -1,0 +1,120 @@
+//! The results queue over the real RabbitMQ: a message that can never be recorded (a preview
+//! result pointing at a corrupt preview set) goes to the dead-letter queue with its reason and
+//! is audited, and the messages behind it still flow (before, it was requeued for ever and
+//! blocked every heartbeat and update behind it).
+
+use crate::engine::{approved_study, engine_manifest, start_worker, wait_for_run};
+use crate::federation::Vhost;
+use crate::helpers::*;
+
+use consilium_core::protocol::{JobKind, JobResult, Outcome, WorkerMessage};
+use consilium_worker::broker::RabbitBroker;
+use consilium_worker::synthetic::SiteProfile;
+use serde_json::json;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_can_never_be_recorded_is_dead_lettered_with_its_reason() {
+    let vhost = Vhost::new();
+    let url = vhost.url();
+    let app = spawn_app_with(Db::Sqlite, |s| {
+        s.engine.broker_url = Some(url.clone().into());
+        s.engine.round_timeout_seconds = 120;
+    })
+    .await;
+    let w = world(&app).await;
+    let (sid, _) = approved_study(&app, &w, engine_manifest(2)).await;
+    // North is asked for a preview before its worker runs; a forged answer comes first,
+    // pointing at an artifact that is not a preview set.
+    let preview = id_of(
+        &app.post(
+            &format!("/api/v1/studies/{sid}/previews"),
+            &w.researcher.auth,
+            json!({"site_id": w.site_a, "per_class": 4}),
+        )
+        .await
+        .expect(201),
+    );
+    let store = app.ctx.federation().expect("engine").artifacts.clone();
+    let garbage = store.put(b"not a preview set".to_vec()).await.expect("put");
+    app.broker
+        .publish_message(&WorkerMessage::Result(JobResult {
+            job_id: uuid::Uuid::new_v4(),
+            run_id: preview.parse().expect("uuid"),
+            round: 0,
+            site_id: w.site_a,
+            kind: Some(JobKind::Preview),
+            outcome: Outcome::Previewed {
+                set: garbage,
+                images: 8,
+                withheld: 0,
+                duration_ms: 1,
+            },
+        }))
+        .await
+        .expect("published");
+    let rabbit = RabbitBroker::connect(&url).await.expect("broker");
+    let mut reasons = Vec::new();
+    for _ in 0..100 {
+        reasons = rabbit.dead_letter_reasons().await.expect("dead letters");
+        if !reasons.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(
+        reasons[0].contains("it could not be recorded"),
+        "{reasons:?}"
+    );
+
+    // What comes after still flows: the sites' workers answer the preview and train a run.
+    let dir = tempfile::tempdir().expect("dir");
+    let p = |seed| SiteProfile {
+        images: 80,
+        lesion_fraction: 0.5,
+        gain: 1.0,
+        offset: 0.0,
+        noise: 0.03,
+        blur: 0,
+        seed,
+    };
+    let _a = start_worker(&app, w.site_a, &w.custodian_a, p(1), dir.path()).await;
+    let _b = start_worker(&app, w.site_b, &w.custodian_b, p(2), dir.path()).await;
+    let run = app
+        .post(
+            &format!("/api/v1/studies/{sid}/runs"),
+            &w.researcher.auth,
+            json!({}),
+        )
+        .await
+        .expect(201);
+    let done = wait_for_run(&app, &id_of(&run), &w.researcher.auth, 120).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let mut status = json!(null);
+    for _ in 0..100 {
+        status = app
+            .get(&format!("/api/v1/previews/{preview}"), &w.researcher.auth)
+            .await
+            .expect(200)["status"]
+            .clone();
+        if status != "generating" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        status, "awaiting_release",
+        "the site's real preview was recorded"
+    );
+    // The dead letter is in the audit trail, with its reason.
+    let events = app
+        .get(
+            "/api/v1/audit/events?action=message.dead_lettered",
+            &w.auditor.auth,
+        )
+        .await
+        .expect(200);
+    assert_eq!(events.as_array().map(Vec::len), Some(1), "{events}");
+    assert_eq!(rabbit.dead_letters().await.expect("count"), 1);
+}
