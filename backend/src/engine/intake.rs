@@ -289,19 +289,12 @@ impl Engine {
                     Some("a preview set arrived for a training run".to_string()),
                     None,
                 ),
-                Outcome::Refused { reason } => (
-                    "refused",
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    Some(reason.clone()),
-                    None,
-                ),
-                Outcome::Failed { reason } => (
-                    "failed",
+                Outcome::Refused { reason } | Outcome::Failed { reason } => (
+                    if matches!(r.outcome, Outcome::Refused { .. }) {
+                        "refused"
+                    } else {
+                        "failed"
+                    },
                     None,
                     None,
                     None,

@@ -242,5 +242,33 @@ async fn every_role_against_every_mutating_operation(db: Db) {
         };
         assert_eq!(status, expected, "audit as {role}");
     }
+    // A site's heartbeat: its custodians, administrators and auditors (no worker has reported
+    // yet, which they learn); everybody else is refused.
+    for (role, auth) in &cast.sessions {
+        let reply = app
+            .get(&format!("/api/v1/sites/{}/heartbeat", w.site_a), auth)
+            .await;
+        let expected = if matches!(role, Administrator | Auditor | Custodian) {
+            404
+        } else {
+            403
+        };
+        assert_eq!(
+            reply.status.as_u16(),
+            expected,
+            "heartbeat as {role}: {}",
+            reply.text
+        );
+    }
+    // Token management needs a signed-in person: no API token lists or revokes tokens.
+    for p in [
+        &w.admin,
+        &w.member,
+        &w.researcher,
+        &w.custodian_a,
+        &w.auditor,
+    ] {
+        app.get("/api/v1/tokens", &p.auth).await.expect(403);
+    }
 }
 on_both!(every_role_against_every_mutating_operation);

@@ -457,13 +457,16 @@ async fn unknown_and_known_accounts_answer_alike() {
         }
     };
     let (mut known, mut unknown) = (Vec::new(), Vec::new());
-    for i in 0..9 {
+    for _ in 0..9 {
         known.push(time(w.member.email.clone()).await);
-        unknown.push(time(format!("nobody{i}@nowhere.test")).await);
+        // One unknown account tried again, like the known one: the first failure of each is
+        // audited, the repeats are folded, so both paths do the same work but the password check.
+        unknown.push(time("nobody@nowhere.test".to_string()).await);
     }
     known.sort();
     unknown.sort();
     let (k, u) = (known[4].as_secs_f64(), unknown[4].as_secs_f64());
+    println!("sign-in answer, median of 9: unknown account {u:.4} s, known account {k:.4} s");
     // Before the dummy check, an unknown account answered about 8 times faster.
     assert!(
         (0.5..2.0).contains(&(u / k)),
