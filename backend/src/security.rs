@@ -156,11 +156,11 @@ pub fn same_origin(origin: &str, host: &str) -> bool {
 
 /// A path of this server for `Location`, or `/` when the target would leave it.
 pub fn local_path(target: &str) -> &str {
-    let path_only = target.starts_with('/')
-        && !target.starts_with("//")
-        && !target.starts_with("/\\")
-        && !target.contains(['\r', '\n']);
-    if path_only { target } else { "/" }
+    if consilium_core::is_local_path(target) {
+        target
+    } else {
+        "/"
+    }
 }
 
 fn keep_redirect_here(headers: &mut HeaderMap) {

@@ -18,3 +18,13 @@ pub mod protocol;
 pub mod role;
 
 pub use role::Role;
+
+/// Whether a redirect target is a path of this server: it starts with one `/` (not `//host` or
+/// `/\host`, which browsers read as another host) and has no line break. The server's
+/// middleware and the portal's form handling both ask this.
+pub fn is_local_path(target: &str) -> bool {
+    target.starts_with('/')
+        && !target.starts_with("//")
+        && !target.starts_with("/\\")
+        && !target.contains(['\r', '\n'])
+}

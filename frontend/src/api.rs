@@ -261,10 +261,7 @@ fn referer_path() -> Option<String> {
         None => u.host_str()?.to_string(),
     };
     let path = u.path();
-    let local = authority.eq_ignore_ascii_case(host)
-        && path.starts_with('/')
-        && !path.starts_with("//")
-        && !path.starts_with("/\\");
+    let local = authority.eq_ignore_ascii_case(host) && consilium_core::is_local_path(path);
     local.then(|| path.to_string())
 }
 

@@ -227,7 +227,7 @@ pub async fn access_action(api: &Api, form: &Form) -> Result<String, PortalError
     )?;
     let back = optional(form, "back").unwrap_or_else(|| "/access".into());
     // Only a page of this server: not `//host` or `/\host`, which browsers read as another.
-    let back = if back.starts_with('/') && !back.starts_with("//") && !back.starts_with("/\\") {
+    let back = if consilium_core::is_local_path(&back) {
         back
     } else {
         "/access".into()

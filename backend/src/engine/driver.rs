@@ -344,7 +344,8 @@ impl Engine {
                 .to_std()
                 .unwrap_or_default()
                 .min(std::time::Duration::from_secs(2));
-            let _ = tokio::time::timeout(left, notified).await;
+            // Woken by a new result or not before `left` has passed: either way, look again.
+            let _woken = tokio::time::timeout(left, notified).await.is_ok();
         }
     }
 
