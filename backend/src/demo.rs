@@ -13,6 +13,7 @@ use consilium_core::api::{AuditVerification, ModelVersionDto, RoundDto, RunDto};
 use consilium_core::manifest::TrainingPlanManifest;
 use consilium_worker::broker::SharedBroker;
 use consilium_worker::data::{DataKind, DatasetSpec, LabelKey};
+use consilium_worker::decode::Decoder;
 use std::path::PathBuf;
 
 use crate::audit;
@@ -526,6 +527,7 @@ pub fn synthetic_sites(
                 label_key: LabelKey::Path,
                 holdout: 0.25,
                 window: None,
+                decoding: Default::default(),
             },
         ));
     }
@@ -567,6 +569,7 @@ pub async fn start_workers(
             spec,
             engine.artifacts.clone(),
             approvals,
+            Decoder::this_program()?,
         ));
         let broker = broker.clone();
         tokio::spawn(async move {

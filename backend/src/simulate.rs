@@ -7,6 +7,7 @@
 use consilium_core::Role;
 use consilium_core::manifest::TrainingPlanManifest;
 use consilium_worker::data::{self, DatasetSpec};
+use consilium_worker::decode::Decoder;
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -206,7 +207,7 @@ pub async fn run(
     println!("Simulation {:?} ({}):", exp.name, config.display());
     let mut cases = Vec::new();
     for s in &exp.sites {
-        let ds = data::load(&s.dataset, size)
+        let ds = data::load(&s.dataset, size, &Decoder::this_program()?)
             .map_err(|e| anyhow::anyhow!("site {:?}: its data can't be read: {e}", s.name))?;
         println!("  {:<16} {}", s.name, ds.summary(s.dataset.kind));
         for skipped in ds.skipped.iter().take(5) {

@@ -1,26 +1,29 @@
 //! Data handlers: a site's local images (PNG/JPEG, DICOM, NIfTI) with their labels, as
 //! square greyscale images in [0, 1]. A file that can't be used is skipped and counted with
-//! its reason; it never stops the worker.
+//! its reason; it never stops the worker. Files are decoded in a child process
+//! ([`crate::decode`]), so that not even a crashing codec can.
 
+use crate::decode::{DecodeLimits, Decoder};
 use consilium_core::protocol::Skipped;
 use dicom_dictionary_std::tags;
 use dicom_object::OpenFileOptions;
 use dicom_object::file::ReadPreamble;
 use dicom_pixeldata::PixelDecoder;
+use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
 use image::imageops::FilterType;
 use image::{ImageBuffer, Luma};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DataKind {
     /// A folder of PNG or JPEG files.
     Images,
     /// DICOM files (any folder depth).
     Dicom,
-    /// NIfTI-1 volumes (`.nii`, `.nii.gz`), sliced to 2-D.
+    /// NIfTI-1 and NIfTI-2 volumes (`.nii`, `.nii.gz`), sliced to 2-D.
     Nifti,
 }
 
@@ -50,6 +53,9 @@ pub struct DatasetSpec {
     /// DICOM window (centre, width); by default the file's own, else min–max.
     #[serde(default)]
     pub window: Option<(f64, f64)>,
+    /// Time and memory allowed for decoding one file.
+    #[serde(default)]
+    pub decoding: DecodeLimits,
 }
 
 fn default_holdout() -> f64 {
@@ -71,6 +77,21 @@ pub struct Dataset {
     pub size: usize,
     pub samples: Vec<Sample>,
     pub skipped: Vec<Skipped>,
+    /// Every file looked at, with its format and what came of it.
+    pub files: Vec<FileReport>,
+}
+
+/// One file of the dataset: its format, and how many images it gave or why it gave none.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FileReport {
+    pub file: String,
+    /// `DICOM <transfer syntax name> (<UID>)`, `NIfTI-1`, `NIfTI-2`, `PNG`, `JPEG`, …;
+    /// `not decoded` for a file that had no label.
+    pub format: String,
+    /// The DICOM modality, where there is one.
+    pub modality: Option<String>,
+    pub images: usize,
+    pub skipped: Option<String>,
 }
 
 impl Dataset {
@@ -80,6 +101,54 @@ impl Dataset {
     pub fn holdout(&self) -> impl Iterator<Item = &Sample> {
         self.samples.iter().filter(|s| s.holdout)
     }
+    /// What the dataset's files yield, per format and modality: files read and skipped, images,
+    /// and each skip reason with how many files had it (`consilium-worker check-data`).
+    pub fn table(&self) -> String {
+        #[derive(Default)]
+        struct Row {
+            read: usize,
+            skipped: usize,
+            images: usize,
+            reasons: BTreeMap<String, usize>,
+        }
+        let mut rows: BTreeMap<(String, String), Row> = BTreeMap::new();
+        for f in &self.files {
+            let key = (
+                f.format.clone(),
+                f.modality.clone().unwrap_or_else(|| "—".into()),
+            );
+            let row = rows.entry(key).or_default();
+            row.images += f.images;
+            match &f.skipped {
+                Some(reason) => {
+                    row.skipped += 1;
+                    *row.reasons.entry(reason.clone()).or_default() += 1;
+                }
+                None => row.read += 1,
+            }
+        }
+        let width = rows
+            .keys()
+            .map(|(f, _)| f.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max("format".len());
+        let mut out = format!(
+            "{:<width$}  {:<8}  {:>5}  {:>7}  {:>6}\n",
+            "format", "modality", "read", "skipped", "images"
+        );
+        for ((format, modality), row) in &rows {
+            out.push_str(&format!(
+                "{format:<width$}  {modality:<8}  {:>5}  {:>7}  {:>6}\n",
+                row.read, row.skipped, row.images
+            ));
+            for (reason, n) in &row.reasons {
+                out.push_str(&format!("    {n} skipped: {reason}\n"));
+            }
+        }
+        out
+    }
+
     pub fn summary(&self, kind: DataKind) -> String {
         format!(
             "{} images ({:?}, {} held out), {} skipped",
@@ -98,6 +167,79 @@ pub enum DataError {
     Labels { path: String, reason: String },
     #[error("cannot read the data folder {path}: {reason}")]
     Folder { path: String, reason: String },
+    #[error("{reason}")]
+    Settings { reason: String },
+    #[error("cannot decode images: {reason}")]
+    Decoder { reason: String },
+}
+
+/// One file to decode (what the worker sends its decoding child).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub kind: DataKind,
+    pub path: PathBuf,
+    /// The file's path relative to the data folder: the name images are reported under.
+    pub rel: String,
+    pub size: usize,
+    pub window: Option<(f64, f64)>,
+}
+
+/// One image decoded from a file, at the requested size.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Image {
+    /// File (and frame or slice) it came from.
+    pub source: String,
+    pub pixels: Vec<f32>,
+    /// The DICOM SOP Instance UID, for labels keyed by it.
+    pub key: Option<String>,
+}
+
+/// What decoding a file gave.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Decoded {
+    pub format: String,
+    pub modality: Option<String>,
+    pub images: Result<Vec<Image>, String>,
+}
+
+impl Decoded {
+    /// A file that gave nothing, for the reason given.
+    pub fn failed(reason: String) -> Self {
+        Decoded {
+            format: "unrecognised".into(),
+            modality: None,
+            images: Err(reason),
+        }
+    }
+}
+
+/// Decodes one file in this process (the decoding child's work). `header` hears the file's
+/// format and modality as soon as they are known, before the pixels are decoded.
+pub fn decode_file(request: &Request, header: &mut dyn FnMut(&str, Option<&str>)) -> Decoded {
+    let mut format = String::from("unrecognised");
+    let mut modality = None;
+    let mut heard = |f: &str, m: Option<&str>| {
+        format = f.to_string();
+        modality = m.map(str::to_string);
+        header(f, m);
+    };
+    let Request {
+        kind,
+        path,
+        rel,
+        size,
+        window,
+    } = request;
+    let images = match kind {
+        DataKind::Images => read_image(path, rel, *size, &mut heard),
+        DataKind::Dicom => read_dicom(path, rel, *size, *window, &mut heard),
+        DataKind::Nifti => read_nifti(path, rel, *size, &mut heard),
+    };
+    Decoded {
+        format,
+        modality,
+        images,
+    }
 }
 
 fn in_holdout(key: &str, fraction: f64) -> bool {
@@ -189,37 +331,71 @@ fn relative(root: &Path, p: &Path) -> String {
         .replace('\\', "/")
 }
 
-/// Loads a site's dataset at `size × size`.
-pub fn load(spec: &DatasetSpec, size: usize) -> Result<Dataset, DataError> {
+/// Loads a site's dataset at `size × size`, each file decoded by `decoder`'s child process.
+pub fn load(spec: &DatasetSpec, size: usize, decoder: &Decoder) -> Result<Dataset, DataError> {
+    spec.decoding
+        .check()
+        .map_err(|reason| DataError::Settings { reason })?;
     let labels = read_labels(&spec.labels)?;
     let mut ds = Dataset {
         size,
         ..Default::default()
     };
     let labels_file = spec.labels.canonicalize().ok();
+    let mut session = decoder.session(spec.decoding);
     for path in files_under(&spec.root)? {
         if path.canonicalize().ok() == labels_file {
             continue;
         }
         let rel = relative(&spec.root, &path);
         if spec.label_key == LabelKey::Path && !labels.contains_key(&rel) {
-            ds.skipped.push(Skipped {
-                file: rel,
-                reason: "no label for it in the labels file".into(),
+            let reason = "no label for it in the labels file".to_string();
+            ds.files.push(FileReport {
+                file: rel.clone(),
+                format: "not decoded".into(),
+                modality: None,
+                images: 0,
+                skipped: Some(reason.clone()),
             });
+            ds.skipped.push(Skipped { file: rel, reason });
             continue;
         }
-        let result = match spec.kind {
-            DataKind::Images => {
-                read_image(&path, size).map(|px| vec![(rel.clone(), px, Some(rel.clone()))])
-            }
-            DataKind::Dicom => read_dicom(&path, &rel, size, spec),
-            DataKind::Nifti => read_nifti(&path, &rel, size),
+        let decoded = session.decode(&Request {
+            kind: spec.kind,
+            path: path.clone(),
+            rel: rel.clone(),
+            size,
+            window: spec.window,
+        })?;
+        let mut report = FileReport {
+            file: rel.clone(),
+            format: decoded.format,
+            modality: decoded.modality,
+            images: 0,
+            skipped: None,
         };
-        match result {
-            Err(reason) => ds.skipped.push(Skipped { file: rel, reason }),
+        match decoded.images {
+            Err(reason) => {
+                report.skipped = Some(reason.clone());
+                ds.skipped.push(Skipped { file: rel, reason });
+            }
             Ok(images) => {
-                for (source, pixels, key) in images {
+                for Image {
+                    source,
+                    pixels,
+                    key,
+                } in images
+                {
+                    if pixels.len() != size * size {
+                        ds.skipped.push(Skipped {
+                            file: source,
+                            reason: format!(
+                                "the decoder gave {} values for a {size} × {size} image",
+                                pixels.len()
+                            ),
+                        });
+                        continue;
+                    }
                     let key = match spec.label_key {
                         LabelKey::Path => Some(rel.clone()),
                         LabelKey::SopInstanceUid => key.filter(|k| *k != rel),
@@ -227,6 +403,7 @@ pub fn load(spec: &DatasetSpec, size: usize) -> Result<Dataset, DataError> {
                     match key.as_ref().and_then(|k| labels.get(k)) {
                         Some(&label) => {
                             let holdout = in_holdout(&rel, spec.holdout);
+                            report.images += 1;
                             ds.samples.push(Sample {
                                 pixels,
                                 label,
@@ -242,22 +419,46 @@ pub fn load(spec: &DatasetSpec, size: usize) -> Result<Dataset, DataError> {
                         }
                     }
                 }
+                if report.images == 0 {
+                    report.skipped = Some("none of its images has a label".into());
+                }
             }
         }
+        ds.files.push(report);
     }
     Ok(ds)
 }
 
-fn read_image(path: &Path, size: usize) -> Result<Vec<f32>, String> {
-    let img = image::open(path).map_err(|e| format!("not a readable PNG or JPEG image: {e}"))?;
+/// Hears a file's format and modality as soon as they are known.
+pub type Heard<'a> = &'a mut dyn FnMut(&str, Option<&str>);
+
+fn read_image(path: &Path, rel: &str, size: usize, heard: Heard) -> Result<Vec<Image>, String> {
+    let reader = image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| format!("not a readable PNG or JPEG image: {e}"))?;
+    if let Some(f) = reader.format() {
+        heard(&format!("{f:?}").to_uppercase(), None);
+    }
+    let img = reader
+        .decode()
+        .map_err(|e| format!("not a readable PNG or JPEG image: {e}"))?;
     let grey = img.to_luma32f();
     let (w, h) = grey.dimensions();
-    to_square(w, h, grey.into_raw(), size, true)
+    let pixels = to_square(w, h, grey.into_raw(), size, true)?;
+    Ok(vec![Image {
+        source: rel.to_string(),
+        pixels,
+        key: Some(rel.to_string()),
+    }])
 }
 
-type Images = Vec<(String, Vec<f32>, Option<String>)>;
-
-fn read_dicom(path: &Path, rel: &str, size: usize, spec: &DatasetSpec) -> Result<Images, String> {
+fn read_dicom(
+    path: &Path,
+    rel: &str,
+    size: usize,
+    window: Option<(f64, f64)>,
+    heard: Heard,
+) -> Result<Vec<Image>, String> {
     let obj = match OpenFileOptions::new()
         .read_preamble(ReadPreamble::Auto)
         .open_file(path)
@@ -276,6 +477,15 @@ fn read_dicom(path: &Path, rel: &str, size: usize, spec: &DatasetSpec) -> Result
             .map(|s| s.trim().to_string())
     };
     let modality = text(tags::MODALITY).unwrap_or_default();
+    let uid = obj.meta().transfer_syntax().trim_end_matches('\0').trim();
+    let ts_name = TransferSyntaxRegistry
+        .get(uid)
+        .map(|ts| ts.name().to_string())
+        .unwrap_or_else(|| "unknown transfer syntax".into());
+    heard(
+        &format!("DICOM {ts_name} ({uid})"),
+        (!modality.is_empty()).then_some(modality.as_str()),
+    );
     if modality == "SEG" {
         return Err("a segmentation object (SEG), not an image to train on".into());
     }
@@ -290,13 +500,33 @@ fn read_dicom(path: &Path, rel: &str, size: usize, spec: &DatasetSpec) -> Result
         ));
     }
     let sop_uid = text(tags::SOP_INSTANCE_UID);
-    let decoded = obj
-        .decode_pixel_data()
-        .map_err(|e| format!("pixel data can't be decoded: {}", chain(&e)))?;
-    let (w, h) = (decoded.columns(), decoded.rows());
-    let samples = usize::from(decoded.samples_per_pixel());
-    let monochrome1 = decoded.photometric_interpretation().as_str() == "MONOCHROME1";
-    let window = spec.window.or_else(|| {
+    let number = |tag| obj.element(tag).ok().and_then(|e| e.to_float64().ok());
+    let monochrome1 = text(tags::PHOTOMETRIC_INTERPRETATION).as_deref() == Some("MONOCHROME1");
+    // 12-bit JPEG goes to libjpeg-turbo; everything else to dicom-pixeldata.
+    let twelve_bit_jpeg = uid == JPEG_EXTENDED && number(tags::BITS_STORED).unwrap_or(8.0) > 8.0;
+    let (frames, decoded) = if twelve_bit_jpeg {
+        (
+            jpeg12_frames(
+                &obj,
+                number(tags::RESCALE_SLOPE),
+                number(tags::RESCALE_INTERCEPT),
+            )?,
+            None,
+        )
+    } else {
+        let decoded = obj
+            .decode_pixel_data()
+            .map_err(|e| format!("pixel data can't be decoded: {}", chain(&e)))?;
+        (Vec::new(), Some(decoded))
+    };
+    let (w, h, count) = match &decoded {
+        Some(d) => (d.columns(), d.rows(), d.number_of_frames()),
+        None => {
+            let (w, h, _) = frames.first().ok_or("no frames in the pixel data")?;
+            (*w, *h, frames.len() as u32)
+        }
+    };
+    let window = window.or_else(|| {
         let c = obj
             .element(tags::WINDOW_CENTER)
             .ok()?
@@ -314,25 +544,19 @@ fn read_dicom(path: &Path, rel: &str, size: usize, spec: &DatasetSpec) -> Result
         (w > 0.0).then_some((c, w))
     });
     let mut out = Vec::new();
-    for frame in 0..decoded.number_of_frames() {
-        let values: Vec<f32> = decoded
-            .to_vec_frame(frame)
-            .map_err(|e| format!("frame {frame} can't be converted: {e}"))?;
-        let expected = (w * h) as usize * samples;
-        if values.len() < expected {
-            return Err(format!(
-                "frame {frame} is cut short: {} of {expected} values",
-                values.len()
-            ));
-        }
-        // Colour images become greyscale (luminance).
-        let mut grey: Vec<f32> = if samples == 3 {
-            values
-                .chunks_exact(3)
-                .map(|p| 0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2])
-                .collect()
-        } else {
-            values[..(w * h) as usize].to_vec()
+    let mut frames = frames.into_iter();
+    for frame in 0..count {
+        let mut grey = match &decoded {
+            Some(d) => grey_frame(d, frame)?,
+            None => match frames.next() {
+                Some((fw, fh, values)) if (fw, fh) == (w, h) => values,
+                Some((fw, fh, _)) => {
+                    return Err(format!(
+                        "frame {frame} is {fw} × {fh}, unlike frame 0 ({w} × {h})"
+                    ));
+                }
+                None => return Err(format!("frame {frame} is missing")),
+            },
         };
         let windowed = match window {
             Some((c, width)) => {
@@ -347,14 +571,152 @@ fn read_dicom(path: &Path, rel: &str, size: usize, spec: &DatasetSpec) -> Result
         if monochrome1 {
             pixels.iter_mut().for_each(|v| *v = 1.0 - *v);
         }
-        let source = if decoded.number_of_frames() > 1 {
+        let source = if count > 1 {
             format!("{rel}#frame{frame}")
         } else {
             rel.to_string()
         };
-        out.push((source, pixels, sop_uid.clone()));
+        out.push(Image {
+            source,
+            pixels,
+            key: sop_uid.clone(),
+        });
     }
     Ok(out)
+}
+
+/// JPEG Extended (process 2 & 4), whose 12-bit form the Rust JPEG decoders do not read.
+const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
+
+/// The frames of 12-bit JPEG pixel data, decoded and rescaled: (width, height, values).
+fn jpeg12_frames(
+    obj: &dicom_object::DefaultDicomObject,
+    slope: Option<f64>,
+    intercept: Option<f64>,
+) -> Result<Vec<(u32, u32, Vec<f32>)>, String> {
+    let pixel_data = obj
+        .element(tags::PIXEL_DATA)
+        .map_err(|e| format!("no pixel data: {e}"))?;
+    let fragments = pixel_data
+        .value()
+        .fragments()
+        .ok_or("JPEG pixel data that is not encapsulated in fragments")?;
+    let frames_stated = obj
+        .element(tags::NUMBER_OF_FRAMES)
+        .ok()
+        .and_then(|e| e.to_int::<u32>().ok())
+        .unwrap_or(1)
+        .max(1) as usize;
+    // One frame spread over fragments, or one fragment per frame.
+    let streams: Vec<Vec<u8>> = if frames_stated == 1 {
+        vec![fragments.iter().flatten().copied().collect()]
+    } else if fragments.len() == frames_stated {
+        fragments.to_vec()
+    } else {
+        return Err(format!(
+            "{frames_stated} frames in {} JPEG fragments: only one fragment per frame is read",
+            fragments.len()
+        ));
+    };
+    let (slope, intercept) = (slope.unwrap_or(1.0), intercept.unwrap_or(0.0));
+    streams
+        .iter()
+        .map(|stream| {
+            let frame = crate::jpeg12::decode(stream)?;
+            let values = frame
+                .samples
+                .iter()
+                .map(|v| (f64::from(*v) * slope + intercept) as f32)
+                .collect();
+            Ok((frame.width as u32, frame.height as u32, values))
+        })
+        .collect()
+}
+
+/// One frame as greyscale values after the modality rescale (colour becomes luminance).
+/// dicom-pixeldata converts 8- and 16-bit interleaved samples; 32-bit samples and planar
+/// colour (PlanarConfiguration 1) are converted here from the decoded bytes.
+fn grey_frame(decoded: &dicom_pixeldata::DecodedPixelData, frame: u32) -> Result<Vec<f32>, String> {
+    use dicom_pixeldata::{PixelRepresentation, PlanarConfiguration};
+    let pixels = decoded.columns() as usize * decoded.rows() as usize;
+    let samples = usize::from(decoded.samples_per_pixel());
+    let planar = samples > 1 && decoded.planar_configuration() == PlanarConfiguration::PixelFirst;
+    let values: Vec<f32> = if decoded.bits_allocated() == 32 || planar {
+        let bytes = decoded
+            .frame_data(frame)
+            .map_err(|e| format!("frame {frame} can't be read: {e}"))?;
+        let signed = decoded.pixel_representation() == PixelRepresentation::Signed;
+        let raw: Vec<f64> = match decoded.bits_allocated() {
+            8 if signed => bytes.iter().map(|b| f64::from(*b as i8)).collect(),
+            8 => bytes.iter().map(|b| f64::from(*b)).collect(),
+            16 => bytes
+                .chunks_exact(2)
+                .map(|b| {
+                    let v = [b[0], b[1]];
+                    if signed {
+                        f64::from(i16::from_le_bytes(v))
+                    } else {
+                        f64::from(u16::from_le_bytes(v))
+                    }
+                })
+                .collect(),
+            32 => bytes
+                .chunks_exact(4)
+                .map(|b| {
+                    let v = [b[0], b[1], b[2], b[3]];
+                    if signed {
+                        f64::from(i32::from_le_bytes(v))
+                    } else {
+                        f64::from(u32::from_le_bytes(v))
+                    }
+                })
+                .collect(),
+            other => return Err(format!("BitsAllocated {other} is not read")),
+        };
+        let (slope, intercept) = decoded
+            .rescale()
+            .ok()
+            .and_then(|r| r.first().map(|r| (r.slope, r.intercept)))
+            .unwrap_or((1.0, 0.0));
+        let rescaled = raw.iter().map(|v| (v * slope + intercept) as f32);
+        if planar {
+            // R plane, G plane, B plane: interleave.
+            let planes: Vec<f32> = rescaled.collect();
+            if planes.len() < pixels * samples {
+                return Err(format!(
+                    "frame {frame} is cut short: {} of {} values",
+                    planes.len(),
+                    pixels * samples
+                ));
+            }
+            (0..pixels)
+                .flat_map(|i| (0..samples).map(move |c| (c, i)))
+                .map(|(c, i)| planes[c * pixels + i])
+                .collect()
+        } else {
+            rescaled.collect()
+        }
+    } else {
+        decoded
+            .to_vec_frame(frame)
+            .map_err(|e| format!("frame {frame} can't be converted: {e}"))?
+    };
+    let expected = pixels * samples;
+    if values.len() < expected {
+        return Err(format!(
+            "frame {frame} is cut short: {} of {expected} values",
+            values.len()
+        ));
+    }
+    Ok(if samples == 3 {
+        values
+            .chunks_exact(3)
+            .take(pixels)
+            .map(|p| 0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2])
+            .collect()
+    } else {
+        values[..pixels].to_vec()
+    })
 }
 
 fn legacy_dicom(path: &Path) -> Option<dicom_object::DefaultDicomObject> {
@@ -401,17 +763,15 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-fn read_nifti(path: &Path, rel: &str, size: usize) -> Result<Images, String> {
-    use nifti::{IntoNdArray, NiftiObject, ReaderOptions};
+fn read_nifti(path: &Path, rel: &str, size: usize, heard: Heard) -> Result<Vec<Image>, String> {
+    use nifti::IntoNdArray;
     let name = path.to_string_lossy();
-    if !(name.ends_with(".nii") || name.ends_with(".nii.gz")) {
+    let gz = name.ends_with(".nii.gz");
+    if !(name.ends_with(".nii") || gz) {
         return Err("not a NIfTI file (.nii or .nii.gz)".into());
     }
-    let obj = ReaderOptions::new().read_file(path).map_err(|e| {
-        format!("not a readable NIfTI-1 volume ({e}); NIfTI-2 files are not supported: convert them to NIfTI-1, e.g. with nibabel")
-    })?;
-    let volume = obj
-        .into_volume()
+    let volume = nifti_volume(path, heard)?;
+    let volume = volume
         .into_ndarray::<f32>()
         .map_err(|e| format!("the volume can't be read: {e}"))?;
     let shape = volume.shape().to_vec();
@@ -446,12 +806,133 @@ fn read_nifti(path: &Path, rel: &str, size: usize) -> Result<Images, String> {
             continue; // an empty slice carries nothing to learn from
         }
         let pixels = to_square(nx as u32, ny as u32, slice, size, false)?;
-        out.push((format!("{rel}#z{z}"), pixels, None));
+        out.push(Image {
+            source: format!("{rel}#z{z}"),
+            pixels,
+            key: None,
+        });
     }
     if out.is_empty() {
         return Err("every slice is empty".into());
     }
     Ok(out)
+}
+
+/// A NIfTI-1 or NIfTI-2 volume (`.nii`, `.nii.gz`); `heard` hears which.
+pub fn nifti_volume(path: &Path, heard: Heard) -> Result<nifti::InMemNiftiVolume, String> {
+    use nifti::{NiftiObject, ReaderOptions};
+    let gz = path.to_string_lossy().ends_with(".gz");
+    let bytes = nifti_bytes(path, gz)?;
+    let sizeof_hdr = bytes
+        .get(..4)
+        .map(|b| [b[0], b[1], b[2], b[3]])
+        .ok_or("the file is too short for a NIfTI header")?;
+    if i32::from_le_bytes(sizeof_hdr) == 540 || i32::from_be_bytes(sizeof_hdr) == 540 {
+        heard(if gz { "NIfTI-2 (gzip)" } else { "NIfTI-2" }, None);
+        nifti2_volume(&bytes)
+    } else {
+        heard(if gz { "NIfTI-1 (gzip)" } else { "NIfTI-1" }, None);
+        ReaderOptions::new()
+            .read_file(path)
+            .map(|obj| obj.into_volume())
+            .map_err(|e| format!("not a readable NIfTI-1 volume: {e}"))
+    }
+}
+
+/// The file's bytes, decompressed if it is gzipped.
+fn nifti_bytes(path: &Path, gz: bool) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::read(path).map_err(|e| format!("cannot read the file: {e}"))?;
+    if !gz {
+        return Ok(file);
+    }
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(file.as_slice())
+        .read_to_end(&mut out)
+        .map_err(|e| format!("not a readable gzip file: {e}"))?;
+    Ok(out)
+}
+
+/// A single-file NIfTI-2 volume (`n+2` magic; 540-byte header with 64-bit dimensions). The
+/// header's fields are read at their offsets in the NIfTI-2 standard; the voxels, from its
+/// `vox_offset`, go to the same volume type NIfTI-1 files give.
+fn nifti2_volume(bytes: &[u8]) -> Result<nifti::InMemNiftiVolume, String> {
+    use nifti::Endianness;
+    let header = bytes
+        .get(..540)
+        .ok_or("the file is too short for its NIfTI-2 header (540 bytes)")?;
+    let little = i32::from_le_bytes([header[0], header[1], header[2], header[3]]) == 540;
+    let endianness = if little {
+        Endianness::Little
+    } else {
+        Endianness::Big
+    };
+    let at = |offset: usize, n: usize| -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[..n].copy_from_slice(&header[offset..offset + n]);
+        if !little {
+            b[..n].reverse();
+        }
+        b
+    };
+    let i16_at = |o| {
+        let b = at(o, 2);
+        i16::from_le_bytes([b[0], b[1]])
+    };
+    let i64_at = |o| i64::from_le_bytes(at(o, 8));
+    let f64_at = |o| f64::from_le_bytes(at(o, 8));
+    if &header[4..7] != b"n+2" {
+        return Err(
+            "a NIfTI-2 header without the single-file magic n+2 (a .hdr/.img pair?): store it as one .nii file"
+                .into(),
+        );
+    }
+    let datatype = nifti::NiftiHeader {
+        datatype: i16_at(12),
+        ..Default::default()
+    }
+    .data_type()
+    .map_err(|e| format!("the NIfTI-2 data type can't be read: {e}"))?;
+    let mut dim = [0u16; 8];
+    for (i, d) in dim.iter_mut().enumerate() {
+        let value = i64_at(16 + 8 * i);
+        *d = u16::try_from(value).map_err(|_| {
+            format!("NIfTI-2 dimension {i} is {value}: only volumes up to 65535 voxels per axis are read")
+        })?;
+    }
+    let vox_offset = usize::try_from(i64_at(168))
+        .ok()
+        .filter(|o| *o >= 540 && *o <= bytes.len())
+        .ok_or("the NIfTI-2 voxel offset points outside the file")?;
+    let (slope, intercept) = (f64_at(176), f64_at(184));
+    // A slope of 0 means the values are stored unscaled.
+    let (slope, intercept) = if slope == 0.0 {
+        (1.0, 0.0)
+    } else {
+        (slope, intercept)
+    };
+    let wanted = dim[1..=usize::from(dim[0]).min(7)]
+        .iter()
+        .try_fold(datatype.size_of(), |n, d| n.checked_mul(usize::from(*d)))
+        .ok_or("the NIfTI-2 volume is too large")?;
+    let data = bytes[vox_offset..]
+        .get(..wanted)
+        .ok_or_else(|| {
+            format!(
+                "the NIfTI-2 volume is cut short: {} of {wanted} bytes",
+                bytes.len() - vox_offset
+            )
+        })?
+        .to_vec();
+    nifti::InMemNiftiVolume::from_raw_fields(
+        dim,
+        datatype,
+        slope as f32,
+        intercept as f32,
+        data,
+        endianness,
+    )
+    .map_err(|e| format!("the NIfTI-2 volume can't be read: {e}"))
 }
 
 /// The per-source lookup used by tests and reports.

@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::artifacts::ArtifactStore;
 use crate::data::{self, Dataset, DatasetSpec, Sample};
+use crate::decode::Decoder;
 use crate::train::{Net, Rng, device};
 
 /// Where the worker learns which plans its site has approved.
@@ -85,6 +86,8 @@ pub struct SiteContext {
     pub dataset: DatasetSpec,
     pub artifacts: ArtifactStore,
     pub approvals: Arc<dyn Approvals>,
+    /// The program whose child processes decode the site's files.
+    pub decoder: Decoder,
     /// Datasets by image size, loaded once.
     cache: Mutex<HashMap<usize, Arc<Dataset>>>,
     /// This site's last trained weights in each FedBN run (its batch-norm parameters stay
@@ -98,12 +101,14 @@ impl SiteContext {
         dataset: DatasetSpec,
         artifacts: ArtifactStore,
         approvals: Arc<dyn Approvals>,
+        decoder: Decoder,
     ) -> Self {
         SiteContext {
             site_id,
             dataset,
             artifacts,
             approvals,
+            decoder,
             cache: Mutex::default(),
             local: Mutex::default(),
         }
@@ -114,7 +119,8 @@ impl SiteContext {
         if let Some(d) = self.cache.lock().ok().and_then(|c| c.get(&size).cloned()) {
             return Ok(d);
         }
-        let d = Arc::new(data::load(&self.dataset, size).map_err(|e| e.to_string())?);
+        let d =
+            Arc::new(data::load(&self.dataset, size, &self.decoder).map_err(|e| e.to_string())?);
         if let Ok(mut c) = self.cache.lock() {
             c.insert(size, d.clone());
         }

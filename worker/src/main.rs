@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use consilium_worker::artifacts::ArtifactStore;
 use consilium_worker::data::{self, DatasetSpec};
+use consilium_worker::decode::Decoder;
 use consilium_worker::job::{ServerApprovals, SiteContext};
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
@@ -11,12 +12,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
-
-/// Training allocates and frees large tensors every step; jemalloc keeps freed memory for a
-/// while instead of returning it to the kernel and faulting it back in (a quarter of CPU
-/// training time with the system allocator).
-#[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(
@@ -82,8 +77,14 @@ fn default_heartbeat() -> u64 {
     5
 }
 
+fn main() {
+    // Started again as its own decoding child, this program decodes files and nothing else.
+    consilium_worker::decode::serve_if_child();
+    worker_main();
+}
+
 #[tokio::main]
-async fn main() {
+async fn worker_main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -120,10 +121,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         })?;
     match cli.command {
         Command::CheckData { size } => {
-            let ds = data::load(&settings.dataset, size)?;
-            println!("{}", ds.summary(settings.dataset.kind));
+            let ds = data::load(&settings.dataset, size, &Decoder::this_program()?)?;
+            println!("{}\n", ds.summary(settings.dataset.kind));
+            print!("{}", ds.table());
+            if !ds.skipped.is_empty() {
+                println!("\nskipped:");
+            }
             for s in &ds.skipped {
-                println!("  skipped {}: {}", s.file, s.reason);
+                println!("  {}: {}", s.file, s.reason);
             }
             Ok(())
         }
@@ -140,6 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 settings.dataset,
                 artifacts,
                 approvals,
+                Decoder::this_program()?,
             ));
             let broker = consilium_worker::broker::connect(secrecy::ExposeSecret::expose_secret(
                 &settings.broker_url,

@@ -8,6 +8,7 @@ use consilium_core::manifest::{TrainingPlanManifest, plan_hash};
 use consilium_core::protocol::{Job, JobKind, Outcome};
 use consilium_worker::artifacts::ArtifactStore;
 use consilium_worker::data::{DataKind, DatasetSpec, LabelKey};
+use consilium_worker::decode::Decoder;
 use consilium_worker::job::{Approvals, SiteContext, process};
 use consilium_worker::synthetic::{SiteProfile, write_site};
 use std::sync::Arc;
@@ -69,6 +70,7 @@ fn site(hash: &str, study: Uuid) -> Site {
         label_key: LabelKey::Path,
         holdout: 0.25,
         window: None,
+        decoding: Default::default(),
     };
     let store = ArtifactStore::open(dir.path().join("artifacts").to_str().unwrap()).unwrap();
     let site = Uuid::new_v4();
@@ -80,6 +82,7 @@ fn site(hash: &str, study: Uuid) -> Site {
             study,
             hash: hash.to_string(),
         }),
+        Decoder::program(env!("CARGO_BIN_EXE_consilium-worker")),
     );
     Site {
         _dir: dir,
@@ -164,6 +167,7 @@ async fn a_site_trains_the_approved_plan_and_learns() {
             study: s.study,
             hash: hash.clone(),
         }),
+        twin.ctx.decoder.clone(),
     );
     let again = process(&job(&s, &m, &hash, 1, None), &twin_ctx).await;
     let Outcome::Trained {

@@ -188,9 +188,16 @@ fn site_context(dir: &std::path::Path, site: Uuid) -> SiteContext {
         label_key: LabelKey::Path,
         holdout: 0.25,
         window: None,
+        decoding: Default::default(),
     };
     let store = ArtifactStore::open(dir.join("artifacts").to_str().unwrap()).unwrap();
-    SiteContext::new(site, spec, store, Arc::new(AllGranted))
+    SiteContext::new(
+        site,
+        spec,
+        store,
+        Arc::new(AllGranted),
+        consilium_worker::decode::Decoder::program(env!("CARGO_BIN_EXE_consilium-worker")),
+    )
 }
 
 fn job(site: Uuid, study: Uuid, run: Uuid, manifest: Value) -> Job {

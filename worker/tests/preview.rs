@@ -270,8 +270,14 @@ fn nothing_identifying_leaves_with_a_preview_of_dicom_images() {
         label_key: consilium_worker::data::LabelKey::Path,
         holdout: 0.0,
         window: None,
+        decoding: Default::default(),
     };
-    let data = consilium_worker::data::load(&spec, 32).unwrap();
+    let data = consilium_worker::data::load(
+        &spec,
+        32,
+        &consilium_worker::decode::Decoder::program(env!("CARGO_BIN_EXE_consilium-worker")),
+    )
+    .unwrap();
     let preview = consilium_core::preview::PreviewSpec {
         per_class: 4,
         image_size: 32,

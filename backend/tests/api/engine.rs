@@ -57,6 +57,7 @@ pub async fn start_worker(
         label_key: LabelKey::Path,
         holdout: 0.25,
         window: None,
+        decoding: Default::default(),
     };
     let artifacts = app.ctx.federation().expect("engine").artifacts.clone();
     let approvals = Arc::new(ServerApprovals {
@@ -64,7 +65,13 @@ pub async fn start_worker(
         token: token.into(),
         http: reqwest::Client::new(),
     });
-    let ctx = Arc::new(SiteContext::new(site, spec, artifacts, approvals));
+    let ctx = Arc::new(SiteContext::new(
+        site,
+        spec,
+        artifacts,
+        approvals,
+        consilium_worker::decode::Decoder::program(env!("CARGO_BIN_EXE_consilium")),
+    ));
     let broker = app.broker.clone();
     tokio::spawn(async move {
         let _ = consilium_worker::consumer::run(

@@ -130,3 +130,48 @@ labels = "labels.csv"
         "{err}"
     );
 }
+
+/// The shipped server binary reads real hospital formats the way the site worker does (its
+/// own decoding child, the same allocator): every image in the worker's DICOM and NIfTI test
+/// files, JPEG 2000 included, reaches a simulated site.
+#[tokio::test]
+async fn a_simulation_reads_every_dicom_and_nifti_test_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let example = dir.path().join("try");
+    let (code, out, err) = consilium(&["simulate", "--example", example.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}{err}");
+    let config = example.join("experiment.toml");
+    let text = std::fs::read_to_string(&config).expect("experiment");
+    let plan = text
+        .split("[[sites]]")
+        .next()
+        .expect("plan")
+        .replace("rounds = 3", "rounds = 1");
+    let tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../worker/tests/data");
+    let mut sites = String::new();
+    for (name, kind) in [("dicom", "dicom"), ("nifti", "nifti")] {
+        let root = tests.join(name);
+        let labels = dir.path().join(format!("{name}.csv"));
+        let mut rows = String::from("file,label\n");
+        let mut names: Vec<String> = std::fs::read_dir(&root)
+            .expect("test data")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        for (i, f) in names.iter().enumerate() {
+            rows.push_str(&format!("{f},{}\n", i % 2));
+        }
+        std::fs::write(&labels, rows).expect("labels");
+        sites.push_str(&format!(
+            "\n[[sites]]\nname = \"{name}\"\n[sites.dataset]\nkind = \"{kind}\"\nroot = \"{}\"\nlabels = \"{}\"\nholdout = 0.5\n",
+            root.display(),
+            labels.display()
+        ));
+    }
+    std::fs::write(&config, format!("{plan}{sites}")).expect("write");
+    let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("dicom            69 images (dicom"), "{out}");
+    assert!(out.contains("nifti            68 images (nifti"), "{out}");
+    assert!(out.contains("completed after"), "{out}");
+}
