@@ -213,3 +213,97 @@ fn a_crashing_or_hanging_codec_costs_only_its_file() {
         "{err}"
     );
 }
+
+/// An uncompressed DICOM image of `side` × `side` 16-bit samples (`side`² × 2 bytes).
+fn write_large_dicom(path: &Path, side: u16) {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    use dicom_object::InMemDicomObject;
+    use dicom_object::meta::FileMetaTableBuilder;
+    let mut obj = InMemDicomObject::new_empty();
+    let text = |v: &str| PrimitiveValue::from(v);
+    let number = |v: u16| PrimitiveValue::from(v);
+    obj.put(DataElement::new(
+        tags::SOP_CLASS_UID,
+        VR::UI,
+        text("1.2.840.10008.5.1.4.1.1.7"),
+    ));
+    obj.put(DataElement::new(
+        tags::SOP_INSTANCE_UID,
+        VR::UI,
+        text("1.2.3.4.5"),
+    ));
+    obj.put(DataElement::new(tags::MODALITY, VR::CS, text("OT")));
+    obj.put(DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, number(1)));
+    obj.put(DataElement::new(
+        tags::PHOTOMETRIC_INTERPRETATION,
+        VR::CS,
+        text("MONOCHROME2"),
+    ));
+    obj.put(DataElement::new(tags::ROWS, VR::US, number(side)));
+    obj.put(DataElement::new(tags::COLUMNS, VR::US, number(side)));
+    obj.put(DataElement::new(tags::BITS_ALLOCATED, VR::US, number(16)));
+    obj.put(DataElement::new(tags::BITS_STORED, VR::US, number(16)));
+    obj.put(DataElement::new(tags::HIGH_BIT, VR::US, number(15)));
+    obj.put(DataElement::new(
+        tags::PIXEL_REPRESENTATION,
+        VR::US,
+        number(0),
+    ));
+    let pixels: Vec<u16> = (0..u32::from(side) * u32::from(side))
+        .map(|i| (i % 4096) as u16)
+        .collect();
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OW,
+        PrimitiveValue::U16(pixels.into()),
+    ));
+    obj.with_meta(
+        FileMetaTableBuilder::new()
+            .transfer_syntax("1.2.840.10008.1.2.1")
+            .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.7")
+            .media_storage_sop_instance_uid("1.2.3.4.5"),
+    )
+    .unwrap()
+    .write_to_file(path)
+    .unwrap();
+}
+
+#[test]
+fn a_file_that_needs_more_memory_than_allowed_is_skipped_and_the_next_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    std::fs::create_dir_all(&root).unwrap();
+    // 8192² samples: 128 MiB stored, four times that as decoded values.
+    write_large_dicom(&root.join("a_large.dcm"), 8192);
+    std::fs::copy(data("dicom").join("MR_small.dcm"), root.join("b_small.dcm")).unwrap();
+    std::fs::write(
+        dir.path().join("labels.csv"),
+        "file,label\na_large.dcm,0\nb_small.dcm,1\n",
+    )
+    .unwrap();
+    let spec = |max_memory_mib| DatasetSpec {
+        kind: DataKind::Dicom,
+        root: root.clone(),
+        labels: dir.path().join("labels.csv"),
+        label_key: LabelKey::Path,
+        holdout: 0.0,
+        window: None,
+        decoding: DecodeLimits {
+            max_memory_mib,
+            ..DecodeLimits::default()
+        },
+    };
+    let decoder = Decoder::program(env!("CARGO_BIN_EXE_consilium-worker"));
+    let ds = load(&spec(256), 32, &decoder).unwrap();
+    assert_eq!(ds.samples.len(), 1);
+    assert_eq!(ds.samples[0].source, "b_small.dcm");
+    let reason = &ds.skipped[0].reason;
+    assert!(
+        reason.starts_with("the decoder stopped on this file (it needed more than 256 MiB (dataset.decoding.max_memory_mib)"),
+        "{reason}"
+    );
+    // With room enough, the same file reads.
+    let ds = load(&spec(4096), 32, &decoder).unwrap();
+    assert_eq!(ds.samples.len(), 2, "{:?}", ds.skipped);
+}
