@@ -10,10 +10,12 @@
 
 use consilium_backend::configuration::Settings;
 use consilium_backend::demo::{self, Scenario};
-use consilium_backend::services::runs;
+use consilium_backend::domain::Actor;
+use consilium_backend::services::{runs, site_keys};
 use consilium_core::Role;
-use consilium_core::api::CreateRun;
+use consilium_core::api::{CreateRun, RegisterSiteKey};
 use consilium_core::protocol::{Job, JobKind, JobResult, Metrics, Outcome, WorkerMessage};
+use consilium_core::signing::{self, SigningKey};
 use consilium_worker::broker::SharedBroker;
 use std::process::Command;
 use std::time::Instant;
@@ -28,8 +30,8 @@ fn metrics() -> Metrics {
     }
 }
 
-/// A simulated site: answers each job at once.
-async fn respond(broker: SharedBroker, site: Uuid) {
+/// A simulated site: answers each job at once, signed with its registered key.
+async fn respond(broker: SharedBroker, site: Uuid, key: SigningKey) {
     let Ok(mut jobs) = broker.jobs(site).await else {
         return;
     };
@@ -64,11 +66,11 @@ async fn respond(broker: SharedBroker, site: Uuid) {
             site_id: site,
             outcome,
         };
-        if broker
-            .publish_message(&WorkerMessage::Result(result))
-            .await
-            .is_ok()
-        {
+        let Ok(signed) = signing::sign(&key, &WorkerMessage::Result(result)) else {
+            d.requeue().await;
+            continue;
+        };
+        if broker.publish_message(&signed).await.is_ok() {
             d.ack().await;
         } else {
             d.requeue().await;
@@ -132,8 +134,20 @@ async fn measure(broker_url: Option<String>, sites: usize, rounds: u32) -> anyho
         },
     )
     .await?;
-    for (site, _) in &walked.sites {
-        tokio::spawn(respond(broker.clone(), *site));
+    for (site, name) in &walked.sites {
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        site_keys::register(
+            &ctx,
+            &Actor::system(),
+            *site,
+            RegisterSiteKey {
+                public_key: signing::encode_public_key(&key.verifying_key()),
+                name: format!("{name} (benchmark)"),
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        tokio::spawn(respond(broker.clone(), *site, key));
     }
     let started = Instant::now();
     let run = runs::create_run(

@@ -63,6 +63,14 @@ pub enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Checks that each site produced the update a model version says it did: every
+    /// contribution's signature verified with its site's public key. Give a lineage file (as
+    /// `GET /api/v1/models/{id}/lineage` returns it; checked offline) or a model id (read from
+    /// this server's database). Exit 1 when any does not hold.
+    VerifyLineage {
+        /// A lineage JSON file, or a model version id.
+        target: String,
+    },
     /// Administration from the server's own machine.
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -110,6 +118,18 @@ fn parse_role(s: &str) -> Result<Role, String> {
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Command::Openapi { out, check } = &cli.command {
         return openapi(out, *check);
+    }
+    if let Command::VerifyLineage { target } = &cli.command
+        && uuid::Uuid::parse_str(target).is_err()
+    {
+        let text = std::fs::read_to_string(target)
+            .map_err(|e| anyhow::anyhow!("cannot read the lineage file {target}: {e}"))?;
+        let lineage = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{target} is not a model lineage (GET /api/v1/models/{{id}}/lineage): {e}"
+            )
+        })?;
+        return Ok(report_lineage(&lineage));
     }
     // For `simulate`, --config is the experiment; the server's own settings are not used.
     let server_config = match cli.command {
@@ -165,6 +185,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let ctx = startup::build_context(settings).await?;
             admin(&ctx, cmd).await
         }
+        Command::VerifyLineage { target } => {
+            let ctx = startup::build_context(settings).await?;
+            let id = uuid::Uuid::parse_str(&target)?;
+            let lineage = crate::services::models::lineage(&ctx, &Actor::system(), id).await?;
+            Ok(report_lineage(&lineage))
+        }
+    }
+}
+
+/// Prints each contribution's check; 0 when all hold.
+fn report_lineage(lineage: &consilium_core::api::LineageDto) -> i32 {
+    let checks = crate::services::models::verify_lineage(lineage);
+    println!(
+        "Model {} (run {}, round {}): {} contribution(s)",
+        lineage.model.id,
+        lineage.model.run_id,
+        lineage.model.round,
+        checks.len()
+    );
+    for (ok, line) in &checks {
+        println!("  {} {line}", if *ok { "ok  " } else { "FAIL" });
+    }
+    if checks.iter().all(|(ok, _)| *ok) && !checks.is_empty() {
+        println!("Every contribution is signed by its site.");
+        0
+    } else {
+        println!("The lineage does not hold: see FAIL above.");
+        1
     }
 }
 

@@ -564,12 +564,27 @@ pub async fn start_workers(
             token: token.into(),
             http: reqwest::Client::new(),
         });
+        // The simulated site's signing key, made as `consilium-worker keygen` makes one and
+        // registered as its custodian would.
+        let signer = consilium_core::signing::SigningKey::generate(&mut rand::rngs::OsRng);
+        crate::services::site_keys::register(
+            ctx,
+            &Actor::system(),
+            site,
+            consilium_core::api::RegisterSiteKey {
+                public_key: consilium_core::signing::encode_public_key(&signer.verifying_key()),
+                name: format!("{name} worker (simulated)"),
+            },
+        )
+        .await
+        .map_err(fail)?;
         let site_ctx = Arc::new(SiteContext::new(
             site,
             spec,
             engine.artifacts.clone(),
             approvals,
             Decoder::this_program()?,
+            signer,
         ));
         let broker = broker.clone();
         tokio::spawn(async move {

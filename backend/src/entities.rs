@@ -204,6 +204,23 @@ entity!(update, "updates", {
     pub skipped: Option<Json>,
     pub late: bool,
     pub received_at: DateTimeUtc,
+    /// The worker message exactly as signed, its key and signature (protocol 3 on).
+    pub signed_message: Option<String>,
+    pub key_id: Option<String>,
+    pub signature: Option<String>,
+});
+
+entity!(site_key, "site_keys", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub key_id: String,
+    pub site_id: Uuid,
+    /// The Ed25519 public key, base64 of its 32 bytes.
+    pub public_key: String,
+    pub name: String,
+    pub registered_by: String,
+    pub registered_at: DateTimeUtc,
+    pub revoked_by: Option<String>,
+    pub revoked_at: Option<DateTimeUtc>,
 });
 
 entity!(model_version, "model_versions", {

@@ -651,6 +651,9 @@ dto! {
         pub plan: PlanDto,
         pub review: ReviewDto,
         pub grants: Vec<AccessRequestDto>,
+        /// The sites' signed updates the version was aggregated from.
+        #[serde(default)]
+        pub signatures: Vec<SignedUpdateDto>,
     }
 
     /// A grant in force for a site, as its worker sees it.
@@ -694,6 +697,44 @@ input! {
     pub struct CreateWorkerToken {
         pub name: String,
         pub expires_at: DateTime<Utc>,
+    }
+
+    /// A site's public signing key, registered by its custodian (`consilium-worker keygen`
+    /// prints it).
+    pub struct RegisterSiteKey {
+        /// The Ed25519 public key: base64 of its 32 bytes.
+        pub public_key: String,
+        /// What it is, e.g. "worker on imaging-gw-2".
+        pub name: String,
+    }
+}
+
+dto! {
+    pub struct SiteKeyDto {
+        /// `ed25519:` and the first 16 hex digits of the key's SHA-256.
+        pub key_id: String,
+        pub site_id: Uuid,
+        pub public_key: String,
+        pub name: String,
+        pub registered_by: String,
+        pub registered_at: DateTime<Utc>,
+        pub revoked_by: Option<String>,
+        pub revoked_at: Option<DateTime<Utc>>,
+    }
+
+    /// One site update behind a model version, as its site signed it: anyone with the site's
+    /// public key can check `signature` over `message` (`consilium verify-lineage`).
+    pub struct SignedUpdateDto {
+        pub site_id: Uuid,
+        pub site_name: String,
+        pub job_id: Uuid,
+        pub update_hash: Option<String>,
+        pub key_id: Option<String>,
+        /// The signing key's public half, as registered.
+        pub public_key: Option<String>,
+        /// The worker message exactly as signed (JSON).
+        pub message: Option<String>,
+        pub signature: Option<String>,
     }
 }
 

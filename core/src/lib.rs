@@ -16,6 +16,8 @@ pub mod preview;
 pub mod problem;
 pub mod protocol;
 pub mod role;
+#[cfg(feature = "signing")]
+pub mod signing;
 
 pub use role::Role;
 

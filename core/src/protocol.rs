@@ -48,7 +48,8 @@ pub struct Job {
 }
 
 /// The job protocol this build speaks. 2: typed plans (a worker refuses a plan it cannot run).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: every worker message signed with the site's registered key (`signing`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 fn first_protocol() -> u32 {
     1

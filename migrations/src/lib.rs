@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261127_000001_governance;
 mod m20261127_000002_engine;
 mod m20261127_000003_previews;
+mod m20261201_000004_site_keys;
 
 pub struct Migrator;
 
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000001_governance::Migration),
             Box::new(m20261127_000002_engine::Migration),
             Box::new(m20261127_000003_previews::Migration),
+            Box::new(m20261201_000004_site_keys::Migration),
         ]
     }
 }

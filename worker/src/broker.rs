@@ -3,7 +3,8 @@
 //! queue) and in-process channels for the embedded default. Delivery is at least once.
 
 use async_trait::async_trait;
-use consilium_core::protocol::{Job, WorkerMessage};
+use consilium_core::protocol::Job;
+use consilium_core::signing::SignedMessage;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
@@ -104,8 +105,8 @@ pub type Subscription = mpsc::Receiver<Delivery>;
 pub trait Broker: Send + Sync {
     /// Server → one site's job queue.
     async fn publish_job(&self, job: &Job) -> Result<(), BrokerError>;
-    /// Site → the server's results queue.
-    async fn publish_message(&self, message: &WorkerMessage) -> Result<(), BrokerError>;
+    /// Site → the server's results queue: a message signed with the site's key.
+    async fn publish_message(&self, message: &SignedMessage) -> Result<(), BrokerError>;
     /// A site's jobs, one at a time.
     async fn jobs(&self, site: Uuid) -> Result<Subscription, BrokerError>;
     /// Everything the sites send.
@@ -115,6 +116,9 @@ pub trait Broker: Send + Sync {
     /// Puts a message that can never be processed on the dead-letter queue, with the reason
     /// (the `x-consilium-reason` header), for an operator to read; the caller then acks it.
     async fn dead_letter(&self, payload: &[u8], reason: &str) -> Result<(), BrokerError>;
+    /// The reasons of the messages on the dead-letter queue, oldest first, leaving them there
+    /// (for an operator, and for tests).
+    async fn dead_letter_reasons(&self) -> Result<Vec<String>, BrokerError>;
 }
 
 /// The header carrying why a message is on the dead-letter queue.
@@ -207,7 +211,7 @@ impl Broker for InProcessBroker {
     async fn publish_job(&self, job: &Job) -> Result<(), BrokerError> {
         self.send(&site_queue(job.site_id), encode(job)?)
     }
-    async fn publish_message(&self, message: &WorkerMessage) -> Result<(), BrokerError> {
+    async fn publish_message(&self, message: &SignedMessage) -> Result<(), BrokerError> {
         self.send(RESULTS_QUEUE, encode(message)?)
     }
     async fn jobs(&self, site: Uuid) -> Result<Subscription, BrokerError> {
@@ -227,6 +231,9 @@ impl Broker for InProcessBroker {
             .dead
             .push((payload.to_vec(), reason.to_string()));
         Ok(())
+    }
+    async fn dead_letter_reasons(&self) -> Result<Vec<String>, BrokerError> {
+        Ok(self.dead_letters().into_iter().map(|(_, r)| r).collect())
     }
 }
 
@@ -511,7 +518,7 @@ impl Broker for RabbitBroker {
         self.publish(&site_queue_in(&self.ns, job.site_id), &encode(job)?)
             .await
     }
-    async fn publish_message(&self, message: &WorkerMessage) -> Result<(), BrokerError> {
+    async fn publish_message(&self, message: &SignedMessage) -> Result<(), BrokerError> {
         self.publish(&results_queue(&self.ns), &encode(message)?)
             .await
     }
@@ -523,6 +530,9 @@ impl Broker for RabbitBroker {
     }
     async fn publish_raw_result(&self, payload: &[u8]) -> Result<(), BrokerError> {
         self.publish(&results_queue(&self.ns), payload).await
+    }
+    async fn dead_letter_reasons(&self) -> Result<Vec<String>, BrokerError> {
+        RabbitBroker::dead_letter_reasons(self).await
     }
     async fn dead_letter(&self, payload: &[u8], reason: &str) -> Result<(), BrokerError> {
         let mut headers = FieldTable::default();

@@ -2,6 +2,7 @@
 
 use chrono::Utc;
 use consilium_core::protocol::{Heartbeat, Job, WorkerMessage, WorkerState};
+use consilium_core::signing;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -43,8 +44,13 @@ pub async fn run(
                     version: VERSION.to_string(),
                     at: Utc::now(),
                 };
-                if let Err(e) = broker.publish_message(&WorkerMessage::Heartbeat(hb)).await {
-                    tracing::warn!(error = %e, "heartbeat not sent");
+                match signing::sign(&ctx.signer, &WorkerMessage::Heartbeat(hb)) {
+                    Ok(signed) => {
+                        if let Err(e) = broker.publish_message(&signed).await {
+                            tracing::warn!(error = %e, "heartbeat not sent");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "a heartbeat can't be written"),
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(heartbeat) => {}
@@ -74,7 +80,11 @@ pub async fn run(
         let result = process(&job, &ctx).await;
         busy.store(false, Ordering::Relaxed);
         changed.notify_one();
-        match broker.publish_message(&WorkerMessage::Result(result)).await {
+        let sent = match signing::sign(&ctx.signer, &WorkerMessage::Result(result)) {
+            Ok(signed) => broker.publish_message(&signed).await,
+            Err(e) => Err(crate::broker::BrokerError::Encode(e.to_string())),
+        };
+        match sent {
             Ok(()) => delivery.ack().await,
             Err(e) => {
                 tracing::warn!(error = %e, job = %job.job_id, "result not delivered; the job will run again");

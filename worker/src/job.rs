@@ -18,6 +18,7 @@ use crate::artifacts::ArtifactStore;
 use crate::data::{self, Dataset, DatasetSpec, Sample};
 use crate::decode::Decoder;
 use crate::train::{Net, Rng, device};
+use consilium_core::signing::SigningKey;
 
 /// Where the worker learns which plans its site has approved.
 #[async_trait]
@@ -88,6 +89,8 @@ pub struct SiteContext {
     pub approvals: Arc<dyn Approvals>,
     /// The program whose child processes decode the site's files.
     pub decoder: Decoder,
+    /// The site's signing key: every message this worker sends is signed with it.
+    pub signer: Arc<SigningKey>,
     /// Datasets by image size, loaded once.
     cache: Mutex<HashMap<usize, Arc<Dataset>>>,
     /// This site's last trained weights in each FedBN run (its batch-norm parameters stay
@@ -102,6 +105,7 @@ impl SiteContext {
         artifacts: ArtifactStore,
         approvals: Arc<dyn Approvals>,
         decoder: Decoder,
+        signer: SigningKey,
     ) -> Self {
         SiteContext {
             site_id,
@@ -109,6 +113,7 @@ impl SiteContext {
             artifacts,
             approvals,
             decoder,
+            signer: Arc::new(signer),
             cache: Mutex::default(),
             local: Mutex::default(),
         }

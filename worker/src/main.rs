@@ -31,6 +31,13 @@ struct Cli {
 enum Command {
     /// Connects to the broker and runs jobs until stopped.
     Run,
+    /// Creates this site's signing key (Ed25519, from the operating system's generator) in a
+    /// new file readable only by you, and prints the public key for the site's custodian to
+    /// register. The private key never leaves this machine.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Reads the dataset and reports what is usable and what is skipped, then exits.
     CheckData {
         #[arg(long, default_value_t = 28)]
@@ -64,6 +71,10 @@ struct WorkerSettings {
     server_url: String,
     /// The site's worker token (`consilium admin create-worker-token`); never printed.
     token: secrecy::SecretString,
+    /// The site's signing key (`consilium-worker keygen`); its public half must be registered
+    /// by the site's custodian, or the server refuses everything this worker sends. Needed to
+    /// `run`; `check-data` does without.
+    signing_key: Option<PathBuf>,
     /// `amqp://user:password@host:5672/%2f` (its password never printed).
     broker_url: secrecy::SecretString,
     /// Artifact store: a folder, or `s3://bucket/prefix`.
@@ -109,6 +120,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     {
         return consilium_worker::bench::bench_train(model, *steps, *runs, *threads, *candle_conv);
     }
+    if let Command::Keygen { out } = &cli.command {
+        let key = consilium_worker::identity::generate(out)?;
+        let (id, public) = consilium_worker::identity::public_part(&key);
+        println!(
+            "Wrote the site's signing key to {} (readable only by you).",
+            out.display()
+        );
+        println!("Key id:     {id}");
+        println!("Public key: {public}");
+        println!();
+        println!("Give the public key to the site's custodian, who registers it:");
+        println!("  the portal (the site's page, \"Signing keys\") or");
+        println!("  POST /api/v1/sites/{{site id}}/keys {{\"public_key\": \"{public}\"}}");
+        println!(
+            "Then set `signing_key = \"{}\"` in worker.toml.",
+            out.display()
+        );
+        return Ok(());
+    }
     let settings: WorkerSettings = Figment::new()
         .merge(Toml::file_exact(&cli.config))
         .merge(Env::prefixed("CONSILIUM_WORKER_").split("__"))
@@ -132,7 +162,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::BenchTrain { .. } => Ok(()),
+        Command::BenchTrain { .. } | Command::Keygen { .. } => Ok(()),
         Command::Run => {
             let artifacts = ArtifactStore::open(&settings.artifacts)?;
             let approvals = Arc::new(ServerApprovals {
@@ -140,12 +170,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 token: settings.token.clone(),
                 http: reqwest::Client::new(),
             });
+            let path = settings.signing_key.as_ref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "signing_key is not set in {}: create the site's key with `consilium-worker keygen --out site.key`, have the site's custodian register its public key, and set `signing_key = \"site.key\"`",
+                    cli.config.display()
+                )
+            })?;
+            let signer = consilium_worker::identity::load(path)?;
             let ctx = Arc::new(SiteContext::new(
                 settings.site_id,
                 settings.dataset,
                 artifacts,
                 approvals,
                 Decoder::this_program()?,
+                signer,
             ));
             let broker = consilium_worker::broker::connect(secrecy::ExposeSecret::expose_secret(
                 &settings.broker_url,

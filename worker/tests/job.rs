@@ -83,6 +83,7 @@ fn site(hash: &str, study: Uuid) -> Site {
             hash: hash.to_string(),
         }),
         Decoder::program(env!("CARGO_BIN_EXE_consilium-worker")),
+        consilium_core::signing::SigningKey::from_bytes(&[7; 32]),
     );
     Site {
         _dir: dir,
@@ -168,6 +169,7 @@ async fn a_site_trains_the_approved_plan_and_learns() {
             hash: hash.clone(),
         }),
         twin.ctx.decoder.clone(),
+        (*twin.ctx.signer).clone(),
     );
     let again = process(&job(&s, &m, &hash, 1, None), &twin_ctx).await;
     let Outcome::Trained {

@@ -197,6 +197,7 @@ fn site_context(dir: &std::path::Path, site: Uuid) -> SiteContext {
         store,
         Arc::new(AllGranted),
         consilium_worker::decode::Decoder::program(env!("CARGO_BIN_EXE_consilium-worker")),
+        consilium_core::signing::SigningKey::from_bytes(&[7; 32]),
     )
 }
 

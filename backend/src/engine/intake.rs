@@ -3,7 +3,24 @@
 
 use super::rounds::RoundState;
 use super::*;
+use consilium_core::signing::{self, SignedMessage};
 use consilium_worker::broker::{Delivery, Subscription};
+
+/// A message seen before.
+enum Replay {
+    /// The same message delivered again: no effect.
+    Again,
+    /// A replay: refused with this reason.
+    Rejected(String),
+}
+
+/// The site a message speaks for.
+fn site_of(msg: &WorkerMessage) -> Uuid {
+    match msg {
+        WorkerMessage::Heartbeat(h) => h.site_id,
+        WorkerMessage::Result(r) => r.site_id,
+    }
+}
 
 /// Why a message from the sites could not be recorded.
 #[derive(Debug)]
@@ -15,6 +32,10 @@ pub enum IntakeError {
     /// artifact): it goes to the dead-letter queue with this reason, audited, and the next
     /// message is read.
     Permanent(String),
+    /// It does not prove that its site sent it (unsigned, signed with a key the site has not
+    /// registered or has revoked, a signature that does not verify, a replay): dead-lettered
+    /// and audited as `message.rejected` for the site it claims; never counted.
+    Rejected { site: Option<Uuid>, reason: String },
 }
 
 impl From<AppError> for IntakeError {
@@ -72,7 +93,10 @@ impl Engine {
             match outcome {
                 Ok(()) => delivery.ack().await,
                 Err(IntakeError::Permanent(reason)) => {
-                    self.dead_letter(ctx, delivery, &reason).await
+                    self.dead_letter(ctx, delivery, &reason, None).await
+                }
+                Err(IntakeError::Rejected { site, reason }) => {
+                    self.dead_letter(ctx, delivery, &reason, Some(site)).await
                 }
                 // Still failing (an outage): given back to the broker once; failing again
                 // after a redelivery, it is dead-lettered (kept there for an operator) so that
@@ -83,7 +107,7 @@ impl Engine {
                         stop_reason(&e)
                     );
                     tracing::error!(error = ?e, "a result keeps failing");
-                    self.dead_letter(ctx, delivery, &reason).await
+                    self.dead_letter(ctx, delivery, &reason, None).await
                 }
                 Err(IntakeError::Transient(e)) => {
                     tracing::error!(error = ?e, "a result could not be recorded; the broker will deliver it again");
@@ -93,12 +117,48 @@ impl Engine {
         }
     }
 
-    /// One message: parsed, then recorded.
+    /// One message: its signature checked against the keys its site registered, then
+    /// recorded.
     async fn intake(&self, ctx: &AppContext, payload: &[u8]) -> Result<(), IntakeError> {
-        let msg = serde_json::from_slice::<WorkerMessage>(payload).map_err(|e| {
+        let signed = match serde_json::from_slice::<SignedMessage>(payload) {
+            Ok(s) => s,
+            Err(e) => {
+                return Err(match serde_json::from_slice::<WorkerMessage>(payload) {
+                    Ok(m) => IntakeError::Rejected {
+                        site: Some(site_of(&m)),
+                        reason: "it is not signed: site workers sign every message (protocol 3); update the worker and register its key".into(),
+                    },
+                    Err(_) => IntakeError::Permanent(format!(
+                        "it is not a message from a site worker: {e}"
+                    )),
+                });
+            }
+        };
+        let claimed = signing::unverified(&signed).map_err(|e| {
             IntakeError::Permanent(format!("it is not a message from a site worker: {e}"))
         })?;
-        match self.receive(ctx, msg).await? {
+        let site = site_of(&claimed);
+        let rejected = |reason: String| IntakeError::Rejected {
+            site: Some(site),
+            reason,
+        };
+        let key = crate::services::site_keys::key_in_force(&ctx.db, site, &signed.key_id)
+            .await?
+            .ok_or_else(|| {
+                rejected(format!(
+                    "it claims to come from site {site}, signed with key {}, which is not one of that site's registered keys in force",
+                    signed.key_id
+                ))
+            })?;
+        let msg = signing::verify(&key, &signed)
+            .map_err(|e| rejected(format!("it claims to come from site {site}: {e}")))?;
+        if let Some(reason) = self.replayed(ctx, &msg, &signed).await? {
+            return match reason {
+                Replay::Again => Ok(()),
+                Replay::Rejected(reason) => Err(rejected(reason)),
+            };
+        }
+        match self.receive(ctx, msg, &signed).await? {
             true => Ok(()),
             false => Err(IntakeError::Permanent(
                 "it names a run or site this server does not know".into(),
@@ -106,9 +166,66 @@ impl Engine {
         }
     }
 
+    /// Whether a verified message was seen before. The very same message delivered again (the
+    /// broker delivers at least once) has no effect, and neither has a second answer to a job
+    /// already answered: signed with the site's own key, it can only be the site answering a
+    /// redelivered job again (after a restart), and the first answer counts. A heartbeat older
+    /// than the last one recorded is a replay, refused.
+    async fn replayed(
+        &self,
+        ctx: &AppContext,
+        msg: &WorkerMessage,
+        signed: &SignedMessage,
+    ) -> AppResult<Option<Replay>> {
+        match msg {
+            WorkerMessage::Heartbeat(h) => {
+                if h.at > Utc::now() + chrono::Duration::minutes(5) {
+                    return Ok(Some(Replay::Rejected(format!(
+                        "a heartbeat dated {}, in the future (check the site's clock)",
+                        h.at
+                    ))));
+                }
+                let last = heartbeat::Entity::find_by_id(h.site_id)
+                    .one(&ctx.db)
+                    .await?;
+                Ok(match last {
+                    Some(last) if last.at == h.at => Some(Replay::Again),
+                    Some(last) if last.at > h.at => Some(Replay::Rejected(format!(
+                        "a replayed heartbeat: dated {}, before the last one recorded ({})",
+                        h.at, last.at
+                    ))),
+                    _ => None,
+                })
+            }
+            WorkerMessage::Result(r) => {
+                let earlier = update::Entity::find()
+                    .filter(update::Column::JobId.eq(r.job_id))
+                    .one(&ctx.db)
+                    .await?;
+                Ok(match earlier {
+                    None => None,
+                    Some(u) => {
+                        if u.signature.as_deref() != Some(signed.signature.as_str()) {
+                            tracing::info!(job = %r.job_id, "a second answer to an answered job; the first counts");
+                        }
+                        Some(Replay::Again)
+                    }
+                })
+            }
+        }
+    }
+
     /// Puts a message on the dead-letter queue with its reason, and audits it (repeats of one
     /// reason folded, so a flood cannot bloat the chain).
-    async fn dead_letter(&self, ctx: &AppContext, delivery: Delivery, reason: &str) {
+    /// `rejected` names the site a message claimed to come from, when it was refused for not
+    /// proving it (audited as `message.rejected`, for the site's custodian to see).
+    async fn dead_letter(
+        &self,
+        ctx: &AppContext,
+        delivery: Delivery,
+        reason: &str,
+        rejected: Option<Option<Uuid>>,
+    ) {
         tracing::error!(
             reason,
             "a message on the results queue goes to the dead-letter queue"
@@ -125,13 +242,20 @@ impl Engine {
         if let Some(folded) = ctx.audit_fold.admit(&format!("dead_letter {reason}")) {
             let written = async {
                 let w = ctx.begin_write().await?;
+                // A rejected message is filed under the site it claimed to speak for, so that
+                // the site's custodian finds what was sent in its name.
+                let (action, object_type, object) = match rejected {
+                    Some(Some(site)) => ("message.rejected", "site", site.to_string()),
+                    Some(None) => ("message.rejected", "message", digest.clone()),
+                    None => ("message.dead_lettered", "message", digest.clone()),
+                };
                 audit::append(
                     &*w,
                     &Actor::system(),
-                    "message.dead_lettered",
-                    "message",
-                    &digest,
-                    &serde_json::json!({"reason": reason, "folded_before": folded}),
+                    action,
+                    object_type,
+                    &object,
+                    &serde_json::json!({"reason": reason, "message": digest, "folded_before": folded}),
                 )
                 .await?;
                 w.commit().await
@@ -145,11 +269,13 @@ impl Engine {
 
     /// Records a message; `Ok(false)` when it names a run or site that does not exist here
     /// (it can never be recorded: it goes to the dead-letter queue).
-    pub(super) async fn receive(&self, ctx: &AppContext, msg: WorkerMessage) -> AppResult<bool> {
-        let site = match &msg {
-            WorkerMessage::Heartbeat(h) => h.site_id,
-            WorkerMessage::Result(r) => r.site_id,
-        };
+    pub(super) async fn receive(
+        &self,
+        ctx: &AppContext,
+        msg: WorkerMessage,
+        signed: &SignedMessage,
+    ) -> AppResult<bool> {
+        let site = site_of(&msg);
         if crate::entities::site::Entity::find_by_id(site)
             .one(&ctx.db)
             .await?
@@ -188,7 +314,7 @@ impl Engine {
                 {
                     return Ok(false);
                 }
-                self.record(ctx, r).await?;
+                self.record(ctx, r, signed).await?;
                 Ok(true)
             }
         }
@@ -197,7 +323,12 @@ impl Engine {
     /// Records a result once per job id; a result for a round that moved on is kept as late
     /// and audited, never counted.
     #[tracing::instrument(skip_all, fields(run = %r.run_id, round = r.round, site = %r.site_id, job = %r.job_id))]
-    pub(super) async fn record(&self, ctx: &AppContext, r: JobResult) -> AppResult<()> {
+    pub(super) async fn record(
+        &self,
+        ctx: &AppContext,
+        r: JobResult,
+        signed: &SignedMessage,
+    ) -> AppResult<()> {
         let w = ctx.begin_write().await?;
         if update::Entity::find()
             .filter(update::Column::JobId.eq(r.job_id))
@@ -323,6 +454,9 @@ impl Engine {
             skipped: Set(skipped),
             late: Set(!expected),
             received_at: Set(Utc::now()),
+            signed_message: Set(Some(signed.message.clone())),
+            key_id: Set(Some(signed.key_id.clone())),
+            signature: Set(Some(signed.signature.clone())),
         }
         .insert(&*w)
         .await?;

@@ -2,7 +2,8 @@ use actix_web::{HttpResponse, get, post, web};
 use consilium_core::Role;
 use consilium_core::api::{
     CreateWorkerToken, HeartbeatDto, LineageDto, ModelListQuery, ModelVersionDto,
-    MonitoringReportDto, ReportMonitoring, RoundDto, RunDto, SiteGrantDto, StopRun, TokenCreated,
+    MonitoringReportDto, RegisterSiteKey, ReportMonitoring, RoundDto, RunDto, SiteGrantDto,
+    SiteKeyDto, StopRun, TokenCreated,
 };
 use consilium_core::problem::Problem;
 use sea_orm::EntityTrait;
@@ -13,7 +14,7 @@ use crate::auth::Authenticated;
 use crate::context::AppContext;
 use crate::entities::heartbeat;
 use crate::error::{AppError, AppResult};
-use crate::services::{access, models, runs, tokens};
+use crate::services::{access, models, runs, site_keys, tokens};
 
 pub fn configure(cfg: &mut ServiceConfig) {
     cfg.service(rounds)
@@ -27,6 +28,9 @@ pub fn configure(cfg: &mut ServiceConfig) {
         .service(monitoring)
         .service(site_grants)
         .service(worker_token)
+        .service(register_key)
+        .service(list_keys)
+        .service(revoke_key)
         .service(site_heartbeat);
 }
 
@@ -182,6 +186,48 @@ async fn worker_token(
 ) -> AppResult<HttpResponse> {
     Ok(HttpResponse::Created()
         .json(tokens::create_worker_token(&ctx, &a, id.into_inner(), body.into_inner()).await?))
+}
+
+/// Registers a public signing key of the site's workers (its custodian or an administrator,
+/// signed in). From then on the site's messages signed with it are recorded.
+#[utoipa::path(tag = "sites", responses((status = 201, body = SiteKeyDto),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[post("/sites/{id}/keys")]
+async fn register_key(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    id: web::Path<Uuid>,
+    body: web::Json<RegisterSiteKey>,
+) -> AppResult<HttpResponse> {
+    Ok(HttpResponse::Created()
+        .json(site_keys::register(&ctx, &a, id.into_inner(), body.into_inner()).await?))
+}
+
+/// The site's signing keys, in force and revoked: its worker, its custodians, administrators
+/// and auditors.
+#[utoipa::path(tag = "sites", responses((status = 200, body = Vec<SiteKeyDto>),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/sites/{id}/keys")]
+async fn list_keys(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    id: web::Path<Uuid>,
+) -> AppResult<web::Json<Vec<SiteKeyDto>>> {
+    Ok(web::Json(site_keys::list(&ctx, &a, id.into_inner()).await?))
+}
+
+/// Revokes a signing key (rotation: register the new key, then revoke the old one). Nothing
+/// signed with it is recorded from then on.
+#[utoipa::path(tag = "sites", responses((status = 200, body = SiteKeyDto),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[post("/sites/{id}/keys/{key_id}/revoke")]
+async fn revoke_key(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    path: web::Path<(Uuid, String)>,
+) -> AppResult<web::Json<SiteKeyDto>> {
+    let (site, key) = path.into_inner();
+    Ok(web::Json(site_keys::revoke(&ctx, &a, site, &key).await?))
 }
 
 /// The site worker's last heartbeat: its worker, its custodians, administrators and auditors.

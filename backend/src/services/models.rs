@@ -5,7 +5,7 @@ use chrono::Utc;
 use consilium_core::Role;
 use consilium_core::api::{
     ExcludedSite, LineageDto, ModelVersionDto, MonitoringReportDto, ReportMonitoring, RoundDto,
-    RoundSiteDto, UncountedResult,
+    RoundSiteDto, SignedUpdateDto, UncountedResult,
 };
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
 use uuid::Uuid;
@@ -226,8 +226,10 @@ pub async fn lineage(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<Lin
             });
         }
     }
+    let signatures = signed_updates(ctx, &m).await?;
     Ok(LineageDto {
         model: version_dto(&m)?,
+        signatures,
         parent,
         run: runs::run_dto(&r)?,
         round: round_dto(ctx, &x).await?,
@@ -235,6 +237,101 @@ pub async fn lineage(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<Lin
         review: studies::review_dto(&rv)?,
         grants,
     })
+}
+
+/// The signed site updates a version was aggregated from, each with its site's public key.
+async fn signed_updates(
+    ctx: &AppContext,
+    m: &model_version::Model,
+) -> AppResult<Vec<SignedUpdateDto>> {
+    let contributions: Vec<consilium_core::api::Contribution> = from_json(&m.contributions)?;
+    let mut out = Vec::new();
+    for c in contributions {
+        let u = crate::entities::update::Entity::find()
+            .filter(crate::entities::update::Column::RunId.eq(m.run_id))
+            .filter(crate::entities::update::Column::Round.eq(m.round))
+            .filter(crate::entities::update::Column::SiteId.eq(c.site_id))
+            .filter(crate::entities::update::Column::UpdateHash.eq(c.update_hash.as_str()))
+            .filter(crate::entities::update::Column::Late.eq(false))
+            .one(&ctx.db)
+            .await?;
+        let key = match u.as_ref().and_then(|u| u.key_id.clone()) {
+            Some(k) => crate::entities::site_key::Entity::find_by_id(k)
+                .one(&ctx.db)
+                .await?
+                .map(|k| k.public_key),
+            None => None,
+        };
+        out.push(SignedUpdateDto {
+            site_id: c.site_id,
+            site_name: c.site_name,
+            job_id: u.as_ref().map(|u| u.job_id).unwrap_or_default(),
+            update_hash: Some(c.update_hash),
+            key_id: u.as_ref().and_then(|u| u.key_id.clone()),
+            public_key: key,
+            message: u.as_ref().and_then(|u| u.signed_message.clone()),
+            signature: u.as_ref().and_then(|u| u.signature.clone()),
+        });
+    }
+    Ok(out)
+}
+
+/// Checks, with nothing but the lineage itself (its public keys included), that each site
+/// produced the update the model says it did: one line per contribution, and whether it holds.
+pub fn verify_lineage(l: &LineageDto) -> Vec<(bool, String)> {
+    use consilium_core::protocol::{Outcome, WorkerMessage};
+    use consilium_core::signing::{self, SignedMessage, key_id, parse_public_key};
+    let mut out = Vec::new();
+    for c in &l.model.contributions {
+        let short = c.update_hash.get(..12).unwrap_or(&c.update_hash);
+        let head = format!("{} (site {}): update {short}…", c.site_name, c.site_id);
+        let Some(s) = l.signatures.iter().find(|s| {
+            s.site_id == c.site_id && s.update_hash.as_deref() == Some(c.update_hash.as_str())
+        }) else {
+            out.push((false, format!("{head}: no signed update in the lineage")));
+            continue;
+        };
+        let (Some(message), Some(signature), Some(kid), Some(public)) =
+            (&s.message, &s.signature, &s.key_id, &s.public_key)
+        else {
+            out.push((
+                false,
+                format!("{head}: unsigned (recorded before sites signed their updates)"),
+            ));
+            continue;
+        };
+        let checked = parse_public_key(public)
+            .map_err(|e| e.to_string())
+            .and_then(|key| {
+                if key_id(&key) != *kid {
+                    return Err(format!(
+                        "the public key given is {}, not the signing key {kid}",
+                        key_id(&key)
+                    ));
+                }
+                let signed = SignedMessage {
+                    message: message.clone(),
+                    key_id: kid.clone(),
+                    signature: signature.clone(),
+                };
+                signing::verify(&key, &signed).map_err(|e| e.to_string())
+            })
+            .and_then(|msg| match msg {
+                WorkerMessage::Result(r)
+                    if r.site_id == c.site_id
+                        && r.job_id == s.job_id
+                        && matches!(&r.outcome, Outcome::Trained { update_hash, .. } if *update_hash == c.update_hash) =>
+                {
+                    Ok(())
+                }
+                _ => Err("the signed message is not this site's result with this update".into()),
+            });
+        match checked {
+            Ok(()) => out.push((true, format!("{head}: signed by {kid}, verified"))),
+            Err(e) => out.push((false, format!("{head}: {e}"))),
+        }
+    }
+    out
 }
 
 /// Releases a version for deployment to the sites (the study's researcher).

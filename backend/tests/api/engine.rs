@@ -5,6 +5,7 @@ use crate::helpers::*;
 use crate::on_both;
 
 use consilium_core::Role;
+use consilium_core::signing::{SigningKey, encode_public_key};
 use consilium_worker::data::{DataKind, DatasetSpec, LabelKey};
 use consilium_worker::job::{ServerApprovals, SiteContext};
 use consilium_worker::synthetic::{SiteProfile, write_site};
@@ -39,6 +40,21 @@ pub async fn worker_token(app: &TestApp, site: Uuid, custodian: &Person) -> Stri
         .to_string()
 }
 
+/// A new signing key for the site (as `consilium-worker keygen` makes one), its public half
+/// registered by the site's signed-in custodian.
+pub async fn register_key(app: &TestApp, site: Uuid, custodian: &Person) -> SigningKey {
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let session = Auth::Cookie(app.sign_in(&custodian.email).await);
+    app.post(
+        &format!("/api/v1/sites/{site}/keys"),
+        &session,
+        json!({"public_key": encode_public_key(&key.verifying_key()), "name": "test worker"}),
+    )
+    .await
+    .expect(201);
+    key
+}
+
 /// Starts a site worker in this process, with its own worker token, data and the server's broker.
 pub async fn start_worker(
     app: &TestApp,
@@ -47,6 +63,19 @@ pub async fn start_worker(
     profile: SiteProfile,
     dir: &std::path::Path,
 ) -> tokio::task::JoinHandle<()> {
+    start_keyed_worker(app, site, custodian, profile, dir)
+        .await
+        .0
+}
+
+/// `start_worker`, also giving back the worker's signing key.
+pub async fn start_keyed_worker(
+    app: &TestApp,
+    site: Uuid,
+    custodian: &Person,
+    profile: SiteProfile,
+    dir: &std::path::Path,
+) -> (tokio::task::JoinHandle<()>, SigningKey) {
     let data = dir.join(format!("site-{site}"));
     write_site(&data, 32, &profile).expect("synthetic data");
     let token = worker_token(app, site, custodian).await;
@@ -65,15 +94,17 @@ pub async fn start_worker(
         token: token.into(),
         http: reqwest::Client::new(),
     });
+    let key = register_key(app, site, custodian).await;
     let ctx = Arc::new(SiteContext::new(
         site,
         spec,
         artifacts,
         approvals,
         consilium_worker::decode::Decoder::program(env!("CARGO_BIN_EXE_consilium")),
+        key.clone(),
     ));
     let broker = app.broker.clone();
-    tokio::spawn(async move {
+    let handle = tokio::spawn(async move {
         let _ = consilium_worker::consumer::run(
             ctx,
             broker,
@@ -81,7 +112,8 @@ pub async fn start_worker(
             std::future::pending(),
         )
         .await;
-    })
+    });
+    (handle, key)
 }
 
 /// Drafts, approves and grants a two-site study; returns (study id, plan hash).

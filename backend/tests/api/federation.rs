@@ -261,6 +261,7 @@ async fn three_worker_processes_train_through_failures() {
         broker_url: vhost.url(),
     };
     let mut configs = Vec::new();
+    let mut key_files = Vec::new();
     for (i, (site, custodian)) in sites.iter().enumerate() {
         let data = c.dir.join(format!("site-{i}"));
         write_site(
@@ -278,6 +279,31 @@ async fn three_worker_processes_train_through_failures() {
         )
         .expect("synthetic data");
         let worker_token = worker_token(&app, *site, custodian).await;
+        // The site's key, made by the shipped worker binary; its public half registered by the
+        // site's custodian through the REST API, from what `keygen` printed.
+        let key_file = c.dir.join(format!("site-{i}.key"));
+        let keygen = Command::new(binary("consilium-worker"))
+            .args(["keygen", "--out"])
+            .arg(&key_file)
+            .output()
+            .expect("keygen runs");
+        let printed = String::from_utf8_lossy(&keygen.stdout).into_owned();
+        assert!(keygen.status.success(), "{printed}");
+        let public = printed
+            .lines()
+            .find_map(|l| l.strip_prefix("Public key: "))
+            .expect("keygen prints the public key")
+            .trim()
+            .to_string();
+        let session = Auth::Cookie(app.sign_in(&custodian.email).await);
+        app.post(
+            &format!("/api/v1/sites/{site}/keys"),
+            &session,
+            json!({"public_key": public, "name": format!("worker {i}")}),
+        )
+        .await
+        .expect(201);
+        key_files.push(key_file.clone());
         let config = c.dir.join(format!("worker-{i}.toml"));
         std::fs::write(
             &config,
@@ -287,6 +313,7 @@ server_url = "{server}"
 token = "{worker_token}"
 broker_url = "{broker}"
 artifacts = "{artifacts}"
+signing_key = "{key}"
 heartbeat_seconds = 1
 
 [dataset]
@@ -298,6 +325,7 @@ holdout = 0.25
                 server = c.address(),
                 broker = c.broker_url,
                 artifacts = c.dir.join("artifacts").display(),
+                key = key_file.display(),
                 root = data.display(),
                 labels = data.join("labels.csv").display(),
             ),
@@ -322,9 +350,12 @@ holdout = 0.25
         .publish_raw_result(b"{\"not\": \"a worker message\"")
         .await
         .expect("published");
-    // A well-formed result for a run this server never had: dead-lettered too, not retried.
-    rabbit
-        .publish_message(&WorkerMessage::Result(JobResult {
+    // A well-formed result, signed by the first site, for a run this server never had:
+    // dead-lettered too, not retried.
+    let first_key = consilium_worker::identity::load(&key_files[0]).expect("site key");
+    let never = consilium_core::signing::sign(
+        &first_key,
+        &WorkerMessage::Result(JobResult {
             job_id: Uuid::new_v4(),
             kind: None,
             run_id: Uuid::new_v4(),
@@ -333,9 +364,10 @@ holdout = 0.25
             outcome: Outcome::Failed {
                 reason: "no such run".into(),
             },
-        }))
-        .await
-        .expect("published");
+        }),
+    )
+    .expect("signed");
+    rabbit.publish_message(&never).await.expect("published");
 
     let run = app
         .client
@@ -510,7 +542,8 @@ holdout = 0.25
     assert!(acc > 0.7, "above chance at the sites: {acc}");
 
     // The malformed message and the stray result sit in the dead-letter queue.
-    assert_eq!(rabbit.dead_letters().await.expect("dead letters"), 2);
+    let reasons = rabbit.dead_letter_reasons().await.expect("dead letters");
+    assert_eq!(reasons.len(), 2, "{reasons:#?}");
 
     // The altered plan was refused: round 1 lists the refusal with its reason, uncounted,
     // and the audit trail records it.

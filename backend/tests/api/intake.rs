@@ -3,7 +3,7 @@
 //! is audited, and the messages behind it still flow (before, it was requeued for ever and
 //! blocked every heartbeat and update behind it).
 
-use crate::engine::{approved_study, engine_manifest, start_worker, wait_for_run};
+use crate::engine::{approved_study, engine_manifest, register_key, start_worker, wait_for_run};
 use crate::federation::Vhost;
 use crate::helpers::*;
 
@@ -37,8 +37,12 @@ async fn a_message_that_can_never_be_recorded_is_dead_lettered_with_its_reason()
     );
     let store = app.ctx.federation().expect("engine").artifacts.clone();
     let garbage = store.put(b"not a preview set".to_vec()).await.expect("put");
-    app.broker
-        .publish_message(&WorkerMessage::Result(JobResult {
+    // Signed with North's own registered key: it proves where it comes from, and is still
+    // impossible to record.
+    let north = register_key(&app, w.site_a, &w.custodian_a).await;
+    let forged = consilium_core::signing::sign(
+        &north,
+        &WorkerMessage::Result(JobResult {
             job_id: uuid::Uuid::new_v4(),
             run_id: preview.parse().expect("uuid"),
             round: 0,
@@ -50,7 +54,11 @@ async fn a_message_that_can_never_be_recorded_is_dead_lettered_with_its_reason()
                 withheld: 0,
                 duration_ms: 1,
             },
-        }))
+        }),
+    )
+    .expect("signed");
+    app.broker
+        .publish_message(&forged)
         .await
         .expect("published");
     let rabbit = RabbitBroker::connect(&url).await.expect("broker");

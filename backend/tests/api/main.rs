@@ -16,5 +16,6 @@ mod plans;
 mod previews;
 mod roles;
 mod security;
+mod signing;
 mod simulate;
 mod tokens;
