@@ -2,8 +2,8 @@
 //! A seeded corruption loop over the real test files: truncated and bit-flipped copies of
 //! every DICOM and NIfTI file go through the shipped worker binary's decoder. Whatever a codec
 //! does with them, the worker must go on, and every file must be read (with sane pixels) or
-//! skipped with a reason. `CONSILIUM_FUZZ_SECONDS` bounds the loop (default 20);
-//! `CONSILIUM_FUZZ_SEED` replays a run. A file on which the decoding child itself died is
+//! skipped with a reason. `FUZZ_SECONDS` bounds the loop (default 20);
+//! `FUZZ_SEED` replays a run. A file on which the decoding child itself died is
 //! copied to `target/fuzz-crashers/` and named in the output: keep it in tests/data/fuzz.
 
 use consilium_worker::data::{DataKind, DatasetSpec, LabelKey, load};
@@ -132,11 +132,11 @@ fn round(
 
 #[test]
 fn damaged_files_are_read_or_skipped_and_the_worker_goes_on() {
-    let seconds: u64 = std::env::var("CONSILIUM_FUZZ_SECONDS")
+    let seconds: u64 = std::env::var("FUZZ_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let first_seed: u64 = std::env::var("CONSILIUM_FUZZ_SEED")
+    let first_seed: u64 = std::env::var("FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::thread_rng().r#gen::<u32>().into());
