@@ -4,8 +4,8 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use consilium_core::api::{
     AccessDecision, AccessRequestDto, CreateAccessRequest, CreateRun, CreateStudy, DataScope,
-    DecideAccessRequest, ModelVersionDto, ReviewDecision, ReviewDto, RevokeAccess, RunDto, StopRun,
-    StudyDto, StudySite, SubmitReview, UpdateStudy,
+    DecideAccessRequest, ModelVersionDto, RegisterSiteKey, ReviewDecision, ReviewDto, RevokeAccess,
+    RunDto, SiteKeyDto, StopRun, StudyDto, StudySite, SubmitReview, UpdateStudy,
 };
 use uuid::Uuid;
 
@@ -218,6 +218,48 @@ pub async fn study_action(api: &Api, form: &Form) -> Result<String, PortalError>
         }
         other => Err(invalid(format!("Unknown action {other:?}."))),
     }
+}
+
+/// A custodian registers a public signing key for one of their sites, or revokes one.
+pub async fn site_key_action(api: &Api, form: &Form) -> Result<String, PortalError> {
+    let site = uuid("site", &required(form, "site_id", "Site")?)?;
+    match required(form, "action", "Action")?.as_str() {
+        "register" => {
+            let _: SiteKeyDto = api
+                .post(
+                    &format!("/sites/{site}/keys"),
+                    &RegisterSiteKey {
+                        public_key: required(form, "public_key", "Public key")?,
+                        name: required(form, "name", "Name")?,
+                    },
+                )
+                .await?;
+        }
+        "revoke" => {
+            let key = required(form, "key_id", "Key")?;
+            let key = url_segment(&key);
+            let _: SiteKeyDto = api
+                .post(
+                    &format!("/sites/{site}/keys/{key}/revoke"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+        }
+        other => return Err(invalid(format!("Unknown action {other:?}."))),
+    }
+    Ok("/access#site-keys".into())
+}
+
+/// A value as one path segment: anything but letters, digits, `-`, `_`, `.` and `:` escaped.
+fn url_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 pub async fn access_action(api: &Api, form: &Form) -> Result<String, PortalError> {

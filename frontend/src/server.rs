@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use consilium_core::api::{
     AccessRequestDto, AuditEventDto, AuditVerification, CommitteeDto, LineageDto, MeDto,
     ModelVersionDto, PlanDto, PreflightReport, PreviewDto, ReviewDto, RoundDto, RunDto, SiteDto,
-    StudyDto,
+    SiteKeyDto, StudyDto,
 };
 use leptos::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -177,6 +177,8 @@ pub struct AccessPage {
     pub activity: Vec<SiteActivity>,
     /// Preview sets of the custodian's sites (with their images), newest first.
     pub previews: Vec<PreviewDto>,
+    /// The signing keys of the custodian's sites, in force and revoked.
+    pub keys: Vec<SiteKeyDto>,
     pub next_year: String,
 }
 
@@ -202,6 +204,13 @@ pub async fn load_access() -> Result<AccessPage, PortalError> {
         .collect();
     let mut activity = Vec::new();
     let mut previews = Vec::new();
+    let mut keys = Vec::new();
+    for site in &mine {
+        keys.extend(
+            api.get::<Vec<SiteKeyDto>>(&format!("/sites/{site}/keys"))
+                .await?,
+        );
+    }
     if !mine.is_empty() {
         for s in studies
             .iter()
@@ -230,6 +239,7 @@ pub async fn load_access() -> Result<AccessPage, PortalError> {
         directory,
         activity,
         previews,
+        keys,
         next_year: (chrono::Utc::now() + chrono::Duration::days(365))
             .format("%Y-%m-%d")
             .to_string(),
@@ -427,6 +437,17 @@ pub async fn study_action(form: Form) -> Result<(), PortalError> {
 pub async fn access_action(form: Form) -> Result<(), PortalError> {
     let f = &form;
     posted(f, |api| async move { forms::access_action(&api, f).await }).await;
+    Ok(())
+}
+
+#[server(prefix = "/portal", endpoint = "site-key-action")]
+pub async fn site_key_action(form: Form) -> Result<(), PortalError> {
+    let f = &form;
+    posted(
+        f,
+        |api| async move { forms::site_key_action(&api, f).await },
+    )
+    .await;
     Ok(())
 }
 

@@ -23,5 +23,6 @@ pub mod train;
 /// and the tests, so that they run what users run. Training allocates and frees large tensors
 /// every step; jemalloc keeps freed memory for a while instead of returning it to the kernel and
 /// faulting it back in (a quarter of CPU training time with the system allocator).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -131,7 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("Public key: {public}");
         println!();
         println!("Give the public key to the site's custodian, who registers it:");
-        println!("  the portal (the site's page, \"Signing keys\") or");
+        println!("  in the portal (Data access, \"Signing keys of your sites\") or");
         println!("  POST /api/v1/sites/{{site id}}/keys {{\"public_key\": \"{public}\"}}");
         println!(
             "Then set `signing_key = \"{}\"` in worker.toml.",

@@ -7,6 +7,7 @@
 
 mod guards;
 mod harness;
+mod keys;
 mod nojs;
 mod oidc;
 mod plan;

@@ -11,7 +11,7 @@ use leptos::server_fn::ServerFn as _;
 use super::loading;
 use super::previews::PreviewSet;
 use crate::components::{Badge, Failure, FormError, Hash, day, field, typed, when};
-use crate::server::{AccessAction, AccessPage, PreviewAction, load_access};
+use crate::server::{AccessAction, AccessPage, PreviewAction, SiteKeyAction, load_access};
 
 #[component]
 pub fn Access() -> impl IntoView {
@@ -128,6 +128,33 @@ fn AccessView(d: AccessPage) -> impl IntoView {
         }
     }).collect_view();
 
+    let key_rows = d.keys.iter().map(|k| {
+        let revoke = k.revoked_at.is_none().then(|| view! {
+            <form method="post" action=SiteKeyAction::url()><CsrfField/>
+                <input type="hidden" name=field("site_id") value=k.site_id.to_string()/>
+                <input type="hidden" name=field("key_id") value=k.key_id.clone()/>
+                <button type="submit" name=field("action") value="revoke" class="danger">"Revoke"</button>
+            </form>
+        });
+        view! {
+            <tr>
+                <td>{site_name(k.site_id)}</td>
+                <td><code>{k.key_id.clone()}</code></td>
+                <td>{k.name.clone()}</td>
+                <td>{day(&k.registered_at)}</td>
+                <td>{match &k.revoked_at {
+                    Some(at) => view! { <Badge text="revoked".to_string()/>" "{day(at)} }.into_any(),
+                    None => view! { <Badge text="in force".to_string()/> }.into_any(),
+                }}</td>
+                <td>{revoke}</td>
+            </tr>
+        }
+    }).collect_view();
+    let site_options = my_sites
+        .iter()
+        .map(|s| view! { <option value=s.to_string()>{site_name(*s)}</option> })
+        .collect_view();
+
     let my_rows = mine.iter().map(|r| view! {
         <tr>
             <td><a href=format!("/studies/{}", r.study_id)>{study_title(r.study_id)}</a></td>
@@ -172,6 +199,26 @@ fn AccessView(d: AccessPage) -> impl IntoView {
                         }
                     }).collect_view().into_any()
                 }}
+            </section>
+            <section aria-labelledby="site-keys">
+                <h2 id="site-keys">"Signing keys of your sites"</h2>
+                <p class="hint">"Only a registered key speaks for a site: the server records a result or heartbeat only if it verifies with one in force. Make the key at the site with "<code>"consilium-worker keygen --out site.key"</code>" and register the public key it prints; to rotate, register the new key, then revoke the old one."</p>
+                {if d.keys.is_empty() { view! { <p>"No keys registered: your sites' workers cannot be heard."</p> }.into_any() } else { view! {
+                    <table id="keys">
+                        <thead><tr><th scope="col">"Site"</th><th scope="col">"Key"</th><th scope="col">"Name"</th><th scope="col">"Registered"</th><th scope="col">"Status"</th><th scope="col">"Action"</th></tr></thead>
+                        <tbody>{key_rows}</tbody>
+                    </table>
+                }.into_any() }}
+                <form method="post" action=SiteKeyAction::url() class="card" id="register-key"><CsrfField/>
+                    <input type="hidden" name=field("action") value="register"/>
+                    <label for="key-site">"Site"</label>
+                    <select id="key-site" name=field("site_id")>{site_options}</select>
+                    <label for="key-public">"Public key (the line "<code>"keygen"</code>" printed)"</label>
+                    <input id="key-public" name=field("public_key") required value=typed("public_key", "")/>
+                    <label for="key-name">"Name"</label>
+                    <input id="key-name" name=field("name") required value=typed("name", "")/>
+                    <button type="submit">"Register the key"</button>
+                </form>
             </section>
             <section aria-labelledby="on-site">
                 <h2 id="on-site">"Running on your sites' data"</h2>
