@@ -18,6 +18,7 @@ pub mod model;
 pub mod preview;
 pub mod synthetic;
 pub mod train;
+pub mod transport;
 
 /// The allocator of every program that links the site worker: the worker and server binaries,
 /// and the tests, so that they run what users run. Training allocates and frees large tensors

@@ -81,6 +81,9 @@ struct WorkerSettings {
     artifacts: String,
     #[serde(default = "default_heartbeat")]
     heartbeat_seconds: u64,
+    /// Allows `http://` and `amqp://` to other machines (a closed development network only).
+    #[serde(default)]
+    allow_plain_transport: bool,
     dataset: DatasetSpec,
 }
 
@@ -177,6 +180,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
             })?;
             let signer = consilium_worker::identity::load(path)?;
+            use consilium_worker::transport::check;
+            check(
+                "server_url",
+                &settings.server_url,
+                settings.allow_plain_transport,
+            )
+            .and_then(|()| {
+                check(
+                    "broker_url",
+                    secrecy::ExposeSecret::expose_secret(&settings.broker_url),
+                    settings.allow_plain_transport,
+                )
+            })
+            .map_err(anyhow::Error::msg)?;
             let ctx = Arc::new(SiteContext::new(
                 settings.site_id,
                 settings.dataset,

@@ -104,3 +104,42 @@ labels = "{}/labels.csv"
         "{err}"
     );
 }
+
+#[test]
+fn the_worker_does_not_send_updates_unencrypted_across_the_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("site.key");
+    identity::generate(&key).unwrap();
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"site_id = "00000000-0000-0000-0000-000000000001"
+server_url = "https://consilium.example.org"
+token = "t"
+broker_url = "amqp://site:secret@broker.example.org:5672/%2f"
+artifacts = "{}"
+signing_key = "{}"
+[dataset]
+kind = "images"
+root = "{}"
+labels = "{}/labels.csv"
+"#,
+            dir.path().display(),
+            key.display(),
+            dir.path().display(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = worker(&["--config", config.to_str().unwrap(), "run"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("broker_url is amqp://broker.example.org") && err.contains("use amqps://"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("secret"),
+        "the password is never printed: {err}"
+    );
+}
