@@ -22,6 +22,16 @@ pub async fn run(
     heartbeat: Duration,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // The data is read once in the background; heartbeats say how far that is and never wait.
+    let size = consilium_core::plan::DEFAULT_IMAGE_SIZE;
+    let warm = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ctx.data(size).await {
+                tracing::error!(error = %e, "the site's data cannot be read");
+            }
+        })
+    };
     let busy = Arc::new(AtomicBool::new(false));
     let changed = Arc::new(Notify::new());
     let beat = {
@@ -29,10 +39,7 @@ pub async fn run(
             (ctx.clone(), broker.clone(), busy.clone(), changed.clone());
         tokio::spawn(async move {
             loop {
-                let summary = match ctx.data(consilium_core::plan::DEFAULT_IMAGE_SIZE) {
-                    Ok(d) => d.summary(ctx.dataset.kind),
-                    Err(e) => format!("data unreadable: {e}"),
-                };
+                let summary = ctx.data_summary(size);
                 let hb = Heartbeat {
                     site_id: ctx.site_id,
                     state: if busy.load(Ordering::Relaxed) {
@@ -93,5 +100,6 @@ pub async fn run(
         }
     }
     beat.abort();
+    warm.abort();
     Ok(())
 }

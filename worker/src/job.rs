@@ -91,8 +91,11 @@ pub struct SiteContext {
     pub decoder: Decoder,
     /// The site's signing key: every message this worker sends is signed with it.
     pub signer: Arc<SigningKey>,
-    /// Datasets by image size, loaded once.
-    cache: Mutex<HashMap<usize, Arc<Dataset>>>,
+    /// Datasets by image size, loaded once (an async lock: a second caller waits for the
+    /// load under way instead of decoding everything again, without holding a thread).
+    cache: tokio::sync::Mutex<HashMap<usize, Arc<Dataset>>>,
+    /// Why the data could not be read the last time, until it can.
+    data_error: Mutex<Option<String>>,
     /// This site's last trained weights in each FedBN run (its batch-norm parameters stay
     /// local), by run: never shared between runs, so never between studies.
     local: Mutex<HashMap<Uuid, Vec<u8>>>,
@@ -114,29 +117,53 @@ impl SiteContext {
             approvals,
             decoder,
             signer: Arc::new(signer),
-            cache: Mutex::default(),
+            cache: tokio::sync::Mutex::default(),
+            data_error: Mutex::default(),
             local: Mutex::default(),
         }
     }
 
-    /// The dataset at `size × size`, loaded on first use.
-    pub fn data(&self, size: usize) -> Result<Arc<Dataset>, String> {
-        if let Some(d) = self.cache.lock().ok().and_then(|c| c.get(&size).cloned()) {
-            return Ok(d);
+    /// The dataset at `size × size`, loaded on first use, off the async threads (decoding a
+    /// site's files takes a while and goes through child processes).
+    pub async fn data(&self, size: usize) -> Result<Arc<Dataset>, String> {
+        let mut cache = self.cache.lock().await;
+        if let Some(d) = cache.get(&size) {
+            return Ok(d.clone());
         }
-        let d =
-            Arc::new(data::load(&self.dataset, size, &self.decoder).map_err(|e| e.to_string())?);
-        if let Ok(mut c) = self.cache.lock() {
-            c.insert(size, d.clone());
+        let (spec, decoder) = (self.dataset.clone(), self.decoder.clone());
+        let loaded = tokio::task::spawn_blocking(move || data::load(&spec, size, &decoder))
+            .await
+            .map_err(|e| format!("reading the data stopped: {e}"))
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Ok(mut last) = self.data_error.lock() {
+            *last = loaded.as_ref().err().cloned();
         }
+        let d = Arc::new(loaded?);
+        cache.insert(size, d.clone());
         Ok(d)
+    }
+
+    /// What a heartbeat says of the data, without waiting for it to be read.
+    pub fn data_summary(&self, size: usize) -> String {
+        if let Some(d) = self
+            .cache
+            .try_lock()
+            .ok()
+            .and_then(|c| c.get(&size).cloned())
+        {
+            return d.summary(self.dataset.kind);
+        }
+        match self.data_error.lock().ok().and_then(|e| e.clone()) {
+            Some(e) => format!("data unreadable: {e}"),
+            None => "reading the data".into(),
+        }
     }
 }
 
 /// A synthetic preview of this site's training images, checked before it leaves.
 async fn preview(job: &Job, ctx: &SiteContext) -> Outcome {
     let spec = job.preview.clone().unwrap_or_default();
-    let data = match ctx.data(spec.image_size as usize) {
+    let data = match ctx.data(spec.image_size as usize).await {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
@@ -297,7 +324,7 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
         },
         None => None,
     };
-    let data = match ctx.data(plan.image_size) {
+    let data = match ctx.data(plan.image_size).await {
         Ok(d) => d,
         Err(e) => return fail(e),
     };

@@ -18,7 +18,13 @@ pub fn check(what: &str, address: &str, allow_plain: bool) -> Result<(), String>
         }
     };
     let loopback = match url.host() {
-        Some(Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        // `amqp` is not a scheme the URL standard knows, so its addresses stay text.
+        Some(Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost")
+                || d.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
         Some(Host::Ipv4(ip)) => ip.is_loopback(),
         Some(Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
@@ -49,6 +55,8 @@ mod tests {
             "amqps://site:pw@broker.example.org:5671/%2f",
             "http://127.0.0.1:8080",
             "amqp://guest:guest@localhost:5672/%2f",
+            "amqp://guest:guest@127.0.0.1:5672/consilium-test",
+            "amqp://guest:guest@[::1]:5672/%2f",
             "http://[::1]:8080",
         ] {
             assert_eq!(check("server_url", ok, false), Ok(()), "{ok}");
@@ -59,6 +67,7 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("u:p"), "no credentials in the message: {err}");
+        assert!(check("broker_url", "amqp://u:p@10.1.2.3:5672/%2f", false).is_err());
         let err = check("server_url", "http://10.0.0.5:8080", false).unwrap_err();
         assert!(err.contains("use https://"), "{err}");
         assert_eq!(check("server_url", "http://server:8080", true), Ok(()));

@@ -221,7 +221,17 @@ async fn wait_training(client: &reqwest::Client, c: &Cluster, site: Uuid, who: &
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("site {site}'s worker never reported training");
+    let last = client
+        .get(format!("{}/api/v1/sites/{site}/heartbeat", c.address()))
+        .bearer_auth(token(who))
+        .send()
+        .await
+        .ok();
+    let last = match last {
+        Some(r) => r.text().await.unwrap_or_default(),
+        None => String::new(),
+    };
+    panic!("site {site}'s worker never reported training; its last heartbeat: {last}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
