@@ -476,7 +476,7 @@ async fn train(
     println!();
     println!("Three site workers, each with its own synthetic chest-radiograph phantoms:");
     let specs = synthetic_sites(data_dir, &w.sites, true)?;
-    start_workers(ctx, broker, url, specs).await?;
+    start_workers(ctx, broker, url, specs, Decoder::this_program()?).await?;
     let result = follow(ctx, w).await?;
     if result.run.status != "completed" {
         anyhow::bail!(
@@ -541,6 +541,7 @@ pub async fn start_workers(
     broker: &SharedBroker,
     url: &str,
     sites: Vec<(uuid::Uuid, String, DatasetSpec)>,
+    decoder: Decoder,
 ) -> anyhow::Result<()> {
     use consilium_worker::job::{ServerApprovals, SiteContext};
     use std::sync::Arc;
@@ -583,7 +584,7 @@ pub async fn start_workers(
             spec,
             engine.artifacts.clone(),
             approvals,
-            Decoder::this_program()?,
+            decoder.clone(),
             signer,
         ));
         let broker = broker.clone();

@@ -311,7 +311,7 @@ pub async fn run(
         .zip(&exp.sites)
         .map(|((id, name), s)| (*id, name.clone(), s.dataset.clone()))
         .collect();
-    demo::start_workers(&ctx, &broker, &url, specs).await?;
+    demo::start_workers(&ctx, &broker, &url, specs, Decoder::this_program()?).await?;
     let result = demo::follow(&ctx, &walked).await?;
     server.abort();
 

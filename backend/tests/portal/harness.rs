@@ -104,7 +104,11 @@ impl Portal {
             .collect();
         if !sites.is_empty() {
             let specs = demo::synthetic_sites(dir.path(), &sites, false).expect("site data");
-            demo::start_workers(&ctx, &broker, &url, specs)
+            // The server binary decodes the sites' files, as in the demo (this test program
+            // is not a decoder).
+            let decoder =
+                consilium_worker::decode::Decoder::program(env!("CARGO_BIN_EXE_consilium"));
+            demo::start_workers(&ctx, &broker, &url, specs, decoder)
                 .await
                 .expect("the site workers start");
         }
