@@ -225,11 +225,13 @@ async fn wait_training(client: &reqwest::Client, c: &Cluster, site: Uuid, who: &
         .get(format!("{}/api/v1/sites/{site}/heartbeat", c.address()))
         .bearer_auth(token(who))
         .send()
-        .await
-        .ok();
+        .await;
     let last = match last {
-        Some(r) => r.text().await.unwrap_or_default(),
-        None => String::new(),
+        Ok(r) => r
+            .text()
+            .await
+            .unwrap_or_else(|e| format!("(unreadable: {e})")),
+        Err(e) => format!("(the server did not answer: {e})"),
     };
     panic!("site {site}'s worker never reported training; its last heartbeat: {last}");
 }
