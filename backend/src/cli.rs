@@ -65,8 +65,9 @@ pub enum Command {
     },
     /// Checks that each site produced the update a model version says it did: every
     /// contribution's signature verified with its site's public key. Give a lineage file (as
-    /// `GET /api/v1/models/{id}/lineage` returns it; checked offline) or a model id (read from
-    /// this server's database). Exit 1 when any does not hold.
+    /// `GET /api/v1/models/{id}/lineage` returns it; checked offline), the audit export's signed
+    /// updates (`GET /api/v1/audit/export?format=signatures`; offline too) or a model id (read
+    /// from this server's database). Exit 1 when any does not hold.
     VerifyLineage {
         /// A lineage JSON file, or a model version id.
         target: String,
@@ -105,6 +106,18 @@ pub enum AdminCommand {
     },
     /// Recomputes the audit chain; exit 1 when it is broken.
     VerifyAudit,
+    /// Prints the server's public job-signing key (creating the key on first use), for each
+    /// worker's `server_public_key`.
+    ServerKey,
+    /// Creates a site's own RabbitMQ user (or gives it a new password), allowed only to consume
+    /// the site's job queue and publish results, and prints the `broker_url` for its worker.
+    BrokerUser {
+        #[arg(long)]
+        site: uuid::Uuid,
+        /// A file holding the password to set; unset: a new random one, printed once.
+        #[arg(long)]
+        password_file: Option<std::path::PathBuf>,
+    },
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
@@ -124,11 +137,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     {
         let text = std::fs::read_to_string(target)
             .map_err(|e| anyhow::anyhow!("cannot read the lineage file {target}: {e}"))?;
-        let lineage = serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "{target} is not a model lineage (GET /api/v1/models/{{id}}/lineage): {e}"
-            )
-        })?;
+        let lineage = match serde_json::from_str(&text) {
+            Ok(l) => l,
+            Err(e) => {
+                // The audit export's signed updates, one per line.
+                let lines: Result<Vec<consilium_core::api::SignedUpdateDto>, _> = text
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(serde_json::from_str)
+                    .collect();
+                return match lines {
+                    Ok(list) if !list.is_empty() => Ok(report_checks(
+                        crate::services::models::verify_signed_updates(&list),
+                    )),
+                    _ => Err(anyhow::anyhow!(
+                        "{target} is neither a model lineage (GET /api/v1/models/{{id}}/lineage) nor the audit export's signed updates (GET /api/v1/audit/export?format=signatures): {e}"
+                    )),
+                };
+            }
+        };
         return Ok(report_lineage(&lineage));
     }
     // For `simulate`, --config is the experiment; the server's own settings are not used.
@@ -212,6 +239,21 @@ fn report_lineage(lineage: &consilium_core::api::LineageDto) -> i32 {
         0
     } else {
         println!("The lineage does not hold: see FAIL above.");
+        1
+    }
+}
+
+/// Prints each signed update's check (the audit export's); 0 when all hold.
+fn report_checks(checks: Vec<(bool, String)>) -> i32 {
+    println!("{} signed update(s)", checks.len());
+    for (ok, line) in &checks {
+        println!("  {} {line}", if *ok { "ok  " } else { "FAIL" });
+    }
+    if checks.iter().all(|(ok, _)| *ok) {
+        println!("Every update is signed by its site.");
+        0
+    } else {
+        println!("Not every update holds: see FAIL above.");
         1
     }
 }
@@ -311,6 +353,63 @@ async fn admin(ctx: &AppContext, cmd: AdminCommand) -> anyhow::Result<i32> {
             let v = audit::verify(&ctx.db).await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(if v.ok { 0 } else { 1 })
+        }
+        AdminCommand::ServerKey => {
+            let key = crate::startup::server_key(&ctx.settings)
+                .map_err(anyhow::Error::msg)?
+                .verifying_key();
+            println!("Key id:     {}", consilium_core::signing::key_id(&key));
+            println!(
+                "Public key: {}",
+                consilium_core::signing::encode_public_key(&key)
+            );
+            println!();
+            println!("Each site's worker.toml pins it:");
+            println!(
+                "  server_public_key = \"{}\"",
+                consilium_core::signing::encode_public_key(&key)
+            );
+            Ok(0)
+        }
+        AdminCommand::BrokerUser {
+            site,
+            password_file,
+        } => {
+            if let Err(e) = directory::get_site(&ctx.db, site).await {
+                eprintln!("error: {}", e.problem().detail);
+                return Ok(2);
+            }
+            let password = match password_file {
+                Some(f) => Some(secrecy::SecretString::from(
+                    std::fs::read_to_string(&f)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?
+                        .trim()
+                        .to_string(),
+                )),
+                None => None,
+            };
+            let made = crate::broker_users::provision(&ctx.settings, site, password).await?;
+            let w = ctx.begin_write().await?;
+            audit::append(
+                &*w,
+                &system,
+                "site.broker_user_provisioned",
+                "site",
+                site,
+                &serde_json::json!({"user": made.user}),
+            )
+            .await?;
+            w.commit().await?;
+            println!(
+                "Broker user {} may consume only its site's job queue and publish results.",
+                made.user
+            );
+            println!("Set in the site's worker.toml (shown once; keep it secret):");
+            println!(
+                "  broker_url = \"{}\"",
+                secrecy::ExposeSecret::expose_secret(&made.broker_url)
+            );
+            Ok(0)
         }
     }
 }

@@ -45,6 +45,20 @@ pub struct EngineSettings {
     pub artifacts: Option<String>,
     /// How long a round waits for the sites before excluding the missing ones.
     pub round_timeout_seconds: u64,
+    /// The server's job-signing key (Ed25519); unset: `data_dir/server-signing.key`. Created,
+    /// readable only by the server's user, when missing. Workers pin its public half
+    /// (`consilium admin server-key`).
+    pub signing_key: Option<PathBuf>,
+    /// On RabbitMQ, accept a site's message only when the broker says the site's own broker
+    /// user published it (`consilium admin broker-user`). Turn off only for a development
+    /// broker where everything shares one user.
+    pub broker_site_users: bool,
+    /// RabbitMQ's management API, where `consilium admin broker-user` creates the sites'
+    /// users (`http://user:password@host:15672`); unset: port 15672 of the broker's host, with
+    /// the broker URL's user and password (`https` when the broker URL is `amqps`).
+    pub broker_management_url: Option<SecretString>,
+    /// Largest output (an update, a preview set) a site may hand over, in MiB.
+    pub max_output_mib: u64,
 }
 
 impl Default for EngineSettings {
@@ -53,6 +67,10 @@ impl Default for EngineSettings {
             broker_url: None,
             artifacts: None,
             round_timeout_seconds: 600,
+            signing_key: None,
+            broker_site_users: true,
+            broker_management_url: None,
+            max_output_mib: 1024,
         }
     }
 }

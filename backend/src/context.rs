@@ -36,6 +36,18 @@ pub struct Federation {
     pub broker: consilium_worker::broker::SharedBroker,
     pub artifacts: consilium_worker::artifacts::ArtifactStore,
     pub runs: RunHandle,
+    /// The server's job-signing key: every job it sends is signed with it.
+    pub signer: Arc<consilium_core::signing::SigningKey>,
+}
+
+impl Federation {
+    /// Signs a job and sends it to its site.
+    pub async fn send_job(
+        &self,
+        job: &consilium_core::protocol::Job,
+    ) -> Result<(), consilium_worker::broker::BrokerError> {
+        consilium_worker::broker::send_job(&*self.broker, &self.signer, job).await
+    }
 }
 
 /// Asks the engine to drive a run (a new one, or one found running at start).

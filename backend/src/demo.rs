@@ -534,8 +534,9 @@ pub fn synthetic_sites(
     Ok(specs)
 }
 
-/// Starts one site worker per site in this process, each with its own worker token and data,
-/// on the server's broker and artifact store.
+/// Starts one site worker per site in this process, each with its own worker token, signing
+/// key and data, on the server's broker; like a hospital's, each reaches the models only
+/// through the server's site endpoints and runs only jobs signed with the server's key.
 pub async fn start_workers(
     ctx: &AppContext,
     broker: &SharedBroker,
@@ -560,9 +561,16 @@ pub async fn start_workers(
         .await
         .map_err(fail)?
         .token;
+        let token: secrecy::SecretString = token.into();
         let approvals = Arc::new(ServerApprovals {
             server_url: url.to_string(),
-            token: token.into(),
+            token: token.clone(),
+            http: reqwest::Client::new(),
+        });
+        // Like a hospital's worker, it reaches the models only through the server.
+        let artifacts = Arc::new(consilium_worker::artifacts::ServerArtifacts {
+            server_url: url.to_string(),
+            token,
             http: reqwest::Client::new(),
         });
         // The simulated site's signing key, made as `consilium-worker keygen` makes one and
@@ -582,10 +590,11 @@ pub async fn start_workers(
         let site_ctx = Arc::new(SiteContext::new(
             site,
             spec,
-            engine.artifacts.clone(),
+            artifacts,
             approvals,
             decoder.clone(),
             signer,
+            engine.signer.verifying_key(),
         ));
         let broker = broker.clone();
         tokio::spawn(async move {

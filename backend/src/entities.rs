@@ -223,6 +223,18 @@ entity!(site_key, "site_keys", {
     pub revoked_at: Option<DateTimeUtc>,
 });
 
+entity!(site_output, "site_outputs", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub job_id: Uuid,
+    pub site_id: Uuid,
+    pub run_id: Uuid,
+    /// SHA-256 of what arrived, computed by the server.
+    pub hash: String,
+    pub bytes: i64,
+    pub received_at: DateTimeUtc,
+});
+
 entity!(model_version, "model_versions", {
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: Uuid,

@@ -24,6 +24,9 @@ pub enum AppError {
     /// The request is malformed or a value is out of range (400).
     #[error("{0}")]
     Invalid(String),
+    /// The request body is larger than this server accepts for it (413).
+    #[error("{0}")]
+    TooLarge(String),
     /// Several fields are wrong at once (422).
     #[error("{}", .0.join("; "))]
     Unprocessable(Vec<String>),
@@ -76,6 +79,7 @@ impl AppError {
             AppError::NotFound(_) | AppError::Hidden(_) => "not_found",
             AppError::TooManyAttempts { .. } => "too_many_attempts",
             AppError::Invalid(_) => "invalid_input",
+            AppError::TooLarge(_) => "too_large",
             AppError::Unprocessable(_) => "invalid_input",
             AppError::Conflict { code, .. } => code,
             AppError::PreconditionsUnmet(_) => "preconditions_unmet",
@@ -130,6 +134,7 @@ impl ResponseError for AppError {
             AppError::NotFound(_) | AppError::Hidden(_) => StatusCode::NOT_FOUND,
             AppError::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::Invalid(_) => StatusCode::BAD_REQUEST,
+            AppError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Conflict { .. } | AppError::PreconditionsUnmet(_) => StatusCode::CONFLICT,
             AppError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod broker_users;
 pub mod cli;
 pub mod configuration;
 pub mod context;

@@ -158,18 +158,55 @@ pub async fn start_engine(context: AppContext) -> Result<AppContext, StartupErro
     });
     let artifacts = consilium_worker::artifacts::ArtifactStore::open(&location)
         .map_err(|e| StartupError::Engine(e.to_string()))?;
+    let signer = Arc::new(server_key(settings).map_err(StartupError::Engine)?);
+    if settings.engine.broker_url.is_some() && !settings.engine.broker_site_users {
+        tracing::warn!(
+            "engine.broker_site_users is off: the server does not check which broker user sent a site's message (a development broker only)"
+        );
+    }
     let (runs, requests) = crate::context::RunHandle::channel();
     let round_timeout = settings.engine.round_timeout_seconds;
     let context = context.with_federation(crate::context::Federation {
         broker: broker.clone(),
         artifacts: artifacts.clone(),
         runs,
+        signer: signer.clone(),
     });
-    crate::engine::Engine::new(broker, artifacts, round_timeout)
+    crate::engine::Engine::new(broker, artifacts, signer, round_timeout)
         .start(&context, requests)
         .await
         .map_err(|e| StartupError::Engine(e.to_string()))?;
     Ok(context)
+}
+
+/// Where the server's job-signing key lives.
+pub fn server_key_path(settings: &Settings) -> std::path::PathBuf {
+    settings
+        .engine
+        .signing_key
+        .clone()
+        .unwrap_or_else(|| settings.database.data_dir.join("server-signing.key"))
+}
+
+/// The server's job-signing key, created (readable only by this user) on first use.
+pub fn server_key(settings: &Settings) -> Result<consilium_core::signing::SigningKey, String> {
+    let path = server_key_path(settings);
+    if path.exists() {
+        return consilium_worker::identity::load(&path)
+            .map_err(|e| format!("the server's signing key (engine.signing_key): {e}"));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            format!(
+                "cannot create {} for the server's signing key: {e}",
+                dir.display()
+            )
+        })?;
+    }
+    let key = consilium_worker::identity::generate(&path)
+        .map_err(|e| format!("the server's signing key (engine.signing_key): {e}"))?;
+    tracing::info!(path = %path.display(), key = %consilium_core::signing::key_id(&key.verifying_key()), "created the server's job-signing key; workers pin its public half (`consilium admin server-key`)");
+    Ok(key)
 }
 
 impl Application {

@@ -423,6 +423,17 @@ pub struct PreflightQuery {
     pub plan_hash: Option<String>,
 }
 
+/// Which job a site's output answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(IntoParams))]
+#[serde(deny_unknown_fields)]
+pub struct OutputQuery {
+    /// The job's run (for a preview job, the preview request).
+    pub run_id: Uuid,
+    /// The job's round (0 for a preview).
+    pub round: u32,
+}
+
 // ---------------------------------------------------------------- sign-in and tokens
 
 input! {
@@ -531,13 +542,16 @@ pub enum ExportFormat {
     #[default]
     Jsonl,
     Csv,
+    /// Every signed site update the server recorded, one `SignedUpdateDto` per line with its
+    /// site's public key, for `consilium verify-lineage` to check offline.
+    Signatures,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(IntoParams))]
 #[serde(deny_unknown_fields)]
 pub struct ExportQuery {
-    /// `jsonl` (default) or `csv`.
+    /// `jsonl` (default), `csv`, or `signatures` (the signed site updates, JSON lines).
     #[serde(default)]
     pub format: Option<ExportFormat>,
 }
@@ -706,6 +720,23 @@ input! {
         pub public_key: String,
         /// What it is, e.g. "worker on imaging-gw-2".
         pub name: String,
+    }
+}
+
+dto! {
+    /// The server's public job-signing key: workers pin it (`server_public_key`) and run only
+    /// jobs signed with it. Compare it with what the administrator gave you before pinning it.
+    pub struct ServerKeyDto {
+        pub key_id: String,
+        /// Base64 of the Ed25519 public key's 32 bytes.
+        pub public_key: String,
+    }
+
+    /// A site's output of a job, as the server received it.
+    pub struct OutputReceived {
+        /// SHA-256 of the bytes that arrived, computed by the server.
+        pub sha256: String,
+        pub bytes: u64,
     }
 }
 

@@ -49,7 +49,9 @@ pub struct Job {
 
 /// The job protocol this build speaks. 2: typed plans (a worker refuses a plan it cannot run).
 /// 3: every worker message signed with the site's registered key (`signing`).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: every job signed with the server's key, which workers pin; workers report the jobs they
+/// refused for their signature (`WorkerMessage::JobRejected`).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 fn first_protocol() -> u32 {
     1
@@ -142,10 +144,23 @@ pub struct Heartbeat {
     pub at: DateTime<Utc>,
 }
 
+/// A message on the site's job queue that the worker refused before reading it as a job: not
+/// signed with the server key the worker pins (forged, altered, or from another server).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RejectedJob {
+    pub site_id: Uuid,
+    /// Why it was refused.
+    pub reason: String,
+    /// SHA-256 of the message as it arrived, to find it on the dead-letter queue.
+    pub message_sha256: String,
+    pub at: DateTime<Utc>,
+}
+
 /// Everything a worker sends to the server, on the one results queue.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WorkerMessage {
     Result(JobResult),
     Heartbeat(Heartbeat),
+    JobRejected(RejectedJob),
 }

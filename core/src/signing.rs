@@ -1,7 +1,10 @@
-//! Site signatures: every message a site worker sends is signed with its site's Ed25519 key,
-//! whose public half the site's custodian registered. The signature covers the message's exact
-//! bytes (kept as a string in the envelope, never re-serialised), so that anyone holding the
-//! public key can check, now or years later, that the site said exactly this.
+//! Signatures both ways. Every message a site worker sends is signed with its site's Ed25519
+//! key, whose public half the site's custodian registered; every job the server sends is signed
+//! with the server's key, whose public half each worker pins in its configuration. A signature
+//! covers the message's exact bytes (kept as a string in the envelope, never re-serialised), so
+//! that anyone holding the public key can check, now or years later, that its holder said
+//! exactly this. Each direction signs under its own context, so that a signature over one kind
+//! of message can never be passed off as one over another.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -9,13 +12,15 @@ use ed25519_dalek::{Signature, Signer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::protocol::WorkerMessage;
+use crate::protocol::{Job, WorkerMessage};
 
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 
 /// Prefixed to what is signed, so that a signature over a worker message can never be passed
 /// off as one over anything else.
 const WORKER_MESSAGE: &[u8] = b"consilium/worker-message/v1\0";
+/// Prefixed to what the server signs of a job.
+const JOB: &[u8] = b"consilium/job/v1\0";
 
 /// A worker message as it travels: the message's JSON, which key signed it, the signature.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,28 +77,35 @@ pub fn parse_public_key(text: &str) -> Result<VerifyingKey, SignatureError> {
 
 /// Signs a worker message with the site's key.
 pub fn sign(key: &SigningKey, message: &WorkerMessage) -> Result<SignedMessage, serde_json::Error> {
-    let message = serde_json::to_string(message)?;
-    let signature = key.sign(&signed_bytes(&message));
-    Ok(SignedMessage {
-        key_id: key_id(&key.verifying_key()),
-        signature: STANDARD.encode(signature.to_bytes()),
-        message,
-    })
+    Ok(sign_text(
+        WORKER_MESSAGE,
+        key,
+        serde_json::to_string(message)?,
+    ))
 }
 
 /// Checks the signature with `key` (strictly: no malleable signatures) and reads the message.
 pub fn verify(key: &VerifyingKey, signed: &SignedMessage) -> Result<WorkerMessage, SignatureError> {
-    let bytes = STANDARD
-        .decode(signed.signature.trim())
-        .map_err(|e| SignatureError::Malformed(e.to_string()))?;
-    let bytes: [u8; 64] = bytes
-        .try_into()
-        .map_err(|b: Vec<u8>| SignatureError::Malformed(format!("{} bytes, not 64", b.len())))?;
-    key.verify_strict(
-        &signed_bytes(&signed.message),
-        &Signature::from_bytes(&bytes),
-    )
-    .map_err(|_| SignatureError::Mismatch(key_id(key)))?;
+    verify_text(WORKER_MESSAGE, key, signed)?;
+    serde_json::from_str(&signed.message).map_err(|e| SignatureError::Message(e.to_string()))
+}
+
+/// Signs a job with the server's key.
+pub fn sign_job(key: &SigningKey, job: &Job) -> Result<SignedMessage, serde_json::Error> {
+    Ok(sign_text(JOB, key, serde_json::to_string(job)?))
+}
+
+/// Checks a job's signature with the server's pinned key and reads the job. A job signed with
+/// another key is refused before anything in it is read.
+pub fn verify_job(key: &VerifyingKey, signed: &SignedMessage) -> Result<Job, SignatureError> {
+    if signed.key_id != key_id(key) {
+        return Err(SignatureError::Mismatch(format!(
+            "{} (the job names key {}, not the server key this worker pins)",
+            key_id(key),
+            signed.key_id
+        )));
+    }
+    verify_text(JOB, key, signed)?;
     serde_json::from_str(&signed.message).map_err(|e| SignatureError::Message(e.to_string()))
 }
 
@@ -103,9 +115,36 @@ pub fn unverified(signed: &SignedMessage) -> Result<WorkerMessage, SignatureErro
     serde_json::from_str(&signed.message).map_err(|e| SignatureError::Message(e.to_string()))
 }
 
-fn signed_bytes(message: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(WORKER_MESSAGE.len() + message.len());
-    out.extend_from_slice(WORKER_MESSAGE);
+fn sign_text(context: &[u8], key: &SigningKey, message: String) -> SignedMessage {
+    let signature = key.sign(&signed_bytes(context, &message));
+    SignedMessage {
+        key_id: key_id(&key.verifying_key()),
+        signature: STANDARD.encode(signature.to_bytes()),
+        message,
+    }
+}
+
+fn verify_text(
+    context: &[u8],
+    key: &VerifyingKey,
+    signed: &SignedMessage,
+) -> Result<(), SignatureError> {
+    let bytes = STANDARD
+        .decode(signed.signature.trim())
+        .map_err(|e| SignatureError::Malformed(e.to_string()))?;
+    let bytes: [u8; 64] = bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| SignatureError::Malformed(format!("{} bytes, not 64", b.len())))?;
+    key.verify_strict(
+        &signed_bytes(context, &signed.message),
+        &Signature::from_bytes(&bytes),
+    )
+    .map_err(|_| SignatureError::Mismatch(key_id(key)))
+}
+
+fn signed_bytes(context: &[u8], message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(context.len() + message.len());
+    out.extend_from_slice(context);
     out.extend_from_slice(message.as_bytes());
     out
 }
@@ -156,6 +195,35 @@ mod tests {
             verify(&key(1).verifying_key(), &signed),
             Err(SignatureError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_job_verifies_only_with_the_server_key_and_never_as_a_worker_message() {
+        let job: Job = serde_json::from_value(serde_json::json!({
+            "protocol": 4, "job_id": uuid::Uuid::nil(), "kind": "train", "run_id": uuid::Uuid::nil(),
+            "round": 1, "study_id": uuid::Uuid::nil(), "site_id": uuid::Uuid::nil(),
+            "plan_hash": "abc", "manifest": {
+                "model": {"architecture": "small_cnn", "num_classes": 2},
+                "optimiser": {"name": "sgd", "learning_rate": 0.1},
+                "local_epochs": 1, "batch_size": 8, "rounds": 1,
+                "aggregation": {"strategy": "fedavg"}
+            },
+            "global_model": null, "deadline": "2026-12-01T00:00:00Z"
+        }))
+        .unwrap();
+        let signed = sign_job(&key(1), &job).unwrap();
+        assert_eq!(verify_job(&key(1).verifying_key(), &signed).unwrap(), job);
+        let err = verify_job(&key(2).verifying_key(), &signed).unwrap_err();
+        assert!(err.to_string().contains("not the server key"), "{err}");
+        // Signed by the right key over another context (a site's message): refused.
+        let mut relabelled = sign(&key(1), &heartbeat()).unwrap();
+        relabelled.message = signed.message.clone();
+        assert!(matches!(
+            verify_job(&key(1).verifying_key(), &relabelled),
+            Err(SignatureError::Mismatch(_))
+        ));
+        // A job's signature does not make it a worker message either.
+        assert!(verify(&key(1).verifying_key(), &signed).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod m20261127_000001_governance;
 mod m20261127_000002_engine;
 mod m20261127_000003_previews;
 mod m20261201_000004_site_keys;
+mod m20261201_000005_site_outputs;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000002_engine::Migration),
             Box::new(m20261127_000003_previews::Migration),
             Box::new(m20261201_000004_site_keys::Migration),
+            Box::new(m20261201_000005_site_outputs::Migration),
         ]
     }
 }

@@ -1,7 +1,10 @@
 //! The content-addressed artifact store (object_store): model weights as safetensors named by
-//! their SHA-256. A local folder by default, S3-compatible storage by URL.
+//! their SHA-256. A local folder by default, S3-compatible storage by URL. Only the server
+//! opens it: a site reaches artifacts through the server (`ServerArtifacts`), which lets it read
+//! the global models of the runs it takes part in and write its own outputs, nothing else.
 
 use bytes::Bytes;
+use consilium_core::protocol::Job;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
@@ -119,6 +122,160 @@ impl ArtifactStore {
             });
         }
         Ok(bytes.to_vec())
+    }
+}
+
+/// How a site worker reads the models its jobs name and hands over what it produced.
+#[async_trait::async_trait]
+pub trait SiteArtifacts: Send + Sync {
+    /// A global model `job` names, checked against its SHA-256.
+    async fn model(&self, job: &Job, hash: &str) -> Result<Vec<u8>, ArtifactError>;
+    /// Hands over this site's output of `job` (an update, a preview set); returns its SHA-256.
+    async fn upload(&self, job: &Job, bytes: Vec<u8>) -> Result<String, ArtifactError>;
+}
+
+/// The store itself, for a worker that is part of the server's own tests of training; a site
+/// never holds it. The server refuses results whose outputs it did not receive itself, so
+/// results produced through this are never counted by a server.
+#[async_trait::async_trait]
+impl SiteArtifacts for ArtifactStore {
+    async fn model(&self, _job: &Job, hash: &str) -> Result<Vec<u8>, ArtifactError> {
+        self.get(hash).await
+    }
+    async fn upload(&self, _job: &Job, bytes: Vec<u8>) -> Result<String, ArtifactError> {
+        self.put(bytes).await
+    }
+}
+
+/// Artifacts through the server's site endpoints, with the site's worker token:
+/// `GET /api/v1/sites/{site}/models/{sha256}` and
+/// `PUT /api/v1/sites/{site}/jobs/{job}/output?run_id=…&round=…`. The site holds no store
+/// credentials; the server checks every hash.
+pub struct ServerArtifacts {
+    pub server_url: String,
+    /// The site's worker token; never printed.
+    pub token: secrecy::SecretString,
+    pub http: reqwest::Client,
+}
+
+impl ServerArtifacts {
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.server_url.trim_end_matches('/'))
+    }
+
+    /// Sends a request until the server answers, or the job's deadline passes: a server that
+    /// restarts or is briefly unreachable costs a pause, not the job. A refusal (4xx) is final.
+    async fn send(
+        &self,
+        job: &Job,
+        request: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ArtifactError> {
+        let mut wait = std::time::Duration::from_millis(250);
+        loop {
+            let last = match request().send().await {
+                Ok(r) if !(r.status().is_server_error() || r.status() == 429) => return Ok(r),
+                Ok(r) => format!("the server answered {}", r.status()),
+                Err(e) => e.to_string(),
+            };
+            let next = chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+            if next >= job.deadline {
+                return Err(ArtifactError::Store(format!(
+                    "the server could not be reached before the job's deadline: {last}"
+                )));
+            }
+            tracing::warn!(job = %job.job_id, error = %last, "the server is not answering; trying again");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(5));
+        }
+    }
+
+    /// The problem's detail when the server refused, else the status.
+    async fn refusal(resp: reqwest::Response) -> String {
+        let status = resp.status();
+        let detail = resp
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v.get("detail").and_then(|d| d.as_str()).map(str::to_string));
+        match detail {
+            Some(d) => format!("the server answered {status}: {d}"),
+            None => format!("the server answered {status}"),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl SiteArtifacts for ServerArtifacts {
+    async fn model(&self, job: &Job, hash: &str) -> Result<Vec<u8>, ArtifactError> {
+        valid_hash(hash)?;
+        let url = self.url(&format!("/sites/{}/models/{hash}", job.site_id));
+        let missing = |reason: String| ArtifactError::Missing {
+            hash: hash.to_string(),
+            reason,
+        };
+        let resp = self
+            .send(job, || {
+                self.http
+                    .get(&url)
+                    .bearer_auth(secrecy::ExposeSecret::expose_secret(&self.token))
+            })
+            .await?;
+        if !resp.status().is_success() {
+            return Err(missing(Self::refusal(resp).await));
+        }
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ArtifactError::Store(format!("{url}: {e}")))?;
+        let actual = hex::encode(Sha256::digest(&bytes));
+        if actual != hash {
+            return Err(ArtifactError::Corrupt {
+                hash: hash.to_string(),
+                actual,
+            });
+        }
+        Ok(bytes.to_vec())
+    }
+
+    async fn upload(&self, job: &Job, bytes: Vec<u8>) -> Result<String, ArtifactError> {
+        let hash = hex::encode(Sha256::digest(&bytes));
+        let url = self.url(&format!(
+            "/sites/{}/jobs/{}/output",
+            job.site_id, job.job_id
+        ));
+        let body = Bytes::from(bytes);
+        let resp = self
+            .send(job, || {
+                self.http
+                    .put(&url)
+                    .query(&[
+                        ("run_id", job.run_id.to_string()),
+                        ("round", job.round.to_string()),
+                    ])
+                    .bearer_auth(secrecy::ExposeSecret::expose_secret(&self.token))
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body.clone())
+            })
+            .await?;
+        if !resp.status().is_success() {
+            return Err(ArtifactError::Store(format!(
+                "the output of job {} was not accepted: {}",
+                job.job_id,
+                Self::refusal(resp).await
+            )));
+        }
+        let stored: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|e| ArtifactError::Store(format!("{url}: {e}")))?;
+        // The server hashes what it received: a different hash means the bytes changed on the way.
+        match stored.get("sha256").and_then(|h| h.as_str()) {
+            Some(h) if h == hash => Ok(hash),
+            other => Err(ArtifactError::Corrupt {
+                hash,
+                actual: other.unwrap_or("(none)").to_string(),
+            }),
+        }
     }
 }
 

@@ -1,10 +1,16 @@
 //! The message broker between the server and the sites, behind one trait with two adapters:
 //! RabbitMQ (durable queues, one per site, publisher confirms, manual acks, a dead-letter
 //! queue) and in-process channels for the embedded default. Delivery is at least once.
+//!
+//! On RabbitMQ the server and the sites connect as different users. The server declares the
+//! topology; a site's user (`site_user`) may only consume its own job queue and publish to the
+//! results exchange, and every message it publishes carries its user name in the AMQP
+//! `user-id` property, which RabbitMQ refuses unless it is the connection's own user: the
+//! server reads, from the broker itself, which site's credentials sent a message.
 
 use async_trait::async_trait;
 use consilium_core::protocol::Job;
-use consilium_core::signing::SignedMessage;
+use consilium_core::signing::{SignedMessage, SigningKey};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
@@ -25,6 +31,11 @@ pub const RESULTS_QUEUE: &str = "consilium.results";
 
 pub fn site_queue(site: Uuid) -> String {
     format!("consilium.site.{site}.jobs")
+}
+
+/// The RabbitMQ user of a site's workers.
+pub fn site_user(site: Uuid) -> String {
+    format!("consilium-site-{site}")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +60,9 @@ pub struct Delivery {
     pub payload: Vec<u8>,
     /// Set when the broker delivered it before (RabbitMQ's redelivered flag).
     pub redelivered: bool,
+    /// The broker user that published it, as the broker checked it (RabbitMQ's validated
+    /// `user-id`); none from the in-process broker, or when the publisher did not say.
+    pub publisher: Option<String>,
     acker: Acker,
 }
 
@@ -103,8 +117,13 @@ pub type Subscription = mpsc::Receiver<Delivery>;
 
 #[async_trait]
 pub trait Broker: Send + Sync {
-    /// Server → one site's job queue.
-    async fn publish_job(&self, job: &Job) -> Result<(), BrokerError>;
+    /// Server → one site's job queue: a job signed with the server's key (`send_job`).
+    async fn publish_job(&self, site: Uuid, job: &SignedMessage) -> Result<(), BrokerError>;
+    /// Whether deliveries name their publisher as the broker authenticated it (RabbitMQ); the
+    /// in-process broker has one process and no users.
+    fn authenticates_publishers(&self) -> bool {
+        false
+    }
     /// Site → the server's results queue: a message signed with the site's key.
     async fn publish_message(&self, message: &SignedMessage) -> Result<(), BrokerError>;
     /// A site's jobs, one at a time.
@@ -119,6 +138,13 @@ pub trait Broker: Send + Sync {
     /// The reasons of the messages on the dead-letter queue, oldest first, leaving them there
     /// (for an operator, and for tests).
     async fn dead_letter_reasons(&self) -> Result<Vec<String>, BrokerError>;
+}
+
+/// Signs a job with the server's key and sends it to its site's queue.
+pub async fn send_job(broker: &dyn Broker, key: &SigningKey, job: &Job) -> Result<(), BrokerError> {
+    let signed = consilium_core::signing::sign_job(key, job)
+        .map_err(|e| BrokerError::Encode(e.to_string()))?;
+    broker.publish_job(job.site_id, &signed).await
 }
 
 /// The header carrying why a message is on the dead-letter queue.
@@ -181,6 +207,7 @@ impl InProcessBroker {
                 let d = Delivery {
                     payload,
                     redelivered: false,
+                    publisher: None,
                     acker: Acker::Requeue(requeue.clone()),
                 };
                 if tx.send(d).await.is_err() {
@@ -208,8 +235,8 @@ impl InProcessBroker {
 
 #[async_trait]
 impl Broker for InProcessBroker {
-    async fn publish_job(&self, job: &Job) -> Result<(), BrokerError> {
-        self.send(&site_queue(job.site_id), encode(job)?)
+    async fn publish_job(&self, site: Uuid, job: &SignedMessage) -> Result<(), BrokerError> {
+        self.send(&site_queue(site), encode(job)?)
     }
     async fn publish_message(&self, message: &SignedMessage) -> Result<(), BrokerError> {
         self.send(RESULTS_QUEUE, encode(message)?)
@@ -245,7 +272,15 @@ pub struct RabbitBroker {
     url: String,
     /// Prefix of every queue and exchange name (`consilium`; tests use their own).
     ns: String,
+    /// The site whose worker this is; none for the server.
+    site: Option<SiteIdentity>,
     publisher: Arc<tokio::sync::Mutex<Option<(Connection, Channel)>>>,
+}
+
+/// A site worker's connection: it declares nothing and signs its messages with its user name.
+#[derive(Clone)]
+struct SiteIdentity {
+    user: String,
 }
 
 fn queue_args(ns: &str) -> FieldTable {
@@ -257,23 +292,38 @@ fn queue_args(ns: &str) -> FieldTable {
     args
 }
 
-/// The names of a namespace's shared queues: results, and dead letters (exchange and queue).
+/// The names of a namespace's shared queues: results (a queue, and the exchange the sites
+/// publish to, of the same name), and dead letters (exchange and queue).
 pub fn results_queue(ns: &str) -> String {
     format!("{ns}.results")
 }
 pub fn dead_letter(ns: &str) -> String {
     format!("{ns}.dead-letter")
 }
-fn site_queue_in(ns: &str, site: Uuid) -> String {
+pub fn site_queue_in(ns: &str, site: Uuid) -> String {
     format!("{ns}.site.{site}.jobs")
 }
 
-async fn open(url: &str, ns: &str) -> Result<(Connection, Channel), BrokerError> {
+/// A connection and a channel with publisher confirms; the server's also declares the shared
+/// topology (a site's user may not, and needs not).
+async fn open(url: &str, ns: &str, server: bool) -> Result<(Connection, Channel), BrokerError> {
     let unreachable = |e: lapin::Error| BrokerError::Unreachable(e.to_string());
     let conn = Connection::connect(url, ConnectionProperties::default())
         .await
         .map_err(unreachable)?;
     let channel = conn.create_channel().await.map_err(unreachable)?;
+    if server {
+        declare_topology(&channel, ns).await?;
+    }
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(unreachable)?;
+    Ok((conn, channel))
+}
+
+async fn declare_topology(channel: &Channel, ns: &str) -> Result<(), BrokerError> {
+    let unreachable = |e: lapin::Error| BrokerError::Unreachable(e.to_string());
     channel
         .exchange_declare(
             dead_letter(ns).into(),
@@ -304,11 +354,30 @@ async fn open(url: &str, ns: &str) -> Result<(Connection, Channel), BrokerError>
         )
         .await
         .map_err(unreachable)?;
+    declare(channel, ns, &results_queue(ns)).await?;
     channel
-        .confirm_select(ConfirmSelectOptions::default())
+        .exchange_declare(
+            results_queue(ns).into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
         .map_err(unreachable)?;
-    Ok((conn, channel))
+    channel
+        .queue_bind(
+            results_queue(ns).into(),
+            results_queue(ns).into(),
+            results_queue(ns).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unreachable)?;
+    Ok(())
 }
 
 async fn declare(channel: &Channel, ns: &str, queue: &str) -> Result<(), BrokerError> {
@@ -327,18 +396,53 @@ impl RabbitBroker {
 
     /// Uses queue and exchange names under `ns` (isolated test runs share one broker).
     pub async fn connect_in(url: &str, ns: &str) -> Result<Self, BrokerError> {
-        let pair = open(url, ns).await?;
-        declare(&pair.1, ns, &results_queue(ns)).await?;
+        let pair = open(url, ns, true).await?;
         Ok(RabbitBroker {
             url: url.to_string(),
             ns: ns.to_string(),
+            site: None,
             publisher: Arc::new(tokio::sync::Mutex::new(Some(pair))),
         })
     }
 
+    /// A site worker's connection, as the site's own broker user (the URL's): it declares
+    /// nothing, consumes the site's job queue, and publishes to the results exchange with its
+    /// user name in `user-id`.
+    pub async fn connect_site(url: &str) -> Result<Self, BrokerError> {
+        Self::connect_site_in(url, "consilium").await
+    }
+
+    pub async fn connect_site_in(url: &str, ns: &str) -> Result<Self, BrokerError> {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| BrokerError::Unreachable(format!("the broker URL is not a URL: {e}")))?;
+        let user = percent_decode(parsed.username());
+        let user = if user.is_empty() {
+            "guest".to_string()
+        } else {
+            user
+        };
+        let pair = open(url, ns, false).await?;
+        Ok(RabbitBroker {
+            url: url.to_string(),
+            ns: ns.to_string(),
+            site: Some(SiteIdentity { user }),
+            publisher: Arc::new(tokio::sync::Mutex::new(Some(pair))),
+        })
+    }
+
+    /// Declares a site's job queue (the server does, before the site's worker first connects).
+    pub async fn declare_site_queue(&self, site: Uuid) -> Result<(), BrokerError> {
+        let (conn, channel) = open(&self.url, &self.ns, true).await?;
+        declare(&channel, &self.ns, &site_queue_in(&self.ns, site)).await?;
+        if let Err(e) = conn.close(200, "done".into()).await {
+            tracing::warn!(error = %e, "closing the declaring connection");
+        }
+        Ok(())
+    }
+
     /// How many messages wait in the dead-letter queue (messages nobody could read).
     pub async fn dead_letters(&self) -> Result<u32, BrokerError> {
-        let (conn, channel) = open(&self.url, &self.ns).await?;
+        let (conn, channel) = open(&self.url, &self.ns, true).await?;
         let queue = channel
             .queue_declare(
                 dead_letter(&self.ns).into(),
@@ -356,13 +460,20 @@ impl RabbitBroker {
     }
 
     async fn publish(&self, queue: &str, payload: &[u8]) -> Result<(), BrokerError> {
-        self.publish_with(queue, payload, FieldTable::default(), true)
+        self.publish_with("", queue, payload, FieldTable::default(), true)
+            .await
+    }
+
+    /// To the results exchange: the only place a site's user may publish.
+    async fn publish_result(&self, payload: &[u8]) -> Result<(), BrokerError> {
+        let name = results_queue(&self.ns);
+        self.publish_with(&name, &name, payload, FieldTable::default(), false)
             .await
     }
 
     /// The dead-lettered messages' reasons, oldest first (read and left on the queue).
     pub async fn dead_letter_reasons(&self) -> Result<Vec<String>, BrokerError> {
-        let (conn, channel) = open(&self.url, &self.ns).await?;
+        let (conn, channel) = open(&self.url, &self.ns, true).await?;
         let mut out = Vec::new();
         while let Some(m) = channel
             .basic_get(dead_letter(&self.ns).into(), BasicGetOptions::default())
@@ -391,11 +502,13 @@ impl RabbitBroker {
 
     async fn publish_with(
         &self,
-        queue: &str,
+        exchange: &str,
+        routing_key: &str,
         payload: &[u8],
         headers: FieldTable,
         declare_queue: bool,
     ) -> Result<(), BrokerError> {
+        let server = self.site.is_none();
         let mut last = String::new();
         for attempt in 0..5u32 {
             if attempt > 0 {
@@ -406,7 +519,7 @@ impl RabbitBroker {
                 .as_ref()
                 .is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected())
             {
-                match open(&self.url, &self.ns).await {
+                match open(&self.url, &self.ns, server).await {
                     Ok(pair) => *guard = Some(pair),
                     Err(e) => {
                         last = e.to_string();
@@ -417,19 +530,25 @@ impl RabbitBroker {
             let Some((_, channel)) = guard.as_ref() else {
                 continue;
             };
-            if declare_queue && let Err(e) = declare(channel, &self.ns, queue).await {
+            if declare_queue
+                && server
+                && let Err(e) = declare(channel, &self.ns, routing_key).await
+            {
                 last = e.to_string();
                 *guard = None;
                 continue;
             }
-            let props = BasicProperties::default()
+            let mut props = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
                 .with_headers(headers.clone());
+            if let Some(site) = &self.site {
+                props = props.with_user_id(site.user.as_str().into());
+            }
             match channel
                 .basic_publish(
-                    "".into(),
-                    queue.into(),
+                    exchange.into(),
+                    routing_key.into(),
                     BasicPublishOptions::default(),
                     payload,
                     props,
@@ -451,14 +570,14 @@ impl RabbitBroker {
     /// Consumes `queue` with prefetch 1, reconnecting whenever the connection is lost.
     fn consume(&self, queue: String) -> Subscription {
         let (tx, rx) = mpsc::channel(1);
-        let (url, ns) = (self.url.clone(), self.ns.clone());
+        let (url, ns, server) = (self.url.clone(), self.ns.clone(), self.site.is_none());
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
                 if tx.is_closed() {
                     return;
                 }
-                match consume_once(&url, &ns, &queue, &tx).await {
+                match consume_once(&url, &ns, server, &queue, &tx).await {
                     Ok(()) => return,
                     Err(e) => {
                         tracing::warn!(queue, error = %e, "broker connection lost; reconnecting");
@@ -476,11 +595,14 @@ impl RabbitBroker {
 async fn consume_once(
     url: &str,
     ns: &str,
+    server: bool,
     queue: &str,
     tx: &mpsc::Sender<Delivery>,
 ) -> Result<(), BrokerError> {
-    let (conn, channel) = open(url, ns).await?;
-    declare(&channel, ns, queue).await?;
+    let (conn, channel) = open(url, ns, server).await?;
+    if server {
+        declare(&channel, ns, queue).await?;
+    }
     channel
         .basic_qos(1, BasicQosOptions::default())
         .await
@@ -493,13 +615,22 @@ async fn consume_once(
             FieldTable::default(),
         )
         .await
-        .map_err(|e| BrokerError::Unreachable(e.to_string()))?;
+        .map_err(|e| {
+            BrokerError::Unreachable(if server {
+                e.to_string()
+            } else {
+                format!(
+                    "{e} (a site's broker user may consume only its own job queue, which the server creates: has the administrator provisioned this site's broker user with `consilium admin broker-user`?)"
+                )
+            })
+        })?;
     tracing::info!(queue, "consuming");
     while let Some(next) = consumer.next().await {
         let d = next.map_err(|e| BrokerError::Unreachable(e.to_string()))?;
         let delivery = Delivery {
             payload: d.data.clone(),
             redelivered: d.redelivered,
+            publisher: d.properties.user_id().as_ref().map(|u| u.to_string()),
             acker: Acker::Rabbit(d.acker),
         };
         if tx.send(delivery).await.is_err() {
@@ -514,13 +645,15 @@ async fn consume_once(
 
 #[async_trait]
 impl Broker for RabbitBroker {
-    async fn publish_job(&self, job: &Job) -> Result<(), BrokerError> {
-        self.publish(&site_queue_in(&self.ns, job.site_id), &encode(job)?)
+    async fn publish_job(&self, site: Uuid, job: &SignedMessage) -> Result<(), BrokerError> {
+        self.publish(&site_queue_in(&self.ns, site), &encode(job)?)
             .await
     }
+    fn authenticates_publishers(&self) -> bool {
+        true
+    }
     async fn publish_message(&self, message: &SignedMessage) -> Result<(), BrokerError> {
-        self.publish(&results_queue(&self.ns), &encode(message)?)
-            .await
+        self.publish_result(&encode(message)?).await
     }
     async fn jobs(&self, site: Uuid) -> Result<Subscription, BrokerError> {
         Ok(self.consume(site_queue_in(&self.ns, site)))
@@ -529,7 +662,7 @@ impl Broker for RabbitBroker {
         Ok(self.consume(results_queue(&self.ns)))
     }
     async fn publish_raw_result(&self, payload: &[u8]) -> Result<(), BrokerError> {
-        self.publish(&results_queue(&self.ns), payload).await
+        self.publish_result(payload).await
     }
     async fn dead_letter_reasons(&self) -> Result<Vec<String>, BrokerError> {
         RabbitBroker::dead_letter_reasons(self).await
@@ -542,7 +675,7 @@ impl Broker for RabbitBroker {
             AMQPValue::LongString(reason.into()),
         );
         // Straight to the dead-letter queue (declared with the topology, without arguments).
-        self.publish_with(&dead_letter(&self.ns), payload, headers, false)
+        self.publish_with("", &dead_letter(&self.ns), payload, headers, false)
             .await
     }
 }
@@ -553,4 +686,16 @@ pub type SharedBroker = Arc<dyn Broker>;
 /// `amqp://…` selects RabbitMQ; anything else is an error (the in-process broker is made in code).
 pub async fn connect(url: &str) -> Result<SharedBroker, BrokerError> {
     Ok(Arc::new(RabbitBroker::connect(url).await?))
+}
+
+/// A site worker's connection to RabbitMQ, as its own broker user.
+pub async fn connect_site(url: &str) -> Result<SharedBroker, BrokerError> {
+    Ok(Arc::new(RabbitBroker::connect_site(url).await?))
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("u={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
 }

@@ -1,8 +1,8 @@
 //! The worker's loop: heartbeats, and one job at a time from its site's queue.
 
 use chrono::Utc;
-use consilium_core::protocol::{Heartbeat, Job, WorkerMessage, WorkerState};
-use consilium_core::signing;
+use consilium_core::protocol::{Heartbeat, Job, RejectedJob, WorkerMessage, WorkerState};
+use consilium_core::signing::{self, SignedMessage};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -74,10 +74,30 @@ pub async fn run(
             d = jobs.recv() => match d { Some(d) => d, None => break },
             _ = &mut stop => break,
         };
-        let job: Job = match serde_json::from_slice(&delivery.payload) {
+        let job = match verified_job(&ctx, &delivery.payload) {
             Ok(j) => j,
-            Err(e) => {
-                tracing::error!(error = %e, "a job message can't be read; it goes to the dead-letter queue");
+            Err(reason) => {
+                tracing::error!(
+                    reason,
+                    "a message on this site's job queue is refused; it goes to the dead-letter queue"
+                );
+                let report = WorkerMessage::JobRejected(RejectedJob {
+                    site_id: ctx.site_id,
+                    reason,
+                    message_sha256: consilium_core::hash::sha256_hex(&delivery.payload),
+                    at: Utc::now(),
+                });
+                // The server audits it for the site's custodian.
+                match signing::sign(&ctx.signer, &report) {
+                    Ok(signed) => {
+                        if let Err(e) = broker.publish_message(&signed).await {
+                            tracing::warn!(error = %e, "the refused job could not be reported to the server");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the refused job's report can't be written")
+                    }
+                }
                 delivery.dead_letter().await;
                 continue;
             }
@@ -102,4 +122,21 @@ pub async fn run(
     beat.abort();
     warm.abort();
     Ok(())
+}
+
+/// A job, once its signature proves that the server this worker pins sent it, and that it is
+/// addressed to this site.
+fn verified_job(ctx: &SiteContext, payload: &[u8]) -> Result<Job, String> {
+    let signed: SignedMessage = serde_json::from_slice(payload).map_err(|e| {
+        format!("it is not a job signed by the server (protocol 4 signs every job): {e}")
+    })?;
+    let job = signing::verify_job(&ctx.server_key, &signed)
+        .map_err(|e| format!("it is not a job from the server this worker trusts: {e}"))?;
+    if job.site_id != ctx.site_id {
+        return Err(format!(
+            "a job for site {}, on the queue of site {}",
+            job.site_id, ctx.site_id
+        ));
+    }
+    Ok(job)
 }

@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use uuid::Uuid;
 
-use crate::artifacts::ArtifactStore;
+use crate::artifacts::SiteArtifacts;
 use crate::data::{self, Dataset, DatasetSpec, Sample};
 use crate::decode::Decoder;
 use crate::train::{Net, Rng, device};
-use consilium_core::signing::SigningKey;
+use consilium_core::signing::{SigningKey, VerifyingKey};
 
 /// Where the worker learns which plans its site has approved.
 #[async_trait]
@@ -85,12 +85,16 @@ impl Approvals for ServerApprovals {
 pub struct SiteContext {
     pub site_id: Uuid,
     pub dataset: DatasetSpec,
-    pub artifacts: ArtifactStore,
+    /// The global models this site's jobs name, and where its outputs go (the server).
+    pub artifacts: Arc<dyn SiteArtifacts>,
     pub approvals: Arc<dyn Approvals>,
     /// The program whose child processes decode the site's files.
     pub decoder: Decoder,
     /// The site's signing key: every message this worker sends is signed with it.
     pub signer: Arc<SigningKey>,
+    /// The server's public key, pinned in the worker's configuration: only jobs signed with it
+    /// are run.
+    pub server_key: VerifyingKey,
     /// Datasets by image size, loaded once (an async lock: a second caller waits for the
     /// load under way instead of decoding everything again, without holding a thread).
     cache: tokio::sync::Mutex<HashMap<usize, Arc<Dataset>>>,
@@ -105,10 +109,11 @@ impl SiteContext {
     pub fn new(
         site_id: Uuid,
         dataset: DatasetSpec,
-        artifacts: ArtifactStore,
+        artifacts: Arc<dyn SiteArtifacts>,
         approvals: Arc<dyn Approvals>,
         decoder: Decoder,
         signer: SigningKey,
+        server_key: VerifyingKey,
     ) -> Self {
         SiteContext {
             site_id,
@@ -117,6 +122,7 @@ impl SiteContext {
             approvals,
             decoder,
             signer: Arc::new(signer),
+            server_key,
             cache: tokio::sync::Mutex::default(),
             data_error: Mutex::default(),
             local: Mutex::default(),
@@ -186,7 +192,7 @@ async fn preview(job: &Job, ctx: &SiteContext) -> Outcome {
         Ok(b) => b,
         Err(e) => return fail(format!("the preview set could not be written: {e}")),
     };
-    match ctx.artifacts.put(bytes).await {
+    match ctx.artifacts.upload(job, bytes).await {
         Ok(hash) => Outcome::Previewed {
             set: hash,
             images,
@@ -318,7 +324,7 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
         return preview(job, ctx).await;
     }
     let global = match &job.global_model {
-        Some(h) => match ctx.artifacts.get(h).await {
+        Some(h) => match ctx.artifacts.model(job, h).await {
             Ok(b) => Some(b),
             Err(e) => return fail(e.to_string()),
         },
@@ -375,7 +381,7 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
             if fedbn && let Ok(mut l) = ctx.local.lock() {
                 l.insert(job.run_id, bytes.clone());
             }
-            match ctx.artifacts.put(bytes).await {
+            match ctx.artifacts.upload(job, bytes).await {
                 Ok(update_hash) => Outcome::Trained {
                     update_hash,
                     samples,

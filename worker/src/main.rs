@@ -1,7 +1,7 @@
 //! `consilium-worker`: one per hospital.
 
 use clap::{Parser, Subcommand};
-use consilium_worker::artifacts::ArtifactStore;
+use consilium_worker::artifacts::ServerArtifacts;
 use consilium_worker::data::{self, DatasetSpec};
 use consilium_worker::decode::Decoder;
 use consilium_worker::job::{ServerApprovals, SiteContext};
@@ -75,10 +75,16 @@ struct WorkerSettings {
     /// by the site's custodian, or the server refuses everything this worker sends. Needed to
     /// `run`; `check-data` does without.
     signing_key: Option<PathBuf>,
-    /// `amqp://user:password@host:5672/%2f` (its password never printed).
+    /// The server's public job-signing key (`consilium admin server-key` prints it): this
+    /// worker runs only jobs signed with it. Needed to `run`.
+    server_public_key: Option<String>,
+    /// `amqp://user:password@host:5672/%2f`, with this site's own broker user
+    /// (`consilium admin broker-user`); its password never printed.
     broker_url: secrecy::SecretString,
-    /// Artifact store: a folder, or `s3://bucket/prefix`.
-    artifacts: String,
+    /// Refused: a site holds no artifact-store credentials (models come and go through the
+    /// server). Kept only to say so to an old configuration.
+    #[serde(default)]
+    artifacts: Option<String>,
     #[serde(default = "default_heartbeat")]
     heartbeat_seconds: u64,
     /// Allows `http://` and `amqp://` to other machines (a closed development network only).
@@ -167,7 +173,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::BenchTrain { .. } | Command::Keygen { .. } => Ok(()),
         Command::Run => {
-            let artifacts = ArtifactStore::open(&settings.artifacts)?;
+            if settings.artifacts.is_some() {
+                anyhow::bail!(
+                    "`artifacts` is set in {}: a site no longer opens the artifact store (it would need credentials that reach every site's updates). Remove the setting: the worker reads the global models and hands over its updates through the server (server_url, with its worker token).",
+                    cli.config.display()
+                );
+            }
+            let server_key = settings.server_public_key.as_deref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "server_public_key is not set in {}: ask the server's administrator for it (`consilium admin server-key` prints it) and set `server_public_key = \"…\"`; the worker runs only jobs signed with that key",
+                    cli.config.display()
+                )
+            })?;
+            let server_key =
+                consilium_core::signing::parse_public_key(server_key).map_err(|e| {
+                    anyhow::anyhow!("server_public_key in {}: {e}", cli.config.display())
+                })?;
+            let artifacts = Arc::new(ServerArtifacts {
+                server_url: settings.server_url.clone(),
+                token: settings.token.clone(),
+                http: reqwest::Client::new(),
+            });
             let approvals = Arc::new(ServerApprovals {
                 server_url: settings.server_url.clone(),
                 token: settings.token.clone(),
@@ -201,10 +227,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 approvals,
                 Decoder::this_program()?,
                 signer,
+                server_key,
             ));
-            let broker = consilium_worker::broker::connect(secrecy::ExposeSecret::expose_secret(
-                &settings.broker_url,
-            ))
+            let broker = consilium_worker::broker::connect_site(
+                secrecy::ExposeSecret::expose_secret(&settings.broker_url),
+            )
             .await?;
             let stop = async {
                 if let Err(e) = tokio::signal::ctrl_c().await {

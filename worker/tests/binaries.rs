@@ -35,13 +35,11 @@ fn check_data(kind: &str, root: &Path, extra: &str) -> (i32, String, String) {
 server_url = "http://127.0.0.1:9"
 token = "unused by check-data"
 broker_url = "amqp://127.0.0.1:9"
-artifacts = "{}"
 [dataset]
 kind = "{kind}"
 root = "{}"
 labels = "{}"
 {extra}"#,
-            dir.path().join("artifacts").display(),
             root.display(),
             labels.display()
         ),

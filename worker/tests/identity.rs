@@ -20,6 +20,67 @@ fn worker(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A server public key, as `consilium admin server-key` prints it.
+fn server_key() -> String {
+    signing::encode_public_key(&signing::SigningKey::from_bytes(&[5; 32]).verifying_key())
+}
+
+/// A configuration with `lines` before the dataset; what `run` says of it.
+fn run_with(lines: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("site.key");
+    identity::generate(&key).unwrap();
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"site_id = "00000000-0000-0000-0000-000000000001"
+server_url = "http://127.0.0.1:9"
+token = "t"
+broker_url = "amqp://127.0.0.1:9"
+signing_key = "{}"
+{lines}
+[dataset]
+kind = "images"
+root = "{}"
+labels = "{}/labels.csv"
+"#,
+            key.display(),
+            dir.path().display(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = worker(&["--config", config.to_str().unwrap(), "run"]);
+    (code, err)
+}
+
+#[test]
+fn the_worker_pins_the_servers_key_and_holds_no_store_credentials() {
+    let (code, err) = run_with("");
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("server_public_key is not set") && err.contains("consilium admin server-key"),
+        "{err}"
+    );
+    let (code, err) = run_with(r#"server_public_key = "AAAA""#);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("server_public_key in") && err.contains("32"),
+        "{err}"
+    );
+    // A site never opens the artifact store: the old setting is refused, with what to do.
+    let (code, err) = run_with(&format!(
+        "server_public_key = \"{}\"\nartifacts = \"s3://consilium-artifacts\"",
+        server_key()
+    ));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("`artifacts` is set") && err.contains("through the server"),
+        "{err}"
+    );
+}
+
 #[test]
 fn keygen_writes_a_private_key_and_prints_its_public_half() {
     let dir = tempfile::tempdir().unwrap();
@@ -85,13 +146,13 @@ fn the_worker_does_not_run_without_its_key() {
 server_url = "http://127.0.0.1:9"
 token = "t"
 broker_url = "amqp://127.0.0.1:9"
-artifacts = "{}"
+server_public_key = "{}"
 [dataset]
 kind = "images"
 root = "{}"
 labels = "{}/labels.csv"
 "#,
-            dir.path().display(),
+            server_key(),
             dir.path().display(),
             dir.path().display()
         ),
@@ -118,14 +179,14 @@ fn the_worker_does_not_send_updates_unencrypted_across_the_network() {
 server_url = "https://consilium.example.org"
 token = "t"
 broker_url = "amqp://site:secret@broker.example.org:5672/%2f"
-artifacts = "{}"
+server_public_key = "{}"
 signing_key = "{}"
 [dataset]
 kind = "images"
 root = "{}"
 labels = "{}/labels.csv"
 "#,
-            dir.path().display(),
+            server_key(),
             key.display(),
             dir.path().display(),
             dir.path().display()

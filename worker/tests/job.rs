@@ -46,6 +46,7 @@ fn manifest() -> TrainingPlanManifest {
 
 struct Site {
     _dir: tempfile::TempDir,
+    store: ArtifactStore,
     ctx: SiteContext,
     study: Uuid,
     site: Uuid,
@@ -77,16 +78,18 @@ fn site(hash: &str, study: Uuid) -> Site {
     let ctx = SiteContext::new(
         site,
         spec,
-        store,
+        Arc::new(store.clone()),
         Arc::new(Granted {
             study,
             hash: hash.to_string(),
         }),
         Decoder::program(env!("CARGO_BIN_EXE_consilium-worker")),
         consilium_core::signing::SigningKey::from_bytes(&[7; 32]),
+        consilium_core::signing::SigningKey::from_bytes(&[9; 32]).verifying_key(),
     );
     Site {
         _dir: dir,
+        store,
         ctx,
         study,
         site,
@@ -139,7 +142,7 @@ async fn a_site_trains_the_approved_plan_and_learns() {
         train_loss_after < train_loss_before,
         "{train_loss_before} → {train_loss_after}"
     );
-    let bytes = s.ctx.artifacts.get(&update_hash).await.unwrap();
+    let bytes = s.store.get(&update_hash).await.unwrap();
     assert_eq!(consilium_core::hash::sha256_hex(&bytes), update_hash);
 
     // The next round starts from that model: on the held-out split it is clearly above chance.
@@ -170,6 +173,7 @@ async fn a_site_trains_the_approved_plan_and_learns() {
         }),
         twin.ctx.decoder.clone(),
         (*twin.ctx.signer).clone(),
+        twin.ctx.server_key,
     );
     let again = process(&job(&s, &m, &hash, 1, None), &twin_ctx).await;
     let Outcome::Trained {
@@ -241,7 +245,7 @@ async fn a_preview_job_sends_back_only_checked_images_and_a_summary() {
         panic!("{:?}", r.outcome);
     };
     assert_eq!(images + withheld, 12, "6 per class, two classes");
-    let bytes = s.ctx.artifacts.get(&set).await.unwrap();
+    let bytes = s.store.get(&set).await.unwrap();
     let set: consilium_core::preview::PreviewSet = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(set.images.len() as u32, images);
     assert_eq!(set.image_size, 64);

@@ -194,10 +194,11 @@ fn site_context(dir: &std::path::Path, site: Uuid) -> SiteContext {
     SiteContext::new(
         site,
         spec,
-        store,
+        Arc::new(store),
         Arc::new(AllGranted),
         consilium_worker::decode::Decoder::program(env!("CARGO_BIN_EXE_consilium-worker")),
         consilium_core::signing::SigningKey::from_bytes(&[7; 32]),
+        consilium_core::signing::SigningKey::from_bytes(&[9; 32]).verifying_key(),
     )
 }
 

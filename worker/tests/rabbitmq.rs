@@ -64,9 +64,14 @@ async fn jobs_results_redelivery_and_dead_letters_over_rabbitmq() {
     tokio::time::sleep(Duration::from_millis(500)).await; // consumers declared
 
     let j = job(north);
-    broker.publish_job(&j).await.unwrap();
+    let server_key = consilium_core::signing::SigningKey::from_bytes(&[3; 32]);
+    consilium_worker::broker::send_job(&broker, &server_key, &j)
+        .await
+        .unwrap();
     let d = next(&mut north_jobs).await;
-    let got: Job = serde_json::from_slice(&d.payload).unwrap();
+    let signed: consilium_core::signing::SignedMessage =
+        serde_json::from_slice(&d.payload).unwrap();
+    let got = consilium_core::signing::verify_job(&server_key.verifying_key(), &signed).unwrap();
     assert_eq!(got, j);
     assert!(!d.redelivered);
     // Given back (e.g. a transient failure): delivered again, marked as such.

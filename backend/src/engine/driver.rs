@@ -154,7 +154,9 @@ impl Engine {
                 deadline,
                 preview: None,
             };
-            if let Err(e) = self.broker.publish_job(&job).await {
+            if let Err(e) =
+                consilium_worker::broker::send_job(&*self.broker, &self.signer, &job).await
+            {
                 failed.push((*site, format!("the job could not be sent: {e}")));
             }
         }

@@ -19,6 +19,7 @@ fn site_of(msg: &WorkerMessage) -> Uuid {
     match msg {
         WorkerMessage::Heartbeat(h) => h.site_id,
         WorkerMessage::Result(r) => r.site_id,
+        WorkerMessage::JobRejected(j) => j.site_id,
     }
 }
 
@@ -81,7 +82,7 @@ impl Engine {
             let mut tries = 0;
             let outcome = loop {
                 tries += 1;
-                match self.intake(ctx, &delivery.payload).await {
+                match self.intake(ctx, &delivery).await {
                     Err(IntakeError::Transient(e)) if tries < TRIES => {
                         tracing::warn!(error = ?e, tries, "a result could not be recorded yet; trying again");
                         tokio::time::sleep(pause).await;
@@ -119,7 +120,8 @@ impl Engine {
 
     /// One message: its signature checked against the keys its site registered, then
     /// recorded.
-    async fn intake(&self, ctx: &AppContext, payload: &[u8]) -> Result<(), IntakeError> {
+    async fn intake(&self, ctx: &AppContext, delivery: &Delivery) -> Result<(), IntakeError> {
+        let payload = &delivery.payload;
         let signed = match serde_json::from_slice::<SignedMessage>(payload) {
             Ok(s) => s,
             Err(e) => {
@@ -142,6 +144,19 @@ impl Engine {
             site: Some(site),
             reason,
         };
+        // Which broker user sent it, as RabbitMQ itself checked: the site's own.
+        if self.broker.authenticates_publishers() && ctx.settings.engine.broker_site_users {
+            let expected = consilium_worker::broker::site_user(site);
+            if delivery.publisher.as_deref() != Some(expected.as_str()) {
+                return Err(rejected(format!(
+                    "it claims to come from site {site}, but was published {}; a site's messages must come through its own broker user {expected} (`consilium admin broker-user`)",
+                    match &delivery.publisher {
+                        Some(u) => format!("by broker user {u}"),
+                        None => "without naming its broker user".to_string(),
+                    }
+                )));
+            }
+        }
         let key = crate::services::site_keys::key_in_force(&ctx.db, site, &signed.key_id)
             .await?
             .ok_or_else(|| {
@@ -157,6 +172,19 @@ impl Engine {
                 Replay::Again => Ok(()),
                 Replay::Rejected(reason) => Err(rejected(reason)),
             };
+        }
+        if let WorkerMessage::Result(r) = &msg
+            && let Some(hash) = match &r.outcome {
+                Outcome::Trained { update_hash, .. } => Some(update_hash),
+                Outcome::Previewed { set, .. } => Some(set),
+                _ => None,
+            }
+            && !crate::services::site_artifacts::output_of(ctx, site, r.job_id, hash).await?
+        {
+            return Err(rejected(format!(
+                "its output {hash} for job {} is not one site {site} handed over to this server for that job",
+                r.job_id
+            )));
         }
         match self.receive(ctx, msg, &signed).await? {
             true => Ok(()),
@@ -197,6 +225,8 @@ impl Engine {
                     _ => None,
                 })
             }
+            // Reports of refused jobs are folded by reason when audited.
+            WorkerMessage::JobRejected(_) => Ok(None),
             WorkerMessage::Result(r) => {
                 let earlier = update::Entity::find()
                     .filter(update::Column::JobId.eq(r.job_id))
@@ -302,6 +332,10 @@ impl Engine {
                 w.commit().await?;
                 Ok(true)
             }
+            WorkerMessage::JobRejected(j) => {
+                self.audit_rejected_job(ctx, j).await?;
+                Ok(true)
+            }
             WorkerMessage::Result(r) => {
                 if crate::services::previews::is_preview(ctx, r.run_id).await? {
                     crate::services::previews::record(ctx, &self.artifacts, r).await?;
@@ -318,6 +352,39 @@ impl Engine {
                 Ok(true)
             }
         }
+    }
+
+    /// A job the site's worker refused for its signature (forged, altered, or from another
+    /// server): audited as `job.rejected_by_site` for the site's custodian and the server's
+    /// administrator (repeats of one reason folded, so that a flood cannot bloat the chain).
+    async fn audit_rejected_job(
+        &self,
+        ctx: &AppContext,
+        j: consilium_core::protocol::RejectedJob,
+    ) -> AppResult<()> {
+        tracing::error!(site = %j.site_id, reason = %j.reason, "a site refused a message on its job queue");
+        let Some(folded) = ctx
+            .audit_fold
+            .admit(&format!("job.rejected_by_site {} {}", j.site_id, j.reason))
+        else {
+            return Ok(());
+        };
+        let name = site::Entity::find_by_id(j.site_id)
+            .one(&ctx.db)
+            .await?
+            .map(|s| s.name)
+            .unwrap_or_else(|| "(unknown)".to_string());
+        let w = ctx.begin_write().await?;
+        audit::append(
+            &*w,
+            &Actor::site_worker(j.site_id, &name),
+            "job.rejected_by_site",
+            "site",
+            j.site_id,
+            &serde_json::json!({"reason": j.reason, "message": j.message_sha256, "at": j.at, "folded_before": folded}),
+        )
+        .await?;
+        w.commit().await
     }
 
     /// Records a result once per job id; a result for a round that moved on is kept as late

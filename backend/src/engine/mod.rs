@@ -39,11 +39,13 @@ pub struct Engine {
     runtime: tokio::runtime::Handle,
     pub broker: SharedBroker,
     pub artifacts: ArtifactStore,
+    /// The server's job-signing key.
+    signer: Arc<consilium_core::signing::SigningKey>,
     notify: Arc<Notify>,
     round_timeout: Duration,
 }
 
-fn job_id(run: Uuid, round: i32, site: Uuid, kind: JobKind) -> Uuid {
+pub(crate) fn job_id(run: Uuid, round: i32, site: Uuid, kind: JobKind) -> Uuid {
     Uuid::new_v5(&run, format!("{round}/{site}/{kind:?}").as_bytes())
 }
 
@@ -64,11 +66,17 @@ fn from<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> AppResult<T> {
 }
 
 impl Engine {
-    pub fn new(broker: SharedBroker, artifacts: ArtifactStore, round_timeout_seconds: u64) -> Self {
+    pub fn new(
+        broker: SharedBroker,
+        artifacts: ArtifactStore,
+        signer: Arc<consilium_core::signing::SigningKey>,
+        round_timeout_seconds: u64,
+    ) -> Self {
         Engine {
             runtime: tokio::runtime::Handle::current(),
             broker,
             artifacts,
+            signer,
             notify: Arc::new(Notify::new()),
             round_timeout: Duration::seconds(round_timeout_seconds as i64),
         }

@@ -50,7 +50,8 @@ async fn verify(
     Ok(web::Json(audit::verify(&ctx.db).await?))
 }
 
-/// The whole log as JSON lines (default) or CSV.
+/// The whole log as JSON lines (default) or CSV; or, with `format=signatures`, every signed
+/// site update with its site's public key, for `consilium verify-lineage` to check offline.
 #[utoipa::path(tag = "audit", params(ExportQuery), responses(
     (status = 200, description = "The log: JSON lines, or CSV with format=csv", body = String, content_type = "application/x-ndjson"),
     (status = "4XX", body = Problem, content_type = "application/problem+json")))]
@@ -80,10 +81,17 @@ async fn export(
             .await?;
             w.flush().map_err(AppError::unexpected)?;
         }
+        ExportFormat::Signatures => {
+            for s in crate::services::models::all_signed_updates(&ctx).await? {
+                serde_json::to_writer(&mut out, &s)?;
+                out.push(b'\n');
+            }
+        }
     }
     let (ctype, ext) = match format {
         ExportFormat::Jsonl => ("application/x-ndjson", "jsonl"),
         ExportFormat::Csv => ("text/csv; charset=utf-8", "csv"),
+        ExportFormat::Signatures => ("application/x-ndjson", "signatures.jsonl"),
     };
     Ok(HttpResponse::Ok()
         .content_type(ctype)

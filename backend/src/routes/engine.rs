@@ -1,11 +1,12 @@
-use actix_web::{HttpResponse, get, post, web};
+use actix_web::{HttpResponse, get, post, put, web};
 use consilium_core::Role;
 use consilium_core::api::{
     CreateWorkerToken, HeartbeatDto, LineageDto, ModelListQuery, ModelVersionDto,
-    MonitoringReportDto, RegisterSiteKey, ReportMonitoring, RoundDto, RunDto, SiteGrantDto,
-    SiteKeyDto, StopRun, TokenCreated,
+    MonitoringReportDto, OutputQuery, OutputReceived, RegisterSiteKey, ReportMonitoring, RoundDto,
+    RunDto, ServerKeyDto, SiteGrantDto, SiteKeyDto, StopRun, TokenCreated,
 };
 use consilium_core::problem::Problem;
+use futures_util::StreamExt;
 use sea_orm::EntityTrait;
 use utoipa_actix_web::service_config::ServiceConfig;
 use uuid::Uuid;
@@ -14,7 +15,7 @@ use crate::auth::Authenticated;
 use crate::context::AppContext;
 use crate::entities::heartbeat;
 use crate::error::{AppError, AppResult};
-use crate::services::{access, models, runs, site_keys, tokens};
+use crate::services::{access, models, runs, site_artifacts, site_keys, tokens};
 
 pub fn configure(cfg: &mut ServiceConfig) {
     cfg.service(rounds)
@@ -27,6 +28,9 @@ pub fn configure(cfg: &mut ServiceConfig) {
         .service(report)
         .service(monitoring)
         .service(site_grants)
+        .service(site_model)
+        .service(site_output)
+        .service(server_key)
         .service(worker_token)
         .service(register_key)
         .service(list_keys)
@@ -172,6 +176,83 @@ async fn site_grants(
     Ok(web::Json(
         access::site_grants(&ctx, &a, id.into_inner()).await?,
     ))
+}
+
+/// A global model named by one of the site's jobs (safetensors), for the site's worker only:
+/// the model a round of a run it takes part in started from, or a version such a run made.
+#[utoipa::path(tag = "sites", responses(
+    (status = 200, content_type = "application/octet-stream", body = Vec<u8>),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/sites/{id}/models/{sha256}")]
+async fn site_model(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    path: web::Path<(Uuid, String)>,
+) -> AppResult<HttpResponse> {
+    let (site, hash) = path.into_inner();
+    let bytes = site_artifacts::read_model(&ctx, &a, site, &hash).await?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/octet-stream")
+        .body(bytes))
+}
+
+/// The site's output of a job it was sent and that is still open (its update, or a preview
+/// set), from the site's worker only. The server hashes what arrives; the job's result then
+/// counts only with this hash.
+#[utoipa::path(tag = "sites", params(OutputQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = OutputReceived),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[put("/sites/{id}/jobs/{job}/output")]
+async fn site_output(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    path: web::Path<(Uuid, Uuid)>,
+    query: web::Query<OutputQuery>,
+    mut payload: web::Payload,
+) -> AppResult<HttpResponse> {
+    let (site, job) = path.into_inner();
+    let limit = ctx
+        .settings
+        .engine
+        .max_output_mib
+        .saturating_mul(1024 * 1024) as usize;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| AppError::Invalid(format!("The request body could not be read: {e}.")))?;
+        if bytes.len() + chunk.len() > limit {
+            return Err(AppError::TooLarge(format!(
+                "The output is larger than the {} MiB this server accepts (engine.max_output_mib).",
+                ctx.settings.engine.max_output_mib
+            )));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    let size = bytes.len() as u64;
+    let q = query.into_inner();
+    let sha256 =
+        site_artifacts::receive_output(&ctx, &a, site, job, q.run_id, q.round as i32, bytes)
+            .await?;
+    Ok(HttpResponse::Created().json(OutputReceived {
+        sha256,
+        bytes: size,
+    }))
+}
+
+/// The server's public job-signing key, for a worker's `server_public_key`.
+#[utoipa::path(tag = "sites", responses((status = 200, body = ServerKeyDto),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/server-key")]
+async fn server_key(
+    ctx: web::Data<AppContext>,
+    Authenticated(_a): Authenticated,
+) -> AppResult<web::Json<ServerKeyDto>> {
+    let key = ctx.federation()?.signer.verifying_key();
+    Ok(web::Json(ServerKeyDto {
+        key_id: consilium_core::signing::key_id(&key),
+        public_key: consilium_core::signing::encode_public_key(&key),
+    }))
 }
 
 /// Creates the site worker's token (the site's custodian or an administrator); shown once.

@@ -8,6 +8,7 @@ pub mod models;
 pub mod previews;
 pub mod runs;
 pub mod sessions;
+pub mod site_artifacts;
 pub mod site_keys;
 pub mod studies;
 pub mod tokens;

@@ -279,8 +279,6 @@ async fn signed_updates(
 /// Checks, with nothing but the lineage itself (its public keys included), that each site
 /// produced the update the model says it did: one line per contribution, and whether it holds.
 pub fn verify_lineage(l: &LineageDto) -> Vec<(bool, String)> {
-    use consilium_core::protocol::{Outcome, WorkerMessage};
-    use consilium_core::signing::{self, SignedMessage, key_id, parse_public_key};
     let mut out = Vec::new();
     for c in &l.model.contributions {
         let short = c.update_hash.get(..12).unwrap_or(&c.update_hash);
@@ -300,38 +298,108 @@ pub fn verify_lineage(l: &LineageDto) -> Vec<(bool, String)> {
             ));
             continue;
         };
-        let checked = parse_public_key(public)
-            .map_err(|e| e.to_string())
-            .and_then(|key| {
-                if key_id(&key) != *kid {
-                    return Err(format!(
-                        "the public key given is {}, not the signing key {kid}",
-                        key_id(&key)
-                    ));
-                }
-                let signed = SignedMessage {
-                    message: message.clone(),
-                    key_id: kid.clone(),
-                    signature: signature.clone(),
-                };
-                signing::verify(&key, &signed).map_err(|e| e.to_string())
-            })
-            .and_then(|msg| match msg {
-                WorkerMessage::Result(r)
-                    if r.site_id == c.site_id
-                        && r.job_id == s.job_id
-                        && matches!(&r.outcome, Outcome::Trained { update_hash, .. } if *update_hash == c.update_hash) =>
-                {
-                    Ok(())
-                }
-                _ => Err("the signed message is not this site's result with this update".into()),
-            });
+        let checked = verify_signed_update(s, message, signature, kid, public, &c.update_hash);
         match checked {
             Ok(()) => out.push((true, format!("{head}: signed by {kid}, verified"))),
             Err(e) => out.push((false, format!("{head}: {e}"))),
         }
     }
     out
+}
+
+/// Checks one signed update with its own public key: the signature holds, and the message is
+/// that site's result of that job with `update_hash`.
+fn verify_signed_update(
+    s: &SignedUpdateDto,
+    message: &str,
+    signature: &str,
+    kid: &str,
+    public: &str,
+    update_hash: &str,
+) -> Result<(), String> {
+    use consilium_core::protocol::{Outcome, WorkerMessage};
+    use consilium_core::signing::{self, SignedMessage, key_id, parse_public_key};
+    let key = parse_public_key(public).map_err(|e| e.to_string())?;
+    if key_id(&key) != kid {
+        return Err(format!(
+            "the public key given is {}, not the signing key {kid}",
+            key_id(&key)
+        ));
+    }
+    let signed = SignedMessage {
+        message: message.to_string(),
+        key_id: kid.to_string(),
+        signature: signature.to_string(),
+    };
+    match signing::verify(&key, &signed).map_err(|e| e.to_string())? {
+        WorkerMessage::Result(r)
+            if r.site_id == s.site_id
+                && r.job_id == s.job_id
+                && matches!(&r.outcome, Outcome::Trained { update_hash: h, .. } if h == update_hash) =>
+        {
+            Ok(())
+        }
+        _ => Err("the signed message is not this site's result with this update".into()),
+    }
+}
+
+/// Checks signed updates as the audit export lists them (`format=signatures`), each with
+/// nothing but itself: one line per update, and whether it holds.
+pub fn verify_signed_updates(list: &[SignedUpdateDto]) -> Vec<(bool, String)> {
+    list.iter()
+        .map(|s| {
+            let hash = s.update_hash.clone().unwrap_or_default();
+            let short = hash.get(..12).unwrap_or(&hash);
+            let head = format!("{} (site {}): update {short}…", s.site_name, s.site_id);
+            match (&s.message, &s.signature, &s.key_id, &s.public_key) {
+                (Some(m), Some(sig), Some(kid), Some(public)) => {
+                    match verify_signed_update(s, m, sig, kid, public, &hash) {
+                        Ok(()) => (true, format!("{head}: signed by {kid}, verified")),
+                        Err(e) => (false, format!("{head}: {e}")),
+                    }
+                }
+                _ => (false, format!("{head}: unsigned")),
+            }
+        })
+        .collect()
+}
+
+/// Every signed update this server recorded, oldest first, each with its site's public key
+/// (the audit export's `signatures`).
+pub async fn all_signed_updates(ctx: &AppContext) -> AppResult<Vec<SignedUpdateDto>> {
+    use crate::entities::{site, site_key, update};
+    let rows = update::Entity::find()
+        .filter(update::Column::Signature.is_not_null())
+        .filter(update::Column::UpdateHash.is_not_null())
+        .order_by_asc(update::Column::ReceivedAt)
+        .all(&ctx.db)
+        .await?;
+    let mut out = Vec::new();
+    for u in rows {
+        let public = match &u.key_id {
+            Some(k) => site_key::Entity::find_by_id(k.clone())
+                .one(&ctx.db)
+                .await?
+                .map(|k| k.public_key),
+            None => None,
+        };
+        let site_name = site::Entity::find_by_id(u.site_id)
+            .one(&ctx.db)
+            .await?
+            .map(|s| s.name)
+            .unwrap_or_default();
+        out.push(SignedUpdateDto {
+            site_id: u.site_id,
+            site_name,
+            job_id: u.job_id,
+            update_hash: u.update_hash,
+            key_id: u.key_id,
+            public_key: public,
+            message: u.signed_message,
+            signature: u.signature,
+        });
+    }
+    Ok(out)
 }
 
 /// Releases a version for deployment to the sites (the study's researcher).

@@ -251,7 +251,7 @@ pub async fn request(
         deadline: now + Duration::minutes(30),
         preview: Some(spec),
     };
-    if let Err(e) = engine.broker.publish_job(&job).await {
+    if let Err(e) = engine.send_job(&job).await {
         mark_failed(
             ctx,
             id,

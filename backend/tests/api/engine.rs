@@ -68,6 +68,20 @@ pub async fn start_worker(
         .0
 }
 
+/// The broker as the site's worker sees it: on RabbitMQ, its own broker user, made by the
+/// product's provisioning (`consilium admin broker-user`); else the in-process broker.
+pub async fn site_broker(app: &TestApp, site: Uuid) -> consilium_worker::broker::SharedBroker {
+    if app.ctx.settings.engine.broker_url.is_none() {
+        return app.broker.clone();
+    }
+    let made = consilium_backend::broker_users::provision(&app.ctx.settings, site, None)
+        .await
+        .expect("the site's broker user");
+    consilium_worker::broker::connect_site(secrecy::ExposeSecret::expose_secret(&made.broker_url))
+        .await
+        .expect("connects as the site's user")
+}
+
 /// `start_worker`, also giving back the worker's signing key.
 pub async fn start_keyed_worker(
     app: &TestApp,
@@ -88,13 +102,20 @@ pub async fn start_keyed_worker(
         window: None,
         decoding: Default::default(),
     };
-    let artifacts = app.ctx.federation().expect("engine").artifacts.clone();
+    let token: secrecy::SecretString = token.into();
+    // Models come and go through the server, as for a hospital's worker.
+    let artifacts = Arc::new(consilium_worker::artifacts::ServerArtifacts {
+        server_url: app.address.clone(),
+        token: token.clone(),
+        http: reqwest::Client::new(),
+    });
     let approvals = Arc::new(ServerApprovals {
         server_url: app.address.clone(),
-        token: token.into(),
+        token,
         http: reqwest::Client::new(),
     });
     let key = register_key(app, site, custodian).await;
+    let server_key = app.ctx.federation().expect("engine").signer.verifying_key();
     let ctx = Arc::new(SiteContext::new(
         site,
         spec,
@@ -102,8 +123,9 @@ pub async fn start_keyed_worker(
         approvals,
         consilium_worker::decode::Decoder::program(env!("CARGO_BIN_EXE_consilium")),
         key.clone(),
+        server_key,
     ));
-    let broker = app.broker.clone();
+    let broker = site_broker(app, site).await;
     let handle = tokio::spawn(async move {
         let _ = consilium_worker::consumer::run(
             ctx,

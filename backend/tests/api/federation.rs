@@ -1,7 +1,10 @@
 //! The server and three site workers as separate processes, over the real RabbitMQ and
 //! PostgreSQL, through what goes wrong in hospitals: a worker killed in the middle of a job,
 //! the server restarted in the middle of a round, the broker's connections dropped, a
-//! malformed message on the results queue and a job carrying an altered plan.
+//! malformed message on the results queue, a job carrying an altered plan and a job not signed
+//! by the server. Each worker connects as its own site's broker user (`consilium admin
+//! broker-user`), pins the server's key (`consilium admin server-key`) and holds no
+//! artifact-store credentials.
 //!
 //! Needs the worker binary next to the server's (`cargo build -p consilium-worker`; `cargo
 //! test --workspace` builds it) and `rabbitmqctl` (each run gets its own virtual host).
@@ -119,8 +122,35 @@ impl Cluster {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    fn start_server(&self, n: usize) -> Proc {
+    fn server_command(&self) -> Command {
         let mut cmd = Command::new(binary("consilium"));
+        cmd.env_remove("CONSILIUM_TEST_PG")
+            .env_remove("CONSILIUM_CONFIG")
+            .env("CONSILIUM_DATABASE__URL", &self.database_url)
+            .env("CONSILIUM_DATABASE__DATA_DIR", self.dir.join("server"))
+            .env("CONSILIUM_ENGINE__BROKER_URL", &self.broker_url);
+        cmd
+    }
+
+    /// `consilium admin …` as the server's administrator runs it; what it prints.
+    fn admin(&self, args: &[&str]) -> String {
+        let out = self
+            .server_command()
+            .arg("admin")
+            .args(args)
+            .output()
+            .expect("consilium admin runs");
+        let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "consilium admin {args:?}: {printed}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        printed
+    }
+
+    fn start_server(&self, n: usize) -> Proc {
+        let mut cmd = self.server_command();
         cmd.arg("serve")
             .env("CONSILIUM_SERVER__HOST", "127.0.0.1")
             .env("CONSILIUM_SERVER__PORT", self.port.to_string())
@@ -272,8 +302,17 @@ async fn three_worker_processes_train_through_failures() {
         database_url: app.database_url().expect("PostgreSQL"),
         broker_url: vhost.url(),
     };
+    // The server's public key, as its administrator hands it to the hospitals.
+    let server_key = c
+        .admin(&["server-key"])
+        .lines()
+        .find_map(|l| l.strip_prefix("Public key: "))
+        .expect("server-key prints the public key")
+        .trim()
+        .to_string();
     let mut configs = Vec::new();
     let mut key_files = Vec::new();
+    let mut site_brokers = Vec::new();
     for (i, (site, custodian)) in sites.iter().enumerate() {
         let data = c.dir.join(format!("site-{i}"));
         write_site(
@@ -316,6 +355,19 @@ async fn three_worker_processes_train_through_failures() {
         .await
         .expect(201);
         key_files.push(key_file.clone());
+        // The site's own broker user, made by the administrator.
+        let printed = c.admin(&["broker-user", "--site", &site.to_string()]);
+        let site_broker = printed
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("broker_url = "))
+            .expect("broker-user prints the worker's broker_url")
+            .trim_matches('"')
+            .to_string();
+        assert!(
+            site_broker.contains(&format!("consilium-site-{site}")),
+            "{printed}"
+        );
+        site_brokers.push(site_broker.clone());
         let config = c.dir.join(format!("worker-{i}.toml"));
         std::fs::write(
             &config,
@@ -324,7 +376,7 @@ async fn three_worker_processes_train_through_failures() {
 server_url = "{server}"
 token = "{worker_token}"
 broker_url = "{broker}"
-artifacts = "{artifacts}"
+server_public_key = "{server_key}"
 signing_key = "{key}"
 heartbeat_seconds = 1
 
@@ -335,8 +387,7 @@ labels = "{labels}"
 holdout = 0.25
 "#,
                 server = c.address(),
-                broker = c.broker_url,
-                artifacts = c.dir.join("artifacts").display(),
+                broker = site_broker,
                 key = key_file.display(),
                 root = data.display(),
                 labels = data.join("labels.csv").display(),
@@ -362,8 +413,8 @@ holdout = 0.25
         .publish_raw_result(b"{\"not\": \"a worker message\"")
         .await
         .expect("published");
-    // A well-formed result, signed by the first site, for a run this server never had:
-    // dead-lettered too, not retried.
+    // A well-formed result, signed by the first site and sent as its broker user, for a run
+    // this server never had: dead-lettered too, not retried.
     let first_key = consilium_worker::identity::load(&key_files[0]).expect("site key");
     let never = consilium_core::signing::sign(
         &first_key,
@@ -379,7 +430,12 @@ holdout = 0.25
         }),
     )
     .expect("signed");
-    rabbit.publish_message(&never).await.expect("published");
+    RabbitBroker::connect_site(&site_brokers[0])
+        .await
+        .expect("the first site's broker user connects")
+        .publish_message(&never)
+        .await
+        .expect("published");
 
     let run = app
         .client
@@ -414,7 +470,21 @@ holdout = 0.25
         deadline: chrono::Utc::now() + chrono::Duration::minutes(5),
         preview: None,
     };
-    rabbit.publish_job(&forged).await.expect("published");
+    // Signed with the server's own key (taken from its file: a server that altered the plan),
+    // it still fails the worker's plan check.
+    let server_signer = consilium_worker::identity::load(&c.dir.join("server/server-signing.key"))
+        .expect("the server's key");
+    consilium_worker::broker::send_job(&rabbit, &server_signer, &forged)
+        .await
+        .expect("published");
+    // A job signed with any other key (someone with access to the broker, not the server):
+    // refused unread, dead-lettered, and reported by the site.
+    let impostor = consilium_core::signing::SigningKey::generate(&mut rand::rngs::OsRng);
+    let mut unsigned = forged.clone();
+    unsigned.job_id = Uuid::new_v4();
+    consilium_worker::broker::send_job(&rabbit, &impostor, &unsigned)
+        .await
+        .expect("published");
 
     // Round 1: the third site's worker is killed in the middle of its job and started again;
     // RabbitMQ delivers the unacknowledged job to it once more.
@@ -553,9 +623,21 @@ holdout = 0.25
         .expect("accuracy");
     assert!(acc > 0.7, "above chance at the sites: {acc}");
 
-    // The malformed message and the stray result sit in the dead-letter queue.
+    // The malformed message, the stray result and the job not signed by the server sit in the
+    // dead-letter queue.
     let reasons = rabbit.dead_letter_reasons().await.expect("dead letters");
-    assert_eq!(reasons.len(), 2, "{reasons:#?}");
+    assert_eq!(reasons.len(), 3, "{reasons:#?}");
+    let rejected = get(
+        &app.client,
+        format!(
+            "{}/api/v1/audit/events?action=job.rejected_by_site",
+            c.address()
+        ),
+        &w.auditor,
+    )
+    .await;
+    assert_eq!(rejected.as_array().map(Vec::len), Some(1), "{rejected}");
+    assert_eq!(rejected[0]["object_id"], json!(w.site_a), "{rejected}");
 
     // The altered plan was refused: round 1 lists the refusal with its reason, uncounted,
     // and the audit trail records it.

@@ -3,7 +3,10 @@
 //! is audited, and the messages behind it still flow (before, it was requeued for ever and
 //! blocked every heartbeat and update behind it).
 
-use crate::engine::{approved_study, engine_manifest, register_key, start_worker, wait_for_run};
+use crate::engine::{
+    approved_study, engine_manifest, register_key, site_broker, start_worker, wait_for_run,
+    worker_token,
+};
 use crate::federation::Vhost;
 use crate::helpers::*;
 
@@ -35,15 +38,30 @@ async fn a_message_that_can_never_be_recorded_is_dead_lettered_with_its_reason()
         .await
         .expect(201),
     );
-    let store = app.ctx.federation().expect("engine").artifacts.clone();
-    let garbage = store.put(b"not a preview set".to_vec()).await.expect("put");
-    // Signed with North's own registered key: it proves where it comes from, and is still
-    // impossible to record.
+    // Handed over with North's worker token, as North's output of the preview job.
+    let token = worker_token(&app, w.site_a, &w.custodian_a).await;
+    let job_id = uuid::Uuid::new_v4();
+    let garbage = app
+        .client
+        .put(format!(
+            "{}/api/v1/sites/{}/jobs/{job_id}/output?run_id={preview}&round=0",
+            app.address, w.site_a
+        ))
+        .bearer_auth(&token)
+        .body(b"not a preview set".to_vec())
+        .send()
+        .await
+        .expect("handed over");
+    assert_eq!(garbage.status(), 201);
+    let garbage: serde_json::Value = garbage.json().await.expect("json");
+    let garbage = garbage["sha256"].as_str().expect("sha256").to_string();
+    // Signed with North's own registered key and sent as North's broker user: it proves where
+    // it comes from, and is still impossible to record.
     let north = register_key(&app, w.site_a, &w.custodian_a).await;
     let forged = consilium_core::signing::sign(
         &north,
         &WorkerMessage::Result(JobResult {
-            job_id: uuid::Uuid::new_v4(),
+            job_id,
             run_id: preview.parse().expect("uuid"),
             round: 0,
             site_id: w.site_a,
@@ -57,7 +75,8 @@ async fn a_message_that_can_never_be_recorded_is_dead_lettered_with_its_reason()
         }),
     )
     .expect("signed");
-    app.broker
+    site_broker(&app, w.site_a)
+        .await
         .publish_message(&forged)
         .await
         .expect("published");

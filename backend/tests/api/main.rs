@@ -9,6 +9,7 @@ mod engine;
 mod errors;
 mod federation;
 mod intake;
+mod isolation;
 mod lifecycle;
 mod oidc;
 mod openapi;

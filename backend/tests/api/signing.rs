@@ -368,4 +368,27 @@ async fn every_contribution_is_signed_and_verifiable_offline() {
         "{out}"
     );
     assert!(out.contains("not the signing key"), "{out}");
+
+    // The audit export carries every signed update with its public key: checked offline too,
+    // and one altered line fails.
+    let export = app
+        .get("/api/v1/audit/export?format=signatures", &w.auditor.auth)
+        .await;
+    assert_eq!(export.status, 200, "{}", export.text);
+    let export = export.text;
+    assert_eq!(export.lines().count(), 2, "{export}");
+    let exported = dir.path().join("signatures.jsonl");
+    std::fs::write(&exported, &export).expect("write");
+    let (code, out) = verify(&exported);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("Every update is signed by its site."), "{out}");
+    let altered = export.replacen("\\\"samples\\\":", "\\\"samples\\\":1", 1);
+    assert_ne!(
+        altered, export,
+        "the export carries the signed messages: {export}"
+    );
+    std::fs::write(&exported, &altered).expect("write");
+    let (code, out) = verify(&exported);
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(out.matches("  FAIL ").count(), 1, "{out}");
 }
