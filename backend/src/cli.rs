@@ -75,6 +75,35 @@ pub enum Command {
     /// Administration from the server's own machine.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Privacy planning for researchers: what DP-SGD costs.
+    #[command(subcommand)]
+    Privacy(PrivacyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PrivacyCommand {
+    /// ε after a number of DP-SGD steps (the sampled Gaussian mechanism, Poisson sampling),
+    /// by both conversions at the best Rényi order; or, with --epsilon instead of
+    /// --noise-multiplier, the noise multiplier that meets that ε (the tighter conversion).
+    Cost {
+        /// The chance that a patient's data is in a batch: batch size / patients.
+        #[arg(long)]
+        sampling_rate: f64,
+        /// σ: the noise's standard deviation over the clipping norm.
+        #[arg(long, required_unless_present = "epsilon", conflicts_with = "epsilon")]
+        noise_multiplier: Option<f64>,
+        /// The target ε, to find σ for.
+        #[arg(long)]
+        epsilon: Option<f64>,
+        /// Training steps (batches) over the whole run: epochs × rounds × patients / batch size.
+        #[arg(long)]
+        steps: u64,
+        #[arg(long, default_value_t = 1e-5)]
+        delta: f64,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -132,6 +161,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Command::Openapi { out, check } = &cli.command {
         return openapi(out, *check);
     }
+    if let Command::Privacy(PrivacyCommand::Cost {
+        sampling_rate,
+        noise_multiplier,
+        epsilon,
+        steps,
+        delta,
+        json,
+    }) = &cli.command
+    {
+        return Ok(privacy_cost(
+            *sampling_rate,
+            *noise_multiplier,
+            *epsilon,
+            *steps,
+            *delta,
+            *json,
+        ));
+    }
     if let Command::VerifyLineage { target } = &cli.command
         && uuid::Uuid::parse_str(target).is_err()
     {
@@ -172,7 +219,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
     telemetry::init(&settings.log);
     match cli.command {
-        Command::Openapi { .. } => Ok(0),
+        Command::Openapi { .. } | Command::Privacy(_) => Ok(0),
         Command::Serve => {
             let app = Application::build(settings).await?;
             eprintln!(
@@ -241,6 +288,64 @@ fn report_lineage(lineage: &consilium_core::api::LineageDto) -> i32 {
         println!("The lineage does not hold: see FAIL above.");
         1
     }
+}
+
+/// `consilium privacy cost`: prints ε by both conversions (or σ for a target ε); 2 on bad input.
+fn privacy_cost(
+    q: f64,
+    sigma: Option<f64>,
+    target: Option<f64>,
+    steps: u64,
+    delta: f64,
+    json: bool,
+) -> i32 {
+    use consilium_core::privacy::{RdpCost, default_orders, noise_for};
+    let orders = default_orders();
+    if sigma.is_none() && target.is_none() {
+        eprintln!("error: give --noise-multiplier, or --epsilon to find the noise multiplier");
+        return 2;
+    }
+    let computed = (|| {
+        let sigma = match (sigma, target) {
+            (Some(s), _) => s,
+            (None, Some(e)) => noise_for(q, steps, e, delta, &orders)?,
+            (None, None) => f64::NAN,
+        };
+        let cost = RdpCost::sampled_gaussian(q, sigma, steps, &orders)?;
+        Ok::<_, consilium_core::privacy::PrivacyError>((
+            sigma,
+            cost.epsilon(delta)?,
+            cost.epsilon_classic(delta)?,
+        ))
+    })();
+    let (sigma, tight, classic) = match computed {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "sampling_rate": q, "noise_multiplier": sigma, "steps": steps, "delta": delta,
+                "epsilon": tight.epsilon, "order": tight.order,
+                "epsilon_classic": classic.epsilon, "order_classic": classic.order,
+            })
+        );
+    } else {
+        println!("sampling rate {q}, noise multiplier {sigma:.4}, {steps} steps, δ = {delta:e}");
+        println!(
+            "ε = {:.3} at order {} (Balle et al. 2020; what Consilium enforces)",
+            tight.epsilon, tight.order
+        );
+        println!(
+            "ε = {:.3} at order {} (the classic conversion)",
+            classic.epsilon, classic.order
+        );
+    }
+    0
 }
 
 /// Prints each signed update's check (the audit export's); 0 when all hold.

@@ -13,6 +13,7 @@ mod matmul;
 pub mod norm;
 pub mod plan;
 pub mod preview;
+pub mod privacy;
 pub mod problem;
 pub mod protocol;
 pub mod role;

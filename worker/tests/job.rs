@@ -274,3 +274,99 @@ async fn a_preview_job_sends_back_only_checked_images_and_a_summary() {
         Outcome::Refused { .. }
     ));
 }
+
+/// The weights of an update, in the order the worker protects them (names sorted).
+fn flat(bytes: &[u8]) -> Vec<f32> {
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    names
+        .iter()
+        .flat_map(|n| {
+            st.tensor(n)
+                .unwrap()
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The noise that protects an update comes from the operating system's generator: the same job
+/// run twice is noised differently, and nobody who knows the plan (its seed, the round, the
+/// site) can regenerate the noise and subtract it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_noise_cannot_be_regenerated_from_the_plan() {
+    let mut clean = manifest();
+    clean.local_epochs = 1;
+    clean.privacy.clip_norm = Some(1.0);
+    clean.privacy.noise_multiplier = Some(0.0);
+    let mut noised = clean.clone();
+    noised.privacy.noise_multiplier = Some(0.01);
+    let study = Uuid::from_u128(3);
+    let (clean_hash, noised_hash) = (
+        plan_hash(&clean, &[]).unwrap(),
+        plan_hash(&noised, &[]).unwrap(),
+    );
+    let s = site(&noised_hash, study);
+    // The same site (same id, same data) approved for the plan without noise.
+    let clean_ctx = SiteContext::new(
+        s.site,
+        s.ctx.dataset.clone(),
+        s.ctx.artifacts.clone(),
+        Arc::new(Granted {
+            study,
+            hash: clean_hash.clone(),
+        }),
+        s.ctx.decoder.clone(),
+        (*s.ctx.signer).clone(),
+        s.ctx.server_key,
+    );
+    let weights = |r: consilium_core::protocol::JobResult| {
+        let Outcome::Trained { update_hash, .. } = r.outcome else {
+            panic!("{:?}", r.outcome)
+        };
+        update_hash
+    };
+    let reference = weights(process(&job(&s, &clean, &clean_hash, 1, None), &clean_ctx).await);
+    let first = weights(process(&job(&s, &noised, &noised_hash, 1, None), &s.ctx).await);
+    let second = weights(process(&job(&s, &noised, &noised_hash, 1, None), &s.ctx).await);
+    let reference = flat(&s.store.get(&reference).await.unwrap());
+    let (first, second) = (
+        flat(&s.store.get(&first).await.unwrap()),
+        flat(&s.store.get(&second).await.unwrap()),
+    );
+    let site = s.site;
+    assert_ne!(first, second, "the same job, noised twice, differently");
+    // The clipped update is deterministic given the plan: what differs from it is the noise.
+    let sigma = 0.01 * 1.0;
+    let noise: Vec<f64> = first
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| f64::from(a - b))
+        .collect();
+    let n = noise.len() as f64;
+    let spread = (noise.iter().map(|v| v * v).sum::<f64>() / n).sqrt();
+    assert!(
+        (spread - sigma).abs() < 0.1 * sigma,
+        "the noise has the plan's scale: {spread} vs σ·C = {sigma}"
+    );
+    // Whoever knows the plan tries its seeds: the plan's, and the training seed derived from it.
+    let derived = noised.seed
+        ^ 1u64.wrapping_mul(0x1000_0001)
+        ^ u64::from_le_bytes(site.as_bytes()[..8].try_into().unwrap());
+    for seed in [noised.seed, derived] {
+        let mut rng = consilium_worker::train::Rng::new(seed);
+        let residual = noise
+            .iter()
+            .map(|v| (v - sigma * rng.normal()).powi(2))
+            .sum::<f64>()
+            / n;
+        assert!(
+            residual.sqrt() > 1.3 * sigma,
+            "seed {seed}: subtracting the regenerated noise leaves {} (independent noise: √2·σ)",
+            residual.sqrt()
+        );
+    }
+}

@@ -15,6 +15,7 @@ mod oidc;
 mod openapi;
 mod plans;
 mod previews;
+mod privacy;
 mod roles;
 mod security;
 mod signing;
