@@ -734,6 +734,25 @@ pub async fn follow(ctx: &AppContext, w: &Walked) -> anyhow::Result<Followed> {
             );
         }
         println!("  lineage: GET /api/v1/models/{}/lineage", last.id);
+        // Anyone holding the sites' public keys can check this offline; the demo does it here.
+        let lineage = crate::services::models::lineage(ctx, &Actor::system(), last.id)
+            .await
+            .map_err(fail)?;
+        let checks = crate::services::models::verify_lineage(&lineage);
+        let held = checks.iter().filter(|(ok, _)| *ok).count();
+        println!(
+            "  signatures: {held} of {} contributions verified with their sites' registered keys (`consilium verify-lineage {}`)",
+            checks.len(),
+            last.id
+        );
+        if held != checks.len() || checks.is_empty() {
+            for (ok, line) in &checks {
+                if !ok {
+                    println!("    FAIL {line}");
+                }
+            }
+            anyhow::bail!("the final model's lineage does not verify: see FAIL above");
+        }
     }
     let verified = audit::verify(&ctx.db).await.map_err(fail)?;
     println!(
