@@ -5,6 +5,7 @@
 //! of it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod governance;
 mod guards;
 mod harness;
 mod keys;

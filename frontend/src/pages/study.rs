@@ -34,14 +34,6 @@ pub fn Study() -> impl IntoView {
     }
 }
 
-/// The decision of the study's committee now in force for the current protocol version.
-fn latest_decision<'a>(study: &StudyDto, reviews: &'a [ReviewDto]) -> Option<&'a ReviewDto> {
-    reviews
-        .iter()
-        .filter(|r| r.protocol_version == study.protocol_version)
-        .max_by_key(|r| r.created_at)
-}
-
 fn last_approval(reviews: &[ReviewDto]) -> Option<&ReviewDto> {
     reviews
         .iter()
@@ -49,19 +41,35 @@ fn last_approval(reviews: &[ReviewDto]) -> Option<&ReviewDto> {
         .max_by_key(|r| r.created_at)
 }
 
-fn committee_state(study: &StudyDto, reviews: &[ReviewDto], hash: &str) -> String {
-    match latest_decision(study, reviews) {
-        Some(r)
-            if r.decision == ReviewDecision::Approve && r.plan_hashes.iter().any(|h| h == hash) =>
-        {
-            format!(
-                "approved until {}",
-                r.expires_at.as_ref().map(day).unwrap_or_default()
-            )
-        }
-        Some(r) if r.decision == ReviewDecision::Approve => "not covered by the approval".into(),
+/// The committee's last decision on any plan.
+fn last_review(reviews: &[ReviewDto]) -> Option<&ReviewDto> {
+    reviews.iter().max_by_key(|r| r.created_at)
+}
+
+/// What the committee decided on this plan version, and only this one: a decision binds the
+/// plans it was taken on, never a version submitted after it.
+fn committee_state(study: &StudyDto, reviews: &[ReviewDto], hash: &str, latest: &str) -> String {
+    let decided = reviews
+        .iter()
+        .filter(|r| r.plan_hashes.iter().any(|h| h == hash))
+        .max_by_key(|r| r.created_at);
+    match decided {
+        Some(r) if r.protocol_version != study.protocol_version => format!(
+            "{} on protocol version {} (the protocol has changed since)",
+            match r.decision {
+                ReviewDecision::Approve => "approved",
+                ReviewDecision::RequestChanges => "changes requested",
+                ReviewDecision::Reject => "rejected",
+            },
+            r.protocol_version
+        ),
+        Some(r) if r.decision == ReviewDecision::Approve => format!(
+            "approved until {}",
+            r.expires_at.as_ref().map(day).unwrap_or_default()
+        ),
         Some(r) if r.decision == ReviewDecision::RequestChanges => "changes requested".into(),
         Some(_) => "rejected".into(),
+        None if hash != latest => "never reviewed (a later version replaced it)".into(),
         None if study.status == StudyStatus::Submitted => "awaiting decision".into(),
         None => "not yet submitted".into(),
     }
@@ -130,6 +138,7 @@ fn StudyView(d: StudyPage) -> impl IntoView {
         owner && matches!(s.status, StudyStatus::Draft | StudyStatus::ChangesRequested);
     let can_review = member && s.status == StudyStatus::Submitted;
 
+    let latest_hash = d.plans.last().map(|p| p.hash.clone()).unwrap_or_default();
     let plan_rows = d.plans.iter().rev().map(|p| {
         let per_site = s.sites.iter().map(|st| {
             format!("{}: {}", site_name(st.site_id), site_state(&d.requests, st.site_id, &p.hash))
@@ -140,7 +149,7 @@ fn StudyView(d: StudyPage) -> impl IntoView {
                 <td><Hash hash=p.hash.clone()/></td>
                 <td>{p.manifest.model.architecture.clone()}", "{p.manifest.rounds}" rounds"</td>
                 <td>{p.files.iter().map(|f| f.name.clone()).collect::<Vec<_>>().join(", ")}</td>
-                <td>{committee_state(&s, &d.reviews, &p.hash)}</td>
+                <td>{committee_state(&s, &d.reviews, &p.hash, &latest_hash)}</td>
                 <td><ul class="plain">{per_site.into_iter().map(|x| view! { <li>{x}</li> }).collect_view()}</ul></td>
             </tr>
         }
@@ -378,16 +387,17 @@ fn plan_diff(
     latest: Option<&PlanDto>,
 ) -> Option<AnyView> {
     let latest = latest?;
-    let approved = last_approval(reviews)?;
-    if approved.plan_hashes.contains(&latest.hash) {
+    let reviewed = last_review(reviews)?;
+    if reviewed.plan_hashes.contains(&latest.hash) {
         return Some(
-            view! { <p class="hint">"The latest plan is the one last approved."</p> }.into_any(),
+            view! { <p class="hint">"The latest plan is the one the committee last reviewed."</p> }
+                .into_any(),
         );
     }
     let old = plans
         .iter()
         .rev()
-        .find(|p| approved.plan_hashes.contains(&p.hash))?;
+        .find(|p| reviewed.plan_hashes.contains(&p.hash))?;
     let a = serde_json::to_string_pretty(&old.manifest).ok()?;
     let b = serde_json::to_string_pretty(&latest.manifest).ok()?;
     let diff = similar::TextDiff::from_lines(&a, &b);
@@ -402,10 +412,51 @@ fn plan_diff(
             view! { <span class=class>{sign}{c.value().to_string()}</span> }
         })
         .collect_view();
-    Some(view! {
-        <h3>{format!("Changes since the last approved plan (version {} → {})", old.version, latest.version)}</h3>
-        <pre class="diff" aria-label="Plan changes">{lines}</pre>
-    }.into_any())
+    let files = attachment_changes(old, latest);
+    let files = if files.is_empty() {
+        view! { <p class="hint">"Attachments: unchanged."</p> }.into_any()
+    } else {
+        view! {
+            <ul class="plain" aria-label="Attachment changes">
+                {files.into_iter().map(|f| view! { <li>{f}</li> }).collect_view()}
+            </ul>
+        }
+        .into_any()
+    };
+    Some(
+        view! {
+            <h3>{format!(
+                "Changes since the plan the committee last reviewed (version {}, {}) → version {}",
+                old.version,
+                reviewed.decision.as_str().replace('_', " "),
+                latest.version
+            )}</h3>
+            <pre class="diff" aria-label="Plan changes">{lines}</pre>
+            {files}
+        }
+        .into_any(),
+    )
+}
+
+/// The attachments a new plan version added, removed or changed, by name.
+fn attachment_changes(old: &PlanDto, new: &PlanDto) -> Vec<String> {
+    let mut out = Vec::new();
+    for f in &new.files {
+        match old.files.iter().find(|o| o.name == f.name) {
+            None => out.push(format!("added {} ({} bytes)", f.name, f.size)),
+            Some(o) if o.sha256 != f.sha256 => out.push(format!(
+                "changed {} ({} → {} bytes)",
+                f.name, o.size, f.size
+            )),
+            Some(_) => {}
+        }
+    }
+    for o in &old.files {
+        if !new.files.iter().any(|f| f.name == o.name) {
+            out.push(format!("removed {}", o.name));
+        }
+    }
+    out
 }
 
 #[component]
