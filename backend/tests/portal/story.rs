@@ -185,6 +185,53 @@ async fn a_study_from_draft_to_model_in_the_browser() {
         .await
         .unwrap();
     assert!(charts.len() >= 2, "a line per series");
+    // Each round's table shows the model that round made, as the chart does: round 1's model
+    // at North, on North's held-out split; the header says where the run ended.
+    let run_id: uuid::Uuid = p
+        .path()
+        .await
+        .trim_start_matches("/runs/")
+        .parse()
+        .expect("run id");
+    let models = consilium_backend::services::models::list(
+        &p.ctx,
+        &consilium_backend::domain::Actor::system(),
+        Some(run_id),
+        None,
+    )
+    .await
+    .expect("models");
+    let first = models
+        .iter()
+        .find(|m| m.round == 1)
+        .expect("round 1's model");
+    let at_north = first
+        .evaluation
+        .as_ref()
+        .and_then(|e| e.sites.iter().find(|x| x.site_id == north.id))
+        .expect("evaluated at North")
+        .metrics
+        .clone();
+    let table = p.text_of("section.round[aria-label='Round 1'] table").await;
+    let row = table
+        .lines()
+        .find(|l| l.contains("North Hospital"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        row.contains(&format!("{:.3}", at_north.accuracy)),
+        "round 1's model at North ({:.3}) in {row:?}",
+        at_north.accuracy
+    );
+    if let Some(auroc) = at_north.auroc {
+        assert!(row.contains(&format!("{auroc:.3}")), "AUROC shown: {row:?}");
+    }
+    assert!(
+        table.contains("Training images") && table.contains("Held-out accuracy"),
+        "{table}"
+    );
+    let state = p.text_of("#run-state").await;
+    assert!(!state.contains("Round 0"), "{state}");
     p.shot("run-completed").await;
 
     // The model's lineage names the approvals behind it.

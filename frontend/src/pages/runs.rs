@@ -132,19 +132,31 @@ fn RunView(d: RunPage) -> impl IntoView {
     let acc_series = series(|m| m.accuracy);
     let loss_series = series(|m| m.loss);
     let has_points = models.iter().any(|m| m.evaluation.is_some());
+    // Where the run is: its latest round and that round's state.
+    let round_state = match d.rounds.iter().max_by_key(|x| x.number) {
+        Some(x) => format!("Round {}: {}", x.number, x.state),
+        None => "No round opened yet".to_string(),
+    };
 
     let rounds = d.rounds.iter().rev().map(|round| {
         let model = round.model_version_id.map(|id| view! { <a href=format!("/models/{id}")>"model of this round"</a> });
-        let sites = round.sites.iter().map(|s| view! {
-            <tr>
-                <td>{s.site_name.clone()}</td>
-                <td><Badge text=s.status.clone()/></td>
-                <td>{s.samples.map(|n| n.to_string()).unwrap_or_default()}</td>
-                <td>{s.evaluation.as_ref().map(|m| format!("{:.3}", m.accuracy)).unwrap_or_default()}</td>
-                <td>{s.evaluation.as_ref().map(|m| format!("{:.3}", m.loss)).unwrap_or_default()}</td>
-                <td>{s.duration_ms.map(|ms| format!("{:.1} s", ms as f64 / 1000.0)).unwrap_or_default()}</td>
-                <td>{s.reason.clone().unwrap_or_default()}</td>
-            </tr>
+        // The figures are those of the model this round made, on each site's held-out split
+        // (the sites' own results carry the model they started from: the previous round's).
+        let made = models.iter().find(|m| m.round == round.number).and_then(|m| m.evaluation.clone());
+        let sites = round.sites.iter().map(|s| {
+            let held_out = made.as_ref().and_then(|e| e.sites.iter().find(|x| x.site_id == s.site_id)).map(|x| x.metrics.clone());
+            view! {
+                <tr>
+                    <td>{s.site_name.clone()}</td>
+                    <td><Badge text=s.status.clone()/></td>
+                    <td>{s.samples.map(|n| n.to_string()).unwrap_or_default()}</td>
+                    <td>{held_out.as_ref().map(|m| format!("{:.3}", m.accuracy)).unwrap_or_else(|| "—".into())}</td>
+                    <td>{held_out.as_ref().and_then(|m| m.auroc).map(|a| format!("{a:.3}")).unwrap_or_else(|| "—".into())}</td>
+                    <td>{held_out.as_ref().map(|m| format!("{:.3}", m.loss)).unwrap_or_else(|| "—".into())}</td>
+                    <td>{s.duration_ms.map(|ms| format!("{:.1} s", ms as f64 / 1000.0)).unwrap_or_default()}</td>
+                    <td>{s.reason.clone().unwrap_or_default()}</td>
+                </tr>
+            }
         }).collect_view();
         let excluded = round.excluded.iter().map(|x| {
             let name = round.sites.iter().find(|s| s.site_id == x.site_id).map(|s| s.site_name.clone()).unwrap_or_else(|| x.site_id.to_string());
@@ -162,7 +174,8 @@ fn RunView(d: RunPage) -> impl IntoView {
                 {round.failure.clone().map(|f| view! { <p class="notice error">{f}</p> })}
                 {(!waiting.is_empty() && round.state == "collecting").then(|| view! { <p class="hint">"Waiting for: "{waiting.join(", ")}</p> })}
                 <table>
-                    <thead><tr><th scope="col">"Site"</th><th scope="col">"Status"</th><th scope="col">"Samples"</th><th scope="col">"Accuracy"</th><th scope="col">"Loss"</th><th scope="col">"Time"</th><th scope="col">"Reason"</th></tr></thead>
+                    <caption>"Held-out figures: this round's model at each site"</caption>
+                    <thead><tr><th scope="col">"Site"</th><th scope="col">"Status"</th><th scope="col">"Training images"</th><th scope="col">"Held-out accuracy"</th><th scope="col">"AUROC"</th><th scope="col">"Held-out loss"</th><th scope="col">"Time"</th><th scope="col">"Reason"</th></tr></thead>
                     <tbody>{sites}</tbody>
                 </table>
                 {(!round.excluded.is_empty()).then(|| view! { <p><strong>"Excluded:"</strong></p><ul>{excluded}</ul> })}
@@ -175,10 +188,14 @@ fn RunView(d: RunPage) -> impl IntoView {
         <h1>"Run of "<a href=format!("/studies/{}", d.study.id)>{d.study.title.clone()}</a>" "<Badge text=r.status.clone()/></h1>
         <FormError/>
         <p class="meta" id="run-state" aria-live="polite">
-            {format!("Round {} closed", r.current_round)}" · plan "<Hash hash=r.plan_hash.clone()/>" · started "{when(&r.created_at)}
+            {round_state}" · plan "<Hash hash=r.plan_hash.clone()/>" · started "{when(&r.created_at)}
             {going.then_some(view! { " · updating live" })}
         </p>
-        {r.stop_reason.clone().map(|s| view! { <p class="notice warn">{s}</p> })}
+        {r.stop_reason.clone().map(|s| {
+            // A run that completed (its target reached, or its rounds done) is good news.
+            let class = if r.status == "completed" { "notice ok" } else { "notice warn" };
+            view! { <p class=class>{s}</p> }
+        })}
         {(owner && going).then(|| view! {
             <form method="post" action=StudyAction::url() class="inline-form"><CsrfField/>
                 <input type="hidden" name=field("study_id") value=d.study.id.to_string()/>
