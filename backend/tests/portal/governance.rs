@@ -1,7 +1,8 @@
 //! The study page tells the committee what each plan version's own state is: a decision binds
 //! the versions it was taken on, never one submitted after it; and a new version is compared
 //! with the one the committee last reviewed, attachments included. Server-rendered HTML, as the
-//! committee member's browser receives it.
+//! committee member's browser receives it. What she may not see (the custodians' decisions, the
+//! previews) is said to be hidden from her, never shown as missing.
 
 use base64::Engine as _;
 use consilium_backend::configuration::Settings;
@@ -34,7 +35,7 @@ fn files(list: &[(&str, &str)]) -> Vec<PlanFileUpload> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_plan_version_shows_its_own_decision_and_the_diff_from_the_last_reviewed() {
+async fn the_committee_sees_each_versions_own_decision_the_diff_and_what_is_hidden_from_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = Settings::default();
     settings.server.port = 0;
@@ -153,15 +154,24 @@ async fn each_plan_version_shows_its_own_decision_and_the_diff_from_the_last_rev
         .find("changes requested")
         .expect("v1 keeps its decision");
     assert!(awaiting < requested, "v2's row comes first: {html}");
-    assert_eq!(html.matches("changes requested").count(), 1, "{html}");
+    // Once in v1's row, once in the diff's heading.
+    assert_eq!(html.matches("changes requested").count(), 2, "{html}");
     assert_eq!(html.matches("awaiting decision").count(), 1, "{html}");
     // The diff is against the version the committee reviewed, attachments included.
     assert!(
         html.contains(
-            "Changes since the plan the committee last reviewed (version 1, request changes) → version 2"
+            "Changes since the plan the committee last reviewed (version 1, changes requested) → version 2"
         ),
         "{html}"
     );
+    // What she cannot see is said to be hidden from her, never shown as missing.
+    assert!(!html.contains("not requested"), "{html}");
+    assert!(
+        html.contains("the custodian's decision is not shown to you"),
+        "{html}"
+    );
+    assert!(!html.contains("No previews yet"), "{html}");
+    assert!(html.contains("not to you"), "{html}");
     for change in ["changed train.py", "added LICENSE", "removed README.txt"] {
         assert!(html.contains(change), "{change}: {html}");
     }

@@ -150,7 +150,10 @@ async fn reasons_errors_and_what_each_person_may_see() {
     p.sign_in("mira@ethics.example").await;
     p.goto(&format!("/studies/{}", study.id)).await;
     let page = p
-        .wait_for("Changes since the last approved plan (version 1 → 2)", 10)
+        .wait_for(
+            "Changes since the plan the committee last reviewed (version 1, approved) → version 2",
+            10,
+        )
         .await;
     let diff = p.text_of("pre.diff").await;
     assert!(

@@ -139,9 +139,37 @@ fn StudyView(d: StudyPage) -> impl IntoView {
     let can_review = member && s.status == StudyStatus::Submitted;
 
     let latest_hash = d.plans.last().map(|p| p.hash.clone()).unwrap_or_default();
+    // Who sees the sites' data-access requests (and their previews): the study's researcher,
+    // the administrators and auditors, and each site's custodians for their own site. Others
+    // are told so, never shown "not requested" for what they cannot see.
+    let oversight =
+        d.me.acting_roles
+            .iter()
+            .any(|r| matches!(r, Role::Administrator | Role::Auditor));
+    let custodian_sites: Vec<uuid::Uuid> = if d.me.acting_roles.contains(&Role::Custodian) {
+        d.directory
+            .sites
+            .iter()
+            .filter(|x| x.custodians.contains(&me))
+            .map(|x| x.id)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let sees_requests = |site: uuid::Uuid| owner || oversight || custodian_sites.contains(&site);
+    let sees_previews = owner
+        || oversight
+        || s.sites
+            .iter()
+            .any(|st| custodian_sites.contains(&st.site_id));
     let plan_rows = d.plans.iter().rev().map(|p| {
         let per_site = s.sites.iter().map(|st| {
-            format!("{}: {}", site_name(st.site_id), site_state(&d.requests, st.site_id, &p.hash))
+            let state = if sees_requests(st.site_id) {
+                site_state(&d.requests, st.site_id, &p.hash)
+            } else {
+                "the custodian's decision is not shown to you".to_string()
+            };
+            format!("{}: {}", site_name(st.site_id), state)
         }).collect::<Vec<_>>();
         view! {
             <tr>
@@ -334,7 +362,9 @@ fn StudyView(d: StudyPage) -> impl IntoView {
                 </form>
             })}
             {(owner && granted.is_empty()).then(|| view! { <p class="hint">"A site can make a preview once its custodian has granted you access."</p> })}
-            {if d.previews.is_empty() {
+            {if d.previews.is_empty() && !sees_previews {
+                view! { <p class="hint">"Synthetic previews are shown to the study's researcher, the sites' custodians and the auditors, not to you."</p> }.into_any()
+            } else if d.previews.is_empty() {
                 view! { <p>"No previews yet."</p> }.into_any()
             } else {
                 d.previews.iter().map(|p| {
@@ -428,7 +458,11 @@ fn plan_diff(
             <h3>{format!(
                 "Changes since the plan the committee last reviewed (version {}, {}) → version {}",
                 old.version,
-                reviewed.decision.as_str().replace('_', " "),
+                match reviewed.decision {
+                    ReviewDecision::Approve => "approved",
+                    ReviewDecision::RequestChanges => "changes requested",
+                    ReviewDecision::Reject => "rejected",
+                },
                 latest.version
             )}</h3>
             <pre class="diff" aria-label="Plan changes">{lines}</pre>
