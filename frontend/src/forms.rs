@@ -143,6 +143,11 @@ pub async fn study_action(api: &Api, form: &Form) -> Result<String, PortalError>
             Ok(back)
         }
         "review" => {
+            if optional(form, "confirm").is_none() {
+                return Err(invalid(
+                    "Confirm that you have read what the decision binds (the box above the button), then record it.",
+                ));
+            }
             let decision = required(form, "decision", "Decision")?;
             let decision = ReviewDecision::parse(&decision)
                 .ok_or_else(|| invalid("Choose approve, request changes or reject."))?;

@@ -172,6 +172,48 @@ async fn the_committee_sees_each_versions_own_decision_the_diff_and_what_is_hidd
     );
     assert!(!html.contains("No previews yet"), "{html}");
     assert!(html.contains("not to you"), "{html}");
+    // The review form binds the latest version by its full hash; a decision posted without the
+    // confirmation is not recorded, with the reason.
+    assert!(
+        html.contains(&format!("version 2, SHA-256 {}", v2.hash)),
+        "{html}"
+    );
+    let token = html
+        .split("name=\"form[csrf]\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("the form's token")
+        .to_string();
+    let page_url = format!("{url}/studies/{}", study.id);
+    let study_id = study.id.to_string();
+    let posted = browser
+        .post(format!("{url}/portal/study-action"))
+        .header("Accept", "text/html")
+        .header("Referer", &page_url)
+        .form(&[
+            ("form[csrf]", token.as_str()),
+            ("form[study_id]", study_id.as_str()),
+            ("form[action]", "review"),
+            ("form[decision]", "approve"),
+            ("form[comments]", "Fine."),
+            ("form[expires_on]", "2030-01-01"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let after = posted.text().await.unwrap();
+    assert!(
+        after.contains("Confirm that you have read what the decision binds"),
+        "{after}"
+    );
+    let reviews = studies::list_reviews(&ctx, &actor(member), study.id)
+        .await
+        .unwrap();
+    assert_eq!(
+        reviews.len(),
+        1,
+        "nothing recorded without the confirmation"
+    );
     for change in ["changed train.py", "added LICENSE", "removed README.txt"] {
         assert!(html.contains(change), "{change}: {html}");
     }

@@ -122,10 +122,37 @@ async fn a_study_from_draft_to_model_in_the_browser() {
     p.click("#plan-content summary").await;
     p.wait_for("the training step the committee reviews", 10)
         .await;
+    // The form says what the decision binds; nothing is decided for her.
+    let form = p.text_of("#review-form").await;
+    for expected in [
+        "What this decision binds",
+        "Protocol",
+        "version 1, SHA-256 ",
+        "Data at North Hospital",
+        "300 cases of",
+        "Secure aggregation",
+        "no privacy budget",
+    ] {
+        assert!(form.contains(expected), "{expected:?} in {form}");
+    }
+    assert!(
+        !form.contains("Approval expires on"),
+        "expiry only with an approval: {form}"
+    );
+    let checked = p
+        .browser
+        .find_all(fantoccini::Locator::Css(
+            "#review-form input[type=radio]:checked",
+        ))
+        .await
+        .unwrap();
+    assert!(checked.is_empty(), "no decision pre-selected");
+    p.click("#decision-approve").await;
     p.fill("#comments", "Sound protocol; the plan matches it.")
         .await;
     p.fill("#conditions", "Report incidental findings to the sites.")
         .await;
+    p.click("#confirm-binds").await;
     p.shot_at("committee-review", "#review-form").await;
     p.press("Record decision").await;
     let page = p
@@ -168,6 +195,12 @@ async fn a_study_from_draft_to_model_in_the_browser() {
     p.goto(&study_path).await;
     let page = p.wait_for("Everything a run needs is in place", 10).await;
     assert!(page.contains("North Hospital: granted until"), "{page}");
+    // Before she changes the approved study, she is told what that costs.
+    p.click("#plan-form summary").await;
+    let page = p
+        .wait_for("A new plan version returns it to draft", 10)
+        .await;
+    assert!(page.contains("the committee must decide again"), "{page}");
     p.press("Start a run").await;
     p.wait_for("Rounds", 20).await;
     assert!(p.path().await.starts_with("/runs/"));

@@ -139,6 +139,7 @@ fn StudyView(d: StudyPage) -> impl IntoView {
     let can_review = member && s.status == StudyStatus::Submitted;
 
     let latest_hash = d.plans.last().map(|p| p.hash.clone()).unwrap_or_default();
+    let binds = what_it_binds(&s, d.plans.iter().max_by_key(|p| p.version), site_name);
     // Who sees the sites' data-access requests (and their previews): the study's researcher,
     // the administrators and auditors, and each site's custodians for their own site. Others
     // are told so, never shown "not requested" for what they cannot see.
@@ -247,6 +248,7 @@ fn StudyView(d: StudyPage) -> impl IntoView {
         <p class="meta">"Protocol version "{s.protocol_version}" · committee: "{committee.map(|c| c.name).unwrap_or_default()}" · updated "{when(&s.updated_at)}</p>
         <div class="actions">
             {can_edit.then(|| view! { <a class="button secondary" href=format!("/studies/{}/edit", s.id)>"Edit study"</a> })}
+            {(can_edit && s.status == StudyStatus::Approved).then(|| view! { <span class="hint">" Editing the approved study returns it to draft for a new decision."</span> })}
             {can_submit.then(|| view! {
                 <form method="post" action=StudyAction::url()><CsrfField/>
                     <input type="hidden" name=field("study_id") value=sid.clone()/>
@@ -290,8 +292,11 @@ fn StudyView(d: StudyPage) -> impl IntoView {
                 </details>
             })}
             {owner.then(|| view! {
-                <details class="card" open=d.plans.is_empty()>
+                <details class="card" id="plan-form" open=d.plans.is_empty()>
                     <summary>"Submit a training plan"</summary>
+                    {(s.status == StudyStatus::Approved).then(|| view! {
+                        <p class="notice warn" role="note">"This study is approved. A new plan version returns it to draft: the committee must decide again, and each site's grant must name the new plan before a run can start."</p>
+                    })}
                     <PlanForm study_id=sid.clone() manifest=typed("manifest", &manifest_default)/>
                 </details>
             })}
@@ -301,7 +306,7 @@ fn StudyView(d: StudyPage) -> impl IntoView {
             <h2 id="review-h">"Ethics review"</h2>
             {protocol_note.map(|n| view! { <p class="notice warn">{n}</p> })}
             {diff}
-            {can_review.then(|| view! { <ReviewForm study_id=sid.clone() next_year=d.next_year.clone()/> })}
+            {can_review.then(|| view! { <ReviewForm study_id=sid.clone() next_year=d.next_year.clone() binds=binds.clone()/> })}
             {if d.reviews.is_empty() { view! { <p>"No decision yet."</p> }.into_any() } else { view! { <ul class="plain">{reviews}</ul> }.into_any() }}
         </section>
 
@@ -494,14 +499,15 @@ fn attachment_changes(old: &PlanDto, new: &PlanDto) -> Vec<String> {
 }
 
 #[component]
-fn ReviewForm(study_id: String, next_year: String) -> impl IntoView {
-    let decision = typed("decision", "approve");
+fn ReviewForm(study_id: String, next_year: String, binds: Vec<(String, String)>) -> impl IntoView {
+    // Nothing is chosen for the member: the decision is theirs to make.
+    let decision = typed("decision", "");
     let choice = move |value: &'static str, label: &'static str| {
         let id = format!("decision-{value}");
         let checked = decision == value;
         view! {
             <div class="choice">
-                <input type="radio" id=id.clone() name=field("decision") value=value checked=checked/>
+                <input type="radio" id=id.clone() name=field("decision") value=value checked=checked required/>
                 <label for=id>{label}</label>
             </div>
         }
@@ -511,6 +517,10 @@ fn ReviewForm(study_id: String, next_year: String) -> impl IntoView {
             <h3>"Your committee's decision"</h3>
             <input type="hidden" name=field("study_id") value=study_id/>
             <input type="hidden" name=field("action") value="review"/>
+            <h4>"What this decision binds"</h4>
+            <dl class="binds">
+                {binds.into_iter().map(|(what, value)| view! { <dt>{what}</dt><dd>{value}</dd> }).collect_view()}
+            </dl>
             <fieldset>
                 <legend>"Decision"</legend>
                 {choice("approve", "Approve")}
@@ -519,13 +529,94 @@ fn ReviewForm(study_id: String, next_year: String) -> impl IntoView {
             </fieldset>
             <label for="comments">"Comments"</label>
             <textarea id="comments" name=field("comments") rows="3" required>{textarea_text(typed("comments", ""))}</textarea>
-            <label for="conditions">"Conditions (with an approval)"</label>
-            <textarea id="conditions" name=field("conditions") rows="2">{textarea_text(typed("conditions", ""))}</textarea>
-            <label for="expires">"Approval expires on"</label>
-            <input id="expires" type="date" name=field("expires_on") value=typed("expires_on", &next_year)/>
+            <div class="approval-only">
+                <label for="conditions">"Conditions (with an approval)"</label>
+                <textarea id="conditions" name=field("conditions") rows="2">{textarea_text(typed("conditions", ""))}</textarea>
+                <label for="expires">"Approval expires on"</label>
+                <input id="expires" type="date" name=field("expires_on") value=typed("expires_on", &next_year)/>
+            </div>
+            <div class="choice">
+                <input type="checkbox" id="confirm-binds" name=field("confirm") value="yes" required/>
+                <label for="confirm-binds">"I have read what this decision binds, above, and record it for the committee."</label>
+            </div>
             <button type="submit">"Record decision"</button>
         </form>
     }
+}
+
+/// What a committee decision on the latest plan binds, in words: the protocol version, the plan
+/// version and its full hash, the data asked of each site, and the aggregation and privacy
+/// settings.
+fn what_it_binds(
+    s: &StudyDto,
+    plan: Option<&PlanDto>,
+    site_name: impl Fn(uuid::Uuid) -> String,
+) -> Vec<(String, String)> {
+    let mut out = vec![(
+        "Protocol".to_string(),
+        format!("version {}", s.protocol_version),
+    )];
+    let Some(p) = plan else {
+        out.push(("Training plan".into(), "none submitted".into()));
+        return out;
+    };
+    out.push((
+        "Training plan".into(),
+        format!("version {}, SHA-256 {}", p.version, p.hash),
+    ));
+    let files = if p.files.is_empty() {
+        "none".to_string()
+    } else {
+        p.files
+            .iter()
+            .map(|f| format!("{} ({} bytes)", f.name, f.size))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    out.push(("Attachments".into(), files));
+    for st in &s.sites {
+        out.push((
+            format!("Data at {}", site_name(st.site_id)),
+            format!(
+                "{} cases of {} {} images, labelled {}",
+                st.scope.cases, st.scope.modality, st.scope.body_part, st.scope.label
+            ),
+        ));
+    }
+    let m = &p.manifest;
+    out.push((
+        "Model and training".into(),
+        format!(
+            "{}, {} rounds of {} local epochs",
+            m.model.architecture, m.rounds, m.local_epochs
+        ),
+    ));
+    out.push((
+        "Aggregation".into(),
+        format!(
+            "{}{}",
+            m.aggregation.strategy,
+            m.aggregation
+                .min_sites
+                .map(|n| format!(", at least {n} sites per round"))
+                .unwrap_or_default()
+        ),
+    ));
+    let privacy = match (m.privacy.clip_norm, m.privacy.noise_multiplier) {
+        (Some(c), Some(n)) if n > 0.0 => format!(
+            "each site clips its update to norm {c} and adds Gaussian noise (multiplier {n}); no privacy budget (ε) is claimed"
+        ),
+        (Some(c), _) => {
+            format!("each site clips its update to norm {c}; no noise, no privacy budget (ε)")
+        }
+        _ => "no clipping or noise: no differential privacy, no privacy budget (ε)".to_string(),
+    };
+    out.push(("Privacy".into(), privacy));
+    out.push((
+        "Secure aggregation".into(),
+        "off: the server sees each site's update".into(),
+    ));
+    out
 }
 
 /// The plan form: the manifest as JSON, its problems listed as it is typed (once the bundle has
