@@ -179,6 +179,10 @@ pub struct AccessPage {
     pub previews: Vec<PreviewDto>,
     /// The signing keys of the custodian's sites, in force and revoked.
     pub keys: Vec<SiteKeyDto>,
+    /// The plans and the committee's decisions of the studies that ask the custodian's sites,
+    /// so that each request shows which plan version it covers and whether ethics approved it.
+    pub plans: Vec<PlanDto>,
+    pub reviews: Vec<ReviewDto>,
     pub next_year: String,
 }
 
@@ -205,6 +209,8 @@ pub async fn load_access() -> Result<AccessPage, PortalError> {
     let mut activity = Vec::new();
     let mut previews = Vec::new();
     let mut keys = Vec::new();
+    let mut plans = Vec::new();
+    let mut reviews = Vec::new();
     for site in &mine {
         keys.extend(
             api.get::<Vec<SiteKeyDto>>(&format!("/sites/{site}/keys"))
@@ -216,6 +222,14 @@ pub async fn load_access() -> Result<AccessPage, PortalError> {
             .iter()
             .filter(|s| s.sites.iter().any(|x| mine.contains(&x.site_id)))
         {
+            plans.extend(
+                api.get::<Vec<PlanDto>>(&format!("/studies/{}/plans", s.id))
+                    .await?,
+            );
+            reviews.extend(
+                api.get::<Vec<ReviewDto>>(&format!("/studies/{}/reviews", s.id))
+                    .await?,
+            );
             let sets: Vec<PreviewDto> = api.get(&format!("/studies/{}/previews", s.id)).await?;
             previews.extend(sets.into_iter().filter(|p| mine.contains(&p.site_id)));
             for run in api
@@ -240,6 +254,8 @@ pub async fn load_access() -> Result<AccessPage, PortalError> {
         activity,
         previews,
         keys,
+        plans,
+        reviews,
         next_year: (chrono::Utc::now() + chrono::Duration::days(365))
             .format("%Y-%m-%d")
             .to_string(),

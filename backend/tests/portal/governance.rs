@@ -217,4 +217,48 @@ async fn the_committee_sees_each_versions_own_decision_the_diff_and_what_is_hidd
     for change in ["changed train.py", "added LICENSE", "removed README.txt"] {
         assert!(html.contains(change), "{change}: {html}");
     }
+
+    // North's custodian is asked for data under version 2, which the committee has not yet
+    // decided on: the request says which version it covers, and that ethics has not approved it.
+    let north = &cast.sites[0];
+    consilium_backend::services::access::create_request(
+        &ctx,
+        &researcher,
+        study.id,
+        consilium_core::api::CreateAccessRequest {
+            site_id: north.0.id,
+            plan_hashes: None,
+            justification: "Training the plan.".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let custodian = reqwest::Client::builder()
+        .cookie_store(true)
+        .build()
+        .unwrap();
+    let login = custodian
+        .post(format!("{url}/api/v1/auth/login"))
+        .json(&serde_json::json!({
+            "email": north.1.email,
+            "password": scenario.password.clone().unwrap(),
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200);
+    let access = custodian
+        .get(format!("{url}/access"))
+        .header("Accept", "text/html")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(access.contains("plan version 2"), "{access}");
+    assert!(
+        access.contains("not approved by the ethics committee (no decision on it yet)"),
+        "{access}"
+    );
 }

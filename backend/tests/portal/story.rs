@@ -88,7 +88,12 @@ async fn a_study_from_draft_to_model_in_the_browser() {
         "plan state per site: {page}"
     );
 
-    // …asks both hospitals for access and submits the study to the committee.
+    // …asks both hospitals for access (the form names the plan it covers) and submits the
+    // study to the committee.
+    assert!(
+        page.contains("The request covers the latest plan: version 1, SHA-256"),
+        "{page}"
+    );
     p.choose("#site", "North Hospital").await;
     p.fill(
         "#justification",

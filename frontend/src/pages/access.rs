@@ -2,7 +2,7 @@
 //! sites' data; a researcher sees their own requests.
 
 use consilium_core::Role;
-use consilium_core::api::{AccessRequestDto, AccessStatus};
+use consilium_core::api::{AccessRequestDto, AccessStatus, ReviewDecision};
 use leptos::prelude::*;
 
 use crate::csrf::CsrfField;
@@ -56,11 +56,59 @@ fn AccessView(d: AccessPage) -> impl IntoView {
             .map(|s| s.title.clone())
             .unwrap_or_else(|| id.to_string())
     };
-    let for_me: Vec<&AccessRequestDto> = d
+    // Pending requests first (they wait for this custodian), then the newest.
+    let mut for_me: Vec<&AccessRequestDto> = d
         .requests
         .iter()
         .filter(|r| my_sites.contains(&r.site_id))
         .collect();
+    for_me.sort_by_key(|r| {
+        (
+            r.status != AccessStatus::Pending,
+            std::cmp::Reverse(r.created_at),
+        )
+    });
+    // Each plan a request covers: its version, and whether the committee approved it.
+    let plan_line = |study: uuid::Uuid, hash: &str| {
+        let version = d
+            .plans
+            .iter()
+            .find(|p| p.study_id == study && p.hash == hash)
+            .map(|p| p.version);
+        let approval = d
+            .reviews
+            .iter()
+            .filter(|r| r.study_id == study && r.plan_hashes.iter().any(|h| h == hash))
+            .max_by_key(|r| r.created_at);
+        let (class, ethics) = match approval {
+            Some(r) if r.decision == ReviewDecision::Approve => (
+                "ok",
+                format!(
+                    "approved by the ethics committee until {}",
+                    r.expires_at.as_ref().map(day).unwrap_or_default()
+                ),
+            ),
+            Some(r) if r.decision == ReviewDecision::RequestChanges => (
+                "warn",
+                "not approved: the committee asked for changes".to_string(),
+            ),
+            Some(_) => (
+                "warn",
+                "not approved: the committee rejected it".to_string(),
+            ),
+            None => (
+                "warn",
+                "not approved by the ethics committee (no decision on it yet)".to_string(),
+            ),
+        };
+        let label = version.map_or_else(|| "a plan".to_string(), |v| format!("plan version {v}"));
+        view! {
+            <li>
+                <a href=format!("/studies/{study}#plans-h")>{label}</a>" "<Hash hash=hash.to_string()/>
+                <br/><span class=format!("ethics {class}")>{ethics}</span>
+            </li>
+        }
+    };
     let mine: Vec<&AccessRequestDto> = d.requests.iter().filter(|r| r.requester_id == me).collect();
     let names = my_sites
         .iter()
@@ -105,7 +153,7 @@ fn AccessView(d: AccessPage) -> impl IntoView {
             <td>{site_name(r.site_id)}</td>
             <td>{format!("{} {} · {} · {} cases", r.scope.modality, r.scope.body_part, r.scope.label, r.scope.cases)}</td>
             <td>{r.justification.clone()}</td>
-            <td>{r.plan_hashes.iter().map(|h| view! { <Hash hash=h.clone()/>" " }).collect_view()}</td>
+            <td><ul class="plain">{r.plan_hashes.iter().map(|h| plan_line(r.study_id, h)).collect_view()}</ul></td>
             <td><Badge text=r.status.as_str().to_string()/>{r.expires_at.map(|e| view! { <br/>"until "{day(&e)} })}</td>
             <td>{decide(r)}</td>
         </tr>

@@ -139,6 +139,15 @@ fn StudyView(d: StudyPage) -> impl IntoView {
     let can_review = member && s.status == StudyStatus::Submitted;
 
     let latest_hash = d.plans.last().map(|p| p.hash.clone()).unwrap_or_default();
+    let request_covers = match d.plans.iter().max_by_key(|p| p.version) {
+        Some(p) => format!(
+            "The request covers the latest plan: version {}, SHA-256 {} (ethics committee: {}).",
+            p.version,
+            p.hash,
+            committee_state(&s, &d.reviews, &p.hash, &latest_hash)
+        ),
+        None => "Submit a training plan first: a request covers the latest plan.".to_string(),
+    };
     let binds = what_it_binds(&s, d.plans.iter().max_by_key(|p| p.version), site_name);
     // Who sees the sites' data-access requests (and their previews): the study's researcher,
     // the administrators and auditors, and each site's custodians for their own site. Others
@@ -325,6 +334,7 @@ fn StudyView(d: StudyPage) -> impl IntoView {
             {(owner && !requestable.is_empty()).then(|| view! {
                 <form method="post" action=StudyAction::url() class="card"><CsrfField/>
                     <h3>"Request access to a site's data"</h3>
+                    <p class="hint">{request_covers.clone()}</p>
                     <input type="hidden" name=field("study_id") value=sid.clone()/>
                     <input type="hidden" name=field("action") value="request_access"/>
                     <label for="site">"Site"</label>
