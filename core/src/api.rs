@@ -677,6 +677,21 @@ dto! {
         pub expires_at: DateTime<Utc>,
     }
 
+    /// A site's worker as the server last heard it.
+    pub struct SiteHealthDto {
+        pub site_id: Uuid,
+        pub site_name: String,
+        /// `online` (heard within the last minute, idle), `training`, `offline` (heard
+        /// before) or `never` (its worker has not reported yet).
+        pub state: String,
+        pub last_seen: Option<DateTime<Utc>>,
+        /// The worker's version, as it reported it.
+        pub version: Option<String>,
+        /// What the worker says of its data; only for the site's custodians, administrators
+        /// and auditors.
+        pub data_summary: Option<String>,
+    }
+
     pub struct HeartbeatDto {
         pub site_id: Uuid,
         pub state: String,

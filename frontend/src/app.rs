@@ -86,6 +86,7 @@ pub fn App() -> impl IntoView {
                     <Route path=path!("/reviews") view=pages::studies::Reviews ssr=SsrMode::Async/>
                     <Route path=path!("/access") view=pages::access::Access ssr=SsrMode::Async/>
                     <Route path=path!("/runs") view=pages::runs::Runs ssr=SsrMode::Async/>
+                    <Route path=path!("/sites") view=pages::sites::Sites ssr=SsrMode::Async/>
                     <Route path=path!("/runs/:id") view=pages::runs::Run ssr=SsrMode::Async/>
                     <Route path=path!("/models") view=pages::models::Models ssr=SsrMode::Async/>
                     <Route path=path!("/models/:id") view=pages::models::Lineage ssr=SsrMode::Async/>
@@ -126,6 +127,8 @@ fn Nav(me: Option<MeDto>) -> impl IntoView {
             {(all || has(Role::Researcher) || has(Role::Custodian))
                 .then(|| view! { <A href="/access">"Data access"</A> })}
             <A href="/runs">"Runs"</A>
+            {(all || has(Role::Researcher) || has(Role::Custodian))
+                .then(|| view! { <A href="/sites">"Sites"</A> })}
             <A href="/models">"Models"</A>
             {all.then(|| view! { <A href="/audit">"Audit"</A> })}
         </nav>

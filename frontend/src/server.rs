@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use consilium_core::api::{
     AccessRequestDto, AuditEventDto, AuditVerification, CommitteeDto, LineageDto, MeDto,
     ModelVersionDto, PlanDto, PreflightReport, PreviewDto, ReviewDto, RoundDto, RunDto, SiteDto,
-    SiteKeyDto, StudyDto,
+    SiteHealthDto, SiteKeyDto, StudyDto,
 };
 use leptos::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -112,6 +112,8 @@ pub struct StudyPage {
     pub latest_files: Vec<(String, String)>,
     /// The synthetic previews of the sites' data this person may see.
     pub previews: Vec<PreviewDto>,
+    /// The study's sites' workers as last heard (what this person may see of them).
+    pub health: Vec<SiteHealthDto>,
     /// A date one year ahead (YYYY-MM-DD), the default expiry offered in forms.
     pub next_year: String,
 }
@@ -161,6 +163,7 @@ pub async fn load_study(id: String) -> Result<StudyPage, PortalError> {
         requests: api.get(&format!("/access-requests?study_id={id}")).await?,
         preflight: api.get(&format!("/studies/{id}/preflight")).await?,
         runs: api.get(&format!("/studies/{id}/runs")).await?,
+        health: api.get("/site-health").await?,
         next_year: (chrono::Utc::now() + chrono::Duration::days(365))
             .format("%Y-%m-%d")
             .to_string(),
@@ -289,6 +292,11 @@ pub async fn load_run(id: String) -> Result<RunPage, PortalError> {
 pub struct RunsData {
     pub runs: Vec<RunDto>,
     pub studies: Vec<StudyDto>,
+}
+
+#[server(prefix = "/portal", endpoint = "sites")]
+pub async fn load_sites() -> Result<Vec<SiteHealthDto>, PortalError> {
+    Api::current()?.get("/site-health").await
 }
 
 #[server(prefix = "/portal", endpoint = "runs")]

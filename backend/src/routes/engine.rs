@@ -3,7 +3,7 @@ use consilium_core::Role;
 use consilium_core::api::{
     CreateWorkerToken, HeartbeatDto, LineageDto, ModelListQuery, ModelVersionDto,
     MonitoringReportDto, OutputQuery, OutputReceived, RegisterSiteKey, ReportMonitoring, RoundDto,
-    RunDto, ServerKeyDto, SiteGrantDto, SiteKeyDto, StopRun, TokenCreated,
+    RunDto, ServerKeyDto, SiteGrantDto, SiteHealthDto, SiteKeyDto, StopRun, TokenCreated,
 };
 use consilium_core::problem::Problem;
 use futures_util::StreamExt;
@@ -31,6 +31,7 @@ pub fn configure(cfg: &mut ServiceConfig) {
         .service(site_model)
         .service(site_output)
         .service(server_key)
+        .service(site_health)
         .service(worker_token)
         .service(register_key)
         .service(list_keys)
@@ -238,6 +239,18 @@ async fn site_output(
         sha256,
         bytes: size,
     }))
+}
+
+/// Each site's worker as last heard (online, training, offline, never), for the sites this
+/// person may see.
+#[utoipa::path(tag = "sites", responses((status = 200, body = Vec<SiteHealthDto>),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/site-health")]
+async fn site_health(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+) -> AppResult<web::Json<Vec<SiteHealthDto>>> {
+    Ok(web::Json(crate::services::health::list(&ctx, &a).await?))
 }
 
 /// The server's public job-signing key, for a worker's `server_public_key`.

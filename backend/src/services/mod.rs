@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod directory;
+pub mod health;
 pub mod models;
 pub mod previews;
 pub mod runs;

@@ -113,6 +113,40 @@ async fn a_site_reads_only_its_runs_models_and_counts_only_with_its_own_outputs(
     };
     let south_update = update_of(w.site_b);
 
+    // Site health: the researcher sees her study's sites, online, without what their workers
+    // say of their data; North's custodian sees North with it; a committee member no site.
+    let health = app
+        .get("/api/v1/site-health", &w.researcher.auth)
+        .await
+        .expect(200);
+    let health = health.as_array().expect("list");
+    assert_eq!(health.len(), 2, "{health:?}");
+    assert!(
+        health
+            .iter()
+            .all(|h| (h["state"] == "online" || h["state"] == "training")
+                && h["data_summary"].is_null()
+                && h["version"].is_string()),
+        "{health:?}"
+    );
+    let north_view = app
+        .get("/api/v1/site-health", &w.custodian_a.auth)
+        .await
+        .expect(200);
+    assert_eq!(north_view.as_array().map(Vec::len), Some(1), "{north_view}");
+    assert_eq!(north_view[0]["site_id"], json!(w.site_a.to_string()));
+    assert!(
+        north_view[0]["data_summary"]
+            .as_str()
+            .is_some_and(|d| d.contains("images")),
+        "{north_view}"
+    );
+    let none = app
+        .get("/api/v1/site-health", &w.member.auth)
+        .await
+        .expect(200);
+    assert_eq!(none.as_array().map(Vec::len), Some(0), "{none}");
+
     // North's worker token, and a third site's that takes no part in the study.
     let north_token = worker_token(&app, w.site_a, &w.custodian_a).await;
     let custodian_c = app.person("cleo@east.test", &[Role::Custodian]).await;

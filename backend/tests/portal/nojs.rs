@@ -91,7 +91,14 @@ async fn pages_and_forms_work_without_the_bundle() {
         !html.contains("/pkg/consilium.js"),
         "no script that would only fail"
     );
-    for path in ["/studies", "/studies/new", "/access", "/runs", "/models"] {
+    for path in [
+        "/studies",
+        "/studies/new",
+        "/access",
+        "/runs",
+        "/sites",
+        "/models",
+    ] {
         let r = browser.get(format!("{url}{path}")).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
         let html = r.text().await.unwrap();

@@ -200,6 +200,12 @@ async fn a_study_from_draft_to_model_in_the_browser() {
     p.goto(&study_path).await;
     let page = p.wait_for("Everything a run needs is in place", 10).await;
     assert!(page.contains("North Hospital: granted until"), "{page}");
+    // Before she starts, she sees that the sites' workers are there.
+    let online = p.text_of("#sites-online").await;
+    assert!(
+        online.contains("North Hospital: online") && online.contains("South Hospital: online"),
+        "{online}"
+    );
     // Before she changes the approved study, she is told what that costs.
     p.click("#plan-form summary").await;
     let page = p

@@ -6,6 +6,7 @@ pub mod home;
 pub mod models;
 pub mod previews;
 pub mod runs;
+pub mod sites;
 pub mod studies;
 pub mod study;
 

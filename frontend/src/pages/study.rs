@@ -148,6 +148,13 @@ fn StudyView(d: StudyPage) -> impl IntoView {
         ),
         None => "Submit a training plan first: a request covers the latest plan.".to_string(),
     };
+    // What the study's sites' workers were last heard doing, before a run is started.
+    let sites_now: Vec<String> = s
+        .sites
+        .iter()
+        .filter_map(|st| d.health.iter().find(|h| h.site_id == st.site_id))
+        .map(|h| format!("{}: {}", h.site_name, super::sites::health_words(h)))
+        .collect();
     let binds = what_it_binds(&s, d.plans.iter().max_by_key(|p| p.version), site_name);
     // Who sees the sites' data-access requests (and their previews): the study's researcher,
     // the administrators and auditors, and each site's custodians for their own site. Others
@@ -404,6 +411,9 @@ fn StudyView(d: StudyPage) -> impl IntoView {
             {if d.preflight.ready {
                 view! {
                     <p class="notice ok" role="status">"Everything a run needs is in place: the committee's approval, the plan, and every site's grant."</p>
+                    {(!sites_now.is_empty()).then(|| view! {
+                        <p id="sites-online">"Sites now: "{sites_now.join("; ")}" ("<a href="/sites">"site health"</a>")"</p>
+                    })}
                     {owner.then(|| view! {
                         <form method="post" action=StudyAction::url()><CsrfField/>
                             <input type="hidden" name=field("study_id") value=sid.clone()/>
