@@ -351,6 +351,9 @@ pub fn run(listener: TcpListener, context: AppContext) -> Result<Server, Startup
         let (app, _) = App::new()
             .wrap(actix_web::middleware::from_fn(crate::security::guard))
             .wrap(TracingLogger::default())
+            // Outermost, so that what leaves is what the guard finished (HTML, JSON, the
+            // bundle): gzip, brotli or zstd as the client asks.
+            .wrap(actix_web::middleware::Compress::default())
             .app_data(data.clone())
             .app_data(
                 web::JsonConfig::default()
@@ -374,7 +377,16 @@ pub fn run(listener: TcpListener, context: AppContext) -> Result<Server, Startup
                 leptos_actix::handle_server_fns_with_context(portal_context.clone()),
             );
         let app = match &portal.pkg_dir {
-            Some(dir) => app.service(actix_files::Files::new("/pkg", dir)),
+            // The bundle's names are fixed: browsers keep it and ask again with its ETag, so an
+            // unchanged bundle costs a 304, a rebuilt one is fetched.
+            Some(dir) => app.service(
+                web::scope("/pkg")
+                    .wrap(
+                        actix_web::middleware::DefaultHeaders::new()
+                            .add(("Cache-Control", "no-cache")),
+                    )
+                    .service(actix_files::Files::new("", dir).use_etag(true)),
+            ),
             None => app,
         };
         app.leptos_routes_with_context(routes.clone(), portal_context, move || {

@@ -810,3 +810,56 @@ async fn denials_and_credentials_are_in_the_audit_trail() {
     );
     assert_eq!(actors[1], format!("{} via session", w.researcher.id));
 }
+
+/// Responses are compressed as the client asks (pages, the API, the bundle), and the API's
+/// answers are still never cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_are_compressed_as_the_client_asks() {
+    let app = spawn_app(Db::Sqlite).await;
+    let w = world(&app).await;
+    for encoding in ["br", "gzip"] {
+        let resp = app
+            .client
+            .get(format!("{}/api/openapi.json", app.address))
+            .header("Accept-Encoding", encoding)
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()
+                .get("content-encoding")
+                .and_then(|v| v.to_str().ok()),
+            Some(encoding),
+            "{:?}",
+            resp.headers()
+        );
+    }
+    let resp = app
+        .client
+        .get(format!("{}/api/v1/studies", app.address))
+        .bearer_auth(match &w.researcher.auth {
+            Auth::Token(t) => t.clone(),
+            _ => unreachable!("people have tokens"),
+        })
+        .header("Accept-Encoding", "gzip")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()
+            .get("cache-control")
+            .and_then(|v| v.to_str().ok()),
+        Some("no-store")
+    );
+    // Without asking, plain.
+    let resp = app
+        .client
+        .get(format!("{}/api/openapi.json", app.address))
+        .send()
+        .await
+        .expect("sent");
+    assert!(resp.headers().get("content-encoding").is_none());
+    assert!(resp.json::<serde_json::Value>().await.is_ok());
+}

@@ -17,6 +17,31 @@ const MANIFEST: &str = r#"{
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_study_from_draft_to_model_in_the_browser() {
     let mut p = Portal::start("story", 2).await;
+    // The bundle comes compressed, and browsers keep it, asking again with its ETag.
+    let bundle = reqwest::Client::new()
+        .get(format!("{}/pkg/consilium_bg.wasm", p.url))
+        .header("Accept-Encoding", "br, gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bundle.status(), 200);
+    let header = |name: &str| {
+        bundle
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    assert_eq!(header("content-encoding").as_deref(), Some("br"));
+    assert_eq!(header("cache-control").as_deref(), Some("no-cache"));
+    let etag = header("etag").expect("an ETag");
+    let again = reqwest::Client::new()
+        .get(format!("{}/pkg/consilium_bg.wasm", p.url))
+        .header("If-None-Match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304, "an unchanged bundle is not sent again");
     let north = p.cast.sites[0].0.clone();
     let south = p.cast.sites[1].0.clone();
 
