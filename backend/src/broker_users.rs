@@ -35,16 +35,14 @@ pub fn permissions(ns: &str, site: Uuid) -> (String, String, String) {
 }
 
 fn decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("v={}", s.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
+/// A URL path segment or credential: everything but letters and digits escaped.
 fn encode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes())
-        .collect::<String>()
-        .replace('+', "%20")
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 /// Creates (or gives a new password to) the site's broker user, sets its permissions in the
@@ -152,7 +150,7 @@ pub async fn provision(
     let mut site_url = amqp.clone();
     site_url
         .set_username(&user)
-        .and_then(|()| site_url.set_password(Some(&encode(password.expose_secret()))))
+        .and_then(|()| site_url.set_password(Some(password.expose_secret())))
         .map_err(|()| anyhow::anyhow!("the broker URL cannot carry a user"))?;
     Ok(Provisioned {
         user,

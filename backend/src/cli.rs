@@ -301,25 +301,25 @@ fn privacy_cost(
 ) -> i32 {
     use consilium_core::privacy::{RdpCost, default_orders, noise_for};
     let orders = default_orders();
-    if sigma.is_none() && target.is_none() {
-        eprintln!("error: give --noise-multiplier, or --epsilon to find the noise multiplier");
-        return 2;
-    }
     let computed = (|| {
         let sigma = match (sigma, target) {
             (Some(s), _) => s,
             (None, Some(e)) => noise_for(q, steps, e, delta, &orders)?,
-            (None, None) => f64::NAN,
+            (None, None) => return Ok(None),
         };
         let cost = RdpCost::sampled_gaussian(q, sigma, steps, &orders)?;
-        Ok::<_, consilium_core::privacy::PrivacyError>((
+        Ok::<_, consilium_core::privacy::PrivacyError>(Some((
             sigma,
             cost.epsilon(delta)?,
             cost.epsilon_classic(delta)?,
-        ))
+        )))
     })();
     let (sigma, tight, classic) = match computed {
-        Ok(x) => x,
+        Ok(Some(x)) => x,
+        Ok(None) => {
+            eprintln!("error: give --noise-multiplier, or --epsilon to find the noise multiplier");
+            return 2;
+        }
         Err(e) => {
             eprintln!("error: {e}");
             return 2;

@@ -9,6 +9,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Whether `s` is a SHA-256 as this project writes it: 64 lower-case hex digits.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// The canonical JSON text of a value: keys sorted (serde_json's default map is ordered),
 /// compact separators.
 pub fn canonical_json<T: Serialize>(value: &T) -> Result<String, serde_json::Error> {

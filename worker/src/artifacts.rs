@@ -40,11 +40,7 @@ impl std::fmt::Debug for ArtifactStore {
 }
 
 fn valid_hash(hash: &str) -> Result<(), ArtifactError> {
-    if hash.len() == 64
-        && hash
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-    {
+    if consilium_core::hash::is_sha256_hex(hash) {
         Ok(())
     } else {
         Err(ArtifactError::BadHash(hash.to_string()))

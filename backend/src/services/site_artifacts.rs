@@ -28,11 +28,7 @@ fn require_worker(actor: &Actor, site: Uuid, what: &str) -> AppResult<()> {
 }
 
 fn valid_hash(hash: &str) -> AppResult<()> {
-    if hash.len() == 64
-        && hash
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    if consilium_core::hash::is_sha256_hex(hash) {
         Ok(())
     } else {
         Err(AppError::Invalid(format!(

@@ -34,6 +34,15 @@ pub fn Study() -> impl IntoView {
     }
 }
 
+/// A committee decision in words, as the pages show it.
+fn decision_words(d: ReviewDecision) -> &'static str {
+    match d {
+        ReviewDecision::Approve => "approved",
+        ReviewDecision::RequestChanges => "changes requested",
+        ReviewDecision::Reject => "rejected",
+    }
+}
+
 fn last_approval(reviews: &[ReviewDto]) -> Option<&ReviewDto> {
     reviews
         .iter()
@@ -56,11 +65,7 @@ fn committee_state(study: &StudyDto, reviews: &[ReviewDto], hash: &str, latest: 
     match decided {
         Some(r) if r.protocol_version != study.protocol_version => format!(
             "{} on protocol version {} (the protocol has changed since)",
-            match r.decision {
-                ReviewDecision::Approve => "approved",
-                ReviewDecision::RequestChanges => "changes requested",
-                ReviewDecision::Reject => "rejected",
-            },
+            decision_words(r.decision),
             r.protocol_version
         ),
         Some(r) if r.decision == ReviewDecision::Approve => format!(
@@ -483,11 +488,7 @@ fn plan_diff(
             <h3>{format!(
                 "Changes since the plan the committee last reviewed (version {}, {}) → version {}",
                 old.version,
-                match reviewed.decision {
-                    ReviewDecision::Approve => "approved",
-                    ReviewDecision::RequestChanges => "changes requested",
-                    ReviewDecision::Reject => "rejected",
-                },
+                decision_words(reviewed.decision),
                 latest.version
             )}</h3>
             <pre class="diff" aria-label="Plan changes">{lines}</pre>
