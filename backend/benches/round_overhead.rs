@@ -49,6 +49,7 @@ async fn respond(broker: SharedBroker, site: Uuid, key: SigningKey) {
                 train_loss_after: 0.6,
                 duration_ms: 0,
                 skipped: vec![],
+                privacy: None,
             },
             JobKind::Evaluate => Outcome::Evaluated {
                 evaluation: metrics(),

@@ -208,6 +208,8 @@ entity!(update, "updates", {
     pub signed_message: Option<String>,
     pub key_id: Option<String>,
     pub signature: Option<String>,
+    /// What a DP-SGD update cost its site's patients (`PrivacySpent`), checked on arrival.
+    pub privacy: Option<Json>,
 });
 
 entity!(site_key, "site_keys", {

@@ -580,6 +580,9 @@ dto! {
         /// The incoming global model on this site's held-out split.
         pub evaluation: Option<crate::protocol::Metrics>,
         pub duration_ms: Option<i64>,
+        /// What this round's update cost the site's patients under DP-SGD (none without it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub privacy: Option<crate::protocol::PrivacySpent>,
     }
 
     pub struct ExcludedSite {
@@ -623,6 +626,10 @@ dto! {
         pub evaluation: crate::protocol::Metrics,
         pub train_loss_before: f64,
         pub train_loss_after: f64,
+        /// What the update cost the site's patients under DP-SGD: ε of the round, of the run
+        /// and of the dataset, with σ, the sampling rate and the steps (none without DP-SGD).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub privacy: Option<crate::protocol::PrivacySpent>,
     }
 
     pub struct SiteEvaluation {

@@ -125,6 +125,29 @@ pub struct PrivacySettings {
     /// asks for it is refused.
     #[serde(default)]
     pub secure_aggregation: bool,
+    /// Differentially private training at each site (DP-SGD) under a per-patient budget.
+    /// Left out of the hashed form when absent, so plans written before it keep their hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp_sgd: Option<DpSgdSettings>,
+}
+
+/// `privacy.dp_sgd`: each site trains with DP-SGD (per-patient gradient clipping, Gaussian
+/// noise on every step, Poisson sampling of patients) and spends at most `epsilon` at `delta`
+/// per patient over the whole run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DpSgdSettings {
+    /// The budget: ε per patient for the whole run, at `delta`.
+    pub epsilon: f64,
+    /// δ of the budget; it must be below 1 / (a site's patients).
+    pub delta: f64,
+    /// C: each patient's gradient is clipped to this L2 norm every step.
+    pub max_grad_norm: f64,
+    /// σ: noise of σ·C on each step's sum. When left out, each site derives the smallest σ
+    /// that keeps its patients within `epsilon` over the plan's rounds and epochs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_multiplier: Option<f64>,
 }
 
 /// A plan's content hash: SHA-256 over the canonical JSON of the manifest and the attached

@@ -71,6 +71,10 @@ pub const CHOICES: &[(&str, &str)] = &[
     ("privacy.clip_norm", "above 0"),
     ("privacy.noise_multiplier", "0 or more, with clip_norm"),
     ("privacy.secure_aggregation", "false (not available yet)"),
+    (
+        "privacy.dp_sgd",
+        "epsilon (above 0), delta (0 to 0.001), max_grad_norm (above 0), noise_multiplier (optional, above 0); small_cnn only; not with clip_norm",
+    ),
     ("seed", "any whole number"),
 ];
 
@@ -259,6 +263,23 @@ pub struct UpdateClipping {
     pub noise_multiplier: f64,
 }
 
+/// DP-SGD at every site (the plan's `privacy.dp_sgd`): the approved per-patient budget and
+/// how each step is protected.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DpSgd {
+    /// ε per patient over the whole run, at `delta` (the tighter conversion).
+    pub epsilon: f64,
+    pub delta: f64,
+    /// C: each patient's gradient is clipped to this L2 norm.
+    pub max_grad_norm: f64,
+    /// σ fixed by the plan; `None`: each site derives it from its patient count.
+    pub noise_multiplier: Option<f64>,
+}
+
+/// δ above this is refused: δ is the chance that the guarantee fails outright, and it must stay
+/// far below one patient in a site's population.
+pub const MAX_DELTA: f64 = 1e-3;
+
 /// A training plan every worker can run, as parsed from its manifest.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
@@ -279,6 +300,7 @@ pub struct Plan {
     pub min_sites: Option<u32>,
     pub stopping: Stopping,
     pub clipping: Option<UpdateClipping>,
+    pub dp_sgd: Option<DpSgd>,
     pub seed: u64,
 }
 
@@ -396,6 +418,7 @@ impl TrainingPlanManifest {
         }
         let stopping = parse_stopping(self, &mut p);
         let clipping = parse_privacy(self, &mut p);
+        let dp_sgd = parse_dp_sgd(self, model.as_ref(), &mut p);
         match (
             model,
             normalisation,
@@ -426,6 +449,7 @@ impl TrainingPlanManifest {
                 min_sites: self.aggregation.min_sites,
                 stopping,
                 clipping,
+                dp_sgd,
                 seed: self.seed,
             }),
             _ => Err(p.0),
@@ -695,6 +719,51 @@ fn parse_privacy(m: &TrainingPlanManifest, p: &mut Problems) -> Option<UpdateCli
     }
 }
 
+fn parse_dp_sgd(
+    m: &TrainingPlanManifest,
+    model: Option<&ModelConfig>,
+    p: &mut Problems,
+) -> Option<DpSgd> {
+    let s = m.privacy.dp_sgd.as_ref()?;
+    let before = p.0.len();
+    p.number(
+        "privacy.dp_sgd.epsilon",
+        Some(s.epsilon),
+        |v| v > 0.0,
+        "a positive number (the privacy budget per patient over the run)",
+    );
+    p.number(
+        "privacy.dp_sgd.delta",
+        Some(s.delta),
+        |v| v > 0.0 && v <= MAX_DELTA,
+        "above 0 and at most 0.001 (typically 1e-5; below 1 / the patients at a site)",
+    );
+    p.number(
+        "privacy.dp_sgd.max_grad_norm",
+        Some(s.max_grad_norm),
+        |v| v > 0.0,
+        "a positive number",
+    );
+    p.number(
+        "privacy.dp_sgd.noise_multiplier",
+        s.noise_multiplier,
+        |v| v > 0.0,
+        "a positive number (leave it out to let each site derive it from the budget)",
+    );
+    if m.privacy.clip_norm.is_some() || m.privacy.noise_multiplier.is_some() {
+        p.push("privacy.dp_sgd replaces privacy.clip_norm and privacy.noise_multiplier: remove those two (DP-SGD clips each patient's gradient and adds noise at every step)");
+    }
+    if let Some(ModelConfig::ResNet(_)) = model {
+        p.push("privacy.dp_sgd needs a model without batch normalisation: resnet's batch statistics mix patients and its running averages would leave the site without noise; use small_cnn");
+    }
+    (p.0.len() == before).then_some(DpSgd {
+        epsilon: s.epsilon,
+        delta: s.delta,
+        max_grad_norm: s.max_grad_norm,
+        noise_multiplier: s.noise_multiplier,
+    })
+}
+
 fn has_control_text(v: &serde_json::Value) -> bool {
     match v {
         serde_json::Value::String(s) => s.chars().any(char::is_control),
@@ -846,5 +915,48 @@ mod tests {
         );
         m["model"]["hyper_parameters"] = serde_json::json!({"channels": [0, 16]});
         assert!(manifest(m).problems()[0].contains("between 1 and 1024"));
+    }
+
+    #[test]
+    fn dp_sgd_is_typed_and_refused_where_it_cannot_hold() {
+        let mut m = base();
+        m["privacy"] =
+            serde_json::json!({"dp_sgd": {"epsilon": 8, "delta": 1e-5, "max_grad_norm": 1.0}});
+        let plan = manifest(m.clone())
+            .parse()
+            .unwrap_or_else(|p| panic!("{p:?}"));
+        assert_eq!(
+            plan.dp_sgd,
+            Some(DpSgd {
+                epsilon: 8.0,
+                delta: 1e-5,
+                max_grad_norm: 1.0,
+                noise_multiplier: None
+            })
+        );
+        // Every wrong number at once, with what it must be.
+        m["privacy"] = serde_json::json!({"dp_sgd": {"epsilon": 0, "delta": 0.5, "max_grad_norm": -1, "noise_multiplier": 0}});
+        let problems = manifest(m.clone()).problems();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems[1].contains("privacy.dp_sgd.delta must be above 0 and at most 0.001"));
+        // Not with update clipping, not with batch normalisation.
+        m["privacy"] = serde_json::json!({"clip_norm": 1.0, "dp_sgd": {"epsilon": 8, "delta": 1e-5, "max_grad_norm": 1.0}});
+        m["model"]["architecture"] = "resnet".into();
+        let problems = manifest(m.clone()).problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("replaces privacy.clip_norm")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("without batch normalisation")),
+            "{problems:?}"
+        );
+        // An unknown setting inside dp_sgd is refused, not ignored.
+        m["privacy"] = serde_json::json!({"dp_sgd": {"epsilon": 8, "delta": 1e-5, "max_grad_norm": 1.0, "clip": 2}});
+        assert!(serde_json::from_value::<TrainingPlanManifest>(m).is_err());
     }
 }

@@ -92,6 +92,9 @@ pub enum Outcome {
         train_loss_after: f64,
         duration_ms: u64,
         skipped: Vec<Skipped>,
+        /// What this update cost the site's patients under the plan's DP-SGD (none without it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        privacy: Option<Box<PrivacySpent>>,
     },
     Evaluated {
         evaluation: Metrics,
@@ -110,6 +113,31 @@ pub enum Outcome {
     Refused { reason: String },
     /// The job failed at the site (e.g. no usable data).
     Failed { reason: String },
+}
+
+/// The privacy a site spent on one round's update (DP-SGD), as its own ledger recorded it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+pub struct PrivacySpent {
+    /// Patients (the unit of privacy) in the site's training split.
+    pub patients: u64,
+    /// Each patient's chance of being in a step's batch (Poisson sampling).
+    pub sampling_rate: f64,
+    /// σ: the noise's standard deviation over the clipping norm.
+    pub noise_multiplier: f64,
+    /// Noisy steps this round.
+    pub steps: u64,
+    /// δ the ε values below are stated at (the plan's).
+    pub delta: f64,
+    /// ε this round alone (the tighter conversion).
+    pub epsilon_round: f64,
+    /// ε of this run at this site so far, this round included.
+    pub epsilon_run: f64,
+    /// ε this site's dataset has spent over every run its ledger knows of, this round included,
+    /// at the site's lifetime δ when it set one (else the plan's).
+    pub epsilon_dataset: f64,
+    /// The Rényi costs of this round, order by order (they add up across rounds and runs).
+    pub rdp: crate::privacy::RdpCost,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -8,6 +8,7 @@ mod m20261127_000002_engine;
 mod m20261127_000003_previews;
 mod m20261201_000004_site_keys;
 mod m20261201_000005_site_outputs;
+mod m20261201_000006_privacy;
 
 pub struct Migrator;
 
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000003_previews::Migration),
             Box::new(m20261201_000004_site_keys::Migration),
             Box::new(m20261201_000005_site_outputs::Migration),
+            Box::new(m20261201_000006_privacy::Migration),
         ]
     }
 }

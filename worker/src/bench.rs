@@ -152,6 +152,7 @@ pub fn bench_train(
             label: i % 10,
             source: String::new(),
             holdout: false,
+            unit: format!("patient {i}"),
         })
         .collect();
     let batch: Vec<&Sample> = samples.iter().collect();

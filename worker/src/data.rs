@@ -70,6 +70,11 @@ pub struct Sample {
     /// File (and frame or slice) it came from.
     pub source: String,
     pub holdout: bool,
+    /// The unit of privacy this image belongs to (its patient), known at the site only: the
+    /// labels CSV's `group`, else the DICOM PatientID, else its file (every slice of a NIfTI
+    /// volume, every frame of a DICOM file). A unit's images stay on one side of the holdout
+    /// split and are sampled and clipped together under DP-SGD. Never sent anywhere.
+    pub unit: String,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -100,6 +105,13 @@ impl Dataset {
     }
     pub fn holdout(&self) -> impl Iterator<Item = &Sample> {
         self.samples.iter().filter(|s| s.holdout)
+    }
+    /// Patients (units of privacy) in the training split.
+    pub fn train_units(&self) -> usize {
+        self.train()
+            .map(|s| s.unit.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
     }
     /// What the dataset's files yield, per format and modality: files read and skipped, images,
     /// and each skip reason with how many files had it (`consilium-worker check-data`).
@@ -150,9 +162,12 @@ impl Dataset {
     }
 
     pub fn summary(&self, kind: DataKind) -> String {
+        let units: std::collections::BTreeSet<&str> =
+            self.samples.iter().map(|s| s.unit.as_str()).collect();
         format!(
-            "{} images ({:?}, {} held out), {} skipped",
+            "{} images of {} patients ({:?}, {} held out), {} skipped",
             self.samples.len(),
+            units.len(),
             kind,
             self.holdout().count(),
             self.skipped.len()
@@ -192,6 +207,10 @@ pub struct Image {
     pub pixels: Vec<f32>,
     /// The DICOM SOP Instance UID, for labels keyed by it.
     pub key: Option<String>,
+    /// The DICOM PatientID: the image's unit of privacy. It goes from the decoding child to
+    /// the worker, never further.
+    #[serde(default)]
+    pub patient: Option<String>,
 }
 
 /// What decoding a file gave.
@@ -248,12 +267,28 @@ fn in_holdout(key: &str, fraction: f64) -> bool {
     (bucket as f64) < fraction * 10_000.0
 }
 
-fn read_labels(path: &Path) -> Result<BTreeMap<String, u32>, DataError> {
+/// A labels row: the label, and the patient (unit of privacy) when the CSV has a `group` column.
+struct Label {
+    label: u32,
+    group: Option<String>,
+}
+
+fn read_labels(path: &Path) -> Result<BTreeMap<String, Label>, DataError> {
     let fail = |reason: String| DataError::Labels {
         path: path.display().to_string(),
         reason,
     };
     let mut reader = csv::Reader::from_path(path).map_err(|e| fail(e.to_string()))?;
+    let group_column = reader
+        .headers()
+        .map_err(|e| fail(e.to_string()))?
+        .iter()
+        .position(|h| h.trim().eq_ignore_ascii_case("group"));
+    if group_column.is_some_and(|c| c < 2) {
+        return Err(fail(
+            "the `group` column must come after the key and label columns".into(),
+        ));
+    }
     let mut out = BTreeMap::new();
     for (i, row) in reader.records().enumerate() {
         let row = row.map_err(|e| fail(e.to_string()))?;
@@ -269,7 +304,17 @@ fn read_labels(path: &Path) -> Result<BTreeMap<String, u32>, DataError> {
                 i + 2
             ))
         })?;
-        out.insert(key.trim().to_string(), label);
+        let group = match group_column.map(|c| row.get(c).map(str::trim)) {
+            None => None,
+            Some(Some(g)) if !g.is_empty() => Some(g.to_string()),
+            Some(_) => {
+                return Err(fail(format!(
+                    "row {}: the `group` column is empty; give every row its patient (or leave the column out)",
+                    i + 2
+                )));
+            }
+        };
+        out.insert(key.trim().to_string(), Label { label, group });
     }
     Ok(out)
 }
@@ -384,6 +429,7 @@ pub fn load(spec: &DatasetSpec, size: usize, decoder: &Decoder) -> Result<Datase
                     source,
                     pixels,
                     key,
+                    patient,
                 } in images
                 {
                     if pixels.len() != size * size {
@@ -401,14 +447,17 @@ pub fn load(spec: &DatasetSpec, size: usize, decoder: &Decoder) -> Result<Datase
                         LabelKey::SopInstanceUid => key.filter(|k| *k != rel),
                     };
                     match key.as_ref().and_then(|k| labels.get(k)) {
-                        Some(&label) => {
-                            let holdout = in_holdout(&rel, spec.holdout);
+                        Some(Label { label, group }) => {
+                            // Units sharing a name merge, which only makes them larger.
+                            let unit = group.clone().or(patient).unwrap_or_else(|| rel.clone());
+                            let holdout = in_holdout(&unit, spec.holdout);
                             report.images += 1;
                             ds.samples.push(Sample {
                                 pixels,
-                                label,
+                                label: *label,
                                 source,
                                 holdout,
+                                unit,
                             });
                         }
                         None => {
@@ -449,6 +498,7 @@ fn read_image(path: &Path, rel: &str, size: usize, heard: Heard) -> Result<Vec<I
         source: rel.to_string(),
         pixels,
         key: Some(rel.to_string()),
+        patient: None,
     }])
 }
 
@@ -500,6 +550,7 @@ fn read_dicom(
         ));
     }
     let sop_uid = text(tags::SOP_INSTANCE_UID);
+    let patient = text(tags::PATIENT_ID).filter(|p| !p.is_empty());
     let number = |tag| obj.element(tag).ok().and_then(|e| e.to_float64().ok());
     let monochrome1 = text(tags::PHOTOMETRIC_INTERPRETATION).as_deref() == Some("MONOCHROME1");
     // 12-bit JPEG goes to libjpeg-turbo; everything else to dicom-pixeldata.
@@ -580,6 +631,7 @@ fn read_dicom(
             source,
             pixels,
             key: sop_uid.clone(),
+            patient: patient.clone(),
         });
     }
     Ok(out)
@@ -810,6 +862,7 @@ fn read_nifti(path: &Path, rel: &str, size: usize, heard: Heard) -> Result<Vec<I
             source: format!("{rel}#z{z}"),
             pixels,
             key: None,
+            patient: None,
         });
     }
     if out.is_empty() {

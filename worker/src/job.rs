@@ -17,7 +17,10 @@ use uuid::Uuid;
 use crate::artifacts::SiteArtifacts;
 use crate::data::{self, Dataset, DatasetSpec, Sample};
 use crate::decode::Decoder;
-use crate::train::{Net, Rng, device};
+use crate::ledger::{Entry, Ledger, Spending};
+use crate::train::{DpStep, Net, Rng, device};
+use consilium_core::privacy::{RdpCost, default_orders, noise_for};
+use consilium_core::protocol::PrivacySpent;
 use consilium_core::signing::{SigningKey, VerifyingKey};
 
 /// Where the worker learns which plans its site has approved.
@@ -103,6 +106,9 @@ pub struct SiteContext {
     /// This site's last trained weights in each FedBN run (its batch-norm parameters stay
     /// local), by run: never shared between runs, so never between studies.
     local: Mutex<HashMap<Uuid, Vec<u8>>>,
+    /// What DP-SGD has spent of this site's dataset; every private round is checked against it
+    /// and recorded in it before training.
+    pub ledger: Arc<Ledger>,
 }
 
 impl SiteContext {
@@ -126,7 +132,14 @@ impl SiteContext {
             cache: tokio::sync::Mutex::default(),
             data_error: Mutex::default(),
             local: Mutex::default(),
+            ledger: Arc::new(Ledger::in_memory(None)),
         }
+    }
+
+    /// This site's privacy ledger (by default one in memory, without a lifetime budget).
+    pub fn with_ledger(mut self, ledger: Ledger) -> Self {
+        self.ledger = Arc::new(ledger);
+        self
     }
 
     /// The dataset at `size × size`, loaded on first use, off the async threads (decoding a
@@ -345,6 +358,7 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
     };
     let job2 = job.clone();
     let site = ctx.site_id;
+    let ledger = ctx.ledger.clone();
     let started = Instant::now();
     let result = tokio::task::spawn_blocking(move || {
         compute(
@@ -354,6 +368,7 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
             &data,
             global.as_deref(),
             local.as_deref(),
+            &ledger,
         )
     })
     .await;
@@ -375,6 +390,7 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
                 before,
                 after,
                 skipped,
+                privacy,
             },
             Some(bytes),
         ) => {
@@ -390,6 +406,7 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
                     train_loss_after: after,
                     duration_ms,
                     skipped,
+                    privacy: privacy.map(Box::new),
                 },
                 Err(e) => fail(e.to_string()),
             }
@@ -406,6 +423,7 @@ enum Computed {
         before: f64,
         after: f64,
         skipped: Vec<consilium_core::protocol::Skipped>,
+        privacy: Option<PrivacySpent>,
     },
 }
 
@@ -417,6 +435,7 @@ fn compute(
     data: &Dataset,
     global: Option<&[u8]>,
     local: Option<&[u8]>,
+    ledger: &Ledger,
 ) -> Result<(Computed, Option<Vec<u8>>), JobError> {
     let dev = device();
     let net = Net::new(plan, &dev)?;
@@ -459,7 +478,17 @@ fn compute(
     let seed = plan.seed
         ^ u64::from(job.round).wrapping_mul(0x1000_0001)
         ^ u64::from_le_bytes(site.as_bytes()[..8].try_into().unwrap_or([0; 8]));
-    net.train(&train, plan, seed)?;
+    let privacy = match plan.dp_sgd {
+        Some(dp) => {
+            let (step, spent) = spend_privacy(job, plan, &dp, &train, ledger)?;
+            net.train_dp(&train, plan, seed, &step)?;
+            Some(spent)
+        }
+        None => {
+            net.train(&train, plan, seed)?;
+            None
+        }
+    };
     let after = net.evaluate(&train, plan)?.loss;
     if let Some(c) = plan.clipping {
         protect(&net, &reference, c.clip_norm, c.noise_multiplier)?;
@@ -472,8 +501,95 @@ fn compute(
             before,
             after,
             skipped: data.skipped.clone(),
+            privacy,
         },
         Some(bytes),
+    ))
+}
+
+/// This round's DP-SGD at this site: the sampling rate and steps from the site's patient count
+/// and the plan's batch size and epochs, σ from the plan or derived so that the whole run stays
+/// within the approved ε; the cost is checked against the run's budget and the dataset's
+/// lifetime budget in the site's ledger and recorded there before any training.
+fn spend_privacy(
+    job: &Job,
+    plan: &Plan,
+    dp: &consilium_core::plan::DpSgd,
+    train: &[&Sample],
+    ledger: &Ledger,
+) -> Result<(DpStep, PrivacySpent), JobError> {
+    let patients = train
+        .iter()
+        .map(|s| s.unit.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as u64;
+    if patients == 0 {
+        return Err(JobError::Failed(
+            "there are no training samples at this site".into(),
+        ));
+    }
+    if dp.delta >= 1.0 / patients as f64 {
+        return Err(JobError::Refused(format!(
+            "the plan's δ = {} is not below 1 / {patients} (this site's patients): a δ that large allows a mechanism that releases one patient's data outright; the plan needs a smaller δ",
+            dp.delta
+        )));
+    }
+    let batch = plan.batch_size.max(1) as u64;
+    let sampling_rate = (batch as f64 / patients as f64).min(1.0);
+    let steps = u64::from(plan.local_epochs.max(1)) * patients.div_ceil(batch);
+    let orders = default_orders();
+    let refused = |e: consilium_core::privacy::PrivacyError| JobError::Refused(e.to_string());
+    let noise_multiplier = match dp.noise_multiplier {
+        Some(s) => s,
+        None => noise_for(
+            sampling_rate,
+            steps * u64::from(plan.rounds.max(1)),
+            dp.epsilon,
+            dp.delta,
+            &orders,
+        )
+        .map_err(refused)?,
+    };
+    let rdp = RdpCost::sampled_gaussian(sampling_rate, noise_multiplier, steps, &orders)
+        .map_err(refused)?;
+    let spent = ledger
+        .spend(
+            Entry {
+                job_id: job.job_id,
+                run_id: job.run_id,
+                study_id: job.study_id,
+                round: job.round,
+                at: Utc::now(),
+                patients,
+                sampling_rate,
+                noise_multiplier,
+                steps,
+                rdp: rdp.clone(),
+            },
+            &Spending {
+                run_epsilon: dp.epsilon,
+                run_delta: dp.delta,
+            },
+        )
+        .map_err(JobError::Refused)?;
+    Ok((
+        DpStep {
+            sampling_rate,
+            noise_multiplier,
+            max_grad_norm: dp.max_grad_norm,
+            steps,
+        },
+        PrivacySpent {
+            patients,
+            sampling_rate,
+            noise_multiplier,
+            steps,
+            delta: dp.delta,
+            epsilon_round: spent.epsilon_round,
+            epsilon_run: spent.epsilon_run,
+            epsilon_dataset: spent.epsilon_dataset,
+            rdp,
+        },
     ))
 }
 

@@ -14,6 +14,7 @@ pub mod decode;
 pub mod identity;
 pub mod job;
 pub mod jpeg12;
+pub mod ledger;
 pub mod model;
 pub mod preview;
 pub mod synthetic;

@@ -38,6 +38,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Prints what DP-SGD training has spent of this dataset's privacy (the site's own ledger),
+    /// per run and in all, against the site's lifetime budget.
+    Privacy,
     /// Reads the dataset and reports what is usable and what is skipped, then exits.
     CheckData {
         #[arg(long, default_value_t = 28)]
@@ -90,7 +93,27 @@ struct WorkerSettings {
     /// Allows `http://` and `amqp://` to other machines (a closed development network only).
     #[serde(default)]
     allow_plain_transport: bool,
+    /// The site's privacy ledger (JSON): what DP-SGD has spent of this dataset. By default
+    /// `privacy-ledger.json` beside the signing key. Back it up with the key: without it the
+    /// site no longer knows what its patients' data has spent.
+    #[serde(default)]
+    privacy_ledger: Option<PathBuf>,
+    /// The dataset's lifetime privacy budget (`epsilon`, `delta`): the worker refuses any
+    /// DP-SGD round that would take the dataset beyond it, whatever the server asks. Without
+    /// it, only each run's approved budget holds.
+    #[serde(default)]
+    privacy_budget: Option<consilium_worker::ledger::Budget>,
     dataset: DatasetSpec,
+}
+
+impl WorkerSettings {
+    fn ledger_path(&self) -> Option<PathBuf> {
+        self.privacy_ledger.clone().or_else(|| {
+            self.signing_key
+                .as_ref()
+                .map(|k| k.with_file_name("privacy-ledger.json"))
+        })
+    }
 }
 
 fn default_heartbeat() -> u64 {
@@ -172,6 +195,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::BenchTrain { .. } | Command::Keygen { .. } => Ok(()),
+        Command::Privacy => {
+            let path = settings.ledger_path().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "neither privacy_ledger nor signing_key is set in {}: there is no ledger to read",
+                    cli.config.display()
+                )
+            })?;
+            let ledger = consilium_worker::ledger::Ledger::open(&path, settings.privacy_budget)
+                .map_err(anyhow::Error::msg)?;
+            print!("{}", ledger.report().map_err(anyhow::Error::msg)?);
+            Ok(())
+        }
         Command::Run => {
             if settings.artifacts.is_some() {
                 anyhow::bail!(
@@ -206,6 +241,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
             })?;
             let signer = consilium_worker::identity::load(path)?;
+            let ledger_path = settings
+                .ledger_path()
+                .unwrap_or_else(|| path.with_file_name("privacy-ledger.json"));
+            let ledger =
+                consilium_worker::ledger::Ledger::open(&ledger_path, settings.privacy_budget)
+                    .map_err(anyhow::Error::msg)?;
             use consilium_worker::transport::check;
             check(
                 "server_url",
@@ -220,15 +261,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
             })
             .map_err(anyhow::Error::msg)?;
-            let ctx = Arc::new(SiteContext::new(
-                settings.site_id,
-                settings.dataset,
-                artifacts,
-                approvals,
-                Decoder::this_program()?,
-                signer,
-                server_key,
-            ));
+            let ctx = Arc::new(
+                SiteContext::new(
+                    settings.site_id,
+                    settings.dataset,
+                    artifacts,
+                    approvals,
+                    Decoder::this_program()?,
+                    signer,
+                    server_key,
+                )
+                .with_ledger(ledger),
+            );
             let broker = consilium_worker::broker::connect_site(
                 secrecy::ExposeSecret::expose_secret(&settings.broker_url),
             )

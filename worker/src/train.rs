@@ -1,6 +1,7 @@
 //! Local training and evaluation with candle: deterministic initialisation from the plan's
 //! seed, SGD with momentum or AdamW, the FedProx proximal term, and held-out metrics.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use consilium_core::plan::{Augmentation, Normalisation, Optimiser, Plan, ROTATE_DEGREES};
@@ -308,25 +309,7 @@ impl Net {
             .iter()
             .map(|(_, v)| v.as_tensor().copy().map(|t| t.detach()))
             .collect::<candle_core::Result<_>>()?;
-        let vars = || trainable.iter().map(|(_, v)| v.clone()).collect();
-        let mut optimiser = match plan.optimiser {
-            Optimiser::AdamW {
-                learning_rate,
-                weight_decay,
-            } => Opt::AdamW(AdamW::new(
-                vars(),
-                ParamsAdamW {
-                    lr: learning_rate,
-                    weight_decay,
-                    ..Default::default()
-                },
-            )?),
-            Optimiser::Sgd {
-                learning_rate,
-                momentum,
-                weight_decay,
-            } => Opt::Sgd(Sgd::new(vars(), learning_rate, momentum, weight_decay)?),
-        };
+        let mut optimiser = Opt::new(plan, trainable.iter().map(|(_, v)| v.clone()).collect())?;
         let mut rng = Rng::new(seed);
         let mut order: Vec<usize> = (0..samples.len()).collect();
         let batch = plan.batch_size.max(1);
@@ -359,6 +342,102 @@ impl Net {
             last = mean;
         }
         Ok((first, last))
+    }
+
+    /// Trains with DP-SGD (Abadi et al. 2016) for `dp.steps` steps: each step takes every
+    /// patient (unit of privacy) with probability `dp.sampling_rate` (Poisson sampling, the
+    /// sampling the accountant assumes), computes each sampled patient's gradient over all of
+    /// their images, clips it to `dp.max_grad_norm`, adds Gaussian noise of
+    /// `dp.noise_multiplier × max_grad_norm` to the sum and divides by the expected batch size.
+    /// The sampling and the noise come from the operating system's generator: the plan's seed
+    /// (which the server knows) drives only augmentation, so neither who was sampled nor the
+    /// noise can be reconstructed. FedProx's proximal term is added after the noise (it does not
+    /// depend on the data). Returns the mean loss of the sampled patients over the first and
+    /// the last tenth of the steps.
+    pub fn train_dp(
+        &self,
+        samples: &[&Sample],
+        plan: &Plan,
+        seed: u64,
+        dp: &DpStep,
+    ) -> Result<(f64, f64)> {
+        let mut units: std::collections::BTreeMap<&str, Vec<&Sample>> = Default::default();
+        for s in samples {
+            units.entry(s.unit.as_str()).or_default().push(s);
+        }
+        let units: Vec<Vec<&Sample>> = units.into_values().collect();
+        if units.is_empty() {
+            return Err(TrainError::Plan(
+                "there are no training samples at this site".into(),
+            ));
+        }
+        let trainable: Vec<(String, Var)> = sorted_vars(&self.varmap)
+            .into_iter()
+            .filter(|(n, _)| !is_running_stat(n))
+            .collect();
+        let anchor: Vec<Tensor> = trainable
+            .iter()
+            .map(|(_, v)| v.as_tensor().copy().map(|t| t.detach()))
+            .collect::<candle_core::Result<_>>()?;
+        let mut optimiser = Opt::new(plan, trainable.iter().map(|(_, v)| v.clone()).collect())?;
+        let mut secret = Rng::from_entropy();
+        let mut aug = Rng::new(seed);
+        let expected_batch = (dp.sampling_rate * units.len() as f64).max(1e-12);
+        let std = dp.noise_multiplier * dp.max_grad_norm;
+        let tenth = (dp.steps / 10).max(1);
+        let (mut first, mut last) = ((0.0, 0u64), (0.0, 0u64));
+        for step in 0..dp.steps {
+            let mut sum: Vec<Option<Tensor>> = vec![None; trainable.len()];
+            for unit in units.iter().filter(|_| secret.unit() < dp.sampling_rate) {
+                let augment = (!plan.augmentations.is_empty())
+                    .then_some((&mut aug, plan.augmentations.as_slice()));
+                let (x, y) = self.batch(unit, plan.normalisation, augment)?;
+                let logits = self.model.forward_t(&x, true)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+                let value = f64::from(loss.to_scalar::<f32>()?);
+                if step < tenth {
+                    first = (first.0 + value, first.1 + 1);
+                }
+                if step + tenth >= dp.steps {
+                    last = (last.0 + value, last.1 + 1);
+                }
+                let grads = loss.backward()?;
+                let per_var: Vec<Option<&Tensor>> =
+                    trainable.iter().map(|(_, v)| grads.get(v)).collect();
+                let mut norm2 = 0f64;
+                for g in per_var.iter().flatten() {
+                    norm2 += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+                }
+                let scale = (dp.max_grad_norm / norm2.sqrt().max(1e-12)).min(1.0);
+                for (acc, g) in sum.iter_mut().zip(per_var) {
+                    let Some(g) = g else { continue };
+                    let clipped = (g * scale)?;
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + clipped)?,
+                        None => clipped,
+                    });
+                }
+            }
+            let mut noisy = GradStore::default();
+            for (((_, var), acc), w0) in trainable.iter().zip(sum).zip(&anchor) {
+                let shape = var.shape().clone();
+                let noise: Vec<f32> = (0..shape.elem_count())
+                    .map(|_| (std * secret.normal()) as f32)
+                    .collect();
+                let mut g = Tensor::from_vec(noise, shape, &self.device)?;
+                if let Some(a) = acc {
+                    g = (g + a)?;
+                }
+                g = (g / expected_batch)?;
+                if plan.proximal_mu > 0.0 {
+                    g = (g + ((var.as_tensor() - w0)? * plan.proximal_mu)?)?;
+                }
+                noisy.insert(var.as_tensor(), g);
+            }
+            optimiser.step(&noisy)?;
+        }
+        let mean = |(s, n): (f64, u64)| if n == 0 { f64::NAN } else { s / n as f64 };
+        Ok((mean(first), mean(last)))
     }
 
     /// All weights by name, on the CPU, as f32 vectors.
@@ -394,12 +473,49 @@ enum Opt {
 }
 
 impl Opt {
+    fn new(plan: &Plan, vars: Vec<Var>) -> Result<Self> {
+        Ok(match plan.optimiser {
+            Optimiser::AdamW {
+                learning_rate,
+                weight_decay,
+            } => Opt::AdamW(AdamW::new(
+                vars,
+                ParamsAdamW {
+                    lr: learning_rate,
+                    weight_decay,
+                    ..Default::default()
+                },
+            )?),
+            Optimiser::Sgd {
+                learning_rate,
+                momentum,
+                weight_decay,
+            } => Opt::Sgd(Sgd::new(vars, learning_rate, momentum, weight_decay)?),
+        })
+    }
+
     fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+        self.step(&loss.backward()?)
+    }
+
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
         match self {
-            Opt::Sgd(o) => o.backward_step(loss),
-            Opt::AdamW(o) => Ok(o.backward_step(loss)?),
+            Opt::Sgd(o) => o.step(grads),
+            Opt::AdamW(o) => Ok(o.step(grads)?),
         }
     }
+}
+
+/// One round of DP-SGD at a site: how each step is sampled and protected.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DpStep {
+    /// Each patient's chance of being in a step's batch.
+    pub sampling_rate: f64,
+    /// σ: the noise's standard deviation over the clipping norm.
+    pub noise_multiplier: f64,
+    /// C: each patient's gradient is clipped to this L2 norm.
+    pub max_grad_norm: f64,
+    pub steps: u64,
 }
 
 /// SGD with (heavy-ball) momentum and L2 weight decay, as PyTorch's `torch.optim.SGD`.
@@ -423,8 +539,7 @@ impl Sgd {
         })
     }
 
-    fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
-        let grads = loss.backward()?;
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
         for (var, vel) in self.vars.iter().zip(self.velocity.iter_mut()) {
             let Some(g) = grads.get(var) else { continue };
             let mut g = g.clone();

@@ -77,7 +77,7 @@ fn the_worker_binary_reads_every_dicom_test_file() {
     let (code, out, err) = check_data("dicom", &data("dicom"), "");
     assert_eq!(code, 0, "{out}{err}");
     // Every image file, JPEG 2000, JPEG-LS, 12-bit JPEG, 32-bit and planar colour included.
-    assert!(out.starts_with("69 images (dicom"), "{out}");
+    assert!(out.starts_with("69 images of 14 patients (dicom"), "{out}");
     let mut skipped = skipped_files(&out);
     skipped.sort();
     assert_eq!(
@@ -112,7 +112,7 @@ fn the_worker_binary_reads_every_dicom_test_file() {
 fn the_worker_binary_reads_every_nifti_test_file() {
     let (code, out, err) = check_data("nifti", &data("nifti"), "");
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.starts_with("68 images (nifti"), "{out}");
+    assert!(out.starts_with("68 images of 4 patients (nifti"), "{out}");
     assert_eq!(skipped_files(&out), ["LICENSE-nibabel.txt"], "{out}");
     assert!(out.contains("NIfTI-2 (gzip)"), "{out}");
 }
@@ -304,4 +304,38 @@ fn a_file_that_needs_more_memory_than_allowed_is_skipped_and_the_next_is_read() 
     // With room enough, the same file reads.
     let ds = load(&spec(4096), 32, &decoder).unwrap();
     assert_eq!(ds.samples.len(), 2, "{:?}", ds.skipped);
+}
+
+/// `consilium-worker privacy` reads the site's ledger with the shipped configuration's shape
+/// (deploy/worker.toml, its lifetime budget), and an unreadable ledger stops the worker with
+/// what to do rather than starting again from zero.
+#[test]
+fn the_worker_reports_its_privacy_ledger_and_refuses_an_unreadable_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("privacy-ledger.json");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/worker.toml");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_consilium-worker"))
+            .args(["--config", config, "privacy"])
+            .env("CONSILIUM_WORKER_PRIVACY_LEDGER", &ledger)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("0 private rounds in 0 runs"), "{text}");
+    assert!(
+        text.contains("ε = 0.000 of the lifetime budget ε = 10 at δ = 0.00001"),
+        "{text}"
+    );
+    std::fs::write(&ledger, b"{\"entries\": [").unwrap();
+    let out = run();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("restore it from a backup"), "{err}");
 }

@@ -53,9 +53,13 @@ struct Site {
 }
 
 fn site(hash: &str, study: Uuid) -> Site {
+    site_of(hash, study, 200)
+}
+
+fn site_of(hash: &str, study: Uuid, images: usize) -> Site {
     let dir = tempfile::tempdir().unwrap();
     let profile = SiteProfile {
-        images: 200,
+        images,
         lesion_fraction: 0.5,
         gain: 1.0,
         offset: 0.0,
@@ -369,4 +373,212 @@ async fn update_noise_cannot_be_regenerated_from_the_plan() {
             residual.sqrt()
         );
     }
+}
+
+fn dp_manifest(epsilon: f64) -> TrainingPlanManifest {
+    let mut m = manifest();
+    m.local_epochs = 1;
+    m.rounds = 3;
+    m.privacy.dp_sgd = Some(consilium_core::manifest::DpSgdSettings {
+        epsilon,
+        delta: 1e-5,
+        max_grad_norm: 1.0,
+        noise_multiplier: None,
+    });
+    m
+}
+
+fn spent(r: &consilium_core::protocol::JobResult) -> consilium_core::protocol::PrivacySpent {
+    match &r.outcome {
+        Outcome::Trained { privacy, .. } => {
+            *privacy.clone().expect("a DP-SGD round reports its cost")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Under DP-SGD each site derives σ for its patients so that the plan's rounds spend at most
+/// the approved ε, reports what each round spent, and refuses by itself a round beyond the
+/// budget (here a fourth round of a three-round plan, as a server gone wrong would send).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_spends_at_most_the_approved_budget_and_refuses_more() {
+    let m = dp_manifest(2.0);
+    let hash = plan_hash(&m, &[]).unwrap();
+    let s = site(&hash, Uuid::from_u128(11));
+    let mut last = None;
+    let mut weights = Vec::new();
+    for round in 1..=3 {
+        let r = process(&job(&s, &m, &hash, round, None), &s.ctx).await;
+        let p = spent(&r);
+        let Outcome::Trained { update_hash, .. } = &r.outcome else {
+            unreachable!()
+        };
+        weights.push(update_hash.clone());
+        assert_eq!(p.delta, 1e-5);
+        // 200 one-image patients, a quarter held out; batch 8 of ~150: q ≈ 0.05, 19 steps.
+        assert!((140..=160).contains(&p.patients), "{p:?}");
+        assert!(
+            (p.sampling_rate - 8.0 / p.patients as f64).abs() < 1e-12,
+            "{p:?}"
+        );
+        assert_eq!(p.steps, p.patients.div_ceil(8));
+        assert!(p.noise_multiplier > 0.5, "{p:?}");
+        assert!(
+            p.epsilon_round > 0.0 && p.epsilon_run <= 2.0 + 1e-9,
+            "{p:?}"
+        );
+        if let Some(prev) = last {
+            assert!(p.epsilon_run > prev, "the run's ε grows: {p:?}");
+        }
+        last = Some(p.epsilon_run);
+    }
+    // The whole run spends (nearly) the whole budget: σ was derived for exactly it.
+    let total = last.unwrap();
+    assert!(total > 1.9 && total <= 2.0 + 1e-9, "run ε = {total}");
+    // Round 1 with the same initial model twice trains differently: the sampling and the
+    // noise are the site's secret.
+    let twin = SiteContext::new(
+        s.site,
+        s.ctx.dataset.clone(),
+        s.ctx.artifacts.clone(),
+        Arc::new(Granted {
+            study: s.study,
+            hash: hash.clone(),
+        }),
+        s.ctx.decoder.clone(),
+        (*s.ctx.signer).clone(),
+        s.ctx.server_key,
+    );
+    let again = process(&job(&s, &m, &hash, 1, None), &twin).await;
+    let Outcome::Trained { update_hash, .. } = &again.outcome else {
+        panic!("{:?}", again.outcome)
+    };
+    assert_ne!(update_hash, &weights[0]);
+    let r = process(&job(&s, &m, &hash, 4, None), &s.ctx).await;
+    let Outcome::Refused { reason } = &r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    assert!(
+        reason.contains("above the ε = 2 the committee approved"),
+        "{reason}"
+    );
+    assert_eq!(
+        s.ctx.ledger.entries().len(),
+        3,
+        "a refused round is not recorded"
+    );
+}
+
+/// The site's lifetime budget holds across runs: a second study's run on the same dataset is
+/// refused once the two together would exceed it, and what was spent survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_datasets_lifetime_budget_holds_across_runs() {
+    use consilium_worker::ledger::{Budget, Ledger};
+    let m = dp_manifest(3.0);
+    let hash = plan_hash(&m, &[]).unwrap();
+    let mut s = site(&hash, Uuid::from_u128(12));
+    let file = s._dir.path().join("privacy-ledger.json");
+    // Run 1 spends about 3 of it; run 2 can afford one round, not two.
+    let budget = Budget {
+        epsilon: 3.7,
+        delta: 1e-5,
+    };
+    s.ctx = s
+        .ctx
+        .with_ledger(Ledger::open(&file, Some(budget)).unwrap());
+    let run = |s: &Site, run: u128, round: u32| {
+        let mut j = job(s, &m, &hash, round, None);
+        j.run_id = Uuid::from_u128(run);
+        j
+    };
+    for round in 1..=3 {
+        let r = process(&run(&s, 1, round), &s.ctx).await;
+        spent(&r);
+    }
+    // A restarted worker reads the same ledger.
+    s.ctx = s
+        .ctx
+        .with_ledger(Ledger::open(&file, Some(budget)).unwrap());
+    // The second run trains until the dataset's budget would be exceeded, then is refused.
+    let mut trained = 0;
+    let reason = loop {
+        let r = process(&run(&s, 2, trained + 1), &s.ctx).await;
+        match &r.outcome {
+            Outcome::Trained { .. } => {
+                let p = spent(&r);
+                assert!(p.epsilon_dataset > p.epsilon_run, "{p:?}");
+                assert!(p.epsilon_dataset <= 3.7 + 1e-9, "{p:?}");
+                trained += 1;
+            }
+            Outcome::Refused { reason } => break reason.clone(),
+            other => panic!("{other:?}"),
+        }
+        assert!(trained < 3, "the lifetime budget was never reached");
+    };
+    assert!(trained >= 1);
+    assert!(
+        reason.contains("above the site's budget of ε = 3.7"),
+        "{reason}"
+    );
+    let on_disk: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(
+        on_disk["entries"].as_array().unwrap().len(),
+        3 + trained as usize
+    );
+}
+
+/// The unit of privacy is the patient: rows of the labels CSV sharing a `group` stay on one
+/// side of the holdout split, and DP-SGD samples and counts patients, not images.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patients_images_move_together() {
+    let m = dp_manifest(8.0);
+    let hash = plan_hash(&m, &[]).unwrap();
+    let s = site(&hash, Uuid::from_u128(13));
+    // Four images per patient.
+    let labels = s.ctx.dataset.labels.clone();
+    let text = std::fs::read_to_string(&labels).unwrap();
+    let mut out = String::from("file,label,group\n");
+    for (i, row) in text.lines().skip(1).enumerate() {
+        out.push_str(&format!("{row},patient-{}\n", i / 4));
+    }
+    std::fs::write(&labels, out).unwrap();
+    let data = s.ctx.data(28).await.unwrap();
+    let mut side: std::collections::HashMap<&str, bool> = Default::default();
+    for sample in &data.samples {
+        let held = *side.entry(sample.unit.as_str()).or_insert(sample.holdout);
+        assert_eq!(
+            held, sample.holdout,
+            "{} is split across train and holdout",
+            sample.unit
+        );
+    }
+    assert_eq!(side.len(), 50);
+    let train_patients = side.values().filter(|h| !**h).count() as u64;
+    assert!(
+        data.summary(consilium_worker::data::DataKind::Images)
+            .contains("200 images of 50 patients")
+    );
+    let p = spent(&process(&job(&s, &m, &hash, 1, None), &s.ctx).await);
+    assert_eq!(p.patients, train_patients);
+    assert_eq!(p.steps, train_patients.div_ceil(8));
+}
+
+/// δ must stay below one patient in the site's population (δ < 1/n), or the guarantee
+/// allows releasing some patient's data outright: a site with more patients than 1/δ refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_too_large_for_the_sites_patients_is_refused() {
+    let mut m = dp_manifest(8.0);
+    if let Some(dp) = m.privacy.dp_sgd.as_mut() {
+        dp.delta = 1e-3;
+    }
+    let hash = plan_hash(&m, &[]).unwrap();
+    // 1,400 one-image patients, a quarter held out: about 1,050 ≥ 1/δ in training.
+    let s = site_of(&hash, Uuid::from_u128(14), 1400);
+    let r = process(&job(&s, &m, &hash, 1, None), &s.ctx).await;
+    let Outcome::Refused { reason } = &r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    assert!(reason.contains("is not below 1 /"), "{reason}");
+    assert!(s.ctx.ledger.entries().is_empty());
 }

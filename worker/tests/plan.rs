@@ -50,6 +50,7 @@ fn samples() -> Vec<Sample> {
                 label,
                 source: format!("image {i}"),
                 holdout: false,
+                unit: format!("patient {i}"),
             }
         })
         .collect()

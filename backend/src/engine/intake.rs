@@ -441,7 +441,12 @@ impl Engine {
                     && Utc::now() <= x.deadline
             }
         };
-        let (outcome, hash, samples, eval, before, after, duration, reason, skipped) =
+        let (privacy, privacy_problem) = if expected && kind == JobKind::Train {
+            privacy_check(&*w, &r).await?
+        } else {
+            (None, None)
+        };
+        let (mut outcome, mut hash, samples, eval, before, after, duration, mut reason, skipped) =
             match &r.outcome {
                 Outcome::Trained {
                     update_hash,
@@ -451,6 +456,7 @@ impl Engine {
                     train_loss_after,
                     duration_ms,
                     skipped,
+                    privacy: _,
                 } => (
                     "trained",
                     Some(update_hash.clone()),
@@ -503,6 +509,12 @@ impl Engine {
                     None,
                 ),
             };
+        if let Some(problem) = &privacy_problem {
+            // Not counted: the update leaves the round, and the reason is the site's to read.
+            outcome = "failed";
+            hash = None;
+            reason = Some(format!("not counted: {problem}"));
+        }
         let m = update::ActiveModel {
             id: Set(Uuid::new_v4()),
             run_id: Set(r.run_id),
@@ -524,6 +536,7 @@ impl Engine {
             signed_message: Set(Some(signed.message.clone())),
             key_id: Set(Some(signed.key_id.clone())),
             signature: Set(Some(signed.signature.clone())),
+            privacy: Set(privacy),
         }
         .insert(&*w)
         .await?;
@@ -554,8 +567,115 @@ impl Engine {
             }),
         )
         .await?;
+        if let Some(problem) = privacy_problem {
+            tracing::warn!(site = %r.site_id, run = %r.run_id, problem, "privacy alarm");
+            audit::append(
+                &*w,
+                &site_actor,
+                "privacy.alarm",
+                "update",
+                m.id,
+                &serde_json::json!({"run_id": r.run_id, "round": r.round, "site_id": r.site_id, "job_id": r.job_id, "problem": problem}),
+            )
+            .await?;
+        }
         w.commit().await?;
         self.notify.notify_waiters();
         Ok(())
     }
+}
+
+/// A DP-SGD plan's update counts only with a privacy cost that its own numbers reproduce (the
+/// Rényi values of its sampling rate, σ and steps, at the plan's δ and, where the plan fixes it,
+/// its σ) and that keeps the run at this site within the approved ε, composed by the server
+/// from the site's counted updates: the server's own account, kept beside the site's ledger.
+/// Returns the cost to store and, when the update must not count, why.
+async fn privacy_check<C: sea_orm::ConnectionTrait>(
+    db: &C,
+    r: &JobResult,
+) -> AppResult<(Option<serde_json::Value>, Option<String>)> {
+    use consilium_core::privacy::{RdpCost, default_orders};
+    let Outcome::Trained { privacy, .. } = &r.outcome else {
+        return Ok((None, None));
+    };
+    let stored = privacy.as_ref().map(json).transpose()?;
+    let Some(run) = run::Entity::find_by_id(r.run_id).one(db).await? else {
+        return Ok((stored, None));
+    };
+    let Some(p) = plan::Entity::find()
+        .filter(plan::Column::StudyId.eq(run.study_id))
+        .filter(plan::Column::Hash.eq(run.plan_hash.as_str()))
+        .one(db)
+        .await?
+    else {
+        return Ok((stored, None));
+    };
+    let manifest = crate::services::studies::plan_dto(&p)?.manifest;
+    let Some(dp) = manifest.parse().ok().and_then(|plan| plan.dp_sgd) else {
+        return Ok((stored, None));
+    };
+    let Some(spent) = privacy else {
+        return Ok((
+            None,
+            Some("the plan trains with DP-SGD, and the site reported no privacy cost".into()),
+        ));
+    };
+    let orders = default_orders();
+    let expected = RdpCost::sampled_gaussian(
+        spent.sampling_rate,
+        spent.noise_multiplier,
+        spent.steps,
+        &orders,
+    );
+    let same = expected.as_ref().is_ok_and(|e| {
+        e.orders == spent.rdp.orders
+            && e.rdp.iter().zip(&spent.rdp.rdp).all(|(a, b)| {
+                (a - b).abs() <= 1e-9 * a.abs().max(1.0) || (a.is_infinite() && a == b)
+            })
+    });
+    let problem = if !same {
+        Some(format!(
+            "the reported privacy cost does not follow from its sampling rate {}, σ = {} and {} steps",
+            spent.sampling_rate, spent.noise_multiplier, spent.steps
+        ))
+    } else if spent.delta != dp.delta {
+        Some(format!(
+            "the site stated its cost at δ = {}, the plan's δ is {}",
+            spent.delta, dp.delta
+        ))
+    } else if dp
+        .noise_multiplier
+        .is_some_and(|s| s != spent.noise_multiplier)
+    {
+        Some(format!(
+            "the site trained with σ = {}, not the plan's σ = {}",
+            spent.noise_multiplier,
+            dp.noise_multiplier.unwrap_or_default()
+        ))
+    } else {
+        let counted = update::Entity::find()
+            .filter(update::Column::RunId.eq(r.run_id))
+            .filter(update::Column::SiteId.eq(r.site_id))
+            .filter(update::Column::Outcome.eq("trained"))
+            .filter(update::Column::Late.eq(false))
+            .all(db)
+            .await?;
+        let mut total = spent.rdp.clone();
+        for u in counted {
+            let Some(v) = u.privacy else { continue };
+            let earlier: consilium_core::protocol::PrivacySpent = from(&v)?;
+            total = total.plus(&earlier.rdp).map_err(AppError::unexpected)?;
+        }
+        let epsilon = total
+            .epsilon(dp.delta)
+            .map_err(AppError::unexpected)?
+            .epsilon;
+        (epsilon > dp.epsilon * (1.0 + 1e-9)).then(|| {
+            format!(
+                "it would bring this run's privacy spending at this site to ε = {epsilon:.3}, above the approved ε = {}",
+                dp.epsilon
+            )
+        })
+    };
+    Ok((stored, problem))
 }

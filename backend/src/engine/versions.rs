@@ -155,6 +155,7 @@ impl Engine {
                     .unwrap_or_default(),
                 train_loss_before: u.train_loss_before.unwrap_or(f64::NAN),
                 train_loss_after: u.train_loss_after.unwrap_or(f64::NAN),
+                privacy: u.privacy.as_ref().map(from).transpose()?,
             });
         }
         // FedAdam's and FedYogi's moments: starting them again silently would change the

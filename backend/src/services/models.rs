@@ -154,6 +154,10 @@ pub async fn round_dto(ctx: &AppContext, x: &round::Model) -> AppResult<RoundDto
                 .map(from_json)
                 .transpose()?,
             duration_ms: u.and_then(|u| u.duration_ms),
+            privacy: u
+                .and_then(|u| u.privacy.as_ref())
+                .map(from_json)
+                .transpose()?,
         });
     }
     Ok(RoundDto {

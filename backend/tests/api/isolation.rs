@@ -240,6 +240,7 @@ async fn a_site_reads_only_its_runs_models_and_counts_only_with_its_own_outputs(
             train_loss_after: 0.3,
             duration_ms: 1,
             skipped: vec![],
+            privacy: None,
         },
     });
     app.broker

@@ -97,3 +97,88 @@ fn the_privacy_planner_reports_both_conversions_and_finds_the_noise() {
         "{err}"
     );
 }
+
+/// A DP-SGD run: every site reports what each round cost its patients, the server checks it and
+/// keeps it with the round and in every model version's lineage, and no site's run spends
+/// more than the approved ε.
+async fn a_private_run_reports_and_bounds_what_each_site_spent(db: crate::helpers::Db) {
+    use crate::engine::{approved_study, engine_manifest, start_worker, wait_for_run};
+    use crate::helpers::*;
+    use consilium_worker::synthetic::SiteProfile;
+    let app = spawn_app_with(db, |s| s.engine.round_timeout_seconds = 120).await;
+    let w = world(&app).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let p = |seed| SiteProfile {
+        images: 120,
+        lesion_fraction: 0.5,
+        gain: 1.0,
+        offset: 0.0,
+        noise: 0.03,
+        blur: 0,
+        seed,
+    };
+    let _a = start_worker(&app, w.site_a, &w.custodian_a, p(1), dir.path()).await;
+    let _b = start_worker(&app, w.site_b, &w.custodian_b, p(2), dir.path()).await;
+    let mut m = engine_manifest(3);
+    m["local_epochs"] = 1.into();
+    m["privacy"] =
+        serde_json::json!({"dp_sgd": {"epsilon": 4.0, "delta": 1e-5, "max_grad_norm": 1.0}});
+    let (sid, _) = approved_study(&app, &w, m).await;
+    let run = app
+        .post(
+            &format!("/api/v1/studies/{sid}/runs"),
+            &w.researcher.auth,
+            serde_json::json!({}),
+        )
+        .await
+        .expect(201);
+    let rid = id_of(&run);
+    let done = wait_for_run(&app, &rid, &w.researcher.auth, 240).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let rounds = app
+        .get(&format!("/api/v1/runs/{rid}/rounds"), &w.researcher.auth)
+        .await
+        .expect(200);
+    let mut last: std::collections::HashMap<String, f64> = Default::default();
+    for round in rounds.as_array().expect("rounds") {
+        for s in round["sites"].as_array().expect("sites") {
+            assert_eq!(s["status"], "trained", "{round}");
+            let p = &s["privacy"];
+            let run_eps = p["epsilon_run"].as_f64().expect("ε of the run");
+            assert!(run_eps <= 4.0 + 1e-9, "{p}");
+            assert_eq!(p["delta"], 1e-5);
+            assert!(p["noise_multiplier"].as_f64().expect("σ") > 0.0);
+            let site = s["site_id"].as_str().expect("site").to_string();
+            if let Some(prev) = last.insert(site, run_eps) {
+                assert!(run_eps > prev, "the run's ε grows round by round: {p}");
+            }
+        }
+    }
+    // The plan's three rounds spend (nearly) all of the budget at each site, and no more.
+    assert!(
+        last.values().all(|e| *e > 3.8 && *e <= 4.0 + 1e-9),
+        "{last:?}"
+    );
+    let models = app
+        .get(&format!("/api/v1/models?run_id={rid}"), &w.researcher.auth)
+        .await
+        .expect(200);
+    let newest = models.as_array().and_then(|m| m.last()).expect("a model");
+    let lineage = app
+        .get(
+            &format!("/api/v1/models/{}/lineage", id_of(newest)),
+            &w.auditor.auth,
+        )
+        .await
+        .expect(200);
+    for c in lineage["model"]["contributions"]
+        .as_array()
+        .expect("contributions")
+    {
+        let eps = c["privacy"]["epsilon_run"]
+            .as_f64()
+            .expect("ε in the lineage");
+        assert_eq!(Some(&eps), last.get(c["site_id"].as_str().expect("site")));
+    }
+}
+crate::on_both!(a_private_run_reports_and_bounds_what_each_site_spent);

@@ -171,7 +171,13 @@ async fn a_simulation_reads_every_dicom_and_nifti_test_file() {
     std::fs::write(&config, format!("{plan}{sites}")).expect("write");
     let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("dicom            69 images (dicom"), "{out}");
-    assert!(out.contains("nifti            68 images (nifti"), "{out}");
+    assert!(
+        out.contains("dicom            69 images of 14 patients (dicom"),
+        "{out}"
+    );
+    assert!(
+        out.contains("nifti            68 images of 4 patients (nifti"),
+        "{out}"
+    );
     assert!(out.contains("completed after"), "{out}");
 }

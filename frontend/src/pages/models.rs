@@ -90,6 +90,10 @@ fn LineageView(d: LineagePage) -> impl IntoView {
                     <td>{c.samples}</td>
                     <td>{format!("{:.3} → {:.3}", c.train_loss_before, c.train_loss_after)}</td>
                     <td>{format!("{:.3}", c.evaluation.accuracy)}</td>
+                    <td>{match &c.privacy {
+                        Some(p) => format!("ε = {:.2} this round, {:.2} in the run, {:.2} for the dataset (δ = {}, σ = {:.2}, {} patients)", p.epsilon_round, p.epsilon_run, p.epsilon_dataset, p.delta, p.noise_multiplier, p.patients),
+                        None => "not differentially private".to_string(),
+                    }}</td>
                 </tr>
             }
         })
@@ -130,7 +134,7 @@ fn LineageView(d: LineagePage) -> impl IntoView {
             <li><strong>"Round "{l.round.number}": "</strong>{l.round.state.clone()}", quorum "{l.round.quorum}</li>
             <li><strong>"Updates from the sites:"</strong>
                 <table>
-                    <thead><tr><th scope="col">"Site"</th><th scope="col">"Update"</th><th scope="col">"Samples"</th><th scope="col">"Training loss"</th><th scope="col">"Accuracy (incoming model)"</th></tr></thead>
+                    <thead><tr><th scope="col">"Site"</th><th scope="col">"Update"</th><th scope="col">"Samples"</th><th scope="col">"Training loss"</th><th scope="col">"Accuracy (incoming model)"</th><th scope="col">"Privacy spent"</th></tr></thead>
                     <tbody>{contributions}</tbody>
                 </table>
             </li>

@@ -138,6 +138,11 @@ fn RunView(d: RunPage) -> impl IntoView {
         None => "No round opened yet".to_string(),
     };
 
+    // A DP-SGD run shows what each round cost each site's patients.
+    let private = d
+        .rounds
+        .iter()
+        .any(|x| x.sites.iter().any(|s| s.privacy.is_some()));
     let rounds = d.rounds.iter().rev().map(|round| {
         let model = round.model_version_id.map(|id| view! { <a href=format!("/models/{id}")>"model of this round"</a> });
         // The figures are those of the model this round made, on each site's held-out split
@@ -154,6 +159,7 @@ fn RunView(d: RunPage) -> impl IntoView {
                     <td>{held_out.as_ref().and_then(|m| m.auroc).map(|a| format!("{a:.3}")).unwrap_or_else(|| "—".into())}</td>
                     <td>{held_out.as_ref().map(|m| format!("{:.3}", m.loss)).unwrap_or_else(|| "—".into())}</td>
                     <td>{s.duration_ms.map(|ms| format!("{:.1} s", ms as f64 / 1000.0)).unwrap_or_default()}</td>
+                    {private.then(|| view! { <td>{s.privacy.as_ref().map(|p| format!("ε {:.2} (run {:.2})", p.epsilon_round, p.epsilon_run)).unwrap_or_else(|| "—".into())}</td> })}
                     <td>{s.reason.clone().unwrap_or_default()}</td>
                 </tr>
             }
@@ -175,7 +181,7 @@ fn RunView(d: RunPage) -> impl IntoView {
                 {(!waiting.is_empty() && round.state == "collecting").then(|| view! { <p class="hint">"Waiting for: "{waiting.join(", ")}</p> })}
                 <table>
                     <caption>"Held-out figures: this round's model at each site"</caption>
-                    <thead><tr><th scope="col">"Site"</th><th scope="col">"Status"</th><th scope="col">"Training images"</th><th scope="col">"Held-out accuracy"</th><th scope="col">"AUROC"</th><th scope="col">"Held-out loss"</th><th scope="col">"Time"</th><th scope="col">"Reason"</th></tr></thead>
+                    <thead><tr><th scope="col">"Site"</th><th scope="col">"Status"</th><th scope="col">"Training images"</th><th scope="col">"Held-out accuracy"</th><th scope="col">"AUROC"</th><th scope="col">"Held-out loss"</th><th scope="col">"Time"</th>{private.then(|| view! { <th scope="col">"Privacy spent"</th> })}<th scope="col">"Reason"</th></tr></thead>
                     <tbody>{sites}</tbody>
                 </table>
                 {(!round.excluded.is_empty()).then(|| view! { <p><strong>"Excluded:"</strong></p><ul>{excluded}</ul> })}

@@ -623,11 +623,16 @@ fn what_it_binds(
                 .unwrap_or_default()
         ),
     ));
-    let privacy = match (m.privacy.clip_norm, m.privacy.noise_multiplier) {
-        (Some(c), Some(n)) if n > 0.0 => format!(
+    let privacy = match (
+        &m.privacy.dp_sgd,
+        m.privacy.clip_norm,
+        m.privacy.noise_multiplier,
+    ) {
+        (Some(dp), _, _) => privacy_budget_words(dp, m, s, &site_name),
+        (None, Some(c), Some(n)) if n > 0.0 => format!(
             "each site clips its update to norm {c} and adds Gaussian noise (multiplier {n}); no privacy budget (ε) is claimed"
         ),
-        (Some(c), _) => {
+        (None, Some(c), _) => {
             format!("each site clips its update to norm {c}; no noise, no privacy budget (ε)")
         }
         _ => "no clipping or noise: no differential privacy, no privacy budget (ε)".to_string(),
@@ -638,6 +643,51 @@ fn what_it_binds(
         "off: the server sees each site's update".into(),
     ));
     out
+}
+
+/// A DP-SGD plan's budget in words, with what each site would spend when the plan fixes σ
+/// (from the cases its grant covers, counted as patients).
+fn privacy_budget_words(
+    dp: &consilium_core::manifest::DpSgdSettings,
+    m: &consilium_core::manifest::TrainingPlanManifest,
+    s: &StudyDto,
+    site_name: &impl Fn(uuid::Uuid) -> String,
+) -> String {
+    use consilium_core::privacy::{RdpCost, default_orders};
+    let mut words = format!(
+        "each patient's data: at most ε = {} at δ = {} over this study's run (DP-SGD at every site: each patient's gradient clipped to {}, Gaussian noise on every step, patients sampled at random; the site refuses a round beyond it)",
+        dp.epsilon, dp.delta, dp.max_grad_norm
+    );
+    match dp.noise_multiplier {
+        None => words.push_str("; each site derives σ for its number of patients"),
+        Some(sigma) => {
+            words.push_str(&format!("; σ = {sigma} fixed"));
+            for st in &s.sites {
+                let n = u64::from(st.scope.cases.max(1));
+                let batch = u64::from(m.batch_size.max(1));
+                let q = (batch as f64 / n as f64).min(1.0);
+                let steps = u64::from(m.local_epochs.max(1))
+                    * n.div_ceil(batch)
+                    * u64::from(m.rounds.max(1));
+                let cost = RdpCost::sampled_gaussian(q, sigma, steps, &default_orders())
+                    .and_then(|c| c.epsilon(dp.delta));
+                words.push_str(&match cost {
+                    Ok(e) if e.epsilon > dp.epsilon => format!(
+                        "; at {} ({n} cases) it would cost ε = {:.2}, above the budget: that site will refuse the rounds beyond it",
+                        site_name(st.site_id),
+                        e.epsilon
+                    ),
+                    Ok(e) => format!(
+                        "; at {} ({n} cases) ε = {:.2}",
+                        site_name(st.site_id),
+                        e.epsilon
+                    ),
+                    Err(e) => format!("; at {}: {e}", site_name(st.site_id)),
+                });
+            }
+        }
+    }
+    words
 }
 
 /// The plan form: the manifest as JSON, its problems listed as it is typed (once the bundle has
