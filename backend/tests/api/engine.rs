@@ -90,6 +90,32 @@ pub async fn start_keyed_worker(
     profile: SiteProfile,
     dir: &std::path::Path,
 ) -> (tokio::task::JoinHandle<()>, SigningKey) {
+    let (ctx, broker, key) = keyed_site(app, site, custodian, profile, dir).await;
+    let handle = tokio::spawn(async move {
+        let _ = consilium_worker::consumer::run(
+            ctx,
+            broker,
+            Duration::from_secs(1),
+            std::future::pending(),
+        )
+        .await;
+    });
+    (handle, key)
+}
+
+/// A site as its worker sees it: its data, its registered key, its token and its own broker
+/// connection; the caller runs the worker's loop (or a compromised one).
+pub async fn keyed_site(
+    app: &TestApp,
+    site: Uuid,
+    custodian: &Person,
+    profile: SiteProfile,
+    dir: &std::path::Path,
+) -> (
+    Arc<SiteContext>,
+    consilium_worker::broker::SharedBroker,
+    SigningKey,
+) {
     let data = dir.join(format!("site-{site}"));
     write_site(&data, 32, &profile).expect("synthetic data");
     let token = worker_token(app, site, custodian).await;
@@ -126,16 +152,7 @@ pub async fn start_keyed_worker(
         server_key,
     ));
     let broker = site_broker(app, site).await;
-    let handle = tokio::spawn(async move {
-        let _ = consilium_worker::consumer::run(
-            ctx,
-            broker,
-            Duration::from_secs(1),
-            std::future::pending(),
-        )
-        .await;
-    });
-    (handle, key)
+    (ctx, broker, key)
 }
 
 /// Drafts, approves and grants a two-site study; returns (study id, plan hash).

@@ -182,3 +182,102 @@ async fn a_private_run_reports_and_bounds_what_each_site_spent(db: crate::helper
     }
 }
 crate::on_both!(a_private_run_reports_and_bounds_what_each_site_spent);
+
+/// A compromised worker trains as told but claims a tenth of what it spent, to let its run
+/// go on past the budget: the server recomputes the cost from the reported sampling rate, σ
+/// and steps, does not count the update, says why on the round and audits a privacy alarm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_that_understates_its_privacy_cost_is_not_counted() {
+    use crate::engine::{approved_study, engine_manifest, keyed_site, wait_for_run};
+    use crate::helpers::*;
+    use consilium_core::protocol::{Outcome, WorkerMessage};
+    use consilium_core::signing;
+    use consilium_worker::synthetic::SiteProfile;
+    let app = spawn_app_with(Db::Sqlite, |s| s.engine.round_timeout_seconds = 30).await;
+    let w = world(&app).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let profile = SiteProfile {
+        images: 120,
+        lesion_fraction: 0.5,
+        gain: 1.0,
+        offset: 0.0,
+        noise: 0.03,
+        blur: 0,
+        seed: 4,
+    };
+    let (ctx, broker, key) = keyed_site(&app, w.site_b, &w.custodian_b, profile, dir.path()).await;
+    let server_key = ctx.server_key;
+    let liar = tokio::spawn(async move {
+        let mut jobs = broker.jobs(ctx.site_id).await.expect("the site's queue");
+        while let Some(d) = jobs.recv().await {
+            let signed: signing::SignedMessage =
+                serde_json::from_slice(&d.payload).expect("a signed job");
+            let job = signing::verify_job(&server_key, &signed).expect("the server's job");
+            let mut result = consilium_worker::job::process(&job, &ctx).await;
+            if let Outcome::Trained {
+                privacy: Some(p), ..
+            } = &mut result.outcome
+            {
+                p.rdp.rdp.iter_mut().for_each(|v| *v /= 10.0);
+                p.epsilon_round /= 10.0;
+                p.epsilon_run /= 10.0;
+            }
+            let lie = signing::sign(&key, &WorkerMessage::Result(result)).expect("signed");
+            broker.publish_message(&lie).await.expect("published");
+            d.ack().await;
+        }
+    });
+    let mut m = engine_manifest(2);
+    m["local_epochs"] = 1.into();
+    m["aggregation"]["min_sites"] = 1.into();
+    m["privacy"] =
+        serde_json::json!({"dp_sgd": {"epsilon": 4.0, "delta": 1e-5, "max_grad_norm": 1.0}});
+    let (sid, _) = approved_study(&app, &w, m).await;
+    let run = app
+        .post(
+            &format!("/api/v1/studies/{sid}/runs"),
+            &w.researcher.auth,
+            serde_json::json!({}),
+        )
+        .await
+        .expect(201);
+    let rid = id_of(&run);
+    let done = wait_for_run(&app, &rid, &w.researcher.auth, 120).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let rounds = app
+        .get(&format!("/api/v1/runs/{rid}/rounds"), &w.researcher.auth)
+        .await
+        .expect(200);
+    let south = rounds[0]["sites"]
+        .as_array()
+        .and_then(|s| {
+            s.iter()
+                .find(|x| x["site_id"] == serde_json::json!(w.site_b))
+        })
+        .cloned()
+        .expect("South in round 1");
+    assert_eq!(south["status"], "failed", "{south}");
+    assert!(
+        south["reason"].as_str().is_some_and(|r| r.starts_with(
+            "not counted: the reported privacy cost does not follow from its sampling rate"
+        )),
+        "{south}"
+    );
+    let alarms = app
+        .get(
+            "/api/v1/audit/events?action=privacy.alarm&limit=1000",
+            &w.auditor.auth,
+        )
+        .await
+        .expect(200);
+    let alarms = alarms.as_array().expect("events");
+    assert_eq!(alarms.len(), 1, "{alarms:?}");
+    // Audit events keep digests of their details; the reason is on the round (above).
+    assert_eq!(alarms[0]["object_type"], "update");
+    assert!(
+        alarms[0]["actor"]
+            .as_str()
+            .is_some_and(|a| a.contains("South Hospital"))
+    );
+    liar.abort();
+}
