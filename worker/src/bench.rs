@@ -43,7 +43,13 @@ fn torch_rate(model: &str, steps: usize, threads: usize) -> anyhow::Result<Optio
 }
 
 /// One measurement in a child process: steps/s with `threads` threads.
-fn bench_child(model: &str, steps: usize, threads: usize, baseline: bool) -> anyhow::Result<f64> {
+fn bench_child(
+    model: &str,
+    steps: usize,
+    threads: usize,
+    baseline: bool,
+    dp: bool,
+) -> anyhow::Result<f64> {
     let mut args = vec![
         "bench-train".to_string(),
         "--model".into(),
@@ -55,6 +61,9 @@ fn bench_child(model: &str, steps: usize, threads: usize, baseline: bool) -> any
     ];
     if baseline {
         args.push("--candle-conv".into());
+    }
+    if dp {
+        args.push("--dp".into());
     }
     let out = std::process::Command::new(std::env::current_exe()?)
         .args(&args)
@@ -88,17 +97,33 @@ fn measured(
 
 /// The parent: one child process per measurement (a thread pool is sized once per process),
 /// candle's kernels, Consilium's and PyTorch's side by side, each `runs` times, interleaved.
-fn bench_parent(model: &str, steps: usize, runs: usize) -> anyhow::Result<()> {
+fn bench_parent(model: &str, steps: usize, runs: usize, dp: bool) -> anyhow::Result<()> {
     let all = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    if dp {
+        println!(
+            "{model}: batch 64 (64 patients, every one sampled), SGD with momentum, {steps} steps after 3 warm-up steps; median of {runs} run(s) (range)"
+        );
+        for t in [1, all] {
+            let (plain, line) = measured(runs, || bench_child(model, steps, t, false, false))?;
+            println!("  {t} thread(s), non-private:                   {line}");
+            let (private, line) = measured(runs, || bench_child(model, steps, t, false, true))?;
+            println!("  {t} thread(s), DP-SGD (per-patient clipping): {line}");
+            println!(
+                "  {t} thread(s), DP-SGD step time {:.2}x the non-private",
+                plain / private
+            );
+        }
+        return Ok(());
+    }
     println!(
         "{model}: batch 64, SGD with momentum, {steps} steps after 3 warm-up steps; median of {runs} run(s) (range)"
     );
     for t in [1, all] {
-        let (base, line) = measured(runs, || bench_child(model, steps, t, true))?;
+        let (base, line) = measured(runs, || bench_child(model, steps, t, true, false))?;
         println!("  {t} thread(s), candle's kernels:    {line}");
-        let (ours, line) = measured(runs, || bench_child(model, steps, t, false))?;
+        let (ours, line) = measured(runs, || bench_child(model, steps, t, false, false))?;
         println!("  {t} thread(s), Consilium's kernels: {line}");
         println!("  {t} thread(s), speed-up {:.2}x", ours / base);
         if torch_python().is_some() {
@@ -125,11 +150,12 @@ pub fn bench_train(
     runs: usize,
     threads: Option<usize>,
     candle_conv: bool,
+    dp: bool,
 ) -> anyhow::Result<()> {
     use crate::data::Sample;
-    use crate::train::{Net, Rng};
+    use crate::train::{DpStep, Net, Rng};
     let Some(threads) = threads else {
-        return bench_parent(model, steps, runs);
+        return bench_parent(model, steps, runs, dp);
     };
     consilium_core::conv::use_candle_kernels(candle_conv);
     let size = if model == "resnet" { 32 } else { 28 };
@@ -156,13 +182,28 @@ pub fn bench_train(
         })
         .collect();
     let batch: Vec<&Sample> = samples.iter().collect();
-    // One epoch over 64 samples with batch 64 is exactly one step.
+    // One epoch over 64 samples with batch 64 is exactly one step; under DP-SGD, sampling
+    // rate 1 takes all 64 patients, so both steps see the same batch.
+    let private = DpStep {
+        sampling_rate: 1.0,
+        noise_multiplier: 1.0,
+        max_grad_norm: 1.0,
+        steps: 1,
+    };
+    let step = |seed: u64| -> anyhow::Result<()> {
+        if dp {
+            net.train_dp(&batch, &plan, seed, &private)?;
+        } else {
+            net.train(&batch, &plan, seed)?;
+        }
+        Ok(())
+    };
     for _ in 0..3 {
-        net.train(&batch, &plan, 1)?;
+        step(1)?;
     }
     let started = std::time::Instant::now();
     for i in 0..steps {
-        net.train(&batch, &plan, i as u64)?;
+        step(i as u64)?;
     }
     let secs = started.elapsed().as_secs_f64();
     tracing::debug!(threads, "measured");

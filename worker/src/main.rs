@@ -63,6 +63,9 @@ enum Command {
         /// With candle's own kernels (the baseline; used by the parent run).
         #[arg(long, hide = true)]
         candle_conv: bool,
+        /// DP-SGD (per-patient gradients, clipping and noise) next to non-private training.
+        #[arg(long)]
+        dp: bool,
     },
 }
 
@@ -148,9 +151,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         runs,
         threads,
         candle_conv,
+        dp,
     } = &cli.command
     {
-        return consilium_worker::bench::bench_train(model, *steps, *runs, *threads, *candle_conv);
+        return consilium_worker::bench::bench_train(
+            model,
+            *steps,
+            *runs,
+            *threads,
+            *candle_conv,
+            *dp,
+        );
     }
     if let Command::Keygen { out } = &cli.command {
         let key = consilium_worker::identity::generate(out)?;
