@@ -106,13 +106,6 @@ impl Dataset {
     pub fn holdout(&self) -> impl Iterator<Item = &Sample> {
         self.samples.iter().filter(|s| s.holdout)
     }
-    /// Patients (units of privacy) in the training split.
-    pub fn train_units(&self) -> usize {
-        self.train()
-            .map(|s| s.unit.as_str())
-            .collect::<std::collections::BTreeSet<_>>()
-            .len()
-    }
     /// What the dataset's files yield, per format and modality: files read and skipped, images,
     /// and each skip reason with how many files had it (`consilium-worker check-data`).
     pub fn table(&self) -> String {

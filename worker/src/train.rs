@@ -23,6 +23,9 @@ pub enum TrainError {
 
 pub type Result<T> = std::result::Result<T, TrainError>;
 
+/// The variables training changes, by name.
+type Trainable = Vec<(String, Var)>;
+
 /// Weights by name: shape and row-major values.
 pub type NamedWeights = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
@@ -289,6 +292,22 @@ impl Net {
         })
     }
 
+    /// The weights training changes (running statistics excluded), by name, with a copy of
+    /// their incoming values for the FedProx term. The copy is outside the graph: `detach`
+    /// alone shares their storage, which the optimiser updates in place, and `copy` alone keeps
+    /// the copy in the graph; either way the proximal term's gradient would be zero.
+    fn trainable(&self) -> Result<(Trainable, Vec<Tensor>)> {
+        let trainable: Vec<(String, Var)> = sorted_vars(&self.varmap)
+            .into_iter()
+            .filter(|(n, _)| !is_running_stat(n))
+            .collect();
+        let anchor = trainable
+            .iter()
+            .map(|(_, v)| v.as_tensor().copy().map(|t| t.detach()))
+            .collect::<candle_core::Result<_>>()?;
+        Ok((trainable, anchor))
+    }
+
     /// Trains for the plan's local epochs. `global` is the round's incoming model for the
     /// FedProx term. Returns the mean loss of the first and of the last epoch.
     pub fn train(&self, samples: &[&Sample], plan: &Plan, seed: u64) -> Result<(f64, f64)> {
@@ -297,18 +316,8 @@ impl Net {
                 "there are no training samples at this site".into(),
             ));
         }
-        let trainable: Vec<(String, Var)> = sorted_vars(&self.varmap)
-            .into_iter()
-            .filter(|(n, _)| !is_running_stat(n))
-            .collect();
+        let (trainable, anchor) = self.trainable()?;
         let mu = plan.proximal_mu;
-        // A copy of the incoming weights, outside the graph. `detach` alone shares their
-        // storage, which the optimiser updates in place, and `copy` alone keeps the copy in the
-        // graph: either way the proximal term's gradient would be zero.
-        let anchor: Vec<Tensor> = trainable
-            .iter()
-            .map(|(_, v)| v.as_tensor().copy().map(|t| t.detach()))
-            .collect::<candle_core::Result<_>>()?;
         let mut optimiser = Opt::new(plan, trainable.iter().map(|(_, v)| v.clone()).collect())?;
         let mut rng = Rng::new(seed);
         let mut order: Vec<usize> = (0..samples.len()).collect();
@@ -371,14 +380,7 @@ impl Net {
                 "there are no training samples at this site".into(),
             ));
         }
-        let trainable: Vec<(String, Var)> = sorted_vars(&self.varmap)
-            .into_iter()
-            .filter(|(n, _)| !is_running_stat(n))
-            .collect();
-        let anchor: Vec<Tensor> = trainable
-            .iter()
-            .map(|(_, v)| v.as_tensor().copy().map(|t| t.detach()))
-            .collect::<candle_core::Result<_>>()?;
+        let (trainable, anchor) = self.trainable()?;
         let mut optimiser = Opt::new(plan, trainable.iter().map(|(_, v)| v.clone()).collect())?;
         let mut secret = Rng::from_entropy();
         let mut aug = Rng::new(seed);

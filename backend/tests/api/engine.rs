@@ -92,13 +92,17 @@ pub async fn start_keyed_worker(
 ) -> (tokio::task::JoinHandle<()>, SigningKey) {
     let (ctx, broker, key) = keyed_site(app, site, custodian, profile, dir).await;
     let handle = tokio::spawn(async move {
-        let _ = consilium_worker::consumer::run(
+        // It runs until the test ends; a worker that stops on its own fails the test loudly.
+        if let Err(e) = consilium_worker::consumer::run(
             ctx,
             broker,
             Duration::from_secs(1),
             std::future::pending(),
         )
-        .await;
+        .await
+        {
+            panic!("the site's worker stopped: {e:#}");
+        }
     });
     (handle, key)
 }
