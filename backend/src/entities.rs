@@ -271,6 +271,8 @@ entity!(heartbeat, "heartbeats", {
     pub site_id: Uuid,
     pub state: String,
     pub data_summary: String,
+    /// The training split's patients, as the worker last said (`Heartbeat::patients`).
+    pub patients: Option<i64>,
     pub version: String,
     pub at: DateTimeUtc,
 });
@@ -299,6 +301,39 @@ entity!(preview_set, "preview_sets", {
     pub decided_by: Option<Uuid>,
     pub decided_at: Option<DateTimeUtc>,
     pub comment: Option<String>,
+    pub created_at: DateTimeUtc,
+    pub updated_at: DateTimeUtc,
+});
+
+entity!(privacy_budget, "privacy_budgets", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub site_id: Uuid,
+    /// The most ε any patient of the site's dataset may spend over every study, at `delta`.
+    pub epsilon: f64,
+    pub delta: f64,
+    pub set_by: Uuid,
+    pub set_at: DateTimeUtc,
+});
+
+entity!(privacy_spend, "privacy_spends", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub site_id: Uuid,
+    pub study_id: Uuid,
+    pub run_id: Uuid,
+    pub round: i32,
+    /// `reserved` (the job is out), `committed` (spent) or `released` (nothing was spent).
+    pub state: String,
+    pub patients: i64,
+    pub sampling_rate: f64,
+    pub noise_multiplier: f64,
+    pub steps: i64,
+    /// The plan's δ.
+    pub delta: f64,
+    /// The round's Rényi costs (`RdpCost`): what adds up across rounds and runs.
+    pub rdp: Json,
+    /// Why it was committed or released, where that is not simply the update being counted.
+    pub note: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 });

@@ -703,6 +703,8 @@ dto! {
         pub site_id: Uuid,
         pub state: String,
         pub data_summary: String,
+        /// Patients in the site's training split, once its worker has read the data.
+        pub patients: Option<i64>,
         pub version: String,
         pub at: DateTime<Utc>,
     }
@@ -864,5 +866,73 @@ dto! {
         pub comment: Option<String>,
         pub created_at: DateTime<Utc>,
         pub updated_at: DateTime<Utc>,
+    }
+}
+
+// ---------------------------------------------------------------- privacy ledger
+
+input! {
+    /// A site's lifetime privacy budget for its dataset: the most ε any of its patients may
+    /// spend over every study, at δ. Its custodian sets it; rounds that would exceed it are not
+    /// sent to the site.
+    pub struct SetPrivacyBudget {
+        pub epsilon: f64,
+        pub delta: f64,
+    }
+}
+
+dto! {
+    pub struct PrivacyBudgetDto {
+        pub epsilon: f64,
+        pub delta: f64,
+        pub set_by: Uuid,
+        pub set_at: DateTime<Utc>,
+    }
+
+    /// One private round at one site in the dataset's ledger.
+    pub struct PrivacySpendDto {
+        pub study_id: Uuid,
+        pub run_id: Uuid,
+        pub round: i32,
+        /// `reserved` (the job is out), `committed` (spent) or `released` (nothing was spent).
+        pub state: String,
+        pub patients: i64,
+        pub sampling_rate: f64,
+        pub noise_multiplier: f64,
+        pub steps: i64,
+        /// ε of this round alone, at the plan's δ.
+        pub epsilon_round: f64,
+        /// Why it was committed or released, where that is not the update being counted.
+        pub note: Option<String>,
+        pub updated_at: DateTime<Utc>,
+    }
+
+    /// What one study spent from the dataset.
+    pub struct StudySpendingDto {
+        pub study_id: Uuid,
+        pub title: String,
+        /// ε its rounds have spent (committed), at the ledger's δ.
+        pub epsilon: f64,
+        pub rounds_committed: u32,
+        pub rounds_reserved: u32,
+    }
+
+    /// A site's dataset privacy ledger: its budget, what every study spent from it and what is
+    /// left. ε values are composed from the rounds' Rényi costs (which add up; ε does not), at
+    /// the budget's δ, or the smallest δ of the plans that spent when no budget is set.
+    pub struct DatasetPrivacyDto {
+        pub site_id: Uuid,
+        pub site_name: String,
+        pub budget: Option<PrivacyBudgetDto>,
+        /// The δ the ε values below are stated at (none before anything was spent or set).
+        pub delta: Option<f64>,
+        /// ε of every committed round.
+        pub spent_epsilon: f64,
+        /// ε of every committed round and every round whose job is out.
+        pub spent_or_reserved_epsilon: f64,
+        /// What the budget leaves once committed and reserved rounds are counted.
+        pub remaining_epsilon: Option<f64>,
+        pub studies: Vec<StudySpendingDto>,
+        pub spends: Vec<PrivacySpendDto>,
     }
 }

@@ -308,6 +308,74 @@ impl Plan {
     pub fn has(&self, a: Augmentation) -> bool {
         self.augmentations.contains(&a)
     }
+
+    /// What one round of this plan's DP-SGD costs a site whose training split holds
+    /// `patients` patients: the batch size over the patients is each patient's chance of being
+    /// in a step, an epoch is patients / batch steps, and σ (unless the plan fixes it) is the
+    /// smallest that keeps every round of the run within the approved ε. The site trains by it
+    /// and the server reserves it in the dataset's ledger before the job goes out: both compute
+    /// it here, so a difference is a site that did something else.
+    pub fn dp_round(&self, dp: &DpSgd, patients: u64) -> Result<DpRound, DpRoundError> {
+        if patients == 0 {
+            return Err(DpRoundError::NoPatients);
+        }
+        if dp.delta >= 1.0 / patients as f64 {
+            return Err(DpRoundError::DeltaTooLarge {
+                delta: dp.delta,
+                patients,
+            });
+        }
+        let batch = self.batch_size.max(1) as u64;
+        let sampling_rate = (batch as f64 / patients as f64).min(1.0);
+        let steps = u64::from(self.local_epochs.max(1)) * patients.div_ceil(batch);
+        let orders = crate::privacy::default_orders();
+        let noise_multiplier = match dp.noise_multiplier {
+            Some(s) => s,
+            None => crate::privacy::noise_for(
+                sampling_rate,
+                steps * u64::from(self.rounds.max(1)),
+                dp.epsilon,
+                dp.delta,
+                &orders,
+            )?,
+        };
+        let rdp = crate::privacy::RdpCost::sampled_gaussian(
+            sampling_rate,
+            noise_multiplier,
+            steps,
+            &orders,
+        )?;
+        Ok(DpRound {
+            patients,
+            sampling_rate,
+            noise_multiplier,
+            steps,
+            rdp,
+        })
+    }
+}
+
+/// One round of DP-SGD at one site, as [`Plan::dp_round`] works it out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DpRound {
+    pub patients: u64,
+    pub sampling_rate: f64,
+    pub noise_multiplier: f64,
+    pub steps: u64,
+    pub rdp: crate::privacy::RdpCost,
+}
+
+/// Why a site cannot train a round of the plan's DP-SGD.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DpRoundError {
+    #[error("there are no training samples at this site")]
+    NoPatients,
+    #[error(
+        "the plan's δ = {delta} is not below 1 / {patients} (this site's patients): a δ that large allows a mechanism that releases one patient's data outright; the plan needs a smaller δ"
+    )]
+    DeltaTooLarge { delta: f64, patients: u64 },
+    #[error(transparent)]
+    Cost(#[from] crate::privacy::PrivacyError),
 }
 
 /// Collects problems while the manifest is parsed.

@@ -168,6 +168,11 @@ pub struct Heartbeat {
     pub state: WorkerState,
     /// e.g. "412 images (dicom), 3 skipped".
     pub data_summary: String,
+    /// Patients (the unit of privacy) in the site's training split, once the data is read: the
+    /// server works out a private round's cost from it to reserve it before the job goes out.
+    /// A count only; no patient's identity leaves the site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patients: Option<u64>,
     pub version: String,
     pub at: DateTime<Utc>,
 }

@@ -164,6 +164,7 @@ mod tests {
             site_id: uuid::Uuid::nil(),
             state: WorkerState::Idle,
             data_summary: "12 images".into(),
+            patients: Some(12),
             version: "0.1.0".into(),
             at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
         })

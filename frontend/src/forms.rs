@@ -4,8 +4,9 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use consilium_core::api::{
     AccessDecision, AccessRequestDto, CreateAccessRequest, CreateRun, CreateStudy, DataScope,
-    DecideAccessRequest, ModelVersionDto, RegisterSiteKey, ReviewDecision, ReviewDto, RevokeAccess,
-    RunDto, SiteKeyDto, StopRun, StudyDto, StudySite, SubmitReview, UpdateStudy,
+    DatasetPrivacyDto, DecideAccessRequest, ModelVersionDto, RegisterSiteKey, ReviewDecision,
+    ReviewDto, RevokeAccess, RunDto, SetPrivacyBudget, SiteKeyDto, StopRun, StudyDto, StudySite,
+    SubmitReview, UpdateStudy,
 };
 use uuid::Uuid;
 
@@ -253,6 +254,35 @@ pub async fn site_key_action(api: &Api, form: &Form) -> Result<String, PortalErr
         other => return Err(invalid(format!("Unknown action {other:?}."))),
     }
     Ok("/access#site-keys".into())
+}
+
+/// A decimal number field (ε, δ: `8`, `0.5`, `1e-5`).
+fn decimal(form: &Form, key: &str, label: &str) -> Result<f64, PortalError> {
+    let v = required(form, key, label)?;
+    v.parse::<f64>()
+        .ok()
+        .filter(|x| x.is_finite())
+        .ok_or_else(|| {
+            invalid(format!(
+                "{label} must be a number such as 8 or 1e-5, not {v:?}."
+            ))
+        })
+}
+
+/// The custodian sets a dataset's lifetime privacy budget.
+pub async fn privacy_budget_action(api: &Api, form: &Form) -> Result<String, PortalError> {
+    let site = uuid("site", &required(form, "site_id", "Site")?)?;
+    let _: DatasetPrivacyDto = api
+        .send(
+            reqwest::Method::PUT,
+            &format!("/sites/{site}/privacy/budget"),
+            &SetPrivacyBudget {
+                epsilon: decimal(form, "epsilon", "Lifetime ε")?,
+                delta: decimal(form, "delta", "δ")?,
+            },
+        )
+        .await?;
+    Ok("/access#privacy-ledger".into())
 }
 
 /// A value as one path segment: anything but letters, digits, `-`, `_`, `.` and `:` escaped.

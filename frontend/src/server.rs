@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 
 use consilium_core::api::{
-    AccessRequestDto, AuditEventDto, AuditVerification, CommitteeDto, LineageDto, MeDto,
-    ModelVersionDto, PlanDto, PreflightReport, PreviewDto, ReviewDto, RoundDto, RunDto, SiteDto,
-    SiteHealthDto, SiteKeyDto, StudyDto,
+    AccessRequestDto, AuditEventDto, AuditVerification, CommitteeDto, DatasetPrivacyDto,
+    LineageDto, MeDto, ModelVersionDto, PlanDto, PreflightReport, PreviewDto, ReviewDto, RoundDto,
+    RunDto, SiteDto, SiteHealthDto, SiteKeyDto, StudyDto,
 };
 use leptos::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -182,6 +182,8 @@ pub struct AccessPage {
     pub previews: Vec<PreviewDto>,
     /// The signing keys of the custodian's sites, in force and revoked.
     pub keys: Vec<SiteKeyDto>,
+    /// The privacy ledgers of the custodian's datasets (one per site).
+    pub privacy: Vec<DatasetPrivacyDto>,
     /// The plans and the committee's decisions of the studies that ask the custodian's sites,
     /// so that each request shows which plan version it covers and whether ethics approved it.
     pub plans: Vec<PlanDto>,
@@ -212,11 +214,16 @@ pub async fn load_access() -> Result<AccessPage, PortalError> {
     let mut activity = Vec::new();
     let mut previews = Vec::new();
     let mut keys = Vec::new();
+    let mut privacy = Vec::new();
     let mut plans = Vec::new();
     let mut reviews = Vec::new();
     for site in &mine {
         keys.extend(
             api.get::<Vec<SiteKeyDto>>(&format!("/sites/{site}/keys"))
+                .await?,
+        );
+        privacy.push(
+            api.get::<DatasetPrivacyDto>(&format!("/sites/{site}/privacy"))
                 .await?,
         );
     }
@@ -257,6 +264,7 @@ pub async fn load_access() -> Result<AccessPage, PortalError> {
         activity,
         previews,
         keys,
+        privacy,
         plans,
         reviews,
         next_year: (chrono::Utc::now() + chrono::Duration::days(365))
@@ -471,6 +479,16 @@ pub async fn site_key_action(form: Form) -> Result<(), PortalError> {
         f,
         |api| async move { forms::site_key_action(&api, f).await },
     )
+    .await;
+    Ok(())
+}
+
+#[server(prefix = "/portal", endpoint = "privacy-budget")]
+pub async fn privacy_budget_action(form: Form) -> Result<(), PortalError> {
+    let f = &form;
+    posted(f, |api| async move {
+        forms::privacy_budget_action(&api, f).await
+    })
     .await;
     Ok(())
 }

@@ -9,6 +9,7 @@ mod m20261127_000003_previews;
 mod m20261201_000004_site_keys;
 mod m20261201_000005_site_outputs;
 mod m20261201_000006_privacy;
+mod m20261202_000007_privacy_ledger;
 
 pub struct Migrator;
 
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000004_site_keys::Migration),
             Box::new(m20261201_000005_site_outputs::Migration),
             Box::new(m20261201_000006_privacy::Migration),
+            Box::new(m20261202_000007_privacy_ledger::Migration),
         ]
     }
 }

@@ -24,16 +24,18 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // The data is read once in the background; heartbeats say how far that is and never wait.
     let size = consilium_core::plan::DEFAULT_IMAGE_SIZE;
+    let busy = Arc::new(AtomicBool::new(false));
+    let changed = Arc::new(Notify::new());
     let warm = {
-        let ctx = ctx.clone();
+        let (ctx, changed) = (ctx.clone(), changed.clone());
         tokio::spawn(async move {
             if let Err(e) = ctx.data(size).await {
                 tracing::error!(error = %e, "the site's data cannot be read");
             }
+            // The next heartbeat says what was read (and how many patients) at once.
+            changed.notify_one();
         })
     };
-    let busy = Arc::new(AtomicBool::new(false));
-    let changed = Arc::new(Notify::new());
     let beat = {
         let (ctx, broker, busy, changed) =
             (ctx.clone(), broker.clone(), busy.clone(), changed.clone());
@@ -48,6 +50,7 @@ pub async fn run(
                         WorkerState::Idle
                     },
                     data_summary: summary,
+                    patients: ctx.train_patients(size),
                     version: VERSION.to_string(),
                     at: Utc::now(),
                 };

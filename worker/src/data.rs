@@ -106,6 +106,13 @@ impl Dataset {
     pub fn holdout(&self) -> impl Iterator<Item = &Sample> {
         self.samples.iter().filter(|s| s.holdout)
     }
+    /// Patients (the unit of privacy) in the training split.
+    pub fn train_patients(&self) -> u64 {
+        self.train()
+            .map(|s| s.unit.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as u64
+    }
     /// What the dataset's files yield, per format and modality: files read and skipped, images,
     /// and each skip reason with how many files had it (`consilium-worker check-data`).
     pub fn table(&self) -> String {

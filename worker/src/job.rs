@@ -19,7 +19,6 @@ use crate::data::{self, Dataset, DatasetSpec, Sample};
 use crate::decode::Decoder;
 use crate::ledger::{Entry, Ledger, Spending};
 use crate::train::{DpStep, Net, Rng, device};
-use consilium_core::privacy::{RdpCost, default_orders, noise_for};
 use consilium_core::protocol::PrivacySpent;
 use consilium_core::signing::{SigningKey, VerifyingKey};
 
@@ -160,6 +159,14 @@ impl SiteContext {
         let d = Arc::new(loaded?);
         cache.insert(size, d.clone());
         Ok(d)
+    }
+
+    /// The training split's patients, once the data is read (never waits for it).
+    pub fn train_patients(&self, size: usize) -> Option<u64> {
+        self.cache
+            .try_lock()
+            .ok()
+            .and_then(|c| c.get(&size).map(|d| d.train_patients()))
     }
 
     /// What a heartbeat says of the data, without waiting for it to be read.
@@ -523,35 +530,17 @@ fn spend_privacy(
         .map(|s| s.unit.as_str())
         .collect::<std::collections::BTreeSet<_>>()
         .len() as u64;
-    if patients == 0 {
-        return Err(JobError::Failed(
-            "there are no training samples at this site".into(),
-        ));
-    }
-    if dp.delta >= 1.0 / patients as f64 {
-        return Err(JobError::Refused(format!(
-            "the plan's δ = {} is not below 1 / {patients} (this site's patients): a δ that large allows a mechanism that releases one patient's data outright; the plan needs a smaller δ",
-            dp.delta
-        )));
-    }
-    let batch = plan.batch_size.max(1) as u64;
-    let sampling_rate = (batch as f64 / patients as f64).min(1.0);
-    let steps = u64::from(plan.local_epochs.max(1)) * patients.div_ceil(batch);
-    let orders = default_orders();
-    let refused = |e: consilium_core::privacy::PrivacyError| JobError::Refused(e.to_string());
-    let noise_multiplier = match dp.noise_multiplier {
-        Some(s) => s,
-        None => noise_for(
-            sampling_rate,
-            steps * u64::from(plan.rounds.max(1)),
-            dp.epsilon,
-            dp.delta,
-            &orders,
-        )
-        .map_err(refused)?,
-    };
-    let rdp = RdpCost::sampled_gaussian(sampling_rate, noise_multiplier, steps, &orders)
-        .map_err(refused)?;
+    let round = plan.dp_round(dp, patients).map_err(|e| match e {
+        consilium_core::plan::DpRoundError::NoPatients => JobError::Failed(e.to_string()),
+        _ => JobError::Refused(e.to_string()),
+    })?;
+    let consilium_core::plan::DpRound {
+        patients,
+        sampling_rate,
+        noise_multiplier,
+        steps,
+        rdp,
+    } = round;
     let spent = ledger
         .spend(
             Entry {

@@ -3,6 +3,10 @@
 
 use super::rounds::{self, RoundState, Step};
 use super::*;
+use crate::services::privacy;
+
+/// How long a private round waits for sites whose workers are still reading their data.
+const PATIENTS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Engine {
     pub(super) async fn plan_of(
@@ -111,6 +115,7 @@ impl Engine {
         a.status = Set(status.to_string());
         a.stop_reason = Set(Some(reason.to_string()));
         let r = a.update(&*w).await?;
+        privacy::end_run(&*w, run_id, status).await?;
         audit::append(
             &*w,
             &Actor::system(),
@@ -163,6 +168,34 @@ impl Engine {
         failed
     }
 
+    /// The training patients each site's worker last reported, waiting a while for workers
+    /// that run but are still reading their data (a private round's cost depends on the
+    /// count).
+    pub(super) async fn patients_of(
+        &self,
+        ctx: &AppContext,
+        sites: &[Uuid],
+    ) -> AppResult<HashMap<Uuid, Option<i64>>> {
+        let until = std::time::Instant::now()
+            + PATIENTS_WAIT.min(self.round_timeout.to_std().unwrap_or_default());
+        loop {
+            let beats = heartbeat::Entity::find()
+                .filter(heartbeat::Column::SiteId.is_in(sites.iter().copied()))
+                .all(&ctx.db)
+                .await?;
+            let known: HashMap<Uuid, Option<i64>> =
+                beats.into_iter().map(|b| (b.site_id, b.patients)).collect();
+            // A site with no heartbeat at all has no worker running: it is not waited for.
+            let all = sites
+                .iter()
+                .all(|s| known.get(s).is_none_or(|n| n.is_some()));
+            if all || std::time::Instant::now() >= until {
+                return Ok(known);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+
     /// Re-checks governance, selects the sites, and sends round `number`'s training jobs.
     #[tracing::instrument(skip_all, fields(run = %r.id, round = number))]
     pub(super) async fn open_round(
@@ -206,15 +239,16 @@ impl Engine {
             )).await;
         }
         // Round 1 starts from the plan's seeded initial model, stored like any other.
+        let plan = manifest.parse().map_err(|p| {
+            AppError::unexpected(anyhow::anyhow!(
+                "the approved plan does not parse: {}",
+                p.join("; ")
+            ))
+        })?;
         let global = match global {
             Some(g) => g,
             None => {
-                let plan = manifest.parse().map_err(|p| {
-                    AppError::unexpected(anyhow::anyhow!(
-                        "the approved plan does not parse: {}",
-                        p.join("; ")
-                    ))
-                })?;
+                let plan = plan.clone();
                 let bytes = tokio::task::spawn_blocking(move || {
                     consilium_worker::train::Net::new(&plan, &candle_core::Device::Cpu)
                         .and_then(|n| n.to_safetensors())
@@ -230,8 +264,7 @@ impl Engine {
                     .map_err(AppError::unexpected)?
             }
         };
-        let deadline = Utc::now() + self.round_timeout;
-        let excluded: Vec<ExcludedSite> = check
+        let mut excluded: Vec<ExcludedSite> = check
             .site_unmet
             .iter()
             .map(|(s, why)| ExcludedSite {
@@ -239,7 +272,66 @@ impl Engine {
                 reason: why.clone(),
             })
             .collect();
+        let patients = match &plan.dp_sgd {
+            Some(_) => self.patients_of(ctx, &check.eligible_sites).await?,
+            None => HashMap::new(),
+        };
+        let deadline = Utc::now() + self.round_timeout;
         let w = ctx.begin_write().await?;
+        // A private round's cost is reserved in each site's dataset ledger before its job
+        // goes out, in this transaction; a site whose run or dataset budget it would exceed
+        // is left out, with the reason.
+        let mut sites = check.eligible_sites.clone();
+        if let Some(dp) = &plan.dp_sgd {
+            let mut kept = Vec::new();
+            let mut over = Vec::new();
+            for s in &sites {
+                let name = site::Entity::find_by_id(*s)
+                    .one(&*w)
+                    .await?
+                    .map_or_else(|| s.to_string(), |x| x.name);
+                let reserved = privacy::reserve(
+                    &*w,
+                    privacy::Reservation {
+                        plan: &plan,
+                        dp,
+                        study_id: r.study_id,
+                        run_id: r.id,
+                        round: number,
+                        site_id: *s,
+                        site_name: &name,
+                        patients: patients.get(s).copied().flatten(),
+                    },
+                )
+                .await?;
+                match reserved {
+                    Ok(()) => kept.push(*s),
+                    Err(reason) => {
+                        over.push(reason.clone());
+                        excluded.push(ExcludedSite {
+                            site_id: *s,
+                            reason,
+                        });
+                    }
+                }
+            }
+            if (kept.len() as i32) < quorum {
+                drop(w);
+                return self
+                    .finish(
+                        ctx,
+                        r.id,
+                        "stopped",
+                        &format!(
+                            "Round {number} can't start: only {} of {total} sites can spend its privacy cost and the plan needs {quorum} ({}).",
+                            kept.len(),
+                            over.join("; ")
+                        ),
+                    )
+                    .await;
+            }
+            sites = kept;
+        }
         let m = round::ActiveModel {
             id: Set(Uuid::new_v4()),
             run_id: Set(r.id),
@@ -247,7 +339,7 @@ impl Engine {
             state: Set(RoundState::Collecting.as_str().into()),
             deadline: Set(deadline),
             quorum: Set(quorum),
-            sites: Set(json(&check.eligible_sites)?),
+            sites: Set(json(&sites)?),
             excluded: Set(json(&excluded)?),
             global_in: Set(Some(global.clone())),
             model_version_id: Set(None),
@@ -258,7 +350,7 @@ impl Engine {
         .insert(&*w)
         .await?;
         audit::append(&*w, &Actor::system(), "round.opened", "round", m.id, &serde_json::json!({
-            "run_id": r.id, "round": number, "sites": check.eligible_sites, "excluded": excluded, "global_in": global, "deadline": deadline,
+            "run_id": r.id, "round": number, "sites": sites, "excluded": excluded, "global_in": global, "deadline": deadline,
         }))
         .await?;
         w.commit().await?;
@@ -267,7 +359,7 @@ impl Engine {
             manifest,
             files,
             number,
-            &check.eligible_sites,
+            &sites,
             JobKind::Train,
             &global,
             deadline,
@@ -395,6 +487,18 @@ impl Engine {
             }
         }
         let w = ctx.begin_write().await?;
+        for s in sites.iter().filter(|s| !got.contains_key(s)) {
+            privacy::settle(
+                &*w,
+                r.id,
+                x.number,
+                *s,
+                privacy::Settlement::Assumed(
+                    "no answer before the deadline; counted as spent, since the site may have trained".into(),
+                ),
+            )
+            .await?;
+        }
         let mut a: round::ActiveModel = x.clone().into();
         a.excluded = Set(json(&excluded)?);
         a.updated_at = Set(Utc::now());

@@ -319,6 +319,7 @@ impl Engine {
                     site_id: Set(h.site_id),
                     state: Set(format!("{:?}", h.state).to_lowercase()),
                     data_summary: Set(h.data_summary.chars().take(500).collect()),
+                    patients: Set(h.patients.and_then(|n| i64::try_from(n).ok())),
                     version: Set(h.version.chars().take(50).collect()),
                     at: Set(h.at),
                 };
@@ -509,6 +510,16 @@ impl Engine {
                     None,
                 ),
             };
+        if expected && kind == JobKind::Train {
+            settle_privacy(
+                &*w,
+                &r,
+                outcome,
+                reason.as_deref(),
+                privacy_problem.as_deref(),
+            )
+            .await?;
+        }
         if let Some(problem) = &privacy_problem {
             // Not counted: the update leaves the round, and the reason is the site's to read.
             outcome = "failed";
@@ -585,6 +596,44 @@ impl Engine {
     }
 }
 
+/// Settles the round's reservation in the site's dataset ledger by what the site answered: a
+/// trained update commits the cost its numbers give (the larger of it and the reservation,
+/// counted or not: the site spent it either way), a refusal releases it, a failure keeps it.
+async fn settle_privacy<C: sea_orm::ConnectionTrait>(
+    db: &C,
+    r: &JobResult,
+    outcome: &str,
+    reason: Option<&str>,
+    problem: Option<&str>,
+) -> AppResult<()> {
+    use crate::services::privacy::{Settlement, settle};
+    let how = match (&r.outcome, outcome) {
+        (Outcome::Trained { privacy, .. }, _) => Settlement::Spent {
+            reported: privacy.as_ref().map(|p| {
+                consilium_core::privacy::RdpCost::sampled_gaussian(
+                    p.sampling_rate,
+                    p.noise_multiplier,
+                    p.steps,
+                    &p.rdp.orders,
+                )
+                .unwrap_or_else(|_| p.rdp.clone())
+            }),
+            note: problem.map(|p| {
+                format!("the update was not counted ({p}); its cost is, since the site trained")
+            }),
+        },
+        (_, "refused") => Settlement::Released(format!(
+            "the site refused the job before training: {}",
+            reason.unwrap_or("no reason given")
+        )),
+        _ => Settlement::Assumed(format!(
+            "the job failed at the site ({}); counted as spent, since the site may have trained",
+            reason.unwrap_or("no reason given")
+        )),
+    };
+    settle(db, r.run_id, r.round as i32, r.site_id, how).await
+}
+
 /// A DP-SGD plan's update counts only with a privacy cost that its own numbers reproduce (the
 /// Rényi values of its sampling rate, σ and steps, at the plan's δ and, where the plan fixes it,
 /// its σ) and that keeps the run at this site within the approved ε, composed by the server
@@ -642,6 +691,27 @@ async fn privacy_check<C: sea_orm::ConnectionTrait>(
         Some(format!(
             "the site stated its cost at δ = {}, the plan's δ is {}",
             spent.delta, dp.delta
+        ))
+    } else if let Some(held) =
+        crate::services::privacy::reservation(db, r.run_id, r.round as i32, r.site_id)
+            .await?
+            .filter(|h| {
+                h.patients != i64::try_from(spent.patients).unwrap_or(i64::MAX)
+                    || h.steps != i64::try_from(spent.steps).unwrap_or(i64::MAX)
+                    || (h.noise_multiplier - spent.noise_multiplier).abs()
+                        > 1e-12 * h.noise_multiplier.abs().max(1.0)
+            })
+    {
+        // The two ledgers disagree: the site trained on other numbers than the ones the server
+        // reserved from what its worker reported.
+        Some(format!(
+            "the site's ledger and the server's disagree: it reported {} patients, σ = {} and {} steps, the server reserved this round for {} patients, σ = {} and {} steps",
+            spent.patients,
+            spent.noise_multiplier,
+            spent.steps,
+            held.patients,
+            held.noise_multiplier,
+            held.steps
         ))
     } else if dp
         .noise_multiplier

@@ -1,9 +1,9 @@
 use actix_web::{HttpResponse, get, post, put, web};
-use consilium_core::Role;
 use consilium_core::api::{
-    CreateWorkerToken, HeartbeatDto, LineageDto, ModelListQuery, ModelVersionDto,
-    MonitoringReportDto, OutputQuery, OutputReceived, RegisterSiteKey, ReportMonitoring, RoundDto,
-    RunDto, ServerKeyDto, SiteGrantDto, SiteHealthDto, SiteKeyDto, StopRun, TokenCreated,
+    CreateWorkerToken, DatasetPrivacyDto, HeartbeatDto, LineageDto, ModelListQuery,
+    ModelVersionDto, MonitoringReportDto, OutputQuery, OutputReceived, RegisterSiteKey,
+    ReportMonitoring, RoundDto, RunDto, ServerKeyDto, SetPrivacyBudget, SiteGrantDto,
+    SiteHealthDto, SiteKeyDto, StopRun, TokenCreated,
 };
 use consilium_core::problem::Problem;
 use futures_util::StreamExt;
@@ -15,7 +15,7 @@ use crate::auth::Authenticated;
 use crate::context::AppContext;
 use crate::entities::heartbeat;
 use crate::error::{AppError, AppResult};
-use crate::services::{access, models, runs, site_artifacts, site_keys, tokens};
+use crate::services::{access, models, privacy, runs, site_artifacts, site_keys, tokens};
 
 pub fn configure(cfg: &mut ServiceConfig) {
     cfg.service(rounds)
@@ -36,7 +36,43 @@ pub fn configure(cfg: &mut ServiceConfig) {
         .service(register_key)
         .service(list_keys)
         .service(revoke_key)
-        .service(site_heartbeat);
+        .service(site_heartbeat)
+        .service(site_privacy)
+        .service(set_privacy_budget);
+}
+
+/// The site's dataset privacy ledger: its lifetime budget, the ε spent and reserved by every
+/// study, round by round, and what is left (its worker, its custodians, administrators and
+/// auditors).
+#[utoipa::path(tag = "sites", responses((status = 200, body = DatasetPrivacyDto),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/sites/{id}/privacy")]
+async fn site_privacy(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    id: web::Path<Uuid>,
+) -> AppResult<web::Json<DatasetPrivacyDto>> {
+    Ok(web::Json(
+        privacy::dataset(&ctx, &a, id.into_inner()).await?,
+    ))
+}
+
+/// Sets the site's lifetime privacy budget for its dataset (its custodian or an administrator,
+/// signed in). From then on no private round goes to the site that would take its spending past
+/// the budget; a budget below what was spent stops them all.
+#[utoipa::path(tag = "sites", request_body = SetPrivacyBudget,
+    responses((status = 200, body = DatasetPrivacyDto),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[put("/sites/{id}/privacy/budget")]
+async fn set_privacy_budget(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    id: web::Path<Uuid>,
+    body: web::Json<SetPrivacyBudget>,
+) -> AppResult<web::Json<DatasetPrivacyDto>> {
+    Ok(web::Json(
+        privacy::set_budget(&ctx, &a, id.into_inner(), body.into_inner()).await?,
+    ))
 }
 
 /// The run's rounds: state, deadline, quorum, and each site's part.
@@ -336,11 +372,7 @@ async fn site_heartbeat(
     let id = id.into_inner();
     // What a site's worker reports (its image counts, its version) is the site's business.
     let site = crate::services::directory::get_site(&ctx.db, id).await?;
-    let allowed = a.site_id == Some(id)
-        || (a.site_id.is_none() && a.has(Role::Custodian) && site.custodians.contains(&a.user_id))
-        || a.has(Role::Administrator)
-        || a.has(Role::Auditor);
-    if !allowed {
+    if !crate::services::directory::sees_site_reports(&a, &site) {
         return Err(AppError::Forbidden(format!(
             "Only {:?}'s worker, its custodians, administrators and auditors may read its heartbeat.",
             site.name
@@ -354,6 +386,7 @@ async fn site_heartbeat(
         site_id: h.site_id,
         state: h.state,
         data_summary: h.data_summary,
+        patients: h.patients,
         version: h.version,
         at: h.at,
     }))

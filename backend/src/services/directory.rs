@@ -327,3 +327,16 @@ pub async fn get_committee<C: ConnectionTrait>(db: &C, id: Uuid) -> AppResult<Co
         .ok_or_else(|| not_found("committee", id))?;
     committee_dto(&m)
 }
+
+/// Whether the actor may read what a site's worker reports (its heartbeat, keys and privacy
+/// ledger): the site's worker, its custodians (not through a site token), administrators and
+/// auditors.
+pub fn sees_site_reports(actor: &crate::domain::Actor, site: &SiteDto) -> bool {
+    use consilium_core::Role;
+    actor.site_id == Some(site.id)
+        || (actor.site_id.is_none()
+            && actor.has(Role::Custodian)
+            && site.custodians.contains(&actor.user_id))
+        || actor.has(Role::Administrator)
+        || actor.has(Role::Auditor)
+}

@@ -7,6 +7,7 @@ pub mod directory;
 pub mod health;
 pub mod models;
 pub mod previews;
+pub mod privacy;
 pub mod runs;
 pub mod sessions;
 pub mod site_artifacts;

@@ -105,13 +105,7 @@ pub async fn register(
 /// and auditors.
 pub async fn list(ctx: &AppContext, actor: &Actor, site_id: Uuid) -> AppResult<Vec<SiteKeyDto>> {
     let site = crate::services::directory::get_site(&ctx.db, site_id).await?;
-    let allowed = actor.site_id == Some(site_id)
-        || (actor.site_id.is_none()
-            && actor.has(Role::Custodian)
-            && site.custodians.contains(&actor.user_id))
-        || actor.has(Role::Administrator)
-        || actor.has(Role::Auditor);
-    if !allowed {
+    if !crate::services::directory::sees_site_reports(actor, &site) {
         return Err(AppError::Forbidden(format!(
             "Only {:?}'s worker, its custodians, administrators and auditors may list its keys.",
             site.name

@@ -90,7 +90,19 @@ pub async fn start_keyed_worker(
     profile: SiteProfile,
     dir: &std::path::Path,
 ) -> (tokio::task::JoinHandle<()>, SigningKey) {
-    let (ctx, broker, key) = keyed_site(app, site, custodian, profile, dir).await;
+    start_configured_worker(app, site, custodian, profile, dir, |c| c).await
+}
+
+/// `start_keyed_worker` with the site's context changed first (its own privacy ledger, say).
+pub async fn start_configured_worker(
+    app: &TestApp,
+    site: Uuid,
+    custodian: &Person,
+    profile: SiteProfile,
+    dir: &std::path::Path,
+    configure: impl FnOnce(SiteContext) -> SiteContext,
+) -> (tokio::task::JoinHandle<()>, SigningKey) {
+    let (ctx, broker, key) = keyed_site_with(app, site, custodian, profile, dir, configure).await;
     let handle = tokio::spawn(async move {
         // It runs until the test ends; a worker that stops on its own fails the test loudly.
         if let Err(e) = consilium_worker::consumer::run(
@@ -115,6 +127,21 @@ pub async fn keyed_site(
     custodian: &Person,
     profile: SiteProfile,
     dir: &std::path::Path,
+) -> (
+    Arc<SiteContext>,
+    consilium_worker::broker::SharedBroker,
+    SigningKey,
+) {
+    keyed_site_with(app, site, custodian, profile, dir, |c| c).await
+}
+
+async fn keyed_site_with(
+    app: &TestApp,
+    site: Uuid,
+    custodian: &Person,
+    profile: SiteProfile,
+    dir: &std::path::Path,
+    configure: impl FnOnce(SiteContext) -> SiteContext,
 ) -> (
     Arc<SiteContext>,
     consilium_worker::broker::SharedBroker,
@@ -146,7 +173,7 @@ pub async fn keyed_site(
     });
     let key = register_key(app, site, custodian).await;
     let server_key = app.ctx.federation().expect("engine").signer.verifying_key();
-    let ctx = Arc::new(SiteContext::new(
+    let ctx = Arc::new(configure(SiteContext::new(
         site,
         spec,
         artifacts,
@@ -154,7 +181,7 @@ pub async fn keyed_site(
         consilium_worker::decode::Decoder::program(env!("CARGO_BIN_EXE_consilium")),
         key.clone(),
         server_key,
-    ));
+    )));
     let broker = site_broker(app, site).await;
     (ctx, broker, key)
 }

@@ -354,6 +354,7 @@ async fn a_sites_broker_user_reaches_only_its_own_queue_and_name() {
             site_id: w.site_b,
             state: WorkerState::Idle,
             data_summary: summary.into(),
+            patients: None,
             version: "test".into(),
             at: Utc::now(),
         })

@@ -207,6 +207,21 @@ async fn a_site_that_understates_its_privacy_cost_is_not_counted() {
     };
     let (ctx, broker, key) = keyed_site(&app, w.site_b, &w.custodian_b, profile, dir.path()).await;
     let server_key = ctx.server_key;
+    // It says how many patients it trains on, as an honest worker does, so that the server
+    // reserves its rounds.
+    let data = ctx.data(64).await.expect("the site's data");
+    let beat = WorkerMessage::Heartbeat(consilium_core::protocol::Heartbeat {
+        site_id: ctx.site_id,
+        state: consilium_core::protocol::WorkerState::Idle,
+        data_summary: "ready".into(),
+        patients: Some(data.train_patients()),
+        version: "test".into(),
+        at: chrono::Utc::now(),
+    });
+    broker
+        .publish_message(&signing::sign(&key, &beat).expect("signed"))
+        .await
+        .expect("heartbeat sent");
     let liar = tokio::spawn(async move {
         let mut jobs = broker.jobs(ctx.site_id).await.expect("the site's queue");
         while let Some(d) = jobs.recv().await {
@@ -280,4 +295,358 @@ async fn a_site_that_understates_its_privacy_cost_is_not_counted() {
             .is_some_and(|a| a.contains("South Hospital"))
     );
     liar.abort();
+}
+
+/// The private round's cost at a site of `patients` training patients under `manifest`'s plan,
+/// worked out as the server and the site do (`Plan::dp_round`).
+fn round_cost(manifest: &Value, patients: u64) -> consilium_core::privacy::RdpCost {
+    let m: consilium_core::manifest::TrainingPlanManifest =
+        serde_json::from_value(manifest.clone()).expect("a manifest");
+    let plan = m.parse().expect("a plan");
+    let dp = plan.dp_sgd.expect("DP-SGD");
+    plan.dp_round(&dp, patients).expect("a round's cost").rdp
+}
+
+fn times(c: &consilium_core::privacy::RdpCost, n: usize) -> consilium_core::privacy::RdpCost {
+    (1..n).fold(c.clone(), |sum, _| sum.plus(c).expect("same orders"))
+}
+
+async fn patients_of(
+    app: &crate::helpers::TestApp,
+    site: uuid::Uuid,
+    auth: &crate::helpers::Auth,
+) -> u64 {
+    for _ in 0..300 {
+        let beat = app
+            .get(&format!("/api/v1/sites/{site}/heartbeat"), auth)
+            .await;
+        if let Some(n) = beat.body["patients"].as_u64() {
+            return n;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("site {site}'s worker never said how many patients it has");
+}
+
+/// The custodian's cap, and the site's own: North's custodian sets a lifetime budget that
+/// affords two of the plan's three rounds; South's worker keeps its own ledger with a budget
+/// for one. Round 2 goes to North only after the server reserved it; South refuses round 2 by
+/// itself (the server asked) and nothing is spent; round 3 is not sent to North at all, and
+/// South refuses it too, so the run ends there. The ledgers show each round, spent or released.
+async fn budgets_leave_out_the_rounds_that_would_exceed_them(db: crate::helpers::Db) {
+    use crate::engine::{
+        approved_study, engine_manifest, start_configured_worker, start_worker, wait_for_run,
+    };
+    use crate::helpers::*;
+    use consilium_worker::synthetic::SiteProfile;
+    let app = spawn_app_with(db, |s| s.engine.round_timeout_seconds = 120).await;
+    let w = world(&app).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let p = |seed| SiteProfile {
+        images: 120,
+        lesion_fraction: 0.5,
+        gain: 1.0,
+        offset: 0.0,
+        noise: 0.03,
+        blur: 0,
+        seed,
+    };
+    let mut m = engine_manifest(3);
+    m["local_epochs"] = 1.into();
+    m["aggregation"]["min_sites"] = 1.into();
+    m["privacy"] =
+        serde_json::json!({"dp_sgd": {"epsilon": 4.0, "delta": 1e-5, "max_grad_norm": 1.0}});
+    let _north = start_worker(&app, w.site_a, &w.custodian_a, p(1), dir.path()).await;
+    let north_patients = patients_of(&app, w.site_a, &w.custodian_a.auth).await;
+    let one = round_cost(&m, north_patients);
+    let two = times(&one, 2).epsilon(1e-5).expect("ε").epsilon;
+    let three = times(&one, 3).epsilon(1e-5).expect("ε").epsilon;
+    let north_budget = (two + three) / 2.0;
+
+    // South's IT gave its worker a budget for one round (the worker's own configuration):
+    // halfway between one round's cost and two's (South has about as many patients as North,
+    // and the halfway mark leaves room either way).
+    let south_data = p(2);
+    let south_worker_budget = (one.epsilon(1e-5).expect("ε").epsilon + two) / 2.0;
+    let (_south, _) = start_configured_worker(
+        &app,
+        w.site_b,
+        &w.custodian_b,
+        south_data,
+        dir.path(),
+        |c| {
+            c.with_ledger(consilium_worker::ledger::Ledger::in_memory(Some(
+                consilium_worker::ledger::Budget {
+                    epsilon: south_worker_budget,
+                    delta: 1e-5,
+                },
+            )))
+        },
+    )
+    .await;
+
+    // The custodian sets North's budget, signed in; nonsense and other people are refused.
+    let custodian = Auth::Cookie(app.sign_in(&w.custodian_a.email).await);
+    let path = format!("/api/v1/sites/{}/privacy/budget", w.site_a);
+    let bad = app
+        .call(
+            reqwest::Method::PUT,
+            &path,
+            &custodian,
+            Some(serde_json::json!({"epsilon": -1, "delta": 0.5})),
+        )
+        .await
+        .expect(422);
+    let detail = bad["detail"].as_str().expect("detail");
+    assert!(detail.contains("epsilon must be a number above 0"), "{bad}");
+    assert!(
+        detail.contains("delta must be above 0 and at most 0.001"),
+        "{bad}"
+    );
+    let researcher = Auth::Cookie(app.sign_in(&w.researcher.email).await);
+    app.call(
+        reqwest::Method::PUT,
+        &path,
+        &researcher,
+        Some(serde_json::json!({"epsilon": 50, "delta": 1e-5})),
+    )
+    .await
+    .expect(403);
+    let set = app
+        .call(
+            reqwest::Method::PUT,
+            &path,
+            &custodian,
+            Some(serde_json::json!({"epsilon": north_budget, "delta": 1e-5})),
+        )
+        .await
+        .expect(200);
+    assert_eq!(
+        set["budget"]["epsilon"].as_f64(),
+        Some(north_budget),
+        "{set}"
+    );
+    assert_eq!(
+        set["remaining_epsilon"].as_f64(),
+        Some(north_budget),
+        "{set}"
+    );
+
+    let (sid, _) = approved_study(&app, &w, m).await;
+    let run = app
+        .post(
+            &format!("/api/v1/studies/{sid}/runs"),
+            &w.researcher.auth,
+            serde_json::json!({}),
+        )
+        .await
+        .expect(201);
+    let rid = id_of(&run);
+    let done = wait_for_run(&app, &rid, &w.researcher.auth, 300).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let rounds = app
+        .get(&format!("/api/v1/runs/{rid}/rounds"), &w.researcher.auth)
+        .await
+        .expect(200);
+    let rounds = rounds.as_array().expect("rounds");
+    assert_eq!(rounds.len(), 3, "{rounds:?}");
+    let part = |round: &Value, site: uuid::Uuid| -> Option<Value> {
+        round["sites"]
+            .as_array()
+            .and_then(|s| s.iter().find(|x| x["site_id"] == serde_json::json!(site)))
+            .cloned()
+    };
+    assert_eq!(
+        part(&rounds[0], w.site_a).expect("North")["status"],
+        "trained"
+    );
+    assert_eq!(
+        part(&rounds[0], w.site_b).expect("South")["status"],
+        "trained"
+    );
+    assert_eq!(
+        part(&rounds[1], w.site_a).expect("North")["status"],
+        "trained"
+    );
+    for r in &rounds[1..] {
+        let south = part(r, w.site_b).expect("South was asked");
+        assert_eq!(south["status"], "refused", "{south}");
+        assert!(
+            south["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("above the site's budget")),
+            "{south}"
+        );
+    }
+    // Round 3 never went to North: left out, with the reason in words.
+    let left_out = part(&rounds[2], w.site_a).expect("North in round 3");
+    assert_eq!(left_out["status"], "excluded", "{left_out}");
+    assert!(
+        left_out["reason"].as_str().is_some_and(
+            |r| r.contains("lifetime budget") && r.contains("round 3 would bring it to")
+        ),
+        "{left_out}"
+    );
+    assert!(
+        rounds[2]["failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("0 of 1 sites")),
+        "{}",
+        rounds[2]
+    );
+
+    // North's ledger: two rounds spent, within the budget; the custodian and auditors see it,
+    // the researcher does not.
+    let north = app
+        .get(&format!("/api/v1/sites/{}/privacy", w.site_a), &custodian)
+        .await
+        .expect(200);
+    let spent = north["spent_epsilon"].as_f64().expect("spent");
+    assert!(
+        (spent - two).abs() < 1e-6 && spent <= north_budget,
+        "{north}"
+    );
+    let remaining = north["remaining_epsilon"].as_f64().expect("remaining");
+    assert!((remaining - (north_budget - two)).abs() < 1e-6, "{north}");
+    assert_eq!(north["studies"][0]["study_id"], serde_json::json!(sid));
+    assert_eq!(north["studies"][0]["rounds_committed"], 2, "{north}");
+    let states: Vec<&str> = north["spends"]
+        .as_array()
+        .expect("spends")
+        .iter()
+        .map(|x| x["state"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(states, ["committed", "committed"], "{north}");
+    app.get(
+        &format!("/api/v1/sites/{}/privacy", w.site_a),
+        &w.auditor.auth,
+    )
+    .await
+    .expect(200);
+    app.get(
+        &format!("/api/v1/sites/{}/privacy", w.site_a),
+        &w.researcher.auth,
+    )
+    .await
+    .expect(403);
+    // South's: round 1 spent, rounds 2 and 3 released (its worker refused before training);
+    // no budget set on the server.
+    let south = app
+        .get(
+            &format!("/api/v1/sites/{}/privacy", w.site_b),
+            &w.custodian_b.auth,
+        )
+        .await
+        .expect(200);
+    assert!(
+        south["budget"].is_null() && south["remaining_epsilon"].is_null(),
+        "{south}"
+    );
+    let states: Vec<&str> = south["spends"]
+        .as_array()
+        .expect("spends")
+        .iter()
+        .map(|x| x["state"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(states, ["committed", "released", "released"], "{south}");
+    assert!(
+        south["spends"][1]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("refused the job before training")),
+        "{south}"
+    );
+}
+crate::on_both!(budgets_leave_out_the_rounds_that_would_exceed_them);
+
+/// Two servers on one PostgreSQL database (a deployment with replicas) open private rounds of
+/// different runs on one dataset at the same moment; its budget affords three. Exactly three
+/// are reserved and every other is refused with the reason: no two read the same remainder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_servers_cannot_overspend_one_dataset_together() {
+    use crate::engine::engine_manifest;
+    use crate::helpers::*;
+    use consilium_backend::services::privacy::{Reservation, reserve};
+    let app = spawn_app_with(Db::Postgres, |_| {}).await;
+    let w = world(&app).await;
+    let mut settings = (*app.ctx.settings).clone();
+    settings.server.port = 0;
+    let second = consilium_backend::startup::Application::build(settings)
+        .await
+        .expect("a second server on the same database");
+    let other = second.context.clone();
+    tokio::spawn(second.run_until_stopped());
+
+    let mut m = engine_manifest(3);
+    m["privacy"] =
+        serde_json::json!({"dp_sgd": {"epsilon": 4.0, "delta": 1e-5, "max_grad_norm": 1.0}});
+    let one = round_cost(&m, 200);
+    let budget = (times(&one, 3).epsilon(1e-5).expect("ε").epsilon
+        + times(&one, 4).epsilon(1e-5).expect("ε").epsilon)
+        / 2.0;
+    let custodian = Auth::Cookie(app.sign_in(&w.custodian_a.email).await);
+    app.call(
+        reqwest::Method::PUT,
+        &format!("/api/v1/sites/{}/privacy/budget", w.site_a),
+        &custodian,
+        Some(serde_json::json!({"epsilon": budget, "delta": 1e-5})),
+    )
+    .await
+    .expect(200);
+
+    let manifest: consilium_core::manifest::TrainingPlanManifest =
+        serde_json::from_value(m).expect("manifest");
+    let plan = std::sync::Arc::new(manifest.parse().expect("plan"));
+    let site = w.site_a;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let ctx = if i % 2 == 0 {
+            app.ctx.clone()
+        } else {
+            other.clone()
+        };
+        let plan = plan.clone();
+        tasks.push(tokio::spawn(async move {
+            let dp = plan.dp_sgd.expect("DP-SGD");
+            let w = ctx.begin_write().await.expect("a write");
+            let got = reserve(
+                &*w,
+                Reservation {
+                    plan: &plan,
+                    dp: &dp,
+                    study_id: uuid::Uuid::new_v4(),
+                    run_id: uuid::Uuid::new_v4(),
+                    round: 1,
+                    site_id: site,
+                    site_name: "North",
+                    patients: Some(200),
+                },
+            )
+            .await
+            .expect("the ledger answers");
+            // Hold the transaction a moment, as a server busy sending jobs would: a second
+            // reader of the same remainder would get in here.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            w.commit().await.expect("commit");
+            got
+        }));
+    }
+    let mut granted = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(()) => granted += 1,
+            Err(why) => assert!(why.contains("lifetime budget"), "{why}"),
+        }
+    }
+    assert_eq!(granted, 3);
+    let ledger = app
+        .get(&format!("/api/v1/sites/{}/privacy", w.site_a), &custodian)
+        .await
+        .expect(200);
+    let held = ledger["spent_or_reserved_epsilon"].as_f64().expect("held");
+    assert!(held <= budget, "{ledger}");
+    assert_eq!(
+        ledger["spends"].as_array().map(Vec::len),
+        Some(3),
+        "{ledger}"
+    );
 }

@@ -24,6 +24,7 @@ fn heartbeat(site: Uuid, summary: &str, at: chrono::DateTime<Utc>) -> WorkerMess
         site_id: site,
         state: WorkerState::Idle,
         data_summary: summary.into(),
+        patients: None,
         version: "test".into(),
         at,
     })

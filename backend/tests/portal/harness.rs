@@ -33,12 +33,17 @@ fn find_program(env: &str, names: &[&str]) -> PathBuf {
     );
 }
 
-/// Awaits a WebDriver call, or fails the test when the browser does not answer within 45 s
-/// (a hung page would otherwise hang the test run).
+/// Awaits a WebDriver call, or fails the test when the browser does not answer within 90 s
+/// (a hung page would otherwise hang the test run; two browsers and two servers share two
+/// cores in CI, so a slow answer is not yet a hung one).
 async fn within<T>(what: &str, call: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(45), call)
+    within_secs(90, what, call).await
+}
+
+async fn within_secs<T>(secs: u64, what: &str, call: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), call)
         .await
-        .unwrap_or_else(|_| panic!("the browser did not answer within 45 s: {what}"))
+        .unwrap_or_else(|_| panic!("the browser did not answer within {secs} s: {what}"))
 }
 
 /// A running server with the demo's cast (people, committee, three sites), site workers for
@@ -151,6 +156,15 @@ impl Portal {
             .connect(&driver_url)
             .await
             .expect("a Chromium session");
+        // A new browser's first page (its profile, caches and the portal's bundle) takes
+        // longest; it is opened once here, with time to spare, before any step is timed.
+        within_secs(
+            180,
+            "the portal's first page",
+            browser.goto(&format!("{url}/signin")),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("open the portal: {e}"));
 
         let shots = workspace()
             .join("target")

@@ -13,6 +13,7 @@ mod nojs;
 mod oidc;
 mod plan;
 mod previews;
+mod privacy;
 mod security;
 mod setup;
 mod story;

@@ -44,6 +44,17 @@ pub fn study_sites(p: &Portal, n: usize) -> Vec<StudySite> {
 /// The researcher's draft study at the cast's first `sites` sites, with the demo's plan, and
 /// an access request filed for each site.
 pub async fn drafted_study(p: &Portal, title: &str, sites: usize) -> StudyDto {
+    let manifest = consilium_backend::demo::demo_scenario().unwrap().manifest;
+    drafted_study_with(p, title, sites, manifest).await
+}
+
+/// `drafted_study` with another plan.
+pub async fn drafted_study_with(
+    p: &Portal,
+    title: &str,
+    sites: usize,
+    manifest: consilium_core::manifest::TrainingPlanManifest,
+) -> StudyDto {
     let researcher = researcher(p);
     let study = studies::create_study(
         &p.ctx,
@@ -58,7 +69,6 @@ pub async fn drafted_study(p: &Portal, title: &str, sites: usize) -> StudyDto {
     )
     .await
     .unwrap();
-    let manifest = consilium_backend::demo::demo_scenario().unwrap().manifest;
     studies::submit_plan(
         &p.ctx,
         &researcher,
@@ -92,6 +102,11 @@ pub async fn approved(p: &Portal, study: &StudyDto) {
     studies::submit_study(&p.ctx, &researcher(p), study.id)
         .await
         .unwrap();
+    approved_as_submitted(p, study).await;
+}
+
+/// A submitted study approved by the committee member, for 30 days.
+pub async fn approved_as_submitted(p: &Portal, study: &StudyDto) {
     studies::review_study(
         &p.ctx,
         &actor(p.cast.first(Role::CommitteeMember).unwrap()),

@@ -11,7 +11,9 @@ use leptos::server_fn::ServerFn as _;
 use super::loading;
 use super::previews::PreviewSet;
 use crate::components::{Badge, Failure, FormError, Hash, day, field, typed, when};
-use crate::server::{AccessAction, AccessPage, PreviewAction, SiteKeyAction, load_access};
+use crate::server::{
+    AccessAction, AccessPage, PreviewAction, PrivacyBudgetAction, SiteKeyAction, load_access,
+};
 
 #[component]
 pub fn Access() -> impl IntoView {
@@ -268,6 +270,11 @@ fn AccessView(d: AccessPage) -> impl IntoView {
                     <button type="submit">"Register the key"</button>
                 </form>
             </section>
+            <section aria-labelledby="privacy-ledger">
+                <h2 id="privacy-ledger">"Privacy ledgers of your sites' data"</h2>
+                <p class="hint">"ε bounds how much any one patient's data can change what a study's models reveal (smaller is more private; δ is the small chance that the bound fails). Every private round is reserved here before its job goes to your site and counted when your site trains it; a round that would take your dataset past its lifetime budget is not sent. Your site's worker keeps its own ledger too, and refuses such a round by itself."</p>
+                {d.privacy.iter().map(|l| view! { <PrivacyLedger l=l.clone()/> }).collect_view()}
+            </section>
             <section aria-labelledby="on-site">
                 <h2 id="on-site">"Running on your sites' data"</h2>
                 {if d.activity.is_empty() { view! { <p>"Nothing has run on your sites' data."</p> }.into_any() } else { view! { <ul class="plain">{activity}</ul> }.into_any() }}
@@ -282,5 +289,83 @@ fn AccessView(d: AccessPage) -> impl IntoView {
                 </table>
             </section>
         })}
+    }
+}
+
+/// ε with three decimals (the ledger's figures).
+fn eps(x: f64) -> String {
+    format!("{x:.3}")
+}
+
+/// One dataset's privacy ledger: budget, spent, left, the studies that spent it, and the
+/// custodian's form to set the budget.
+#[component]
+fn PrivacyLedger(l: consilium_core::api::DatasetPrivacyDto) -> impl IntoView {
+    let id = l.site_id;
+    let delta = l.delta.map(|d| format!(" at δ = {d}")).unwrap_or_default();
+    let summary = match (&l.budget, l.remaining_epsilon) {
+        (Some(b), Some(left)) => format!(
+            "ε = {} spent{} (ε = {} with the rounds now out) of a lifetime budget of ε = {}; ε = {} left.",
+            eps(l.spent_epsilon),
+            delta,
+            eps(l.spent_or_reserved_epsilon),
+            b.epsilon,
+            eps(left)
+        ),
+        _ => format!(
+            "ε = {} spent{}. No lifetime budget is set: only each study's approved ε limits what is spent.",
+            eps(l.spent_epsilon),
+            delta
+        ),
+    };
+    let rows = l
+        .studies
+        .iter()
+        .map(|s| {
+            view! {
+                <tr>
+                    <td><a href=format!("/studies/{}", s.study_id)>{s.title.clone()}</a></td>
+                    <td>{eps(s.epsilon)}</td>
+                    <td>{s.rounds_committed}</td>
+                    <td>{s.rounds_reserved}</td>
+                </tr>
+            }
+        })
+        .collect_view();
+    let budget_now = l
+        .budget
+        .as_ref()
+        .map(|b| b.epsilon.to_string())
+        .unwrap_or_default();
+    let delta_now = l
+        .budget
+        .as_ref()
+        .map_or_else(|| "1e-5".to_string(), |b| b.delta.to_string());
+    view! {
+        <div class="card privacy-ledger" id=format!("privacy-{id}")>
+            <h3>{l.site_name.clone()}</h3>
+            <p class="ledger-summary">{summary}</p>
+            {if l.studies.is_empty() {
+                view! { <p>"No private round has run on this data."</p> }.into_any()
+            } else {
+                view! {
+                    <div class="scroll">
+                        <table>
+                            <caption>"What each study spent"</caption>
+                            <thead><tr><th scope="col">"Study"</th><th scope="col">"ε spent"</th><th scope="col">"Rounds spent"</th><th scope="col">"Rounds out"</th></tr></thead>
+                            <tbody>{rows}</tbody>
+                        </table>
+                    </div>
+                }.into_any()
+            }}
+            <form method="post" action=PrivacyBudgetAction::url() class="inline-form"><CsrfField/>
+                <input type="hidden" name=field("site_id") value=id.to_string()/>
+                <label for=format!("budget-eps-{id}")>"Lifetime ε"</label>
+                <input id=format!("budget-eps-{id}") name=field("epsilon") inputmode="decimal" required value=typed("epsilon", &budget_now)/>
+                <label for=format!("budget-delta-{id}")>"δ"</label>
+                <input id=format!("budget-delta-{id}") name=field("delta") inputmode="decimal" required value=typed("delta", &delta_now)/>
+                <button type="submit">"Set the budget"</button>
+            </form>
+        </div>
     }
 }
