@@ -51,6 +51,10 @@ pub enum Command {
         /// Instead: write a ready-to-run example experiment (three synthetic sites) here.
         #[arg(long, value_name = "DIR")]
         example: Option<PathBuf>,
+        /// With --example: this many times the example's images at each site (1 to 50;
+        /// e.g. to see what differential privacy costs with more patients).
+        #[arg(long, default_value_t = 1, requires = "example", value_parser = clap::value_parser!(u32).range(1..=50))]
+        scale: u32,
     },
     /// Brings the database schema up to date and exits.
     Migrate,
@@ -244,11 +248,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             )
             .await
         }
-        Command::Simulate { example } => {
+        Command::Simulate { example, scale } => {
             let experiment = cli
                 .config
                 .unwrap_or_else(|| PathBuf::from("experiment.toml"));
-            crate::simulate::run(settings, &experiment, example.as_deref()).await
+            crate::simulate::run(settings, &experiment, example.as_deref(), scale).await
         }
         Command::Migrate => {
             startup::connect_and_migrate(&settings).await?;

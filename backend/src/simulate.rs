@@ -58,9 +58,10 @@ fn default_timeout() -> u64 {
 
 /// Writes a ready-to-run experiment into `dir`: three site folders of synthetic
 /// chest-radiograph phantoms (PNG with a labels CSV) and `experiment.toml` naming them.
-pub fn write_example(dir: &Path) -> anyhow::Result<PathBuf> {
+pub fn write_example(dir: &Path, scale: u32) -> anyhow::Result<PathBuf> {
     let mut sites = String::new();
-    for (key, profile) in consilium_worker::synthetic::demo_sites(1) {
+    for (key, mut profile) in consilium_worker::synthetic::demo_sites(1) {
+        profile.images *= scale.max(1) as usize;
         let folder = dir.join("sites").join(key);
         let _ = std::fs::remove_dir_all(&folder);
         consilium_worker::synthetic::write_site(&folder, 32, &profile)?;
@@ -185,9 +186,10 @@ pub async fn run(
     mut settings: Settings,
     config: &Path,
     example: Option<&Path>,
+    scale: u32,
 ) -> anyhow::Result<i32> {
     if let Some(dir) = example {
-        let path = write_example(dir)?;
+        let path = write_example(dir, scale)?;
         println!(
             "Wrote an example experiment with three synthetic sites: {}",
             path.display()
