@@ -1,6 +1,9 @@
 """PyTorch on the model bench-train measures: steps/s of forward + backward + SGD with momentum.
 
-Usage: torch_bench.py MODEL STEPS THREADS [DEVICE]  (prints one number: steps/s; DEVICE cpu or cuda)
+Usage: torch_bench.py MODEL STEPS THREADS [DEVICE] [--opacus]
+(prints one number: steps/s; DEVICE cpu or cuda). With --opacus: DP-SGD steps with Opacus on the
+same model and batch (per-sample gradients, clipping to C = 1, Gaussian noise with σ = 1), as
+`consilium-worker bench-train --dp` measures its own (every one of the 64 examples in the step).
 """
 import sys
 import time
@@ -8,8 +11,10 @@ import time
 import torch
 from torch import nn
 
-model_name, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-device = torch.device(sys.argv[4] if len(sys.argv) > 4 else "cpu")
+opacus = "--opacus" in sys.argv
+args = [a for a in sys.argv[1:] if a != "--opacus"]
+model_name, steps, threads = args[0], int(args[1]), int(args[2])
+device = torch.device(args[3] if len(args) > 3 else "cpu")
 torch.set_num_threads(threads)
 torch.manual_seed(1)
 
@@ -52,6 +57,21 @@ def resnet(widths=(16, 32, 64), classes=10):
 size = 32 if model_name == "resnet" else 28
 model = (resnet() if model_name == "resnet" else small_cnn()).to(device)
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+if opacus:
+    import warnings
+
+    # Opacus's hooks fire on the first layer, whose input needs no gradient: harmless.
+    warnings.filterwarnings("ignore", message="Full backward hook")
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    model = GradSampleModule(model)
+    opt = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=64,
+    )
 x = torch.rand(64, 1, size, size, device=device)
 y = torch.arange(64, device=device) % 10
 loss_fn = nn.CrossEntropyLoss()

@@ -13,7 +13,12 @@ fn torch_python() -> Option<PathBuf> {
 }
 
 /// PyTorch's steps/s on the same model, batch and optimiser (scripts/torch_bench.py).
-fn torch_rate(model: &str, steps: usize, threads: usize) -> anyhow::Result<Option<f64>> {
+fn torch_rate(
+    model: &str,
+    steps: usize,
+    threads: usize,
+    opacus: bool,
+) -> anyhow::Result<Option<f64>> {
     let Some(python) = torch_python() else {
         return Ok(None);
     };
@@ -30,6 +35,7 @@ fn torch_rate(model: &str, steps: usize, threads: usize) -> anyhow::Result<Optio
     let out = std::process::Command::new(&python)
         .arg(&script)
         .args([model, &steps.to_string(), &threads.to_string()])
+        .args(opacus.then_some("--opacus"))
         .env("OMP_NUM_THREADS", threads.to_string())
         .output()?;
     if !out.status.success() {
@@ -114,6 +120,21 @@ fn bench_parent(model: &str, steps: usize, runs: usize, dp: bool) -> anyhow::Res
                 "  {t} thread(s), DP-SGD step time {:.2}x the non-private",
                 plain / private
             );
+            if torch_python().is_some() {
+                let (opacus, line) = measured(runs, || {
+                    torch_rate(model, steps, t, true)?
+                        .ok_or_else(|| anyhow::anyhow!("PyTorch is gone"))
+                })?;
+                println!(
+                    "  {t} thread(s), Opacus DP-SGD:                 {line} (Consilium at {:.2}x Opacus)",
+                    private / opacus
+                );
+            }
+        }
+        if torch_python().is_none() {
+            println!(
+                "  (Opacus not measured: scripts/torch-venv creates .venv-torch with it, or set CONSILIUM_TORCH_PYTHON)"
+            );
         }
         return Ok(());
     }
@@ -128,7 +149,8 @@ fn bench_parent(model: &str, steps: usize, runs: usize, dp: bool) -> anyhow::Res
         println!("  {t} thread(s), speed-up {:.2}x", ours / base);
         if torch_python().is_some() {
             let (torch, line) = measured(runs, || {
-                torch_rate(model, steps, t)?.ok_or_else(|| anyhow::anyhow!("PyTorch is gone"))
+                torch_rate(model, steps, t, false)?
+                    .ok_or_else(|| anyhow::anyhow!("PyTorch is gone"))
             })?;
             println!(
                 "  {t} thread(s), PyTorch:             {line} (Consilium at {:.2}x PyTorch)",
