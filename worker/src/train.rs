@@ -389,34 +389,36 @@ impl Net {
         let tenth = (dp.steps / 10).max(1);
         let (mut first, mut last) = ((0.0, 0u64), (0.0, 0u64));
         for step in 0..dp.steps {
-            let mut sum: Vec<Option<Tensor>> = vec![None; trainable.len()];
+            // Who is in this step (the OS generator) and their inputs (augmentation in a fixed
+            // order), then each sampled patient's clipped gradient, patients in parallel (each
+            // is a batch of one, which the kernels do not split across threads), summed in
+            // the order drawn.
+            let mut inputs = Vec::new();
             for unit in units.iter().filter(|_| secret.unit() < dp.sampling_rate) {
                 let augment = (!plan.augmentations.is_empty())
                     .then_some((&mut aug, plan.augmentations.as_slice()));
-                let (x, y) = self.batch(unit, plan.normalisation, augment)?;
-                let logits = self.model.forward_t(&x, true)?;
-                let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-                let value = f64::from(loss.to_scalar::<f32>()?);
+                inputs.push(self.batch(unit, plan.normalisation, augment)?);
+            }
+            let clipped: Vec<(f64, Vec<Option<Tensor>>)> = {
+                use rayon::prelude::*;
+                inputs
+                    .par_iter()
+                    .map(|(x, y)| self.clipped_gradient(x, y, &trainable, dp.max_grad_norm))
+                    .collect::<Result<_>>()?
+            };
+            let mut sum: Vec<Option<Tensor>> = vec![None; trainable.len()];
+            for (value, grads) in clipped {
                 if step < tenth {
                     first = (first.0 + value, first.1 + 1);
                 }
                 if step + tenth >= dp.steps {
                     last = (last.0 + value, last.1 + 1);
                 }
-                let grads = loss.backward()?;
-                let per_var: Vec<Option<&Tensor>> =
-                    trainable.iter().map(|(_, v)| grads.get(v)).collect();
-                let mut norm2 = 0f64;
-                for g in per_var.iter().flatten() {
-                    norm2 += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
-                }
-                let scale = (dp.max_grad_norm / norm2.sqrt().max(1e-12)).min(1.0);
-                for (acc, g) in sum.iter_mut().zip(per_var) {
+                for (acc, g) in sum.iter_mut().zip(grads) {
                     let Some(g) = g else { continue };
-                    let clipped = (g * scale)?;
                     *acc = Some(match acc.take() {
-                        Some(a) => (a + clipped)?,
-                        None => clipped,
+                        Some(a) => (a + g)?,
+                        None => g,
                     });
                 }
             }
@@ -440,6 +442,32 @@ impl Net {
         }
         let mean = |(s, n): (f64, u64)| if n == 0 { f64::NAN } else { s / n as f64 };
         Ok((mean(first), mean(last)))
+    }
+
+    /// One patient's loss and gradient of the trainable weights, clipped to `max_norm` in L2
+    /// over all of them together.
+    fn clipped_gradient(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        trainable: &[(String, Var)],
+        max_norm: f64,
+    ) -> Result<(f64, Vec<Option<Tensor>>)> {
+        let logits = self.model.forward_t(x, true)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, y)?;
+        let value = f64::from(loss.to_scalar::<f32>()?);
+        let grads = loss.backward()?;
+        let per_var: Vec<Option<&Tensor>> = trainable.iter().map(|(_, v)| grads.get(v)).collect();
+        let mut norm2 = 0f64;
+        for g in per_var.iter().flatten() {
+            norm2 += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        }
+        let scale = (max_norm / norm2.sqrt().max(1e-12)).min(1.0);
+        let clipped = per_var
+            .into_iter()
+            .map(|g| g.map(|g| g * scale).transpose())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok((value, clipped))
     }
 
     /// All weights by name, on the CPU, as f32 vectors.
