@@ -99,6 +99,14 @@ pub struct FileReport {
     pub skipped: Option<String>,
 }
 
+/// How many patients (units of privacy) these samples belong to.
+pub fn patients<'a>(samples: impl Iterator<Item = &'a Sample>) -> u64 {
+    samples
+        .map(|s| s.unit.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as u64
+}
+
 impl Dataset {
     pub fn train(&self) -> impl Iterator<Item = &Sample> {
         self.samples.iter().filter(|s| !s.holdout)
@@ -108,10 +116,7 @@ impl Dataset {
     }
     /// Patients (the unit of privacy) in the training split.
     pub fn train_patients(&self) -> u64 {
-        self.train()
-            .map(|s| s.unit.as_str())
-            .collect::<std::collections::BTreeSet<_>>()
-            .len() as u64
+        patients(self.train())
     }
     /// What the dataset's files yield, per format and modality: files read and skipped, images,
     /// and each skip reason with how many files had it (`consilium-worker check-data`).

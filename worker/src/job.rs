@@ -525,11 +525,7 @@ fn spend_privacy(
     train: &[&Sample],
     ledger: &Ledger,
 ) -> Result<(DpStep, PrivacySpent), JobError> {
-    let patients = train
-        .iter()
-        .map(|s| s.unit.as_str())
-        .collect::<std::collections::BTreeSet<_>>()
-        .len() as u64;
+    let patients = data::patients(train.iter().copied());
     let round = plan.dp_round(dp, patients).map_err(|e| match e {
         consilium_core::plan::DpRoundError::NoPatients => JobError::Failed(e.to_string()),
         _ => JobError::Refused(e.to_string()),

@@ -126,16 +126,17 @@ pub async fn reserve<C: ConnectionTrait>(
         .one(db)
         .await?
     {
-        let dataset_total = match total(&rows)? {
+        let held = total(&rows)?;
+        let before = match &held {
+            Some(t) => epsilon(t, budget.delta)?,
+            None => 0.0,
+        };
+        let dataset_total = match held {
             Some(t) => t.plus(&cost.rdp).map_err(AppError::unexpected)?,
             None => cost.rdp.clone(),
         };
         let dataset_epsilon = epsilon(&dataset_total, budget.delta)?;
         if dataset_epsilon > budget.epsilon * (1.0 + SLACK) {
-            let before = match total(&rows)? {
-                Some(t) => epsilon(&t, budget.delta)?,
-                None => 0.0,
-            };
             return Ok(Err(format!(
                 "{}'s dataset has spent or reserved ε = {before:.3} of its lifetime budget ε = {} (δ = {}); round {} would bring it to ε = {dataset_epsilon:.3}. Its custodian sets the budget",
                 r.site_name, budget.epsilon, budget.delta, r.round
