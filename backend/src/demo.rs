@@ -107,6 +107,8 @@ pub async fn run(mut settings: Settings, opts: DemoOptions) -> anyhow::Result<i3
                     site_id: *site,
                     per_class: None,
                     generator: None,
+                    epsilon: None,
+                    delta: None,
                 },
             )
             .await

@@ -322,6 +322,8 @@ entity!(privacy_spend, "privacy_spends", {
     pub study_id: Uuid,
     pub run_id: Uuid,
     pub round: i32,
+    /// `round` or `preview` (a private preview's generator: `run_id` names the request).
+    pub purpose: String,
     /// `reserved` (the job is out), `committed` (spent) or `released` (nothing was spent).
     pub state: String,
     pub patients: i64,

@@ -818,6 +818,14 @@ input! {
         /// where every class has at least 40 training images.
         #[serde(default)]
         pub generator: Option<String>,
+        /// Train the generator with DP-SGD so that the set costs each patient at most this ε
+        /// (spent from the site's dataset privacy ledger, like a training round). Required
+        /// when the study's plan trains with DP-SGD; the generator is then `cvae`.
+        #[serde(default)]
+        pub epsilon: Option<f64>,
+        /// δ of a private preview: by default the plan's DP-SGD δ, else 1e-5.
+        #[serde(default)]
+        pub delta: Option<f64>,
     }
 
     /// The site's custodian releases a checked preview set to the study's researcher, or
@@ -849,8 +857,11 @@ dto! {
         pub status: String,
         /// `pca_gaussian` or `cvae`.
         pub generator: Option<String>,
-        /// The differential-privacy budget spent; none when the generator was not private.
+        /// The differential-privacy budget the set spends per patient (as the server's ledger
+        /// reckons it); none when the generator was not private.
         pub epsilon: Option<f64>,
+        /// δ of `epsilon`.
+        pub delta: Option<f64>,
         /// The images (only for those who may see them: the site's custodian, and the
         /// researcher once released).
         pub images: Vec<PreviewImageDto>,
@@ -892,7 +903,10 @@ dto! {
     /// One private round at one site in the dataset's ledger.
     pub struct PrivacySpendDto {
         pub study_id: Uuid,
+        /// The run, or for a preview the preview request.
         pub run_id: Uuid,
+        /// `round` (a training round) or `preview` (a private preview's generator; round 0).
+        pub purpose: String,
         pub round: i32,
         /// `reserved` (the job is out), `committed` (spent) or `released` (nothing was spent).
         pub state: String,
@@ -915,6 +929,8 @@ dto! {
         pub epsilon: f64,
         pub rounds_committed: u32,
         pub rounds_reserved: u32,
+        /// Private previews committed.
+        pub previews: u32,
     }
 
     /// A site's dataset privacy ledger: its budget, what every study spent from it and what is

@@ -10,6 +10,8 @@ pub mod manifest;
 #[cfg(feature = "train")]
 mod matmul;
 #[cfg(feature = "train")]
+pub mod noise;
+#[cfg(feature = "train")]
 pub mod norm;
 pub mod plan;
 pub mod preview;

@@ -316,43 +316,59 @@ impl Plan {
     /// and the server reserves it in the dataset's ledger before the job goes out: both compute
     /// it here, so a difference is a site that did something else.
     pub fn dp_round(&self, dp: &DpSgd, patients: u64) -> Result<DpRound, DpRoundError> {
-        if patients == 0 {
-            return Err(DpRoundError::NoPatients);
-        }
-        if dp.delta >= 1.0 / patients as f64 {
-            return Err(DpRoundError::DeltaTooLarge {
-                delta: dp.delta,
-                patients,
-            });
-        }
-        let batch = self.batch_size.max(1) as u64;
-        let sampling_rate = (batch as f64 / patients as f64).min(1.0);
-        let steps = u64::from(self.local_epochs.max(1)) * patients.div_ceil(batch);
-        let orders = crate::privacy::default_orders();
-        let noise_multiplier = match dp.noise_multiplier {
-            Some(s) => s,
-            None => crate::privacy::noise_for(
-                sampling_rate,
-                steps * u64::from(self.rounds.max(1)),
-                dp.epsilon,
-                dp.delta,
-                &orders,
-            )?,
-        };
-        let rdp = crate::privacy::RdpCost::sampled_gaussian(
-            sampling_rate,
-            noise_multiplier,
-            steps,
-            &orders,
-        )?;
-        Ok(DpRound {
+        let epochs = u64::from(self.local_epochs.max(1));
+        dp_schedule(
+            dp,
             patients,
-            sampling_rate,
-            noise_multiplier,
-            steps,
-            rdp,
-        })
+            self.batch_size.max(1) as u64,
+            |batch| epochs * patients.div_ceil(batch),
+            u64::from(self.rounds.max(1)),
+        )
     }
+}
+
+/// DP-SGD over `patients` patients with an expected `batch` patients per step: the sampling
+/// rate, the steps of one release (`steps(batch)`), σ (the plan's, or the smallest that keeps
+/// `releases` such releases within `dp.epsilon`) and the Rényi cost of one release.
+pub fn dp_schedule(
+    dp: &DpSgd,
+    patients: u64,
+    batch: u64,
+    steps: impl Fn(u64) -> u64,
+    releases: u64,
+) -> Result<DpRound, DpRoundError> {
+    if patients == 0 {
+        return Err(DpRoundError::NoPatients);
+    }
+    if dp.delta >= 1.0 / patients as f64 {
+        return Err(DpRoundError::DeltaTooLarge {
+            delta: dp.delta,
+            patients,
+        });
+    }
+    let batch = batch.max(1);
+    let sampling_rate = (batch as f64 / patients as f64).min(1.0);
+    let steps = steps(batch);
+    let orders = crate::privacy::default_orders();
+    let noise_multiplier = match dp.noise_multiplier {
+        Some(s) => s,
+        None => crate::privacy::noise_for(
+            sampling_rate,
+            steps * releases.max(1),
+            dp.epsilon,
+            dp.delta,
+            &orders,
+        )?,
+    };
+    let rdp =
+        crate::privacy::RdpCost::sampled_gaussian(sampling_rate, noise_multiplier, steps, &orders)?;
+    Ok(DpRound {
+        patients,
+        sampling_rate,
+        noise_multiplier,
+        steps,
+        rdp,
+    })
 }
 
 /// One round of DP-SGD at one site, as [`Plan::dp_round`] works it out.
@@ -371,7 +387,7 @@ pub enum DpRoundError {
     #[error("there are no training samples at this site")]
     NoPatients,
     #[error(
-        "the plan's δ = {delta} is not below 1 / {patients} (this site's patients): a δ that large allows a mechanism that releases one patient's data outright; the plan needs a smaller δ"
+        "δ = {delta} is not below 1 / {patients} (this site's patients): a δ that large allows a mechanism that releases one patient's data outright; a smaller δ is needed"
     )]
     DeltaTooLarge { delta: f64, patients: u64 },
     #[error(transparent)]

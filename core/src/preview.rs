@@ -19,6 +19,47 @@ pub struct PreviewSpec {
     /// `cvae` or `pca_gaussian`; by default the VAE where every class has enough images.
     #[serde(default)]
     pub generator: Option<String>,
+    /// Train the generator with DP-SGD under this budget, spent from the dataset's ledger.
+    #[serde(default)]
+    pub dp: Option<PreviewPrivacy>,
+}
+
+/// The budget a private preview may spend: ε per patient at δ, for the one generator it trains.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(ToSchema))]
+pub struct PreviewPrivacy {
+    pub epsilon: f64,
+    pub delta: f64,
+    /// C: each patient's gradient is clipped to this L2 norm.
+    pub max_grad_norm: f64,
+}
+
+/// Optimiser steps the preview generator trains for.
+pub const GENERATOR_STEPS: u64 = 300;
+
+/// Images (without DP) or expected patients (with DP-SGD) in each of the generator's steps.
+pub const GENERATOR_BATCH: u64 = 32;
+
+/// What training a private preview's generator costs a site whose training split holds
+/// `patients` patients: [`GENERATOR_STEPS`] DP-SGD steps, each patient sampled with
+/// probability `GENERATOR_BATCH / patients`, σ the smallest that stays within the asked ε. The
+/// site trains by it and the server reserves it before the job goes out, both from here.
+pub fn dp_cost(
+    dp: &PreviewPrivacy,
+    patients: u64,
+) -> Result<crate::plan::DpRound, crate::plan::DpRoundError> {
+    crate::plan::dp_schedule(
+        &crate::plan::DpSgd {
+            epsilon: dp.epsilon,
+            delta: dp.delta,
+            max_grad_norm: dp.max_grad_norm,
+            noise_multiplier: None,
+        },
+        patients,
+        GENERATOR_BATCH,
+        |_| GENERATOR_STEPS,
+        1,
+    )
 }
 
 impl Default for PreviewSpec {
@@ -28,6 +69,7 @@ impl Default for PreviewSpec {
             image_size: 64,
             k: 10,
             generator: None,
+            dp: None,
         }
     }
 }

@@ -51,7 +51,9 @@ pub struct Job {
 /// 3: every worker message signed with the site's registered key (`signing`).
 /// 4: every job signed with the server's key, which workers pin; workers report the jobs they
 /// refused for their signature (`WorkerMessage::JobRejected`).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: private previews (`PreviewSpec::dp`): a worker that would ignore the request for DP-SGD
+/// must refuse the job instead.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 fn first_protocol() -> u32 {
     1
@@ -108,6 +110,10 @@ pub enum Outcome {
         images: u32,
         withheld: u32,
         duration_ms: u64,
+        /// What training the generator with DP-SGD cost, as the site's ledger recorded it
+        /// (`None`: the preview was not private).
+        #[serde(default)]
+        privacy: Option<PrivacySpent>,
     },
     /// The worker would not run the job (e.g. the plan is not approved for this site).
     Refused { reason: String },

@@ -196,6 +196,11 @@ pub async fn study_action(api: &Api, form: &Form) -> Result<String, PortalError>
                         site_id,
                         per_class,
                         generator: optional(form, "generator").filter(|g| g != "auto"),
+                        epsilon: match optional(form, "epsilon") {
+                            Some(_) => Some(decimal(form, "epsilon", "Privacy budget ε")?),
+                            None => None,
+                        },
+                        delta: None,
                     },
                 )
                 .await?;

@@ -10,6 +10,7 @@ mod m20261201_000004_site_keys;
 mod m20261201_000005_site_outputs;
 mod m20261201_000006_privacy;
 mod m20261202_000007_privacy_ledger;
+mod m20261202_000008_private_previews;
 
 pub struct Migrator;
 
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000005_site_outputs::Migration),
             Box::new(m20261201_000006_privacy::Migration),
             Box::new(m20261202_000007_privacy_ledger::Migration),
+            Box::new(m20261202_000008_private_previews::Migration),
         ]
     }
 }

@@ -197,9 +197,23 @@ async fn preview(job: &Job, ctx: &SiteContext) -> Outcome {
     let root = ctx.dataset.root.clone();
     let seed = job.manifest.seed
         ^ u64::from_le_bytes(job.job_id.as_bytes()[..8].try_into().unwrap_or_default());
+    if spec.dp.is_some() && spec.generator.as_deref() == Some("pca_gaussian") {
+        return Outcome::Refused {
+            reason: "pca_gaussian cannot be trained with DP-SGD; a private preview uses cvae"
+                .into(),
+        };
+    }
+    let (private, privacy) = match &spec.dp {
+        Some(dp) => match spend_on_preview(job, dp, &data, &ctx.ledger) {
+            Ok((p, spent)) => (Some(p), Some(spent)),
+            Err(JobError::Refused(reason)) => return Outcome::Refused { reason },
+            Err(e) => return fail(e.to_string()),
+        },
+        None => (None, None),
+    };
     let started = Instant::now();
     let built = tokio::task::spawn_blocking(move || {
-        crate::preview::build_set(&data, &spec, &root, dicom, seed)
+        crate::preview::build_set(&data, &spec, &root, dicom, seed, private.as_ref())
     })
     .await;
     let (set, withheld) = match built {
@@ -218,6 +232,7 @@ async fn preview(job: &Job, ctx: &SiteContext) -> Outcome {
             images,
             withheld,
             duration_ms: started.elapsed().as_millis() as u64,
+            privacy,
         },
         Err(e) => fail(e.to_string()),
     }
@@ -550,6 +565,7 @@ fn spend_privacy(
                 noise_multiplier,
                 steps,
                 rdp: rdp.clone(),
+                preview: false,
             },
             &Spending {
                 run_epsilon: dp.epsilon,
@@ -574,6 +590,65 @@ fn spend_privacy(
             epsilon_run: spent.epsilon_run,
             epsilon_dataset: spent.epsilon_dataset,
             rdp,
+        },
+    ))
+}
+
+/// A private preview's DP-SGD at this site: its cost from the site's patient count (the same
+/// function the server reserved it by), checked against the asked ε and the dataset's lifetime
+/// budget in the site's ledger and recorded there before the generator trains.
+fn spend_on_preview(
+    job: &Job,
+    dp: &consilium_core::preview::PreviewPrivacy,
+    data: &Dataset,
+    ledger: &Ledger,
+) -> Result<(crate::preview::Private, PrivacySpent), JobError> {
+    let patients = data::patients(data.train());
+    let cost = consilium_core::preview::dp_cost(dp, patients).map_err(|e| match e {
+        consilium_core::plan::DpRoundError::NoPatients => JobError::Failed(e.to_string()),
+        _ => JobError::Refused(e.to_string()),
+    })?;
+    let spent = ledger
+        .spend(
+            Entry {
+                job_id: job.job_id,
+                run_id: job.run_id,
+                study_id: job.study_id,
+                round: 0,
+                at: Utc::now(),
+                patients: cost.patients,
+                sampling_rate: cost.sampling_rate,
+                noise_multiplier: cost.noise_multiplier,
+                steps: cost.steps,
+                rdp: cost.rdp.clone(),
+                preview: true,
+            },
+            &Spending {
+                run_epsilon: dp.epsilon,
+                run_delta: dp.delta,
+            },
+        )
+        .map_err(JobError::Refused)?;
+    Ok((
+        crate::preview::Private {
+            step: DpStep {
+                sampling_rate: cost.sampling_rate,
+                noise_multiplier: cost.noise_multiplier,
+                max_grad_norm: dp.max_grad_norm,
+                steps: cost.steps,
+            },
+            epsilon: spent.epsilon_round,
+        },
+        PrivacySpent {
+            patients: cost.patients,
+            sampling_rate: cost.sampling_rate,
+            noise_multiplier: cost.noise_multiplier,
+            steps: cost.steps,
+            delta: dp.delta,
+            epsilon_round: spent.epsilon_round,
+            epsilon_run: spent.epsilon_run,
+            epsilon_dataset: spent.epsilon_dataset,
+            rdp: cost.rdp,
         },
     ))
 }

@@ -60,6 +60,20 @@ pub struct Entry {
     pub noise_multiplier: f64,
     pub steps: u64,
     pub rdp: RdpCost,
+    /// A private preview's generator (`run_id` names the preview request), not a round.
+    #[serde(default)]
+    pub preview: bool,
+}
+
+impl Entry {
+    /// What was trained, in words.
+    fn what(&self) -> String {
+        if self.preview {
+            "this preview's generator".into()
+        } else {
+            format!("round {}", self.round)
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -146,22 +160,31 @@ impl Ledger {
         let orders = default_orders();
         let err = |e: consilium_core::privacy::PrivacyError| e.to_string();
         let delta = self.budget.map_or(1e-5, |b| b.delta);
-        let mut runs: std::collections::BTreeMap<Uuid, (Uuid, u32, RdpCost)> = Default::default();
+        let mut runs: std::collections::BTreeMap<Uuid, (Uuid, bool, u32, RdpCost)> =
+            Default::default();
         let mut all = RdpCost::zero(&orders);
         for e in &entries {
             let run = runs
                 .entry(e.run_id)
-                .or_insert_with(|| (e.study_id, 0, RdpCost::zero(&orders)));
-            run.1 += 1;
-            run.2 = run.2.plus(&e.rdp).map_err(err)?;
+                .or_insert_with(|| (e.study_id, e.preview, 0, RdpCost::zero(&orders)));
+            run.2 += 1;
+            run.3 = run.3.plus(&e.rdp).map_err(err)?;
             all = all.plus(&e.rdp).map_err(err)?;
         }
-        let mut out = format!("{} private rounds in {} runs\n", entries.len(), runs.len());
-        for (run, (study, rounds, cost)) in &runs {
-            out.push_str(&format!(
-                "  run {run} (study {study}): {rounds} rounds, ε = {:.3} at δ = {delta}\n",
-                cost.epsilon(delta).map_err(err)?.epsilon
-            ));
+        let previews = runs.values().filter(|r| r.1).count();
+        let mut out = format!(
+            "{} private rounds in {} runs, {previews} private previews\n",
+            entries.iter().filter(|e| !e.preview).count(),
+            runs.len() - previews
+        );
+        for (run, (study, preview, rounds, cost)) in &runs {
+            let eps = cost.epsilon(delta).map_err(err)?.epsilon;
+            out.push_str(&match preview {
+                true => format!("  preview {run} (study {study}): ε = {eps:.3} at δ = {delta}\n"),
+                false => format!(
+                    "  run {run} (study {study}): {rounds} rounds, ε = {eps:.3} at δ = {delta}\n"
+                ),
+            });
         }
         let total = if entries.is_empty() {
             0.0
@@ -207,8 +230,11 @@ impl Ledger {
         let epsilon_run = run.epsilon(limits.run_delta).map_err(err)?.epsilon;
         if epsilon_run > limits.run_epsilon * (1.0 + SLACK) {
             return Err(format!(
-                "round {} would bring this run's privacy spending at this site to ε = {:.3} (δ = {}), above the ε = {} the committee approved; the site does not train it",
-                entry.round, epsilon_run, limits.run_delta, limits.run_epsilon
+                "{} would bring this run's privacy spending at this site to ε = {:.3} (δ = {}), above the approved ε = {}; the site does not train it",
+                entry.what(),
+                epsilon_run,
+                limits.run_delta,
+                limits.run_epsilon
             ));
         }
         let delta = self.budget.map_or(limits.run_delta, |b| b.delta);
@@ -217,8 +243,11 @@ impl Ledger {
             && epsilon_dataset > b.epsilon * (1.0 + SLACK)
         {
             return Err(format!(
-                "round {} would bring this dataset's lifetime privacy spending to ε = {:.3} (δ = {}), above the site's budget of ε = {}; the site does not train it (the site's IT can see what was spent in its privacy ledger)",
-                entry.round, epsilon_dataset, b.delta, b.epsilon
+                "{} would bring this dataset's lifetime privacy spending to ε = {:.3} (δ = {}), above the site's budget of ε = {}; the site does not train it (the site's IT can see what was spent in its privacy ledger)",
+                entry.what(),
+                epsilon_dataset,
+                b.delta,
+                b.epsilon
             ));
         }
         state.entries.push(entry);
@@ -268,6 +297,7 @@ mod tests {
             noise_multiplier: sigma,
             steps: 50,
             rdp: RdpCost::sampled_gaussian(0.1, sigma, 50, &default_orders()).expect("cost"),
+            preview: false,
         }
     }
 
@@ -325,7 +355,10 @@ mod tests {
         let err = ledger
             .spend(entry(run, 2, 1.0), &limits)
             .expect_err("round 2");
-        assert!(err.contains("above the ε"), "{err}");
+        assert!(
+            err.contains("round 2 would bring this run") && err.contains("above the approved ε"),
+            "{err}"
+        );
         // Another run has its own approved budget.
         assert!(ledger.spend(entry(Uuid::new_v4(), 1, 1.0), &limits).is_ok());
     }

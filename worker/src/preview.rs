@@ -335,6 +335,13 @@ fn png(pixels: &[f32], size: u32) -> Result<Vec<u8>, String> {
     Ok(out.into_inner())
 }
 
+/// A private preview's DP-SGD, as the site's ledger recorded it before training.
+pub struct Private {
+    pub step: crate::train::DpStep,
+    /// ε the generator's training spends, at the preview's δ.
+    pub epsilon: f64,
+}
+
 /// Builds what leaves the site for a preview job: generated images, minus those the
 /// memorisation check flags, the check's figures and the metadata summary. `dicom_root` is
 /// the dataset's folder when its files are DICOM (for the summary); `root` the folder of its
@@ -345,12 +352,14 @@ pub fn build_set(
     root: &Path,
     dicom: bool,
     seed: u64,
+    private: Option<&Private>,
 ) -> Result<(consilium_core::preview::PreviewSet, u32), String> {
     use base64::Engine as _;
-    let train: Vec<(u32, &[f32])> = data
+    let examples: Vec<crate::cvae::Example> = data
         .train()
-        .map(|s| (s.label, s.pixels.as_slice()))
+        .map(|s| (s.label, s.pixels.as_slice(), s.unit.as_str()))
         .collect();
+    let train: Vec<(u32, &[f32])> = examples.iter().map(|(l, p, _)| (*l, *p)).collect();
     if train.is_empty() {
         return Err("the site has no training images to preview".into());
     }
@@ -361,13 +370,18 @@ pub fn build_set(
     let fewest = per_class.values().copied().min().unwrap_or(0);
     let vae = match spec.generator.as_deref() {
         Some("cvae") => true,
+        Some("pca_gaussian") if private.is_some() => {
+            return Err(
+                "pca_gaussian cannot be trained with DP-SGD; a private preview uses cvae".into(),
+            );
+        }
         Some("pca_gaussian") => false,
         Some(other) => {
             return Err(format!(
                 "unknown generator {other:?}: use cvae or pca_gaussian"
             ));
         }
-        None => fewest >= crate::cvae::MIN_PER_CLASS,
+        None => private.is_some() || fewest >= crate::cvae::MIN_PER_CLASS,
     };
     let (generated, generator) = if vae {
         if fewest < MIN_PER_CLASS {
@@ -375,9 +389,14 @@ pub fn build_set(
                 "a class has {fewest} training image(s); a preview needs at least {MIN_PER_CLASS} per class"
             ));
         }
-        let images =
-            crate::cvae::generate(&train, spec.per_class as usize, crate::cvae::STEPS, seed)
-                .map_err(|e| format!("the generator could not be trained: {e}"))?;
+        let images = crate::cvae::generate(
+            &examples,
+            spec.per_class as usize,
+            crate::cvae::STEPS,
+            seed,
+            private.map(|p| &p.step),
+        )
+        .map_err(|e| format!("the generator could not be trained: {e}"))?;
         (images, "cvae")
     } else {
         let images =
@@ -435,7 +454,7 @@ pub fn build_set(
     Ok((
         consilium_core::preview::PreviewSet {
             generator: generator.into(),
-            epsilon: None,
+            epsilon: private.map(|p| p.epsilon),
             image_size: data.size as u32,
             images,
             memorisation,

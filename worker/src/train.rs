@@ -406,33 +406,20 @@ impl Net {
                     .map(|(x, y)| self.clipped_gradient(x, y, &trainable, dp.max_grad_norm))
                     .collect::<Result<_>>()?
             };
-            let mut sum: Vec<Option<Tensor>> = vec![None; trainable.len()];
-            for (value, grads) in clipped {
+            let mut grads = Vec::with_capacity(clipped.len());
+            for (value, g) in clipped {
                 if step < tenth {
                     first = (first.0 + value, first.1 + 1);
                 }
                 if step + tenth >= dp.steps {
                     last = (last.0 + value, last.1 + 1);
                 }
-                for (acc, g) in sum.iter_mut().zip(grads) {
-                    let Some(g) = g else { continue };
-                    *acc = Some(match acc.take() {
-                        Some(a) => (a + g)?,
-                        None => g,
-                    });
-                }
+                grads.push(g);
             }
+            let vars: Vec<&Var> = trainable.iter().map(|(_, v)| v).collect();
+            let mean = noisy_mean(grads, &vars, std, expected_batch, &mut secret)?;
             let mut noisy = GradStore::default();
-            for (((_, var), acc), w0) in trainable.iter().zip(sum).zip(&anchor) {
-                let shape = var.shape().clone();
-                let noise: Vec<f32> = (0..shape.elem_count())
-                    .map(|_| (std * secret.normal()) as f32)
-                    .collect();
-                let mut g = Tensor::from_vec(noise, shape, &self.device)?;
-                if let Some(a) = acc {
-                    g = (g + a)?;
-                }
-                g = (g / expected_batch)?;
+            for ((var, mut g), w0) in vars.iter().zip(mean).zip(&anchor) {
                 if plan.proximal_mu > 0.0 {
                     g = (g + ((var.as_tensor() - w0)? * plan.proximal_mu)?)?;
                 }
@@ -457,17 +444,8 @@ impl Net {
         let loss = candle_nn::loss::cross_entropy(&logits, y)?;
         let value = f64::from(loss.to_scalar::<f32>()?);
         let grads = loss.backward()?;
-        let per_var: Vec<Option<&Tensor>> = trainable.iter().map(|(_, v)| grads.get(v)).collect();
-        let mut norm2 = 0f64;
-        for g in per_var.iter().flatten() {
-            norm2 += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
-        }
-        let scale = (max_norm / norm2.sqrt().max(1e-12)).min(1.0);
-        let clipped = per_var
-            .into_iter()
-            .map(|g| g.map(|g| g * scale).transpose())
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok((value, clipped))
+        let vars: Vec<&Var> = trainable.iter().map(|(_, v)| v).collect();
+        Ok((value, clip(&grads, &vars, max_norm)?))
     }
 
     /// All weights by name, on the CPU, as f32 vectors.
@@ -534,6 +512,61 @@ impl Opt {
             Opt::AdamW(o) => Ok(o.step(grads)?),
         }
     }
+}
+
+/// The gradients of `vars` in `grads`, scaled together so that their L2 norm over all of them
+/// is at most `max_norm` (one patient's contribution to a DP-SGD step; `None` where a variable
+/// got no gradient).
+pub(crate) fn clip(
+    grads: &GradStore,
+    vars: &[&Var],
+    max_norm: f64,
+) -> candle_core::Result<Vec<Option<Tensor>>> {
+    let per_var: Vec<Option<&Tensor>> = vars.iter().map(|v| grads.get(v)).collect();
+    let mut norm2 = 0f64;
+    for g in per_var.iter().flatten() {
+        norm2 += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+    }
+    let scale = (max_norm / norm2.sqrt().max(1e-12)).min(1.0);
+    per_var
+        .into_iter()
+        .map(|g| g.map(|g| g * scale).transpose())
+        .collect()
+}
+
+/// One DP-SGD step's gradient of each of `vars`: the patients' clipped gradients summed in
+/// the order given, plus Gaussian noise of standard deviation `std` per coordinate from
+/// `secret` (the operating system's generator), over the expected batch size.
+pub(crate) fn noisy_mean(
+    clipped: Vec<Vec<Option<Tensor>>>,
+    vars: &[&Var],
+    std: f64,
+    expected_batch: f64,
+    secret: &mut Rng,
+) -> candle_core::Result<Vec<Tensor>> {
+    let mut sum: Vec<Option<Tensor>> = vec![None; vars.len()];
+    for grads in clipped {
+        for (acc, g) in sum.iter_mut().zip(grads) {
+            let Some(g) = g else { continue };
+            *acc = Some(match acc.take() {
+                Some(a) => (a + g)?,
+                None => g,
+            });
+        }
+    }
+    vars.iter()
+        .zip(sum)
+        .map(|(var, acc)| {
+            let shape = var.shape().clone();
+            let mut noise = vec![0f32; shape.elem_count()];
+            consilium_core::noise::gaussian(&mut secret.0, std, &mut noise);
+            let mut g = Tensor::from_vec(noise, shape, var.device())?;
+            if let Some(a) = acc {
+                g = (g + a)?;
+            }
+            g / expected_batch.max(1e-12)
+        })
+        .collect()
 }
 
 /// One round of DP-SGD at a site: how each step is sampled and protected.

@@ -224,9 +224,15 @@ fn the_summary_suppresses_rare_values_and_names_nobody() {
 #[test]
 fn the_conditional_vae_draws_each_class_on_demand() {
     let data = phantoms(160, 32);
-    let train: Vec<(u32, &[f32])> = data.iter().map(|(l, p)| (*l, p.as_slice())).collect();
+    let units: Vec<String> = (0..data.len()).map(|i| format!("patient-{i}")).collect();
+    let train: Vec<(u32, &[f32], &str)> = data
+        .iter()
+        .zip(&units)
+        .map(|((l, p), u)| (*l, p.as_slice(), u.as_str()))
+        .collect();
     let previews =
-        consilium_worker::cvae::generate(&train, 10, consilium_worker::cvae::STEPS, 7).unwrap();
+        consilium_worker::cvae::generate(&train, 10, consilium_worker::cvae::STEPS, 7, None)
+            .unwrap();
     assert_eq!(previews.len(), 20);
     for label in [0, 1] {
         assert_eq!(previews.iter().filter(|p| p.label == label).count(), 10);
@@ -283,8 +289,10 @@ fn nothing_identifying_leaves_with_a_preview_of_dicom_images() {
         image_size: 32,
         k: 3,
         generator: None,
+        dp: None,
     };
-    let (set, _) = consilium_worker::preview::build_set(&data, &preview, &dir, true, 1).unwrap();
+    let (set, _) =
+        consilium_worker::preview::build_set(&data, &preview, &dir, true, 1, None).unwrap();
     assert_eq!(
         set.generator, "pca_gaussian",
         "few images per class: the fallback"
@@ -326,4 +334,57 @@ fn nothing_identifying_leaves_with_a_preview_of_dicom_images() {
             "a file name ({n}) left the site"
         );
     }
+}
+
+/// A private preview's generator trains by DP-SGD: the images still come out per class, and
+/// the noise is the operating system's: the same seed (which the server knows) draws different
+/// images every time, where the non-private generator reproduces exactly.
+#[test]
+fn a_private_generator_cannot_be_replayed_from_its_seed() {
+    use consilium_worker::cvae::generate;
+    let data = phantoms(160, 16);
+    let units: Vec<String> = (0..data.len())
+        .map(|i| format!("patient-{}", i / 2))
+        .collect();
+    let train: Vec<(u32, &[f32], &str)> = data
+        .iter()
+        .zip(&units)
+        .map(|((l, p), u)| (*l, p.as_slice(), u.as_str()))
+        .collect();
+    let cost = consilium_core::preview::dp_cost(
+        &consilium_core::preview::PreviewPrivacy {
+            epsilon: 8.0,
+            delta: 1e-5,
+            max_grad_norm: 1.0,
+        },
+        80,
+    )
+    .unwrap();
+    assert_eq!(cost.patients, 80);
+    assert_eq!(cost.sampling_rate, 32.0 / 80.0);
+    assert_eq!(cost.steps, consilium_core::preview::GENERATOR_STEPS);
+    let step = consilium_worker::train::DpStep {
+        sampling_rate: cost.sampling_rate,
+        noise_multiplier: cost.noise_multiplier,
+        max_grad_norm: 1.0,
+        steps: 40,
+    };
+    let one = generate(&train, 4, 40, 7, Some(&step)).unwrap();
+    let two = generate(&train, 4, 40, 7, Some(&step)).unwrap();
+    assert_eq!(one.len(), 8);
+    assert!(
+        one.iter()
+            .all(|p| p.pixels.iter().all(|x| (0.0..=1.0).contains(x)))
+    );
+    assert_eq!(
+        one.iter().map(|p| p.label).collect::<Vec<_>>(),
+        vec![0, 0, 0, 0, 1, 1, 1, 1]
+    );
+    assert_ne!(one, two, "the same seed drew the same private images");
+    let plain = |seed| generate(&train, 4, 40, seed, None).unwrap();
+    assert_eq!(
+        plain(7),
+        plain(7),
+        "without DP the seed reproduces the preview"
+    );
 }

@@ -293,8 +293,7 @@ impl Engine {
                 let reserved = privacy::reserve(
                     &*w,
                     privacy::Reservation {
-                        plan: &plan,
-                        dp,
+                        spender: privacy::Spender::Round(&plan, dp),
                         study_id: r.study_id,
                         run_id: r.id,
                         round: number,

@@ -643,7 +643,6 @@ async fn privacy_check<C: sea_orm::ConnectionTrait>(
     db: &C,
     r: &JobResult,
 ) -> AppResult<(Option<serde_json::Value>, Option<String>)> {
-    use consilium_core::privacy::{RdpCost, default_orders};
     let Outcome::Trained { privacy, .. } = &r.outcome else {
         return Ok((None, None));
     };
@@ -669,50 +668,19 @@ async fn privacy_check<C: sea_orm::ConnectionTrait>(
             Some("the plan trains with DP-SGD, and the site reported no privacy cost".into()),
         ));
     };
-    let orders = default_orders();
-    let expected = RdpCost::sampled_gaussian(
-        spent.sampling_rate,
-        spent.noise_multiplier,
-        spent.steps,
-        &orders,
-    );
-    let same = expected.as_ref().is_ok_and(|e| {
-        e.orders == spent.rdp.orders
-            && e.rdp.iter().zip(&spent.rdp.rdp).all(|(a, b)| {
-                (a - b).abs() <= 1e-9 * a.abs().max(1.0) || (a.is_infinite() && a == b)
-            })
-    });
-    let problem = if !same {
-        Some(format!(
-            "the reported privacy cost does not follow from its sampling rate {}, σ = {} and {} steps",
-            spent.sampling_rate, spent.noise_multiplier, spent.steps
-        ))
+    let problem = if let Some(p) = crate::services::privacy::unreproducible(spent) {
+        Some(p)
     } else if spent.delta != dp.delta {
         Some(format!(
             "the site stated its cost at δ = {}, the plan's δ is {}",
             spent.delta, dp.delta
         ))
-    } else if let Some(held) =
+    } else if let Some(p) =
         crate::services::privacy::reservation(db, r.run_id, r.round as i32, r.site_id)
             .await?
-            .filter(|h| {
-                h.patients != i64::try_from(spent.patients).unwrap_or(i64::MAX)
-                    || h.steps != i64::try_from(spent.steps).unwrap_or(i64::MAX)
-                    || (h.noise_multiplier - spent.noise_multiplier).abs()
-                        > 1e-12 * h.noise_multiplier.abs().max(1.0)
-            })
+            .and_then(|held| crate::services::privacy::disagreement(&held, spent))
     {
-        // The two ledgers disagree: the site trained on other numbers than the ones the server
-        // reserved from what its worker reported.
-        Some(format!(
-            "the site's ledger and the server's disagree: it reported {} patients, σ = {} and {} steps, the server reserved this round for {} patients, σ = {} and {} steps",
-            spent.patients,
-            spent.noise_multiplier,
-            spent.steps,
-            held.patients,
-            held.noise_multiplier,
-            held.steps
-        ))
+        Some(p)
     } else if dp
         .noise_multiplier
         .is_some_and(|s| s != spent.noise_multiplier)

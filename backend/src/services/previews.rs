@@ -6,7 +6,8 @@ use base64::Engine as _;
 use chrono::{Duration, Utc};
 use consilium_core::Role;
 use consilium_core::api::{DecidePreview, PreviewDto, PreviewImageDto, RequestPreview};
-use consilium_core::preview::{PreviewSet, PreviewSpec};
+use consilium_core::plan::MAX_DELTA;
+use consilium_core::preview::{PreviewPrivacy, PreviewSet, PreviewSpec};
 use consilium_core::protocol::{Job, JobKind, JobResult, Outcome};
 use consilium_worker::artifacts::ArtifactStore;
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
@@ -16,8 +17,9 @@ use super::{Checks, from_json, not_found};
 use crate::audit;
 use crate::context::AppContext;
 use crate::domain::Actor;
-use crate::entities::{access_request, plan, preview_set, user};
+use crate::entities::{access_request, heartbeat, plan, preview_set, user};
 use crate::error::{AppError, AppResult};
+use crate::services::privacy::{self, Settlement};
 use crate::services::{directory, studies};
 
 fn json<T: serde::Serialize>(v: &T) -> AppResult<serde_json::Value> {
@@ -95,6 +97,7 @@ async fn dto(ctx: &AppContext, m: &preview_set::Model, images: bool) -> AppResul
         status: m.status.clone(),
         generator: m.generator.clone(),
         epsilon: m.epsilon,
+        delta: from_json::<PreviewSpec>(&m.spec)?.dp.map(|d| d.delta),
         images: labels
             .into_iter()
             .enumerate()
@@ -194,15 +197,44 @@ pub async fn request(
         ));
     };
     let plan = studies::plan_dto(p)?;
+    let dp = private(&plan, &input)?;
     let engine = ctx.federation()?;
     let spec = PreviewSpec {
         per_class,
         generator: input.generator.clone(),
+        dp,
         ..PreviewSpec::default()
     };
     let now = Utc::now();
     let id = Uuid::new_v4();
     let w = ctx.begin_write().await?;
+    if let Some(dp) = &dp {
+        // The generator's cost is reserved in the dataset's ledger before the job goes out.
+        let patients = heartbeat::Entity::find()
+            .filter(heartbeat::Column::SiteId.eq(input.site_id))
+            .one(&*w)
+            .await?
+            .and_then(|b| b.patients);
+        let reserved = privacy::reserve(
+            &*w,
+            privacy::Reservation {
+                spender: privacy::Spender::Preview(dp),
+                study_id,
+                run_id: id,
+                round: 0,
+                site_id: input.site_id,
+                site_name: &site.name,
+                patients,
+            },
+        )
+        .await?;
+        if let Err(reason) = reserved {
+            return Err(AppError::conflict(
+                "privacy_budget",
+                format!("No private preview was asked of the site: {reason}."),
+            ));
+        }
+    }
     let m = preview_set::ActiveModel {
         id: Set(id),
         study_id: Set(study_id),
@@ -256,15 +288,92 @@ pub async fn request(
             ctx,
             id,
             &format!("the job could not be sent to the site: {e}"),
+            Spent::Nothing,
         )
         .await?;
     }
     Ok(out)
 }
 
-async fn mark_failed(ctx: &AppContext, id: Uuid, reason: &str) -> AppResult<()> {
+/// The budget a preview request asks for, checked against the plan: a study whose plan trains
+/// with DP-SGD gets only private previews of its sites' data.
+fn private(
+    plan: &consilium_core::api::PlanDto,
+    input: &RequestPreview,
+) -> AppResult<Option<PreviewPrivacy>> {
+    let plan_dp = plan.manifest.parse().ok().and_then(|p| p.dp_sgd);
+    let Some(epsilon) = input.epsilon else {
+        if let Some(dp) = plan_dp {
+            return Err(AppError::Unprocessable(vec![format!(
+                "epsilon: this study's plan trains with DP-SGD (each patient at most ε = {} at δ = {}), so a preview of its sites' data must be private too; give the ε the preview may spend (for example 1)",
+                dp.epsilon, dp.delta
+            )]));
+        }
+        if input.delta.is_some() {
+            return Err(AppError::Unprocessable(vec![
+                "delta is the δ of a private preview: give epsilon too, or leave delta out".into(),
+            ]));
+        }
+        return Ok(None);
+    };
+    let delta = input
+        .delta
+        .or(plan_dp.map(|d| d.delta))
+        .unwrap_or(DEFAULT_DELTA);
+    let mut checks = Checks::default();
+    checks.check(
+        epsilon.is_finite() && epsilon > 0.0 && epsilon <= privacy::MAX_BUDGET_EPSILON,
+        format!(
+            "epsilon must be a number above 0 and at most {}; it is {epsilon}",
+            privacy::MAX_BUDGET_EPSILON
+        ),
+    );
+    checks.check(
+        delta.is_finite() && delta > 0.0 && delta <= MAX_DELTA,
+        format!(
+            "delta must be above 0 and at most {MAX_DELTA} (the chance the guarantee fails outright; 1e-5 is usual); it is {delta}"
+        ),
+    );
+    checks.check(
+        input.generator.as_deref() != Some("pca_gaussian"),
+        "generator: pca_gaussian cannot be trained with DP-SGD; a private preview uses cvae",
+    );
+    checks.finish()?;
+    Ok(Some(PreviewPrivacy {
+        epsilon,
+        delta,
+        max_grad_norm: plan_dp.map_or(DEFAULT_MAX_GRAD_NORM, |d| d.max_grad_norm),
+    }))
+}
+
+/// δ of a private preview when neither the request nor the plan gives one.
+pub const DEFAULT_DELTA: f64 = 1e-5;
+/// C of a private preview's generator when the plan has no DP-SGD of its own.
+pub const DEFAULT_MAX_GRAD_NORM: f64 = 1.0;
+
+/// What a preview that ends without a set cost the dataset.
+enum Spent {
+    /// The site did not train (the job never went out, or the site refused it).
+    Nothing,
+    /// The site may have trained the generator before it failed.
+    Maybe,
+}
+
+async fn mark_failed(ctx: &AppContext, id: Uuid, reason: &str, spent: Spent) -> AppResult<()> {
     let w = ctx.begin_write().await?;
     if let Some(m) = preview_set::Entity::find_by_id(id).one(&*w).await? {
+        let why = format!("the preview failed: {reason}");
+        privacy::settle(
+            &*w,
+            id,
+            0,
+            m.site_id,
+            match spent {
+                Spent::Nothing => Settlement::Released(why),
+                Spent::Maybe => Settlement::Assumed(why),
+            },
+        )
+        .await?;
         let mut a: preview_set::ActiveModel = m.into();
         a.status = Set("failed".into());
         a.failure = Set(Some(reason.to_string()));
@@ -308,6 +417,7 @@ pub async fn record(ctx: &AppContext, artifacts: &ArtifactStore, r: JobResult) -
             set,
             images,
             withheld,
+            privacy: spent,
             ..
         } => {
             let bytes = artifacts.get(&set).await.map_err(AppError::unexpected)?;
@@ -315,11 +425,66 @@ pub async fn record(ctx: &AppContext, artifacts: &ArtifactStore, r: JobResult) -
                 serde_json::from_slice(&bytes).map_err(AppError::unexpected)?;
             let labels: Vec<u32> = parsed.images.iter().map(|i| i.label).collect();
             let w = ctx.begin_write().await?;
+            let held = privacy::reservation(&*w, m.id, 0, m.site_id).await?;
+            let problem = match (&held, &spent) {
+                (None, None) => None,
+                (None, Some(_)) => Some(
+                    "the site trained a private generator for a preview that was not asked to be private"
+                        .to_string(),
+                ),
+                (Some(_), None) => Some(
+                    "the preview was asked to be private, and the site reported no privacy cost"
+                        .to_string(),
+                ),
+                (Some(h), Some(s)) => {
+                    privacy::unreproducible(s).or_else(|| privacy::disagreement(h, s))
+                }
+            };
+            if held.is_some() {
+                privacy::settle(
+                    &*w,
+                    m.id,
+                    0,
+                    m.site_id,
+                    Settlement::Spent {
+                        reported: spent.as_ref().map(|s| s.rdp.clone()),
+                        note: problem
+                            .as_ref()
+                            .map(|p| format!("the preview is not shown: {p}")),
+                    },
+                )
+                .await?;
+            }
+            if let Some(problem) = problem {
+                tracing::warn!(site = %r.site_id, preview = %m.id, problem, "privacy alarm");
+                audit::append(
+                    &*w,
+                    &Actor::system(),
+                    "privacy.alarm",
+                    "preview",
+                    m.id,
+                    &serde_json::json!({"preview_id": m.id, "site_id": r.site_id, "job_id": r.job_id, "problem": problem}),
+                )
+                .await?;
+                w.commit().await?;
+                return mark_failed(
+                    ctx,
+                    m.id,
+                    &format!("its privacy does not add up, so it is not shown: {problem}"),
+                    Spent::Maybe,
+                )
+                .await;
+            }
+            // The ε shown is the server's own account of what the set spent.
+            let epsilon = match privacy::reservation(&*w, m.id, 0, m.site_id).await? {
+                Some(row) => Some(privacy::row_epsilon(&row)?),
+                None => None,
+            };
             let mut a: preview_set::ActiveModel = m.into();
             a.status = Set("awaiting_release".into());
             a.set_hash = Set(Some(set));
             a.generator = Set(Some(parsed.generator.clone()));
-            a.epsilon = Set(parsed.epsilon);
+            a.epsilon = Set(epsilon);
             a.images = Set(Some(images as i32));
             a.withheld = Set(Some(withheld as i32));
             a.labels = Set(Some(json(&labels)?));
@@ -339,14 +504,14 @@ pub async fn record(ctx: &AppContext, artifacts: &ArtifactStore, r: JobResult) -
             w.commit().await?;
             Ok(())
         }
-        Outcome::Refused { reason } | Outcome::Failed { reason } => {
-            mark_failed(ctx, m.id, &reason).await
-        }
+        Outcome::Refused { reason } => mark_failed(ctx, m.id, &reason, Spent::Nothing).await,
+        Outcome::Failed { reason } => mark_failed(ctx, m.id, &reason, Spent::Maybe).await,
         _ => {
             mark_failed(
                 ctx,
                 m.id,
                 "the site answered with something other than a preview",
+                Spent::Maybe,
             )
             .await
         }

@@ -14,8 +14,10 @@ use consilium_core::Role;
 use consilium_core::api::{
     DatasetPrivacyDto, PrivacyBudgetDto, PrivacySpendDto, SetPrivacyBudget, StudySpendingDto,
 };
-use consilium_core::plan::{DpSgd, MAX_DELTA, Plan};
+use consilium_core::plan::{DpRound, DpRoundError, DpSgd, MAX_DELTA, Plan};
+use consilium_core::preview::PreviewPrivacy;
 use consilium_core::privacy::RdpCost;
+use consilium_core::protocol::PrivacySpent;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set,
 };
@@ -70,12 +72,54 @@ fn larger(a: &RdpCost, b: &RdpCost) -> RdpCost {
     }
 }
 
-/// What one private round at a site is to be reserved as.
+/// What spends: a training round of a run's plan, or a private preview's generator.
+#[derive(Clone, Copy)]
+pub enum Spender<'a> {
+    Round(&'a Plan, &'a DpSgd),
+    Preview(&'a PreviewPrivacy),
+}
+
+impl Spender<'_> {
+    pub const fn purpose(&self) -> &'static str {
+        match self {
+            Spender::Round(..) => ROUND,
+            Spender::Preview(_) => PREVIEW,
+        }
+    }
+
+    /// The ε and δ approved for the whole of what this is part of (the run; the preview).
+    fn approved(&self) -> (f64, f64) {
+        match self {
+            Spender::Round(_, dp) => (dp.epsilon, dp.delta),
+            Spender::Preview(dp) => (dp.epsilon, dp.delta),
+        }
+    }
+
+    fn cost(&self, patients: u64) -> Result<DpRound, DpRoundError> {
+        match self {
+            Spender::Round(plan, dp) => plan.dp_round(dp, patients),
+            Spender::Preview(dp) => consilium_core::preview::dp_cost(dp, patients),
+        }
+    }
+
+    fn what(&self, round: i32) -> String {
+        match self {
+            Spender::Round(..) => format!("round {round}"),
+            Spender::Preview(_) => "this preview".into(),
+        }
+    }
+}
+
+pub const ROUND: &str = "round";
+pub const PREVIEW: &str = "preview";
+
+/// What one private round (or preview) at a site is to be reserved as.
 pub struct Reservation<'a> {
-    pub plan: &'a Plan,
-    pub dp: &'a DpSgd,
+    pub spender: Spender<'a>,
     pub study_id: Uuid,
+    /// The run, or the preview request.
     pub run_id: Uuid,
+    /// The round (0 for a preview).
     pub round: i32,
     pub site_id: Uuid,
     pub site_name: &'a str,
@@ -95,10 +139,12 @@ pub async fn reserve<C: ConnectionTrait>(
             r.site_name
         )));
     };
-    let cost = match r.plan.dp_round(r.dp, patients) {
+    let cost = match r.spender.cost(patients) {
         Ok(c) => c,
         Err(e) => return Ok(Err(format!("{}: {e}", r.site_name))),
     };
+    let (approved_epsilon, approved_delta) = r.spender.approved();
+    let what = r.spender.what(r.round);
     let rows = privacy_spend::Entity::find()
         .filter(privacy_spend::Column::SiteId.eq(r.site_id))
         .filter(privacy_spend::Column::State.is_in([RESERVED, COMMITTED]))
@@ -115,11 +161,11 @@ pub async fn reserve<C: ConnectionTrait>(
         Some(t) => t.plus(&cost.rdp).map_err(AppError::unexpected)?,
         None => cost.rdp.clone(),
     };
-    let run_epsilon = epsilon(&run_total, r.dp.delta)?;
-    if run_epsilon > r.dp.epsilon * (1.0 + SLACK) {
+    let run_epsilon = epsilon(&run_total, approved_delta)?;
+    if run_epsilon > approved_epsilon * (1.0 + SLACK) {
         return Ok(Err(format!(
-            "round {} would bring this run's privacy spending at {} to ε = {run_epsilon:.3}, above the approved ε = {}",
-            r.round, r.site_name, r.dp.epsilon
+            "{what} would bring this run's privacy spending at {} to ε = {run_epsilon:.3}, above the approved ε = {approved_epsilon}",
+            r.site_name
         )));
     }
     if let Some(budget) = privacy_budget::Entity::find_by_id(r.site_id)
@@ -138,8 +184,8 @@ pub async fn reserve<C: ConnectionTrait>(
         let dataset_epsilon = epsilon(&dataset_total, budget.delta)?;
         if dataset_epsilon > budget.epsilon * (1.0 + SLACK) {
             return Ok(Err(format!(
-                "{}'s dataset has spent or reserved ε = {before:.3} of its lifetime budget ε = {} (δ = {}); round {} would bring it to ε = {dataset_epsilon:.3}. Its custodian sets the budget",
-                r.site_name, budget.epsilon, budget.delta, r.round
+                "{}'s dataset has spent or reserved ε = {before:.3} of its lifetime budget ε = {} (δ = {}); {what} would bring it to ε = {dataset_epsilon:.3}. Its custodian sets the budget",
+                r.site_name, budget.epsilon, budget.delta
             )));
         }
     }
@@ -149,12 +195,13 @@ pub async fn reserve<C: ConnectionTrait>(
         study_id: Set(r.study_id),
         run_id: Set(r.run_id),
         round: Set(r.round),
+        purpose: Set(r.spender.purpose().into()),
         state: Set(RESERVED.into()),
         patients: Set(i64::try_from(cost.patients).unwrap_or(i64::MAX)),
         sampling_rate: Set(cost.sampling_rate),
         noise_multiplier: Set(cost.noise_multiplier),
         steps: Set(i64::try_from(cost.steps).unwrap_or(i64::MAX)),
-        delta: Set(r.dp.delta),
+        delta: Set(approved_delta),
         rdp: Set(serde_json::to_value(&cost.rdp).map_err(AppError::unexpected)?),
         note: Set(None),
         created_at: Set(Utc::now()),
@@ -178,6 +225,57 @@ pub async fn reservation<C: ConnectionTrait>(
         .filter(privacy_spend::Column::SiteId.eq(site_id))
         .one(db)
         .await?)
+}
+
+/// Why a site's reported cost is not what its own sampling rate, σ and steps cost (`None`: it
+/// is).
+pub fn unreproducible(spent: &PrivacySpent) -> Option<String> {
+    let expected = RdpCost::sampled_gaussian(
+        spent.sampling_rate,
+        spent.noise_multiplier,
+        spent.steps,
+        &consilium_core::privacy::default_orders(),
+    );
+    let same = expected.as_ref().is_ok_and(|e| {
+        e.orders == spent.rdp.orders
+            && e.rdp.iter().zip(&spent.rdp.rdp).all(|(a, b)| {
+                (a - b).abs() <= 1e-9 * a.abs().max(1.0) || (a.is_infinite() && a == b)
+            })
+    });
+    (!same).then(|| {
+        format!(
+            "the reported privacy cost does not follow from its sampling rate {}, σ = {} and {} steps",
+            spent.sampling_rate, spent.noise_multiplier, spent.steps
+        )
+    })
+}
+
+/// Where the site trained on other numbers than the server reserved from what its worker
+/// reported: the two ledgers disagree (`None`: they agree).
+pub fn disagreement(held: &privacy_spend::Model, spent: &PrivacySpent) -> Option<String> {
+    let differs = held.patients != i64::try_from(spent.patients).unwrap_or(i64::MAX)
+        || held.steps != i64::try_from(spent.steps).unwrap_or(i64::MAX)
+        || (held.noise_multiplier - spent.noise_multiplier).abs()
+            > 1e-12 * held.noise_multiplier.abs().max(1.0)
+        || held.delta != spent.delta;
+    differs.then(|| {
+        format!(
+            "the site's ledger and the server's disagree: it reported {} patients, σ = {}, {} steps and δ = {}, the server reserved {} patients, σ = {}, {} steps and δ = {}",
+            spent.patients,
+            spent.noise_multiplier,
+            spent.steps,
+            spent.delta,
+            held.patients,
+            held.noise_multiplier,
+            held.steps,
+            held.delta
+        )
+    })
+}
+
+/// ε of a ledger row alone, at its δ.
+pub fn row_epsilon(row: &privacy_spend::Model) -> AppResult<f64> {
+    epsilon(&rdp_of(row)?, row.delta)
 }
 
 /// How a reserved round ends.
@@ -314,8 +412,15 @@ async fn ledger<C: ConnectionTrait>(
                 .copied()
                 .filter(|r| r.state == COMMITTED)
                 .collect())?,
-            rounds_committed: spends.iter().filter(|r| r.state == COMMITTED).count() as u32,
+            rounds_committed: spends
+                .iter()
+                .filter(|r| r.state == COMMITTED && r.purpose == ROUND)
+                .count() as u32,
             rounds_reserved: spends.iter().filter(|r| r.state == RESERVED).count() as u32,
+            previews: spends
+                .iter()
+                .filter(|r| r.state == COMMITTED && r.purpose == PREVIEW)
+                .count() as u32,
         });
     }
     let mut spends = Vec::with_capacity(rows.len());
@@ -323,6 +428,7 @@ async fn ledger<C: ConnectionTrait>(
         spends.push(PrivacySpendDto {
             study_id: r.study_id,
             run_id: r.run_id,
+            purpose: r.purpose.clone(),
             round: r.round,
             state: r.state.clone(),
             patients: r.patients,

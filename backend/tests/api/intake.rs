@@ -71,6 +71,7 @@ async fn a_message_that_can_never_be_recorded_is_dead_lettered_with_its_reason()
                 images: 8,
                 withheld: 0,
                 duration_ms: 1,
+                privacy: None,
             },
         }),
     )

@@ -611,8 +611,7 @@ async fn two_servers_cannot_overspend_one_dataset_together() {
             let got = reserve(
                 &*w,
                 Reservation {
-                    plan: &plan,
-                    dp: &dp,
+                    spender: consilium_backend::services::privacy::Spender::Round(&plan, &dp),
                     study_id: uuid::Uuid::new_v4(),
                     run_id: uuid::Uuid::new_v4(),
                     round: 1,
@@ -650,3 +649,141 @@ async fn two_servers_cannot_overspend_one_dataset_together() {
         "{ledger}"
     );
 }
+
+/// A private preview spends from the dataset's ledger like a round: a study whose plan trains
+/// with DP-SGD gets only private previews, the generator's cost is reserved before the job goes
+/// out and committed when the set arrives, the set says the ε the server's ledger reckons, and
+/// a preview that would take the dataset past its lifetime budget is never asked of the site.
+async fn private_previews_spend_from_the_datasets_ledger(db: crate::helpers::Db) {
+    use crate::engine::{approved_study, engine_manifest, start_worker};
+    use crate::helpers::*;
+    use consilium_worker::synthetic::SiteProfile;
+    let app = spawn_app(db).await;
+    let w = world(&app).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let profile = SiteProfile {
+        images: 120,
+        lesion_fraction: 0.5,
+        gain: 1.0,
+        offset: 0.0,
+        noise: 0.03,
+        blur: 0,
+        seed: 4,
+    };
+    let _north = start_worker(&app, w.site_a, &w.custodian_a, profile, dir.path()).await;
+    let mut m = engine_manifest(2);
+    m["privacy"] =
+        serde_json::json!({"dp_sgd": {"epsilon": 4.0, "delta": 1e-5, "max_grad_norm": 1.0}});
+    let (sid, _) = approved_study(&app, &w, m).await;
+    let r = &w.researcher.auth;
+    let path = format!("/api/v1/studies/{sid}/previews");
+
+    let bad = app
+        .post(&path, r, serde_json::json!({"site_id": w.site_a}))
+        .await
+        .expect(422);
+    assert!(
+        bad["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("a preview of its sites' data must be private too"),
+        "{bad}"
+    );
+    let bad = app
+        .post(
+            &path,
+            r,
+            serde_json::json!({"site_id": w.site_a, "epsilon": 0, "delta": 0.5, "generator": "pca_gaussian"}),
+        )
+        .await
+        .expect(422);
+    let detail = bad["detail"].as_str().expect("detail");
+    assert!(detail.contains("epsilon must be a number above 0"), "{bad}");
+    assert!(
+        detail.contains("delta must be above 0 and at most"),
+        "{bad}"
+    );
+    assert!(
+        detail.contains("pca_gaussian cannot be trained with DP-SGD"),
+        "{bad}"
+    );
+
+    // North's custodian leaves room for one preview at ε = 2, not two (they compose to 2.9).
+    patients_of(&app, w.site_a, &w.custodian_a.auth).await;
+    let custodian = Auth::Cookie(app.sign_in(&w.custodian_a.email).await);
+    app.call(
+        reqwest::Method::PUT,
+        &format!("/api/v1/sites/{}/privacy/budget", w.site_a),
+        &custodian,
+        Some(serde_json::json!({"epsilon": 2.5, "delta": 1e-5})),
+    )
+    .await
+    .expect(200);
+    let asked = app
+        .post(
+            &path,
+            r,
+            serde_json::json!({"site_id": w.site_a, "epsilon": 2, "per_class": 3}),
+        )
+        .await
+        .expect(201);
+    assert_eq!(asked["delta"], 1e-5, "the plan's δ: {asked}");
+    let pid = id_of(&asked);
+    let ledger = format!("/api/v1/sites/{}/privacy", w.site_a);
+    let held = app.get(&ledger, &w.custodian_a.auth).await.expect(200);
+    let spends = held["spends"].as_array().expect("spends");
+    assert_eq!(spends.len(), 1, "{held}");
+    assert_eq!(spends[0]["purpose"], "preview");
+    assert_eq!(spends[0]["run_id"].as_str(), Some(pid.as_str()));
+
+    let mut set = serde_json::Value::Null;
+    for _ in 0..600 {
+        set = app
+            .get(&format!("/api/v1/previews/{pid}"), &w.custodian_a.auth)
+            .await
+            .expect(200);
+        if set["status"] != "generating" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(set["status"], "awaiting_release", "{set}");
+    assert_eq!(set["generator"], "cvae");
+    let eps = set["epsilon"].as_f64().expect("the set's ε");
+    assert!(eps > 1.9 && eps <= 2.0 + 1e-9, "{set}");
+    let spent = app.get(&ledger, &w.custodian_a.auth).await.expect(200);
+    assert_eq!(spent["spends"][0]["state"], "committed", "{spent}");
+    assert_eq!(spent["studies"][0]["previews"], 1, "{spent}");
+    assert_eq!(spent["studies"][0]["rounds_committed"], 0, "{spent}");
+    let left = spent["remaining_epsilon"].as_f64().expect("remaining");
+    assert!((left - (2.5 - eps)).abs() < 1e-6, "{spent}");
+
+    // A second would exceed the dataset's budget: refused here, no job, nothing reserved.
+    let refused = app
+        .post(
+            &path,
+            r,
+            serde_json::json!({"site_id": w.site_a, "epsilon": 2}),
+        )
+        .await
+        .expect(409);
+    assert_eq!(refused["code"], "privacy_budget", "{refused}");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("of its lifetime budget ε = 2.5"),
+        "{refused}"
+    );
+    let after = app.get(&ledger, &w.custodian_a.auth).await.expect(200);
+    assert_eq!(after["spends"].as_array().map(Vec::len), Some(1), "{after}");
+    let asked = app
+        .get(
+            "/api/v1/audit/events?action=preview.requested",
+            &w.auditor.auth,
+        )
+        .await
+        .expect(200);
+    assert_eq!(asked.as_array().map(Vec::len), Some(1));
+}
+crate::on_both!(private_previews_spend_from_the_datasets_ledger);

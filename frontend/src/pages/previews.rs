@@ -92,7 +92,12 @@ pub fn PreviewSet(p: PreviewDto) -> impl IntoView {
             <h3>{p.site_name.clone()}" "<Badge text=p.status.clone()/></h3>
             <p class="meta">
                 {format!("Generator {}", p.generator.clone().unwrap_or_else(|| "—".into()))}
-                {format!(" · {}", match p.epsilon { Some(e) => format!("differentially private, ε = {e}"), None => "not differentially private".into() })}
+                {format!(" · {}", match (p.epsilon, p.delta) {
+                    (Some(e), Some(d)) => format!("differentially private: each patient's data spent ε = {e:.2} at δ = {d} (from the site's privacy ledger)"),
+                    (Some(e), None) => format!("differentially private, ε = {e:.2}"),
+                    (None, Some(d)) => format!("to be differentially private at δ = {d}"),
+                    (None, None) => "not differentially private".into(),
+                })}
                 {format!(" · requested {}", day(&p.created_at))}
             </p>
             {p.failure.clone().map(|f| view! { <p class="notice error">{f}</p> })}

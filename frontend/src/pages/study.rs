@@ -134,6 +134,11 @@ fn StudyView(d: StudyPage) -> impl IntoView {
     };
     let sid = s.id.to_string();
     let latest = d.plans.iter().max_by_key(|p| p.version).cloned();
+    // A study whose plan trains with DP-SGD gets only private previews (the server refuses
+    // others); the form asks for the ε a preview may spend from the site's ledger.
+    let preview_must_be_private = latest
+        .as_ref()
+        .is_some_and(|p| p.manifest.privacy.dp_sgd.is_some());
     let manifest_default = latest
         .as_ref()
         .and_then(|p| serde_json::to_string_pretty(&p.manifest).ok())
@@ -384,6 +389,10 @@ fn StudyView(d: StudyPage) -> impl IntoView {
                     <div>
                         <label for="per-class">"Images per class"</label>
                         <input id="per-class" type="number" min="1" max="64" name=field("per_class") value=typed("per_class", "12") class="short"/>
+                    </div>
+                    <div>
+                        <label for="preview-epsilon">{if preview_must_be_private { "Privacy budget ε (required: the plan trains with DP-SGD)" } else { "Privacy budget ε (empty: not private)" }}</label>
+                        <input id="preview-epsilon" name=field("epsilon") inputmode="decimal" required=preview_must_be_private value=typed("epsilon", if preview_must_be_private { "1" } else { "" }) class="short"/>
                     </div>
                     <button type="submit">"Ask for a preview"</button>
                 </form>
