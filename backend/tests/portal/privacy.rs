@@ -2,7 +2,7 @@
 //! custodian sets the dataset's lifetime budget and sees what a private study spent from it.
 
 use consilium_backend::entities::run;
-use consilium_backend::services::{privacy, runs, studies};
+use consilium_backend::services::{previews, privacy, runs, studies};
 use consilium_core::Role;
 use consilium_core::api::CreateRun;
 use sea_orm::EntityTrait;
@@ -51,7 +51,7 @@ async fn the_custodian_caps_and_sees_what_patients_spent() {
     let card = p.text_of(&ledger).await;
     assert!(card.contains("No lifetime budget is set"), "{card}");
     assert!(
-        card.contains("No private round has run on this data."),
+        card.contains("No private round or preview has run on this data."),
         "{card}"
     );
     p.fill(&format!("#budget-eps-{}", site.id), "lots").await;
@@ -109,5 +109,61 @@ async fn the_custodian_caps_and_sees_what_patients_spent() {
     );
     assert!(card.contains("Private lesion triage"), "{card}");
     p.shot_at("ledger", &ledger).await;
+    p.sign_out().await;
+
+    // The researcher asks North for a synthetic preview: the plan trains with DP-SGD, so the
+    // form asks what ε the preview may spend; a non-number is refused with what to type.
+    let asker = p.cast.first(Role::Researcher).unwrap().email.clone();
+    p.sign_in(&asker).await;
+    p.goto(&format!("/studies/{}", study.id)).await;
+    p.wait_for(
+        "Privacy budget ε (required: the plan trains with DP-SGD)",
+        10,
+    )
+    .await;
+    p.fill("#preview-epsilon", "some").await;
+    p.press("Ask for a preview").await;
+    p.wait_for(
+        "Privacy budget ε must be a number such as 8 or 1e-5, not \"some\".",
+        10,
+    )
+    .await;
+    p.fill("#preview-epsilon", "2").await;
+    p.press("Ask for a preview").await;
+    p.wait_for("being generated at the site", 10).await;
+    p.sign_out().await;
+    let mut status = String::new();
+    for _ in 0..600 {
+        let sets = previews::list(&p.ctx, &actor(&custodian), study.id)
+            .await
+            .unwrap();
+        status = sets.first().map(|s| s.status.clone()).unwrap_or_default();
+        if status != "generating" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert_eq!(status, "awaiting_release");
+
+    // The custodian sees the set's ε beside it, and the preview in the ledger.
+    p.sign_in(&custodian.email).await;
+    p.goto("/access").await;
+    let page = p
+        .wait_for("differentially private: each patient's data spent ε = ", 10)
+        .await;
+    assert!(
+        page.contains("at δ = 0.00001 (from the site's privacy ledger)"),
+        "{page}"
+    );
+    let card = p.text_of(&ledger).await;
+    assert!(card.contains("Private previews"), "{card}");
+    let spent = privacy::dataset(&p.ctx, &actor(&custodian), site.id)
+        .await
+        .unwrap();
+    assert_eq!(spent.studies[0].previews, 1);
+    assert!(
+        card.contains(&format!("ε = {:.3} spent", spent.spent_epsilon)),
+        "{card}"
+    );
     p.close().await;
 }

@@ -305,7 +305,7 @@ fn PrivacyLedger(l: consilium_core::api::DatasetPrivacyDto) -> impl IntoView {
     let delta = l.delta.map(|d| format!(" at δ = {d}")).unwrap_or_default();
     let summary = match (&l.budget, l.remaining_epsilon) {
         (Some(b), Some(left)) => format!(
-            "ε = {} spent{} (ε = {} with the rounds now out) of a lifetime budget of ε = {}; ε = {} left.",
+            "ε = {} spent{} (ε = {} with the rounds and previews now out) of a lifetime budget of ε = {}; ε = {} left.",
             eps(l.spent_epsilon),
             delta,
             eps(l.spent_or_reserved_epsilon),
@@ -328,6 +328,7 @@ fn PrivacyLedger(l: consilium_core::api::DatasetPrivacyDto) -> impl IntoView {
                     <td>{eps(s.epsilon)}</td>
                     <td>{s.rounds_committed}</td>
                     <td>{s.rounds_reserved}</td>
+                    <td>{s.previews}</td>
                 </tr>
             }
         })
@@ -346,13 +347,13 @@ fn PrivacyLedger(l: consilium_core::api::DatasetPrivacyDto) -> impl IntoView {
             <h3>{l.site_name.clone()}</h3>
             <p class="ledger-summary">{summary}</p>
             {if l.studies.is_empty() {
-                view! { <p>"No private round has run on this data."</p> }.into_any()
+                view! { <p>"No private round or preview has run on this data."</p> }.into_any()
             } else {
                 view! {
                     <div class="scroll">
                         <table>
                             <caption>"What each study spent"</caption>
-                            <thead><tr><th scope="col">"Study"</th><th scope="col">"ε spent"</th><th scope="col">"Rounds spent"</th><th scope="col">"Rounds out"</th></tr></thead>
+                            <thead><tr><th scope="col">"Study"</th><th scope="col">"ε spent"</th><th scope="col">"Rounds spent"</th><th scope="col">"Out now"</th><th scope="col">"Private previews"</th></tr></thead>
                             <tbody>{rows}</tbody>
                         </table>
                     </div>
