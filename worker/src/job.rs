@@ -531,8 +531,7 @@ fn compute(
 
 /// This round's DP-SGD at this site: the sampling rate and steps from the site's patient count
 /// and the plan's batch size and epochs, σ from the plan or derived so that the whole run stays
-/// within the approved ε; the cost is checked against the run's budget and the dataset's
-/// lifetime budget in the site's ledger and recorded there before any training.
+/// within the approved ε (`Plan::dp_round`, as the server reserved it).
 fn spend_privacy(
     job: &Job,
     plan: &Plan,
@@ -540,18 +539,44 @@ fn spend_privacy(
     train: &[&Sample],
     ledger: &Ledger,
 ) -> Result<(DpStep, PrivacySpent), JobError> {
-    let patients = data::patients(train.iter().copied());
-    let round = plan.dp_round(dp, patients).map_err(|e| match e {
-        consilium_core::plan::DpRoundError::NoPatients => JobError::Failed(e.to_string()),
-        _ => JobError::Refused(e.to_string()),
-    })?;
+    let cost = plan.dp_round(dp, data::patients(train.iter().copied()));
+    spend(job, cost, (dp.epsilon, dp.delta), dp.max_grad_norm, ledger)
+}
+
+/// A private preview's DP-SGD at this site: its generator's cost from the site's patient count
+/// (`preview::dp_cost`, as the server reserved it).
+fn spend_on_preview(
+    job: &Job,
+    dp: &consilium_core::preview::PreviewPrivacy,
+    data: &Dataset,
+    ledger: &Ledger,
+) -> Result<(crate::preview::Private, PrivacySpent), JobError> {
+    let cost = consilium_core::preview::dp_cost(dp, data::patients(data.train()));
+    let (step, spent) = spend(job, cost, (dp.epsilon, dp.delta), dp.max_grad_norm, ledger)?;
+    let epsilon = spent.epsilon_round;
+    Ok((crate::preview::Private { step, epsilon }, spent))
+}
+
+/// Checks a private job's cost against the approved (ε, δ) of its run or preview and the
+/// dataset's lifetime budget in the site's ledger and records it there, before any training;
+/// returns how to train and what to report.
+fn spend(
+    job: &Job,
+    cost: Result<consilium_core::plan::DpRound, consilium_core::plan::DpRoundError>,
+    (epsilon, delta): (f64, f64),
+    max_grad_norm: f64,
+    ledger: &Ledger,
+) -> Result<(DpStep, PrivacySpent), JobError> {
     let consilium_core::plan::DpRound {
         patients,
         sampling_rate,
         noise_multiplier,
         steps,
         rdp,
-    } = round;
+    } = cost.map_err(|e| match e {
+        consilium_core::plan::DpRoundError::NoPatients => JobError::Failed(e.to_string()),
+        _ => JobError::Refused(e.to_string()),
+    })?;
     let spent = ledger
         .spend(
             Entry {
@@ -565,11 +590,11 @@ fn spend_privacy(
                 noise_multiplier,
                 steps,
                 rdp: rdp.clone(),
-                preview: false,
+                preview: job.kind == JobKind::Preview,
             },
             &Spending {
-                run_epsilon: dp.epsilon,
-                run_delta: dp.delta,
+                run_epsilon: epsilon,
+                run_delta: delta,
             },
         )
         .map_err(JobError::Refused)?;
@@ -577,7 +602,7 @@ fn spend_privacy(
         DpStep {
             sampling_rate,
             noise_multiplier,
-            max_grad_norm: dp.max_grad_norm,
+            max_grad_norm,
             steps,
         },
         PrivacySpent {
@@ -585,70 +610,11 @@ fn spend_privacy(
             sampling_rate,
             noise_multiplier,
             steps,
-            delta: dp.delta,
+            delta,
             epsilon_round: spent.epsilon_round,
             epsilon_run: spent.epsilon_run,
             epsilon_dataset: spent.epsilon_dataset,
             rdp,
-        },
-    ))
-}
-
-/// A private preview's DP-SGD at this site: its cost from the site's patient count (the same
-/// function the server reserved it by), checked against the asked ε and the dataset's lifetime
-/// budget in the site's ledger and recorded there before the generator trains.
-fn spend_on_preview(
-    job: &Job,
-    dp: &consilium_core::preview::PreviewPrivacy,
-    data: &Dataset,
-    ledger: &Ledger,
-) -> Result<(crate::preview::Private, PrivacySpent), JobError> {
-    let patients = data::patients(data.train());
-    let cost = consilium_core::preview::dp_cost(dp, patients).map_err(|e| match e {
-        consilium_core::plan::DpRoundError::NoPatients => JobError::Failed(e.to_string()),
-        _ => JobError::Refused(e.to_string()),
-    })?;
-    let spent = ledger
-        .spend(
-            Entry {
-                job_id: job.job_id,
-                run_id: job.run_id,
-                study_id: job.study_id,
-                round: 0,
-                at: Utc::now(),
-                patients: cost.patients,
-                sampling_rate: cost.sampling_rate,
-                noise_multiplier: cost.noise_multiplier,
-                steps: cost.steps,
-                rdp: cost.rdp.clone(),
-                preview: true,
-            },
-            &Spending {
-                run_epsilon: dp.epsilon,
-                run_delta: dp.delta,
-            },
-        )
-        .map_err(JobError::Refused)?;
-    Ok((
-        crate::preview::Private {
-            step: DpStep {
-                sampling_rate: cost.sampling_rate,
-                noise_multiplier: cost.noise_multiplier,
-                max_grad_norm: dp.max_grad_norm,
-                steps: cost.steps,
-            },
-            epsilon: spent.epsilon_round,
-        },
-        PrivacySpent {
-            patients: cost.patients,
-            sampling_rate: cost.sampling_rate,
-            noise_multiplier: cost.noise_multiplier,
-            steps: cost.steps,
-            delta: dp.delta,
-            epsilon_round: spent.epsilon_round,
-            epsilon_run: spent.epsilon_run,
-            epsilon_dataset: spent.epsilon_dataset,
-            rdp: cost.rdp,
         },
     ))
 }

@@ -104,21 +104,11 @@ fn the_privacy_planner_reports_both_conversions_and_finds_the_noise() {
 async fn a_private_run_reports_and_bounds_what_each_site_spent(db: crate::helpers::Db) {
     use crate::engine::{approved_study, engine_manifest, start_worker, wait_for_run};
     use crate::helpers::*;
-    use consilium_worker::synthetic::SiteProfile;
     let app = spawn_app_with(db, |s| s.engine.round_timeout_seconds = 120).await;
     let w = world(&app).await;
     let dir = tempfile::tempdir().expect("dir");
-    let p = |seed| SiteProfile {
-        images: 120,
-        lesion_fraction: 0.5,
-        gain: 1.0,
-        offset: 0.0,
-        noise: 0.03,
-        blur: 0,
-        seed,
-    };
-    let _a = start_worker(&app, w.site_a, &w.custodian_a, p(1), dir.path()).await;
-    let _b = start_worker(&app, w.site_b, &w.custodian_b, p(2), dir.path()).await;
+    let _a = start_worker(&app, w.site_a, &w.custodian_a, site_profile(1), dir.path()).await;
+    let _b = start_worker(&app, w.site_b, &w.custodian_b, site_profile(2), dir.path()).await;
     let mut m = engine_manifest(3);
     m["local_epochs"] = 1.into();
     m["privacy"] =
@@ -192,19 +182,10 @@ async fn a_site_that_understates_its_privacy_cost_is_not_counted() {
     use crate::helpers::*;
     use consilium_core::protocol::{Outcome, WorkerMessage};
     use consilium_core::signing;
-    use consilium_worker::synthetic::SiteProfile;
     let app = spawn_app_with(Db::Sqlite, |s| s.engine.round_timeout_seconds = 30).await;
     let w = world(&app).await;
     let dir = tempfile::tempdir().expect("dir");
-    let profile = SiteProfile {
-        images: 120,
-        lesion_fraction: 0.5,
-        gain: 1.0,
-        offset: 0.0,
-        noise: 0.03,
-        blur: 0,
-        seed: 4,
-    };
+    let profile = site_profile(4);
     let (ctx, broker, key) = keyed_site(&app, w.site_b, &w.custodian_b, profile, dir.path()).await;
     let server_key = ctx.server_key;
     // It says how many patients it trains on, as an honest worker does, so that the server
@@ -338,25 +319,15 @@ async fn budgets_leave_out_the_rounds_that_would_exceed_them(db: crate::helpers:
         approved_study, engine_manifest, start_configured_worker, start_worker, wait_for_run,
     };
     use crate::helpers::*;
-    use consilium_worker::synthetic::SiteProfile;
     let app = spawn_app_with(db, |s| s.engine.round_timeout_seconds = 120).await;
     let w = world(&app).await;
     let dir = tempfile::tempdir().expect("dir");
-    let p = |seed| SiteProfile {
-        images: 120,
-        lesion_fraction: 0.5,
-        gain: 1.0,
-        offset: 0.0,
-        noise: 0.03,
-        blur: 0,
-        seed,
-    };
     let mut m = engine_manifest(3);
     m["local_epochs"] = 1.into();
     m["aggregation"]["min_sites"] = 1.into();
     m["privacy"] =
         serde_json::json!({"dp_sgd": {"epsilon": 4.0, "delta": 1e-5, "max_grad_norm": 1.0}});
-    let _north = start_worker(&app, w.site_a, &w.custodian_a, p(1), dir.path()).await;
+    let _north = start_worker(&app, w.site_a, &w.custodian_a, site_profile(1), dir.path()).await;
     let north_patients = patients_of(&app, w.site_a, &w.custodian_a.auth).await;
     let one = round_cost(&m, north_patients);
     let two = times(&one, 2).epsilon(1e-5).expect("ε").epsilon;
@@ -366,7 +337,7 @@ async fn budgets_leave_out_the_rounds_that_would_exceed_them(db: crate::helpers:
     // South's IT gave its worker a budget for one round (the worker's own configuration):
     // halfway between one round's cost and two's (South has about as many patients as North,
     // and the halfway mark leaves room either way).
-    let south_data = p(2);
+    let south_data = site_profile(2);
     let south_worker_budget = (one.epsilon(1e-5).expect("ε").epsilon + two) / 2.0;
     let (_south, _) = start_configured_worker(
         &app,
@@ -657,19 +628,10 @@ async fn two_servers_cannot_overspend_one_dataset_together() {
 async fn private_previews_spend_from_the_datasets_ledger(db: crate::helpers::Db) {
     use crate::engine::{approved_study, engine_manifest, start_worker};
     use crate::helpers::*;
-    use consilium_worker::synthetic::SiteProfile;
     let app = spawn_app(db).await;
     let w = world(&app).await;
     let dir = tempfile::tempdir().expect("dir");
-    let profile = SiteProfile {
-        images: 120,
-        lesion_fraction: 0.5,
-        gain: 1.0,
-        offset: 0.0,
-        noise: 0.03,
-        blur: 0,
-        seed: 4,
-    };
+    let profile = site_profile(4);
     let _north = start_worker(&app, w.site_a, &w.custodian_a, profile, dir.path()).await;
     let mut m = engine_manifest(2);
     m["privacy"] =
@@ -787,3 +749,16 @@ async fn private_previews_spend_from_the_datasets_ledger(db: crate::helpers::Db)
     assert_eq!(asked.as_array().map(Vec::len), Some(1));
 }
 crate::on_both!(private_previews_spend_from_the_datasets_ledger);
+
+/// A synthetic site of 120 images, half with a lesion.
+fn site_profile(seed: u64) -> consilium_worker::synthetic::SiteProfile {
+    consilium_worker::synthetic::SiteProfile {
+        images: 120,
+        lesion_fraction: 0.5,
+        gain: 1.0,
+        offset: 0.0,
+        noise: 0.03,
+        blur: 0,
+        seed,
+    }
+}
