@@ -1,10 +1,13 @@
 """PyTorch on the model bench-train measures: steps/s of forward + backward + SGD with momentum.
 
-Usage: torch_bench.py MODEL STEPS THREADS [DEVICE] [--opacus]
+Usage: torch_bench.py MODEL STEPS THREADS [DEVICE] [--opacus] [--group-norm]
 (prints one number: steps/s; DEVICE cpu or cuda). With --opacus: DP-SGD steps with Opacus on the
 same model and batch (per-sample gradients, clipping to C = 1, Gaussian noise with σ = 1), as
 `consilium-worker bench-train --dp` measures its own (every one of the 64 examples in the step).
+With --group-norm: resnet with GroupNorm(gcd(C, 32), C) in place of BatchNorm2d (Opacus's
+ModuleValidator.fix; `--norm group` of bench-train).
 """
+import math
 import sys
 import time
 
@@ -12,7 +15,8 @@ import torch
 from torch import nn
 
 opacus = "--opacus" in sys.argv
-args = [a for a in sys.argv[1:] if a != "--opacus"]
+group_norm = "--group-norm" in sys.argv
+args = [a for a in sys.argv[1:] if a not in ("--opacus", "--group-norm")]
 model_name, steps, threads = args[0], int(args[1]), int(args[2])
 device = torch.device(args[3] if len(args) > 3 else "cpu")
 torch.set_num_threads(threads)
@@ -27,16 +31,20 @@ def small_cnn(classes=10):
     )
 
 
+def norm(c):
+    return nn.GroupNorm(math.gcd(c, 32), c) if group_norm else nn.BatchNorm2d(c)
+
+
 class Block(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = norm(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = norm(cout)
         self.down = None
         if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -45,7 +53,7 @@ class Block(nn.Module):
 
 
 def resnet(widths=(16, 32, 64), classes=10):
-    layers = [nn.Conv2d(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+    layers = [nn.Conv2d(1, widths[0], 3, padding=1, bias=False), norm(widths[0]), nn.ReLU()]
     cin = widths[0]
     for i, w in enumerate(widths):
         layers.append(Block(cin, w, 1 if i == 0 else 2))

@@ -37,7 +37,8 @@ pub struct ModelSpec {
     /// Number of output classes.
     pub num_classes: u32,
     /// The architecture's hyper-parameters: `small_cnn` takes `channels` (two counts, default
-    /// `[32, 64]`), `resnet` takes `widths` (one to eight counts, default `[16, 32, 64]`).
+    /// `[32, 64]`), `resnet` takes `widths` (one to eight counts, default `[16, 32, 64]`) and
+    /// `norm` (`batch`, the default, or `group`: group normalisation, which DP-SGD needs).
     /// Unknown names are refused.
     #[serde(default)]
     #[cfg_attr(feature = "server", schema(value_type = Object))]

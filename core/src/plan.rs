@@ -35,7 +35,7 @@ pub const CHOICES: &[(&str, &str)] = &[
     ("model.num_classes", "2 to 1000"),
     (
         "model.hyper_parameters",
-        "small_cnn: channels (two counts, [32, 64]); resnet: widths (one to eight counts, [16, 32, 64])",
+        "small_cnn: channels (two counts, [32, 64]); resnet: widths (one to eight counts, [16, 32, 64]), norm (batch or group, batch)",
     ),
     (
         "preprocessing.image_size",
@@ -73,7 +73,7 @@ pub const CHOICES: &[(&str, &str)] = &[
     ("privacy.secure_aggregation", "false (not available yet)"),
     (
         "privacy.dp_sgd",
-        "epsilon (above 0), delta (0 to 0.001), max_grad_norm (above 0), noise_multiplier (optional, above 0); small_cnn only; not with clip_norm",
+        "epsilon (above 0), delta (0 to 0.001), max_grad_norm (above 0), noise_multiplier (optional, above 0); small_cnn, or resnet with norm = group; not with clip_norm",
     ),
     ("seed", "any whole number"),
 ];
@@ -86,6 +86,24 @@ pub enum ModelConfig {
     /// A small residual network: a stem, then one basic block per width (stride 2 after the
     /// first), global average pooling and a linear classifier.
     ResNet(ResNetParams),
+}
+
+impl ModelConfig {
+    /// Whether the model has batch normalisation (running averages, FedBN's local values).
+    pub fn has_batch_norm(&self) -> bool {
+        matches!(
+            self,
+            ModelConfig::ResNet(ResNetParams {
+                norm: Norm::Batch,
+                ..
+            })
+        )
+    }
+
+    /// Whether DP-SGD can train it: every value it keeps comes from the noised gradients.
+    pub fn private_training(&self) -> bool {
+        !self.has_batch_norm()
+    }
 }
 
 /// `model.hyper_parameters` of `small_cnn`.
@@ -120,6 +138,37 @@ pub struct ResNetParams {
     /// Channels of each stage (default `[16, 32, 64]`; one to eight stages).
     #[serde(default = "ResNetParams::default_widths")]
     pub widths: Vec<usize>,
+    /// How activations are normalised after each convolution (default `batch`).
+    #[serde(default)]
+    pub norm: Norm,
+}
+
+/// `model.hyper_parameters.norm` of `resnet`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Norm {
+    /// Batch normalisation: by the statistics of the batch in training, of running averages
+    /// (kept from the training batches) in evaluation.
+    #[default]
+    Batch,
+    /// Group normalisation (Wu and He 2018), as Opacus puts in place of batch normalisation
+    /// for DP-SGD: each image is normalised on its own over groups of channels
+    /// (`Norm::groups`), with no running averages, so no patient's statistics mix with
+    /// another's or leave the site outside the noised gradients.
+    Group,
+}
+
+impl Norm {
+    /// The number of groups of a `channels`-wide group normalisation: gcd(channels, 32),
+    /// Opacus's min(32, channels) wherever that divides the channels.
+    pub fn groups(channels: usize) -> usize {
+        let (mut a, mut b) = (channels.max(1), 32);
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    }
 }
 
 impl ResNetParams {
@@ -132,6 +181,7 @@ impl Default for ResNetParams {
     fn default() -> Self {
         ResNetParams {
             widths: Self::default_widths(),
+            norm: Norm::Batch,
         }
     }
 }
@@ -500,6 +550,11 @@ impl TrainingPlanManifest {
                 "aggregation.min_sites must be at least 1 (leave it out to wait for every site)",
             );
         }
+        if let (Some(Strategy::FedBn), Some(m)) = (&strategy, &model)
+            && !m.has_batch_norm()
+        {
+            p.push("aggregation.strategy fedbn keeps each site's batch-normalisation parameters at the site, and this model has none (small_cnn, or resnet with norm = \"group\"): use fedavg, or resnet with norm = \"batch\"");
+        }
         let stopping = parse_stopping(self, &mut p);
         let clipping = parse_privacy(self, &mut p);
         let dp_sgd = parse_dp_sgd(self, model.as_ref(), &mut p);
@@ -837,8 +892,8 @@ fn parse_dp_sgd(
     if m.privacy.clip_norm.is_some() || m.privacy.noise_multiplier.is_some() {
         p.push("privacy.dp_sgd replaces privacy.clip_norm and privacy.noise_multiplier: remove those two (DP-SGD clips each patient's gradient and adds noise at every step)");
     }
-    if let Some(ModelConfig::ResNet(_)) = model {
-        p.push("privacy.dp_sgd needs a model without batch normalisation: resnet's batch statistics mix patients and its running averages would leave the site without noise; use small_cnn");
+    if !model.is_none_or(|m| m.private_training()) {
+        p.push("privacy.dp_sgd needs a model without batch normalisation: its running averages are computed from the patients' images and would leave the site without noise; set model.hyper_parameters.norm = \"group\" for resnet (group normalisation, as Opacus uses), or use small_cnn");
     }
     (p.0.len() == before).then_some(DpSgd {
         epsilon: s.epsilon,
@@ -1002,6 +1057,45 @@ mod tests {
     }
 
     #[test]
+    fn resnet_normalisation_is_a_typed_choice_and_fedbn_needs_batch_norm() {
+        let mut m = base();
+        m["model"] = serde_json::json!({"architecture": "resnet", "num_classes": 2,
+            "hyper_parameters": {"widths": [8, 48], "norm": "group"}});
+        assert_eq!(
+            manifest(m.clone()).parse().map(|p| p.model),
+            Ok(ModelConfig::ResNet(ResNetParams {
+                widths: vec![8, 48],
+                norm: Norm::Group
+            }))
+        );
+        m["model"]["hyper_parameters"]["norm"] = "layer".into();
+        let problems = manifest(m.clone()).problems();
+        assert!(
+            problems[0].contains("unknown variant `layer`") && problems[0].contains("`group`"),
+            "{problems:?}"
+        );
+        // FedBN has nothing to keep local without batch normalisation.
+        m["aggregation"] = serde_json::json!({"strategy": "fedbn"});
+        m["model"]["hyper_parameters"] = serde_json::json!({"norm": "group"});
+        let problems = manifest(m.clone()).problems();
+        assert!(
+            problems.len() == 1
+                && problems[0].contains("fedbn keeps each site's batch-normalisation"),
+            "{problems:?}"
+        );
+        let mut cnn = base();
+        cnn["aggregation"] = serde_json::json!({"strategy": "fedbn"});
+        assert!(manifest(cnn).problems()[0].contains("this model has none"));
+        m["model"]["hyper_parameters"] = serde_json::json!({"norm": "batch"});
+        assert!(manifest(m).problems().is_empty());
+        // Opacus's group count wherever it divides the channels, a divisor otherwise.
+        assert_eq!(
+            [4, 16, 32, 48, 64, 100].map(Norm::groups),
+            [4, 16, 32, 16, 32, 4]
+        );
+    }
+
+    #[test]
     fn dp_sgd_is_typed_and_refused_where_it_cannot_hold() {
         let mut m = base();
         m["privacy"] =
@@ -1034,11 +1128,19 @@ mod tests {
             "{problems:?}"
         );
         assert!(
-            problems
-                .iter()
-                .any(|p| p.contains("without batch normalisation")),
+            problems.iter().any(
+                |p| p.contains("without batch normalisation") && p.contains("norm = \"group\"")
+            ),
             "{problems:?}"
         );
+        // resnet with group normalisation trains with DP-SGD.
+        m["privacy"] =
+            serde_json::json!({"dp_sgd": {"epsilon": 8, "delta": 1e-5, "max_grad_norm": 1.0}});
+        m["model"]["hyper_parameters"] = serde_json::json!({"norm": "group"});
+        let plan = manifest(m.clone())
+            .parse()
+            .unwrap_or_else(|p| panic!("{p:?}"));
+        assert!(plan.model.private_training() && !plan.model.has_batch_norm());
         // An unknown setting inside dp_sgd is refused, not ignored.
         m["privacy"] = serde_json::json!({"dp_sgd": {"epsilon": 8, "delta": 1e-5, "max_grad_norm": 1.0, "clip": 2}});
         assert!(serde_json::from_value::<TrainingPlanManifest>(m).is_err());

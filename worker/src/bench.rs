@@ -4,6 +4,57 @@
 
 use std::path::PathBuf;
 
+/// What `bench-train` measures.
+pub struct Bench<'a> {
+    /// `small_cnn` or `resnet`.
+    pub model: &'a str,
+    /// resnet's normalisation: `batch` or `group`.
+    pub norm: &'a str,
+    pub steps: usize,
+    pub runs: usize,
+    /// DP-SGD next to non-private training (instead of candle's kernels next to ours).
+    pub dp: bool,
+}
+
+impl Bench<'_> {
+    /// The model's name as the output and the PyTorch script know it.
+    fn label(&self) -> String {
+        if self.model == "resnet" {
+            format!("resnet ({} norm)", self.norm)
+        } else {
+            self.model.to_string()
+        }
+    }
+
+    /// The arguments that repeat this benchmark in a child process or in PyTorch.
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--model".into(),
+            self.model.into(),
+            "--norm".into(),
+            self.norm.into(),
+            "--steps".into(),
+            self.steps.to_string(),
+        ]
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        match (self.model, self.norm) {
+            ("small_cnn", "batch") | ("resnet", "batch" | "group") => {}
+            ("small_cnn", _) => anyhow::bail!("--norm applies to resnet only"),
+            (m, n) => anyhow::bail!(
+                "--model must be small_cnn or resnet and --norm batch or group, not {m} and {n}"
+            ),
+        }
+        if self.dp && self.model == "resnet" && self.norm != "group" {
+            anyhow::bail!(
+                "DP-SGD trains resnet with group normalisation only (batch normalisation's running averages would leave the site without noise): add --norm group"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// The Python with PyTorch to compare with: CONSILIUM_TORCH_PYTHON, or .venv-torch.
 fn torch_python() -> Option<PathBuf> {
     std::env::var_os("CONSILIUM_TORCH_PYTHON")
@@ -13,12 +64,7 @@ fn torch_python() -> Option<PathBuf> {
 }
 
 /// PyTorch's steps/s on the same model, batch and optimiser (scripts/torch_bench.py).
-fn torch_rate(
-    model: &str,
-    steps: usize,
-    threads: usize,
-    opacus: bool,
-) -> anyhow::Result<Option<f64>> {
+fn torch_rate(b: &Bench, threads: usize, opacus: bool) -> anyhow::Result<Option<f64>> {
     let Some(python) = torch_python() else {
         return Ok(None);
     };
@@ -34,8 +80,9 @@ fn torch_rate(
     })?;
     let out = std::process::Command::new(&python)
         .arg(&script)
-        .args([model, &steps.to_string(), &threads.to_string()])
+        .args([b.model, &b.steps.to_string(), &threads.to_string()])
         .args(opacus.then_some("--opacus"))
+        .args((b.norm == "group").then_some("--group-norm"))
         .env("OMP_NUM_THREADS", threads.to_string())
         .output()?;
     if !out.status.success() {
@@ -49,22 +96,10 @@ fn torch_rate(
 }
 
 /// One measurement in a child process: steps/s with `threads` threads.
-fn bench_child(
-    model: &str,
-    steps: usize,
-    threads: usize,
-    baseline: bool,
-    dp: bool,
-) -> anyhow::Result<f64> {
-    let mut args = vec![
-        "bench-train".to_string(),
-        "--model".into(),
-        model.into(),
-        "--steps".into(),
-        steps.to_string(),
-        "--threads".into(),
-        threads.to_string(),
-    ];
+fn bench_child(b: &Bench, threads: usize, baseline: bool, dp: bool) -> anyhow::Result<f64> {
+    let mut args = vec!["bench-train".to_string()];
+    args.extend(b.args());
+    args.extend(["--threads".into(), threads.to_string()]);
     if baseline {
         args.push("--candle-conv".into());
     }
@@ -103,18 +138,19 @@ fn measured(
 
 /// The parent: one child process per measurement (a thread pool is sized once per process),
 /// candle's kernels, Consilium's and PyTorch's side by side, each `runs` times, interleaved.
-fn bench_parent(model: &str, steps: usize, runs: usize, dp: bool) -> anyhow::Result<()> {
+fn bench_parent(b: &Bench) -> anyhow::Result<()> {
+    let (model, steps, runs) = (b.label(), b.steps, b.runs);
     let all = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    if dp {
+    if b.dp {
         println!(
             "{model}: batch 64 (64 patients, every one sampled), SGD with momentum, {steps} steps after 3 warm-up steps; median of {runs} run(s) (range)"
         );
         for t in [1, all] {
-            let (plain, line) = measured(runs, || bench_child(model, steps, t, false, false))?;
+            let (plain, line) = measured(runs, || bench_child(b, t, false, false))?;
             println!("  {t} thread(s), non-private:                   {line}");
-            let (private, line) = measured(runs, || bench_child(model, steps, t, false, true))?;
+            let (private, line) = measured(runs, || bench_child(b, t, false, true))?;
             println!("  {t} thread(s), DP-SGD (per-patient clipping): {line}");
             println!(
                 "  {t} thread(s), DP-SGD step time {:.2}x the non-private",
@@ -122,8 +158,7 @@ fn bench_parent(model: &str, steps: usize, runs: usize, dp: bool) -> anyhow::Res
             );
             if torch_python().is_some() {
                 let (opacus, line) = measured(runs, || {
-                    torch_rate(model, steps, t, true)?
-                        .ok_or_else(|| anyhow::anyhow!("PyTorch is gone"))
+                    torch_rate(b, t, true)?.ok_or_else(|| anyhow::anyhow!("PyTorch is gone"))
                 })?;
                 println!(
                     "  {t} thread(s), Opacus DP-SGD:                 {line} (Consilium at {:.2}x Opacus)",
@@ -142,15 +177,14 @@ fn bench_parent(model: &str, steps: usize, runs: usize, dp: bool) -> anyhow::Res
         "{model}: batch 64, SGD with momentum, {steps} steps after 3 warm-up steps; median of {runs} run(s) (range)"
     );
     for t in [1, all] {
-        let (base, line) = measured(runs, || bench_child(model, steps, t, true, false))?;
+        let (base, line) = measured(runs, || bench_child(b, t, true, false))?;
         println!("  {t} thread(s), candle's kernels:    {line}");
-        let (ours, line) = measured(runs, || bench_child(model, steps, t, false, false))?;
+        let (ours, line) = measured(runs, || bench_child(b, t, false, false))?;
         println!("  {t} thread(s), Consilium's kernels: {line}");
         println!("  {t} thread(s), speed-up {:.2}x", ours / base);
         if torch_python().is_some() {
             let (torch, line) = measured(runs, || {
-                torch_rate(model, steps, t, false)?
-                    .ok_or_else(|| anyhow::anyhow!("PyTorch is gone"))
+                torch_rate(b, t, false)?.ok_or_else(|| anyhow::anyhow!("PyTorch is gone"))
             })?;
             println!(
                 "  {t} thread(s), PyTorch:             {line} (Consilium at {:.2}x PyTorch)",
@@ -166,24 +200,20 @@ fn bench_parent(model: &str, steps: usize, runs: usize, dp: bool) -> anyhow::Res
     Ok(())
 }
 
-pub fn bench_train(
-    model: &str,
-    steps: usize,
-    runs: usize,
-    threads: Option<usize>,
-    candle_conv: bool,
-    dp: bool,
-) -> anyhow::Result<()> {
+pub fn bench_train(b: &Bench, threads: Option<usize>, candle_conv: bool) -> anyhow::Result<()> {
     use crate::data::Sample;
     use crate::train::{DpStep, Net, Rng};
+    b.check()?;
     let Some(threads) = threads else {
-        return bench_parent(model, steps, runs, dp);
+        return bench_parent(b);
     };
+    let (model, steps, dp) = (b.model, b.steps, b.dp);
     consilium_core::conv::use_candle_kernels(candle_conv);
     let size = if model == "resnet" { 32 } else { 28 };
     let manifest: consilium_core::manifest::TrainingPlanManifest = serde_json::from_value(
         serde_json::json!({
-            "model": {"architecture": model, "num_classes": 10},
+            "model": {"architecture": model, "num_classes": 10,
+                "hyper_parameters": if model == "resnet" { serde_json::json!({"norm": b.norm}) } else { serde_json::json!({}) }},
             "preprocessing": {"image_size": size},
             "optimiser": {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9},
             "local_epochs": 1, "batch_size": 64, "rounds": 1, "aggregation": {"strategy": "fedavg"}, "seed": 1

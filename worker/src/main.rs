@@ -66,6 +66,9 @@ enum Command {
         /// DP-SGD (per-patient gradients, clipping and noise) next to non-private training.
         #[arg(long)]
         dp: bool,
+        /// resnet's normalisation: `batch` or `group` (DP-SGD needs `group`).
+        #[arg(long, default_value = "batch")]
+        norm: String,
     },
 }
 
@@ -152,15 +155,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         threads,
         candle_conv,
         dp,
+        norm,
     } = &cli.command
     {
         return consilium_worker::bench::bench_train(
-            model,
-            *steps,
-            *runs,
+            &consilium_worker::bench::Bench {
+                model,
+                norm,
+                steps: *steps,
+                runs: *runs,
+                dp: *dp,
+            },
             *threads,
             *candle_conv,
-            *dp,
         );
     }
     if let Command::Keygen { out } = &cli.command {

@@ -2,7 +2,7 @@
 
 use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Conv2dConfig, Init, Linear, VarBuilder, linear};
-use consilium_core::plan::ModelConfig;
+use consilium_core::plan::{ModelConfig, Norm};
 
 /// A convolution layer with candle-nn's parameters (names, shapes, initialisation), computed
 /// by `consilium_core::conv`: im2col and GEMM on CPU, candle's kernels elsewhere.
@@ -121,6 +121,39 @@ impl BatchNorm {
     }
 }
 
+/// The normalisation after a convolution that the plan names: batch normalisation, or group
+/// normalisation (candle-nn's, any device), which uses no statistics but the image's own.
+enum Normaliser {
+    Batch(BatchNorm),
+    Group(candle_nn::GroupNorm),
+}
+
+impl Normaliser {
+    /// `name` is the batch-norm layer's: a group-norm layer's starts with `gn` instead, so that
+    /// FedBN and the initialisation tell them apart.
+    fn new(norm: Norm, channels: usize, name: &str, vb: &VarBuilder) -> Result<Self> {
+        Ok(match norm {
+            Norm::Batch => Normaliser::Batch(batch_norm(channels, 1e-5, vb.pp(name))?),
+            Norm::Group => Normaliser::Group(candle_nn::group_norm(
+                Norm::groups(channels),
+                channels,
+                1e-5,
+                vb.pp(name.replacen("bn", "gn", 1)),
+            )?),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        match self {
+            Normaliser::Batch(bn) => bn.forward(xs, train, relu),
+            Normaliser::Group(gn) => {
+                let ys = gn.forward(xs)?;
+                if relu { ys.relu() } else { Ok(ys) }
+            }
+        }
+    }
+}
+
 /// conv(1→32, 3×3) → ReLU → max-pool 2 → conv(32→64, 3×3) → ReLU → max-pool 2 → linear.
 pub struct SmallCnn {
     conv1: Conv2d,
@@ -157,23 +190,23 @@ impl ModuleT for SmallCnn {
 
 struct BasicBlock {
     conv1: Conv2d,
-    bn1: BatchNorm,
+    bn1: Normaliser,
     conv2: Conv2d,
-    bn2: BatchNorm,
-    shortcut: Option<(Conv2d, BatchNorm)>,
+    bn2: Normaliser,
+    shortcut: Option<(Conv2d, Normaliser)>,
 }
 
 impl BasicBlock {
-    fn new(vb: VarBuilder, cin: usize, cout: usize, stride: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, cin: usize, cout: usize, stride: usize, norm: Norm) -> Result<Self> {
         let c3 = |stride| Conv2dConfig {
             padding: 1,
             stride,
             ..Default::default()
         };
         let conv1 = conv2d_no_bias(cin, cout, 3, c3(stride), vb.pp("conv1"))?;
-        let bn1 = batch_norm(cout, 1e-5, vb.pp("bn1"))?;
+        let bn1 = Normaliser::new(norm, cout, "bn1", &vb)?;
         let conv2 = conv2d_no_bias(cout, cout, 3, c3(1), vb.pp("conv2"))?;
-        let bn2 = batch_norm(cout, 1e-5, vb.pp("bn2"))?;
+        let bn2 = Normaliser::new(norm, cout, "bn2", &vb)?;
         let shortcut = if stride != 1 || cin != cout {
             let cfg = Conv2dConfig {
                 stride,
@@ -181,7 +214,7 @@ impl BasicBlock {
             };
             Some((
                 conv2d_no_bias(cin, cout, 1, cfg, vb.pp("down"))?,
-                batch_norm(cout, 1e-5, vb.pp("bn_down"))?,
+                Normaliser::new(norm, cout, "bn_down", &vb)?,
             ))
         } else {
             None
@@ -207,16 +240,17 @@ impl BasicBlock {
 }
 
 /// A small ResNet: a 3×3 stem, residual stages of `widths` (each after the first halves the
-/// resolution), global average pooling, a linear classifier.
+/// resolution), global average pooling, a linear classifier; batch or group normalisation
+/// after each convolution.
 pub struct ResNet {
     stem: Conv2d,
-    bn: BatchNorm,
+    bn: Normaliser,
     blocks: Vec<BasicBlock>,
     fc: Linear,
 }
 
 impl ResNet {
-    pub fn new(vb: VarBuilder, widths: &[usize], classes: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, widths: &[usize], norm: Norm, classes: usize) -> Result<Self> {
         let first = widths.first().copied().unwrap_or(16);
         let stem = conv2d_no_bias(
             1,
@@ -228,7 +262,7 @@ impl ResNet {
             },
             vb.pp("stem"),
         )?;
-        let bn = batch_norm(first, 1e-5, vb.pp("bn_stem"))?;
+        let bn = Normaliser::new(norm, first, "bn_stem", &vb)?;
         let mut blocks = Vec::new();
         let mut cin = first;
         for (i, &w) in widths.iter().enumerate() {
@@ -237,6 +271,7 @@ impl ResNet {
                 cin,
                 w,
                 if i == 0 { 1 } else { 2 },
+                norm,
             )?);
             cin = w;
         }
@@ -285,6 +320,58 @@ pub fn build(
         ModelConfig::SmallCnn(hp) => {
             Model::SmallCnn(SmallCnn::new(vb, size, classes, hp.channels)?)
         }
-        ModelConfig::ResNet(hp) => Model::ResNet(ResNet::new(vb, &hp.widths, classes)?),
+        ModelConfig::ResNet(hp) => Model::ResNet(ResNet::new(vb, &hp.widths, hp.norm, classes)?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    fn resnet(norm: Norm) -> (VarMap, ResNet) {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let net = ResNet::new(vb, &[4, 8], norm, 2).unwrap();
+        (varmap, net)
+    }
+
+    /// What DP-SGD's per-patient clipping rests on: with group normalisation an image's output
+    /// is the same alone as beside other patients' images, and the model keeps no statistics;
+    /// batch normalisation mixes the batch and keeps running averages of it.
+    #[test]
+    fn group_norm_keeps_each_image_to_itself() {
+        let images = Tensor::randn(0f32, 1.0, (4, 1, 16, 16), &Device::Cpu).unwrap();
+        let alone = |net: &ResNet| {
+            let one = net
+                .forward_t(&images.narrow(0, 0, 1).unwrap(), true)
+                .unwrap();
+            let all = net
+                .forward_t(&images, true)
+                .unwrap()
+                .narrow(0, 0, 1)
+                .unwrap();
+            (one - all)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let (vars, group) = resnet(Norm::Group);
+        assert!(alone(&group) < 1e-5);
+        let names: Vec<String> = vars.data().lock().unwrap().keys().cloned().collect();
+        assert!(names.iter().all(|n| !n.contains("running")), "{names:?}");
+        assert!(
+            names.iter().any(|n| n == "layer1.gn_down.weight"),
+            "{names:?}"
+        );
+        let (vars, batch) = resnet(Norm::Batch);
+        assert!(alone(&batch) > 1e-3);
+        let data = vars.data().lock().unwrap();
+        assert!(data.keys().any(|n| n.ends_with("running_mean")));
+    }
 }

@@ -163,13 +163,15 @@ impl Net {
         Ok(net)
     }
 
-    /// Kaiming-uniform weights, zero biases, unit batch-norm scales, from `seed`.
+    /// Kaiming-uniform weights, zero biases, unit batch- and group-norm scales, from `seed`.
     fn initialise(&self, seed: u64) -> Result<()> {
         let mut rng = Rng::new(seed);
         for (name, var) in sorted_vars(&self.varmap) {
             let shape = var.shape().clone();
             let n = shape.elem_count();
-            let is_bn = name.split('.').any(|p| p.starts_with("bn"));
+            let is_bn = name
+                .split('.')
+                .any(|p| p.starts_with("bn") || p.starts_with("gn"));
             let values: Vec<f32> =
                 if name.ends_with("running_var") || (is_bn && name.ends_with("weight")) {
                     vec![1.0; n]

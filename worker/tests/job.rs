@@ -467,6 +467,40 @@ async fn a_site_spends_at_most_the_approved_budget_and_refuses_more() {
     );
 }
 
+/// Every model the worker offers trains under DP-SGD: resnet with group normalisation spends
+/// and reports like the small CNN, and its update holds no running statistics (values computed
+/// from the patients' images outside the noised gradients).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resnet_with_group_norm_trains_under_dp_sgd() {
+    let mut m = dp_manifest(4.0);
+    m.model = serde_json::from_value(
+        serde_json::json!({"architecture": "resnet", "num_classes": 2,
+        "hyper_parameters": {"widths": [4, 8], "norm": "group"}}),
+    )
+    .unwrap();
+    m.preprocessing.image_size = Some(16);
+    let hash = plan_hash(&m, &[]).unwrap();
+    let s = site_of(&hash, Uuid::from_u128(17), 60);
+    let r = process(&job(&s, &m, &hash, 1, None), &s.ctx).await;
+    let p = spent(&r);
+    assert!(
+        p.epsilon_round > 0.0 && p.epsilon_run <= 4.0 + 1e-9,
+        "{p:?}"
+    );
+    let Outcome::Trained { update_hash, .. } = &r.outcome else {
+        unreachable!()
+    };
+    let bytes = s.store.get(update_hash).await.unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names = st.names();
+    assert!(
+        names.iter().any(|n| n.ends_with("gn_stem.weight")),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n.contains("running")), "{names:?}");
+    assert_eq!(s.ctx.ledger.entries().len(), 1);
+}
+
 /// The site's lifetime budget holds across runs: a second study's run on the same dataset is
 /// refused once the two together would exceed it, and what was spent survives a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
