@@ -478,7 +478,7 @@ async fn train(
     println!();
     println!("Three site workers, each with its own synthetic chest-radiograph phantoms:");
     let specs = synthetic_sites(data_dir, &w.sites, true)?;
-    start_workers(ctx, broker, url, specs, Decoder::this_program()?).await?;
+    start_workers(ctx, broker, url, specs, Decoder::this_program()?, &|_, a| a).await?;
     let result = follow(ctx, w).await?;
     if result.run.status != "completed" {
         anyhow::bail!(
@@ -545,6 +545,7 @@ pub async fn start_workers(
     url: &str,
     sites: Vec<(uuid::Uuid, String, DatasetSpec)>,
     decoder: Decoder,
+    wrap: &Wrap,
 ) -> anyhow::Result<()> {
     use consilium_worker::job::{ServerApprovals, SiteContext};
     use std::sync::Arc;
@@ -592,7 +593,7 @@ pub async fn start_workers(
         let site_ctx = Arc::new(SiteContext::new(
             site,
             spec,
-            artifacts,
+            wrap(site, artifacts),
             approvals,
             decoder.clone(),
             signer,
@@ -614,6 +615,13 @@ pub async fn start_workers(
     }
     Ok(())
 }
+
+/// What a simulated site's artifacts go through (the simulator's attacks; the demo's are as
+/// they are).
+pub type Wrap = dyn Fn(
+    uuid::Uuid,
+    std::sync::Arc<dyn consilium_worker::artifacts::SiteArtifacts>,
+) -> std::sync::Arc<dyn consilium_worker::artifacts::SiteArtifacts>;
 
 /// How a followed run ended.
 pub struct Followed {

@@ -56,6 +56,7 @@ fn main() {
             &updates,
             &mut ServerState::default(),
         )
+        .map(|a| a.weights)
         .unwrap_or_default();
         out["w"].data[PARAMS / 2]
     });

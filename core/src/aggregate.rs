@@ -66,6 +66,82 @@ pub enum Strategy {
     TrimmedMean { beta: f64 },
     /// The one update closest to its `n - f - 2` nearest neighbours (Blanchard et al. 2017).
     Krum { f: usize },
+    /// The sample-weighted mean of the `m` updates with the best Krum scores (Blanchard et
+    /// al. 2017); `m` defaults to `n - f`.
+    MultiKrum { f: usize, m: Option<usize> },
+    /// Krum picks `n - 2f` updates one by one; then, per coordinate, the mean of the
+    /// `n - 4f` of them closest to their median (El Mhamdi et al. 2018). Needs `n ≥ 4f + 3`.
+    Bulyan { f: usize },
+    /// Distance-based outlier suppression (Alkhunaizi et al. 2022): COPOD outlier scores of
+    /// the sites' rows in the cosine and the Euclidean distance matrices of their updates,
+    /// averaged; the weights are the softmax of the negative scores over `temperature`.
+    Dos { temperature: f64 },
+}
+
+impl Strategy {
+    /// The fewest updates a round needs for the strategy to tolerate its `f` bad sites.
+    pub fn min_updates(&self) -> usize {
+        match self {
+            Strategy::Krum { f } | Strategy::MultiKrum { f, .. } => 2 * f + 3,
+            Strategy::Bulyan { f } => 4 * f + 3,
+            _ => 1,
+        }
+    }
+
+    /// Whether the strategy weighs the sites by how their updates look (their weights and
+    /// scores say who was suppressed) rather than by their samples alone.
+    pub fn is_robust(&self) -> bool {
+        matches!(
+            self,
+            Strategy::Median
+                | Strategy::TrimmedMean { .. }
+                | Strategy::Krum { .. }
+                | Strategy::MultiKrum { .. }
+                | Strategy::Bulyan { .. }
+                | Strategy::Dos { .. }
+        )
+    }
+}
+
+/// Rounds in a row a robust strategy must down-weight a site before it is flagged.
+pub const FLAG_AFTER_ROUNDS: usize = 3;
+
+/// Which updates the strategy down-weighted: a robust strategy's share below half the round's
+/// median share (never for FedAvg and its kin, whose shares only follow the samples; never for
+/// Krum, whose median share is 0, since it keeps one update by design).
+pub fn down_weighted(strategy: &Strategy, sites: &[SiteWeight]) -> Vec<bool> {
+    let mut shares: Vec<f64> = sites.iter().map(|s| s.weight).collect();
+    shares.sort_by(|a, b| a.total_cmp(b));
+    let n = shares.len();
+    let median = match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => shares[n / 2],
+        _ => (shares[n / 2 - 1] + shares[n / 2]) / 2.0,
+    };
+    sites
+        .iter()
+        .map(|s| strategy.is_robust() && s.weight < median / 2.0)
+        .collect()
+}
+
+/// What one site's update counted for in a round, in the order of the updates.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SiteWeight {
+    /// The strategy's outlier score, higher for a more suspect update: Krum's sum of squared
+    /// distances to the nearest neighbours (Krum, Multi-Krum, Bulyan), DOS's COPOD score, the
+    /// fraction of coordinates in which the update was trimmed away (median, trimmed mean).
+    /// None for the strategies that do not score (FedAvg and its kin).
+    pub score: Option<f64>,
+    /// Its share of the new model, from 0 (excluded) to 1; the shares of a round sum to 1
+    /// (for the coordinate-wise strategies, the mean share over the coordinates).
+    pub weight: f64,
+}
+
+/// The next global model and what each update counted for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Aggregated {
+    pub weights: Weights,
+    pub sites: Vec<SiteWeight>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -164,6 +240,18 @@ pub fn weighted_sum(inputs: &[&[f32]], coefs: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `coefs` scaled to sum to 1, as each site's weight without a score.
+fn shares(coefs: &[f64]) -> Vec<SiteWeight> {
+    let total: f64 = coefs.iter().sum();
+    coefs
+        .iter()
+        .map(|c| SiteWeight {
+            score: None,
+            weight: c / total,
+        })
+        .collect()
+}
+
 fn weighted_mean(
     global: &Weights,
     updates: &[Update],
@@ -199,30 +287,60 @@ fn sample_weights(updates: &[Update]) -> Result<Vec<f64>, AggregateError> {
     Ok(w)
 }
 
+/// Reduces every coordinate over the updates. `reduce` gets the coordinate's values sorted
+/// with the index of the update each came from, and returns the value and the range of
+/// sorted positions that made it (each counting equally); `uses` sums each update's share.
 fn coordinate_wise(
     global: &Weights,
-    updates: &[Update],
-    reduce: impl Fn(&mut [f32]) -> f32,
+    updates: &[&Weights],
+    reduce: impl Fn(&[(f32, usize)]) -> (f32, std::ops::Range<usize>),
+    uses: &mut [f64],
 ) -> Weights {
-    global
+    let mut column = vec![(0f32, 0usize); updates.len()];
+    let mut coordinates = 0usize;
+    let out = global
         .iter()
         .map(|(name, g)| {
-            let mut column = vec![0f32; updates.len()];
             let data = (0..g.data.len())
                 .map(|i| {
-                    for (c, u) in column.iter_mut().zip(updates) {
-                        *c = u.weights[name].data[i];
+                    for (j, (c, u)) in column.iter_mut().zip(updates).enumerate() {
+                        *c = (u[name].data[i], j);
                     }
-                    reduce(&mut column)
+                    column.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                    let (value, kept) = reduce(&column);
+                    let share = 1.0 / kept.len() as f64;
+                    for &(_, j) in &column[kept] {
+                        uses[j] += share;
+                    }
+                    value
                 })
                 .collect();
+            coordinates += g.data.len();
             (name.clone(), Tensor::new(g.shape.clone(), data))
         })
-        .collect()
+        .collect();
+    for u in uses.iter_mut() {
+        *u /= coordinates.max(1) as f64;
+    }
+    out
 }
 
-fn sort(v: &mut [f32]) {
-    v.sort_by(|a, b| a.total_cmp(b));
+/// The mean of the sorted positions `kept`.
+fn mean_of(c: &[(f32, usize)], kept: std::ops::Range<usize>) -> (f32, std::ops::Range<usize>) {
+    let v = c[kept.clone()].iter().map(|x| x.0).sum::<f32>() / kept.len() as f32;
+    (v, kept)
+}
+
+/// The coordinate-wise strategies' weights: the mean share, and as the score the fraction of
+/// coordinates in which the update did not count.
+fn coordinate_weights(uses: Vec<f64>, kept_per_coordinate: usize) -> Vec<SiteWeight> {
+    let full = 1.0 / kept_per_coordinate as f64;
+    uses.into_iter()
+        .map(|share| SiteWeight {
+            score: Some((1.0 - share / full).clamp(0.0, 1.0)),
+            weight: share,
+        })
+        .collect()
 }
 
 fn squared_distance(a: &Weights, b: &Weights) -> f64 {
@@ -237,20 +355,172 @@ fn squared_distance(a: &Weights, b: &Weights) -> f64 {
         .sum()
 }
 
-/// The next global model. `state` carries FedAdam's and FedYogi's moments between rounds.
+/// The pairwise squared Euclidean distances of the updates (symmetric, zero diagonal).
+fn squared_distances(updates: &[&Weights]) -> Vec<Vec<f64>> {
+    let n = updates.len();
+    let mut d = vec![vec![0.0; n]; n];
+    for i in 0..n {
+        for j in i + 1..n {
+            let x = squared_distance(updates[i], updates[j]);
+            d[i][j] = x;
+            d[j][i] = x;
+        }
+    }
+    d
+}
+
+/// Krum's score of each of `among` (indices into `d`): the sum of its `among.len() - f - 2`
+/// smallest squared distances to the others of `among`.
+fn krum_scores(d: &[Vec<f64>], among: &[usize], f: usize) -> Vec<f64> {
+    // At least the nearest one, so that the last of Bulyan's picks still tell near from far.
+    let keep = among.len().saturating_sub(f + 2).max(1);
+    among
+        .iter()
+        .map(|&i| {
+            let mut row: Vec<f64> = among
+                .iter()
+                .filter(|&&j| j != i)
+                .map(|&j| d[i][j])
+                .collect();
+            row.sort_by(|a, b| a.total_cmp(b));
+            row.iter().take(keep).sum()
+        })
+        .collect()
+}
+
+/// The position of the smallest value (the first of equals).
+fn argmin(v: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if x.total_cmp(&v[best]).is_lt() {
+            best = i;
+        }
+    }
+    best
+}
+
+fn need(n: usize, at_least: usize, what: &str) -> Result<(), AggregateError> {
+    if n < at_least {
+        return Err(AggregateError::Invalid(format!(
+            "{what} needs at least {at_least} updates, got {n}: lower f or wait for more sites (aggregation.min_sites)"
+        )));
+    }
+    Ok(())
+}
+
+/// COPOD (Li et al. 2020), the outlier score of each row of `x` (rows are samples, columns
+/// features): per column, the tail probabilities from the empirical distribution functions,
+/// the tail the column's skewness points to, summed over the columns as -ln p.
+pub fn copod(x: &[Vec<f64>]) -> Vec<f64> {
+    let n = x.len();
+    let columns = x.first().map_or(0, Vec::len);
+    let mut scores = vec![0.0; n];
+    for j in 0..columns {
+        let col: Vec<f64> = x.iter().map(|r| r[j]).collect();
+        let ecdf = |v: f64, right: bool| {
+            let count = col
+                .iter()
+                .filter(|&&c| if right { c >= v } else { c <= v })
+                .count();
+            count as f64 / n as f64
+        };
+        let mean = col.iter().sum::<f64>() / n as f64;
+        let m2 = col.iter().map(|c| (c - mean).powi(2)).sum::<f64>() / n as f64;
+        let m3 = col.iter().map(|c| (c - mean).powi(3)).sum::<f64>() / n as f64;
+        // The sign of the sample skewness, 0 for a symmetric or constant column.
+        let skew = if m2 > 1e-300 { m3 / m2.powf(1.5) } else { 0.0 };
+        let sign = if skew.abs() < 1e-12 {
+            0.0
+        } else {
+            skew.signum()
+        };
+        for (i, &v) in col.iter().enumerate() {
+            let left = -ecdf(v, false).ln();
+            let right = -ecdf(v, true).ln();
+            let skewed = match sign {
+                s if s < 0.0 => left,
+                s if s > 0.0 => right,
+                _ => left + right,
+            };
+            scores[i] += skewed.max((left + right) / 2.0);
+        }
+    }
+    scores
+}
+
+/// DOS's score of each update: COPOD of its row in the Euclidean and in the cosine distance
+/// matrix of the updates' changes to the global model, averaged.
+fn dos_scores(global: &Weights, updates: &[&Weights]) -> Vec<f64> {
+    let n = updates.len();
+    let mut dot = vec![vec![0.0f64; n]; n];
+    for (name, g) in global {
+        for i in 0..n {
+            for j in i..n {
+                let a = &updates[i][name].data;
+                let b = &updates[j][name].data;
+                let s: f64 = a
+                    .iter()
+                    .zip(b)
+                    .zip(&g.data)
+                    .map(|((x, y), z)| f64::from(x - z) * f64::from(y - z))
+                    .sum();
+                dot[i][j] += s;
+                if i != j {
+                    dot[j][i] += s;
+                }
+            }
+        }
+    }
+    let norm: Vec<f64> = (0..n).map(|i| dot[i][i].max(0.0).sqrt()).collect();
+    let euclidean: Vec<Vec<f64>> = (0..n)
+        .map(|i| {
+            (0..n)
+                .map(|j| (dot[i][i] + dot[j][j] - 2.0 * dot[i][j]).max(0.0).sqrt())
+                .collect()
+        })
+        .collect();
+    let cosine: Vec<Vec<f64>> = (0..n)
+        .map(|i| {
+            (0..n)
+                .map(|j| {
+                    let denominator = norm[i] * norm[j];
+                    if denominator > 0.0 {
+                        1.0 - dot[i][j] / denominator
+                    } else {
+                        // A zero change points nowhere: as far as can be from any direction.
+                        if i == j { 0.0 } else { 1.0 }
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    copod(&euclidean)
+        .into_iter()
+        .zip(copod(&cosine))
+        .map(|(e, c)| (e + c) / 2.0)
+        .collect()
+}
+
+/// The next global model, and what each update counted for. `state` carries FedAdam's and
+/// FedYogi's moments between rounds.
 pub fn aggregate(
     strategy: &Strategy,
     global: &Weights,
     updates: &[Update],
     state: &mut ServerState,
-) -> Result<Weights, AggregateError> {
+) -> Result<Aggregated, AggregateError> {
     let weighted_mean_based = matches!(
         strategy,
         Strategy::FedAvg | Strategy::FedBn | Strategy::FedCostWAvg { .. }
     );
     check(global, updates, !weighted_mean_based)?;
     let out = aggregate_checked(strategy, global, updates, state)?;
-    if weighted_mean_based && out.values().any(|t| t.data.iter().any(|x| !x.is_finite())) {
+    if weighted_mean_based
+        && out
+            .weights
+            .values()
+            .any(|t| t.data.iter().any(|x| !x.is_finite()))
+    {
         // Some input was not finite: find it to say which (the rare, slow path).
         check(global, updates, true)?;
         return Err(AggregateError::Invalid(
@@ -265,20 +535,16 @@ fn aggregate_checked(
     global: &Weights,
     updates: &[Update],
     state: &mut ServerState,
-) -> Result<Weights, AggregateError> {
+) -> Result<Aggregated, AggregateError> {
+    let n = updates.len();
+    let all: Vec<&Weights> = updates.iter().map(|u| &u.weights).collect();
+    let mean = |coefs: Vec<f64>, keep_global: &dyn Fn(&str) -> bool| Aggregated {
+        weights: weighted_mean(global, updates, &coefs, keep_global),
+        sites: shares(&coefs),
+    };
     match strategy {
-        Strategy::FedAvg => Ok(weighted_mean(
-            global,
-            updates,
-            &sample_weights(updates)?,
-            |_| false,
-        )),
-        Strategy::FedBn => Ok(weighted_mean(
-            global,
-            updates,
-            &sample_weights(updates)?,
-            is_batch_norm,
-        )),
+        Strategy::FedAvg => Ok(mean(sample_weights(updates)?, &|_| false)),
+        Strategy::FedBn => Ok(mean(sample_weights(updates)?, &is_batch_norm)),
         Strategy::FedCostWAvg { alpha } => {
             let n = sample_weights(updates)?;
             let n_total: f64 = n.iter().sum();
@@ -295,7 +561,7 @@ fn aggregate_checked(
                 .zip(&ratios)
                 .map(|(ni, ri)| alpha * ni / n_total + (1.0 - alpha) * ri / r_total)
                 .collect();
-            Ok(weighted_mean(global, updates, &coefs, |_| false))
+            Ok(mean(coefs, &|_| false))
         }
         Strategy::FedAdam {
             lr,
@@ -310,7 +576,8 @@ fn aggregate_checked(
             tau,
         } => {
             let yogi = matches!(strategy, Strategy::FedYogi { .. });
-            let avg = weighted_mean(global, updates, &sample_weights(updates)?, |_| false);
+            let coefs = sample_weights(updates)?;
+            let avg = weighted_mean(global, updates, &coefs, |_| false);
             let mut next = Weights::new();
             for (name, g) in global {
                 let m = state
@@ -336,52 +603,161 @@ fn aggregate_checked(
                 }
                 next.insert(name.clone(), out);
             }
-            Ok(next)
+            Ok(Aggregated {
+                weights: next,
+                sites: shares(&coefs),
+            })
         }
-        Strategy::Median => Ok(coordinate_wise(global, updates, |c| {
-            sort(c);
-            let n = c.len();
-            if n % 2 == 1 {
-                c[n / 2]
-            } else {
-                (c[n / 2 - 1] + c[n / 2]) / 2.0
-            }
-        })),
+        Strategy::Median => {
+            let kept = if n % 2 == 1 { 1 } else { 2 };
+            let mut uses = vec![0.0; n];
+            let weights = coordinate_wise(
+                global,
+                &all,
+                |c| {
+                    let n = c.len();
+                    if n % 2 == 1 {
+                        (c[n / 2].0, n / 2..n / 2 + 1)
+                    } else {
+                        ((c[n / 2 - 1].0 + c[n / 2].0) / 2.0, n / 2 - 1..n / 2 + 1)
+                    }
+                },
+                &mut uses,
+            );
+            Ok(Aggregated {
+                weights,
+                sites: coordinate_weights(uses, kept),
+            })
+        }
         Strategy::TrimmedMean { beta } => {
-            let k = (beta * updates.len() as f64).floor() as usize;
-            if 2 * k >= updates.len() {
+            let k = (beta * n as f64).floor() as usize;
+            if 2 * k >= n {
                 return Err(AggregateError::Invalid(format!(
-                    "trimming {k} of {} updates on each side leaves none",
-                    updates.len()
+                    "trimming {k} of {n} updates on each side leaves none"
                 )));
             }
-            Ok(coordinate_wise(global, updates, |c| {
-                sort(c);
-                let kept = &c[k..c.len() - k];
-                kept.iter().sum::<f32>() / kept.len() as f32
-            }))
+            let mut uses = vec![0.0; n];
+            let weights = coordinate_wise(global, &all, |c| mean_of(c, k..c.len() - k), &mut uses);
+            Ok(Aggregated {
+                weights,
+                sites: coordinate_weights(uses, n - 2 * k),
+            })
         }
         Strategy::Krum { f } => {
-            let n = updates.len();
-            if n < 2 * f + 3 {
+            need(n, strategy.min_updates(), &format!("Krum with f = {f}"))?;
+            let d = squared_distances(&all);
+            let scores = krum_scores(&d, &(0..n).collect::<Vec<_>>(), *f);
+            let best = argmin(&scores);
+            Ok(Aggregated {
+                weights: updates[best].weights.clone(),
+                sites: scores
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, s)| SiteWeight {
+                        score: Some(s),
+                        weight: if i == best { 1.0 } else { 0.0 },
+                    })
+                    .collect(),
+            })
+        }
+        Strategy::MultiKrum { f, m } => {
+            need(
+                n,
+                strategy.min_updates(),
+                &format!("Multi-Krum with f = {f}"),
+            )?;
+            let m = m.unwrap_or(n - f);
+            if m == 0 || m > n {
                 return Err(AggregateError::Invalid(format!(
-                    "Krum with f = {f} needs at least {} updates, got {n}",
-                    2 * f + 3
+                    "Multi-Krum cannot average m = {m} of {n} updates: m must be 1 to {n}"
                 )));
             }
-            let mut best = (f64::INFINITY, 0);
-            for i in 0..n {
-                let mut d: Vec<f64> = (0..n)
-                    .filter(|&j| j != i)
-                    .map(|j| squared_distance(&updates[i].weights, &updates[j].weights))
-                    .collect();
-                d.sort_by(|a, b| a.total_cmp(b));
-                let score: f64 = d.iter().take(n - f - 2).sum();
-                if score < best.0 {
-                    best = (score, i);
+            let d = squared_distances(&all);
+            let scores = krum_scores(&d, &(0..n).collect::<Vec<_>>(), *f);
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
+            let samples = sample_weights(updates)?;
+            let mut coefs = vec![0.0; n];
+            for &i in &order[..m] {
+                coefs[i] = samples[i];
+            }
+            if coefs.iter().sum::<f64>() <= 0.0 {
+                // The chosen updates report no samples: count them equally.
+                for &i in &order[..m] {
+                    coefs[i] = 1.0;
                 }
             }
-            Ok(updates[best.1].weights.clone())
+            let mut out = mean(coefs, &|_| false);
+            for (w, s) in out.sites.iter_mut().zip(scores) {
+                w.score = Some(s);
+            }
+            Ok(out)
+        }
+        Strategy::Bulyan { f } => {
+            need(n, strategy.min_updates(), &format!("Bulyan with f = {f}"))?;
+            let d = squared_distances(&all);
+            let first = krum_scores(&d, &(0..n).collect::<Vec<_>>(), *f);
+            // Krum picks θ = n - 2f updates, each from those left.
+            let mut left: Vec<usize> = (0..n).collect();
+            let mut chosen = Vec::new();
+            while chosen.len() < n - 2 * f {
+                let scores = krum_scores(&d, &left, *f);
+                chosen.push(left.remove(argmin(&scores)));
+            }
+            chosen.sort_unstable();
+            let picked: Vec<&Weights> = chosen.iter().map(|&i| all[i]).collect();
+            let theta = chosen.len();
+            let beta = theta - 2 * f;
+            let mut uses = vec![0.0; theta];
+            let weights = coordinate_wise(
+                global,
+                &picked,
+                |c| {
+                    // The β values closest to the median: a window of β sorted values.
+                    let median = if theta % 2 == 1 {
+                        c[theta / 2].0
+                    } else {
+                        (c[theta / 2 - 1].0 + c[theta / 2].0) / 2.0
+                    };
+                    let mut start = 0;
+                    let mut best = f32::INFINITY;
+                    for s in 0..=theta - beta {
+                        let spread = (c[s].0 - median)
+                            .abs()
+                            .max((c[s + beta - 1].0 - median).abs());
+                        if spread < best {
+                            best = spread;
+                            start = s;
+                        }
+                    }
+                    mean_of(c, start..start + beta)
+                },
+                &mut uses,
+            );
+            let mut sites: Vec<SiteWeight> = first
+                .into_iter()
+                .map(|s| SiteWeight {
+                    score: Some(s),
+                    weight: 0.0,
+                })
+                .collect();
+            for (k, &i) in chosen.iter().enumerate() {
+                sites[i].weight = uses[k];
+            }
+            Ok(Aggregated { weights, sites })
+        }
+        Strategy::Dos { temperature } => {
+            let scores = dos_scores(global, &all);
+            let lowest = scores.iter().copied().fold(f64::INFINITY, f64::min);
+            let e: Vec<f64> = scores
+                .iter()
+                .map(|s| (-(s - lowest) / temperature).exp())
+                .collect();
+            let mut out = mean(e, &|_| false);
+            for (w, s) in out.sites.iter_mut().zip(scores) {
+                w.score = Some(s);
+            }
+            Ok(out)
         }
     }
 }
@@ -411,9 +787,16 @@ mod tests {
         }
     }
     fn run(s: Strategy, g: &[f32], ups: &[Update]) -> Vec<f32> {
-        aggregate(&s, &w(&[("w", g)]), ups, &mut ServerState::default()).unwrap()["w"]
+        aggregate(&s, &w(&[("w", g)]), ups, &mut ServerState::default())
+            .unwrap()
+            .weights["w"]
             .data
             .clone()
+    }
+    fn sites(s: Strategy, ups: &[Update]) -> Vec<SiteWeight> {
+        aggregate(&s, &w(&[("w", &[0.0])]), ups, &mut ServerState::default())
+            .unwrap()
+            .sites
     }
 
     #[test]
@@ -456,8 +839,8 @@ mod tests {
             &mut ServerState::default(),
         )
         .unwrap();
-        assert_eq!(out["conv1.weight"].data, vec![2.0]);
-        assert_eq!(out["bn1.weight"].data, vec![9.0]);
+        assert_eq!(out.weights["conv1.weight"].data, vec![2.0]);
+        assert_eq!(out.weights["bn1.weight"].data, vec![9.0]);
     }
 
     #[test]
@@ -518,7 +901,9 @@ mod tests {
             tau: 0.001,
         };
         let mut state = ServerState::default();
-        let g1 = aggregate(&s, &w(&[("w", &[0.0])]), &[up(&[1.0], 1)], &mut state).unwrap();
+        let g1 = aggregate(&s, &w(&[("w", &[0.0])]), &[up(&[1.0], 1)], &mut state)
+            .unwrap()
+            .weights;
         assert!((state.m["w"].data[0] - 0.1).abs() < 1e-6);
         aggregate(&s, &g1, &[up(&[1.0], 1)], &mut state).unwrap();
         // m = 0.9·0.1 + 0.1·(1 - 0.0990050) = 0.1800995
@@ -572,6 +957,184 @@ mod tests {
                 &mut ServerState::default()
             )
             .is_err()
+        );
+    }
+
+    fn weights_of(sites: &[SiteWeight]) -> Vec<f64> {
+        sites.iter().map(|s| s.weight).collect()
+    }
+    fn scores_of(sites: &[SiteWeight]) -> Vec<f64> {
+        sites.iter().map(|s| s.score.unwrap_or(f64::NAN)).collect()
+    }
+    fn near(a: &[f64], b: &[f64]) {
+        assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn every_strategy_says_what_each_site_counted_for() {
+        // FedAvg: the sample shares, no score.
+        let s = sites(Strategy::FedAvg, &[up(&[1.0], 100), up(&[4.0], 300)]);
+        near(&weights_of(&s), &[0.25, 0.75]);
+        assert!(s.iter().all(|s| s.score.is_none()));
+        // Median of 4: the middle two (2 and 3) each make half of the one coordinate; the
+        // others are trimmed away in every coordinate (score 1).
+        let ups = [up(&[1.0], 1), up(&[2.0], 1), up(&[3.0], 1), up(&[100.0], 1)];
+        let s = sites(Strategy::Median, &ups);
+        near(&weights_of(&s), &[0.0, 0.5, 0.5, 0.0]);
+        near(&scores_of(&s), &[1.0, 0.0, 0.0, 1.0]);
+        // Two coordinates: 100 is the median of the second one (of 1, 100, 0): half its share.
+        let two = |a: f32, b: f32| Update {
+            weights: w(&[("w", &[a, b])]),
+            ..up(&[0.0], 1)
+        };
+        let s = aggregate(
+            &Strategy::Median,
+            &w(&[("w", &[0.0, 0.0])]),
+            &[two(1.0, 1.0), two(2.0, 100.0), two(3.0, 0.0)],
+            &mut ServerState::default(),
+        )
+        .unwrap();
+        assert_eq!(s.weights["w"].data, vec![2.0, 1.0]);
+        near(&weights_of(&s.sites), &[0.5, 0.5, 0.0]);
+        // Trimmed mean, β = 0.25 of 4: the middle two count 1/2 each.
+        let s = sites(Strategy::TrimmedMean { beta: 0.25 }, &ups);
+        near(&weights_of(&s), &[0.0, 0.5, 0.5, 0.0]);
+        // Below half the median share (1/4 here): the two trimmed away.
+        assert_eq!(
+            down_weighted(&Strategy::TrimmedMean { beta: 0.25 }, &s),
+            [true, false, false, true]
+        );
+        // FedAvg's small site is not "down-weighted": its share is its samples'.
+        let small = sites(
+            Strategy::FedAvg,
+            &[up(&[1.0], 1), up(&[1.0], 100), up(&[1.0], 100)],
+        );
+        assert_eq!(
+            down_weighted(&Strategy::FedAvg, &small),
+            [false, false, false]
+        );
+    }
+
+    #[test]
+    fn multi_krum_averages_the_best_scored() {
+        // Krum scores (n = 5, f = 1, the 2 nearest): 0 → 1+4 = 5, 1 → 2, 2 → 2, 3 → 5,
+        // 50 → 47²+48² = 4513. m = n - f = 4 keeps all but 50: mean(0, 1, 2, 3) = 1.5.
+        let ups = [
+            up(&[0.0], 1),
+            up(&[1.0], 1),
+            up(&[2.0], 1),
+            up(&[3.0], 1),
+            up(&[50.0], 1),
+        ];
+        let s = Strategy::MultiKrum { f: 1, m: None };
+        close(&run(s.clone(), &[0.0], &ups), &[1.5]);
+        let got = sites(s, &ups);
+        near(&scores_of(&got), &[5.0, 2.0, 2.0, 5.0, 4513.0]);
+        near(&weights_of(&got), &[0.25, 0.25, 0.25, 0.25, 0.0]);
+        // m = 2: the two best (1 and 2), weighted by samples 1:3.
+        let mut weighted = ups.clone();
+        weighted[2].samples = 3;
+        close(
+            &run(Strategy::MultiKrum { f: 1, m: Some(2) }, &[0.0], &weighted),
+            &[(1.0 + 2.0 * 3.0) / 4.0],
+        );
+        // Krum itself: weight 1 for the one it picks.
+        near(
+            &weights_of(&sites(Strategy::Krum { f: 1 }, &ups)),
+            &[0.0, 1.0, 0.0, 0.0, 0.0],
+        );
+    }
+
+    #[test]
+    fn bulyan_by_hand() {
+        // n = 7, f = 1. Krum (4 nearest) scores: 0 → 1+4+9+16 = 30, 1 → 1+1+4+9 = 15,
+        // 2 → 10, 3 → 10, 4 → 15, 5 → 30, 100 → 95²+96²+97²+98² = 37254.
+        // Krum picks θ = 5 in turn: 2; then (3 nearest) 3; then (2) 1; then (1) 4; then
+        // of {0, 5, 100} (1 nearest: 25, 25, 9025) 0. β = θ - 2f = 3 values closest to the
+        // median 2 of {0, 1, 2, 3, 4}: {1, 2, 3}, mean 2, each a third.
+        let ups: Vec<Update> = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 100.0]
+            .iter()
+            .map(|&x| up(&[x], 1))
+            .collect();
+        close(&run(Strategy::Bulyan { f: 1 }, &[0.0], &ups), &[2.0]);
+        let got = sites(Strategy::Bulyan { f: 1 }, &ups);
+        near(
+            &scores_of(&got),
+            &[30.0, 15.0, 10.0, 10.0, 15.0, 30.0, 37254.0],
+        );
+        let third = 1.0 / 3.0;
+        near(
+            &weights_of(&got),
+            &[0.0, third, third, third, 0.0, 0.0, 0.0],
+        );
+        let err = aggregate(
+            &Strategy::Bulyan { f: 1 },
+            &w(&[("w", &[0.0])]),
+            &ups[..6],
+            &mut ServerState::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("Bulyan with f = 1 needs at least 7 updates, got 6"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn copod_by_hand() {
+        // One right-skewed column 1, 2, 3, 10 (n = 4). Left tails #≤x/n: 1/4, 2/4, 3/4, 1;
+        // right tails #≥x/n: 1, 3/4, 2/4, 1/4. The skew is positive, so the right tail
+        // counts: -ln → 0, ln(4/3), ln 2, ln 4; the mean of both tails: ln 2, (ln 2 +
+        // ln(4/3))/2, the same, ln 2. The larger of the two per row:
+        let o = copod(&[vec![1.0], vec![2.0], vec![3.0], vec![10.0]]);
+        near(&o, &[0.693147, 0.490415, 0.693147, 1.386294]);
+        // A constant column says nothing about anyone.
+        near(&copod(&[vec![5.0], vec![5.0], vec![5.0]]), &[0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn dos_by_hand() {
+        // Updates 1, 2, 3, 10 of the global 0. Euclidean distances, rows as samples:
+        // [0 1 2 9], [1 0 1 8], [2 1 0 7], [9 8 7 0]. COPOD per column (as in copod_by_hand,
+        // column 1 right-skewed with a tie at 1, column 3 left-skewed):
+        //   col 0: ln2, .490415, ln2, ln4     col 1: ln(4/3), ln2, ln(4/3), ln4
+        //   col 2: ln2, .490415, ln2, ln4     col 3: ln2, .490415, ln2, ln4
+        // Rows: 3 ln2 + ln(4/3) = 2.367123, 3·.490415 + ln2 = 2.164392, 2.367123, 4 ln4 = 5.545177.
+        // All changes point the same way: cosine distances are all 0, a score of 0.
+        // DOS = the mean: 1.183562, 1.082196, 1.183562, 2.772589; softmax of the negatives:
+        // e^-s = sqrt(3/32), sqrt(3/8)^3/2 ... = .306186, .338851, .306186, .0625 (sum 1.013723).
+        let ups = [up(&[1.0], 1), up(&[2.0], 1), up(&[3.0], 1), up(&[10.0], 1)];
+        let got = sites(Strategy::Dos { temperature: 1.0 }, &ups);
+        near(&scores_of(&got), &[1.183562, 1.082196, 1.183562, 2.772589]);
+        near(&weights_of(&got), &[0.302041, 0.334266, 0.302041, 0.061653]);
+        close(
+            &run(Strategy::Dos { temperature: 1.0 }, &[0.0], &ups),
+            &[0.302041 + 2.0 * 0.334266 + 3.0 * 0.302041 + 10.0 * 0.061653],
+        );
+        // A sign-flipped site stands out in the cosine matrix too and weighs least.
+        let flipped = [
+            up(&[1.0, 1.0], 1),
+            up(&[1.1, 0.9], 1),
+            up(&[0.9, 1.2], 1),
+            up(&[1.0, 0.8], 1),
+            up(&[-1.0, -1.0], 1),
+        ];
+        let s = aggregate(
+            &Strategy::Dos { temperature: 1.0 },
+            &w(&[("w", &[0.0, 0.0])]),
+            &flipped,
+            &mut ServerState::default(),
+        )
+        .unwrap()
+        .sites;
+        let weights = weights_of(&s);
+        assert!(
+            weights[4] < 0.5 * weights[..4].iter().cloned().fold(1.0, f64::min),
+            "{weights:?}"
         );
     }
 

@@ -630,6 +630,34 @@ dto! {
         /// and of the dataset, with σ, the sampling rate and the steps (none without DP-SGD).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub privacy: Option<crate::protocol::PrivacySpent>,
+        /// The update's share of the new model, 0 (excluded) to 1 (see
+        /// `aggregate::SiteWeight`); none in versions made before shares were recorded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub weight: Option<f64>,
+        /// The robust strategy's outlier score of the update (higher is more suspect).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub score: Option<f64>,
+        /// A robust strategy gave it less than half the round's median share.
+        #[serde(default)]
+        pub down_weighted: bool,
+    }
+
+    /// A site a robust strategy down-weighted in `aggregate::FLAG_AFTER_ROUNDS` or more
+    /// consecutive rounds of a run: its updates look unlike the others' (an attack, or a
+    /// broken pipeline at the site). Shown to the researcher and to the site's custodians.
+    pub struct SiteFlag {
+        pub run_id: Uuid,
+        pub study_id: Uuid,
+        /// The study's title, where the server fills it in (site health).
+        #[serde(default)]
+        pub study_title: String,
+        pub site_id: Uuid,
+        pub site_name: String,
+        pub strategy: String,
+        /// The consecutive rounds it was down-weighted in, oldest first.
+        pub rounds: Vec<u32>,
+        /// Its share of each of those rounds' models.
+        pub weights: Vec<f64>,
     }
 
     pub struct SiteEvaluation {
@@ -697,6 +725,10 @@ dto! {
         /// What the worker says of its data; only for the site's custodians, administrators
         /// and auditors.
         pub data_summary: Option<String>,
+        /// Runs in which robust aggregation kept down-weighting this site's updates; only for
+        /// the site's custodians, administrators and auditors.
+        #[serde(default)]
+        pub flags: Vec<SiteFlag>,
     }
 
     pub struct HeartbeatDto {
@@ -950,5 +982,120 @@ dto! {
         pub remaining_epsilon: Option<f64>,
         pub studies: Vec<StudySpendingDto>,
         pub spends: Vec<PrivacySpendDto>,
+    }
+}
+
+/// The sites a run's robust aggregation down-weighted in `aggregate::FLAG_AFTER_ROUNDS` or
+/// more consecutive rounds, each with its latest such streak (`versions` in any order).
+pub fn flagged_sites(versions: &[ModelVersionDto]) -> Vec<SiteFlag> {
+    use std::collections::BTreeMap;
+    let mut ordered: Vec<&ModelVersionDto> = versions.iter().collect();
+    ordered.sort_by_key(|v| v.round);
+    // Each site's current streak of down-weighted rounds, and the flags so far.
+    let mut streaks: BTreeMap<Uuid, SiteFlag> = BTreeMap::new();
+    let mut flags: BTreeMap<Uuid, SiteFlag> = BTreeMap::new();
+    for v in ordered {
+        let round = v.round.max(0) as u32;
+        for c in &v.contributions {
+            if !c.down_weighted {
+                streaks.remove(&c.site_id);
+                continue;
+            }
+            let streak = streaks.entry(c.site_id).or_insert_with(|| SiteFlag {
+                run_id: v.run_id,
+                study_id: v.study_id,
+                study_title: String::new(),
+                site_id: c.site_id,
+                site_name: c.site_name.clone(),
+                strategy: v.strategy.clone(),
+                rounds: Vec::new(),
+                weights: Vec::new(),
+            });
+            // A round the site sat out ends the streak.
+            if streak.rounds.last().is_some_and(|&r| r + 1 != round) {
+                streak.rounds.clear();
+                streak.weights.clear();
+            }
+            streak.rounds.push(round);
+            streak.weights.push(c.weight.unwrap_or(0.0));
+            if streak.rounds.len() >= crate::aggregate::FLAG_AFTER_ROUNDS {
+                flags.insert(c.site_id, streak.clone());
+            }
+        }
+    }
+    flags.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(round: i32, down: &[(Uuid, bool)]) -> ModelVersionDto {
+        ModelVersionDto {
+            id: Uuid::new_v4(),
+            run_id: Uuid::nil(),
+            study_id: Uuid::nil(),
+            round,
+            hash: String::new(),
+            parent_id: None,
+            plan_hash: String::new(),
+            strategy: "dos".into(),
+            review_id: Uuid::nil(),
+            grant_ids: Vec::new(),
+            contributions: down
+                .iter()
+                .map(|&(site_id, down_weighted)| Contribution {
+                    site_id,
+                    site_name: format!("site {site_id}"),
+                    update_hash: String::new(),
+                    samples: 1,
+                    evaluation: Default::default(),
+                    train_loss_before: 0.0,
+                    train_loss_after: 0.0,
+                    privacy: None,
+                    weight: Some(if down_weighted { 0.01 } else { 0.3 }),
+                    score: Some(1.0),
+                    down_weighted,
+                })
+                .collect(),
+            evaluation: None,
+            created_at: Utc::now(),
+            released_at: None,
+            released_by: None,
+        }
+    }
+
+    #[test]
+    fn a_site_is_flagged_after_three_consecutive_down_weighted_rounds() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        // a: down in 1, 2, 3 (flagged) and 4; b: down in 1, 2, up in 3, down in 4, 5.
+        let mut runs = vec![
+            version(4, &[(a, true), (b, true)]),
+            version(2, &[(a, true), (b, true)]),
+            version(1, &[(a, true), (b, true)]),
+            version(3, &[(a, true), (b, false)]),
+        ];
+        let flags = flagged_sites(&runs);
+        assert_eq!(flags.len(), 1, "{flags:?}");
+        assert_eq!(
+            (flags[0].site_id, flags[0].rounds.clone()),
+            (a, vec![1, 2, 3, 4])
+        );
+        assert_eq!(flags[0].weights, vec![0.01; 4]);
+        runs.push(version(5, &[(b, true)]));
+        assert!(flagged_sites(&runs).iter().all(|f| f.site_id == a));
+        // A round b sat out ends its streak; three in a row again flag it.
+        runs.push(version(7, &[(b, true)]));
+        runs.push(version(8, &[(b, true)]));
+        assert!(flagged_sites(&runs).iter().all(|f| f.site_id == a));
+        runs.push(version(9, &[(b, true)]));
+        let flags = flagged_sites(&runs);
+        assert_eq!(
+            flags
+                .iter()
+                .find(|f| f.site_id == b)
+                .map(|f| f.rounds.clone()),
+            Some(vec![7, 8, 9])
+        );
     }
 }

@@ -4,6 +4,8 @@
 pub mod aggregate;
 pub mod api;
 #[cfg(feature = "train")]
+pub mod attack;
+#[cfg(feature = "train")]
 pub mod conv;
 pub mod hash;
 pub mod manifest;

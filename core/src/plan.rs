@@ -56,11 +56,11 @@ pub const CHOICES: &[(&str, &str)] = &[
     ("rounds", "1 to 10000"),
     (
         "aggregation.strategy",
-        "fedavg, fedadam, fedyogi, fedbn, fedcostwavg, median, trimmed_mean, krum",
+        "fedavg, fedadam, fedyogi, fedbn, fedcostwavg, median, trimmed_mean, krum, multi_krum, bulyan, dos",
     ),
     (
         "aggregation.parameters",
-        "fedadam, fedyogi: lr, beta1, beta2, tau; fedcostwavg: alpha; trimmed_mean: beta; krum: f; others none",
+        "fedadam, fedyogi: lr, beta1, beta2, tau; fedcostwavg: alpha; trimmed_mean: beta; krum, bulyan: f; multi_krum: f, m; dos: temperature; others none",
     ),
     ("aggregation.min_sites", "1 or more (every site)"),
     (
@@ -270,6 +270,14 @@ pub enum StrategyName {
     TrimmedMean,
     /// The one update closest to its neighbours, tolerating `f` (1) bad sites.
     Krum,
+    /// The sample-weighted mean of the `m` (`n - f`) updates Krum scores best, `f` (1).
+    MultiKrum,
+    /// Krum's choice of `n - 2f` updates, then per coordinate the mean of the `n - 4f`
+    /// closest to their median; `f` (1), at least `4f + 3` sites.
+    Bulyan,
+    /// Distance-based outlier suppression: COPOD scores of the distances between the
+    /// updates, weights by the softmax of the negative scores over `temperature` (1).
+    Dos,
 }
 
 /// The choices of `stopping.target_metric` (of the global model at the sites' holdout data).
@@ -550,6 +558,16 @@ impl TrainingPlanManifest {
                 "aggregation.min_sites must be at least 1 (leave it out to wait for every site)",
             );
         }
+        if let (Some(need), Some(min)) = (
+            strategy.as_ref().map(Strategy::min_updates),
+            self.aggregation.min_sites,
+        ) && (min as usize) < need
+        {
+            p.push(format!(
+                "aggregation.strategy {} needs at least {need} updates every round, and aggregation.min_sites = {min} lets a round close with fewer: set min_sites to {need} or more, or lower f",
+                self.aggregation.strategy
+            ));
+        }
         if let (Some(Strategy::FedBn), Some(m)) = (&strategy, &model)
             && !m.has_batch_norm()
         {
@@ -697,17 +715,29 @@ pub fn parse_strategy(spec: &AggregationSpec, p: &mut Vec<String>) -> Option<Str
     s
 }
 
+/// The tolerated number of bad sites, `f` (1), of the Krum family.
+fn sites(num: &mut dyn FnMut(&str, f64, &dyn Fn(f64) -> bool, &str) -> f64) -> usize {
+    num(
+        "f",
+        1.0,
+        &|x| x >= 0.0 && x.fract() == 0.0 && x <= 1000.0,
+        "a whole number of sites (0 or more)",
+    ) as usize
+}
+
 fn strategy(spec: &AggregationSpec, p: &mut Problems) -> Option<Strategy> {
     let name = p.choice::<StrategyName>(
         "aggregation.strategy",
         &spec.strategy,
-        "one of \"fedavg\", \"fedadam\", \"fedyogi\", \"fedbn\", \"fedcostwavg\", \"median\", \"trimmed_mean\" or \"krum\"",
+        "one of \"fedavg\", \"fedadam\", \"fedyogi\", \"fedbn\", \"fedcostwavg\", \"median\", \"trimmed_mean\", \"krum\", \"multi_krum\", \"bulyan\" or \"dos\"",
     )?;
     let takes: &[&str] = match name {
         StrategyName::Fedadam | StrategyName::Fedyogi => &["lr", "beta1", "beta2", "tau"],
         StrategyName::Fedcostwavg => &["alpha"],
         StrategyName::TrimmedMean => &["beta"],
-        StrategyName::Krum => &["f"],
+        StrategyName::Krum | StrategyName::Bulyan => &["f"],
+        StrategyName::MultiKrum => &["f", "m"],
+        StrategyName::Dos => &["temperature"],
         _ => &[],
     };
     let mut sound = true;
@@ -776,13 +806,21 @@ fn strategy(spec: &AggregationSpec, p: &mut Problems) -> Option<Strategy> {
         StrategyName::TrimmedMean => Strategy::TrimmedMean {
             beta: num("beta", 0.1, &|x| (0.0..0.5).contains(&x), "in [0, 0.5)"),
         },
-        StrategyName::Krum => Strategy::Krum {
-            f: num(
-                "f",
-                1.0,
-                &|x| x >= 0.0 && x.fract() == 0.0 && x <= 1000.0,
-                "a whole number of sites (0 or more)",
-            ) as usize,
+        StrategyName::Krum => Strategy::Krum { f: sites(&mut num) },
+        StrategyName::Bulyan => Strategy::Bulyan { f: sites(&mut num) },
+        StrategyName::MultiKrum => Strategy::MultiKrum {
+            f: sites(&mut num),
+            m: spec.parameters.contains_key("m").then(|| {
+                num(
+                    "m",
+                    1.0,
+                    &|x| x >= 1.0 && x.fract() == 0.0 && x <= 1000.0,
+                    "a whole number of updates (1 or more)",
+                ) as usize
+            }),
+        },
+        StrategyName::Dos => Strategy::Dos {
+            temperature: num("temperature", 1.0, &positive, "a positive number"),
         },
     };
     sound.then_some(strategy)
@@ -1022,6 +1060,35 @@ mod tests {
                 .iter()
                 .any(|p| p.contains("parameters.f must be a whole number")),
             "{problems:?}"
+        );
+        m["aggregation"] = serde_json::json!({"strategy": "multi_krum", "parameters": {"m": 3}});
+        assert_eq!(
+            manifest(m.clone()).parse().map(|p| p.strategy),
+            Ok(Strategy::MultiKrum { f: 1, m: Some(3) })
+        );
+        m["aggregation"] = serde_json::json!({"strategy": "dos"});
+        assert_eq!(
+            manifest(m.clone()).parse().map(|p| p.strategy),
+            Ok(Strategy::Dos { temperature: 1.0 })
+        );
+        m["aggregation"] = serde_json::json!({"strategy": "dos", "parameters": {"temperature": 0}});
+        assert!(
+            manifest(m.clone()).problems()[0]
+                .contains("aggregation.parameters.temperature must be a positive number, not 0")
+        );
+        // Bulyan with f = 1 needs 7 updates; a plan that may close a round with 5 is refused.
+        m["aggregation"] = serde_json::json!({"strategy": "bulyan", "min_sites": 5});
+        let problems = manifest(m.clone()).problems();
+        assert!(
+            problems.len() == 1
+                && problems[0].contains("bulyan needs at least 7 updates every round")
+                && problems[0].contains("min_sites = 5"),
+            "{problems:?}"
+        );
+        m["aggregation"] = serde_json::json!({"strategy": "bulyan", "min_sites": 7});
+        assert_eq!(
+            manifest(m.clone()).parse().map(|p| p.strategy),
+            Ok(Strategy::Bulyan { f: 1 })
         );
         m["aggregation"] = serde_json::json!({"strategy": "fedavg", "parameters": {"lr": 1}});
         assert!(manifest(m.clone()).problems()[0].contains("fedavg takes no parameters"));

@@ -14,8 +14,12 @@ pub use rounds::stopping;
 pub use versions::weighted;
 
 use chrono::{Duration, Utc};
-use consilium_core::aggregate::{ServerState, Strategy, Update, aggregate};
-use consilium_core::api::{Contribution, ExcludedSite, ModelEvaluation, SiteEvaluation};
+use consilium_core::aggregate::{
+    Aggregated, FLAG_AFTER_ROUNDS, ServerState, Strategy, Update, aggregate, down_weighted,
+};
+use consilium_core::api::{
+    Contribution, ExcludedSite, ModelEvaluation, SiteEvaluation, flagged_sites,
+};
 use consilium_core::manifest::TrainingPlanManifest;
 use consilium_core::protocol::{Job, JobKind, JobResult, Metrics, Outcome, WorkerMessage};
 use consilium_worker::artifacts::ArtifactStore;

@@ -156,6 +156,9 @@ impl Engine {
                 train_loss_before: u.train_loss_before.unwrap_or(f64::NAN),
                 train_loss_after: u.train_loss_after.unwrap_or(f64::NAN),
                 privacy: u.privacy.as_ref().map(from).transpose()?,
+                weight: None,
+                score: None,
+                down_weighted: false,
             });
         }
         // FedAdam's and FedYogi's moments: starting them again silently would change the
@@ -169,14 +172,21 @@ impl Engine {
                 ))
             })?,
         };
-        let (g, u) = (global.clone(), updates);
+        let (g, u, s) = (global.clone(), updates, strategy.clone());
         let next = tokio::task::spawn_blocking(move || {
-            aggregate(&strategy, &g, &u, &mut state).map(|w| (w, state))
+            aggregate(&s, &g, &u, &mut state).map(|w| (w, state))
         })
         .await
         .map_err(AppError::unexpected)?
         .map_err(|e| AppError::unexpected(anyhow::anyhow!("aggregation: {e}")))?;
-        let (next, state) = next;
+        let (
+            Aggregated {
+                weights: next,
+                sites,
+            },
+            state,
+        ) = next;
+        let down = down_weighted(&strategy, &sites);
         let bytes =
             weights::to_safetensors(&next).map_err(|e| AppError::unexpected(anyhow::anyhow!(e)))?;
         let hash = self
@@ -192,9 +202,13 @@ impl Engine {
             .map(|p| p.id);
         let contributions: Vec<Contribution> = contributions
             .into_iter()
-            .map(|c| Contribution {
+            .zip(sites.iter().zip(down))
+            .map(|(c, (site, down_weighted))| Contribution {
                 train_loss_before: finite(c.train_loss_before),
                 train_loss_after: finite(c.train_loss_after),
+                weight: Some(site.weight),
+                score: site.score.filter(|s| s.is_finite()),
+                down_weighted,
                 ..c
             })
             .collect();
@@ -234,6 +248,30 @@ impl Engine {
             &crate::services::models::version_dto(&v)?,
         )
         .await?;
+        // A site down-weighted round after round is flagged once a streak reaches the mark.
+        let history = model_version::Entity::find()
+            .filter(model_version::Column::RunId.eq(r.id))
+            .all(&*w)
+            .await?
+            .iter()
+            .map(crate::services::models::version_dto)
+            .collect::<AppResult<Vec<_>>>()?;
+        for flag in flagged_sites(&history) {
+            if flag.rounds.len() == FLAG_AFTER_ROUNDS
+                && flag.rounds.last() == Some(&(x.number.max(0) as u32))
+            {
+                tracing::warn!(site = %flag.site_id, rounds = ?flag.rounds, "site flagged: down-weighted round after round");
+                audit::append(
+                    &*w,
+                    &Actor::system(),
+                    "site.flagged",
+                    "site",
+                    flag.site_id,
+                    &flag,
+                )
+                .await?;
+            }
+        }
         w.commit().await?;
         Ok(v)
     }

@@ -6,12 +6,13 @@
 
 use chrono::{Duration, Utc};
 use consilium_core::Role;
-use consilium_core::api::SiteHealthDto;
+use consilium_core::api::{ModelVersionDto, SiteFlag, SiteHealthDto, flagged_sites};
 use sea_orm::EntityTrait;
+use std::collections::BTreeMap;
 
 use crate::context::AppContext;
 use crate::domain::Actor;
-use crate::entities::heartbeat;
+use crate::entities::{heartbeat, model_version, study};
 use crate::error::AppResult;
 use crate::services::{directory, studies};
 
@@ -32,6 +33,7 @@ pub async fn list(ctx: &AppContext, actor: &Actor) -> AppResult<Vec<SiteHealthDt
         Vec::new()
     };
     let beats = heartbeat::Entity::find().all(&ctx.db).await?;
+    let flags = flags(ctx).await?;
     let now = Utc::now();
     let mut out = Vec::new();
     for s in sites {
@@ -58,7 +60,30 @@ pub async fn list(ctx: &AppContext, actor: &Actor) -> AppResult<Vec<SiteHealthDt
             data_summary: beat
                 .filter(|_| everything || custodian || own_worker)
                 .map(|b| b.data_summary.clone()),
+            flags: flags
+                .iter()
+                .filter(|f| f.site_id == s.id && (everything || custodian))
+                .cloned()
+                .collect(),
         });
     }
     Ok(out)
+}
+
+/// Every run's flagged sites (`api::flagged_sites`), from the model versions' lineage.
+async fn flags(ctx: &AppContext) -> AppResult<Vec<SiteFlag>> {
+    let mut by_run: BTreeMap<uuid::Uuid, Vec<ModelVersionDto>> = BTreeMap::new();
+    for v in model_version::Entity::find().all(&ctx.db).await? {
+        by_run
+            .entry(v.run_id)
+            .or_default()
+            .push(crate::services::models::version_dto(&v)?);
+    }
+    let mut flags: Vec<SiteFlag> = by_run.values().flat_map(|v| flagged_sites(v)).collect();
+    for f in &mut flags {
+        if let Some(s) = study::Entity::find_by_id(f.study_id).one(&ctx.db).await? {
+            f.study_title = s.title;
+        }
+    }
+    Ok(flags)
 }

@@ -16,6 +16,7 @@ mod openapi;
 mod plans;
 mod previews;
 mod privacy;
+mod robust;
 mod roles;
 mod security;
 mod signing;

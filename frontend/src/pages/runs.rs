@@ -143,13 +143,31 @@ fn RunView(d: RunPage) -> impl IntoView {
         .rounds
         .iter()
         .any(|x| x.sites.iter().any(|s| s.privacy.is_some()));
+    // A robust strategy shows what each update counted for, and flags a site it kept
+    // down-weighting (its custodian sees the flag on the site-health page).
+    let robust = models
+        .iter()
+        .any(|m| m.contributions.iter().any(|c| c.score.is_some()));
+    let flags = consilium_core::api::flagged_sites(&models);
+    let flag_notes = flags.iter().map(|f| {
+        let rounds = f.rounds.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+        let shares = f.weights.iter().map(|w| format!("{:.0}%", w * 100.0)).collect::<Vec<_>>().join(", ");
+        view! {
+            <p class="notice warn site-flag">
+                <strong>{f.site_name.clone()}" is flagged: "</strong>
+                {format!("{} down-weighted its update in rounds {rounds} (shares {shares}): it looks unlike the other sites'. It may be under attack or its data pipeline may be broken; its custodian sees this flag too.", f.strategy)}
+            </p>
+        }
+    }).collect_view();
     let rounds = d.rounds.iter().rev().map(|round| {
         let model = round.model_version_id.map(|id| view! { <a href=format!("/models/{id}")>"model of this round"</a> });
         // The figures are those of the model this round made, on each site's held-out split
         // (the sites' own results carry the model they started from: the previous round's).
-        let made = models.iter().find(|m| m.round == round.number).and_then(|m| m.evaluation.clone());
+        let made_by = models.iter().find(|m| m.round == round.number);
+        let made = made_by.and_then(|m| m.evaluation.clone());
         let sites = round.sites.iter().map(|s| {
             let held_out = made.as_ref().and_then(|e| e.sites.iter().find(|x| x.site_id == s.site_id)).map(|x| x.metrics.clone());
+            let counted = made_by.and_then(|m| m.contributions.iter().find(|c| c.site_id == s.site_id));
             view! {
                 <tr>
                     <td>{s.site_name.clone()}</td>
@@ -160,6 +178,11 @@ fn RunView(d: RunPage) -> impl IntoView {
                     <td>{held_out.as_ref().map(|m| format!("{:.3}", m.loss)).unwrap_or_else(|| "—".into())}</td>
                     <td>{s.duration_ms.map(|ms| format!("{:.1} s", ms as f64 / 1000.0)).unwrap_or_default()}</td>
                     {private.then(|| view! { <td>{s.privacy.as_ref().map(|p| format!("ε {:.2} (run {:.2})", p.epsilon_round, p.epsilon_run)).unwrap_or_else(|| "—".into())}</td> })}
+                    {robust.then(|| view! {
+                        <td class="share">{counted.and_then(|c| c.weight).map(|w| format!("{:.1}%", w * 100.0)).unwrap_or_else(|| "—".into())}
+                            {counted.is_some_and(|c| c.down_weighted).then_some(" (down-weighted)")}</td>
+                        <td>{counted.and_then(|c| c.score).map(|x| format!("{x:.3}")).unwrap_or_else(|| "—".into())}</td>
+                    })}
                     <td>{s.reason.clone().unwrap_or_default()}</td>
                 </tr>
             }
@@ -181,7 +204,7 @@ fn RunView(d: RunPage) -> impl IntoView {
                 {(!waiting.is_empty() && round.state == "collecting").then(|| view! { <p class="hint">"Waiting for: "{waiting.join(", ")}</p> })}
                 <table>
                     <caption>"Held-out figures: this round's model at each site"</caption>
-                    <thead><tr><th scope="col">"Site"</th><th scope="col">"Status"</th><th scope="col">"Training images"</th><th scope="col">"Held-out accuracy"</th><th scope="col">"AUROC"</th><th scope="col">"Held-out loss"</th><th scope="col">"Time"</th>{private.then(|| view! { <th scope="col">"Privacy spent"</th> })}<th scope="col">"Reason"</th></tr></thead>
+                    <thead><tr><th scope="col">"Site"</th><th scope="col">"Status"</th><th scope="col">"Training images"</th><th scope="col">"Held-out accuracy"</th><th scope="col">"AUROC"</th><th scope="col">"Held-out loss"</th><th scope="col">"Time"</th>{private.then(|| view! { <th scope="col">"Privacy spent"</th> })}{robust.then(|| view! { <th scope="col">"Share of the model"</th><th scope="col">"Outlier score"</th> })}<th scope="col">"Reason"</th></tr></thead>
                     <tbody>{sites}</tbody>
                 </table>
                 {(!round.excluded.is_empty()).then(|| view! { <p><strong>"Excluded:"</strong></p><ul>{excluded}</ul> })}
@@ -212,6 +235,7 @@ fn RunView(d: RunPage) -> impl IntoView {
                 <button type="submit" class="danger">"Stop run"</button>
             </form>
         })}
+        {flag_notes}
         {has_points.then(|| view! {
             <div class="charts">
                 <LineChart title="Accuracy per round".to_string() series=acc_series unit_max=1.0/>

@@ -30,6 +30,12 @@ pub fn Sites() -> impl IntoView {
                 match data.await {
                     Ok(list) if list.is_empty() => view! { <p>"No sites you may see."</p> }.into_any(),
                     Ok(list) => view! {
+                        {list.iter().flat_map(|h| h.flags.iter()).map(|f| view! {
+                            <p class="notice warn site-flag">
+                                <strong>{f.site_name.clone()}" is flagged: "</strong>
+                                {format!("in a run of the study {:?}, {} down-weighted this site's update in rounds {}: it looks unlike the other sites'. Check the site's data pipeline (labels, images, scanner settings) and its worker.", f.study_title, f.strategy, f.rounds.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))}
+                            </p>
+                        }).collect_view()}
                         <div class="scroll">
                             <table id="site-health">
                                 <thead><tr><th scope="col">"Site"</th><th scope="col">"State"</th><th scope="col">"Last heard"</th><th scope="col">"Worker version"</th><th scope="col">"Data"</th></tr></thead>

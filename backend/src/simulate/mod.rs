@@ -4,13 +4,19 @@
 //! database and artifact folder of the simulation's own (recreated every time), so nothing
 //! it produces can reach a production registry. Results go to the terminal and a JSON report.
 
+pub mod attacks;
+
 use consilium_core::Role;
+use consilium_core::attack::Attack;
 use consilium_core::manifest::TrainingPlanManifest;
+use consilium_worker::artifacts::SiteArtifacts;
 use consilium_worker::data::{self, DatasetSpec};
 use consilium_worker::decode::Decoder;
 use serde::Deserialize;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use uuid::Uuid;
 
 use crate::audit;
 use crate::configuration::Settings;
@@ -44,6 +50,10 @@ pub struct Experiment {
 pub struct SimulatedSite {
     pub name: String,
     pub dataset: DatasetSpec,
+    /// A simulated attack by this site (`[sites.attack]`, `kind = "sign_flip"`, …): what a
+    /// poisoned or broken site would send. Simulations only.
+    #[serde(default)]
+    pub attack: Option<Attack>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -157,6 +167,9 @@ pub fn load(path: &Path) -> anyhow::Result<Experiment> {
                 s.dataset.root.display()
             ));
         }
+        if let Some(problem) = s.attack.as_ref().and_then(Attack::problem) {
+            problems.push(format!("site {:?}: [sites.attack] {problem}", s.name));
+        }
         if !s.dataset.labels.is_file() {
             problems.push(format!(
                 "site {:?}: the labels file {} does not exist",
@@ -164,6 +177,11 @@ pub fn load(path: &Path) -> anyhow::Result<Experiment> {
                 s.dataset.labels.display()
             ));
         }
+    }
+    if !exp.sites.is_empty() && exp.sites.iter().all(|s| s.attack.is_some()) {
+        problems.push(
+            "every site has an [sites.attack]: leave at least one honest site to attack".into(),
+        );
     }
     problems.extend(
         exp.plan
@@ -179,6 +197,18 @@ pub fn load(path: &Path) -> anyhow::Result<Experiment> {
         );
     }
     Ok(exp)
+}
+
+/// Which simulated sites attacked, and how (the report and the audit trail say it).
+fn attacks_of(exp: &Experiment) -> Vec<serde_json::Value> {
+    exp.sites
+        .iter()
+        .filter_map(|s| {
+            s.attack.as_ref().map(
+                |a| serde_json::json!({"site": s.name, "attack": a, "description": a.describe()}),
+            )
+        })
+        .collect()
 }
 
 /// Runs the experiment; returns the exit code (0 when the run completed).
@@ -201,17 +231,20 @@ pub async fn run(
         return Ok(0);
     }
     let exp = load(config)?;
-    let size = exp
+    let plan = exp
         .plan
         .parse()
-        .map_err(|p| anyhow::anyhow!("the plan: {}", p.join("; ")))?
-        .image_size;
+        .map_err(|p| anyhow::anyhow!("the plan: {}", p.join("; ")))?;
+    let size = plan.image_size;
     println!("Simulation {:?} ({}):", exp.name, config.display());
     let mut cases = Vec::new();
     for s in &exp.sites {
         let ds = data::load(&s.dataset, size, &Decoder::this_program()?)
             .map_err(|e| anyhow::anyhow!("site {:?}: its data can't be read: {e}", s.name))?;
         println!("  {:<16} {}", s.name, ds.summary(s.dataset.kind));
+        if let Some(a) = &s.attack {
+            println!("      ATTACKS (simulated): {}", a.describe());
+        }
         for skipped in ds.skipped.iter().take(5) {
             println!("      skipped {}: {}", skipped.file, skipped.reason);
         }
@@ -293,6 +326,7 @@ pub async fn run(
         "sites": exp.sites.iter().map(|s| serde_json::json!({
             "name": s.name, "kind": format!("{:?}", s.dataset.kind).to_lowercase(), "root": s.dataset.root.display().to_string(),
         })).collect::<Vec<_>>(),
+        "attacks": attacks_of(&exp),
     });
     {
         let w = ctx.begin_write().await?;
@@ -307,13 +341,39 @@ pub async fn run(
         .await?;
         w.commit().await?;
     }
-    let specs = walked
+    // A label-flipping site reads a flipped copy of its labels from the simulation's folder.
+    let mut specs = Vec::new();
+    for (i, ((id, name), s)) in walked.sites.iter().zip(&exp.sites).enumerate() {
+        let mut dataset = s.dataset.clone();
+        if let Some(Attack::LabelFlip {}) = s.attack {
+            let flipped = exp
+                .data_dir
+                .join("attacks")
+                .join(format!("site-{}-labels.csv", i + 1));
+            attacks::flip_labels(&s.dataset.labels, &flipped, plan.num_classes as u32)?;
+            dataset.labels = flipped;
+        }
+        specs.push((*id, name.clone(), dataset));
+    }
+    let board = Arc::new(attacks::Board::default());
+    let attackers = exp.sites.iter().filter(|s| s.attack.is_some()).count();
+    let attack_of: HashMap<Uuid, Option<Attack>> = walked
         .sites
         .iter()
         .zip(&exp.sites)
-        .map(|((id, name), s)| (*id, name.clone(), s.dataset.clone()))
+        .map(|((id, _), s)| (*id, s.attack.clone()))
         .collect();
-    demo::start_workers(&ctx, &broker, &url, specs, Decoder::this_program()?).await?;
+    let sites_count = exp.sites.len();
+    let wrap = move |site: Uuid, inner: Arc<dyn SiteArtifacts>| -> Arc<dyn SiteArtifacts> {
+        Arc::new(attacks::Simulated {
+            inner,
+            attack: attack_of.get(&site).cloned().flatten(),
+            board: board.clone(),
+            sites: sites_count,
+            attackers,
+        })
+    };
+    demo::start_workers(&ctx, &broker, &url, specs, Decoder::this_program()?, &wrap).await?;
     let result = demo::follow(&ctx, &walked).await?;
     server.abort();
 
@@ -324,6 +384,7 @@ pub async fn run(
         "config": config.display().to_string(),
         "data_dir": exp.data_dir.display().to_string(),
         "plan_hash": walked.plan_hash,
+        "attacks": attacks_of(&exp),
         "seconds": result.seconds,
         "run": result.run,
         "rounds": result.rounds,
