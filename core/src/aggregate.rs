@@ -74,7 +74,8 @@ pub enum Strategy {
     Bulyan { f: usize },
     /// Distance-based outlier suppression (Alkhunaizi et al. 2022): COPOD outlier scores of
     /// the sites' rows in the cosine and the Euclidean distance matrices of their updates,
-    /// averaged; the weights are the softmax of the negative scores over `temperature`.
+    /// averaged; the weights are the softmax of the negative scores over `temperature`, and
+    /// every change is bounded at the round's median change norm before it is weighted.
     Dos { temperature: f64 },
 }
 
@@ -753,13 +754,62 @@ fn aggregate_checked(
                 .iter()
                 .map(|s| (-(s - lowest) / temperature).exp())
                 .collect();
-            let mut out = mean(e, &|_| false);
+            // The softmax never reaches 0: bound every change at the round's median change
+            // norm, so that a scaled update cannot make up in size what it lost in weight.
+            let bounded = bounded_at_median_norm(global, updates);
+            let mut out = Aggregated {
+                weights: weighted_mean(global, &bounded, &e, |_| false),
+                sites: shares(&e),
+            };
             for (w, s) in out.sites.iter_mut().zip(scores) {
                 w.score = Some(s);
             }
             Ok(out)
         }
     }
+}
+
+/// The updates with every change to `global` longer than the median change (Euclidean norm
+/// over all parameters) scaled down to it.
+fn bounded_at_median_norm(global: &Weights, updates: &[Update]) -> Vec<Update> {
+    let norms: Vec<f64> = updates
+        .iter()
+        .map(|u| squared_distance(&u.weights, global).sqrt())
+        .collect();
+    let mut sorted = norms.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let n = sorted.len();
+    let median = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    updates
+        .iter()
+        .zip(norms)
+        .map(|(u, norm)| {
+            if norm <= median || norm == 0.0 {
+                return u.clone();
+            }
+            let k = (median / norm) as f32;
+            let weights = global
+                .iter()
+                .map(|(name, g)| {
+                    let data = g
+                        .data
+                        .iter()
+                        .zip(&u.weights[name].data)
+                        .map(|(g, w)| g + k * (w - g))
+                        .collect();
+                    (name.clone(), Tensor::new(g.shape.clone(), data))
+                })
+                .collect();
+            Update {
+                weights,
+                ..u.clone()
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -1091,7 +1141,8 @@ mod tests {
         // counts: -ln → 0, ln(4/3), ln 2, ln 4; the mean of both tails: ln 2, (ln 2 +
         // ln(4/3))/2, the same, ln 2. The larger of the two per row:
         let o = copod(&[vec![1.0], vec![2.0], vec![3.0], vec![10.0]]);
-        near(&o, &[0.693147, 0.490415, 0.693147, 1.386294]);
+        let (ln2, ln43) = (std::f64::consts::LN_2, (4.0f64 / 3.0).ln());
+        near(&o, &[ln2, (ln2 + ln43) / 2.0, ln2, 2.0 * ln2]);
         // A constant column says nothing about anyone.
         near(&copod(&[vec![5.0], vec![5.0], vec![5.0]]), &[0.0, 0.0, 0.0]);
     }
@@ -1111,9 +1162,10 @@ mod tests {
         let got = sites(Strategy::Dos { temperature: 1.0 }, &ups);
         near(&scores_of(&got), &[1.183562, 1.082196, 1.183562, 2.772589]);
         near(&weights_of(&got), &[0.302041, 0.334266, 0.302041, 0.061653]);
+        // The changes are bounded at their median norm, 2.5, before weighting: 1, 2, 2.5, 2.5.
         close(
             &run(Strategy::Dos { temperature: 1.0 }, &[0.0], &ups),
-            &[0.302041 + 2.0 * 0.334266 + 3.0 * 0.302041 + 10.0 * 0.061653],
+            &[0.302041 + 2.0 * 0.334266 + 2.5 * 0.302041 + 2.5 * 0.061653],
         );
         // A sign-flipped site stands out in the cosine matrix too and weighs least.
         let flipped = [

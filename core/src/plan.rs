@@ -716,7 +716,10 @@ pub fn parse_strategy(spec: &AggregationSpec, p: &mut Vec<String>) -> Option<Str
 }
 
 /// The tolerated number of bad sites, `f` (1), of the Krum family.
-fn sites(num: &mut dyn FnMut(&str, f64, &dyn Fn(f64) -> bool, &str) -> f64) -> usize {
+/// `strategy`'s reader of one numeric parameter: key, default, check, what it must be.
+type Number<'a> = dyn FnMut(&str, f64, &dyn Fn(f64) -> bool, &str) -> f64 + 'a;
+
+fn sites(num: &mut Number) -> usize {
     num(
         "f",
         1.0,

@@ -181,3 +181,90 @@ async fn a_simulation_reads_every_dicom_and_nifti_test_file() {
     );
     assert!(out.contains("completed after"), "{out}");
 }
+
+/// An attacking simulated site: named in the terminal and the report, its update rewritten
+/// (its share of each model recorded), and a label flip reads a flipped copy of the labels.
+#[tokio::test]
+async fn a_simulated_site_attacks_and_the_report_says_so() {
+    let dir = tempfile::tempdir().expect("dir");
+    let example = dir.path().join("try");
+    let (code, out, err) = consilium(&["simulate", "--example", example.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}{err}");
+    let config = example.join("experiment.toml");
+    let text = std::fs::read_to_string(&config)
+        .expect("experiment")
+        .replace("rounds = 3", "rounds = 1")
+        .replace("strategy = \"fedavg\"", "strategy = \"median\"");
+    // The last site (east) attacks.
+    std::fs::write(
+        &config,
+        format!("{text}[sites.attack]\nkind = \"scaling\"\nfactor = 100\n"),
+    )
+    .expect("write");
+    let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ATTACKS (simulated): scaling ×100"), "{out}");
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(example.join("simulation-report.json")).expect("report"),
+    )
+    .expect("JSON report");
+    assert_eq!(
+        report["attacks"][0]["site"], "east",
+        "{}",
+        report["attacks"]
+    );
+    assert_eq!(report["attacks"][0]["attack"]["kind"], "scaling");
+    let contributions = report["final_model"]["contributions"]
+        .as_array()
+        .expect("contributions");
+    let east = contributions
+        .iter()
+        .find(|c| c["site_name"] == "east")
+        .expect("east's update");
+    // Median of three: east's ×100 update is the median in no coordinate, or hardly any.
+    assert!(east["weight"].as_f64().expect("weight") < 0.05, "{east}");
+    assert!(east["score"].as_f64().expect("score") > 0.9, "{east}");
+
+    // A label flip: a flipped copy of east's labels in the simulation's folder.
+    std::fs::write(
+        &config,
+        format!("{text}[sites.attack]\nkind = \"label_flip\"\n"),
+    )
+    .expect("write");
+    let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}{err}");
+    let original = std::fs::read_to_string(example.join("sites/east/labels.csv")).expect("labels");
+    let flipped =
+        std::fs::read_to_string(example.join("run/attacks/site-3-labels.csv")).expect("flipped");
+    let second = |t: &str| -> Vec<String> {
+        t.lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap_or("").to_string())
+            .collect()
+    };
+    let (a, b) = (second(&original), second(&flipped));
+    assert_eq!(a.len(), b.len());
+    assert!(
+        a.iter()
+            .zip(&b)
+            .all(|(x, y)| (x == "0" && y == "1") || (x == "1" && y == "0"))
+    );
+
+    // A setting an attack does not take is refused, and so is an attack by every site.
+    std::fs::write(
+        &config,
+        format!("{text}[sites.attack]\nkind = \"sign_flip\"\nfactor = 2\n"),
+    )
+    .expect("write");
+    let (code, _, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown field: found `factor`"), "{err}");
+    let every = text.replace(
+        "holdout = 0.25\n",
+        "holdout = 0.25\n[sites.attack]\nkind = \"sign_flip\"\n",
+    );
+    std::fs::write(&config, every).expect("write");
+    let (code, _, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("every site has an [sites.attack]"), "{err}");
+}

@@ -113,7 +113,7 @@ impl Portal {
             // is not a decoder).
             let decoder =
                 consilium_worker::decode::Decoder::program(env!("CARGO_BIN_EXE_consilium"));
-            demo::start_workers(&ctx, &broker, &url, specs, decoder)
+            demo::start_workers(&ctx, &broker, &url, specs, decoder, &|_, a| a)
                 .await
                 .expect("the site workers start");
         }
