@@ -80,10 +80,12 @@ pub enum Strategy {
 }
 
 impl Strategy {
-    /// The fewest updates a round needs for the strategy to tolerate its `f` bad sites.
+    /// The fewest updates a round needs for the strategy to tolerate its `f` bad sites (and for
+    /// Multi-Krum to average its `m`).
     pub fn min_updates(&self) -> usize {
         match self {
-            Strategy::Krum { f } | Strategy::MultiKrum { f, .. } => 2 * f + 3,
+            Strategy::Krum { f } => 2 * f + 3,
+            Strategy::MultiKrum { f, m } => (2 * f + 3).max(m.unwrap_or(0)),
             Strategy::Bulyan { f } => 4 * f + 3,
             _ => 1,
         }

@@ -21,6 +21,8 @@ pub mod privacy;
 pub mod problem;
 pub mod protocol;
 pub mod role;
+#[cfg(feature = "secagg")]
+pub mod secagg;
 #[cfg(feature = "signing")]
 pub mod signing;
 

@@ -1088,6 +1088,14 @@ mod tests {
                 && problems[0].contains("min_sites = 5"),
             "{problems:?}"
         );
+        // Multi-Krum cannot average more updates than a round may have.
+        m["aggregation"] =
+            serde_json::json!({"strategy": "multi_krum", "min_sites": 5, "parameters": {"m": 6}});
+        assert!(
+            manifest(m.clone()).problems()[0].contains("multi_krum needs at least 6 updates"),
+            "{:?}",
+            manifest(m.clone()).problems()
+        );
         m["aggregation"] = serde_json::json!({"strategy": "bulyan", "min_sites": 7});
         assert_eq!(
             manifest(m.clone()).parse().map(|p| p.strategy),

@@ -24,6 +24,8 @@ pub struct Board {
 impl Board {
     fn post(&self, job: &Job, w: Weights) {
         if let Ok(mut u) = self.updates.lock() {
+            // Only this round's and the last one's are still read.
+            u.retain(|(run, round), _| *run != job.run_id || round + 1 >= job.round);
             u.entry((job.run_id, job.round)).or_default().push(w);
         }
         self.posted.notify_waiters();
@@ -110,8 +112,12 @@ impl SiteArtifacts for Simulated {
         }
         match &self.attack {
             None => {
-                if let Ok(w) = weights::from_safetensors(&bytes) {
-                    self.board.post(job, w);
+                match weights::from_safetensors(&bytes) {
+                    Ok(w) => self.board.post(job, w),
+                    // The attackers that read the honest updates will go without this one.
+                    Err(e) => {
+                        tracing::warn!(job = %job.job_id, error = %e, "an honest simulated update could not be read for the attackers")
+                    }
                 }
                 self.inner.upload(job, bytes).await
             }
