@@ -52,10 +52,17 @@ pub struct Preprocessing {
     /// Images are resized to this square size in pixels.
     #[serde(default)]
     pub image_size: Option<u32>,
-    /// Intensity normalisation of each image: `zscore`, `minmax` or `none` (absent: none).
+    /// Intensity normalisation: of each image, `zscore` or `minmax`; of the dataset,
+    /// `dataset` (by `mean` and `std`, or the site's training split's); `none` (absent: none).
     #[serde(default)]
     #[cfg_attr(feature = "server", schema(value_type = Option<crate::plan::Normalisation>))]
     pub normalisation: Option<String>,
+    /// The pixel mean `dataset` normalisation subtracts (with `std`; absent: each site's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean: Option<f64>,
+    /// The pixel standard deviation `dataset` normalisation divides by (with `mean`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub std: Option<f64>,
     /// Augmentations of training batches: `flip`, `rotate` (±15°).
     #[serde(default)]
     #[cfg_attr(feature = "server", schema(value_type = Vec<crate::plan::Augmentation>))]

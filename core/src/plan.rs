@@ -41,7 +41,14 @@ pub const CHOICES: &[(&str, &str)] = &[
         "preprocessing.image_size",
         "8 to 1024 pixels (28 for small_cnn, a multiple of 4; 32 for resnet)",
     ),
-    ("preprocessing.normalisation", "zscore, minmax, none (none)"),
+    (
+        "preprocessing.normalisation",
+        "zscore, minmax, dataset, none (none)",
+    ),
+    (
+        "preprocessing.mean, preprocessing.std",
+        "with dataset: the pixel mean and standard deviation (above 0), both or neither (each site's own)",
+    ),
     ("preprocessing.augmentations", "flip, rotate (±15°)"),
     ("optimiser.name", "sgd, adamw"),
     ("optimiser.learning_rate", "above 0"),
@@ -207,6 +214,16 @@ pub enum Normalisation {
     Zscore,
     /// Each image stretched to [0, 1] (its darkest pixel 0, its brightest 1).
     Minmax,
+    /// Every image by one mean and standard deviation, as PyTorch recipes normalise: the plan's
+    /// (`preprocessing.mean`, `std`), or those of the site's own training split.
+    Dataset,
+}
+
+/// The pixel mean and standard deviation `Normalisation::Dataset` uses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Statistics {
+    pub mean: f32,
+    pub std: f32,
 }
 
 /// The choices of `preprocessing.augmentations` (applied to training batches only).
@@ -346,6 +363,9 @@ pub struct Plan {
     /// The square side images are resized to.
     pub image_size: usize,
     pub normalisation: Normalisation,
+    /// `Normalisation::Dataset`'s mean and standard deviation: the plan's, or none until the
+    /// site fills in its training split's (`Plan::with_statistics`).
+    pub statistics: Option<Statistics>,
     pub augmentations: Vec<Augmentation>,
     pub optimiser: Optimiser,
     /// FedProx's proximal term μ (0: plain local training).
@@ -365,6 +385,35 @@ pub struct Plan {
 impl Plan {
     pub fn has(&self, a: Augmentation) -> bool {
         self.augmentations.contains(&a)
+    }
+
+    /// The plan with `Normalisation::Dataset`'s statistics filled in from `pixels` (the site's
+    /// training images) where the plan does not fix them; unchanged otherwise.
+    pub fn with_statistics<'a>(&self, images: impl Iterator<Item = &'a [f32]>) -> Plan {
+        if self.normalisation != Normalisation::Dataset || self.statistics.is_some() {
+            return self.clone();
+        }
+        let (mut n, mut sum, mut squares) = (0f64, 0f64, 0f64);
+        for img in images {
+            for &v in img {
+                n += 1.0;
+                sum += f64::from(v);
+                squares += f64::from(v) * f64::from(v);
+            }
+        }
+        let mean = if n > 0.0 { sum / n } else { 0.0 };
+        let var = if n > 0.0 {
+            (squares / n - mean * mean).max(0.0)
+        } else {
+            1.0
+        };
+        Plan {
+            statistics: Some(Statistics {
+                mean: mean as f32,
+                std: var.sqrt().max(1e-6) as f32,
+            }),
+            ..self.clone()
+        }
     }
 
     /// What one round of this plan's DP-SGD costs a site whose training split holds
@@ -519,9 +568,38 @@ impl TrainingPlanManifest {
             Some(n) => p.choice(
                 "preprocessing.normalisation",
                 n,
-                "one of \"zscore\", \"minmax\" or \"none\"",
+                "one of \"zscore\", \"minmax\", \"dataset\" or \"none\"",
             ),
         };
+        let statistics = match (pre.mean, pre.std) {
+            (None, None) => None,
+            (Some(mean), Some(std)) if mean.is_finite() && std.is_finite() && std > 0.0 => {
+                Some(Statistics {
+                    mean: mean as f32,
+                    std: std as f32,
+                })
+            }
+            (Some(_), Some(std)) => {
+                p.push(format!(
+                    "preprocessing.std must be a number above 0 and mean a number, not {std}"
+                ));
+                None
+            }
+            _ => {
+                p.push("preprocessing.mean and preprocessing.std go together: give both, or neither (each site then uses its own training split's)");
+                None
+            }
+        };
+        if statistics.is_some() && normalisation != Some(Normalisation::Dataset) {
+            p.push("preprocessing.mean and std apply to normalisation = \"dataset\" only: remove them, or set it");
+        }
+        if normalisation == Some(Normalisation::Dataset)
+            && statistics.is_none()
+            && self.privacy.dp_sgd.is_some()
+            && pre.mean.is_none()
+        {
+            p.push("normalisation = \"dataset\" with privacy.dp_sgd needs preprocessing.mean and std fixed in the plan (public values, as DP-SGD recipes use): a site's own statistics come from its patients' images outside the noised gradients");
+        }
         let mut augmentations = Vec::new();
         for (i, a) in pre.augmentations.iter().enumerate() {
             let field = format!("preprocessing.augmentations[{i}]");
@@ -596,6 +674,7 @@ impl TrainingPlanManifest {
                 num_classes: num_classes as usize,
                 image_size: image_size as usize,
                 normalisation,
+                statistics,
                 augmentations,
                 optimiser,
                 proximal_mu,
@@ -1025,7 +1104,7 @@ mod tests {
         let problems = manifest(m).problems();
         for expected in [
             "model.architecture must be \"small_cnn\" or \"resnet\", not \"vit\"",
-            "preprocessing.normalisation must be one of \"zscore\", \"minmax\" or \"none\", not \"histogram\"",
+            "preprocessing.normalisation must be one of \"zscore\", \"minmax\", \"dataset\" or \"none\", not \"histogram\"",
             "preprocessing.augmentations[1] must be \"flip\" or \"rotate\", not \"mixup\"",
             "optimiser.momentum applies to sgd only",
             "aggregation.strategy must be one of",
@@ -1132,6 +1211,70 @@ mod tests {
         );
         m["model"]["hyper_parameters"] = serde_json::json!({"channels": [0, 16]});
         assert!(manifest(m).problems()[0].contains("between 1 and 1024"));
+    }
+
+    #[test]
+    fn dataset_normalisation_takes_both_statistics_or_neither() {
+        let mut m = base();
+        m["preprocessing"] = serde_json::json!({"normalisation": "dataset"});
+        let plan = manifest(m.clone())
+            .parse()
+            .unwrap_or_else(|p| panic!("{p:?}"));
+        assert_eq!(
+            (plan.normalisation, plan.statistics),
+            (Normalisation::Dataset, None)
+        );
+        m["preprocessing"] =
+            serde_json::json!({"normalisation": "dataset", "mean": 0.5, "std": 0.25});
+        assert_eq!(
+            manifest(m.clone()).parse().map(|p| p.statistics),
+            Ok(Some(Statistics {
+                mean: 0.5,
+                std: 0.25
+            }))
+        );
+        let refused = |pre: serde_json::Value, needle: &str| {
+            let mut m = base();
+            m["preprocessing"] = pre;
+            let problems = manifest(m).problems();
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "{needle}: {problems:?}"
+            );
+        };
+        refused(
+            serde_json::json!({"normalisation": "dataset", "mean": 0.5}),
+            "mean and preprocessing.std go together",
+        );
+        refused(
+            serde_json::json!({"normalisation": "dataset", "mean": 0.5, "std": 0}),
+            "std must be a number above 0",
+        );
+        refused(
+            serde_json::json!({"normalisation": "zscore", "mean": 0.5, "std": 0.2}),
+            "apply to normalisation = \"dataset\" only",
+        );
+        // DP-SGD: the site's own statistics would leave it outside the noise.
+        m["preprocessing"] = serde_json::json!({"normalisation": "dataset"});
+        m["privacy"] =
+            serde_json::json!({"dp_sgd": {"epsilon": 8, "delta": 1e-5, "max_grad_norm": 1.0}});
+        assert!(
+            manifest(m.clone())
+                .problems()
+                .iter()
+                .any(|p| p.contains("needs preprocessing.mean and std fixed in the plan")),
+            "{:?}",
+            manifest(m.clone()).problems()
+        );
+        m["preprocessing"] =
+            serde_json::json!({"normalisation": "dataset", "mean": 0.5, "std": 0.25});
+        assert!(manifest(m).problems().is_empty());
+        // Old plans hash as before: absent statistics are not written out.
+        let text = serde_json::to_string(&manifest(base())).unwrap_or_default();
+        assert!(
+            !text.contains("\"mean\"") && !text.contains("\"std\""),
+            "{text}"
+        );
     }
 
     #[test]

@@ -475,6 +475,9 @@ fn compute(
     }
     let holdout: Vec<&Sample> = data.holdout().collect();
     let train: Vec<&Sample> = data.train().collect();
+    // Dataset normalisation by the plan's statistics, else by this site's training split's
+    // (which stay here, like the images), for training and held-out images alike.
+    let plan = &plan.with_statistics(train.iter().map(|s| s.pixels.as_slice()));
     if train.is_empty() && holdout.is_empty() {
         return Err(JobError::Failed(format!(
             "no usable images at this site ({} files skipped)",

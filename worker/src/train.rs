@@ -4,7 +4,9 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use consilium_core::plan::{Augmentation, Normalisation, Optimiser, Plan, ROTATE_DEGREES};
+use consilium_core::plan::{
+    Augmentation, Normalisation, Optimiser, Plan, ROTATE_DEGREES, Statistics,
+};
 use consilium_core::protocol::Metrics;
 use std::collections::HashMap;
 
@@ -65,10 +67,17 @@ impl Rng {
     }
 }
 
-/// Normalises one image in place as the plan says.
-pub fn normalise(img: &mut [f32], normalisation: Normalisation) {
+/// Normalises one image in place as the plan says (`statistics`: `Normalisation::Dataset`'s,
+/// the identity without them).
+pub fn normalise(img: &mut [f32], normalisation: Normalisation, statistics: Option<Statistics>) {
     match normalisation {
         Normalisation::None => {}
+        Normalisation::Dataset => {
+            if let Some(s) = statistics {
+                let sd = s.std.max(1e-6);
+                img.iter_mut().for_each(|v| *v = (*v - s.mean) / sd);
+            }
+        }
         Normalisation::Zscore => {
             let mean = img.iter().sum::<f32>() / img.len().max(1) as f32;
             let var = img.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / img.len().max(1) as f32;
@@ -227,9 +236,14 @@ impl Net {
     fn batch(
         &self,
         samples: &[&Sample],
-        normalisation: Normalisation,
+        plan: &Plan,
         mut aug: Option<(&mut Rng, &[Augmentation])>,
     ) -> Result<(Tensor, Tensor)> {
+        if plan.normalisation == Normalisation::Dataset && plan.statistics.is_none() {
+            return Err(TrainError::Plan(
+                "dataset normalisation needs the training split's statistics (Plan::with_statistics)".into(),
+            ));
+        }
         let s = self.size;
         let mut pixels = Vec::with_capacity(samples.len() * s * s);
         for sample in samples {
@@ -251,7 +265,7 @@ impl Net {
                     }
                 }
             }
-            normalise(&mut img, normalisation);
+            normalise(&mut img, plan.normalisation, plan.statistics);
             pixels.extend(img);
         }
         let x = Tensor::from_vec(pixels, (samples.len(), 1, s, s), &self.device)?;
@@ -270,7 +284,7 @@ impl Net {
         let mut correct = 0u64;
         let mut scores: Vec<(Vec<f32>, u32)> = Vec::with_capacity(samples.len());
         for chunk in samples.chunks(256) {
-            let (x, y) = self.batch(chunk, plan.normalisation, None)?;
+            let (x, y) = self.batch(chunk, plan, None)?;
             let logits = self.model.forward_t(&x, false)?;
             loss_sum += f64::from(candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?)
                 * chunk.len() as f64;
@@ -333,7 +347,7 @@ impl Net {
                 let chunk: Vec<&Sample> = idx.iter().map(|&i| samples[i]).collect();
                 let augment = (!plan.augmentations.is_empty())
                     .then_some((&mut aug, plan.augmentations.as_slice()));
-                let (x, y) = self.batch(&chunk, plan.normalisation, augment)?;
+                let (x, y) = self.batch(&chunk, plan, augment)?;
                 let logits = self.model.forward_t(&x, true)?;
                 let mut loss = candle_nn::loss::cross_entropy(&logits, &y)?;
                 sum += f64::from(loss.to_scalar::<f32>()?) * chunk.len() as f64;
@@ -399,7 +413,7 @@ impl Net {
             for unit in units.iter().filter(|_| secret.unit() < dp.sampling_rate) {
                 let augment = (!plan.augmentations.is_empty())
                     .then_some((&mut aug, plan.augmentations.as_slice()));
-                inputs.push(self.batch(unit, plan.normalisation, augment)?);
+                inputs.push(self.batch(unit, plan, augment)?);
             }
             let clipped: Vec<(f64, Vec<Option<Tensor>>)> = {
                 use rayon::prelude::*;

@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use chrono::{Duration, Utc};
 use consilium_core::manifest::{TrainingPlanManifest, plan_hash};
-use consilium_core::plan::{Normalisation, Plan};
+use consilium_core::plan::{Normalisation, Plan, Statistics};
 use consilium_core::protocol::{Job, JobKind, Outcome, PROTOCOL_VERSION};
 use consilium_worker::artifacts::ArtifactStore;
 use consilium_worker::data::{DataKind, DatasetSpec, LabelKey, Sample};
@@ -79,6 +79,13 @@ fn every_accepted_setting_changes_what_training_does() {
             m["preprocessing"]["normalisation"] = "minmax".into();
             m
         }),
+        ("dataset", {
+            let mut m = base();
+            m["preprocessing"]["normalisation"] = "dataset".into();
+            m["preprocessing"]["mean"] = 0.4.into();
+            m["preprocessing"]["std"] = 0.1.into();
+            m
+        }),
         ("flip", {
             let mut m = base();
             m["preprocessing"]["augmentations"] = json!(["flip"]);
@@ -137,18 +144,18 @@ fn small_cnn_takes_its_channels_from_the_plan() {
 fn normalisations_and_rotations_do_what_they_say() {
     let img: Vec<f32> = (0..16).map(|i| 0.2 + 0.01 * i as f32).collect();
     let mut mm = img.clone();
-    normalise(&mut mm, Normalisation::Minmax);
+    normalise(&mut mm, Normalisation::Minmax, None);
     assert!(
         (mm[0] - 0.0).abs() < 1e-6 && (mm[15] - 1.0).abs() < 1e-5,
         "{mm:?}"
     );
     let mut z = img.clone();
-    normalise(&mut z, Normalisation::Zscore);
+    normalise(&mut z, Normalisation::Zscore, None);
     let mean = z.iter().sum::<f32>() / 16.0;
     let sd = (z.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 16.0).sqrt();
     assert!(mean.abs() < 1e-5 && (sd - 1.0).abs() < 1e-4);
     let mut n = img.clone();
-    normalise(&mut n, Normalisation::None);
+    normalise(&mut n, Normalisation::None, None);
     assert_eq!(n, img);
     // 0° keeps the image; 90° turns it a quarter (on screen, y pointing down): the top-left
     // corner goes to the top-right, the bottom-left to the top-left.
@@ -247,6 +254,70 @@ async fn a_worker_refuses_what_it_cannot_run() {
         panic!("{:?}", r.outcome)
     };
     assert!(reason.contains("older than the server's jobs"), "{reason}");
+}
+
+#[test]
+fn dataset_normalisation_uses_one_mean_and_deviation() {
+    let mut v = base();
+    v["preprocessing"]["normalisation"] = "dataset".into();
+    let site = plan_of(v.clone());
+    assert_eq!(
+        site.statistics, None,
+        "each site's own, filled in at the site"
+    );
+    let images = [vec![0.0f32, 1.0], vec![0.0, 1.0]];
+    let filled = site.with_statistics(images.iter().map(Vec::as_slice));
+    assert_eq!(
+        filled.statistics,
+        Some(Statistics {
+            mean: 0.5,
+            std: 0.5
+        })
+    );
+    let mut img = vec![0.0, 0.5, 1.0];
+    normalise(&mut img, Normalisation::Dataset, filled.statistics);
+    assert_eq!(img, [-1.0, 0.0, 1.0]);
+    // Without its statistics the plan cannot train (never a silent identity).
+    let data = samples();
+    let refs: Vec<&Sample> = data.iter().collect();
+    let net = Net::new(&site, &candle_core::Device::Cpu).unwrap();
+    assert!(net.train(&refs, &site, 1).is_err());
+    // The plan's values win over the site's.
+    v["preprocessing"]["mean"] = 0.4.into();
+    v["preprocessing"]["std"] = 0.1.into();
+    let fixed = plan_of(v);
+    assert_eq!(
+        fixed
+            .with_statistics(images.iter().map(Vec::as_slice))
+            .statistics,
+        Some(Statistics {
+            mean: 0.4,
+            std: 0.1
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_trains_with_its_own_dataset_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Uuid::new_v4();
+    let ctx = site_context(dir.path(), site);
+    let mut m = base();
+    m["preprocessing"]["normalisation"] = "dataset".into();
+    let r = process(&job(site, Uuid::new_v4(), Uuid::new_v4(), m), &ctx).await;
+    let Outcome::Trained {
+        train_loss_before,
+        train_loss_after,
+        ..
+    } = &r.outcome
+    else {
+        panic!("{:?}", r.outcome)
+    };
+    assert!(
+        train_loss_after.is_finite() && train_loss_after < train_loss_before,
+        "{:?}",
+        r.outcome
+    );
 }
 
 fn fedbn() -> Value {

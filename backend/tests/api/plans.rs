@@ -64,7 +64,7 @@ async fn every_setting_no_worker_runs_is_refused_at_submission() {
         (
             "/preprocessing/normalisation",
             json!("histogram"),
-            "preprocessing.normalisation must be one of \"zscore\", \"minmax\" or \"none\", not \"histogram\"",
+            "preprocessing.normalisation must be one of \"zscore\", \"minmax\", \"dataset\" or \"none\", not \"histogram\"",
         ),
         (
             "/preprocessing/augmentations",
