@@ -43,6 +43,11 @@ pub struct ModelSpec {
     #[serde(default)]
     #[cfg_attr(feature = "server", schema(value_type = Object))]
     pub hyper_parameters: BTreeMap<String, serde_json::Value>,
+    /// How the initial weights are drawn: `kaiming` (the default) or `pytorch` (PyTorch's
+    /// defaults for `Conv2d` and `Linear`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "server", schema(value_type = Option<crate::plan::Initialisation>))]
+    pub initialisation: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

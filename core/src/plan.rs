@@ -33,6 +33,7 @@ pub const MAX_CHANNELS: usize = 1_024;
 pub const CHOICES: &[(&str, &str)] = &[
     ("model.architecture", "small_cnn, resnet"),
     ("model.num_classes", "2 to 1000"),
+    ("model.initialisation", "kaiming, pytorch (kaiming)"),
     (
         "model.hyper_parameters",
         "small_cnn: channels (two counts, [32, 64]); resnet: widths (one to eight counts, [16, 32, 64]), norm (batch or group, batch)",
@@ -219,6 +220,19 @@ pub enum Normalisation {
     Dataset,
 }
 
+/// The choices of `model.initialisation`: how the seeded initial weights are drawn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Initialisation {
+    /// Kaiming (He) uniform weights, U(±√(6/fan_in)), and zero biases.
+    #[default]
+    Kaiming,
+    /// PyTorch's defaults for `Conv2d` and `Linear`: Kaiming uniform with a = √5, i.e. weights
+    /// U(±1/√fan_in), and biases U(±1/√fan_in), so that a recipe from PyTorch starts alike.
+    Pytorch,
+}
+
 /// The pixel mean and standard deviation `Normalisation::Dataset` uses.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Statistics {
@@ -359,6 +373,7 @@ pub const MAX_DELTA: f64 = 1e-3;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
     pub model: ModelConfig,
+    pub initialisation: Initialisation,
     pub num_classes: usize,
     /// The square side images are resized to.
     pub image_size: usize,
@@ -543,6 +558,10 @@ impl TrainingPlanManifest {
             p.push("the manifest's text must not contain control characters");
         }
         let model = parse_model(&self.model, &mut p);
+        let initialisation = match self.model.initialisation.as_deref() {
+            None => Some(Initialisation::Kaiming),
+            Some(i) => p.choice("model.initialisation", i, "\"kaiming\" or \"pytorch\""),
+        };
         let num_classes = self.model.num_classes;
         if !(2..=MAX_CLASSES).contains(&num_classes) {
             p.push(format!(
@@ -671,6 +690,7 @@ impl TrainingPlanManifest {
                 true,
             ) => Ok(Plan {
                 model,
+                initialisation: initialisation.unwrap_or_default(),
                 num_classes: num_classes as usize,
                 image_size: image_size as usize,
                 normalisation,

@@ -5,7 +5,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use consilium_core::plan::{
-    Augmentation, Normalisation, Optimiser, Plan, ROTATE_DEGREES, Statistics,
+    Augmentation, Initialisation, Normalisation, Optimiser, Plan, ROTATE_DEGREES, Statistics,
 };
 use consilium_core::protocol::Metrics;
 use std::collections::HashMap;
@@ -168,14 +168,22 @@ impl Net {
             size,
             device: device.clone(),
         };
-        net.initialise(plan.seed)?;
+        net.initialise(plan.seed, plan.initialisation)?;
         Ok(net)
     }
 
-    /// Kaiming-uniform weights, zero biases, unit batch- and group-norm scales, from `seed`.
-    fn initialise(&self, seed: u64) -> Result<()> {
+    /// The plan's weights (Kaiming uniform with zero biases, or PyTorch's defaults), unit
+    /// batch- and group-norm scales and zero shifts, from `seed`.
+    fn initialise(&self, seed: u64, init: Initialisation) -> Result<()> {
         let mut rng = Rng::new(seed);
-        for (name, var) in sorted_vars(&self.varmap) {
+        let vars = sorted_vars(&self.varmap);
+        // A layer's fan-in, from its weight: the product of all but the first dimension.
+        let fan_in = |weight: &str| {
+            vars.iter()
+                .find(|(n, _)| n == weight)
+                .map(|(_, v)| v.shape().dims().iter().skip(1).product::<usize>().max(1))
+        };
+        for (name, var) in &vars {
             let shape = var.shape().clone();
             let n = shape.elem_count();
             let is_bn = name
@@ -185,10 +193,22 @@ impl Net {
                 if name.ends_with("running_var") || (is_bn && name.ends_with("weight")) {
                     vec![1.0; n]
                 } else if name.ends_with("bias") || name.ends_with("running_mean") {
-                    vec![0.0; n]
+                    let weight = format!("{}weight", name.trim_end_matches("bias"));
+                    match (init, fan_in(&weight)) {
+                        (Initialisation::Pytorch, Some(f)) if !is_bn => {
+                            let bound = 1.0 / (f as f64).sqrt();
+                            (0..n)
+                                .map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32)
+                                .collect()
+                        }
+                        _ => vec![0.0; n],
+                    }
                 } else {
                     let fan_in: usize = shape.dims().iter().skip(1).product::<usize>().max(1);
-                    let bound = (6.0 / fan_in as f64).sqrt();
+                    let bound = match init {
+                        Initialisation::Kaiming => (6.0 / fan_in as f64).sqrt(),
+                        Initialisation::Pytorch => 1.0 / (fan_in as f64).sqrt(),
+                    };
                     (0..n)
                         .map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32)
                         .collect()
