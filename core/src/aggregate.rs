@@ -987,17 +987,16 @@ mod tests {
         );
     }
 
+    /// 0, 1, 2, 3 and a byzantine 50, one sample each.
+    fn four_near_one_far() -> [Update; 5] {
+        [0.0, 1.0, 2.0, 3.0, 50.0].map(|x| up(&[x], 1))
+    }
+
     #[test]
     fn krum_picks_the_most_central_update() {
         // n = 5, f = 1: each scores the sum of its 2 nearest squared distances.
         // 0: {1, 1} → 2 ; 1: {1, 1} → 2 (0 and 2) … the byzantine 50 scores far more.
-        let ups = [
-            up(&[0.0], 1),
-            up(&[1.0], 1),
-            up(&[2.0], 1),
-            up(&[3.0], 1),
-            up(&[50.0], 1),
-        ];
+        let ups = four_near_one_far();
         let out = run(Strategy::Krum { f: 1 }, &[0.0], &ups);
         // Scores: 0 → 1+4 = 5 ; 1 → 1+1 = 2 ; 2 → 1+1 = 2 ; 3 → 1+4 = 5 ; 50 → 47²+48² . First minimum: update 1.
         assert_eq!(out, vec![1.0]);
@@ -1074,13 +1073,7 @@ mod tests {
     fn multi_krum_averages_the_best_scored() {
         // Krum scores (n = 5, f = 1, the 2 nearest): 0 → 1+4 = 5, 1 → 2, 2 → 2, 3 → 5,
         // 50 → 47²+48² = 4513. m = n - f = 4 keeps all but 50: mean(0, 1, 2, 3) = 1.5.
-        let ups = [
-            up(&[0.0], 1),
-            up(&[1.0], 1),
-            up(&[2.0], 1),
-            up(&[3.0], 1),
-            up(&[50.0], 1),
-        ];
+        let ups = four_near_one_far();
         let s = Strategy::MultiKrum { f: 1, m: None };
         close(&run(s.clone(), &[0.0], &ups), &[1.5]);
         let got = sites(s, &ups);

@@ -253,6 +253,31 @@ pub async fn approved_study_at(
     (sid, hash)
 }
 
+/// A synthetic site of `images` phantoms, half with a lesion, one scanner for all.
+pub fn plain_site(images: usize, seed: u64) -> SiteProfile {
+    SiteProfile {
+        images,
+        lesion_fraction: 0.5,
+        gain: 1.0,
+        offset: 0.0,
+        noise: 0.03,
+        blur: 0,
+        seed,
+    }
+}
+
+/// Starts the study's run as its researcher (`auth`) and waits up to `secs` for it to end;
+/// returns the run's id and how it ended.
+pub async fn run_to_end(app: &TestApp, sid: &str, auth: &Auth, secs: u64) -> (String, Value) {
+    let run = app
+        .post(&format!("/api/v1/studies/{sid}/runs"), auth, json!({}))
+        .await
+        .expect(201);
+    let rid = id_of(&run);
+    let done = wait_for_run(app, &rid, auth, secs).await;
+    (rid, done)
+}
+
 pub async fn wait_for_run(app: &TestApp, run: &str, auth: &Auth, secs: u64) -> Value {
     for _ in 0..secs * 4 {
         let r = app

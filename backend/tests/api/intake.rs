@@ -4,15 +4,13 @@
 //! blocked every heartbeat and update behind it).
 
 use crate::engine::{
-    approved_study, engine_manifest, register_key, site_broker, start_worker, wait_for_run,
-    worker_token,
+    approved_study, engine_manifest, register_key, site_broker, start_worker, worker_token,
 };
 use crate::federation::Vhost;
 use crate::helpers::*;
 
 use consilium_core::protocol::{JobKind, JobResult, Outcome, WorkerMessage};
 use consilium_worker::broker::RabbitBroker;
-use consilium_worker::synthetic::SiteProfile;
 use serde_json::json;
 use std::time::Duration;
 
@@ -98,26 +96,10 @@ async fn a_message_that_can_never_be_recorded_is_dead_lettered_with_its_reason()
 
     // What comes after still flows: the sites' workers answer the preview and train a run.
     let dir = tempfile::tempdir().expect("dir");
-    let p = |seed| SiteProfile {
-        images: 80,
-        lesion_fraction: 0.5,
-        gain: 1.0,
-        offset: 0.0,
-        noise: 0.03,
-        blur: 0,
-        seed,
-    };
+    let p = |seed| crate::engine::plain_site(80, seed);
     let _a = start_worker(&app, w.site_a, &w.custodian_a, p(1), dir.path()).await;
     let _b = start_worker(&app, w.site_b, &w.custodian_b, p(2), dir.path()).await;
-    let run = app
-        .post(
-            &format!("/api/v1/studies/{sid}/runs"),
-            &w.researcher.auth,
-            json!({}),
-        )
-        .await
-        .expect(201);
-    let done = wait_for_run(&app, &id_of(&run), &w.researcher.auth, 120).await;
+    let (_, done) = crate::engine::run_to_end(&app, &sid, &w.researcher.auth, 120).await;
     assert_eq!(done["status"], "completed", "{done}");
     let mut status = json!(null);
     for _ in 0..100 {

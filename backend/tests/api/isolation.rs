@@ -5,7 +5,7 @@
 //! another site's — not even one signed with that site's stolen key.
 
 use crate::engine::{
-    approved_study, engine_manifest, register_key, site_broker, start_keyed_worker, wait_for_run,
+    approved_study, engine_manifest, register_key, run_to_end, site_broker, start_keyed_worker,
     worker_token,
 };
 use crate::federation::Vhost;
@@ -25,15 +25,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 fn profile(seed: u64) -> SiteProfile {
-    SiteProfile {
-        images: 60,
-        lesion_fraction: 0.5,
-        gain: 1.0,
-        offset: 0.0,
-        noise: 0.03,
-        blur: 0,
-        seed,
-    }
+    crate::engine::plain_site(60, seed)
 }
 
 async fn events(app: &TestApp, w: &World, action: &str, n: usize) -> Vec<Value> {
@@ -78,16 +70,7 @@ async fn a_site_reads_only_its_runs_models_and_counts_only_with_its_own_outputs(
         start_keyed_worker(&app, w.site_a, &w.custodian_a, profile(1), dir.path()).await;
     let (_b, _) = start_keyed_worker(&app, w.site_b, &w.custodian_b, profile(2), dir.path()).await;
     let (sid, _) = approved_study(&app, &w, engine_manifest(1)).await;
-    let rid = id_of(
-        &app.post(
-            &format!("/api/v1/studies/{sid}/runs"),
-            &w.researcher.auth,
-            json!({}),
-        )
-        .await
-        .expect(201),
-    );
-    let done = wait_for_run(&app, &rid, &w.researcher.auth, 240).await;
+    let (rid, done) = run_to_end(&app, &sid, &w.researcher.auth, 240).await;
     assert_eq!(done["status"], "completed", "{done}");
     let models = app
         .get(&format!("/api/v1/models?run_id={rid}"), &w.researcher.auth)

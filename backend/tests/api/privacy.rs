@@ -102,7 +102,7 @@ fn the_privacy_planner_reports_both_conversions_and_finds_the_noise() {
 /// keeps it with the round and in every model version's lineage, and no site's run spends
 /// more than the approved ε.
 async fn a_private_run_reports_and_bounds_what_each_site_spent(db: crate::helpers::Db) {
-    use crate::engine::{approved_study, engine_manifest, start_worker, wait_for_run};
+    use crate::engine::{approved_study, engine_manifest, run_to_end, start_worker};
     use crate::helpers::*;
     let app = spawn_app_with(db, |s| s.engine.round_timeout_seconds = 120).await;
     let w = world(&app).await;
@@ -114,16 +114,7 @@ async fn a_private_run_reports_and_bounds_what_each_site_spent(db: crate::helper
     m["privacy"] =
         serde_json::json!({"dp_sgd": {"epsilon": 4.0, "delta": 1e-5, "max_grad_norm": 1.0}});
     let (sid, _) = approved_study(&app, &w, m).await;
-    let run = app
-        .post(
-            &format!("/api/v1/studies/{sid}/runs"),
-            &w.researcher.auth,
-            serde_json::json!({}),
-        )
-        .await
-        .expect(201);
-    let rid = id_of(&run);
-    let done = wait_for_run(&app, &rid, &w.researcher.auth, 240).await;
+    let (rid, done) = run_to_end(&app, &sid, &w.researcher.auth, 240).await;
     assert_eq!(done["status"], "completed", "{done}");
     let rounds = app
         .get(&format!("/api/v1/runs/{rid}/rounds"), &w.researcher.auth)
@@ -178,7 +169,7 @@ crate::on_both!(a_private_run_reports_and_bounds_what_each_site_spent);
 /// and steps, does not count the update, says why on the round and audits a privacy alarm.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_that_understates_its_privacy_cost_is_not_counted() {
-    use crate::engine::{approved_study, engine_manifest, keyed_site, wait_for_run};
+    use crate::engine::{approved_study, engine_manifest, keyed_site, run_to_end};
     use crate::helpers::*;
     use consilium_core::protocol::{Outcome, WorkerMessage};
     use consilium_core::signing;
@@ -229,16 +220,7 @@ async fn a_site_that_understates_its_privacy_cost_is_not_counted() {
     m["privacy"] =
         serde_json::json!({"dp_sgd": {"epsilon": 4.0, "delta": 1e-5, "max_grad_norm": 1.0}});
     let (sid, _) = approved_study(&app, &w, m).await;
-    let run = app
-        .post(
-            &format!("/api/v1/studies/{sid}/runs"),
-            &w.researcher.auth,
-            serde_json::json!({}),
-        )
-        .await
-        .expect(201);
-    let rid = id_of(&run);
-    let done = wait_for_run(&app, &rid, &w.researcher.auth, 120).await;
+    let (rid, done) = run_to_end(&app, &sid, &w.researcher.auth, 120).await;
     assert_eq!(done["status"], "failed", "{done}");
     let rounds = app
         .get(&format!("/api/v1/runs/{rid}/rounds"), &w.researcher.auth)
@@ -316,7 +298,7 @@ async fn patients_of(
 /// South refuses it too, so the run ends there. The ledgers show each round, spent or released.
 async fn budgets_leave_out_the_rounds_that_would_exceed_them(db: crate::helpers::Db) {
     use crate::engine::{
-        approved_study, engine_manifest, start_configured_worker, start_worker, wait_for_run,
+        approved_study, engine_manifest, run_to_end, start_configured_worker, start_worker,
     };
     use crate::helpers::*;
     let app = spawn_app_with(db, |s| s.engine.round_timeout_seconds = 120).await;
@@ -404,16 +386,7 @@ async fn budgets_leave_out_the_rounds_that_would_exceed_them(db: crate::helpers:
     );
 
     let (sid, _) = approved_study(&app, &w, m).await;
-    let run = app
-        .post(
-            &format!("/api/v1/studies/{sid}/runs"),
-            &w.researcher.auth,
-            serde_json::json!({}),
-        )
-        .await
-        .expect(201);
-    let rid = id_of(&run);
-    let done = wait_for_run(&app, &rid, &w.researcher.auth, 300).await;
+    let (rid, done) = run_to_end(&app, &sid, &w.researcher.auth, 300).await;
     assert_eq!(done["status"], "failed", "{done}");
     let rounds = app
         .get(&format!("/api/v1/runs/{rid}/rounds"), &w.researcher.auth)
@@ -752,13 +725,5 @@ crate::on_both!(private_previews_spend_from_the_datasets_ledger);
 
 /// A synthetic site of 120 images, half with a lesion.
 fn site_profile(seed: u64) -> consilium_worker::synthetic::SiteProfile {
-    consilium_worker::synthetic::SiteProfile {
-        images: 120,
-        lesion_fraction: 0.5,
-        gain: 1.0,
-        offset: 0.0,
-        noise: 0.03,
-        blur: 0,
-        seed,
-    }
+    crate::engine::plain_site(120, seed)
 }

@@ -4,26 +4,19 @@
 
 use consilium_backend::simulate::attacks::{Board, Simulated};
 use consilium_core::attack::Attack;
-use consilium_worker::synthetic::SiteProfile;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
-use crate::engine::{approved_study_at, engine_manifest, start_configured_worker, wait_for_run};
+use crate::engine::{
+    approved_study_at, engine_manifest, plain_site, run_to_end, start_configured_worker,
+};
 use crate::helpers::*;
 
 async fn a_poisoning_site_is_outweighed_and_flagged(db: Db) {
     let app = spawn_app_with(db, |s| s.engine.round_timeout_seconds = 180).await;
     let w = world(&app).await;
     let dir = tempfile::tempdir().expect("dir");
-    let p = |seed| SiteProfile {
-        images: 80,
-        lesion_fraction: 0.5,
-        gain: 1.0,
-        offset: 0.0,
-        noise: 0.03,
-        blur: 0,
-        seed,
-    };
+    let p = |seed| plain_site(80, seed);
     // Three more hospitals, each with its own custodian.
     let mut sites = vec![
         (w.site_a, w.custodian_a.clone()),
@@ -84,16 +77,7 @@ async fn a_poisoning_site_is_outweighed_and_flagged(db: Db) {
     manifest["aggregation"] = json!({"strategy": "dos", "min_sites": 5});
     let people: Vec<(uuid::Uuid, &Person)> = sites.iter().map(|(s, c)| (*s, c)).collect();
     let (sid, _) = approved_study_at(&app, &w, manifest, &people).await;
-    let run = app
-        .post(
-            &format!("/api/v1/studies/{sid}/runs"),
-            &w.researcher.auth,
-            json!({}),
-        )
-        .await
-        .expect(201);
-    let rid = id_of(&run);
-    let done = wait_for_run(&app, &rid, &w.researcher.auth, 300).await;
+    let (rid, done) = run_to_end(&app, &sid, &w.researcher.auth, 300).await;
     assert_eq!(done["status"], "completed", "{done}");
 
     // The lineage: every update's score and share; the attacker's share near 0 every round.

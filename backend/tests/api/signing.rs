@@ -5,7 +5,7 @@
 //! `consilium verify-lineage` checks offline.
 
 use crate::engine::{
-    approved_study, engine_manifest, register_key, start_keyed_worker, wait_for_run,
+    approved_study, engine_manifest, plain_site, register_key, run_to_end, start_keyed_worker,
 };
 use crate::helpers::*;
 use crate::on_both;
@@ -13,7 +13,6 @@ use crate::on_both;
 use chrono::Utc;
 use consilium_core::protocol::{Heartbeat, JobResult, Outcome, WorkerMessage, WorkerState};
 use consilium_core::signing::{self, SigningKey, encode_public_key};
-use consilium_worker::synthetic::SiteProfile;
 use serde_json::{Value, json};
 use std::process::Command;
 use std::time::Duration;
@@ -240,28 +239,11 @@ async fn every_contribution_is_signed_and_verifiable_offline() {
     let app = spawn_app_with(Db::Sqlite, |s| s.engine.round_timeout_seconds = 120).await;
     let w = world(&app).await;
     let dir = tempfile::tempdir().expect("dir");
-    let p = |seed| SiteProfile {
-        images: 60,
-        lesion_fraction: 0.5,
-        gain: 1.0,
-        offset: 0.0,
-        noise: 0.03,
-        blur: 0,
-        seed,
-    };
+    let p = |seed| plain_site(60, seed);
     let (_a, north) = start_keyed_worker(&app, w.site_a, &w.custodian_a, p(1), dir.path()).await;
     let (_b, _) = start_keyed_worker(&app, w.site_b, &w.custodian_b, p(2), dir.path()).await;
     let (sid, _) = approved_study(&app, &w, engine_manifest(1)).await;
-    let run = app
-        .post(
-            &format!("/api/v1/studies/{sid}/runs"),
-            &w.researcher.auth,
-            json!({}),
-        )
-        .await
-        .expect(201);
-    let rid = id_of(&run);
-    let done = wait_for_run(&app, &rid, &w.researcher.auth, 240).await;
+    let (rid, done) = run_to_end(&app, &sid, &w.researcher.auth, 240).await;
     assert_eq!(done["status"], "completed", "{done}");
     let models = app
         .get(&format!("/api/v1/models?run_id={rid}"), &w.researcher.auth)
