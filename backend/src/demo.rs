@@ -370,6 +370,7 @@ pub async fn walk_through(ctx: &AppContext, sc: Scenario) -> anyhow::Result<Walk
         SubmitPlan {
             manifest: sc.manifest,
             files: vec![],
+            keep_files: vec![],
         },
     )
     .await

@@ -25,6 +25,8 @@ pub struct Portal {
     /// The most bytes of a plan upload the portal reads: the API's body limit less the growth
     /// of base64 (the files travel to the API as base64 in JSON).
     upload_limit: usize,
+    /// Form posts' messages waiting for the page they lead to.
+    flash: consilium_frontend::flash::FlashStore,
 }
 
 impl Portal {
@@ -63,6 +65,7 @@ impl Portal {
             pkg_dir,
             cookie_secure: server.cookie_secure,
             upload_limit: server.body_limit_bytes / 4 * 3,
+            flash: Default::default(),
         }
     }
 
@@ -72,9 +75,11 @@ impl Portal {
         let missing = self.pkg_dir.is_none();
         let secure = self.cookie_secure;
         let limit = UploadLimit(self.upload_limit);
+        let flash = self.flash.clone();
         move || {
             provide_context(api.clone());
             provide_context(limit);
+            provide_context(flash.clone());
             if missing {
                 provide_context(BundleMissing);
             }

@@ -207,6 +207,11 @@ input! {
         pub manifest: TrainingPlanManifest,
         #[serde(default)]
         pub files: Vec<PlanFileUpload>,
+        /// Attachments of the study's latest plan version to carry into this one, by name
+        /// (the portal keeps each unless it is unticked); a file uploaded under the same name
+        /// replaces it. None is carried when empty.
+        #[serde(default)]
+        pub keep_files: Vec<String>,
     }
 }
 

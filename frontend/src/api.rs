@@ -224,27 +224,64 @@ async fn decode<T: DeserializeOwned>(
     Ok((v, cookie))
 }
 
-/// The end of a form post: go to `to` (success), or back to the form with the error and
-/// what was typed (never passwords), so that the page shows both — with or without the
-/// browser bundle.
-pub fn finish(
-    result: Result<String, PortalError>,
-    form: &std::collections::HashMap<String, String>,
-) {
+/// A form post done: where to go, and what to tell the person there.
+#[derive(Debug)]
+pub struct Done {
+    pub to: String,
+    pub notice: String,
+    /// Fill the form again with what was sent (a plan only checked, not submitted).
+    pub keep_fields: bool,
+}
+
+impl Done {
+    pub fn new(to: impl Into<String>, notice: impl Into<String>) -> Self {
+        Done {
+            to: to.into(),
+            notice: notice.into(),
+            keep_fields: false,
+        }
+    }
+
+    pub fn keeping_fields(self) -> Self {
+        Done {
+            keep_fields: true,
+            ..self
+        }
+    }
+}
+
+/// What was typed into a form, to fill it again (never a password).
+fn kept(form: &std::collections::HashMap<String, String>) -> std::collections::HashMap<String, String> {
+    form.iter()
+        .filter(|(k, _)| !k.contains("password"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The end of a form post: go to `to` with its status message (success), or back to the form
+/// with the error and what was typed, so that the page shows both — with or without the
+/// browser bundle. Both travel in a one-time flash (`crate::flash`), never in the URL.
+pub fn finish(result: Result<Done, PortalError>, form: &std::collections::HashMap<String, String>) {
     match result {
-        Ok(to) => leptos_actix::redirect(&to),
+        Ok(done) => {
+            crate::flash::put(crate::flash::Flash {
+                notice: Some(done.notice),
+                error: None,
+                fields: if done.keep_fields {
+                    kept(form)
+                } else {
+                    Default::default()
+                },
+            });
+            leptos_actix::redirect(&done.to);
+        }
         Err(e) => {
-            let back = referer_path().unwrap_or_else(|| "/".into());
-            let mut q = url::form_urlencoded::Serializer::new(String::new());
-            q.append_pair("error", &e.message());
-            for (k, v) in form {
-                // Never a password; nor a value too long to travel in a URL (the form then
-                // shows its default there).
-                if !k.contains("password") && v.len() <= 4000 {
-                    q.append_pair(&format!("f_{k}"), v);
-                }
-            }
-            leptos_actix::redirect(&format!("{back}?{}", q.finish()));
+            crate::flash::put(crate::flash::Flash {
+                notice: None,
+                error: Some(e.message()),
+                fields: kept(form),
+            });
+            leptos_actix::redirect(&referer_path().unwrap_or_else(|| "/".into()));
         }
     }
 }

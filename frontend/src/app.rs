@@ -44,8 +44,10 @@ pub type MeResource = Resource<Result<Option<MeDto>, PortalError>>;
 #[component]
 pub fn App() -> impl IntoView {
     provide_meta_context();
+    crate::flash::provide();
     let me: MeResource = Resource::new(|| (), |_| me());
     provide_context(me);
+    let waiting = Resource::new(|| (), |_| crate::server::waiting_count());
     let bundle_missing = use_context::<BundleMissing>().is_some();
     // Effects run only in the browser, once the bundle has hydrated the page: the mark tells
     // people's tools (and the browser tests) that the live parts work.
@@ -57,8 +59,9 @@ pub fn App() -> impl IntoView {
         }
     });
     view! {
-        <Title text="Consilium"/>
+        <Title formatter=|page: String| if page.is_empty() { "Consilium".to_string() } else { format!("{page} · Consilium") }/>
         <Router>
+            <crate::flash::ClearOnNavigation/>
             <a class="skip" href="#main">"Skip to content"</a>
             <header class="top">
                 <A href="/" attr:class="brand">"Consilium"</A>
@@ -66,6 +69,23 @@ pub fn App() -> impl IntoView {
                     {move || Suspend::new(async move {
                         let who = me.await.ok().flatten();
                         view! { <Nav me=who/> }
+                    })}
+                </Suspense>
+                <Suspense fallback=|| ()>
+                    {move || Suspend::new(async move {
+                        // Nothing is said when the count cannot be read: the home page says
+                        // why, and the header is no place for an error.
+                        let n = match waiting.await {
+                            Ok(n) => n,
+                            Err(e) => {
+                                leptos::logging::warn!("the header's count of waiting items could not be read: {e}");
+                                0
+                            }
+                        };
+                        (n > 0).then(|| {
+                            let label = if n == 1 { "1 thing waits for you".to_string() } else { format!("{n} things wait for you") };
+                            view! { <a href="/" class="waiting-count" id="waiting-count" aria-label=label.clone() title=label>{n}</a> }
+                        })
                     })}
                 </Suspense>
             </header>

@@ -3,7 +3,6 @@
 use chrono::{DateTime, Utc};
 use consilium_core::Role;
 use leptos::prelude::*;
-use leptos_router::hooks::use_query_map;
 
 use crate::error::PortalError;
 
@@ -45,7 +44,7 @@ pub fn Failure(error: PortalError) -> impl IntoView {
         view! {
             <div class="notice error" role="alert">
                 <p>"You are not signed in, or your session has ended. "
-                <a href="/signin">"Sign in"</a>" to continue."</p>
+                <a href=sign_in_here()>"Sign in"</a>" to continue here."</p>
             </div>
         }
         .into_any()
@@ -57,27 +56,52 @@ pub fn Failure(error: PortalError) -> impl IntoView {
     }
 }
 
-/// The error a form post came back with (`?error=` in the URL), shown above the page.
+/// The sign-in page, asked to come back to this page afterwards.
+pub fn sign_in_here() -> String {
+    let l = leptos_router::hooks::use_location();
+    let path = l.pathname.get_untracked();
+    let search = l.search.get_untracked();
+    let search = search.trim_start_matches('?');
+    if path == "/" || path.starts_with("/signin") {
+        return "/signin".into();
+    }
+    let here = if search.is_empty() {
+        path
+    } else {
+        format!("{path}?{search}")
+    };
+    let next = percent_encoding::utf8_percent_encode(&here, percent_encoding::NON_ALPHANUMERIC);
+    format!("/signin?next={next}")
+}
+
+/// What the last form post said: its error (the form was not sent), or the status message
+/// after the action. Shown above the page, once (`crate::flash`).
 #[component]
 pub fn FormError() -> impl IntoView {
-    let q = use_query_map();
+    let flash = use_context::<crate::flash::Current>();
     move || {
-        q.read().get("error").map(|e| {
+        let f = flash.map(|c| c.0.get()).unwrap_or_default();
+        let error = f.error.map(|e| {
             view! {
-                <div class="notice error" role="alert" id="form-error">
-                    <p><strong>"Not saved: "</strong>{e}</p>
-                </div>
+                <div class="notice error" role="alert" id="form-error"><p>{e}</p></div>
             }
-        })
+        });
+        let notice = f.notice.map(|n| {
+            view! {
+                <div class="notice ok" role="status" id="form-notice"><p>{n}</p></div>
+            }
+        });
+        view! { {error}{notice} }
     }
 }
 
 /// What the person typed into field `name` before the form came back with an error, or
 /// `default`.
 pub fn typed(name: &str, default: &str) -> String {
-    let q = use_query_map();
-    q.read_untracked()
-        .get(&format!("f_{name}"))
+    crate::flash::current()
+        .fields
+        .get(name)
+        .cloned()
         .unwrap_or_else(|| default.to_string())
 }
 
@@ -110,15 +134,18 @@ const COLOURS: [&str; 6] = [
     "#1f5fa8", "#b3461a", "#2b7a3d", "#7a3d8c", "#8a6d00", "#2f6f73",
 ];
 
-/// A line chart (SVG) of one measure per round, with a legend and the numbers as a table for
-/// screen readers.
+/// A line chart (SVG) of one measure per round, with axis titles, a legend and the numbers as
+/// a table for screen readers. It is drawn at least 560 px wide (its box scrolls on a narrow
+/// screen), so its 12 px ticks are never scaled below 12 px.
 #[component]
 pub fn LineChart(
     title: String,
+    /// The measure, written along the vertical axis.
+    y_title: String,
     series: Vec<Series>,
     #[prop(optional)] unit_max: Option<f64>,
 ) -> impl IntoView {
-    let (w, h, pad_l, pad_b, pad_t, pad_r) = (560.0, 220.0, 48.0, 30.0, 12.0, 12.0);
+    let (w, h, pad_l, pad_b, pad_t, pad_r) = (560.0, 240.0, 64.0, 46.0, 12.0, 14.0);
     let xs: Vec<f64> = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.0))
@@ -187,16 +214,19 @@ pub fn LineChart(
     view! {
         <figure class="chart">
             <figcaption>{title.clone()}</figcaption>
-            <svg viewBox=view_box role="img" aria-label=label>
+            <div class="plot"><svg viewBox=view_box role="img" aria-label=label>
                 {ticks.into_iter().map(|t| view! {
                     <line x1=pad_l x2=w - pad_r y1=sy(t) y2=sy(t) class="grid"/>
                     <text x=pad_l - 6.0 y=sy(t) + 4.0 text-anchor="end" class="tick">{format!("{t:.2}")}</text>
                 }).collect_view()}
                 {rounds.into_iter().map(|r| view! {
-                    <text x=sx(r as f64) y=h - 10.0 text-anchor="middle" class="tick">{r.to_string()}</text>
+                    <text x=sx(r as f64) y=h - pad_b + 18.0 text-anchor="middle" class="tick">{r.to_string()}</text>
                 }).collect_view()}
+                <text x=pad_l + (w - pad_l - pad_r) / 2.0 y=h - 6.0 text-anchor="middle" class="axis-title">"Round"</text>
+                <text x="0" y="0" text-anchor="middle" class="axis-title"
+                    transform=format!("translate(14 {:.1}) rotate(-90)", pad_t + (h - pad_t - pad_b) / 2.0)>{y_title}</text>
                 {lines}
-            </svg>
+            </svg></div>
             <ul class="legend">{legend}</ul>
             <table class="sr-only"><caption>{title}</caption><tbody>{table_rows}</tbody></table>
         </figure>

@@ -61,6 +61,10 @@ mod server {
     /// The per-browser cookie keying the form tokens.
     pub const COOKIE: &str = "consilium_csrf";
 
+    /// Whether the portal's cookies are marked `Secure` (`server.cookie_secure`), in context.
+    #[derive(Clone, Copy, Debug)]
+    pub struct CookieSecure(pub bool);
+
     fn mac(key: &str, session: &str) -> Option<Hmac<Sha256>> {
         let mut m = Hmac::<Sha256>::new_from_slice(key.as_bytes()).ok()?;
         m.update(b"consilium portal form\n");
@@ -71,6 +75,7 @@ mod server {
     /// Computes this request's form token and provides it (with the request's cookie state)
     /// as context; sets the key cookie when the browser has none yet.
     pub fn provide(req: &HttpRequest, session_cookie: &str, secure: bool) {
+        provide_context(CookieSecure(secure));
         let session = req
             .cookie(session_cookie)
             .map(|c| c.value().to_string())

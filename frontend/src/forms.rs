@@ -10,7 +10,7 @@ use consilium_core::api::{
 };
 use uuid::Uuid;
 
-use crate::api::Api;
+use crate::api::{Api, Done};
 use crate::error::PortalError;
 use crate::server::Form;
 
@@ -92,7 +92,7 @@ fn study_sites(form: &Form) -> Result<Vec<StudySite>, PortalError> {
     Ok(sites)
 }
 
-pub async fn save_study(api: &Api, form: &Form) -> Result<String, PortalError> {
+pub async fn save_study(api: &Api, form: &Form) -> Result<Done, PortalError> {
     let title = required(form, "title", "Title")?;
     let purpose = required(form, "purpose", "Purpose")?;
     let protocol_text = required(form, "protocol_text", "Protocol")?;
@@ -130,10 +130,15 @@ pub async fn save_study(api: &Api, form: &Form) -> Result<String, PortalError> {
             .await?
         }
     };
-    Ok(format!("/studies/{}", s.id))
+    let notice = if optional(form, "study_id").is_some() {
+        "The study's changes are saved."
+    } else {
+        "The study is saved as a draft. Add a training plan, then submit it for ethics review."
+    };
+    Ok(Done::new(format!("/studies/{}", s.id), notice))
 }
 
-pub async fn study_action(api: &Api, form: &Form) -> Result<String, PortalError> {
+pub async fn study_action(api: &Api, form: &Form) -> Result<Done, PortalError> {
     let id = uuid("study", &required(form, "study_id", "Study")?)?;
     let back = format!("/studies/{id}");
     match required(form, "action", "Action")?.as_str() {
@@ -141,7 +146,10 @@ pub async fn study_action(api: &Api, form: &Form) -> Result<String, PortalError>
             let _: StudyDto = api
                 .post(&format!("/studies/{id}/submit"), &serde_json::json!({}))
                 .await?;
-            Ok(back)
+            Ok(Done::new(
+                back,
+                "The study is submitted: the ethics committee has been asked to review it.",
+            ))
         }
         "review" => {
             if optional(form, "confirm").is_none() {
@@ -167,7 +175,16 @@ pub async fn study_action(api: &Api, form: &Form) -> Result<String, PortalError>
                     },
                 )
                 .await?;
-            Ok(back)
+            Ok(Done::new(
+                back,
+                match decision {
+                    ReviewDecision::Approve => "Your decision is recorded: the study is approved.",
+                    ReviewDecision::RequestChanges => {
+                        "Your decision is recorded: the researcher is asked for changes."
+                    }
+                    ReviewDecision::Reject => "Your decision is recorded: the study is rejected.",
+                },
+            ))
         }
         "request_access" => {
             let site_id = uuid("site", &required(form, "site_id", "Site")?)?;
@@ -181,7 +198,10 @@ pub async fn study_action(api: &Api, form: &Form) -> Result<String, PortalError>
                     },
                 )
                 .await?;
-            Ok(back)
+            Ok(Done::new(
+                back,
+                "The data-access request is sent to the site's custodians.",
+            ))
         }
         "request_preview" => {
             let site_id = uuid("site", &required(form, "site_id", "Site")?)?;
@@ -204,7 +224,10 @@ pub async fn study_action(api: &Api, form: &Form) -> Result<String, PortalError>
                     },
                 )
                 .await?;
-            Ok(format!("{back}#previews-h"))
+            Ok(Done::new(
+                format!("{back}#previews-h"),
+                "The preview is requested: the site makes it, then its custodian decides whether to release it.",
+            ))
         }
         "start_run" => {
             let run: RunDto = api
@@ -213,7 +236,10 @@ pub async fn study_action(api: &Api, form: &Form) -> Result<String, PortalError>
                     &CreateRun { plan_hash: None },
                 )
                 .await?;
-            Ok(format!("/runs/{}", run.id))
+            Ok(Done::new(
+                format!("/runs/{}", run.id),
+                "The run has started: the sites are asked to train.",
+            ))
         }
         "stop_run" => {
             let run = uuid("run", &required(form, "run_id", "Run")?)?;
@@ -225,16 +251,19 @@ pub async fn study_action(api: &Api, form: &Form) -> Result<String, PortalError>
                     },
                 )
                 .await?;
-            Ok(format!("/runs/{run}"))
+            Ok(Done::new(
+                format!("/runs/{run}"),
+                "The run is stopped; the reason is recorded.",
+            ))
         }
         other => Err(invalid(format!("Unknown action {other:?}."))),
     }
 }
 
 /// A custodian registers a public signing key for one of their sites, or revokes one.
-pub async fn site_key_action(api: &Api, form: &Form) -> Result<String, PortalError> {
+pub async fn site_key_action(api: &Api, form: &Form) -> Result<Done, PortalError> {
     let site = uuid("site", &required(form, "site_id", "Site")?)?;
-    match required(form, "action", "Action")?.as_str() {
+    let notice = match required(form, "action", "Action")?.as_str() {
         "register" => {
             let _: SiteKeyDto = api
                 .post(
@@ -245,6 +274,7 @@ pub async fn site_key_action(api: &Api, form: &Form) -> Result<String, PortalErr
                     },
                 )
                 .await?;
+            "The site's signing key is registered: its workers' messages are accepted."
         }
         "revoke" => {
             let key = required(form, "key_id", "Key")?;
@@ -255,10 +285,11 @@ pub async fn site_key_action(api: &Api, form: &Form) -> Result<String, PortalErr
                     &serde_json::json!({}),
                 )
                 .await?;
+            "The key is revoked: messages signed with it are refused from now on."
         }
         other => return Err(invalid(format!("Unknown action {other:?}."))),
-    }
-    Ok("/access#site-keys".into())
+    };
+    Ok(Done::new("/access#site-keys", notice))
 }
 
 /// A decimal number field (ε, δ: `8`, `0.5`, `1e-5`).
@@ -275,7 +306,7 @@ fn decimal(form: &Form, key: &str, label: &str) -> Result<f64, PortalError> {
 }
 
 /// The custodian sets a dataset's lifetime privacy budget.
-pub async fn privacy_budget_action(api: &Api, form: &Form) -> Result<String, PortalError> {
+pub async fn privacy_budget_action(api: &Api, form: &Form) -> Result<Done, PortalError> {
     let site = uuid("site", &required(form, "site_id", "Site")?)?;
     let _: DatasetPrivacyDto = api
         .send(
@@ -287,7 +318,10 @@ pub async fn privacy_budget_action(api: &Api, form: &Form) -> Result<String, Por
             },
         )
         .await?;
-    Ok("/access#privacy-ledger".into())
+    Ok(Done::new(
+        "/access#privacy-ledger",
+        "The dataset's lifetime privacy budget is set.",
+    ))
 }
 
 /// A value as one path segment: anything but letters, digits, `-`, `_`, `.` and `:` escaped.
@@ -302,7 +336,7 @@ fn url_segment(s: &str) -> String {
         .collect()
 }
 
-pub async fn access_action(api: &Api, form: &Form) -> Result<String, PortalError> {
+pub async fn access_action(api: &Api, form: &Form) -> Result<Done, PortalError> {
     let id = uuid(
         "data-access request",
         &required(form, "request_id", "Request")?,
@@ -347,7 +381,12 @@ pub async fn access_action(api: &Api, form: &Form) -> Result<String, PortalError
                     },
                 )
                 .await?;
-            Ok(back)
+            let said = if approve {
+                "Access is granted for this plan."
+            } else {
+                "The request is denied."
+            };
+            Ok(Done::new(back, said))
         }
         "revoke" => {
             let _: AccessRequestDto = api
@@ -358,13 +397,16 @@ pub async fn access_action(api: &Api, form: &Form) -> Result<String, PortalError
                     },
                 )
                 .await?;
-            Ok(back)
+            Ok(Done::new(
+                back,
+                "Access is revoked: the site's workers refuse this study's jobs from now on.",
+            ))
         }
         other => Err(invalid(format!("Unknown action {other:?}."))),
     }
 }
 
-pub async fn preview_action(api: &Api, form: &Form) -> Result<String, PortalError> {
+pub async fn preview_action(api: &Api, form: &Form) -> Result<Done, PortalError> {
     let id = uuid("preview", &required(form, "preview_id", "Preview")?)?;
     let decision = match required(form, "action", "Action")?.as_str() {
         "release" => "release",
@@ -380,17 +422,25 @@ pub async fn preview_action(api: &Api, form: &Form) -> Result<String, PortalErro
             },
         )
         .await?;
-    Ok("/access#previews-h".into())
+    let said = if decision == "release" {
+        "The preview is released to the researcher."
+    } else {
+        "The preview is rejected: the researcher does not see it."
+    };
+    Ok(Done::new("/access#previews-h", said))
 }
 
-pub async fn model_action(api: &Api, form: &Form) -> Result<String, PortalError> {
+pub async fn model_action(api: &Api, form: &Form) -> Result<Done, PortalError> {
     let id = uuid("model", &required(form, "model_id", "Model")?)?;
     match required(form, "action", "Action")?.as_str() {
         "release" => {
             let _: ModelVersionDto = api
                 .post(&format!("/models/{id}/release"), &serde_json::json!({}))
                 .await?;
-            Ok(format!("/models/{id}"))
+            Ok(Done::new(
+                format!("/models/{id}"),
+                "The model version is released.",
+            ))
         }
         other => Err(invalid(format!("Unknown action {other:?}."))),
     }
@@ -404,7 +454,7 @@ pub async fn submit_plan(
     api: &Api,
     data: leptos::server_fn::codec::MultipartData,
     form: &mut Form,
-) -> Result<String, PortalError> {
+) -> Result<Done, PortalError> {
     use base64::Engine;
     let limit =
         leptos::prelude::use_context::<crate::api::UploadLimit>().map_or(1024 * 1024, |l| l.0);
@@ -419,6 +469,7 @@ pub async fn submit_plan(
         .into_inner()
         .ok_or_else(|| invalid("The plan form arrived without its fields."))?;
     let mut files = Vec::new();
+    let mut keep_files = Vec::new();
     let mut read = 0usize;
     let mut token_checked = false;
     while let Some(mut field) = mp.next_field().await.map_err(unreadable)? {
@@ -447,6 +498,7 @@ pub async fn submit_plan(
                 });
             }
             ("files", _) => {}
+            ("keep_files", _) => keep_files.push(String::from_utf8_lossy(&bytes).into_owned()),
             _ => {
                 form.insert(name, String::from_utf8_lossy(&bytes).into_owned());
             }
@@ -468,30 +520,38 @@ pub async fn submit_plan(
     // "Check the plan": the server's verdict, nothing saved.
     if form.contains_key("check") {
         let problems = manifest.problems();
-        return Err(if problems.is_empty() {
-            PortalError::new(
-                "checked",
-                "nothing was submitted: the plan was only checked, and every setting will be carried out as written. Submit it when it is ready.",
+        return if problems.is_empty() {
+            Ok(Done::new(
+                format!("/studies/{id}"),
+                "The plan was only checked, and nothing was submitted: every setting will be carried out as written. Submit it when it is ready.",
             )
+            .keeping_fields())
         } else {
-            PortalError {
+            Err(PortalError {
                 status: 422,
                 code: "invalid_input".into(),
                 detail: format!(
-                    "the plan was only checked, and it would be refused: {}",
+                    "Not submitted: the plan was only checked, and it would be refused: {}",
                     problems.join("; ")
                 ),
                 errors: problems,
-            }
-        });
+            })
+        };
     }
     let _: consilium_core::api::PlanDto = api
         .post(
             &format!("/studies/{id}/plans"),
-            &consilium_core::api::SubmitPlan { manifest, files },
+            &consilium_core::api::SubmitPlan {
+                manifest,
+                files,
+                keep_files,
+            },
         )
         .await?;
-    Ok(format!("/studies/{id}"))
+    Ok(Done::new(
+        format!("/studies/{id}"),
+        "The training plan is submitted as a new version.",
+    ))
 }
 
 fn too_large(limit: usize) -> PortalError {

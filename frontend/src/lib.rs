@@ -8,6 +8,7 @@ pub mod app;
 pub mod components;
 pub mod csrf;
 pub mod error;
+pub mod flash;
 pub mod pages;
 pub mod server;
 
@@ -15,6 +16,8 @@ pub mod server;
 pub mod api;
 #[cfg(feature = "ssr")]
 mod forms;
+#[cfg(feature = "ssr")]
+mod waiting;
 
 pub use app::{App, shell};
 

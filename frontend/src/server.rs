@@ -36,14 +36,20 @@ pub struct Directory {
     pub committees: Vec<CommitteeDto>,
 }
 
+/// One thing that waits for the signed-in person, with the page where it is done.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Waiting {
+    pub text: String,
+    pub href: String,
+    /// The person has to act (counted in the header); otherwise news.
+    pub act: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HomeData {
     pub me: MeDto,
-    pub studies: Vec<StudyDto>,
-    pub requests: Vec<AccessRequestDto>,
-    pub directory: Directory,
-    /// Runs of the visible studies, newest first.
-    pub runs: Vec<RunDto>,
+    /// What needs the person first, then the news.
+    pub waiting: Vec<Waiting>,
 }
 
 #[cfg(feature = "ssr")]
@@ -70,17 +76,40 @@ async fn runs_of(api: &Api, studies: &[StudyDto]) -> Result<Vec<RunDto>, PortalE
 #[server(prefix = "/portal", endpoint = "home")]
 pub async fn load_home() -> Result<HomeData, PortalError> {
     let api = Api::current()?;
-    let me: MeDto = api.get("/auth/me").await?;
-    let studies: Vec<StudyDto> = api.get("/studies").await?;
-    let requests = api.get("/access-requests").await?;
-    let runs = runs_of(&api, &studies).await?;
+    let g = gather(&api).await?;
     Ok(HomeData {
-        me,
-        studies,
-        requests,
-        directory: directory(&api).await?,
-        runs,
+        waiting: crate::waiting::waiting(&api, &g).await?,
+        me: g.me,
     })
+}
+
+#[cfg(feature = "ssr")]
+async fn gather(api: &Api) -> Result<crate::waiting::Gathered, PortalError> {
+    let studies: Vec<StudyDto> = api.get("/studies").await?;
+    Ok(crate::waiting::Gathered {
+        me: api.get("/auth/me").await?,
+        requests: api.get("/access-requests").await?,
+        runs: runs_of(api, &studies).await?,
+        directory: directory(api).await?,
+        studies,
+    })
+}
+
+/// How many things wait for the signed-in person to act (the header's count); none when
+/// signed out.
+#[server(prefix = "/portal", endpoint = "waiting-count")]
+pub async fn waiting_count() -> Result<usize, PortalError> {
+    let api = Api::current()?;
+    let g = match gather(&api).await {
+        Ok(g) => g,
+        Err(e) if e.is_unauthenticated() => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    Ok(crate::waiting::waiting(&api, &g)
+        .await?
+        .iter()
+        .filter(|w| w.act)
+        .count())
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -280,6 +309,10 @@ pub struct RunPage {
     pub study: StudyDto,
     pub rounds: Vec<RoundDto>,
     pub models: Vec<ModelVersionDto>,
+    /// The rounds the run's plan asks for (none when the plan is not visible).
+    pub rounds_planned: Option<u32>,
+    /// The sites' workers now (the sites this person may see).
+    pub health: Vec<SiteHealthDto>,
 }
 
 #[server(prefix = "/portal", endpoint = "run")]
@@ -287,7 +320,15 @@ pub async fn load_run(id: String) -> Result<RunPage, PortalError> {
     let api = Api::current()?;
     let id = forms::uuid("run", &id)?;
     let run: RunDto = api.get(&format!("/runs/{id}")).await?;
+    let plans: Vec<PlanDto> = api
+        .get(&format!("/studies/{}/plans", run.study_id))
+        .await?;
     Ok(RunPage {
+        rounds_planned: plans
+            .iter()
+            .find(|p| p.hash == run.plan_hash)
+            .map(|p| p.manifest.rounds),
+        health: api.get("/site-health").await?,
         me: api.get("/auth/me").await?,
         study: api.get(&format!("/studies/{}", run.study_id)).await?,
         rounds: api.get(&format!("/runs/{id}/rounds")).await?,
@@ -410,7 +451,7 @@ pub type Form = HashMap<String, String>;
 async fn posted<F, Fut>(form: &Form, act: F)
 where
     F: FnOnce(Api) -> Fut,
-    Fut: std::future::Future<Output = Result<String, PortalError>>,
+    Fut: std::future::Future<Output = Result<crate::api::Done, PortalError>>,
 {
     let r = match (
         crate::csrf::check(form.get(crate::csrf::FIELD)),
@@ -424,6 +465,16 @@ where
     finish(r, &shown);
 }
 
+/// Where a sign-in continues: the page that asked for it (`next`, a path of this portal), or
+/// home.
+#[cfg(feature = "ssr")]
+fn next_page(form: &Form) -> String {
+    form.get("next")
+        .map(|n| n.trim())
+        .filter(|n| consilium_core::is_local_path(n) && !n.starts_with("/signin"))
+        .map_or_else(|| "/".to_string(), str::to_string)
+}
+
 #[server(prefix = "/portal", endpoint = "sign-in")]
 pub async fn sign_in(form: Form) -> Result<(), PortalError> {
     let form = &form;
@@ -432,9 +483,12 @@ pub async fn sign_in(form: Form) -> Result<(), PortalError> {
             email: forms::required(form, "email", "Email")?,
             password: forms::required(form, "password", "Password")?,
         };
-        let (_me, cookie): (MeDto, _) = api.post_for_cookie("/auth/login", &body).await?;
+        let (me, cookie): (MeDto, _) = api.post_for_cookie("/auth/login", &body).await?;
         pass_cookie(cookie);
-        Ok("/".to_string())
+        Ok(crate::api::Done::new(
+            next_page(form),
+            format!("Signed in as {}.", me.user.name),
+        ))
     })
     .await;
     Ok(())
@@ -445,7 +499,7 @@ pub async fn sign_out(form: Form) -> Result<(), PortalError> {
     posted(&form, |api| async move {
         let cookie = api.post_empty("/auth/logout").await?;
         pass_cookie(cookie);
-        Ok("/signin".to_string())
+        Ok(crate::api::Done::new("/signin", "You are signed out."))
     })
     .await;
     Ok(())

@@ -81,23 +81,59 @@ async fn me(
     }))
 }
 
+#[derive(Deserialize, IntoParams)]
+struct LoginQuery {
+    /// The portal page to return to once signed in (a path of this server, e.g.
+    /// `/studies/…`); home when absent.
+    next: Option<String>,
+}
+
 /// Starts OpenID Connect sign-in: redirects to the identity provider.
-#[utoipa::path(tag = "auth", responses(
+#[utoipa::path(tag = "auth", params(LoginQuery), responses(
     (status = 303, description = "Redirect to the identity provider"),
-    (status = 404, body = Problem, content_type = "application/problem+json")))]
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
 #[get("/auth/oidc/login")]
-async fn oidc_login(ctx: web::Data<AppContext>) -> AppResult<HttpResponse> {
+async fn oidc_login(
+    ctx: web::Data<AppContext>,
+    q: web::Query<LoginQuery>,
+) -> AppResult<HttpResponse> {
+    let next = match q.into_inner().next {
+        None => None,
+        Some(n) if return_path(&n) => Some(n),
+        Some(n) => {
+            return Err(AppError::Invalid(format!(
+                "`next` must be a page of this portal (a path such as /studies), not {n:?}."
+            )));
+        }
+    };
     let (url, state) = sessions::oidc_start(&ctx).await?;
-    Ok(HttpResponse::SeeOther()
-        .cookie(oidc_state_cookie(&ctx, state))
-        .insert_header(("Location", url))
-        .finish())
+    let mut resp = HttpResponse::SeeOther();
+    resp.cookie(oidc_state_cookie(&ctx, OIDC_STATE_COOKIE, state));
+    if let Some(n) = next {
+        resp.cookie(oidc_state_cookie(&ctx, OIDC_NEXT_COOKIE, n));
+    }
+    Ok(resp.insert_header(("Location", url)).finish())
+}
+
+/// A page to return to after sign-in: a path of this server, and not an API or sign-in one;
+/// only characters a path needs (it is written into the callback page's refresh).
+fn return_path(n: &str) -> bool {
+    consilium_core::is_local_path(n)
+        && !n.starts_with("/api/")
+        && !n.starts_with("/signin")
+        && n.len() <= 2000
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-._~?=&%+:@,;".contains(&b))
 }
 
 /// The cookie that binds a sign-in to the browser that started it. `SameSite=Lax`: it must
 /// come back with the identity provider's redirect to the callback (a cross-site navigation).
-fn oidc_state_cookie(ctx: &AppContext, state: String) -> actix_web::cookie::Cookie<'static> {
-    actix_web::cookie::Cookie::build(OIDC_STATE_COOKIE, state)
+fn oidc_state_cookie(
+    ctx: &AppContext,
+    name: &'static str,
+    value: String,
+) -> actix_web::cookie::Cookie<'static> {
+    actix_web::cookie::Cookie::build(name, value)
         .path("/api/v1/auth/oidc")
         .http_only(true)
         .secure(ctx.settings.server.cookie_secure)
@@ -107,6 +143,8 @@ fn oidc_state_cookie(ctx: &AppContext, state: String) -> actix_web::cookie::Cook
 }
 
 const OIDC_STATE_COOKIE: &str = "consilium_oidc_state";
+/// The page the sign-in returns to (checked by `return_path` when set and when read).
+const OIDC_NEXT_COOKIE: &str = "consilium_oidc_next";
 
 #[derive(Deserialize, IntoParams)]
 struct CallbackQuery {
@@ -142,19 +180,31 @@ async fn oidc_callback(
         ));
     };
     let (_user, secret) = sessions::oidc_finish(&ctx, code, state, browser_state).await?;
-    let mut used = oidc_state_cookie(&ctx, String::new());
+    let next = req
+        .cookie(OIDC_NEXT_COOKIE)
+        .map(|c| c.value().to_string())
+        .filter(|n| return_path(n))
+        .unwrap_or_else(|| "/".into());
+    let mut used = oidc_state_cookie(&ctx, OIDC_STATE_COOKIE, String::new());
     used.make_removal();
+    let mut used_next = oidc_state_cookie(&ctx, OIDC_NEXT_COOKIE, String::new());
+    used_next.make_removal();
+    let next = html_escape::encode_double_quoted_attribute(&next);
     // The session cookie is SameSite=Strict, so a browser would not send it on a redirect
     // that continues the identity provider's cross-site navigation: this page moves on to the
     // portal itself, a same-site navigation that carries the new session.
     Ok(HttpResponse::Ok()
         .cookie(session_cookie(&ctx, secret))
         .cookie(used)
+        .cookie(used_next)
         .content_type("text/html; charset=utf-8")
-        .body(concat!(
-            "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
-            "<meta http-equiv=\"refresh\" content=\"0;url=/\"><title>Signed in · Consilium</title></head>",
-            "<body><p>You are signed in. <a href=\"/\">Continue to Consilium</a>.</p></body></html>"
+        .body(format!(
+            concat!(
+                "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+                "<meta http-equiv=\"refresh\" content=\"0;url={next}\"><title>Signed in · Consilium</title></head>",
+                "<body><p>You are signed in. <a href=\"{next}\">Continue to Consilium</a>.</p></body></html>"
+            ),
+            next = next
         )))
 }
 

@@ -50,6 +50,49 @@ struct StoredFile {
     content_base64: String,
 }
 
+/// Adds the latest version's attachments named in `keep` to a new version's `files` (those
+/// not uploaded again under the same name); a name the latest version lacks is refused.
+fn carry_forward(
+    files: &mut Vec<StoredFile>,
+    latest: Option<&plan::Model>,
+    keep: &[String],
+) -> AppResult<()> {
+    if keep.is_empty() {
+        return Ok(());
+    }
+    let Some(latest) = latest else {
+        return Err(AppError::Unprocessable(vec![
+            "keep_files names attachments to carry from the latest plan version, but the study has no plan yet; upload the files instead.".into(),
+        ]));
+    };
+    let previous: Vec<StoredFile> = from_json(&latest.files)?;
+    let mut missing = Vec::new();
+    for name in keep {
+        if files.iter().any(|f| &f.name == name) {
+            continue;
+        }
+        match previous.iter().find(|f| &f.name == name) {
+            Some(f) => files.push(StoredFile {
+                name: f.name.clone(),
+                size: f.size,
+                sha256: f.sha256.clone(),
+                content_base64: f.content_base64.clone(),
+            }),
+            None => missing.push(format!("{name:?}")),
+        }
+    }
+    if !missing.is_empty() {
+        let had: Vec<String> = previous.iter().map(|f| format!("{:?}", f.name)).collect();
+        return Err(AppError::Unprocessable(vec![format!(
+            "keep_files: plan version {} has no attachment {}; it has {}.",
+            latest.version,
+            missing.join(", "),
+            if had.is_empty() { "none".to_string() } else { had.join(", ") }
+        )]));
+    }
+    Ok(())
+}
+
 pub fn plan_dto(m: &plan::Model) -> AppResult<PlanDto> {
     let files: Vec<StoredFile> = from_json(&m.files)?;
     Ok(PlanDto {
@@ -412,6 +455,13 @@ pub async fn submit_plan(
         }
     }
     checks.finish()?;
+
+    let w = ctx.begin_write().await?;
+    let s = load_study(&*w, study_id).await?;
+    let status = status_of(&s.status)?;
+    let next = amend_transition(status).map_err(|d| AppError::conflict("invalid_state", d))?;
+    let existing = plans_of(&*w, study_id).await?;
+    carry_forward(&mut files, existing.last(), &input.keep_files)?;
     let listed: Vec<PlanFileDto> = files
         .iter()
         .map(|f| PlanFileDto {
@@ -421,12 +471,6 @@ pub async fn submit_plan(
         })
         .collect();
     let hash = plan_hash(&input.manifest, &listed)?;
-
-    let w = ctx.begin_write().await?;
-    let s = load_study(&*w, study_id).await?;
-    let status = status_of(&s.status)?;
-    let next = amend_transition(status).map_err(|d| AppError::conflict("invalid_state", d))?;
-    let existing = plans_of(&*w, study_id).await?;
     if let Some(last) = existing.last()
         && last.hash == hash
     {

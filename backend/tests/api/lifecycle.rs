@@ -61,6 +61,30 @@ async fn governed_study_from_draft_to_run(db: Db) {
         .expect(409);
     assert_eq!(same["code"], "plan_unchanged");
     assert!(same["detail"].as_str().unwrap_or_default().contains(&h1));
+    // Carrying the attachment forward by name is the same plan too; a name version 1 lacks
+    // is refused with what it has.
+    let kept = app
+        .post(
+            &format!("/api/v1/studies/{sid}/plans"),
+            r,
+            json!({"manifest": manifest(0.01), "keep_files": ["train.py"]}),
+        )
+        .await
+        .expect(409);
+    assert_eq!(kept["code"], "plan_unchanged");
+    let unknown = app
+        .post(
+            &format!("/api/v1/studies/{sid}/plans"),
+            r,
+            json!({"manifest": manifest(0.01), "keep_files": ["model.py"]}),
+        )
+        .await
+        .expect(422);
+    let detail = unknown["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("\"model.py\"") && detail.contains("\"train.py\""),
+        "{detail}"
+    );
 
     let report = app
         .get(&format!("/api/v1/studies/{sid}/preflight"), r)

@@ -35,20 +35,37 @@ fn attr<'a>(html: &'a str, after: &str, name: &str) -> Option<&'a str> {
 /// Walks the browser's part of the flow: our login redirect, the provider's login and
 /// consent forms, back to our callback. Returns the callback's response.
 async fn sign_in_through_provider(app: &TestApp, login: &str) -> reqwest::Response {
-    let (browser, callback) = callback_url(app, login).await;
+    sign_in_through_provider_from(app, login, "/api/v1/auth/oidc/login").await
+}
+
+/// As `sign_in_through_provider`, started at `start` (the login, with its query).
+async fn sign_in_through_provider_from(
+    app: &TestApp,
+    login: &str,
+    start: &str,
+) -> reqwest::Response {
+    let (browser, callback) = callback_url_from(app, login, start).await;
     browser.get(callback).send().await.expect("callback")
 }
 
 /// The same walk, up to the link back to our callback (not followed); returns the browser
 /// (with its cookies) and that link.
 async fn callback_url(app: &TestApp, login: &str) -> (reqwest::Client, url::Url) {
+    callback_url_from(app, login, "/api/v1/auth/oidc/login").await
+}
+
+async fn callback_url_from(
+    app: &TestApp,
+    login: &str,
+    start: &str,
+) -> (reqwest::Client, url::Url) {
     let browser = reqwest::Client::builder()
         .cookie_store(true)
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("client");
     let mut resp = browser
-        .get(format!("{}/api/v1/auth/oidc/login", app.address))
+        .get(format!("{}{start}", app.address))
         .send()
         .await
         .expect("login");
@@ -170,6 +187,31 @@ async fn sign_in_with_a_real_openid_provider(db: Db) {
     assert_eq!(me["user"]["name"], "Rhea Researcher");
     assert_eq!(me["user"]["roles"], json!(["researcher"]));
     assert_eq!(me["user"]["oidc_subject"], "rhea");
+
+    // Asked from a portal page, the sign-in returns there; a `next` off this portal is refused.
+    let back = sign_in_through_provider_from(
+        &app,
+        "rhea",
+        "/api/v1/auth/oidc/login?next=%2Fstudies%3Fq%3Dx",
+    )
+    .await;
+    let page = back.text().await.expect("page");
+    assert!(
+        page.contains("http-equiv=\"refresh\" content=\"0;url=/studies?q=x\""),
+        "{page}"
+    );
+    for evil in ["//evil.example/x", "https://evil.example/", "/api/v1/tokens", "/%22%3E%3Cscript%3E"] {
+        let refused = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client")
+            .get(format!("{}/api/v1/auth/oidc/login", app.address))
+            .query(&[("next", evil)])
+            .send()
+            .await
+            .expect("login");
+        assert_eq!(refused.status().as_u16(), 400, "{evil}");
+    }
 
     // Signing in again finds the same user.
     let (again, _) = session_from(&sign_in_through_provider(&app, "rhea").await);

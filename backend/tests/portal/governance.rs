@@ -84,6 +84,7 @@ async fn the_committee_sees_each_versions_own_decision_the_diff_and_what_is_hidd
             SubmitPlan {
                 manifest,
                 files: attached,
+                keep_files: vec![],
             },
         )
     };

@@ -330,6 +330,31 @@ impl Portal {
         self.shot(name).await;
     }
 
+    /// Whether the page is no wider than the window (no horizontal page scroll); when it is
+    /// wider, the widest elements, to say what overflows.
+    pub async fn overflow(&self) -> Option<String> {
+        let v = self
+            .browser
+            .execute(
+                r#"const w = window.innerWidth;
+                   if (document.documentElement.scrollWidth <= w) return null;
+                   return [...document.querySelectorAll('body *')]
+                     .filter(e => e.getBoundingClientRect().right > w + 1 && !e.closest('.scroll, .plot, pre, table'))
+                     .slice(0, 5)
+                     .map(e => e.tagName + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))
+                     .join('; ') + ' (page ' + document.documentElement.scrollWidth + ' px)';"#,
+                vec![],
+            )
+            .await
+            .expect("measure the page");
+        v.as_str().map(str::to_string)
+    }
+
+    /// The document's title.
+    pub async fn title(&self) -> String {
+        self.browser.title().await.expect("title")
+    }
+
     pub async fn sign_in(&self, email: &str) {
         self.goto("/signin").await;
         self.fill("#email", email).await;

@@ -38,6 +38,28 @@ async fn pages_and_forms_work_without_the_bundle() {
         html.contains("browser bundle is not built") && html.contains("scripts/build-portal"),
         "the missing bundle is named, with the command that builds it: {html}"
     );
+    // A page that needs a signed-in person links to the sign-in, asking it to come back.
+    let html = browser
+        .get(format!("{url}/studies"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("href=\"/signin?next=%2Fstudies\""), "{html}");
+    let html = browser
+        .get(format!("{url}/signin?next=%2Fruns"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        html.contains("name=\"form[next]\" value=\"/runs\""),
+        "{html}"
+    );
     // Every form carries this browser's token (see `security`); a post without it is refused.
     let token = html
         .split("name=\"form[csrf]\" value=\"")
@@ -60,8 +82,13 @@ async fn pages_and_forms_work_without_the_bundle() {
         .await
         .unwrap();
     assert_eq!(wrong.url().path(), "/signin");
+    assert!(wrong.url().query().is_none(), "nothing in the URL: {}", wrong.url());
     let html = wrong.text().await.unwrap();
-    assert!(html.contains("Not saved"), "{html}");
+    assert!(
+        html.contains("The email or the password is wrong."),
+        "{html}"
+    );
+    assert!(!html.contains("Not saved"), "sign-in saves nothing: {html}");
     assert!(
         html.contains("value=\"rhea@uni.example\""),
         "the email is kept: {html}"
@@ -77,12 +104,20 @@ async fn pages_and_forms_work_without_the_bundle() {
             ("form[email]", "rhea@uni.example"),
             ("form[password]", demo::DEMO_PASSWORD),
             ("form[csrf]", token.as_str()),
+            ("form[next]", "/runs"),
         ])
         .send()
         .await
         .unwrap();
-    assert_eq!(home.url().path(), "/");
+    // Back to the page that asked for the sign-in, with the status message there.
+    assert_eq!(home.url().path(), "/runs");
+    assert!(home.url().query().is_none(), "{}", home.url());
     let html = home.text().await.unwrap();
+    assert!(html.contains("Signed in as Rhea Researcher."), "{html}");
+    assert!(html.contains("<title>Runs · Consilium</title>"), "{html}");
+    let home = browser.get(format!("{url}/")).send().await.unwrap();
+    let html = home.text().await.unwrap();
+    assert!(!html.contains("Signed in as"), "a status message is shown once: {html}");
     assert!(
         html.contains("Welcome") && html.contains("Rhea Researcher"),
         "{html}"

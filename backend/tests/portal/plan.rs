@@ -50,15 +50,17 @@ async fn the_plan_form_shows_the_problems_before_submitting() {
 
     // "Check the plan" asks the server and saves nothing; what was typed stays.
     p.press("Check the plan").await;
-    let page = p.wait_for("Not saved", 20).await;
+    let page = p.wait_for("would be refused", 20).await;
     p.hydrated().await;
-    p.browser
+    let open = p
+        .browser
         .execute(
-            "document.querySelector('#manifest').closest('details').open = true;",
+            "return document.querySelector('#manifest').closest('details').open;",
             vec![],
         )
         .await
         .unwrap();
+    assert_eq!(open, serde_json::json!(true), "the failed form stays open");
     assert!(page.contains("would be refused"), "{page}");
     let kept = p
         .browser
@@ -90,5 +92,58 @@ async fn the_plan_form_shows_the_problems_before_submitting() {
     )
     .await;
     p.shot_at("plan-sound", "#plan-problems").await;
+
+    // A new version keeps the latest version's attachments unless one is unticked.
+    use base64::Engine as _;
+    let mut manifest = consilium_backend::demo::demo_scenario().unwrap().manifest;
+    manifest.rounds = 4;
+    studies::submit_plan(
+        &p.ctx,
+        &researcher(&p),
+        study.id,
+        consilium_core::api::SubmitPlan {
+            manifest: manifest.clone(),
+            files: ["train.py", "README.txt"]
+                .iter()
+                .map(|n| consilium_core::api::PlanFileUpload {
+                    name: n.to_string(),
+                    content_base64: base64::engine::general_purpose::STANDARD.encode(n),
+                })
+                .collect(),
+            keep_files: vec![],
+        },
+    )
+    .await
+    .unwrap();
+    p.goto(&format!("/studies/{}", study.id)).await;
+    p.wait_for("Training plans", 10).await;
+    p.hydrated().await;
+    p.browser
+        .execute(
+            "document.querySelector('#manifest').closest('details').open = true;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let carried = p.text_of("fieldset.keep-files").await;
+    assert!(
+        carried.contains("train.py") && carried.contains("README.txt"),
+        "{carried}"
+    );
+    p.click("fieldset.keep-files input[value='README.txt']").await;
+    manifest.rounds = 6;
+    p.fill("#manifest", &serde_json::to_string_pretty(&manifest).unwrap())
+        .await;
+    p.shot_at("plan-keeps-attachments", "fieldset.keep-files").await;
+    p.press("Submit plan").await;
+    p.wait_for("The training plan is submitted as a new version.", 20)
+        .await;
+    let plans = studies::list_plans(&p.ctx, &researcher(&p), study.id)
+        .await
+        .unwrap();
+    let latest = plans.iter().max_by_key(|x| x.version).unwrap();
+    assert_eq!(latest.manifest.rounds, 6);
+    let names: Vec<&str> = latest.files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["train.py"], "kept the ticked one, left the unticked one");
     p.close().await;
 }

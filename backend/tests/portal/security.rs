@@ -54,23 +54,40 @@ async fn nothing_typed_or_linked_runs_as_script() {
     let mut p = Portal::start("security", 0).await;
     let study = drafted_study(&p, "Wrist fractures", 1).await;
 
-    // A link that fills the new-study form, opened by an administrator.
+    // A link can no longer fill a form: what a failed form sent comes back in a one-time
+    // flash, never from the URL.
     p.sign_in("ada@consilium.example").await;
+    p.goto(&format!(
+        "/studies/new?error=x&f_protocol_text={}",
+        encode(PAYLOADS[0])
+    ))
+    .await;
+    p.wait_for("Draft a new study", 10).await;
+    holds_as_text(&p, &[("#protocol", "")]).await;
+    let alerts = p
+        .browser
+        .find_all(fantoccini::Locator::Css("#form-error"))
+        .await
+        .unwrap();
+    assert!(alerts.is_empty(), "a link shows no error of its own");
+    // Typed into a form that comes back with an error, each payload stays text.
     for payload in PAYLOADS {
-        p.goto(&format!(
-            "/studies/new?error=x&f_protocol_text={}",
-            encode(payload)
-        ))
-        .await;
+        p.goto("/studies/new").await;
         p.wait_for("Draft a new study", 10).await;
+        p.fill("#title", "Payload").await;
+        p.fill("#purpose", "Payload.").await;
+        p.fill("#protocol", payload).await;
+        p.choose("#committee", "Regional Ethics Committee").await;
+        p.fill("#label", "fracture").await;
+        p.press("Save draft").await;
+        p.wait_for("Tick at least one site", 20).await;
         holds_as_text(&p, &[("#protocol", payload)]).await;
     }
     p.shot("payload-in-protocol-is-text").await;
     p.sign_out().await;
 
-    // Stored: the researcher's own protocol. A second site without an access request yet,
-    // so that the study page offers to ask it.
-    let sites = study_sites(&p, 2);
+    // Stored: the researcher's own protocol.
+    let sites = study_sites(&p, 1);
     studies::update_study(
         &p.ctx,
         &researcher(&p),
@@ -85,18 +102,22 @@ async fn nothing_typed_or_linked_runs_as_script() {
     .await
     .unwrap();
 
-    // The researcher's study page: the plan form and the access request.
+    // The researcher's plan form: a manifest that is not JSON comes back as typed.
     p.sign_in("rhea@uni.example").await;
-    let payload = PAYLOADS[0];
-    p.goto(&format!(
-        "/studies/{}?error=x&f_manifest={}&f_justification={}",
-        study.id,
-        encode(payload),
-        encode(payload)
-    ))
-    .await;
+    p.goto(&format!("/studies/{}", study.id)).await;
     p.wait_for("Training plans", 10).await;
-    holds_as_text(&p, &[("#manifest", payload), ("#justification", payload)]).await;
+    p.hydrated().await;
+    p.browser
+        .execute(
+            "document.querySelector('#manifest').closest('details').open = true;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    p.fill("#manifest", PAYLOADS[0]).await;
+    p.press("Submit plan").await;
+    p.wait_for("not valid JSON", 20).await;
+    holds_as_text(&p, &[("#manifest", PAYLOADS[0])]).await;
 
     // The stored protocol, shown again in her edit form.
     p.goto(&format!("/studies/{}/edit", study.id)).await;
@@ -104,20 +125,27 @@ async fn nothing_typed_or_linked_runs_as_script() {
     holds_as_text(&p, &[("#protocol", PAYLOADS[1])]).await;
     p.sign_out().await;
 
-    // The committee's review form.
+    // The committee's review form, sent without the confirmation it needs.
     let other = drafted_study(&p, "Ankle fractures", 1).await;
     studies::submit_study(&p.ctx, &researcher(&p), other.id)
         .await
         .unwrap();
     p.sign_in("mira@ethics.example").await;
-    p.goto(&format!(
-        "/studies/{}?error=x&f_comments={}&f_conditions={}",
-        other.id,
-        encode(PAYLOADS[2]),
-        encode(PAYLOADS[0])
-    ))
-    .await;
+    p.goto(&format!("/studies/{}", other.id)).await;
     p.wait_for("Training plans", 10).await;
+    p.click("#decision-approve").await;
+    p.fill("#comments", PAYLOADS[2]).await;
+    p.fill("#conditions", PAYLOADS[0]).await;
+    // The browser asks for the box itself; the server asks too, and that is what is tried.
+    p.browser
+        .execute(
+            "document.querySelector('#confirm-binds').required = false;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    p.press("Record decision").await;
+    p.wait_for("Confirm that you have read", 20).await;
     holds_as_text(
         &p,
         &[("#comments", PAYLOADS[2]), ("#conditions", PAYLOADS[0])],

@@ -76,6 +76,7 @@ pub async fn drafted_study_with(
         SubmitPlan {
             manifest,
             files: vec![],
+            keep_files: vec![],
         },
     )
     .await

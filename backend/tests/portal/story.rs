@@ -49,9 +49,10 @@ async fn a_study_from_draft_to_model_in_the_browser() {
     p.sign_in("rhea@uni.example").await;
     let home = p.wait_for("What waits for you", 10).await;
     assert!(home.contains("Welcome, Rhea Researcher"), "{home}");
-    assert!(home.contains("No studies yet"), "{home}");
+    assert!(home.contains("Draft your first study"), "{home}");
+    assert_eq!(p.text_of("#waiting-count").await, "1", "one thing to do");
     p.shot("researcher-home").await;
-    p.press("No studies yet: draft your first study").await;
+    p.press("Draft your first study").await;
     p.wait_for("Draft a new study", 10).await;
     p.fill("#title", "Pneumothorax detection across two hospitals")
         .await;
@@ -143,9 +144,13 @@ async fn a_study_from_draft_to_model_in_the_browser() {
     // The committee member finds it in the queue and approves with conditions.
     p.sign_in("mira@ethics.example").await;
     let home = p.wait_for("What waits for you", 10).await;
-    assert!(home.contains("1 study awaits your review"), "{home}");
+    assert!(
+        home.contains("Review \"Pneumothorax detection across two hospitals\": it awaits your committee's decision"),
+        "{home}"
+    );
+    assert_eq!(p.text_of("#waiting-count").await, "1", "one review to do");
     p.shot("committee-home").await;
-    p.press("1 study awaits your review").await;
+    p.press("Reviews").await;
     p.wait_for("Review queue", 10).await;
     p.press("Pneumothorax detection across two hospitals").await;
     p.wait_for("Your committee's decision", 10).await;
@@ -203,10 +208,11 @@ async fn a_study_from_draft_to_model_in_the_browser() {
         p.sign_in(email).await;
         let home = p.wait_for("What waits for you", 10).await;
         assert!(
-            home.contains("1 data-access request for your site"),
+            home.contains("Decide 1 data-access request for your sites"),
             "{home}"
         );
-        p.press("1 data-access request for your site").await;
+        assert_eq!(p.text_of("#waiting-count").await, "1", "one request to decide");
+        p.press("Decide 1 data-access request for your sites").await;
         p.wait_for("Requests for your sites", 10).await;
         let table = p.text_of("#site-requests").await;
         assert!(table.contains(site) && !table.contains(other), "{table}");
@@ -217,6 +223,13 @@ async fn a_study_from_draft_to_model_in_the_browser() {
         .await;
         p.press("Approve").await;
         p.wait_for("Revoke", 20).await;
+        p.wait_for("Access is granted for this plan.", 10).await;
+        let counted = p
+            .browser
+            .find_all(fantoccini::Locator::Css("#waiting-count"))
+            .await
+            .unwrap();
+        assert!(counted.is_empty(), "nothing waits once decided");
         p.sign_out().await;
     }
 
@@ -301,7 +314,41 @@ async fn a_study_from_draft_to_model_in_the_browser() {
     );
     let state = p.text_of("#run-state").await;
     assert!(!state.contains("Round 0"), "{state}");
+    assert!(state.contains("Round 3 of 3"), "progress against the plan: {state}");
+    let sites_now = p.text_of("ul.site-states").await;
+    assert!(
+        sites_now.contains("North Hospital") && sites_now.contains("in round 3"),
+        "{sites_now}"
+    );
+    let chart = p.text_of("figure.chart").await;
+    assert!(
+        chart.contains("Round") && chart.contains("Held-out accuracy"),
+        "axis titles: {chart}"
+    );
+    assert!(p.title().await.starts_with("Run of Pneumothorax"), "{}", p.title().await);
     p.shot("run-completed").await;
+    // On a tablet and a phone: ticks stay readable, nothing scrolls the page sideways.
+    for (width, height) in [(820, 1180), (390, 844)] {
+        p.browser.set_window_size(width, height).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let tick = p
+            .browser
+            .execute(
+                r#"const t = document.querySelector('figure.chart text.tick');
+                   const svg = t.ownerSVGElement;
+                   const scale = svg.getBoundingClientRect().width / svg.viewBox.baseVal.width;
+                   return parseFloat(getComputedStyle(t).fontSize) * scale;"#,
+                vec![],
+            )
+            .await
+            .unwrap()
+            .as_f64()
+            .unwrap();
+        assert!(tick >= 12.0, "ticks drawn at {tick:.1} px at {width} px");
+        assert_eq!(p.overflow().await, None, "the run page at {width} px");
+        p.shot(&format!("run-at-{width}")).await;
+    }
+    p.browser.set_window_size(1280, 1000).await.unwrap();
 
     // The model's lineage names the approvals behind it.
     p.click("section.round a[href^='/models/']").await;
@@ -333,5 +380,73 @@ async fn a_study_from_draft_to_model_in_the_browser() {
         assert!(page.contains(action), "{action:?} in the trail: {page}");
     }
     p.shot("audit").await;
+
+    // Every page has its own title, and none scrolls sideways on a tablet or a phone.
+    let model_page = format!("/models/{}", first.id);
+    let run_page = format!("/runs/{run_id}");
+    let pages = [
+        "/",
+        "/studies",
+        "/studies/new",
+        "/reviews",
+        "/access",
+        "/runs",
+        run_page.as_str(),
+        "/sites",
+        "/models",
+        model_page.as_str(),
+        "/audit",
+    ];
+    let mut titles = std::collections::BTreeSet::new();
+    for (width, height) in [(1280, 1000), (820, 1180), (390, 844)] {
+        p.browser.set_window_size(width, height).await.unwrap();
+        for path in pages {
+            p.goto(path).await;
+            p.wait_for("Sign out", 10).await;
+            let title = p.title().await;
+            assert!(title.ends_with(" · Consilium"), "{path}: {title:?}");
+            titles.insert(title);
+            assert_eq!(p.overflow().await, None, "{path} at {width} px");
+        }
+        p.goto("/studies").await;
+        p.wait_for("Sign out", 10).await;
+        p.shot(&format!("studies-at-{width}")).await;
+    }
+    assert_eq!(titles.len(), pages.len(), "a title per page: {titles:?}");
+    // The focus ring stands out from the page: at least 3:1 against white.
+    use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+    use fantoccini::key::Key;
+    let tab = KeyActions::new("keyboard".into())
+        .then(KeyAction::Down { value: Key::Tab.into() })
+        .then(KeyAction::Up { value: Key::Tab.into() });
+    p.browser.perform_actions(tab).await.unwrap();
+    let ring = p
+        .browser
+        .execute(
+            r#"const a = document.activeElement;
+               const s = getComputedStyle(a);
+               return [s.outlineStyle, s.outlineWidth, s.outlineColor, a.textContent];"#,
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ring[0], "solid", "{ring}");
+    let colour: Vec<f64> = ring[2]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("rgb(")
+        .trim_end_matches(')')
+        .split(',')
+        .map(|c| c.trim().parse().unwrap())
+        .collect();
+    let lum = |c: &[f64]| {
+        let lin = |v: f64| {
+            let v = v / 255.0;
+            if v <= 0.04045 { v / 12.92 } else { ((v + 0.055) / 1.055).powf(2.4) }
+        };
+        0.2126 * lin(c[0]) + 0.7152 * lin(c[1]) + 0.0722 * lin(c[2])
+    };
+    let contrast = 1.05 / (lum(&colour) + 0.05);
+    assert!(contrast >= 3.0, "focus ring {ring} has {contrast:.1}:1 against white");
     p.close().await;
 }

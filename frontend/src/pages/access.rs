@@ -19,6 +19,7 @@ use crate::server::{
 pub fn Access() -> impl IntoView {
     let data = Resource::new(|| (), |_| load_access());
     view! {
+        <leptos_meta::Title text="Data access"/>
         <h1>"Data access"</h1>
         <FormError/>
         <Suspense fallback=loading>

@@ -23,6 +23,7 @@ pub fn Audit() -> impl IntoView {
     let data = Resource::new(filter, |(a, b, c, d)| load_audit(a, b, c, d));
     let (actor, action, object_type, object_id) = filter();
     view! {
+        <leptos_meta::Title text="Audit trail"/>
         <h1>"Audit trail"</h1>
         <form method="get" action="/audit" class="card filters" role="search">
             <div><label for="actor">"Actor (user id or system)"</label><input id="actor" name="actor" value=actor/></div>

@@ -19,6 +19,7 @@ pub fn NotFound() -> impl IntoView {
         res.set_status(actix_web::http::StatusCode::NOT_FOUND);
     }
     view! {
+        <leptos_meta::Title text="Page not found"/>
         <h1>"Page not found"</h1>
         <p>"There is no page at this address. Use the navigation above, or go to the "<a href="/">"home page"</a>"."</p>
     }

@@ -15,6 +15,7 @@ use crate::server::{LineagePage, ModelAction, load_lineage, load_models};
 pub fn Models() -> impl IntoView {
     let data = Resource::new(|| (), |_| load_models());
     view! {
+        <leptos_meta::Title text="Models"/>
         <h1>"Models"</h1>
         <Suspense fallback=loading>
             {move || Suspend::new(async move {
@@ -55,6 +56,7 @@ pub fn Lineage() -> impl IntoView {
         load_lineage,
     );
     view! {
+        <leptos_meta::Title text="Model lineage"/>
         <Suspense fallback=loading>
             {move || Suspend::new(async move {
                 match data.await {

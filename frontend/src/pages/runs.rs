@@ -15,6 +15,7 @@ use crate::server::{RunPage, StudyAction, load_run, load_runs};
 pub fn Runs() -> impl IntoView {
     let data = Resource::new(|| (), |_| load_runs());
     view! {
+        <leptos_meta::Title text="Runs"/>
         <h1>"Runs"</h1>
         <Suspense fallback=loading>
             {move || Suspend::new(async move {
@@ -76,8 +77,12 @@ pub fn Run() -> impl IntoView {
         <Transition fallback=loading>
             {move || Suspend::new(async move {
                 match data.await {
-                    Ok(d) => view! { <RunView d/> }.into_any(),
-                    Err(e) => view! { <h1>"Run"</h1><Failure error=e/> }.into_any(),
+                    Ok(d) => {
+                        let title = format!("Run of {}", d.study.title);
+                        let page = view! { <RunView d/> }.into_any();
+                        view! { <leptos_meta::Title text=title/>{page} }.into_any()
+                    }
+                    Err(e) => view! { <leptos_meta::Title text="Run"/><h1>"Run"</h1><Failure error=e/> }.into_any(),
                 }
             })}
         </Transition>
@@ -133,10 +138,30 @@ fn RunView(d: RunPage) -> impl IntoView {
     let loss_series = series(|m| m.loss);
     let has_points = models.iter().any(|m| m.evaluation.is_some());
     // Where the run is: its latest round and that round's state.
-    let round_state = match d.rounds.iter().max_by_key(|x| x.number) {
-        Some(x) => format!("Round {}: {}", x.number, x.state),
-        None => "No round opened yet".to_string(),
+    let of = d
+        .rounds_planned
+        .map(|n| format!(" of {n}"))
+        .unwrap_or_default();
+    let latest = d.rounds.iter().max_by_key(|x| x.number);
+    let round_state = match latest {
+        Some(x) => format!("Round {}{of}: {}", x.number, x.state),
+        None => format!("No round opened yet{}", d.rounds_planned.map(|n| format!(" ({n} planned)")).unwrap_or_default()),
     };
+    // Each site now: what it does in the latest round, and whether its worker is heard.
+    let site_states = latest.map(|x| {
+        x.sites.iter().map(|s| {
+            let doing = match s.status.as_str() {
+                "waiting" if going => format!("training in round {}", x.number),
+                "waiting" => format!("did not report in round {}", x.number),
+                other => format!("{} in round {}", other.replace('_', " "), x.number),
+            };
+            let worker = d.health.iter().find(|h| h.site_id == s.site_id).map(|h| {
+                let heard = h.last_seen.as_ref().map(|t| format!(", last heard {}", when(t))).unwrap_or_default();
+                format!(" · worker {}{heard}", h.state)
+            }).unwrap_or_default();
+            view! { <li><strong>{s.site_name.clone()}</strong>": "{doing}{worker}</li> }
+        }).collect_view()
+    });
 
     // A DP-SGD run shows what each round cost each site's patients.
     let private = d
@@ -235,11 +260,12 @@ fn RunView(d: RunPage) -> impl IntoView {
                 <button type="submit" class="danger">"Stop run"</button>
             </form>
         })}
+        {site_states.map(|l| view! { <h2 id="sites-now">"Sites"</h2><ul class="site-states">{l}</ul> })}
         {flag_notes}
         {has_points.then(|| view! {
             <div class="charts">
-                <LineChart title="Accuracy per round".to_string() series=acc_series unit_max=1.0/>
-                <LineChart title="Loss per round".to_string() series=loss_series/>
+                <LineChart title="Accuracy per round".to_string() y_title="Held-out accuracy".to_string() series=acc_series unit_max=1.0/>
+                <LineChart title="Loss per round".to_string() y_title="Held-out loss".to_string() series=loss_series/>
             </div>
         })}
         <h2>"Rounds"</h2>

@@ -23,6 +23,7 @@ pub fn health_words(h: &SiteHealthDto) -> String {
 pub fn Sites() -> impl IntoView {
     let data = Resource::new(|| (), |_| load_sites());
     view! {
+        <leptos_meta::Title text="Sites"/>
         <h1>"Site health"</h1>
         <p class="hint">"Each site's worker reports every few seconds; one not heard for a minute is offline."</p>
         <Suspense fallback=loading>

@@ -18,6 +18,7 @@ pub fn Studies() -> impl IntoView {
     let data = Resource::new(|| (), |_| load_studies());
     let me = expect_context::<MeResource>();
     view! {
+        <leptos_meta::Title text="Studies"/>
         <h1>"Studies"</h1>
         <Suspense fallback=loading>
             {move || Suspend::new(async move {
@@ -71,6 +72,7 @@ fn StudyTable(d: StudiesData) -> impl IntoView {
 pub fn NewStudy() -> impl IntoView {
     let data = Resource::new(|| (), |_| load_studies());
     view! {
+        <leptos_meta::Title text="Draft a new study"/>
         <h1>"Draft a new study"</h1>
         <FormError/>
         <Suspense fallback=loading>
@@ -92,6 +94,7 @@ pub fn EditStudy() -> impl IntoView {
         load_study,
     );
     view! {
+        <leptos_meta::Title text="Edit study"/>
         <h1>"Edit study"</h1>
         <FormError/>
         <Suspense fallback=loading>
@@ -214,6 +217,7 @@ pub fn Reviews() -> impl IntoView {
     let data = Resource::new(|| (), |_| load_studies());
     let me = expect_context::<MeResource>();
     view! {
+        <leptos_meta::Title text="Review queue"/>
         <h1>"Review queue"</h1>
         <Suspense fallback=loading>
             {move || Suspend::new(async move {

@@ -26,8 +26,12 @@ pub fn Study() -> impl IntoView {
         <Suspense fallback=loading>
             {move || Suspend::new(async move {
                 match data.await {
-                    Ok(d) => view! { <StudyView d/> }.into_any(),
-                    Err(e) => view! { <h1>"Study"</h1><Failure error=e/> }.into_any(),
+                    Ok(d) => {
+                        let title = format!("{} (study)", d.study.title);
+                        let page = view! { <StudyView d/> }.into_any();
+                        view! { <leptos_meta::Title text=title/>{page} }.into_any()
+                    }
+                    Err(e) => view! { <leptos_meta::Title text="Study"/><h1>"Study"</h1><Failure error=e/> }.into_any(),
                 }
             })}
         </Suspense>
@@ -143,6 +147,10 @@ fn StudyView(d: StudyPage) -> impl IntoView {
         .as_ref()
         .and_then(|p| serde_json::to_string_pretty(&p.manifest).ok())
         .unwrap_or_else(|| EXAMPLE_MANIFEST.to_string());
+    let latest_attached: Vec<(String, u64)> = latest
+        .as_ref()
+        .map(|p| p.files.iter().map(|f| (f.name.clone(), f.size)).collect())
+        .unwrap_or_default();
     let can_edit = owner && s.status != StudyStatus::Submitted && s.status != StudyStatus::Rejected;
     let can_submit =
         owner && matches!(s.status, StudyStatus::Draft | StudyStatus::ChangesRequested);
@@ -318,12 +326,12 @@ fn StudyView(d: StudyPage) -> impl IntoView {
                 </details>
             })}
             {owner.then(|| view! {
-                <details class="card" id="plan-form" open=d.plans.is_empty()>
+                <details class="card" id="plan-form" open=d.plans.is_empty() || crate::flash::typed_into("manifest")>
                     <summary>"Submit a training plan"</summary>
                     {(s.status == StudyStatus::Approved).then(|| view! {
                         <p class="notice warn" role="note">"This study is approved. A new plan version returns it to draft: the committee must decide again, and each site's grant must name the new plan before a run can start."</p>
                     })}
-                    <PlanForm study_id=sid.clone() manifest=typed("manifest", &manifest_default)/>
+                    <PlanForm study_id=sid.clone() manifest=typed("manifest", &manifest_default) attached=latest_attached.clone()/>
                 </details>
             })}
         </section>
@@ -703,8 +711,23 @@ fn privacy_budget_words(
 /// loaded; without it, "Check the plan" asks the server), the choices of every setting, and
 /// the attachments.
 #[component]
-fn PlanForm(study_id: String, manifest: String) -> AnyView {
+fn PlanForm(study_id: String, manifest: String, attached: Vec<(String, u64)>) -> AnyView {
     let problems = RwSignal::new(plan_problems(&manifest));
+    let carried = (!attached.is_empty()).then(|| view! {
+        <fieldset class="keep-files">
+            <legend>"Attachments of the latest version, carried into the new one"</legend>
+            <p class="hint">"Untick a file to leave it out; a file uploaded below under the same name replaces it."</p>
+            {attached.into_iter().enumerate().map(|(i, (name, size))| {
+                let id = format!("keep-{i}");
+                view! {
+                    <div class="check">
+                        <input type="checkbox" id=id.clone() name="keep_files" value=name.clone() checked=true/>
+                        <label for=id>{name}" ("{size}" bytes)"</label>
+                    </div>
+                }
+            }).collect_view()}
+        </fieldset>
+    });
     view! {
         <form method="post" action=SubmitPlan::url() enctype="multipart/form-data"><CsrfField plain=true/>
             <input type="hidden" name="study_id" value=study_id/>
@@ -736,6 +759,7 @@ fn PlanForm(study_id: String, manifest: String) -> AnyView {
                     </tbody>
                 </table>
             </details>
+            {carried}
             <label for="files">"Attachments (training code, documentation)"</label>
             <input id="files" type="file" name="files" multiple/>
             <div class="row">
