@@ -251,7 +251,9 @@ impl Done {
 }
 
 /// What was typed into a form, to fill it again (never a password).
-fn kept(form: &std::collections::HashMap<String, String>) -> std::collections::HashMap<String, String> {
+fn kept(
+    form: &std::collections::HashMap<String, String>,
+) -> std::collections::HashMap<String, String> {
     form.iter()
         .filter(|(k, _)| !k.contains("password"))
         .map(|(k, v)| (k.clone(), v.clone()))

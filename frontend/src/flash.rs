@@ -185,7 +185,11 @@ mod server {
         let Some(req) = use_context::<leptos_actix::Request>() else {
             return Flash::default();
         };
-        let Some(token) = req.into_inner().cookie(COOKIE).map(|c| c.value().to_string()) else {
+        let Some(token) = req
+            .into_inner()
+            .cookie(COOKIE)
+            .map(|c| c.value().to_string())
+        else {
             return Flash::default();
         };
         set_cookie(cookie(String::new(), Duration::ZERO));
@@ -203,7 +207,10 @@ mod server {
             let store = FlashStore::default();
             let token = store.insert(Flash::notice("Saved.")).unwrap();
             assert_eq!(token.len(), 64);
-            assert_eq!(store.take(&token).unwrap().notice.as_deref(), Some("Saved."));
+            assert_eq!(
+                store.take(&token).unwrap().notice.as_deref(),
+                Some("Saved.")
+            );
             assert!(store.take(&token).is_none(), "shown once");
             assert!(store.take("guessed").is_none());
         }

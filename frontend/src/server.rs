@@ -320,9 +320,7 @@ pub async fn load_run(id: String) -> Result<RunPage, PortalError> {
     let api = Api::current()?;
     let id = forms::uuid("run", &id)?;
     let run: RunDto = api.get(&format!("/runs/{id}")).await?;
-    let plans: Vec<PlanDto> = api
-        .get(&format!("/studies/{}/plans", run.study_id))
-        .await?;
+    let plans: Vec<PlanDto> = api.get(&format!("/studies/{}/plans", run.study_id)).await?;
     Ok(RunPage {
         rounds_planned: plans
             .iter()

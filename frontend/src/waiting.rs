@@ -83,11 +83,9 @@ pub async fn waiting(api: &Api, g: &Gathered) -> Result<Vec<Waiting>, PortalErro
     let mut items = Vec::new();
 
     if has(Role::CommitteeMember) {
-        for s in g
-            .studies
-            .iter()
-            .filter(|s| s.status == StudyStatus::Submitted && my_committees.contains(&s.committee_id))
-        {
+        for s in g.studies.iter().filter(|s| {
+            s.status == StudyStatus::Submitted && my_committees.contains(&s.committee_id)
+        }) {
             items.push(act(
                 format!("Review {:?}: it awaits your committee's decision", s.title),
                 format!("/studies/{}", s.id),
@@ -152,7 +150,11 @@ pub async fn waiting(api: &Api, g: &Gathered) -> Result<Vec<Waiting>, PortalErro
                 && g.studies.iter().any(|s| s.id == p.study_id && mine(s))
         }) {
             items.push(news(
-                format!("{}'s preview for {} is released", p.site_name, title(p.study_id)),
+                format!(
+                    "{}'s preview for {} is released",
+                    p.site_name,
+                    title(p.study_id)
+                ),
                 format!("/studies/{}#previews-h", p.study_id),
             ));
         }
@@ -192,10 +194,7 @@ pub async fn waiting(api: &Api, g: &Gathered) -> Result<Vec<Waiting>, PortalErro
             }
         }
         if own.is_empty() {
-            items.push(act(
-                "Draft your first study".into(),
-                "/studies/new".into(),
-            ));
+            items.push(act("Draft your first study".into(), "/studies/new".into()));
         }
     }
 
@@ -208,8 +207,7 @@ pub async fn waiting(api: &Api, g: &Gathered) -> Result<Vec<Waiting>, PortalErro
         ));
     }
     for r in g.runs.iter().filter(|r| {
-        matches!(r.status.as_str(), "completed" | "failed" | "stopped")
-            && r.created_at > recent
+        matches!(r.status.as_str(), "completed" | "failed" | "stopped") && r.created_at > recent
     }) {
         let words = match r.status.as_str() {
             "completed" => "finished",

@@ -87,7 +87,11 @@ fn carry_forward(
             "keep_files: plan version {} has no attachment {}; it has {}.",
             latest.version,
             missing.join(", "),
-            if had.is_empty() { "none".to_string() } else { had.join(", ") }
+            if had.is_empty() {
+                "none".to_string()
+            } else {
+                had.join(", ")
+            }
         )]));
     }
     Ok(())

@@ -54,11 +54,7 @@ async fn callback_url(app: &TestApp, login: &str) -> (reqwest::Client, url::Url)
     callback_url_from(app, login, "/api/v1/auth/oidc/login").await
 }
 
-async fn callback_url_from(
-    app: &TestApp,
-    login: &str,
-    start: &str,
-) -> (reqwest::Client, url::Url) {
+async fn callback_url_from(app: &TestApp, login: &str, start: &str) -> (reqwest::Client, url::Url) {
     let browser = reqwest::Client::builder()
         .cookie_store(true)
         .redirect(reqwest::redirect::Policy::none())
@@ -200,7 +196,12 @@ async fn sign_in_with_a_real_openid_provider(db: Db) {
         page.contains("http-equiv=\"refresh\" content=\"0;url=/studies?q=x\""),
         "{page}"
     );
-    for evil in ["//evil.example/x", "https://evil.example/", "/api/v1/tokens", "/%22%3E%3Cscript%3E"] {
+    for evil in [
+        "//evil.example/x",
+        "https://evil.example/",
+        "/api/v1/tokens",
+        "/\"><script>",
+    ] {
         let refused = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()

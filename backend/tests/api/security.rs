@@ -519,11 +519,42 @@ async fn plan_uploads_are_refused_before_they_are_read() {
         )
     };
     // Signed out: refused at once (before: all 60 MB read, then refused).
+    // What it says comes in a one-time flash, shown by the next page.
+    let flashed = |answer: &str, cookies: String| {
+        let token = answer
+            .lines()
+            .find_map(|l| l.strip_prefix("set-cookie: consilium_flash="))
+            .and_then(|v| v.split(';').next())
+            .unwrap_or_else(|| panic!("a flash cookie: {answer}"))
+            .to_string();
+        let to = answer
+            .lines()
+            .find_map(|l| l.strip_prefix("location: "))
+            .unwrap_or_else(|| panic!("a redirect: {answer}"))
+            .trim()
+            .to_string();
+        assert!(!to.contains('?'), "nothing in the URL: {to}");
+        let client = app.client.clone();
+        let url = format!("{}{to}", app.address);
+        async move {
+            client
+                .get(url)
+                .header(COOKIE, format!("consilium_flash={token}{cookies}"))
+                .header("accept", "text/html")
+                .send()
+                .await
+                .expect("page")
+                .text()
+                .await
+                .expect("html")
+        }
+    };
     let answer = answer_before_body(&app, &head(""), &body).await;
     assert!(answer.starts_with("HTTP/1.1 302"), "{answer}");
+    let page = flashed(&answer, String::new()).await;
     assert!(
-        answer.contains("sign+in") || answer.contains("Sign+in"),
-        "{answer}"
+        page.contains("sign in") || page.contains("Sign in"),
+        "{page}"
     );
     // Signed in: larger than the limit, refused with the limit in words.
     let session = app.sign_in(&w.researcher.email).await;
@@ -534,7 +565,8 @@ async fn plan_uploads_are_refused_before_they_are_read() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 302"), "{answer}");
-    assert!(answer.contains("larger+than+the"), "{answer}");
+    let page = flashed(&answer, format!("; consilium_session={session}")).await;
+    assert!(page.contains("larger than the"), "{page}");
     // No plan was added.
     let plans = app
         .get(&format!("/api/v1/studies/{sid}/plans"), &w.researcher.auth)

@@ -338,10 +338,13 @@ impl Portal {
             .execute(
                 r#"const w = window.innerWidth;
                    if (document.documentElement.scrollWidth <= w) return null;
+                   const wide = e => e.getBoundingClientRect().right > w + 1;
+                   const name = e => e.tagName + (e.id ? '#' + e.id : '') + '.' + (e.getAttribute('class') || '')
+                     + ' ' + Math.round(e.getBoundingClientRect().width) + ' px';
                    return [...document.querySelectorAll('body *')]
-                     .filter(e => e.getBoundingClientRect().right > w + 1 && !e.closest('.scroll, .plot, pre, table'))
+                     .filter(e => wide(e) && !wide(e.parentElement) && !e.closest('.scroll, .plot, pre, table'))
                      .slice(0, 5)
-                     .map(e => e.tagName + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))
+                     .map(e => name(e) + ' in ' + name(e.parentElement))
                      .join('; ') + ' (page ' + document.documentElement.scrollWidth + ' px)';"#,
                 vec![],
             )

@@ -82,7 +82,11 @@ async fn pages_and_forms_work_without_the_bundle() {
         .await
         .unwrap();
     assert_eq!(wrong.url().path(), "/signin");
-    assert!(wrong.url().query().is_none(), "nothing in the URL: {}", wrong.url());
+    assert!(
+        wrong.url().query().is_none(),
+        "nothing in the URL: {}",
+        wrong.url()
+    );
     let html = wrong.text().await.unwrap();
     assert!(
         html.contains("The email or the password is wrong."),
@@ -117,7 +121,10 @@ async fn pages_and_forms_work_without_the_bundle() {
     assert!(html.contains("<title>Runs · Consilium</title>"), "{html}");
     let home = browser.get(format!("{url}/")).send().await.unwrap();
     let html = home.text().await.unwrap();
-    assert!(!html.contains("Signed in as"), "a status message is shown once: {html}");
+    assert!(
+        !html.contains("Signed in as"),
+        "a status message is shown once: {html}"
+    );
     assert!(
         html.contains("Welcome") && html.contains("Rhea Researcher"),
         "{html}"

@@ -130,11 +130,16 @@ async fn the_plan_form_shows_the_problems_before_submitting() {
         carried.contains("train.py") && carried.contains("README.txt"),
         "{carried}"
     );
-    p.click("fieldset.keep-files input[value='README.txt']").await;
-    manifest.rounds = 6;
-    p.fill("#manifest", &serde_json::to_string_pretty(&manifest).unwrap())
+    p.click("fieldset.keep-files input[value='README.txt']")
         .await;
-    p.shot_at("plan-keeps-attachments", "fieldset.keep-files").await;
+    manifest.rounds = 6;
+    p.fill(
+        "#manifest",
+        &serde_json::to_string_pretty(&manifest).unwrap(),
+    )
+    .await;
+    p.shot_at("plan-keeps-attachments", "fieldset.keep-files")
+        .await;
     p.press("Submit plan").await;
     p.wait_for("The training plan is submitted as a new version.", 20)
         .await;
@@ -144,6 +149,10 @@ async fn the_plan_form_shows_the_problems_before_submitting() {
     let latest = plans.iter().max_by_key(|x| x.version).unwrap();
     assert_eq!(latest.manifest.rounds, 6);
     let names: Vec<&str> = latest.files.iter().map(|f| f.name.as_str()).collect();
-    assert_eq!(names, ["train.py"], "kept the ticked one, left the unticked one");
+    assert_eq!(
+        names,
+        ["train.py"],
+        "kept the ticked one, left the unticked one"
+    );
     p.close().await;
 }

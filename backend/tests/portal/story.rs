@@ -211,7 +211,11 @@ async fn a_study_from_draft_to_model_in_the_browser() {
             home.contains("Decide 1 data-access request for your sites"),
             "{home}"
         );
-        assert_eq!(p.text_of("#waiting-count").await, "1", "one request to decide");
+        assert_eq!(
+            p.text_of("#waiting-count").await,
+            "1",
+            "one request to decide"
+        );
         p.press("Decide 1 data-access request for your sites").await;
         p.wait_for("Requests for your sites", 10).await;
         let table = p.text_of("#site-requests").await;
@@ -314,7 +318,10 @@ async fn a_study_from_draft_to_model_in_the_browser() {
     );
     let state = p.text_of("#run-state").await;
     assert!(!state.contains("Round 0"), "{state}");
-    assert!(state.contains("Round 3 of 3"), "progress against the plan: {state}");
+    assert!(
+        state.contains("Round 3 of 3"),
+        "progress against the plan: {state}"
+    );
     let sites_now = p.text_of("ul.site-states").await;
     assert!(
         sites_now.contains("North Hospital") && sites_now.contains("in round 3"),
@@ -325,7 +332,11 @@ async fn a_study_from_draft_to_model_in_the_browser() {
         chart.contains("Round") && chart.contains("Held-out accuracy"),
         "axis titles: {chart}"
     );
-    assert!(p.title().await.starts_with("Run of Pneumothorax"), "{}", p.title().await);
+    assert!(
+        p.title().await.starts_with("Run of Pneumothorax"),
+        "{}",
+        p.title().await
+    );
     p.shot("run-completed").await;
     // On a tablet and a phone: ticks stay readable, nothing scrolls the page sideways.
     for (width, height) in [(820, 1180), (390, 844)] {
@@ -417,8 +428,12 @@ async fn a_study_from_draft_to_model_in_the_browser() {
     use fantoccini::actions::{InputSource, KeyAction, KeyActions};
     use fantoccini::key::Key;
     let tab = KeyActions::new("keyboard".into())
-        .then(KeyAction::Down { value: Key::Tab.into() })
-        .then(KeyAction::Up { value: Key::Tab.into() });
+        .then(KeyAction::Down {
+            value: Key::Tab.into(),
+        })
+        .then(KeyAction::Up {
+            value: Key::Tab.into(),
+        });
     p.browser.perform_actions(tab).await.unwrap();
     let ring = p
         .browser
@@ -442,11 +457,18 @@ async fn a_study_from_draft_to_model_in_the_browser() {
     let lum = |c: &[f64]| {
         let lin = |v: f64| {
             let v = v / 255.0;
-            if v <= 0.04045 { v / 12.92 } else { ((v + 0.055) / 1.055).powf(2.4) }
+            if v <= 0.04045 {
+                v / 12.92
+            } else {
+                ((v + 0.055) / 1.055).powf(2.4)
+            }
         };
         0.2126 * lin(c[0]) + 0.7152 * lin(c[1]) + 0.0722 * lin(c[2])
     };
     let contrast = 1.05 / (lum(&colour) + 0.05);
-    assert!(contrast >= 3.0, "focus ring {ring} has {contrast:.1}:1 against white");
+    assert!(
+        contrast >= 3.0,
+        "focus ring {ring} has {contrast:.1}:1 against white"
+    );
     p.close().await;
 }

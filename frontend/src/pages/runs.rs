@@ -145,22 +145,39 @@ fn RunView(d: RunPage) -> impl IntoView {
     let latest = d.rounds.iter().max_by_key(|x| x.number);
     let round_state = match latest {
         Some(x) => format!("Round {}{of}: {}", x.number, x.state),
-        None => format!("No round opened yet{}", d.rounds_planned.map(|n| format!(" ({n} planned)")).unwrap_or_default()),
+        None => format!(
+            "No round opened yet{}",
+            d.rounds_planned
+                .map(|n| format!(" ({n} planned)"))
+                .unwrap_or_default()
+        ),
     };
     // Each site now: what it does in the latest round, and whether its worker is heard.
     let site_states = latest.map(|x| {
-        x.sites.iter().map(|s| {
-            let doing = match s.status.as_str() {
-                "waiting" if going => format!("training in round {}", x.number),
-                "waiting" => format!("did not report in round {}", x.number),
-                other => format!("{} in round {}", other.replace('_', " "), x.number),
-            };
-            let worker = d.health.iter().find(|h| h.site_id == s.site_id).map(|h| {
-                let heard = h.last_seen.as_ref().map(|t| format!(", last heard {}", when(t))).unwrap_or_default();
-                format!(" · worker {}{heard}", h.state)
-            }).unwrap_or_default();
-            view! { <li><strong>{s.site_name.clone()}</strong>": "{doing}{worker}</li> }
-        }).collect_view()
+        x.sites
+            .iter()
+            .map(|s| {
+                let doing = match s.status.as_str() {
+                    "waiting" if going => format!("training in round {}", x.number),
+                    "waiting" => format!("did not report in round {}", x.number),
+                    other => format!("{} in round {}", other.replace('_', " "), x.number),
+                };
+                let worker = d
+                    .health
+                    .iter()
+                    .find(|h| h.site_id == s.site_id)
+                    .map(|h| {
+                        let heard = h
+                            .last_seen
+                            .as_ref()
+                            .map(|t| format!(", last heard {}", when(t)))
+                            .unwrap_or_default();
+                        format!(" · worker {}{heard}", h.state)
+                    })
+                    .unwrap_or_default();
+                view! { <li><strong>{s.site_name.clone()}</strong>": "{doing}{worker}</li> }
+            })
+            .collect_view()
     });
 
     // A DP-SGD run shows what each round cost each site's patients.
