@@ -137,14 +137,8 @@ pub fn to_dto(e: audit_event::Model) -> AuditEventDto {
     }
 }
 
-/// Events matching a filter, in log order.
-pub async fn list<C: ConnectionTrait>(db: &C, q: &AuditQuery) -> AppResult<Vec<AuditEventDto>> {
-    let limit = u64::from(q.limit.unwrap_or(100));
-    if limit == 0 || limit > 1000 {
-        return Err(AppError::Invalid(
-            "limit must be between 1 and 1000.".into(),
-        ));
-    }
+/// Checks a filter's values; says which one is wrong and how.
+fn check_filter(q: &AuditQuery) -> AppResult<()> {
     for (name, value) in [
         ("actor", &q.actor),
         ("action", &q.action),
@@ -160,7 +154,21 @@ pub async fn list<C: ConnectionTrait>(db: &C, q: &AuditQuery) -> AppResult<Vec<A
             )));
         }
     }
-    let mut select = audit_event::Entity::find().order_by_asc(audit_event::Column::Seq);
+    if let (Some(from), Some(to)) = (q.from, q.to)
+        && from >= to
+    {
+        return Err(AppError::Invalid(format!(
+            "from ({}) must be before to ({}).",
+            from.to_rfc3339(),
+            to.to_rfc3339()
+        )));
+    }
+    Ok(())
+}
+
+/// The events a filter selects (actor, action, object, time), in no order yet.
+fn filtered(q: &AuditQuery) -> sea_orm::Select<audit_event::Entity> {
+    let mut select = audit_event::Entity::find();
     if let Some(v) = &q.actor {
         // A user id matches every credential it acted with (`<id> via session`, `<id> via
         // token …`); the full name matches itself.
@@ -179,10 +187,50 @@ pub async fn list<C: ConnectionTrait>(db: &C, q: &AuditQuery) -> AppResult<Vec<A
     if let Some(v) = &q.object_id {
         select = select.filter(audit_event::Column::ObjectId.eq(v.as_str()));
     }
-    if let Some(after) = q.after_seq {
-        select = select.filter(audit_event::Column::Seq.gt(after));
+    if let Some(from) = q.from {
+        select = select.filter(audit_event::Column::At.gte(from));
     }
-    let rows = select.limit(limit).all(db).await?;
+    if let Some(to) = q.to {
+        select = select.filter(audit_event::Column::At.lt(to));
+    }
+    select
+}
+
+/// Events matching a filter, in log order: the first `limit` (after `after_seq`), or the
+/// last `limit` before `before_seq`.
+pub async fn list<C: ConnectionTrait>(db: &C, q: &AuditQuery) -> AppResult<Vec<AuditEventDto>> {
+    let limit = u64::from(q.limit.unwrap_or(100));
+    if limit == 0 || limit > 1000 {
+        return Err(AppError::Invalid(
+            "limit must be between 1 and 1000.".into(),
+        ));
+    }
+    check_filter(q)?;
+    if q.after_seq.is_some() && q.before_seq.is_some() {
+        return Err(AppError::Invalid(
+            "Give after_seq (the page after) or before_seq (the page before), not both.".into(),
+        ));
+    }
+    let select = filtered(q);
+    let rows = match q.before_seq {
+        Some(before) => {
+            let mut rows = select
+                .filter(audit_event::Column::Seq.lt(before))
+                .order_by_desc(audit_event::Column::Seq)
+                .limit(limit)
+                .all(db)
+                .await?;
+            rows.reverse();
+            rows
+        }
+        None => {
+            let mut select = select.order_by_asc(audit_event::Column::Seq);
+            if let Some(after) = q.after_seq {
+                select = select.filter(audit_event::Column::Seq.gt(after));
+            }
+            select.limit(limit).all(db).await?
+        }
+    };
     Ok(rows.into_iter().map(to_dto).collect())
 }
 
@@ -191,9 +239,19 @@ const PAGE: u64 = 1000;
 /// Calls `f` on every event in log order, a page at a time.
 pub async fn for_each<C: ConnectionTrait>(
     db: &C,
+    f: impl FnMut(audit_event::Model) -> AppResult<()>,
+) -> AppResult<()> {
+    for_each_matching(db, &AuditQuery::default(), f).await
+}
+
+/// Calls `f` on every event a filter selects, in log order, a page at a time.
+pub async fn for_each_matching<C: ConnectionTrait>(
+    db: &C,
+    q: &AuditQuery,
     mut f: impl FnMut(audit_event::Model) -> AppResult<()>,
 ) -> AppResult<()> {
-    let mut pages = audit_event::Entity::find()
+    check_filter(q)?;
+    let mut pages = filtered(q)
         .order_by_asc(audit_event::Column::Seq)
         .paginate(db, PAGE);
     while let Some(rows) = pages.fetch_and_next().await? {

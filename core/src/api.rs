@@ -532,12 +532,22 @@ pub struct AuditQuery {
     pub object_type: Option<String>,
     #[serde(default)]
     pub object_id: Option<String>,
+    /// Events at or after this time (RFC 3339, e.g. `2026-12-01T00:00:00Z`).
+    #[serde(default)]
+    pub from: Option<DateTime<Utc>>,
+    /// Events before this time (RFC 3339).
+    #[serde(default)]
+    pub to: Option<DateTime<Utc>>,
     /// At most this many events (default 100, at most 1000).
     #[serde(default)]
     pub limit: Option<u32>,
-    /// Events after this sequence number.
+    /// Events after this sequence number (the page after, in log order).
     #[serde(default)]
     pub after_seq: Option<i64>,
+    /// Events before this sequence number: the `limit` newest of them, still in log order
+    /// (the page before; not together with `after_seq`).
+    #[serde(default)]
+    pub before_seq: Option<i64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -559,6 +569,35 @@ pub struct ExportQuery {
     /// `jsonl` (default), `csv`, or `signatures` (the signed site updates, JSON lines).
     #[serde(default)]
     pub format: Option<ExportFormat>,
+    /// The events of `/audit/events`' filters only (every event when none is given; not
+    /// with `signatures`).
+    #[serde(default)]
+    pub actor: Option<String>,
+    #[serde(default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub object_type: Option<String>,
+    #[serde(default)]
+    pub object_id: Option<String>,
+    #[serde(default)]
+    pub from: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub to: Option<DateTime<Utc>>,
+}
+
+impl ExportQuery {
+    /// The filters, as `/audit/events` takes them.
+    pub fn filter(&self) -> AuditQuery {
+        AuditQuery {
+            actor: self.actor.clone(),
+            action: self.action.clone(),
+            object_type: self.object_type.clone(),
+            object_id: self.object_id.clone(),
+            from: self.from,
+            to: self.to,
+            ..AuditQuery::default()
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

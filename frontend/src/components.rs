@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use consilium_core::Role;
 use leptos::prelude::*;
+use leptos_router::hooks::use_query_map;
 
 use crate::error::PortalError;
 
@@ -230,5 +231,132 @@ pub fn LineChart(
             <ul class="legend">{legend}</ul>
             <table class="sr-only"><caption>{title}</caption><tbody>{table_rows}</tbody></table>
         </figure>
+    }
+}
+
+/// Rows per page of a list (studies, runs, models, requests).
+pub const LIST_PAGE: usize = 25;
+
+/// A list's search and page, as the URL carries them (`?q=…&page=…`, pages from 1).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ListQuery {
+    pub q: String,
+    pub page: usize,
+}
+
+pub fn list_query() -> ListQuery {
+    let q = use_query_map();
+    let q = q.read_untracked();
+    ListQuery {
+        q: q.get("q").unwrap_or_default().trim().to_string(),
+        page: q
+            .get("page")
+            .and_then(|p| p.parse::<usize>().ok())
+            .filter(|p| *p >= 1)
+            .unwrap_or(1),
+    }
+}
+
+/// A page of a list: the items whose `text` holds every word of the search (any case).
+pub struct Paged<T> {
+    pub rows: Vec<T>,
+    pub total: usize,
+    pub matching: usize,
+    pub page: usize,
+    pub pages: usize,
+    pub query: ListQuery,
+}
+
+pub fn page_of<T: Clone>(items: &[T], text: impl Fn(&T) -> String) -> Paged<T> {
+    let query = list_query();
+    let words: Vec<String> = query
+        .q
+        .to_lowercase()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let matching: Vec<&T> = items
+        .iter()
+        .filter(|i| {
+            let t = text(i).to_lowercase();
+            words.iter().all(|w| t.contains(w.as_str()))
+        })
+        .collect();
+    let pages = matching.len().div_ceil(LIST_PAGE).max(1);
+    let page = query.page.min(pages);
+    let rows = matching
+        .iter()
+        .skip((page - 1) * LIST_PAGE)
+        .take(LIST_PAGE)
+        .map(|t| (*t).clone())
+        .collect();
+    Paged {
+        rows,
+        total: items.len(),
+        matching: matching.len(),
+        page,
+        pages,
+        query,
+    }
+}
+
+/// The search box of a list and where the list stands ("3 of 40 match"), with its pages.
+#[component]
+pub fn ListSearch(
+    /// What is listed, e.g. "studies".
+    what: &'static str,
+    path: &'static str,
+    total: usize,
+    matching: usize,
+    page: usize,
+    pages: usize,
+    query: ListQuery,
+) -> impl IntoView {
+    let searched = query.q.clone();
+    let link = move |p: usize| {
+        let mut parts = Vec::new();
+        if !searched.is_empty() {
+            parts.push(format!(
+                "q={}",
+                percent_encoding::utf8_percent_encode(
+                    &searched,
+                    percent_encoding::NON_ALPHANUMERIC
+                )
+            ));
+        }
+        if p > 1 {
+            parts.push(format!("page={p}"));
+        }
+        if parts.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{}", parts.join("&"))
+        }
+    };
+    let said = if query.q.is_empty() {
+        format!("{total} {what}")
+    } else {
+        format!("{matching} of {total} {what} match {:?}", query.q)
+    };
+    let said = if pages > 1 {
+        format!("{said} · page {page} of {pages}")
+    } else {
+        said
+    };
+    let id = format!("search-{}", what.replace(' ', "-"));
+    view! {
+        <form method="get" action=path class="list-search" role="search">
+            <label for=id.clone()>{format!("Search {what}")}</label>
+            <input id=id type="search" name="q" value=query.q.clone()/>
+            <button type="submit" class="secondary">"Search"</button>
+            {(!query.q.is_empty()).then(|| view! { <a href=path rel="external">"Clear"</a> })}
+        </form>
+        <p class="meta list-count">{said}</p>
+        {(pages > 1).then(|| view! {
+            <nav class="pages" aria-label=format!("Pages of {what}")>
+                {(page > 1).then(|| view! { <a href=link(page - 1) rel="external prev">"Previous page"</a> })}
+                {(page < pages).then(|| view! { <a href=link(page + 1) rel="external next">"Next page"</a> })}
+            </nav>
+        })}
     }
 }

@@ -396,46 +396,126 @@ pub async fn load_lineage(id: String) -> Result<LineagePage, PortalError> {
     })
 }
 
+/// The audit page's filter and page, as its URL carries them (all text, empty when unset).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditFilter {
+    pub actor: String,
+    pub action: String,
+    pub object_type: String,
+    pub object_id: String,
+    /// First day shown (YYYY-MM-DD), and last day shown.
+    pub from: String,
+    pub to: String,
+    /// The page: events before this sequence number, or after this one.
+    pub before: String,
+    pub after: String,
+}
+
+/// Events per audit page.
+pub const AUDIT_PAGE: usize = 100;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditPage {
+    /// This page's events, newest first.
     pub events: Vec<AuditEventDto>,
     pub verification: AuditVerification,
+    /// Whether older (and newer) events match beyond this page.
+    pub older: bool,
+    pub newer: bool,
+    /// The filter as `/audit/export` takes it (without a page), for the export links.
+    pub export_query: String,
+    /// Who and what the events name, to show names and links instead of ids.
+    pub users: Vec<consilium_core::api::UserDto>,
+    pub directory: Directory,
+    pub studies: Vec<StudyDto>,
 }
 
 #[server(prefix = "/portal", endpoint = "audit")]
-pub async fn load_audit(
-    actor: String,
-    action: String,
-    object_type: String,
-    object_id: String,
-) -> Result<AuditPage, PortalError> {
+pub async fn load_audit(filter: AuditFilter) -> Result<AuditPage, PortalError> {
     let api = Api::current()?;
     let mut q = url::form_urlencoded::Serializer::new(String::new());
     for (k, v) in [
-        ("actor", &actor),
-        ("action", &action),
-        ("object_type", &object_type),
-        ("object_id", &object_id),
+        ("actor", &filter.actor),
+        ("action", &filter.action),
+        ("object_type", &filter.object_type),
+        ("object_id", &filter.object_id),
     ] {
         if !v.trim().is_empty() {
             q.append_pair(k, v.trim());
         }
     }
-    let verification: AuditVerification = api.get("/audit/verify").await?;
-    let unfiltered = [&actor, &action, &object_type, &object_id]
-        .iter()
-        .all(|v| v.trim().is_empty());
-    // The newest events: the log is numbered from 1, so skip to the last thousand.
-    if unfiltered && verification.events_checked > 1000 {
-        let after = verification.events_checked - 1000;
-        q.append_pair("after_seq", &after.to_string());
+    let day = |v: &str, label: &str| -> Result<Option<chrono::NaiveDate>, PortalError> {
+        let v = v.trim();
+        if v.is_empty() {
+            return Ok(None);
+        }
+        chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
+            .map(Some)
+            .map_err(|_| {
+                PortalError::new(
+                    "invalid",
+                    format!("{label} must be a date such as 2026-12-01, not {v:?}."),
+                )
+            })
+    };
+    if let Some(d) = day(&filter.from, "From")? {
+        q.append_pair("from", &format!("{d}T00:00:00Z"));
     }
-    q.append_pair("limit", "1000");
-    let mut events: Vec<AuditEventDto> = api.get(&format!("/audit/events?{}", q.finish())).await?;
+    if let Some(d) = day(&filter.to, "To")? {
+        // The last day shown is whole: events before the next day's start.
+        let next = d.succ_opt().unwrap_or(d);
+        q.append_pair("to", &format!("{next}T00:00:00Z"));
+    }
+    let export_query = q.finish();
+    let seq = |v: &str, label: &str| -> Result<Option<i64>, PortalError> {
+        let v = v.trim();
+        if v.is_empty() {
+            return Ok(None);
+        }
+        v.parse::<i64>().map(Some).map_err(|_| {
+            PortalError::new(
+                "invalid",
+                format!("{label} must be an event number; follow the page links instead."),
+            )
+        })
+    };
+    let verification: AuditVerification = api.get("/audit/verify").await?;
+    let before = seq(&filter.before, "The page")?;
+    let after = seq(&filter.after, "The page")?;
+    // One event more than a page says whether there is another page that way.
+    let mut page = url::form_urlencoded::Serializer::new(export_query.clone());
+    page.append_pair("limit", &(AUDIT_PAGE + 1).to_string());
+    match (before, after) {
+        (_, Some(a)) => page.append_pair("after_seq", &a.to_string()),
+        (Some(b), None) => page.append_pair("before_seq", &b.to_string()),
+        (None, None) => page.append_pair(
+            "before_seq",
+            &(i64::try_from(verification.events_checked).unwrap_or(i64::MAX - 1) + 1).to_string(),
+        ),
+    };
+    let mut events: Vec<AuditEventDto> =
+        api.get(&format!("/audit/events?{}", page.finish())).await?;
+    let more = events.len() > AUDIT_PAGE;
+    let (older, newer) = if after.is_some() {
+        events.truncate(AUDIT_PAGE);
+        (true, more)
+    } else {
+        if more {
+            events.remove(0);
+        }
+        (more, before.is_some())
+    };
     events.reverse();
+    let studies: Vec<StudyDto> = api.get("/studies").await?;
     Ok(AuditPage {
         events,
         verification,
+        older,
+        newer,
+        export_query,
+        users: api.get("/users").await?,
+        directory: directory(&api).await?,
+        studies,
     })
 }
 

@@ -50,7 +50,7 @@ async fn verify(
     Ok(web::Json(audit::verify(&ctx.db).await?))
 }
 
-/// The whole log as JSON lines (default) or CSV; or, with `format=signatures`, every signed
+/// The log as JSON lines (default) or CSV — every event, or those the filters select; or, with `format=signatures`, every signed
 /// site update with its site's public key, for `consilium verify-lineage` to check offline.
 #[utoipa::path(tag = "audit", params(ExportQuery), responses(
     (status = 200, description = "The log: JSON lines, or CSV with format=csv", body = String, content_type = "application/x-ndjson"),
@@ -63,10 +63,16 @@ async fn export(
 ) -> AppResult<HttpResponse> {
     may_read(&a)?;
     let format = q.format.unwrap_or_default();
+    let filter = q.filter();
+    if format == ExportFormat::Signatures && filter != AuditQuery::default() {
+        return Err(AppError::Invalid(
+            "format=signatures lists every signed update; it takes no event filters (drop actor, action, object_type, object_id, from and to).".into(),
+        ));
+    }
     let mut out: Vec<u8> = Vec::new();
     match format {
         ExportFormat::Jsonl => {
-            audit::for_each(&ctx.db, |e| {
+            audit::for_each_matching(&ctx.db, &filter, |e| {
                 serde_json::to_writer(&mut out, &audit::to_dto(e))?;
                 out.push(b'\n');
                 Ok(())
@@ -75,7 +81,7 @@ async fn export(
         }
         ExportFormat::Csv => {
             let mut w = csv::Writer::from_writer(&mut out);
-            audit::for_each(&ctx.db, |e| {
+            audit::for_each_matching(&ctx.db, &filter, |e| {
                 w.serialize(audit::to_dto(e)).map_err(AppError::unexpected)
             })
             .await?;

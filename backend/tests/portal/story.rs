@@ -390,7 +390,101 @@ async fn a_study_from_draft_to_model_in_the_browser() {
     ] {
         assert!(page.contains(action), "{action:?} in the trail: {page}");
     }
+    // Names, not ids; filtered by person, the export is of the filtered view.
+    assert!(page.contains("Rhea Researcher (via session)"), "{page}");
+    p.choose("#actor", "Rhea Researcher").await;
+    p.fill("#action", "run.created").await;
+    p.press("Filter").await;
+    let filtered = p.wait_for("on this page", 20).await;
+    assert!(filtered.contains("(1 on this page)"), "{filtered}");
+    let rows = p.text_of("table.audit tbody").await;
+    assert!(
+        rows.contains("Rhea Researcher") && rows.contains("run.created"),
+        "{rows}"
+    );
+    let export = p
+        .browser
+        .find(fantoccini::Locator::Css("#export-csv"))
+        .await
+        .unwrap()
+        .attr("href")
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert!(
+        export.contains("action=run.created") && export.contains("actor="),
+        "{export}"
+    );
+    p.click("details.event > summary").await;
+    let details = p.text_of("details.event").await;
+    assert!(
+        details.contains("State digest") && details.contains("Previous hash"),
+        "{details}"
+    );
+    p.shot("audit-filtered").await;
+    // A page at a time: the administrator registers 60 more people, so the trail is longer
+    // than one page.
+    let admin = crate::setup::actor(p.cast.first(consilium_core::Role::Administrator).unwrap());
+    for i in 0..60 {
+        consilium_backend::services::directory::create_user(
+            &p.ctx,
+            &admin,
+            consilium_core::api::CreateUser {
+                email: format!("reader{i}@uni.example"),
+                name: format!("Reader {i}"),
+                roles: vec![consilium_core::Role::Researcher],
+                password: None,
+            },
+        )
+        .await
+        .unwrap();
+    }
+    p.goto("/audit").await;
+    let count = p.text_of("#audit-count").await;
+    assert!(count.contains("(100 on this page)"), "{count}");
+    p.hydrated().await;
+    p.press("Older events").await;
+    p.wait_for("Newer events", 20).await;
+    let older = p.text_of("#audit-count").await;
+    assert_ne!(older, count, "{older}");
     p.shot("audit").await;
+
+    // Lists are searched and paged: 30 more drafts make the studies two pages long.
+    for i in 0..30 {
+        consilium_backend::services::studies::create_study(
+            &p.ctx,
+            &crate::setup::researcher(&p),
+            consilium_core::api::CreateStudy {
+                title: format!("Knee study {i:02}"),
+                protocol_text: "Retrospective.".into(),
+                purpose: "Paging.".into(),
+                committee_id: p.cast.committee.id,
+                sites: crate::setup::study_sites(&p, 1),
+            },
+        )
+        .await
+        .unwrap();
+    }
+    p.goto("/studies").await;
+    let list = p.wait_for("page 1 of 2", 10).await;
+    assert!(list.contains("31 studies · page 1 of 2"), "{list}");
+    p.press("Next page").await;
+    let second = p.wait_for("page 2 of 2", 10).await;
+    assert!(second.contains("Previous page"), "{second}");
+    p.fill("#search-studies", "pneumothorax").await;
+    p.press("Search").await;
+    let found = p.wait_for("match", 10).await;
+    assert!(
+        found.contains("1 of 31 studies match \"pneumothorax\""),
+        "{found}"
+    );
+    assert!(
+        p.text_of("#study-list")
+            .await
+            .contains("Pneumothorax detection"),
+        "the match is listed"
+    );
+    p.shot("studies-searched").await;
 
     // Every page has its own title, and none scrolls sideways on a tablet or a phone.
     let model_page = format!("/models/{}", first.id);

@@ -150,7 +150,19 @@ fn AccessView(d: AccessPage) -> impl IntoView {
         }
     };
 
-    let request_rows = for_me.iter().map(|r| view! {
+    let paged = crate::components::page_of(&for_me, |r| {
+        format!(
+            "{} {} {} {}",
+            study_title(r.study_id),
+            site_name(r.site_id),
+            r.status.as_str(),
+            r.justification
+        )
+    });
+    let search = (!for_me.is_empty()).then(|| {
+        view! { <crate::components::ListSearch what="requests" path="/access" total=paged.total matching=paged.matching page=paged.page pages=paged.pages query=paged.query.clone()/> }
+    });
+    let request_rows = paged.rows.iter().map(|r| view! {
         <tr>
             <td><a href=format!("/studies/{}", r.study_id)>{study_title(r.study_id)}</a></td>
             <td>{site_name(r.site_id)}</td>
@@ -220,6 +232,7 @@ fn AccessView(d: AccessPage) -> impl IntoView {
         {custodian.then(|| view! {
             <section aria-labelledby="for-site">
                 <h2 id="for-site">"Requests for your sites ("{names.clone()}")"</h2>
+                {search}
                 {if for_me.is_empty() { view! { <p>"No requests for your sites."</p> }.into_any() } else { view! {
                     <table id="site-requests">
                         <thead><tr><th scope="col">"Study"</th><th scope="col">"Site"</th><th scope="col">"Scope"</th><th scope="col">"Justification"</th><th scope="col">"Plans"</th><th scope="col">"Status"</th><th scope="col">"Decision"</th></tr></thead>

@@ -23,11 +23,15 @@ pub fn Models() -> impl IntoView {
                     Ok(d) if d.models.is_empty() => view! { <p>"No model versions you may see yet."</p> }.into_any(),
                     Ok(d) => {
                         let title = |id| d.studies.iter().find(|s| s.id == id).map(|s| s.title.clone()).unwrap_or_default();
+                        let p = crate::components::page_of(&d.models, |m| {
+                            format!("{} round {} {} {}", title(m.study_id), m.round, m.hash, if m.released_at.is_some() { "released" } else { "" })
+                        });
                         view! {
-                            <table>
+                            <crate::components::ListSearch what="model versions" path="/models" total=p.total matching=p.matching page=p.page pages=p.pages query=p.query.clone()/>
+                            <table id="model-list">
                                 <thead><tr><th scope="col">"Study"</th><th scope="col">"Round"</th><th scope="col">"Weights"</th><th scope="col">"Accuracy"</th><th scope="col">"Released"</th><th scope="col">"Created"</th></tr></thead>
                                 <tbody>
-                                    {d.models.iter().map(|m| view! {
+                                    {p.rows.iter().map(|m| view! {
                                         <tr>
                                             <td>{title(m.study_id)}</td>
                                             <td><a href=format!("/models/{}", m.id)>"Round "{m.round}</a></td>

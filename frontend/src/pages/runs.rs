@@ -23,11 +23,13 @@ pub fn Runs() -> impl IntoView {
                     Ok(d) if d.runs.is_empty() => view! { <p>"No runs you may see yet."</p> }.into_any(),
                     Ok(d) => {
                         let title = |id| d.studies.iter().find(|s| s.id == id).map(|s| s.title.clone()).unwrap_or_default();
+                        let p = crate::components::page_of(&d.runs, |r| format!("{} {} {}", title(r.study_id), r.status, r.plan_hash));
                         view! {
-                            <table>
+                            <crate::components::ListSearch what="runs" path="/runs" total=p.total matching=p.matching page=p.page pages=p.pages query=p.query.clone()/>
+                            <table id="run-list">
                                 <thead><tr><th scope="col">"Study"</th><th scope="col">"Status"</th><th scope="col">"Round"</th><th scope="col">"Plan"</th><th scope="col">"Started"</th></tr></thead>
                                 <tbody>
-                                    {d.runs.iter().map(|r| view! {
+                                    {p.rows.iter().map(|r| view! {
                                         <tr>
                                             <td><a href=format!("/runs/{}", r.id)>{title(r.study_id)}</a></td>
                                             <td><Badge text=r.status.clone()/></td>

@@ -48,12 +48,21 @@ fn StudyTable(d: StudiesData) -> impl IntoView {
             .map(|c| c.name.clone())
             .unwrap_or_default()
     };
+    let p = crate::components::page_of(&d.studies, |s| {
+        format!(
+            "{} {} {}",
+            s.title,
+            s.status.as_str().replace('_', " "),
+            committee(s.committee_id)
+        )
+    });
     view! {
-        <table>
+        <crate::components::ListSearch what="studies" path="/studies" total=p.total matching=p.matching page=p.page pages=p.pages query=p.query.clone()/>
+        <table id="study-list">
             <caption class="sr-only">"Studies"</caption>
             <thead><tr><th scope="col">"Title"</th><th scope="col">"Status"</th><th scope="col">"Committee"</th><th scope="col">"Sites"</th><th scope="col">"Updated"</th></tr></thead>
             <tbody>
-                {d.studies.iter().map(|s| view! {
+                {p.rows.iter().map(|s| view! {
                     <tr>
                         <td><a href=format!("/studies/{}", s.id)>{s.title.clone()}</a></td>
                         <td><Badge text=s.status.as_str().to_string()/></td>
