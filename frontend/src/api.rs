@@ -189,13 +189,35 @@ fn set_cookie(resp: &reqwest::Response) -> Option<SetCookie> {
         .map(|v| SetCookie(v.to_string()))
 }
 
+/// An API problem's words as the portal says them: a person in the portal follows its pages,
+/// so API paths (`POST /api/v1/…`) give way to the page or button that does it.
+pub fn portal_words(code: &str, detail: &str) -> String {
+    if code == "plan_missing" {
+        return "Submit a training plan first (the form under \"Training plans\" on the study's page), then submit the study for review.".into();
+    }
+    let mut out = detail.replace(
+        "at /api/v1/auth/oidc/login",
+        "with your organisation's account (the button on the sign-in page)",
+    );
+    // Drop a parenthesis that names an API call, e.g. " (POST /api/v1/studies/{id}/plans)".
+    while let Some(start) = out.find(" (").filter(|i| {
+        out[*i..]
+            .find(')')
+            .is_some_and(|j| out[*i..*i + j].contains("/api/"))
+    }) {
+        let end = out[start..].find(')').map_or(out.len(), |j| start + j + 1);
+        out.replace_range(start..end, "");
+    }
+    out
+}
+
 async fn problem(resp: reqwest::Response) -> PortalError {
     let status = resp.status().as_u16();
     match resp.json::<consilium_core::problem::Problem>().await {
         Ok(p) => PortalError {
             status,
+            detail: portal_words(&p.code, &p.detail),
             code: p.code,
-            detail: p.detail,
             errors: p.errors,
         },
         Err(_) => PortalError {
@@ -310,5 +332,36 @@ pub fn pass_cookie(c: Option<SetCookie>) {
         && let Ok(v) = header::HeaderValue::from_str(&c)
     {
         res.append_header(header::SET_COOKIE, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::portal_words;
+
+    #[test]
+    fn the_portal_speaks_of_pages_not_api_paths() {
+        for (code, detail) in [
+            (
+                "unauthenticated",
+                "Sign in first (POST /api/v1/auth/login or /api/v1/auth/oidc/login), or send an API token as `Authorization: Bearer <token>`.",
+            ),
+            (
+                "forbidden",
+                "Local accounts are disabled on this server; sign in through your organisation at /api/v1/auth/oidc/login.",
+            ),
+            (
+                "plan_missing",
+                "Submit a training plan (POST /api/v1/studies/{id}/plans) before submitting the study for review.",
+            ),
+        ] {
+            let said = portal_words(code, detail);
+            assert!(!said.contains("/api/"), "{said}");
+            assert!(!said.contains("()"), "{said}");
+        }
+        assert_eq!(
+            portal_words("invalid", "Comments is required."),
+            "Comments is required."
+        );
     }
 }

@@ -83,8 +83,14 @@ async fn a_custodian_releases_checked_previews_to_the_researcher() {
     p.sign_out().await;
 
     // North's custodian sees the images, the check's figures and the summary, and releases.
+    // Her home says a preview waits for her; the link leads to it.
     p.sign_in("cara@north.example").await;
-    p.goto("/access").await;
+    let home = p.wait_for("What waits for you", 10).await;
+    assert!(
+        home.contains("Release or reject 1 synthetic preview"),
+        "{home}"
+    );
+    p.press("Release or reject 1 synthetic preview").await;
     let page = p
         .wait_for("Synthetic previews of your sites' data", 10)
         .await;
@@ -108,6 +114,11 @@ async fn a_custodian_releases_checked_previews_to_the_researcher() {
 
     // The researcher now sees them, with who released them and when.
     p.sign_in("rhea@uni.example").await;
+    let home = p.wait_for("What waits for you", 10).await;
+    assert!(
+        home.contains("North Hospital's preview for"),
+        "the release is news: {home}"
+    );
     p.goto(&study_path).await;
     let page = p.wait_for("Released", 10).await;
     assert!(page.contains("by Cara Custodian (North)"), "{page}");

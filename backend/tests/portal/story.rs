@@ -489,10 +489,14 @@ async fn a_study_from_draft_to_model_in_the_browser() {
     // Every page has its own title, and none scrolls sideways on a tablet or a phone.
     let model_page = format!("/models/{}", first.id);
     let run_page = format!("/runs/{run_id}");
+    let study_page = format!("/studies/{}", first.study_id);
+    let edit_page = format!("/studies/{}/edit", first.study_id);
     let pages = [
         "/",
         "/studies",
         "/studies/new",
+        study_page.as_str(),
+        edit_page.as_str(),
         "/reviews",
         "/access",
         "/runs",
@@ -564,5 +568,31 @@ async fn a_study_from_draft_to_model_in_the_browser() {
         contrast >= 3.0,
         "focus ring {ring} has {contrast:.1}:1 against white"
     );
+    p.browser.set_window_size(1280, 1000).await.unwrap();
+    p.sign_out().await;
+
+    // The researcher's own pages carry her forms (plan, previews, access, runs): they fit too.
+    p.sign_in("rhea@uni.example").await;
+    for (width, height) in [(820, 1180), (390, 844)] {
+        p.browser.set_window_size(width, height).await.unwrap();
+        for path in [
+            "/",
+            study_page.as_str(),
+            edit_page.as_str(),
+            "/access",
+            run_page.as_str(),
+        ] {
+            p.goto(path).await;
+            p.wait_for("Sign out", 10).await;
+            assert_eq!(
+                p.overflow().await,
+                None,
+                "{path} at {width} px, as the researcher"
+            );
+        }
+        p.goto(&study_page).await;
+        p.wait_for("Training plans", 10).await;
+        p.shot(&format!("researcher-study-at-{width}")).await;
+    }
     p.close().await;
 }
