@@ -353,6 +353,19 @@ impl Portal {
         v.as_str().map(str::to_string)
     }
 
+    /// Opens the study page's plan form (it is folded once the study has a plan), after the
+    /// page has hydrated.
+    pub async fn open_plan_form(&self) {
+        self.hydrated().await;
+        self.browser
+            .execute(
+                "document.querySelector('#manifest').closest('details').open = true;",
+                vec![],
+            )
+            .await
+            .expect("open the plan form");
+    }
+
     /// The document's title.
     pub async fn title(&self) -> String {
         self.browser.title().await.expect("title")

@@ -5,6 +5,11 @@ use consilium_backend::configuration::Settings;
 use consilium_backend::demo;
 use consilium_backend::startup::Application;
 
+/// A page's HTML, as the browser gets it (its cookies, its redirects followed).
+async fn html_of(browser: &reqwest::Client, url: &str) -> String {
+    browser.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_and_forms_work_without_the_bundle() {
     let dir = tempfile::tempdir().unwrap();
@@ -39,23 +44,9 @@ async fn pages_and_forms_work_without_the_bundle() {
         "the missing bundle is named, with the command that builds it: {html}"
     );
     // A page that needs a signed-in person links to the sign-in, asking it to come back.
-    let html = browser
-        .get(format!("{url}/studies"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = html_of(&browser, &format!("{url}/studies")).await;
     assert!(html.contains("href=\"/signin?next=%2Fstudies\""), "{html}");
-    let html = browser
-        .get(format!("{url}/signin?next=%2Fruns"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = html_of(&browser, &format!("{url}/signin?next=%2Fruns")).await;
     assert!(
         html.contains("name=\"form[next]\" value=\"/runs\""),
         "{html}"
@@ -151,14 +142,7 @@ async fn pages_and_forms_work_without_the_bundle() {
         );
     }
     // The researcher may not read the audit trail: the page says so instead of failing.
-    let html = browser
-        .get(format!("{url}/audit"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = html_of(&browser, &format!("{url}/audit")).await;
     assert!(html.contains("role=\"alert\""), "{html}");
     // An unknown page is a 404 page, not a blank one.
     let r = browser

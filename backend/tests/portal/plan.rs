@@ -17,14 +17,7 @@ async fn the_plan_form_shows_the_problems_before_submitting() {
     p.sign_in("rhea@uni.example").await;
     p.goto(&format!("/studies/{}", study.id)).await;
     p.wait_for("Training plans", 10).await;
-    p.hydrated().await;
-    p.browser
-        .execute(
-            "document.querySelector('#manifest').closest('details').open = true;",
-            vec![],
-        )
-        .await
-        .unwrap();
+    p.open_plan_form().await;
     let bad = r#"{"model": {"architecture": "small_cnn", "num_classes": 2},
  "optimiser": {"name": "adamw", "learning_rate": 0.01, "momentum": 0.9},
  "local_epochs": 1, "batch_size": 8, "rounds": 2,
@@ -117,14 +110,7 @@ async fn the_plan_form_shows_the_problems_before_submitting() {
     .unwrap();
     p.goto(&format!("/studies/{}", study.id)).await;
     p.wait_for("Training plans", 10).await;
-    p.hydrated().await;
-    p.browser
-        .execute(
-            "document.querySelector('#manifest').closest('details').open = true;",
-            vec![],
-        )
-        .await
-        .unwrap();
+    p.open_plan_form().await;
     let carried = p.text_of("fieldset.keep-files").await;
     assert!(
         carried.contains("train.py") && carried.contains("README.txt"),

@@ -106,14 +106,7 @@ async fn nothing_typed_or_linked_runs_as_script() {
     p.sign_in("rhea@uni.example").await;
     p.goto(&format!("/studies/{}", study.id)).await;
     p.wait_for("Training plans", 10).await;
-    p.hydrated().await;
-    p.browser
-        .execute(
-            "document.querySelector('#manifest').closest('details').open = true;",
-            vec![],
-        )
-        .await
-        .unwrap();
+    p.open_plan_form().await;
     p.fill("#manifest", PAYLOADS[0]).await;
     p.press("Submit plan").await;
     p.wait_for("not valid JSON", 20).await;
