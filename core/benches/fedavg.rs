@@ -37,6 +37,7 @@ fn main() {
             samples: 100 + i as u64,
             loss_before: None,
             loss_after: None,
+            steps: None,
         })
         .collect();
     let bytes = (SITES * PARAMS * 4) as f64;

@@ -36,6 +36,9 @@ pub struct Update {
     /// (FedCostWAvg weighs by the improvement).
     pub loss_before: Option<f64>,
     pub loss_after: Option<f64>,
+    /// FedNova's effective local steps `a_i` of this site (`fednova_steps`); needed by
+    /// `FedNova` only.
+    pub steps: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -58,6 +61,12 @@ pub enum Strategy {
     },
     /// FedAvg except batch-norm parameters, which stay local (Li et al. 2021).
     FedBn,
+    /// Normalised averaging (Wang et al. 2020): each site's change divided by its effective
+    /// local steps `a_i`, averaged by samples, then scaled by the sample-weighted mean of the
+    /// `a_i` — so a site that takes more local steps (more data, more epochs) no longer pulls
+    /// the model towards its own optimum. Running batch-norm statistics are averaged as
+    /// FedAvg does.
+    FedNova,
     /// Weights by data size and by the loss improvement (Mächler et al. 2021).
     FedCostWAvg { alpha: f64 },
     /// Coordinate-wise median (Yin et al. 2018).
@@ -278,6 +287,66 @@ fn weighted_mean(
             (name.clone(), out)
         })
         .collect()
+}
+
+/// FedNova's effective local steps `a_i` of a site that took `steps` optimiser steps (Wang
+/// et al. 2020, their Table 1): `τ` for plain SGD; `[τ − ρ(1 − ρ^τ)/(1 − ρ)] / (1 − ρ)` with
+/// heavy-ball momentum `ρ`; `[1 − (1 − ημ)^τ] / (ημ)` with FedProx's proximal term (`eta_mu`:
+/// the learning rate times μ). The plan refuses momentum and the proximal term together.
+pub fn fednova_steps(steps: u64, momentum: f64, eta_mu: f64) -> f64 {
+    let tau = steps as f64;
+    let exp = i32::try_from(steps).unwrap_or(i32::MAX);
+    if momentum > 0.0 {
+        (tau - momentum * (1.0 - momentum.powi(exp)) / (1.0 - momentum)) / (1.0 - momentum)
+    } else if eta_mu > 0.0 {
+        (1.0 - (1.0 - eta_mu).powi(exp)) / eta_mu
+    } else {
+        tau
+    }
+}
+
+fn fednova(global: &Weights, updates: &[Update]) -> Result<Aggregated, AggregateError> {
+    let n = sample_weights(updates)?;
+    let total: f64 = n.iter().sum();
+    let p: Vec<f64> = n.iter().map(|x| x / total).collect();
+    let a: Vec<f64> = updates
+        .iter()
+        .enumerate()
+        .map(|(index, u)| {
+            u.steps
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .ok_or_else(|| AggregateError::Mismatch {
+                    index,
+                    reason: "FedNova needs the site's local steps, and none were given".into(),
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let tau_eff: f64 = p.iter().zip(&a).map(|(p, a)| p * a).sum();
+    // w = g + τ_eff Σ p_i (w_i − g)/a_i = (1 − Σc) g + Σ c_i w_i, with c_i = τ_eff p_i / a_i.
+    let c: Vec<f64> = p.iter().zip(&a).map(|(p, a)| tau_eff * p / a).collect();
+    let keep = 1.0 - c.iter().sum::<f64>();
+    let weights = global
+        .iter()
+        .map(|(name, g)| {
+            let (on_global, on_sites) = if name.contains("running_") {
+                (0.0, &p)
+            } else {
+                (keep, &c)
+            };
+            let mut inputs: Vec<&[f32]> = vec![g.data.as_slice()];
+            inputs.extend(updates.iter().map(|u| u.weights[name].data.as_slice()));
+            let coefs: Vec<f32> = std::iter::once(on_global as f32)
+                .chain(on_sites.iter().map(|x| *x as f32))
+                .collect();
+            let mut out = g.zeros_like();
+            weighted_sum(&inputs, &coefs, &mut out.data);
+            (name.clone(), out)
+        })
+        .collect();
+    Ok(Aggregated {
+        weights,
+        sites: shares(&c),
+    })
 }
 
 fn sample_weights(updates: &[Update]) -> Result<Vec<f64>, AggregateError> {
@@ -514,7 +583,7 @@ pub fn aggregate(
 ) -> Result<Aggregated, AggregateError> {
     let weighted_mean_based = matches!(
         strategy,
-        Strategy::FedAvg | Strategy::FedBn | Strategy::FedCostWAvg { .. }
+        Strategy::FedAvg | Strategy::FedBn | Strategy::FedNova | Strategy::FedCostWAvg { .. }
     );
     check(global, updates, !weighted_mean_based)?;
     let out = aggregate_checked(strategy, global, updates, state)?;
@@ -548,6 +617,7 @@ fn aggregate_checked(
     match strategy {
         Strategy::FedAvg => Ok(mean(sample_weights(updates)?, &|_| false)),
         Strategy::FedBn => Ok(mean(sample_weights(updates)?, &is_batch_norm)),
+        Strategy::FedNova => fednova(global, updates),
         Strategy::FedCostWAvg { alpha } => {
             let n = sample_weights(updates)?;
             let n_total: f64 = n.iter().sum();
@@ -830,6 +900,7 @@ mod tests {
             samples,
             loss_before: None,
             loss_after: None,
+            steps: None,
         }
     }
     fn close(a: &[f32], b: &[f32]) {
@@ -883,6 +954,7 @@ mod tests {
             samples: n,
             loss_before: None,
             loss_after: None,
+            steps: None,
         };
         let out = aggregate(
             &Strategy::FedBn,
@@ -893,6 +965,65 @@ mod tests {
         .unwrap();
         assert_eq!(out.weights["conv1.weight"].data, vec![2.0]);
         assert_eq!(out.weights["bn1.weight"].data, vec![9.0]);
+    }
+
+    #[test]
+    fn fednova_divides_each_change_by_its_local_steps() {
+        // Worked by hand. A: 100 images, a = 2 steps, change +2 (1.0 a step). B: 300 images,
+        // a = 6 steps, change +3 (0.5 a step). p = 0.25, 0.75; τ_eff = 0.25·2 + 0.75·6 = 5;
+        // the mean change a step 0.25·1.0 + 0.75·0.5 = 0.625, so w = g + 5·0.625 = g + 3.125
+        // (FedAvg: g + 2.75). The shares c_i = τ_eff p_i / a_i = 0.625 and 0.625: half each.
+        // Running statistics are FedAvg's mean: 0.25·1 + 0.75·3 = 2.5.
+        let site = |v: f32, stat: f32, samples: u64, steps: f64| Update {
+            weights: w(&[("w", &[v]), ("bn1.running_mean", &[stat])]),
+            samples,
+            loss_before: None,
+            loss_after: None,
+            steps: Some(steps),
+        };
+        let global = w(&[("w", &[1.0]), ("bn1.running_mean", &[0.0])]);
+        let out = aggregate(
+            &Strategy::FedNova,
+            &global,
+            &[site(3.0, 1.0, 100, 2.0), site(4.0, 3.0, 300, 6.0)],
+            &mut ServerState::default(),
+        )
+        .unwrap();
+        close(&out.weights["w"].data, &[4.125]);
+        close(&out.weights["bn1.running_mean"].data, &[2.5]);
+        for s in &out.sites {
+            assert!((s.weight - 0.5).abs() < 1e-9, "{:?}", out.sites);
+        }
+        // Equal steps: FedNova is FedAvg.
+        let same = aggregate(
+            &Strategy::FedNova,
+            &global,
+            &[site(3.0, 1.0, 100, 4.0), site(4.0, 3.0, 300, 4.0)],
+            &mut ServerState::default(),
+        )
+        .unwrap();
+        close(&same.weights["w"].data, &[3.75]);
+        // Without the steps it says which update lacks them.
+        let err = aggregate(
+            &Strategy::FedNova,
+            &global,
+            &[Update {
+                steps: None,
+                ..site(3.0, 1.0, 100, 2.0)
+            }],
+            &mut ServerState::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("local steps"), "{err}");
+    }
+
+    #[test]
+    fn fednova_steps_follow_the_optimiser() {
+        // Plain SGD: τ. Momentum 0.9, τ = 10: (10 − 0.9·(1 − 0.9^10)/0.1)/0.1 = 41.381059609.
+        // FedProx, ημ = 0.01, τ = 10: (1 − 0.99^10)/0.01 = 9.561792499.
+        assert_eq!(fednova_steps(10, 0.0, 0.0), 10.0);
+        assert!((fednova_steps(10, 0.9, 0.0) - 41.381_059_609).abs() < 1e-6);
+        assert!((fednova_steps(10, 0.0, 0.01) - 9.561_792_499).abs() < 1e-6);
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub const CHOICES: &[(&str, &str)] = &[
     ("rounds", "1 to 10000"),
     (
         "aggregation.strategy",
-        "fedavg, fedadam, fedyogi, fedbn, fedcostwavg, median, trimmed_mean, krum, multi_krum, bulyan, dos",
+        "fedavg, fedadam, fedyogi, fedbn, fednova (sgd), fedcostwavg, median, trimmed_mean, krum, multi_krum, bulyan, dos",
     ),
     (
         "aggregation.parameters",
@@ -293,6 +293,9 @@ pub enum StrategyName {
     Fedyogi,
     /// FedAvg except batch-norm parameters, which stay at each site. No parameters.
     Fedbn,
+    /// Normalised averaging: each site's change divided by its local SGD steps. No
+    /// parameters; needs optimiser `sgd` and no DP-SGD.
+    Fednova,
     /// Weighted by data size and loss improvement. Parameter `alpha` in [0, 1] (0.5).
     Fedcostwavg,
     /// Coordinate-wise median. No parameters.
@@ -398,6 +401,23 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// FedNova's effective local steps of a site with `samples` training images: every epoch
+    /// takes `⌈samples / batch_size⌉` steps (the last batch may be short), weighted by the
+    /// optimiser as `aggregate::fednova_steps` says.
+    pub fn fednova_steps(&self, samples: u64) -> f64 {
+        let batch = self.batch_size.max(1) as u64;
+        let steps = u64::from(self.local_epochs) * samples.div_ceil(batch);
+        let (momentum, lr) = match self.optimiser {
+            Optimiser::Sgd {
+                learning_rate,
+                momentum,
+                ..
+            } => (momentum, learning_rate),
+            Optimiser::AdamW { learning_rate, .. } => (0.0, learning_rate),
+        };
+        crate::aggregate::fednova_steps(steps, momentum, lr * self.proximal_mu)
+    }
+
     pub fn has(&self, a: Augmentation) -> bool {
         self.augmentations.contains(&a)
     }
@@ -670,6 +690,16 @@ impl TrainingPlanManifest {
         {
             p.push("aggregation.strategy fedbn keeps each site's batch-normalisation parameters at the site, and this model has none (small_cnn, or resnet with norm = \"group\"): use fedavg, or resnet with norm = \"batch\"");
         }
+        if let Some(Strategy::FedNova) = &strategy {
+            match &optimiser {
+                Some(Optimiser::AdamW { .. }) => p.push("aggregation.strategy fednova normalises each site's change by its local SGD steps, and its weighting is defined for SGD (with momentum, or FedProx's proximal_mu), not adamw: use optimiser.name = \"sgd\""),
+                Some(Optimiser::Sgd { momentum, .. }) if *momentum > 0.0 && proximal_mu > 0.0 => p.push("aggregation.strategy fednova has a weighting for SGD with momentum or with FedProx's proximal_mu, not both at once: drop one of optimiser.momentum and optimiser.proximal_mu"),
+                _ => {}
+            }
+            if self.privacy.dp_sgd.is_some() {
+                p.push("aggregation.strategy fednova counts each site's local steps from its data and batch size, and DP-SGD samples its batches at random: use fedavg with privacy.dp_sgd");
+            }
+        }
         let stopping = parse_stopping(self, &mut p);
         let clipping = parse_privacy(self, &mut p);
         let dp_sgd = parse_dp_sgd(self, model.as_ref(), &mut p);
@@ -831,7 +861,7 @@ fn strategy(spec: &AggregationSpec, p: &mut Problems) -> Option<Strategy> {
     let name = p.choice::<StrategyName>(
         "aggregation.strategy",
         &spec.strategy,
-        "one of \"fedavg\", \"fedadam\", \"fedyogi\", \"fedbn\", \"fedcostwavg\", \"median\", \"trimmed_mean\", \"krum\", \"multi_krum\", \"bulyan\" or \"dos\"",
+        "one of \"fedavg\", \"fedadam\", \"fedyogi\", \"fedbn\", \"fednova\", \"fedcostwavg\", \"median\", \"trimmed_mean\", \"krum\", \"multi_krum\", \"bulyan\" or \"dos\"",
     )?;
     let takes: &[&str] = match name {
         StrategyName::Fedadam | StrategyName::Fedyogi => &["lr", "beta1", "beta2", "tau"],
@@ -880,6 +910,7 @@ fn strategy(spec: &AggregationSpec, p: &mut Problems) -> Option<Strategy> {
     let strategy = match name {
         StrategyName::Fedavg => Strategy::FedAvg,
         StrategyName::Fedbn => Strategy::FedBn,
+        StrategyName::Fednova => Strategy::FedNova,
         StrategyName::Median => Strategy::Median,
         StrategyName::Fedadam | StrategyName::Fedyogi => {
             let lr = num("lr", 0.01, &positive, "a positive number") as f32;
@@ -1295,6 +1326,34 @@ mod tests {
             !text.contains("\"mean\"") && !text.contains("\"std\""),
             "{text}"
         );
+    }
+
+    #[test]
+    fn fednova_needs_sgd_and_counts_steps_from_the_data() {
+        let mut m = serde_json::json!({
+            "model": {"architecture": "small_cnn", "num_classes": 2},
+            "optimiser": {"name": "sgd", "learning_rate": 0.05},
+            "local_epochs": 2, "batch_size": 16, "rounds": 3,
+            "aggregation": {"strategy": "fednova"}
+        });
+        let plan = manifest(m.clone()).parse().expect("fednova with sgd");
+        assert_eq!(plan.strategy, Strategy::FedNova);
+        // 50 images in batches of 16: 4 steps an epoch (the last one short), 2 epochs.
+        assert_eq!(plan.fednova_steps(50), 8.0);
+        for (optimiser, says) in [
+            (
+                serde_json::json!({"name": "adamw", "learning_rate": 0.001}),
+                "not adamw",
+            ),
+            (
+                serde_json::json!({"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "proximal_mu": 0.01}),
+                "not both at once",
+            ),
+        ] {
+            m["optimiser"] = optimiser;
+            let problems = manifest(m.clone()).parse().unwrap_err();
+            assert!(problems.iter().any(|p| p.contains(says)), "{problems:?}");
+        }
     }
 
     #[test]

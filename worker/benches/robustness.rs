@@ -128,6 +128,7 @@ fn run(
                 samples: data.len() as u64,
                 loss_before: None,
                 loss_after: None,
+                steps: None,
             })
             .collect();
         let out = aggregate(strategy, &global, &updates, &mut state)?;

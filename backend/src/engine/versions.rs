@@ -113,6 +113,16 @@ impl Engine {
     ) -> AppResult<model_version::Model> {
         let strategy = Strategy::from_spec(&manifest.aggregation)
             .map_err(|e| AppError::unexpected(anyhow::anyhow!("{e}")))?;
+        // FedNova counts each site's local steps from the approved plan and its samples.
+        let plan = match strategy {
+            Strategy::FedNova => Some(manifest.parse().map_err(|problems| {
+                AppError::unexpected(anyhow::anyhow!(
+                    "the run's plan no longer parses: {}",
+                    problems.join("; ")
+                ))
+            })?),
+            _ => None,
+        };
         let global_hash = x.global_in.clone().unwrap_or_default();
         let global = weights::from_safetensors(
             &self
@@ -137,11 +147,13 @@ impl Engine {
                 .map_err(AppError::unexpected)?;
             let w = weights::from_safetensors(&bytes)
                 .map_err(|e| AppError::unexpected(anyhow::anyhow!(e)))?;
+            let samples = u.samples.unwrap_or(0).max(0) as u64;
             updates.push(Update {
                 weights: w,
-                samples: u.samples.unwrap_or(0).max(0) as u64,
+                samples,
                 loss_before: u.train_loss_before,
                 loss_after: u.train_loss_after,
+                steps: plan.as_ref().map(|p| p.fednova_steps(samples)),
             });
             contributions.push(Contribution {
                 site_id: u.site_id,

@@ -115,7 +115,7 @@ name = "adamw"                   # or "sgd" (with momentum)
 learning_rate = 0.003
 weight_decay = 0.0001
 [plan.aggregation]
-strategy = "fedavg"              # fedadam, fedyogi, fedcostwavg, median, trimmed_mean, krum, multi_krum, bulyan, dos
+strategy = "fedavg"              # fedadam, fedyogi, fednova (sgd), fedcostwavg, median, trimmed_mean, krum, multi_krum, bulyan, dos
 min_sites = 2
 {sites}"#,
             path.display()

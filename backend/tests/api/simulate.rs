@@ -268,3 +268,61 @@ async fn a_simulated_site_attacks_and_the_report_says_so() {
     assert_ne!(code, 0);
     assert!(err.contains("every site has an [sites.attack]"), "{err}");
 }
+
+/// FedNova end to end: sites of different sizes take different numbers of local SGD steps,
+/// and each update counts by its normalised change, not by its samples.
+#[tokio::test]
+async fn a_simulation_aggregates_with_fednova() {
+    let dir = tempfile::tempdir().expect("dir");
+    let example = dir.path().join("try");
+    let (code, out, err) = consilium(&["simulate", "--example", example.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}{err}");
+    let config = example.join("experiment.toml");
+    let text = std::fs::read_to_string(&config)
+        .expect("experiment")
+        .replace("rounds = 3", "rounds = 2")
+        .replace("name = \"adamw\"", "name = \"sgd\"\nmomentum = 0.9")
+        .replace("learning_rate = 0.003", "learning_rate = 0.01")
+        .replace("strategy = \"fedavg\"", "strategy = \"fednova\"");
+    std::fs::write(&config, &text).expect("write");
+    let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("completed after"), "{out}");
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(example.join("simulation-report.json")).expect("report"),
+    )
+    .expect("JSON report");
+    assert_eq!(report["run"]["status"], "completed");
+    assert_eq!(report["final_model"]["strategy"], "fednova");
+    let contributions = report["final_model"]["contributions"]
+        .as_array()
+        .expect("contributions");
+    let samples: Vec<f64> = contributions
+        .iter()
+        .map(|c| c["samples"].as_f64().expect("samples"))
+        .collect();
+    let total: f64 = samples.iter().sum();
+    let shares: Vec<f64> = contributions
+        .iter()
+        .map(|c| c["weight"].as_f64().expect("weight"))
+        .collect();
+    assert!(
+        (shares.iter().sum::<f64>() - 1.0).abs() < 1e-6,
+        "{shares:?}"
+    );
+    assert!(
+        samples.iter().any(|s| (s - samples[0]).abs() > 0.0),
+        "the example's sites differ in size: {samples:?}"
+    );
+    assert!(
+        shares
+            .iter()
+            .zip(&samples)
+            .any(|(w, n)| (w - n / total).abs() > 0.01),
+        "FedNova's shares {shares:?} are not the sample shares of {samples:?}"
+    );
+    let acc = report["final_model"]["evaluation"]["global"]["accuracy"]
+        .as_f64()
+        .expect("accuracy");
+    assert!(acc > 0.6, "above chance: {acc}");
+}
