@@ -18,6 +18,15 @@ fn consilium(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Writes the ready-to-run example into `dir/try`; returns its folder and experiment file.
+fn example_in(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let example = dir.join("try");
+    let (code, out, err) = consilium(&["simulate", "--example", example.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}{err}");
+    let config = example.join("experiment.toml");
+    (example, config)
+}
+
 #[tokio::test]
 async fn a_simulation_trains_the_plan_on_local_folders_and_writes_a_report() {
     let dir = tempfile::tempdir().expect("dir");
@@ -137,10 +146,7 @@ labels = "labels.csv"
 #[tokio::test]
 async fn a_simulation_reads_every_dicom_and_nifti_test_file() {
     let dir = tempfile::tempdir().expect("dir");
-    let example = dir.path().join("try");
-    let (code, out, err) = consilium(&["simulate", "--example", example.to_str().expect("path")]);
-    assert_eq!(code, 0, "{out}{err}");
-    let config = example.join("experiment.toml");
+    let (_, config) = example_in(dir.path());
     let text = std::fs::read_to_string(&config).expect("experiment");
     let plan = text
         .split("[[sites]]")
@@ -187,10 +193,7 @@ async fn a_simulation_reads_every_dicom_and_nifti_test_file() {
 #[tokio::test]
 async fn a_simulated_site_attacks_and_the_report_says_so() {
     let dir = tempfile::tempdir().expect("dir");
-    let example = dir.path().join("try");
-    let (code, out, err) = consilium(&["simulate", "--example", example.to_str().expect("path")]);
-    assert_eq!(code, 0, "{out}{err}");
-    let config = example.join("experiment.toml");
+    let (example, config) = example_in(dir.path());
     let text = std::fs::read_to_string(&config)
         .expect("experiment")
         .replace("rounds = 3", "rounds = 1")
@@ -274,10 +277,7 @@ async fn a_simulated_site_attacks_and_the_report_says_so() {
 #[tokio::test]
 async fn a_simulation_aggregates_with_fednova() {
     let dir = tempfile::tempdir().expect("dir");
-    let example = dir.path().join("try");
-    let (code, out, err) = consilium(&["simulate", "--example", example.to_str().expect("path")]);
-    assert_eq!(code, 0, "{out}{err}");
-    let config = example.join("experiment.toml");
+    let (example, config) = example_in(dir.path());
     let text = std::fs::read_to_string(&config)
         .expect("experiment")
         .replace("rounds = 3", "rounds = 2")
