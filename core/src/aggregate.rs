@@ -67,6 +67,11 @@ pub enum Strategy {
     /// the model towards its own optimum. Running batch-norm statistics are averaged as
     /// FedAvg does.
     FedNova,
+    /// Stochastic controlled averaging (Karimireddy et al. 2020): every site corrects each
+    /// local gradient by `c − c_i`, the server's control variate less its own, so that a site
+    /// whose data differ drifts less towards its own optimum; the model is then averaged as
+    /// FedAvg does (server learning rate 1). The control variates are `scaffold_controls`'.
+    Scaffold,
     /// Weights by data size and by the loss improvement (Mächler et al. 2021).
     FedCostWAvg { alpha: f64 },
     /// Coordinate-wise median (Yin et al. 2018).
@@ -166,11 +171,20 @@ pub enum AggregateError {
     Invalid(String),
 }
 
-/// The server optimiser's moments for FedAdam and FedYogi, kept between rounds.
+/// What the server keeps between rounds: FedAdam's and FedYogi's moments, and where SCAFFOLD's
+/// control variates and the sites' corrections for the next round are.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServerState {
     pub m: Weights,
     pub v: Weights,
+    /// SCAFFOLD: SHA-256 of the control variates in the artifact store (safetensors, the
+    /// server's as `server/<name>`, site `id`'s as `site/<id>/<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controls: Option<String>,
+    /// SCAFFOLD: each site's correction `c − c_i` for the next round (site id → SHA-256 of
+    /// the safetensors in the artifact store), sent with its training job.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub corrections: BTreeMap<String, String>,
 }
 
 impl Strategy {
@@ -186,6 +200,119 @@ impl Strategy {
 pub fn is_batch_norm(name: &str) -> bool {
     name.split('.')
         .any(|part| part.starts_with("bn") || part == "norm" || part.ends_with("_bn"))
+}
+
+/// Batch-norm running statistics: weights the model keeps but training does not change by
+/// gradient (FedProx's term and SCAFFOLD's correction leave them out).
+pub fn is_running_stat(name: &str) -> bool {
+    name.ends_with("running_mean") || name.ends_with("running_var")
+}
+
+/// One site's part in SCAFFOLD's control variates after a round (`scaffold_controls`).
+pub struct ScaffoldSite<'a> {
+    /// The site's model after local training, `y_i`.
+    pub weights: &'a Weights,
+    /// Its effective local steps `a_i` (`fednova_steps`: plain SGD's step count, or what
+    /// momentum or the proximal term make of it).
+    pub steps: f64,
+    /// Its control variate `c_i` before the round; none before its first round (zero).
+    pub control: Option<&'a Weights>,
+}
+
+/// What a site adds to every gradient in SCAFFOLD: `c − c_i`, for the trained weights of
+/// `global` (a missing control variate is zero).
+pub fn scaffold_correction(global: &Weights, server: &Weights, site: Option<&Weights>) -> Weights {
+    global
+        .iter()
+        .filter(|(name, _)| !is_running_stat(name))
+        .map(|(name, g)| {
+            let mut out = g.zeros_like();
+            if let Some(c) = server.get(name).filter(|c| c.data.len() == g.data.len()) {
+                out.data.copy_from_slice(&c.data);
+            }
+            if let Some(ci) = site
+                .and_then(|s| s.get(name))
+                .filter(|c| c.data.len() == g.data.len())
+            {
+                for (o, c) in out.data.iter_mut().zip(&ci.data) {
+                    *o -= c;
+                }
+            }
+            (name.clone(), out)
+        })
+        .collect()
+}
+
+/// SCAFFOLD's control variates after a round (Karimireddy et al. 2020, algorithm 1 with
+/// option II). Each site that trained from `global` (x) gets
+/// `c_i⁺ = c_i − c + (x − y_i) / (a_i η)`, its mean corrected gradient over the round, and the
+/// server `c⁺ = c + (1/N) Σ (c_i⁺ − c_i)` over the `sites_in_run` sites N (those that did not
+/// report keep theirs). The server computes them from what it has already, so no site sends
+/// more than its update. Returns the sites' new control variates, in `trained`'s order, and
+/// the server's.
+pub fn scaffold_controls(
+    global: &Weights,
+    trained: &[ScaffoldSite<'_>],
+    server: &Weights,
+    sites_in_run: usize,
+    learning_rate: f64,
+) -> Result<(Vec<Weights>, Weights), AggregateError> {
+    if !(learning_rate.is_finite() && learning_rate > 0.0) {
+        return Err(AggregateError::Invalid(format!(
+            "SCAFFOLD needs a positive learning rate, not {learning_rate}"
+        )));
+    }
+    if sites_in_run < trained.len() || sites_in_run == 0 {
+        return Err(AggregateError::Invalid(format!(
+            "{} sites trained in a run of {sites_in_run}",
+            trained.len()
+        )));
+    }
+    let mut next_server = scaffold_correction(global, server, None);
+    let mut sites = Vec::with_capacity(trained.len());
+    for (index, t) in trained.iter().enumerate() {
+        if !(t.steps.is_finite() && t.steps > 0.0) {
+            return Err(AggregateError::Mismatch {
+                index,
+                reason: format!("SCAFFOLD needs the site's local steps, not {}", t.steps),
+            });
+        }
+        let scale = (1.0 / (t.steps * learning_rate)) as f32;
+        let correction = scaffold_correction(global, server, t.control);
+        let mut ci_next = Weights::new();
+        for (name, corr) in &correction {
+            let (x, y) = match (global.get(name), t.weights.get(name)) {
+                (Some(x), Some(y)) if y.data.len() == x.data.len() => (x, y),
+                _ => {
+                    return Err(AggregateError::Mismatch {
+                        index,
+                        reason: format!("tensor {name} is missing or has another shape"),
+                    });
+                }
+            };
+            let mut out = x.zeros_like();
+            let old = t.control.and_then(|c| c.get(name));
+            let mut c_next = next_server.get_mut(name);
+            for i in 0..out.data.len() {
+                // c_i − c + (x − y_i)/(a_i η) = −(c − c_i) + (x − y_i)/(a_i η)
+                let v = -corr.data[i] + (x.data[i] - y.data[i]) * scale;
+                if !v.is_finite() {
+                    return Err(AggregateError::Mismatch {
+                        index,
+                        reason: format!("tensor {name} gives a control variate that is not finite"),
+                    });
+                }
+                out.data[i] = v;
+                let before = old.map_or(0.0, |o| o.data.get(i).copied().unwrap_or(0.0));
+                if let Some(c) = c_next.as_deref_mut() {
+                    c.data[i] += (v - before) / sites_in_run as f32;
+                }
+            }
+            ci_next.insert(name.clone(), out);
+        }
+        sites.push(ci_next);
+    }
+    Ok((sites, next_server))
 }
 
 /// Shapes always; values only when `values` (the weighted means check their output instead,
@@ -583,7 +710,11 @@ pub fn aggregate(
 ) -> Result<Aggregated, AggregateError> {
     let weighted_mean_based = matches!(
         strategy,
-        Strategy::FedAvg | Strategy::FedBn | Strategy::FedNova | Strategy::FedCostWAvg { .. }
+        Strategy::FedAvg
+            | Strategy::FedBn
+            | Strategy::FedNova
+            | Strategy::Scaffold
+            | Strategy::FedCostWAvg { .. }
     );
     check(global, updates, !weighted_mean_based)?;
     let out = aggregate_checked(strategy, global, updates, state)?;
@@ -615,7 +746,7 @@ fn aggregate_checked(
         sites: shares(&coefs),
     };
     match strategy {
-        Strategy::FedAvg => Ok(mean(sample_weights(updates)?, &|_| false)),
+        Strategy::FedAvg | Strategy::Scaffold => Ok(mean(sample_weights(updates)?, &|_| false)),
         Strategy::FedBn => Ok(mean(sample_weights(updates)?, &is_batch_norm)),
         Strategy::FedNova => fednova(global, updates),
         Strategy::FedCostWAvg { alpha } => {
@@ -1015,6 +1146,77 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("local steps"), "{err}");
+    }
+
+    #[test]
+    fn scaffold_controls_follow_option_two_by_hand() {
+        // x = [1, 2] and a running statistic (no control variate); c = [0.1, -0.2]; η = 0.1.
+        let x = w(&[("w", &[1.0, 2.0]), ("bn.running_mean", &[0.5])]);
+        let c = w(&[("w", &[0.1, -0.2])]);
+        // Site A: 2 steps, c_A = [0.05, 0]; site B: 4 steps, its first round (c_B = 0).
+        let ya = w(&[("w", &[0.8, 2.2]), ("bn.running_mean", &[0.4])]);
+        let yb = w(&[("w", &[1.1, 1.9]), ("bn.running_mean", &[0.6])]);
+        let ca = w(&[("w", &[0.05, 0.0])]);
+        let trained = [
+            ScaffoldSite {
+                weights: &ya,
+                steps: 2.0,
+                control: Some(&ca),
+            },
+            ScaffoldSite {
+                weights: &yb,
+                steps: 4.0,
+                control: None,
+            },
+        ];
+        let (sites, server) = scaffold_controls(&x, &trained, &c, 3, 0.1).unwrap();
+        let close = |got: &Weights, want: &[f32]| {
+            let g = &got["w"].data;
+            assert_eq!(got.len(), 1, "only trained weights: {got:?}");
+            for (a, b) in g.iter().zip(want) {
+                assert!((a - b).abs() < 1e-5, "{g:?} vs {want:?}");
+            }
+        };
+        // c_A⁺ = c_A − c + (x − y_A)/(2 · 0.1) = [0.05 − 0.1 + 1.0, 0 + 0.2 − 1.0].
+        close(&sites[0], &[0.95, -0.8]);
+        // c_B⁺ = 0 − c + (x − y_B)/(4 · 0.1) = [−0.1 − 0.25, 0.2 + 0.25].
+        close(&sites[1], &[-0.35, 0.45]);
+        // c⁺ = c + ((c_A⁺ − c_A) + (c_B⁺ − 0)) / 3 (the third site did not report).
+        close(
+            &server,
+            &[0.1 + (0.9 - 0.35) / 3.0, -0.2 + (-0.8 + 0.45) / 3.0],
+        );
+        // What site A adds to its gradients next round: c⁺ − c_A⁺.
+        let next = scaffold_correction(&x, &server, Some(&sites[0]));
+        close(&next, &[0.1 + 0.55 / 3.0 - 0.95, -0.2 - 0.35 / 3.0 + 0.8]);
+        // Refusals: no steps, no learning rate, more sites than the run has.
+        assert!(matches!(
+            scaffold_controls(
+                &x,
+                &[ScaffoldSite {
+                    weights: &ya,
+                    steps: 0.0,
+                    control: None
+                }],
+                &c,
+                3,
+                0.1
+            ),
+            Err(AggregateError::Mismatch { index: 0, .. })
+        ));
+        assert!(scaffold_controls(&x, &trained, &c, 3, 0.0).is_err());
+        assert!(scaffold_controls(&x, &trained, &c, 1, 0.1).is_err());
+    }
+
+    #[test]
+    fn scaffold_averages_the_model_as_fedavg() {
+        let g = w(&[("w", &[0.0])]);
+        let ups = [up(&[1.0], 100), up(&[4.0], 300)];
+        let mut state = ServerState::default();
+        let a = aggregate(&Strategy::Scaffold, &g, &ups, &mut state).unwrap();
+        let b = aggregate(&Strategy::FedAvg, &g, &ups, &mut state).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.weights["w"].data, vec![3.25]);
     }
 
     #[test]

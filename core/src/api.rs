@@ -684,6 +684,10 @@ dto! {
         /// A robust strategy gave it less than half the round's median share.
         #[serde(default)]
         pub down_weighted: bool,
+        /// SCAFFOLD: SHA-256 of the correction `c − c_i` the site added to its gradients this
+        /// round (none in round 1, where every control variate is zero).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub correction: Option<String>,
     }
 
     /// A site a robust strategy down-weighted in `aggregate::FLAG_AFTER_ROUNDS` or more
@@ -1100,6 +1104,7 @@ mod tests {
                     weight: Some(if down_weighted { 0.01 } else { 0.3 }),
                     score: Some(1.0),
                     down_weighted,
+                    correction: None,
                 })
                 .collect(),
             evaluation: None,

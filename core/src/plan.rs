@@ -64,7 +64,7 @@ pub const CHOICES: &[(&str, &str)] = &[
     ("rounds", "1 to 10000"),
     (
         "aggregation.strategy",
-        "fedavg, fedadam, fedyogi, fedbn, fednova (sgd), fedcostwavg, median, trimmed_mean, krum, multi_krum, bulyan, dos",
+        "fedavg, fedadam, fedyogi, fedbn, fednova (sgd), scaffold (sgd), fedcostwavg, median, trimmed_mean, krum, multi_krum, bulyan, dos",
     ),
     (
         "aggregation.parameters",
@@ -270,6 +270,16 @@ pub enum Optimiser {
     },
 }
 
+impl Optimiser {
+    pub fn learning_rate(&self) -> f64 {
+        match self {
+            Optimiser::Sgd { learning_rate, .. } | Optimiser::AdamW { learning_rate, .. } => {
+                *learning_rate
+            }
+        }
+    }
+}
+
 /// The choices of `optimiser.name`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
@@ -296,6 +306,9 @@ pub enum StrategyName {
     /// Normalised averaging: each site's change divided by its local SGD steps. No
     /// parameters; needs optimiser `sgd` and no DP-SGD.
     Fednova,
+    /// Stochastic controlled averaging: each site corrects its gradients by the server's
+    /// control variate less its own. No parameters; needs optimiser `sgd` and no DP-SGD.
+    Scaffold,
     /// Weighted by data size and loss improvement. Parameter `alpha` in [0, 1] (0.5).
     Fedcostwavg,
     /// Coordinate-wise median. No parameters.
@@ -690,14 +703,27 @@ impl TrainingPlanManifest {
         {
             p.push("aggregation.strategy fedbn keeps each site's batch-normalisation parameters at the site, and this model has none (small_cnn, or resnet with norm = \"group\"): use fedavg, or resnet with norm = \"batch\"");
         }
-        if let Some(Strategy::FedNova) = &strategy {
+        // FedNova's weighting and SCAFFOLD's control variates count each site's local SGD
+        // steps (`Plan::fednova_steps`).
+        let counted = match &strategy {
+            Some(Strategy::FedNova) => Some((
+                "fednova",
+                "normalises each site's change by its local SGD steps, and its weighting",
+            )),
+            Some(Strategy::Scaffold) => Some((
+                "scaffold",
+                "derives each site's control variate from its change over its local SGD steps, which",
+            )),
+            _ => None,
+        };
+        if let Some((name, what)) = counted {
             match &optimiser {
-                Some(Optimiser::AdamW { .. }) => p.push("aggregation.strategy fednova normalises each site's change by its local SGD steps, and its weighting is defined for SGD (with momentum, or FedProx's proximal_mu), not adamw: use optimiser.name = \"sgd\""),
-                Some(Optimiser::Sgd { momentum, .. }) if *momentum > 0.0 && proximal_mu > 0.0 => p.push("aggregation.strategy fednova has a weighting for SGD with momentum or with FedProx's proximal_mu, not both at once: drop one of optimiser.momentum and optimiser.proximal_mu"),
+                Some(Optimiser::AdamW { .. }) => p.push(format!("aggregation.strategy {name} {what} is defined for SGD (with momentum, or FedProx's proximal_mu), not adamw: use optimiser.name = \"sgd\"")),
+                Some(Optimiser::Sgd { momentum, .. }) if *momentum > 0.0 && proximal_mu > 0.0 => p.push(format!("aggregation.strategy {name} counts local steps for SGD with momentum or with FedProx's proximal_mu, not both at once: drop one of optimiser.momentum and optimiser.proximal_mu")),
                 _ => {}
             }
             if self.privacy.dp_sgd.is_some() {
-                p.push("aggregation.strategy fednova counts each site's local steps from its data and batch size, and DP-SGD samples its batches at random: use fedavg with privacy.dp_sgd");
+                p.push(format!("aggregation.strategy {name} counts each site's local steps from its data and batch size, and DP-SGD samples its batches at random: use fedavg with privacy.dp_sgd"));
             }
         }
         let stopping = parse_stopping(self, &mut p);
@@ -861,7 +887,7 @@ fn strategy(spec: &AggregationSpec, p: &mut Problems) -> Option<Strategy> {
     let name = p.choice::<StrategyName>(
         "aggregation.strategy",
         &spec.strategy,
-        "one of \"fedavg\", \"fedadam\", \"fedyogi\", \"fedbn\", \"fednova\", \"fedcostwavg\", \"median\", \"trimmed_mean\", \"krum\", \"multi_krum\", \"bulyan\" or \"dos\"",
+        "one of \"fedavg\", \"fedadam\", \"fedyogi\", \"fedbn\", \"fednova\", \"scaffold\", \"fedcostwavg\", \"median\", \"trimmed_mean\", \"krum\", \"multi_krum\", \"bulyan\" or \"dos\"",
     )?;
     let takes: &[&str] = match name {
         StrategyName::Fedadam | StrategyName::Fedyogi => &["lr", "beta1", "beta2", "tau"],
@@ -911,6 +937,7 @@ fn strategy(spec: &AggregationSpec, p: &mut Problems) -> Option<Strategy> {
         StrategyName::Fedavg => Strategy::FedAvg,
         StrategyName::Fedbn => Strategy::FedBn,
         StrategyName::Fednova => Strategy::FedNova,
+        StrategyName::Scaffold => Strategy::Scaffold,
         StrategyName::Median => Strategy::Median,
         StrategyName::Fedadam | StrategyName::Fedyogi => {
             let lr = num("lr", 0.01, &positive, "a positive number") as f32;
@@ -1329,30 +1356,49 @@ mod tests {
     }
 
     #[test]
-    fn fednova_needs_sgd_and_counts_steps_from_the_data() {
-        let mut m = serde_json::json!({
-            "model": {"architecture": "small_cnn", "num_classes": 2},
-            "optimiser": {"name": "sgd", "learning_rate": 0.05},
-            "local_epochs": 2, "batch_size": 16, "rounds": 3,
-            "aggregation": {"strategy": "fednova"}
-        });
-        let plan = manifest(m.clone()).parse().expect("fednova with sgd");
-        assert_eq!(plan.strategy, Strategy::FedNova);
-        // 50 images in batches of 16: 4 steps an epoch (the last one short), 2 epochs.
-        assert_eq!(plan.fednova_steps(50), 8.0);
-        for (optimiser, says) in [
-            (
-                serde_json::json!({"name": "adamw", "learning_rate": 0.001}),
-                "not adamw",
-            ),
-            (
-                serde_json::json!({"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "proximal_mu": 0.01}),
-                "not both at once",
-            ),
+    fn fednova_and_scaffold_need_sgd_and_count_steps_from_the_data() {
+        for (name, strategy) in [
+            ("fednova", Strategy::FedNova),
+            ("scaffold", Strategy::Scaffold),
         ] {
-            m["optimiser"] = optimiser;
-            let problems = manifest(m.clone()).parse().unwrap_err();
-            assert!(problems.iter().any(|p| p.contains(says)), "{problems:?}");
+            let mut m = serde_json::json!({
+                "model": {"architecture": "small_cnn", "num_classes": 2},
+                "optimiser": {"name": "sgd", "learning_rate": 0.05},
+                "local_epochs": 2, "batch_size": 16, "rounds": 3,
+                "aggregation": {"strategy": name}
+            });
+            let plan = manifest(m.clone()).parse().expect("with sgd");
+            assert_eq!(plan.strategy, strategy);
+            // 50 images in batches of 16: 4 steps an epoch (the last one short), 2 epochs.
+            assert_eq!(plan.fednova_steps(50), 8.0);
+            let mut private = m.clone();
+            private["privacy"] = serde_json::json!({"dp_sgd": {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}});
+            let problems = manifest(private).parse().unwrap_err();
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.contains(name) && p.contains("DP-SGD")),
+                "{problems:?}"
+            );
+            for (optimiser, says) in [
+                (
+                    serde_json::json!({"name": "adamw", "learning_rate": 0.001}),
+                    "not adamw",
+                ),
+                (
+                    serde_json::json!({"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, "proximal_mu": 0.01}),
+                    "not both at once",
+                ),
+            ] {
+                m["optimiser"] = optimiser;
+                let problems = manifest(m.clone()).parse().unwrap_err();
+                assert!(
+                    problems
+                        .iter()
+                        .any(|p| p.contains(says) && p.contains(name)),
+                    "{problems:?}"
+                );
+            }
         }
     }
 

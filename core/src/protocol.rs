@@ -45,6 +45,11 @@ pub struct Job {
     /// For a preview job: what to generate. `run_id` then names the preview request.
     #[serde(default)]
     pub preview: Option<crate::preview::PreviewSpec>,
+    /// SCAFFOLD: SHA-256 of this site's correction `c − c_i` (safetensors) in the artifact
+    /// store, which the site adds to every gradient; none in round 1 (all control variates are
+    /// zero) and for other strategies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correction: Option<String>,
 }
 
 /// The job protocol this build speaks. 2: typed plans (a worker refuses a plan it cannot run).
@@ -53,7 +58,9 @@ pub struct Job {
 /// refused for their signature (`WorkerMessage::JobRejected`).
 /// 5: private previews (`PreviewSpec::dp`): a worker that would ignore the request for DP-SGD
 /// must refuse the job instead.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: SCAFFOLD (`Job::correction`): a worker that would train without the correction must
+/// refuse the job instead.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 fn first_protocol() -> u32 {
     1

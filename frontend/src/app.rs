@@ -45,6 +45,8 @@ pub type MeResource = Resource<Result<Option<MeDto>, PortalError>>;
 pub fn App() -> impl IntoView {
     provide_meta_context();
     crate::flash::provide();
+    #[cfg(feature = "ssr")]
+    provide_context(crate::server::WaitingOnce::default());
     let me: MeResource = Resource::new(|| (), |_| me());
     provide_context(me);
     let waiting = Resource::new(|| (), |_| crate::server::waiting_count());

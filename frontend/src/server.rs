@@ -76,11 +76,8 @@ async fn runs_of(api: &Api, studies: &[StudyDto]) -> Result<Vec<RunDto>, PortalE
 #[server(prefix = "/portal", endpoint = "home")]
 pub async fn load_home() -> Result<HomeData, PortalError> {
     let api = Api::current()?;
-    let g = gather(&api).await?;
-    Ok(HomeData {
-        waiting: crate::waiting::waiting(&api, &g).await?,
-        me: g.me,
-    })
+    let (me, waiting) = waiting_for(&api).await?;
+    Ok(HomeData { me, waiting })
 }
 
 #[cfg(feature = "ssr")]
@@ -95,21 +92,40 @@ async fn gather(api: &Api) -> Result<crate::waiting::Gathered, PortalError> {
     })
 }
 
+/// What waits for the person, read once per page render: the header's count and the home
+/// page's list share it (the App provides it to each render). A server function called from
+/// the browser has none and reads afresh.
+#[cfg(feature = "ssr")]
+#[derive(Clone, Default)]
+pub struct WaitingOnce(std::sync::Arc<tokio::sync::OnceCell<WaitingRead>>);
+
+/// The person and what waits for them.
+#[cfg(feature = "ssr")]
+type WaitingRead = Result<(MeDto, Vec<Waiting>), PortalError>;
+
+#[cfg(feature = "ssr")]
+async fn waiting_for(api: &Api) -> Result<(MeDto, Vec<Waiting>), PortalError> {
+    let read = || async {
+        let g = gather(api).await?;
+        let waiting = crate::waiting::waiting(api, &g).await?;
+        Ok((g.me, waiting))
+    };
+    match use_context::<WaitingOnce>() {
+        Some(once) => once.0.get_or_init(read).await.clone(),
+        None => read().await,
+    }
+}
+
 /// How many things wait for the signed-in person to act (the header's count); none when
 /// signed out.
 #[server(prefix = "/portal", endpoint = "waiting-count")]
 pub async fn waiting_count() -> Result<usize, PortalError> {
     let api = Api::current()?;
-    let g = match gather(&api).await {
-        Ok(g) => g,
-        Err(e) if e.is_unauthenticated() => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    Ok(crate::waiting::waiting(&api, &g)
-        .await?
-        .iter()
-        .filter(|w| w.act)
-        .count())
+    match waiting_for(&api).await {
+        Ok((_, waiting)) => Ok(waiting.iter().filter(|w| w.act).count()),
+        Err(e) if e.is_unauthenticated() => Ok(0),
+        Err(e) => Err(e),
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

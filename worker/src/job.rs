@@ -365,6 +365,20 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
         },
         None => None,
     };
+    // SCAFFOLD's correction for this site, from round 2 on; a correction for another
+    // strategy is a job this plan does not describe.
+    let correction = match (&job.correction, plan.strategy == Strategy::Scaffold) {
+        (None, _) => None,
+        (Some(h), true) => match ctx.artifacts.model(job, h).await {
+            Ok(b) => Some(b),
+            Err(e) => return fail(format!("SCAFFOLD's correction: {e}")),
+        },
+        (Some(_), false) => {
+            return refuse(
+                "the job sends a SCAFFOLD correction, and the approved plan's strategy is not scaffold",
+            );
+        }
+    };
     let data = match ctx.data(plan.image_size).await {
         Ok(d) => d,
         Err(e) => return fail(e),
@@ -388,8 +402,11 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
             &plan,
             site,
             &data,
-            global.as_deref(),
-            local.as_deref(),
+            Incoming {
+                global: global.as_deref(),
+                local: local.as_deref(),
+                correction: correction.as_deref(),
+            },
             &ledger,
         )
     })
@@ -449,16 +466,28 @@ enum Computed {
     },
 }
 
+/// The weights a training job starts from (safetensors): the round's global model, this
+/// site's own FedBN batch-norm state, SCAFFOLD's correction.
+struct Incoming<'a> {
+    global: Option<&'a [u8]>,
+    local: Option<&'a [u8]>,
+    correction: Option<&'a [u8]>,
+}
+
 /// The CPU/GPU-bound part, off the async runtime.
 fn compute(
     job: &Job,
     plan: &Plan,
     site: Uuid,
     data: &Dataset,
-    global: Option<&[u8]>,
-    local: Option<&[u8]>,
+    weights: Incoming<'_>,
     ledger: &Ledger,
 ) -> Result<(Computed, Option<Vec<u8>>), JobError> {
+    let Incoming {
+        global,
+        local,
+        correction,
+    } = weights;
     let dev = device();
     let net = Net::new(plan, &dev)?;
     if let Some(g) = global {
@@ -510,7 +539,8 @@ fn compute(
             Some(spent)
         }
         None => {
-            net.train(&train, plan, seed)?;
+            let correction = correction.map(|c| net.correction(c)).transpose()?;
+            net.train_corrected(&train, plan, seed, correction.as_deref())?;
             None
         }
     };

@@ -151,9 +151,7 @@ fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
     v
 }
 
-fn is_running_stat(name: &str) -> bool {
-    name.ends_with("running_mean") || name.ends_with("running_var")
-}
+use consilium_core::aggregate::is_running_stat;
 
 impl Net {
     /// The plan's model, initialised from its seed: every site starts from the same weights.
@@ -344,9 +342,45 @@ impl Net {
         Ok((trainable, anchor))
     }
 
-    /// Trains for the plan's local epochs. `global` is the round's incoming model for the
-    /// FedProx term. Returns the mean loss of the first and of the last epoch.
+    /// Trains for the plan's local epochs, from the weights loaded (the round's incoming model,
+    /// which FedProx's term pulls towards). Returns the mean loss of the first and of the last
+    /// epoch.
     pub fn train(&self, samples: &[&Sample], plan: &Plan, seed: u64) -> Result<(f64, f64)> {
+        self.train_corrected(samples, plan, seed, None)
+    }
+
+    /// SCAFFOLD's correction `c − c_i` (safetensors, from the server) as tensors in the order
+    /// of the trained weights; every trained weight must have one of its shape.
+    pub fn correction(&self, bytes: &[u8]) -> Result<Vec<Tensor>> {
+        let loaded = candle_core::safetensors::load_buffer(bytes, &self.device)?;
+        let (trainable, _) = self.trainable()?;
+        trainable
+            .iter()
+            .map(|(name, var)| {
+                let t = loaded.get(name).ok_or_else(|| {
+                    TrainError::Weights(format!("the SCAFFOLD correction has no tensor {name}"))
+                })?;
+                if t.shape() != var.shape() {
+                    return Err(TrainError::Weights(format!(
+                        "the SCAFFOLD correction's tensor {name} has shape {:?}, expected {:?}",
+                        t.shape(),
+                        var.shape()
+                    )));
+                }
+                Ok(t.to_dtype(DType::F32)?)
+            })
+            .collect()
+    }
+
+    /// `train`, with `correction` (SCAFFOLD's `c − c_i`, from `Net::correction`) added to
+    /// every gradient of the trained weights.
+    pub fn train_corrected(
+        &self,
+        samples: &[&Sample],
+        plan: &Plan,
+        seed: u64,
+        correction: Option<&[Tensor]>,
+    ) -> Result<(f64, f64)> {
         if samples.is_empty() {
             return Err(TrainError::Plan(
                 "there are no training samples at this site".into(),
@@ -378,7 +412,18 @@ impl Net {
                     }
                     loss = (loss + (prox * (mu / 2.0))?)?;
                 }
-                optimiser.backward_step(&loss)?;
+                match correction {
+                    None => optimiser.backward_step(&loss)?,
+                    Some(c) => {
+                        let mut grads = loss.backward()?;
+                        for ((_, var), add) in trainable.iter().zip(c) {
+                            if let Some(g) = grads.remove(var.as_tensor()) {
+                                grads.insert(var.as_tensor(), (g + add)?);
+                            }
+                        }
+                        optimiser.step(&grads)?;
+                    }
+                }
             }
             let mean = sum / samples.len() as f64;
             if epoch == 0 {

@@ -115,6 +115,7 @@ fn job(s: &Site, m: &TrainingPlanManifest, hash: &str, round: u32, global: Optio
         global_model: global,
         deadline: Utc::now() + Duration::minutes(10),
         preview: None,
+        correction: None,
     }
 }
 

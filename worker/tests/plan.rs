@@ -231,6 +231,7 @@ fn job(site: Uuid, study: Uuid, run: Uuid, manifest: Value) -> Job {
         global_model: None,
         deadline: Utc::now() + Duration::minutes(10),
         preview: None,
+        correction: None,
     }
 }
 
@@ -259,6 +260,14 @@ async fn a_worker_refuses_what_it_cannot_run() {
         panic!("{:?}", r.outcome)
     };
     assert!(reason.contains("older than the server's jobs"), "{reason}");
+    // A SCAFFOLD correction with a plan that is not SCAFFOLD's: not what was approved.
+    let mut corrected = job(site, Uuid::new_v4(), Uuid::new_v4(), base());
+    corrected.correction = Some("ab".repeat(32));
+    let r = process(&corrected, &ctx).await;
+    let Outcome::Refused { reason } = &r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    assert!(reason.contains("SCAFFOLD correction"), "{reason}");
 }
 
 #[test]
@@ -399,4 +408,85 @@ async fn fedbn_state_never_crosses_from_one_study_to_another() {
         hash(&alone),
         "study A's batch-norm state leaked into study B"
     );
+}
+
+#[test]
+fn scaffold_adds_its_correction_to_every_gradient() {
+    // One step of plain SGD (48 images, batch 48, one epoch): w' = w − η (g + (c − c_i)), so the
+    // corrected weights differ from the uncorrected by exactly η times the correction.
+    let mut m = base();
+    m["optimiser"] = json!({"name": "sgd", "learning_rate": 0.05});
+    m["local_epochs"] = 1.into();
+    m["batch_size"] = 48.into();
+    m["aggregation"] = json!({"strategy": "scaffold"});
+    let plan = plan_of(m);
+    let data = samples();
+    let refs: Vec<&Sample> = data.iter().collect();
+    let dev = candle_core::Device::Cpu;
+    let plain = Net::new(&plan, &dev).unwrap();
+    let corrected = Net::new(&plan, &dev).unwrap();
+    let mut correction = plain.weights().unwrap();
+    for (_, data) in correction.values_mut() {
+        for (i, x) in data.iter_mut().enumerate() {
+            *x = ((i % 7) as f32 - 3.0) / 10.0;
+        }
+    }
+    let carrier = Net::new(&plan, &dev).unwrap();
+    carrier.set_weights(&correction).unwrap();
+    let bytes = carrier.to_safetensors().unwrap();
+    plain.train(&refs, &plan, 5).unwrap();
+    let c = corrected.correction(&bytes).unwrap();
+    corrected
+        .train_corrected(&refs, &plan, 5, Some(&c))
+        .unwrap();
+    let (a, b) = (plain.weights().unwrap(), corrected.weights().unwrap());
+    let mut checked = 0;
+    for (name, (_, wa)) in &a {
+        let wb = &b[name].1;
+        let running = name.ends_with("running_mean") || name.ends_with("running_var");
+        for (i, (x, y)) in wa.iter().zip(wb).enumerate() {
+            let want = if running {
+                0.0
+            } else {
+                0.05 * correction[name].1[i]
+            };
+            assert!(
+                (x - y - want).abs() < 1e-5,
+                "{name}[{i}]: {x} − {y} is not {want}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 1000, "{checked} weights checked");
+
+    // A correction that lacks a trained weight is refused, naming it.
+    let mut short = correction.clone();
+    let dropped = short
+        .keys()
+        .find(|n| n.ends_with("weight"))
+        .unwrap()
+        .clone();
+    short.remove(&dropped);
+    let tensors: Vec<(String, candle_core::Tensor)> = short
+        .iter()
+        .map(|(n, (shape, d))| {
+            (
+                n.clone(),
+                candle_core::Tensor::from_vec(d.clone(), shape.as_slice(), &dev).unwrap(),
+            )
+        })
+        .collect();
+    let path = tempfile::NamedTempFile::new().unwrap();
+    candle_core::safetensors::save(
+        &tensors
+            .into_iter()
+            .collect::<std::collections::HashMap<_, _>>(),
+        path.path(),
+    )
+    .unwrap();
+    let err = corrected
+        .correction(&std::fs::read(path.path()).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&dropped), "{err}");
 }

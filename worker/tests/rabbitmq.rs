@@ -40,6 +40,7 @@ fn job(site: Uuid) -> Job {
         global_model: None,
         deadline: Utc::now(),
         preview: None,
+        correction: None,
     }
 }
 

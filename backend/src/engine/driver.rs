@@ -141,6 +141,7 @@ impl Engine {
         kind: JobKind,
         model: &str,
         deadline: chrono::DateTime<Utc>,
+        corrections: &HashMap<Uuid, String>,
     ) -> Vec<(Uuid, String)> {
         let mut failed = Vec::new();
         for site in sites {
@@ -158,6 +159,11 @@ impl Engine {
                 global_model: Some(model.to_string()),
                 deadline,
                 preview: None,
+                correction: if kind == JobKind::Train {
+                    corrections.get(site).cloned()
+                } else {
+                    None
+                },
             };
             if let Err(e) =
                 consilium_worker::broker::send_job(&*self.broker, &self.signer, &job).await
@@ -353,6 +359,7 @@ impl Engine {
         }))
         .await?;
         w.commit().await?;
+        let corrections = self.corrections(ctx, r.id).await?;
         self.publish(
             r,
             manifest,
@@ -362,6 +369,7 @@ impl Engine {
             JobKind::Train,
             &global,
             deadline,
+            &corrections,
         )
         .await;
         Ok(())
@@ -424,8 +432,20 @@ impl Engine {
                     .filter(|s| askable.contains(s))
                     .copied()
                     .collect();
+                let corrections = match kind {
+                    JobKind::Train => self.corrections(ctx, r.id).await?,
+                    _ => HashMap::new(),
+                };
                 self.publish(
-                    r, manifest, files, x.number, &wanted, kind, model, x.deadline,
+                    r,
+                    manifest,
+                    files,
+                    x.number,
+                    &wanted,
+                    kind,
+                    model,
+                    x.deadline,
+                    &corrections,
                 )
                 .await;
                 resent = true;

@@ -3,6 +3,8 @@
 
 use super::rounds::{RoundState, metric, stopping};
 use super::*;
+use consilium_core::aggregate::{ScaffoldSite, Weights, scaffold_controls, scaffold_correction};
+use std::collections::BTreeMap;
 
 impl Engine {
     #[tracing::instrument(skip_all, fields(run = %r.id, round = x.number))]
@@ -44,6 +46,7 @@ impl Engine {
             JobKind::Evaluate,
             &hash,
             x.deadline,
+            &HashMap::new(),
         )
         .await;
         let got = self
@@ -113,14 +116,17 @@ impl Engine {
     ) -> AppResult<model_version::Model> {
         let strategy = Strategy::from_spec(&manifest.aggregation)
             .map_err(|e| AppError::unexpected(anyhow::anyhow!("{e}")))?;
-        // FedNova counts each site's local steps from the approved plan and its samples.
+        // FedNova and SCAFFOLD count each site's local steps from the approved plan and its
+        // samples.
         let plan = match strategy {
-            Strategy::FedNova => Some(manifest.parse().map_err(|problems| {
-                AppError::unexpected(anyhow::anyhow!(
-                    "the run's plan no longer parses: {}",
-                    problems.join("; ")
-                ))
-            })?),
+            Strategy::FedNova | Strategy::Scaffold => {
+                Some(manifest.parse().map_err(|problems| {
+                    AppError::unexpected(anyhow::anyhow!(
+                        "the run's plan no longer parses: {}",
+                        problems.join("; ")
+                    ))
+                })?)
+            }
             _ => None,
         };
         let global_hash = x.global_in.clone().unwrap_or_default();
@@ -134,6 +140,7 @@ impl Engine {
         .map_err(|e| AppError::unexpected(anyhow::anyhow!(e)))?;
         let got = self.results_of(ctx, r.id, x.number, "train").await?;
         let mut updates = Vec::new();
+        let mut trained_sites = Vec::new();
         let mut contributions = Vec::new();
         let mut ordered: Vec<&update::Model> =
             got.values().filter(|u| u.outcome == "trained").collect();
@@ -155,6 +162,7 @@ impl Engine {
                 loss_after: u.train_loss_after,
                 steps: plan.as_ref().map(|p| p.fednova_steps(samples)),
             });
+            trained_sites.push(u.site_id);
             contributions.push(Contribution {
                 site_id: u.site_id,
                 site_name: site_name(ctx, u.site_id).await?,
@@ -171,6 +179,7 @@ impl Engine {
                 weight: None,
                 score: None,
                 down_weighted: false,
+                correction: None,
             });
         }
         // FedAdam's and FedYogi's moments: starting them again silently would change the
@@ -184,9 +193,24 @@ impl Engine {
                 ))
             })?,
         };
+        let scaffold = match (&strategy, &plan) {
+            (Strategy::Scaffold, Some(p)) => Some(Scaffold {
+                controls: self.controls(&state).await?,
+                learning_rate: p.optimiser.learning_rate(),
+                sites_in_run: self.sites_in_run(ctx, r.id).await?,
+            }),
+            _ => None,
+        };
+        // The corrections this round's jobs carried, for the lineage.
+        let sent = state.corrections.clone();
         let (g, u, s) = (global.clone(), updates, strategy.clone());
+        let sites_trained = trained_sites;
         let next = tokio::task::spawn_blocking(move || {
-            aggregate(&s, &g, &u, &mut state).map(|w| (w, state))
+            let out = aggregate(&s, &g, &u, &mut state)?;
+            let controls = scaffold
+                .map(|c| c.after(&g, &u, &sites_trained, &out.weights))
+                .transpose()?;
+            Ok::<_, consilium_core::aggregate::AggregateError>((out, state, controls))
         })
         .await
         .map_err(AppError::unexpected)?
@@ -196,8 +220,13 @@ impl Engine {
                 weights: next,
                 sites,
             },
-            state,
+            mut state,
+            controls,
         ) = next;
+        if let Some((controls, corrections)) = controls {
+            self.keep_controls(&mut state, &controls, corrections)
+                .await?;
+        }
         let down = down_weighted(&strategy, &sites);
         let bytes =
             weights::to_safetensors(&next).map_err(|e| AppError::unexpected(anyhow::anyhow!(e)))?;
@@ -221,6 +250,7 @@ impl Engine {
                 weight: Some(site.weight),
                 score: site.score.filter(|s| s.is_finite()),
                 down_weighted,
+                correction: sent.get(&c.site_id.to_string()).cloned(),
                 ..c
             })
             .collect();
@@ -366,5 +396,180 @@ pub fn weighted<'a>(ms: impl Iterator<Item = &'a Metrics>) -> Metrics {
         accuracy: w(&|m| m.accuracy),
         auroc,
         samples: n,
+    }
+}
+
+/// SCAFFOLD's inputs to a round's aggregation: the control variates so far, the plan's
+/// learning rate and how many sites the run has.
+struct Scaffold {
+    controls: Controls,
+    learning_rate: f64,
+    sites_in_run: usize,
+}
+
+/// SCAFFOLD's control variates: the server's `c` and each site's `c_i`.
+#[derive(Default)]
+struct Controls {
+    server: Weights,
+    sites: BTreeMap<Uuid, Weights>,
+}
+
+impl Scaffold {
+    /// The control variates after a round, and each site's correction `c − c_i` for the next
+    /// one (every site the run has heard of; one that never trained gets `c`).
+    fn after(
+        self,
+        global: &Weights,
+        updates: &[Update],
+        sites: &[Uuid],
+        next: &Weights,
+    ) -> Result<(Controls, BTreeMap<Uuid, Weights>), consilium_core::aggregate::AggregateError>
+    {
+        let Scaffold {
+            mut controls,
+            learning_rate,
+            sites_in_run,
+        } = self;
+        let trained: Vec<ScaffoldSite<'_>> = updates
+            .iter()
+            .zip(sites)
+            .map(|(u, id)| ScaffoldSite {
+                weights: &u.weights,
+                steps: u.steps.unwrap_or(0.0),
+                control: controls.sites.get(id),
+            })
+            .collect();
+        let sites_in_run = sites_in_run.max(trained.len());
+        let (site_controls, server) = scaffold_controls(
+            global,
+            &trained,
+            &controls.server,
+            sites_in_run,
+            learning_rate,
+        )?;
+        for (id, c) in sites.iter().zip(site_controls) {
+            controls.sites.insert(*id, c);
+        }
+        controls.server = server;
+        let corrections = controls
+            .sites
+            .iter()
+            .map(|(id, c)| (*id, scaffold_correction(next, &controls.server, Some(c))))
+            .collect();
+        Ok((controls, corrections))
+    }
+}
+
+impl Engine {
+    /// SCAFFOLD's control variates as the last round left them (none before the first). An
+    /// unreadable store fails the round: starting them again would change the training.
+    async fn controls(&self, state: &ServerState) -> AppResult<Controls> {
+        let Some(hash) = &state.controls else {
+            return Ok(Controls::default());
+        };
+        let bytes = self
+            .artifacts
+            .get(hash)
+            .await
+            .map_err(AppError::unexpected)?;
+        let all = weights::from_safetensors(&bytes).map_err(|e| {
+            AppError::unexpected(anyhow::anyhow!("SCAFFOLD's control variates: {e}"))
+        })?;
+        let mut controls = Controls::default();
+        for (name, t) in all {
+            if let Some(n) = name.strip_prefix("server/") {
+                controls.server.insert(n.to_string(), t);
+            } else if let Some((id, n)) = name.strip_prefix("site/").and_then(|r| r.split_once('/'))
+            {
+                let id = Uuid::parse_str(id).map_err(|e| {
+                    AppError::unexpected(anyhow::anyhow!(
+                        "SCAFFOLD's control variates name {name}: {e}"
+                    ))
+                })?;
+                controls
+                    .sites
+                    .entry(id)
+                    .or_default()
+                    .insert(n.to_string(), t);
+            }
+        }
+        Ok(controls)
+    }
+
+    /// Stores the control variates and each site's next correction with the run's state.
+    async fn keep_controls(
+        &self,
+        state: &mut ServerState,
+        controls: &Controls,
+        corrections: BTreeMap<Uuid, Weights>,
+    ) -> AppResult<()> {
+        let mut all = Weights::new();
+        for (n, t) in &controls.server {
+            all.insert(format!("server/{n}"), t.clone());
+        }
+        for (id, c) in &controls.sites {
+            for (n, t) in c {
+                all.insert(format!("site/{id}/{n}"), t.clone());
+            }
+        }
+        let put = |w: &Weights| -> AppResult<Vec<u8>> {
+            weights::to_safetensors(w).map_err(|e| AppError::unexpected(anyhow::anyhow!(e)))
+        };
+        state.controls = Some(
+            self.artifacts
+                .put(put(&all)?)
+                .await
+                .map_err(AppError::unexpected)?,
+        );
+        state.corrections.clear();
+        for (id, c) in corrections {
+            let hash = self
+                .artifacts
+                .put(put(&c)?)
+                .await
+                .map_err(AppError::unexpected)?;
+            state.corrections.insert(id.to_string(), hash);
+        }
+        Ok(())
+    }
+
+    /// The sites a run has asked to train so far (SCAFFOLD's N).
+    async fn sites_in_run(&self, ctx: &AppContext, run: Uuid) -> AppResult<usize> {
+        let mut all = std::collections::BTreeSet::new();
+        for x in round::Entity::find()
+            .filter(round::Column::RunId.eq(run))
+            .all(&ctx.db)
+            .await?
+        {
+            all.extend(from::<Vec<Uuid>>(&x.sites)?);
+        }
+        Ok(all.len())
+    }
+
+    /// Each site's SCAFFOLD correction for the run's next round, as the last aggregation left
+    /// them (none for other strategies and before round 2).
+    pub(super) async fn corrections(
+        &self,
+        ctx: &AppContext,
+        run: Uuid,
+    ) -> AppResult<HashMap<Uuid, String>> {
+        let state = run::Entity::find_by_id(run)
+            .one(&ctx.db)
+            .await?
+            .and_then(|r| r.server_state);
+        let Some(state) = state else {
+            return Ok(HashMap::new());
+        };
+        let state: ServerState = serde_json::from_str(&state).map_err(AppError::unexpected)?;
+        state
+            .corrections
+            .iter()
+            .map(|(id, h)| {
+                Ok((
+                    Uuid::parse_str(id).map_err(AppError::unexpected)?,
+                    h.clone(),
+                ))
+            })
+            .collect()
     }
 }

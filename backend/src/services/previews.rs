@@ -282,6 +282,7 @@ pub async fn request(
         global_model: None,
         deadline: now + Duration::minutes(30),
         preview: Some(spec),
+        correction: None,
     };
     if let Err(e) = engine.send_job(&job).await {
         mark_failed(

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::context::AppContext;
 use crate::domain::Actor;
-use crate::entities::{model_version, preview_set, round, site_output};
+use crate::entities::{model_version, preview_set, round, run, site_output};
 use crate::error::{AppError, AppResult};
 
 /// Outputs a site may hand over for one job (a worker restarted in the middle of a job sends
@@ -85,6 +85,9 @@ pub async fn read_model(
         }
     }
     if !allowed {
+        allowed = own_correction(ctx, site, hash).await?;
+    }
+    if !allowed {
         return Err(not_yours());
     }
     ctx.federation()?
@@ -92,6 +95,50 @@ pub async fn read_model(
         .get(hash)
         .await
         .map_err(AppError::unexpected)
+}
+
+/// Whether `hash` is `site`'s own SCAFFOLD correction in a run it takes part in: the one its
+/// next job carries, or one it trained with. Another
+/// site's correction is its control variate, its mean gradient over a round: it is not handed
+/// out.
+async fn own_correction(ctx: &AppContext, site: Uuid, hash: &str) -> AppResult<bool> {
+    let key = site.to_string();
+    let mut runs = std::collections::BTreeSet::new();
+    for r in round::Entity::find().all(&ctx.db).await? {
+        if lists(&r.sites, site) {
+            runs.insert(r.run_id);
+        }
+    }
+    for id in runs {
+        let Some(state) = run::Entity::find_by_id(id)
+            .one(&ctx.db)
+            .await?
+            .and_then(|r| r.server_state)
+        else {
+            continue;
+        };
+        let state: consilium_core::aggregate::ServerState =
+            serde_json::from_str(&state).map_err(AppError::unexpected)?;
+        if state.corrections.get(&key).is_some_and(|h| h == hash) {
+            return Ok(true);
+        }
+        // One its site trained with in an earlier round, as the lineage names it.
+        for v in model_version::Entity::find()
+            .filter(model_version::Column::RunId.eq(id))
+            .all(&ctx.db)
+            .await?
+        {
+            let contributions: Vec<consilium_core::api::Contribution> =
+                serde_json::from_value(v.contributions).map_err(AppError::unexpected)?;
+            if contributions
+                .iter()
+                .any(|c| c.site_id == site && c.correction.as_deref() == Some(hash))
+            {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// Whether `job` of `run` is one the server sent `site` and still waits for: a training job of

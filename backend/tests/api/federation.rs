@@ -469,6 +469,7 @@ holdout = 0.25
         global_model: None,
         deadline: chrono::Utc::now() + chrono::Duration::minutes(5),
         preview: None,
+        correction: None,
     };
     // Signed with the server's own key (taken from its file: a server that altered the plan),
     // it still fails the worker's plan check.

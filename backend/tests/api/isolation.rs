@@ -394,3 +394,74 @@ async fn a_sites_broker_user_reaches_only_its_own_queue_and_name() {
     }
     assert_eq!(summary, "genuine");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaffold_gives_each_site_only_its_own_correction() {
+    let app = spawn_app_with(Db::Sqlite, |s| s.engine.round_timeout_seconds = 120).await;
+    let w = world(&app).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (_a, _) = start_keyed_worker(&app, w.site_a, &w.custodian_a, profile(1), dir.path()).await;
+    let (_b, _) = start_keyed_worker(&app, w.site_b, &w.custodian_b, profile(2), dir.path()).await;
+    let mut manifest = engine_manifest(2);
+    manifest["optimiser"] = json!({"name": "sgd", "learning_rate": 0.01, "momentum": 0.9});
+    manifest["aggregation"] = json!({"strategy": "scaffold", "min_sites": 2});
+    let (sid, _) = approved_study(&app, &w, manifest).await;
+    let (rid, done) = run_to_end(&app, &sid, &w.researcher.auth, 240).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let models = app
+        .get(&format!("/api/v1/models?run_id={rid}"), &w.researcher.auth)
+        .await
+        .expect(200);
+    let round = |n: u64| {
+        models
+            .as_array()
+            .expect("versions")
+            .iter()
+            .find(|m| m["round"] == json!(n))
+            .unwrap_or_else(|| panic!("round {n}: {models}"))
+            .clone()
+    };
+    let correction_of = |v: &Value, site: Uuid| {
+        v["contributions"]
+            .as_array()
+            .expect("contributions")
+            .iter()
+            .find(|c| c["site_id"] == json!(site.to_string()))
+            .map(|c| c["correction"].clone())
+            .expect("the site's contribution")
+    };
+    // Round 1 starts with every control variate at zero: no correction is sent. In round 2
+    // each site trains with its own, and the lineage names it.
+    let first = round(1);
+    assert_eq!(first["strategy"], "scaffold");
+    assert!(correction_of(&first, w.site_a).is_null(), "{first}");
+    let second = round(2);
+    let north = correction_of(&second, w.site_a)
+        .as_str()
+        .expect("North's correction")
+        .to_string();
+    let south = correction_of(&second, w.site_b)
+        .as_str()
+        .expect("South's correction")
+        .to_string();
+    assert_ne!(north, south, "each site has its own control variate");
+
+    let north_token = worker_token(&app, w.site_a, &w.custodian_a).await;
+    let get = |site: Uuid, hash: &str, token: &str| {
+        app.client
+            .get(format!("{}/api/v1/sites/{site}/models/{hash}", app.address))
+            .bearer_auth(token)
+    };
+    let resp = get(w.site_a, &north, &north_token)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 200);
+    let bytes = resp.bytes().await.expect("bytes");
+    assert_eq!(consilium_core::hash::sha256_hex(&bytes), north);
+    // South's correction is South's mean gradient of the round: North's token does not read it.
+    let (code, body) = status(&app, get(w.site_a, &south, &north_token)).await;
+    assert_eq!(code, 404, "{body}");
+    let (code, _) = status(&app, get(w.site_b, &south, &north_token)).await;
+    assert_eq!(code, 403);
+}

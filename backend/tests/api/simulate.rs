@@ -326,3 +326,42 @@ async fn a_simulation_aggregates_with_fednova() {
         .expect("accuracy");
     assert!(acc > 0.6, "above chance: {acc}");
 }
+
+/// SCAFFOLD end to end: round 2's jobs carry each site's correction, and the lineage names it.
+#[test]
+fn a_simulation_aggregates_with_scaffold() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (example, config) = example_in(dir.path());
+    let text = std::fs::read_to_string(&config)
+        .expect("experiment")
+        .replace("rounds = 3", "rounds = 2")
+        .replace("name = \"adamw\"", "name = \"sgd\"\nmomentum = 0.9")
+        .replace("learning_rate = 0.003", "learning_rate = 0.01")
+        .replace("strategy = \"fedavg\"", "strategy = \"scaffold\"");
+    std::fs::write(&config, &text).expect("write");
+    let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}{err}");
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(example.join("simulation-report.json")).expect("report"),
+    )
+    .expect("JSON report");
+    assert_eq!(report["run"]["status"], "completed");
+    assert_eq!(report["final_model"]["strategy"], "scaffold");
+    assert_eq!(report["final_model"]["round"], 2);
+    // Round 2: every site trained with its own correction, which the lineage names.
+    let corrections: Vec<&str> = report["final_model"]["contributions"]
+        .as_array()
+        .expect("contributions")
+        .iter()
+        .map(|c| c["correction"].as_str().expect("a correction in round 2"))
+        .collect();
+    let distinct: std::collections::BTreeSet<&&str> = corrections.iter().collect();
+    assert!(
+        corrections.len() > 1 && distinct.len() == corrections.len(),
+        "{corrections:?}"
+    );
+    let acc = report["final_model"]["evaluation"]["global"]["accuracy"]
+        .as_f64()
+        .expect("accuracy");
+    assert!(acc > 0.6, "above chance: {acc}");
+}

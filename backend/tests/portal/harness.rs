@@ -46,6 +46,22 @@ async fn within_secs<T>(secs: u64, what: &str, call: impl std::future::Future<Ou
         .unwrap_or_else(|_| panic!("the browser did not answer within {secs} s: {what}"))
 }
 
+/// How long the browser tries to load a page before it gives up (and `Portal::goto` tells a
+/// slow browser from a portal that does not answer): under the `within` limit, so that the
+/// browser answers first.
+const PAGE_LOAD: Duration = Duration::from_secs(45);
+
+async fn set_page_load(browser: &Client) {
+    browser
+        .update_timeouts(fantoccini::wd::TimeoutConfiguration::new(
+            None,
+            Some(PAGE_LOAD),
+            None,
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("set the browser's page-load limit: {e}"));
+}
+
 /// A running server with the demo's cast (people, committee, three sites), site workers for
 /// the first `workers` sites, and a headless Chromium to look at it.
 pub struct Portal {
@@ -175,6 +191,8 @@ impl Portal {
             }
         }
 
+        set_page_load(&browser).await;
+
         let shots = workspace()
             .join("target")
             .join("portal-screenshots")
@@ -193,10 +211,55 @@ impl Portal {
         }
     }
 
+    /// Opens `path`. A page load the browser gives up on (`PAGE_LOAD`) is told apart from a
+    /// portal that does not answer: the server is asked for the same page directly, with the
+    /// browser's cookies, and the page is loaded once more; a second failure fails the test
+    /// with what the server answered.
     pub async fn goto(&self, path: &str) {
-        within(path, self.browser.goto(&format!("{}{path}", self.url)))
-            .await
-            .unwrap_or_else(|e| panic!("open {path}: {e}"));
+        let url = format!("{}{path}", self.url);
+        match within(path, self.browser.goto(&url)).await {
+            Ok(()) => {}
+            Err(e) if e.is_timeout() => {
+                let direct = self.fetch_directly(&url).await;
+                eprintln!(
+                    "{path}: the browser did not finish loading it ({e}); {direct}; loading it again"
+                );
+                within(path, self.browser.goto(&url))
+                    .await
+                    .unwrap_or_else(|e| panic!("open {path} (twice): {e}; {direct}"));
+            }
+            Err(e) => panic!("open {path}: {e}"),
+        }
+    }
+
+    /// What the server answers for `url` to this browser's cookies, asked without the browser.
+    async fn fetch_directly(&self, url: &str) -> String {
+        let cookies = match within("cookies", self.browser.get_all_cookies()).await {
+            Ok(c) => c
+                .iter()
+                .map(|c| format!("{}={}", c.name(), c.value()))
+                .collect::<Vec<_>>()
+                .join("; "),
+            Err(e) => return format!("the browser did not give its cookies: {e}"),
+        };
+        let started = std::time::Instant::now();
+        let answer = reqwest::Client::new()
+            .get(url)
+            .header("cookie", cookies)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await;
+        let secs = started.elapsed().as_secs_f64();
+        match answer {
+            Ok(r) => match r.text().await {
+                Ok(body) => format!(
+                    "the server answered it directly in {secs:.1} s ({} bytes)",
+                    body.len()
+                ),
+                Err(e) => format!("the server's answer broke off after {secs:.1} s: {e}"),
+            },
+            Err(e) => format!("the server did not answer it directly in {secs:.1} s: {e}"),
+        }
     }
 
     pub async fn path(&self) -> String {
