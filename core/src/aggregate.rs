@@ -1549,6 +1549,7 @@ mod tests {
             strategy: s.into(),
             min_sites: None,
             parameters: serde_json::from_value(p).unwrap(),
+            local_layers: Vec::new(),
         };
         assert_eq!(
             Strategy::from_spec(&spec("krum", serde_json::json!({"f": 2}))).unwrap(),

@@ -688,6 +688,10 @@ dto! {
         /// round (none in round 1, where every control variate is zero).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub correction: Option<String>,
+        /// Partial sharing: the layers the site kept and did not send (its update is the
+        /// rest; the server kept the model's own values of these).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub kept_at_site: Vec<String>,
     }
 
     /// A site a robust strategy down-weighted in `aggregate::FLAG_AFTER_ROUNDS` or more
@@ -1105,6 +1109,7 @@ mod tests {
                     score: Some(1.0),
                     down_weighted,
                     correction: None,
+                    kept_at_site: Vec::new(),
                 })
                 .collect(),
             evaluation: None,

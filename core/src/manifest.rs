@@ -106,6 +106,11 @@ pub struct AggregationSpec {
     #[serde(default)]
     #[cfg_attr(feature = "server", schema(value_type = Object))]
     pub parameters: BTreeMap<String, serde_json::Value>,
+    /// Partial sharing: the model's layers (`conv1`, `fc`, `layer0`, …) that stay at each
+    /// site, trained there and never sent; the server aggregates the rest. With `fedavg`,
+    /// `fedbn` or `fedcostwavg`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub local_layers: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

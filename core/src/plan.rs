@@ -97,6 +97,20 @@ pub enum ModelConfig {
 }
 
 impl ModelConfig {
+    /// The model's layers by the names its weights start with (`<layer>.<tensor>`), in order:
+    /// what `aggregation.local_layers` may name.
+    pub fn layers(&self) -> Vec<String> {
+        match self {
+            ModelConfig::SmallCnn(_) => ["conv1", "conv2", "fc"].map(String::from).to_vec(),
+            ModelConfig::ResNet(r) => {
+                let mut l = vec!["stem".to_string(), "bn_stem".to_string()];
+                l.extend((0..r.widths.len()).map(|i| format!("layer{i}")));
+                l.push("fc".into());
+                l
+            }
+        }
+    }
+
     /// Whether the model has batch normalisation (running averages, FedBN's local values).
     pub fn has_batch_norm(&self) -> bool {
         matches!(
@@ -405,6 +419,9 @@ pub struct Plan {
     pub batch_size: usize,
     pub rounds: u32,
     pub strategy: Strategy,
+    /// Partial sharing (FLOP, Yang et al. 2021): the layers that stay at each site, trained
+    /// there and never sent; the server aggregates the rest.
+    pub local_layers: Vec<String>,
     /// Updates a round needs (the study's site count when the plan does not say).
     pub min_sites: Option<u32>,
     pub stopping: Stopping,
@@ -429,6 +446,14 @@ impl Plan {
             Optimiser::AdamW { learning_rate, .. } => (0.0, learning_rate),
         };
         crate::aggregate::fednova_steps(steps, momentum, lr * self.proximal_mu)
+    }
+
+    /// Whether the weight `name` belongs to a layer that stays at the site.
+    pub fn is_local(&self, name: &str) -> bool {
+        self.local_layers.iter().any(|l| {
+            name.strip_prefix(l.as_str())
+                .is_some_and(|rest| rest.starts_with('.'))
+        })
     }
 
     pub fn has(&self, a: Augmentation) -> bool {
@@ -726,6 +751,35 @@ impl TrainingPlanManifest {
                 p.push(format!("aggregation.strategy {name} counts each site's local steps from its data and batch size, and DP-SGD samples its batches at random: use fedavg with privacy.dp_sgd"));
             }
         }
+        let local_layers = self.aggregation.local_layers.clone();
+        if let Some(m) = &model
+            && !local_layers.is_empty()
+        {
+            let layers = m.layers();
+            for l in &local_layers {
+                if !layers.contains(l) {
+                    p.push(format!(
+                        "aggregation.local_layers names {l:?}, which this model does not have: its layers are {}",
+                        layers.join(", ")
+                    ));
+                }
+            }
+            if layers.iter().all(|l| local_layers.contains(l)) {
+                p.push("aggregation.local_layers keeps every layer at the sites, so nothing would be trained together: share at least one layer");
+            }
+        }
+        if !local_layers.is_empty()
+            && let Some(s) = &strategy
+            && !matches!(
+                s,
+                Strategy::FedAvg | Strategy::FedBn | Strategy::FedCostWAvg { .. }
+            )
+        {
+            p.push(format!(
+                "aggregation.local_layers is for fedavg, fedbn and fedcostwavg, not {}: the others compare, normalise or correct whole updates",
+                self.aggregation.strategy
+            ));
+        }
         let stopping = parse_stopping(self, &mut p);
         let clipping = parse_privacy(self, &mut p);
         let dp_sgd = parse_dp_sgd(self, model.as_ref(), &mut p);
@@ -758,6 +812,7 @@ impl TrainingPlanManifest {
                 batch_size: self.batch_size as usize,
                 rounds: self.rounds,
                 strategy,
+                local_layers,
                 min_sites: self.aggregation.min_sites,
                 stopping,
                 clipping,
@@ -1400,6 +1455,40 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn local_layers_name_the_models_layers_and_leave_some_shared() {
+        let mut m = base();
+        m["aggregation"]["local_layers"] = serde_json::json!(["fc"]);
+        let plan = manifest(m.clone()).parse().expect("fc stays at the sites");
+        assert_eq!(plan.local_layers, vec!["fc".to_string()]);
+        assert!(plan.is_local("fc.weight") && plan.is_local("fc.bias"));
+        assert!(!plan.is_local("conv1.weight") && !plan.is_local("fcx.weight"));
+        for (layers, strategy, says) in [
+            (
+                serde_json::json!(["head"]),
+                "fedavg",
+                "does not have: its layers are conv1, conv2, fc",
+            ),
+            (
+                serde_json::json!(["conv1", "conv2", "fc"]),
+                "fedavg",
+                "share at least one layer",
+            ),
+            (serde_json::json!(["fc"]), "median", "not median"),
+        ] {
+            m["aggregation"] = serde_json::json!({"strategy": strategy, "local_layers": layers});
+            let problems = manifest(m.clone()).parse().unwrap_err();
+            assert!(problems.iter().any(|p| p.contains(says)), "{problems:?}");
+        }
+        // A plan without local layers hashes as before.
+        let plain = manifest(base());
+        assert!(
+            !serde_json::to_string(&plain)
+                .unwrap()
+                .contains("local_layers")
+        );
     }
 
     #[test]

@@ -384,7 +384,7 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
         Err(e) => return fail(e),
     };
     let fedbn = plan.strategy == Strategy::FedBn;
-    let local = if fedbn {
+    let local = if fedbn || !plan.local_layers.is_empty() {
         ctx.local
             .lock()
             .ok()
@@ -430,11 +430,19 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
                 after,
                 skipped,
                 privacy,
+                kept,
             },
             Some(bytes),
         ) => {
-            if fedbn && let Ok(mut l) = ctx.local.lock() {
-                l.insert(job.run_id, bytes.clone());
+            if let Some(kept) = kept {
+                match ctx.local.lock() {
+                    Ok(mut l) => {
+                        l.insert(job.run_id, kept);
+                    }
+                    Err(e) => {
+                        return fail(format!("this site's own layers could not be kept: {e}"));
+                    }
+                }
             }
             match ctx.artifacts.upload(job, bytes).await {
                 Ok(update_hash) => Outcome::Trained {
@@ -463,6 +471,9 @@ enum Computed {
         after: f64,
         skipped: Vec<consilium_core::protocol::Skipped>,
         privacy: Option<PrivacySpent>,
+        /// All the trained weights, kept at the site for the run's next job: FedBN's
+        /// batch-norm parameters and the layers that are not shared come from them.
+        kept: Option<Vec<u8>>,
     },
 }
 
@@ -493,12 +504,15 @@ fn compute(
     if let Some(g) = global {
         net.load_safetensors(g, |_| false)?;
     }
+    let fedbn = plan.strategy == Strategy::FedBn;
+    let own = |name: &str| (fedbn && is_batch_norm(name)) || plan.is_local(name);
     if let Some(l) = local {
-        // FedBN: this site's own batch-norm parameters (of this run) replace the global ones.
-        net.load_safetensors(l, |name| !is_batch_norm(name))
+        // This site's own batch-norm parameters (FedBN) and the layers it does not share, as
+        // it trained them in this run, replace the global model's.
+        net.load_safetensors(l, |name| !own(name))
             .map_err(|e| {
                 JobError::Failed(format!(
-                    "this site's own batch-norm state of this run is unreadable: {e}"
+                    "this site's own layers of this run (FedBN's batch norm, the layers it does not share) are unreadable: {e}"
                 ))
             })?;
     }
@@ -548,7 +562,11 @@ fn compute(
     if let Some(c) = plan.clipping {
         protect(&net, &reference, c.clip_norm, c.noise_multiplier)?;
     }
-    let bytes = net.to_safetensors()?;
+    // The layers that stay at the site are not in what is sent.
+    let bytes = net.to_safetensors_without(|name| plan.is_local(name))?;
+    let kept = (fedbn || !plan.local_layers.is_empty())
+        .then(|| net.to_safetensors())
+        .transpose()?;
     Ok((
         Computed::Trained {
             samples: train.len() as u64,
@@ -557,6 +575,7 @@ fn compute(
             after,
             skipped: data.skipped.clone(),
             privacy,
+            kept,
         },
         Some(bytes),
     ))

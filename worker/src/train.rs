@@ -218,8 +218,15 @@ impl Net {
 
     /// The weights as safetensors bytes.
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        self.to_safetensors_without(|_| false)
+    }
+
+    /// The weights as safetensors, without those `leave_out` names (partial sharing: the
+    /// layers that stay at the site are not in what is sent).
+    pub fn to_safetensors_without(&self, leave_out: impl Fn(&str) -> bool) -> Result<Vec<u8>> {
         let tensors: Vec<(String, Tensor)> = sorted_vars(&self.varmap)
             .into_iter()
+            .filter(|(n, _)| !leave_out(n))
             .map(|(n, v)| (n, v.as_tensor().to_device(&Device::Cpu)))
             .map(|(n, t)| t.map(|t| (n, t)))
             .collect::<candle_core::Result<_>>()?;

@@ -490,3 +490,32 @@ fn scaffold_adds_its_correction_to_every_gradient() {
         .to_string();
     assert!(err.contains(&dropped), "{err}");
 }
+
+#[test]
+fn the_plans_layer_names_are_the_models() {
+    // `aggregation.local_layers` is checked against `ModelConfig::layers`: every weight of each
+    // model must belong to one of them.
+    for model in [
+        json!({"architecture": "small_cnn", "num_classes": 2}),
+        json!({"architecture": "resnet", "num_classes": 3, "hyper_parameters": {"widths": [8, 16, 32]}}),
+    ] {
+        let mut m = base();
+        m["model"] = model;
+        let plan = plan_of(m);
+        let layers = plan.model.layers();
+        let net = Net::new(&plan, &candle_core::Device::Cpu).unwrap();
+        let names: Vec<String> = net.weights().unwrap().into_keys().collect();
+        for n in &names {
+            assert!(
+                layers.iter().any(|l| n.starts_with(&format!("{l}."))),
+                "{n} is in no layer of {layers:?}"
+            );
+        }
+        for l in &layers {
+            assert!(
+                names.iter().any(|n| n.starts_with(&format!("{l}."))),
+                "{l} holds no weight: {names:?}"
+            );
+        }
+    }
+}

@@ -117,18 +117,14 @@ impl Engine {
         let strategy = Strategy::from_spec(&manifest.aggregation)
             .map_err(|e| AppError::unexpected(anyhow::anyhow!("{e}")))?;
         // FedNova and SCAFFOLD count each site's local steps from the approved plan and its
-        // samples.
-        let plan = match strategy {
-            Strategy::FedNova | Strategy::Scaffold => {
-                Some(manifest.parse().map_err(|problems| {
-                    AppError::unexpected(anyhow::anyhow!(
-                        "the run's plan no longer parses: {}",
-                        problems.join("; ")
-                    ))
-                })?)
-            }
-            _ => None,
-        };
+        // samples; partial sharing keeps the plan's local layers out of the aggregate.
+        let plan = manifest.parse().map_err(|problems| {
+            AppError::unexpected(anyhow::anyhow!(
+                "the run's plan no longer parses: {}",
+                problems.join("; ")
+            ))
+        })?;
+        let counts_steps = matches!(strategy, Strategy::FedNova | Strategy::Scaffold);
         let global_hash = x.global_in.clone().unwrap_or_default();
         let global = weights::from_safetensors(
             &self
@@ -152,15 +148,21 @@ impl Engine {
                 .get(&hash)
                 .await
                 .map_err(AppError::unexpected)?;
-            let w = weights::from_safetensors(&bytes)
+            let mut w = weights::from_safetensors(&bytes)
                 .map_err(|e| AppError::unexpected(anyhow::anyhow!(e)))?;
+            // The layers that stay at the sites are not in their updates (and whatever a site
+            // sends of them is not used): the model keeps its own values of them.
+            w.retain(|name, _| !plan.is_local(name));
+            for (name, t) in global.iter().filter(|(n, _)| plan.is_local(n)) {
+                w.insert(name.clone(), t.clone());
+            }
             let samples = u.samples.unwrap_or(0).max(0) as u64;
             updates.push(Update {
                 weights: w,
                 samples,
                 loss_before: u.train_loss_before,
                 loss_after: u.train_loss_after,
-                steps: plan.as_ref().map(|p| p.fednova_steps(samples)),
+                steps: counts_steps.then(|| plan.fednova_steps(samples)),
             });
             trained_sites.push(u.site_id);
             contributions.push(Contribution {
@@ -180,6 +182,7 @@ impl Engine {
                 score: None,
                 down_weighted: false,
                 correction: None,
+                kept_at_site: plan.local_layers.clone(),
             });
         }
         // FedAdam's and FedYogi's moments: starting them again silently would change the
@@ -193,10 +196,10 @@ impl Engine {
                 ))
             })?,
         };
-        let scaffold = match (&strategy, &plan) {
-            (Strategy::Scaffold, Some(p)) => Some(Scaffold {
+        let scaffold = match &strategy {
+            Strategy::Scaffold => Some(Scaffold {
                 controls: self.controls(&state).await?,
-                learning_rate: p.optimiser.learning_rate(),
+                learning_rate: plan.optimiser.learning_rate(),
                 sites_in_run: self.sites_in_run(ctx, r.id).await?,
             }),
             _ => None,
@@ -217,12 +220,17 @@ impl Engine {
         .map_err(|e| AppError::unexpected(anyhow::anyhow!("aggregation: {e}")))?;
         let (
             Aggregated {
-                weights: next,
+                weights: mut next,
                 sites,
             },
             mut state,
             controls,
         ) = next;
+        // The model's own values of the layers that stay at the sites, exactly (a weighted
+        // mean of equal tensors may round).
+        for (name, t) in global.iter().filter(|(n, _)| plan.is_local(n)) {
+            next.insert(name.clone(), t.clone());
+        }
         if let Some((controls, corrections)) = controls {
             self.keep_controls(&mut state, &controls, corrections)
                 .await?;

@@ -365,3 +365,80 @@ fn a_simulation_aggregates_with_scaffold() {
         .expect("accuracy");
     assert!(acc > 0.6, "above chance: {acc}");
 }
+
+/// Partial sharing end to end: the classifier stays at each site. No update in the store holds
+/// it, the lineage says so, and the model keeps its own (first) values of it.
+#[tokio::test]
+async fn a_simulation_keeps_local_layers_at_the_sites() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (example, config) = example_in(dir.path());
+    let text = std::fs::read_to_string(&config)
+        .expect("experiment")
+        .replace("rounds = 3", "rounds = 2")
+        .replace(
+            "strategy = \"fedavg\"",
+            "strategy = \"fedavg\"\nlocal_layers = [\"fc\"]",
+        );
+    std::fs::write(&config, &text).expect("write");
+    let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}{err}");
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(example.join("simulation-report.json")).expect("report"),
+    )
+    .expect("JSON report");
+    assert_eq!(report["run"]["status"], "completed");
+    let store = consilium_worker::artifacts::ArtifactStore::open(
+        example
+            .join("run")
+            .join("artifacts")
+            .to_str()
+            .expect("path"),
+    )
+    .expect("the simulation's store");
+    let model = |hash: &str| {
+        let hash = hash.to_string();
+        let store = &store;
+        async move {
+            consilium_backend::engine::weights::from_safetensors(
+                &store.get(&hash).await.expect("in the store"),
+            )
+            .expect("safetensors")
+        }
+    };
+    let last = &report["final_model"];
+    let contributions = last["contributions"].as_array().expect("contributions");
+    assert!(contributions.len() > 1, "{contributions:?}");
+    for c in contributions {
+        assert_eq!(c["kept_at_site"], serde_json::json!(["fc"]), "{c}");
+        let update = model(c["update_hash"].as_str().expect("update")).await;
+        assert!(
+            update.contains_key("conv1.weight"),
+            "the shared layers are sent"
+        );
+        assert!(
+            !update.keys().any(|n| n.starts_with("fc.")),
+            "the classifier never leaves the site: {:?}",
+            update.keys().collect::<Vec<_>>()
+        );
+    }
+    // Both versions hold the same classifier: the one every site started from.
+    let versions: Vec<&str> = report["models"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|m| m["hash"].as_str()).collect())
+        .unwrap_or_default();
+    let fc = |w: &consilium_core::aggregate::Weights| w["fc.weight"].data.clone();
+    let final_fc = fc(&model(last["hash"].as_str().expect("hash")).await);
+    for v in &versions {
+        assert!(
+            fc(&model(v).await) == final_fc,
+            "version {v} changed the classifier"
+        );
+    }
+    let acc = last["evaluation"]["global"]["accuracy"]
+        .as_f64()
+        .expect("accuracy");
+    assert!(
+        acc > 0.6,
+        "the sites' personalised models, above chance: {acc}"
+    );
+}

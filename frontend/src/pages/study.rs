@@ -640,6 +640,15 @@ fn what_it_binds(
                 .unwrap_or_default()
         ),
     ));
+    if !m.aggregation.local_layers.is_empty() {
+        out.push((
+            "Kept at each site".into(),
+            format!(
+                "{}: trained at each site and never sent; the server aggregates the other layers",
+                m.aggregation.local_layers.join(", ")
+            ),
+        ));
+    }
     let privacy = match (
         &m.privacy.dp_sgd,
         m.privacy.clip_norm,
