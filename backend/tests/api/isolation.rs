@@ -49,6 +49,13 @@ async fn events(app: &TestApp, w: &World, action: &str, n: usize) -> Vec<Value> 
     got
 }
 
+/// A site worker's request for a model (or its SCAFFOLD correction) by its hash.
+fn site_model(app: &TestApp, site: Uuid, hash: &str, token: &str) -> reqwest::RequestBuilder {
+    app.client
+        .get(format!("{}/api/v1/sites/{site}/models/{hash}", app.address))
+        .bearer_auth(token)
+}
+
 async fn status(app: &TestApp, req: reqwest::RequestBuilder) -> (u16, Value) {
     let resp = req.send().await.expect("request sent");
     let status = resp.status().as_u16();
@@ -145,11 +152,7 @@ async fn a_site_reads_only_its_runs_models_and_counts_only_with_its_own_outputs(
         .and_then(|s| s.parse().ok())
         .expect("site id");
     let east_token = worker_token(&app, site_c, &custodian_c).await;
-    let get = |site: Uuid, hash: &str, token: &str| {
-        app.client
-            .get(format!("{}/api/v1/sites/{site}/models/{hash}", app.address))
-            .bearer_auth(token)
-    };
+    let get = |site: Uuid, hash: &str, token: &str| site_model(&app, site, hash, token);
 
     // North reads the model its run made, checked against its hash.
     let resp = get(w.site_a, &global, &north_token)
@@ -447,11 +450,7 @@ async fn scaffold_gives_each_site_only_its_own_correction() {
     assert_ne!(north, south, "each site has its own control variate");
 
     let north_token = worker_token(&app, w.site_a, &w.custodian_a).await;
-    let get = |site: Uuid, hash: &str, token: &str| {
-        app.client
-            .get(format!("{}/api/v1/sites/{site}/models/{hash}", app.address))
-            .bearer_auth(token)
-    };
+    let get = |site: Uuid, hash: &str, token: &str| site_model(&app, site, hash, token);
     let resp = get(w.site_a, &north, &north_token)
         .send()
         .await

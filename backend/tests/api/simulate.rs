@@ -27,6 +27,35 @@ fn example_in(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf)
     (example, config)
 }
 
+/// Runs the example experiment, two rounds, with `edits` (text, replacement) made to its
+/// configuration; it must complete. Returns the example's folder and the JSON report.
+fn simulate_edited(dir: &std::path::Path, edits: &[(&str, &str)]) -> (std::path::PathBuf, Value) {
+    let (example, config) = example_in(dir);
+    let mut text = std::fs::read_to_string(&config)
+        .expect("experiment")
+        .replace("rounds = 3", "rounds = 2");
+    for (from, to) in edits {
+        assert!(text.contains(from), "the example has no {from:?}");
+        text = text.replace(from, to);
+    }
+    std::fs::write(&config, &text).expect("write");
+    let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("completed after"), "{out}");
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(example.join("simulation-report.json")).expect("report"),
+    )
+    .expect("JSON report");
+    assert_eq!(report["run"]["status"], "completed");
+    (example, report)
+}
+
+/// SGD with momentum (the strategies that count local SGD steps need it).
+const SGD: [(&str, &str); 2] = [
+    ("name = \"adamw\"", "name = \"sgd\"\nmomentum = 0.9"),
+    ("learning_rate = 0.003", "learning_rate = 0.01"),
+];
+
 #[tokio::test]
 async fn a_simulation_trains_the_plan_on_local_folders_and_writes_a_report() {
     let dir = tempfile::tempdir().expect("dir");
@@ -277,22 +306,14 @@ async fn a_simulated_site_attacks_and_the_report_says_so() {
 #[tokio::test]
 async fn a_simulation_aggregates_with_fednova() {
     let dir = tempfile::tempdir().expect("dir");
-    let (example, config) = example_in(dir.path());
-    let text = std::fs::read_to_string(&config)
-        .expect("experiment")
-        .replace("rounds = 3", "rounds = 2")
-        .replace("name = \"adamw\"", "name = \"sgd\"\nmomentum = 0.9")
-        .replace("learning_rate = 0.003", "learning_rate = 0.01")
-        .replace("strategy = \"fedavg\"", "strategy = \"fednova\"");
-    std::fs::write(&config, &text).expect("write");
-    let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("completed after"), "{out}");
-    let report: Value = serde_json::from_str(
-        &std::fs::read_to_string(example.join("simulation-report.json")).expect("report"),
-    )
-    .expect("JSON report");
-    assert_eq!(report["run"]["status"], "completed");
+    let (_, report) = simulate_edited(
+        dir.path(),
+        &[
+            SGD[0],
+            SGD[1],
+            ("strategy = \"fedavg\"", "strategy = \"fednova\""),
+        ],
+    );
     assert_eq!(report["final_model"]["strategy"], "fednova");
     let contributions = report["final_model"]["contributions"]
         .as_array()
@@ -331,21 +352,14 @@ async fn a_simulation_aggregates_with_fednova() {
 #[test]
 fn a_simulation_aggregates_with_scaffold() {
     let dir = tempfile::tempdir().expect("dir");
-    let (example, config) = example_in(dir.path());
-    let text = std::fs::read_to_string(&config)
-        .expect("experiment")
-        .replace("rounds = 3", "rounds = 2")
-        .replace("name = \"adamw\"", "name = \"sgd\"\nmomentum = 0.9")
-        .replace("learning_rate = 0.003", "learning_rate = 0.01")
-        .replace("strategy = \"fedavg\"", "strategy = \"scaffold\"");
-    std::fs::write(&config, &text).expect("write");
-    let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
-    assert_eq!(code, 0, "{out}{err}");
-    let report: Value = serde_json::from_str(
-        &std::fs::read_to_string(example.join("simulation-report.json")).expect("report"),
-    )
-    .expect("JSON report");
-    assert_eq!(report["run"]["status"], "completed");
+    let (_, report) = simulate_edited(
+        dir.path(),
+        &[
+            SGD[0],
+            SGD[1],
+            ("strategy = \"fedavg\"", "strategy = \"scaffold\""),
+        ],
+    );
     assert_eq!(report["final_model"]["strategy"], "scaffold");
     assert_eq!(report["final_model"]["round"], 2);
     // Round 2: every site trained with its own correction, which the lineage names.
@@ -371,22 +385,13 @@ fn a_simulation_aggregates_with_scaffold() {
 #[tokio::test]
 async fn a_simulation_keeps_local_layers_at_the_sites() {
     let dir = tempfile::tempdir().expect("dir");
-    let (example, config) = example_in(dir.path());
-    let text = std::fs::read_to_string(&config)
-        .expect("experiment")
-        .replace("rounds = 3", "rounds = 2")
-        .replace(
+    let (example, report) = simulate_edited(
+        dir.path(),
+        &[(
             "strategy = \"fedavg\"",
             "strategy = \"fedavg\"\nlocal_layers = [\"fc\"]",
-        );
-    std::fs::write(&config, &text).expect("write");
-    let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
-    assert_eq!(code, 0, "{out}{err}");
-    let report: Value = serde_json::from_str(
-        &std::fs::read_to_string(example.join("simulation-report.json")).expect("report"),
-    )
-    .expect("JSON report");
-    assert_eq!(report["run"]["status"], "completed");
+        )],
+    );
     let store = consilium_worker::artifacts::ArtifactStore::open(
         example
             .join("run")
