@@ -359,7 +359,7 @@ impl Engine {
         }))
         .await?;
         w.commit().await?;
-        let corrections = self.corrections(ctx, r.id).await?;
+        let corrections = super::versions::corrections(ctx, r.id).await?;
         self.publish(
             r,
             manifest,
@@ -433,7 +433,7 @@ impl Engine {
                     .copied()
                     .collect();
                 let corrections = match kind {
-                    JobKind::Train => self.corrections(ctx, r.id).await?,
+                    JobKind::Train => super::versions::corrections(ctx, r.id).await?,
                     _ => HashMap::new(),
                 };
                 self.publish(

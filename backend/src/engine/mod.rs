@@ -7,7 +7,7 @@
 mod driver;
 mod intake;
 pub mod rounds;
-mod versions;
+pub(crate) mod versions;
 pub mod weights;
 
 pub use rounds::stopping;

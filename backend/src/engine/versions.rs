@@ -553,31 +553,27 @@ impl Engine {
         }
         Ok(all.len())
     }
+}
 
-    /// Each site's SCAFFOLD correction for the run's next round, as the last aggregation left
-    /// them (none for other strategies and before round 2).
-    pub(super) async fn corrections(
-        &self,
-        ctx: &AppContext,
-        run: Uuid,
-    ) -> AppResult<HashMap<Uuid, String>> {
-        let state = run::Entity::find_by_id(run)
-            .one(&ctx.db)
-            .await?
-            .and_then(|r| r.server_state);
-        let Some(state) = state else {
-            return Ok(HashMap::new());
-        };
-        let state: ServerState = serde_json::from_str(&state).map_err(AppError::unexpected)?;
-        state
-            .corrections
-            .iter()
-            .map(|(id, h)| {
-                Ok((
-                    Uuid::parse_str(id).map_err(AppError::unexpected)?,
-                    h.clone(),
-                ))
-            })
-            .collect()
-    }
+/// Each site's SCAFFOLD correction for the run's next round, as the last aggregation left
+/// them (none for other strategies and before round 2).
+pub(crate) async fn corrections(ctx: &AppContext, run: Uuid) -> AppResult<HashMap<Uuid, String>> {
+    let state = run::Entity::find_by_id(run)
+        .one(&ctx.db)
+        .await?
+        .and_then(|r| r.server_state);
+    let Some(state) = state else {
+        return Ok(HashMap::new());
+    };
+    let state: ServerState = serde_json::from_str(&state).map_err(AppError::unexpected)?;
+    state
+        .corrections
+        .iter()
+        .map(|(id, h)| {
+            Ok((
+                Uuid::parse_str(id).map_err(AppError::unexpected)?,
+                h.clone(),
+            ))
+        })
+        .collect()
 }

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::context::AppContext;
 use crate::domain::Actor;
-use crate::entities::{model_version, preview_set, round, run, site_output};
+use crate::entities::{model_version, preview_set, round, site_output};
 use crate::error::{AppError, AppResult};
 
 /// Outputs a site may hand over for one job (a worker restarted in the middle of a job sends
@@ -102,7 +102,6 @@ pub async fn read_model(
 /// site's correction is its control variate, its mean gradient over a round: it is not handed
 /// out.
 async fn own_correction(ctx: &AppContext, site: Uuid, hash: &str) -> AppResult<bool> {
-    let key = site.to_string();
     let mut runs = std::collections::BTreeSet::new();
     for r in round::Entity::find().all(&ctx.db).await? {
         if lists(&r.sites, site) {
@@ -110,16 +109,11 @@ async fn own_correction(ctx: &AppContext, site: Uuid, hash: &str) -> AppResult<b
         }
     }
     for id in runs {
-        let Some(state) = run::Entity::find_by_id(id)
-            .one(&ctx.db)
+        if crate::engine::versions::corrections(ctx, id)
             .await?
-            .and_then(|r| r.server_state)
-        else {
-            continue;
-        };
-        let state: consilium_core::aggregate::ServerState =
-            serde_json::from_str(&state).map_err(AppError::unexpected)?;
-        if state.corrections.get(&key).is_some_and(|h| h == hash) {
+            .get(&site)
+            .is_some_and(|h| h == hash)
+        {
             return Ok(true);
         }
         // One its site trained with in an earlier round, as the lineage names it.
