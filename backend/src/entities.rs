@@ -254,6 +254,22 @@ entity!(model_version, "model_versions", {
     pub created_at: DateTimeUtc,
     pub released_at: Option<DateTimeUtc>,
     pub released_by: Option<Uuid>,
+    /// `SecureAggregationRecord`, for a version made under secure aggregation.
+    pub secure_aggregation: Option<Json>,
+});
+
+entity!(secagg_message, "secagg_messages", {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    pub run_id: Uuid,
+    pub round: i32,
+    /// `keys`, `shares`, `masked`, `reveals`, each stage's closing (`keys.closed`, …) and
+    /// the round's sum (`sum`).
+    pub stage: String,
+    /// The site that posted it; nil for a closing.
+    pub site_id: Uuid,
+    pub body: Json,
+    pub created_at: DateTimeUtc,
 });
 
 entity!(monitoring_report, "monitoring_reports", {

@@ -741,6 +741,40 @@ dto! {
         pub created_at: DateTime<Utc>,
         pub released_at: Option<DateTime<Utc>>,
         pub released_by: Option<Uuid>,
+        /// How the version was aggregated when the plan asks for secure aggregation: the
+        /// server saw only the sum of these sites' masked inputs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub secure_aggregation: Option<SecureAggregationRecord>,
+    }
+
+    /// A round under secure aggregation (SecAgg+), for the lineage: whose masked inputs are in
+    /// the sum, who dropped out and whether their masks were removed, and the parameters.
+    pub struct SecureAggregationRecord {
+        /// The sites whose masked inputs the sum holds.
+        pub summed: Vec<SecAggSite>,
+        /// Sites that joined the key exchange and sent no masked input.
+        pub dropped: Vec<SecAggSite>,
+        /// Neighbours of each site (k) and the shares that rebuild a secret (t).
+        pub neighbours: u32,
+        pub threshold: u32,
+        /// Each value of a site's change was clipped to ±clip.
+        pub clip: f64,
+        /// The standard deviation of the Gaussian noise the sum carries in all (each summed
+        /// site added its share; 0 without `privacy.noise_multiplier`).
+        #[serde(default)]
+        pub noise_std: f64,
+    }
+
+    /// A site's part in a secure round.
+    pub struct SecAggSite {
+        pub site_id: Uuid,
+        pub site_name: String,
+        /// What happened: `summed`, or how it dropped out.
+        pub status: String,
+        /// A site that dropped out after the key exchange: its pairwise masks were removed
+        /// with its neighbours' shares.
+        #[serde(default)]
+        pub recovered: bool,
     }
 
     /// Everything a model version stands on.
@@ -1116,6 +1150,7 @@ mod tests {
             created_at: Utc::now(),
             released_at: None,
             released_by: None,
+            secure_aggregation: None,
         }
     }
 

@@ -139,14 +139,38 @@ pub struct PrivacySettings {
     /// Gaussian noise multiplier applied after clipping.
     #[serde(default)]
     pub noise_multiplier: Option<f64>,
-    /// Mask updates so that the server sees only their sum. Not available yet: a plan that
-    /// asks for it is refused.
+    /// Mask updates so that the server sees only their sum (SecAgg+; `secagg` tunes it).
     #[serde(default)]
     pub secure_aggregation: bool,
+    /// Secure aggregation's parameters; left out of the hashed form when absent, so plans
+    /// written before it keep their hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secagg: Option<SecAggSettings>,
     /// Differentially private training at each site (DP-SGD) under a per-patient budget.
     /// Left out of the hashed form when absent, so plans written before it keep their hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp_sgd: Option<DpSgdSettings>,
+}
+
+/// `privacy.secagg`: how secure aggregation masks the sites' updates.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SecAggSettings {
+    /// Each value of a site's change is clipped to ±clip before it is quantised (default 1.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip: Option<f64>,
+    /// The fraction of the holders of a site's shares (its neighbours and itself) whose shares
+    /// rebuild its secrets: above one half, below one (default: a majority).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    /// Neighbours of each site (k of Bell et al.'s sparse graph, even); every other site when
+    /// the round has at most k + 1 sites (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neighbours: Option<u32>,
+    /// How long each exchange after the first waits for the sites, in seconds (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_seconds: Option<u32>,
 }
 
 /// `privacy.dp_sgd`: each site trains with DP-SGD (per-patient gradient clipping, Gaussian

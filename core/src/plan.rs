@@ -78,7 +78,14 @@ pub const CHOICES: &[(&str, &str)] = &[
     ("stopping.patience", "1 or more rounds"),
     ("privacy.clip_norm", "above 0"),
     ("privacy.noise_multiplier", "0 or more, with clip_norm"),
-    ("privacy.secure_aggregation", "false (not available yet)"),
+    (
+        "privacy.secure_aggregation",
+        "true or false; with fedavg (FedProx's proximal_mu too), fedadam or fedyogi",
+    ),
+    (
+        "privacy.secagg",
+        "clip (above 0, default 1), threshold (above 0.5 and below 1, default a majority), neighbours (even, 2 to 254, default 20), stage_seconds (5 to 3600, default 60); with secure_aggregation",
+    ),
     (
         "privacy.dp_sgd",
         "epsilon (above 0), delta (0 to 0.001), max_grad_norm (above 0), noise_multiplier (optional, above 0); small_cnn, or resnet with norm = group; not with clip_norm",
@@ -395,6 +402,51 @@ pub struct DpSgd {
     pub noise_multiplier: Option<f64>,
 }
 
+/// Secure aggregation as the plan sets it (`privacy.secure_aggregation`, `privacy.secagg`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SecureAggregation {
+    /// Each value of a site's change is clipped to ±`clip` before it is quantised.
+    pub clip: f32,
+    /// The fraction of the holders of a site's shares (its neighbours and itself) whose shares
+    /// rebuild its secrets (`None`: a majority).
+    pub threshold: Option<f64>,
+    /// k: each site's neighbours in a round of more than k + 1 sites.
+    pub neighbours: usize,
+    /// How long each exchange after the first waits for the sites.
+    pub stage_seconds: u32,
+}
+
+/// The fewest sites a secure round can sum: with two, each would learn the other's update
+/// from the sum and its own.
+pub const SECAGG_MIN_SITES: usize = 3;
+
+impl SecureAggregation {
+    /// Each site's neighbours in a round of `sites`.
+    pub fn degree(&self, sites: usize) -> usize {
+        self.neighbours.min(sites.saturating_sub(1))
+    }
+
+    /// t: the shares that rebuild a secret of a site with `k` neighbours, of the k + 1 that
+    /// it and its neighbours hold (more than half of them, at least 2).
+    pub fn threshold_of(&self, k: usize) -> usize {
+        let holders = k + 1;
+        let t = match self.threshold {
+            Some(f) => (f * holders as f64).ceil() as usize,
+            None => holders / 2 + 1,
+        };
+        t.max(holders / 2 + 1).clamp(2, holders)
+    }
+
+    /// The fixed-point step of a round of `sites` whose sites each add Gaussian noise of
+    /// standard deviation `noise_per_site`: the sum of the weighted changes (within ±clip,
+    /// weights summing to 1) and of every site's noise (kept within 8 standard deviations)
+    /// stays inside ±2^31 steps, so the sum modulo 2^32 is exact.
+    pub fn step(&self, noise_per_site: f64, sites: usize) -> f64 {
+        (f64::from(self.clip) + 8.0 * noise_per_site * (sites as f64).sqrt())
+            / f64::from(1u32 << 30)
+    }
+}
+
 /// δ above this is refused: δ is the chance that the guarantee fails outright, and it must stay
 /// far below one patient in a site's population.
 pub const MAX_DELTA: f64 = 1e-3;
@@ -427,6 +479,8 @@ pub struct Plan {
     pub stopping: Stopping,
     pub clipping: Option<UpdateClipping>,
     pub dp_sgd: Option<DpSgd>,
+    /// Secure aggregation (SecAgg+): the server sees only the sum of the sites' masked changes.
+    pub secure_aggregation: Option<SecureAggregation>,
     pub seed: u64,
 }
 
@@ -783,6 +837,7 @@ impl TrainingPlanManifest {
         let stopping = parse_stopping(self, &mut p);
         let clipping = parse_privacy(self, &mut p);
         let dp_sgd = parse_dp_sgd(self, model.as_ref(), &mut p);
+        let secure_aggregation = parse_secagg(self, strategy.as_ref(), &mut p);
         match (
             model,
             normalisation,
@@ -817,6 +872,7 @@ impl TrainingPlanManifest {
                 stopping,
                 clipping,
                 dp_sgd,
+                secure_aggregation,
                 seed: self.seed,
             }),
             _ => Err(p.0),
@@ -1081,11 +1137,6 @@ fn parse_stopping(m: &TrainingPlanManifest, p: &mut Problems) -> Option<Stopping
 
 fn parse_privacy(m: &TrainingPlanManifest, p: &mut Problems) -> Option<UpdateClipping> {
     let s = &m.privacy;
-    if s.secure_aggregation {
-        p.push(
-            "privacy.secure_aggregation is not available yet: no worker can mask its update, so the server would see each site's update; set it to false",
-        );
-    }
     p.number(
         "privacy.clip_norm",
         s.clip_norm,
@@ -1109,6 +1160,71 @@ fn parse_privacy(m: &TrainingPlanManifest, p: &mut Problems) -> Option<UpdateCli
         }
         (None, None) => None,
     }
+}
+
+fn parse_secagg(
+    m: &TrainingPlanManifest,
+    strategy: Option<&Strategy>,
+    p: &mut Problems,
+) -> Option<SecureAggregation> {
+    let settings = m.privacy.secagg.clone().unwrap_or_default();
+    if !m.privacy.secure_aggregation {
+        if m.privacy.secagg.is_some() {
+            p.push("privacy.secagg tunes secure aggregation, which this plan does not ask for: set privacy.secure_aggregation = true, or remove privacy.secagg");
+        }
+        return None;
+    }
+    let before = p.0.len();
+    p.number(
+        "privacy.secagg.clip",
+        settings.clip,
+        |v| v > 0.0 && v <= 1e6,
+        "above 0 (each value of a site's change is clipped to ±clip before it is masked)",
+    );
+    p.number(
+        "privacy.secagg.threshold",
+        settings.threshold,
+        |v| v > 0.5 && v < 1.0,
+        "above 0.5 and below 1 (the fraction of a site's neighbours whose shares rebuild its secrets: a majority, so that no two groups can rebuild both)",
+    );
+    if let Some(k) = settings.neighbours
+        && (!(2..=254).contains(&k) || k % 2 == 1)
+    {
+        p.push(format!(
+            "privacy.secagg.neighbours must be an even number from 2 to 254 (each site's neighbours in the sparse graph), not {k}"
+        ));
+    }
+    if let Some(s) = settings.stage_seconds
+        && !(5..=3600).contains(&s)
+    {
+        p.push(format!(
+            "privacy.secagg.stage_seconds must be 5 to 3600 (how long each exchange waits for the sites), not {s}"
+        ));
+    }
+    if let Some(s) = strategy
+        && !matches!(
+            s,
+            Strategy::FedAvg | Strategy::FedAdam { .. } | Strategy::FedYogi { .. }
+        )
+    {
+        p.push(format!(
+            "privacy.secure_aggregation shows the server only the sum of the sites' updates, and aggregation.strategy {} needs each site's own update or keeps a state per site: use fedavg (with optimiser.proximal_mu for FedProx), fedadam or fedyogi",
+            m.aggregation.strategy
+        ));
+    }
+    if let Some(q) = m.aggregation.min_sites
+        && (q as usize) < SECAGG_MIN_SITES
+    {
+        p.push(format!(
+            "privacy.secure_aggregation needs aggregation.min_sites of at least {SECAGG_MIN_SITES}: with fewer, a site learns another's update from the sum and its own"
+        ));
+    }
+    (p.0.len() == before).then(|| SecureAggregation {
+        clip: settings.clip.unwrap_or(1.0) as f32,
+        threshold: settings.threshold,
+        neighbours: settings.neighbours.unwrap_or(20) as usize,
+        stage_seconds: settings.stage_seconds.unwrap_or(60),
+    })
 }
 
 fn parse_dp_sgd(
@@ -1233,7 +1349,7 @@ mod tests {
         m["aggregation"] = serde_json::json!({"strategy": "fedsgd"});
         m["stopping"] =
             serde_json::json!({"target_metric": "f1", "target_value": 0.9, "patience": 0});
-        m["privacy"] = serde_json::json!({"secure_aggregation": true, "noise_multiplier": 1.0});
+        m["privacy"] = serde_json::json!({"secagg": {"clip": 1.0}, "noise_multiplier": 1.0});
         let problems = manifest(m).problems();
         for expected in [
             "model.architecture must be \"small_cnn\" or \"resnet\", not \"vit\"",
@@ -1243,7 +1359,7 @@ mod tests {
             "aggregation.strategy must be one of",
             "stopping.target_metric must be one of \"accuracy\", \"auroc\" or \"loss\", not \"f1\"",
             "stopping.patience must be at least 1",
-            "privacy.secure_aggregation is not available yet",
+            "privacy.secagg tunes secure aggregation, which this plan does not ask for",
             "privacy.noise_multiplier needs privacy.clip_norm",
         ] {
             assert!(
@@ -1251,6 +1367,70 @@ mod tests {
                 "{expected:?} missing from {problems:#?}"
             );
         }
+    }
+
+    #[test]
+    fn secure_aggregation_is_typed_and_refused_with_what_needs_each_update() {
+        let mut m = base();
+        m["privacy"] = serde_json::json!({"secure_aggregation": true});
+        let plan = manifest(m.clone())
+            .parse()
+            .unwrap_or_else(|p| panic!("{p:?}"));
+        let s = plan.secure_aggregation.expect("secure aggregation");
+        assert_eq!(
+            (s.clip, s.threshold, s.neighbours, s.stage_seconds),
+            (1.0, None, 20, 60)
+        );
+        // Every other site up to k + 1 sites; a strict majority of them by default.
+        assert_eq!((s.degree(5), s.threshold_of(4)), (4, 3));
+        assert_eq!((s.degree(100), s.threshold_of(20)), (20, 11));
+        assert_eq!(s.threshold_of(2), 2);
+        let tuned = SecureAggregation {
+            threshold: Some(0.75),
+            ..s
+        };
+        assert_eq!(tuned.threshold_of(4), 4);
+        assert_eq!(tuned.threshold_of(20), 16);
+        // Without secure aggregation the plan's hash form is unchanged (no secagg key).
+        let plain = manifest(base());
+        assert!(
+            !serde_json::to_string(&plain)
+                .unwrap_or_default()
+                .contains("secagg")
+        );
+        // Strategies that need each site's update or keep per-site state are refused.
+        for strategy in ["median", "krum", "fedbn", "scaffold", "fedcostwavg", "dos"] {
+            m["aggregation"] = serde_json::json!({"strategy": strategy});
+            let problems = manifest(m.clone()).problems();
+            assert!(
+                problems.iter().any(|p| p.contains(&format!(
+                    "aggregation.strategy {strategy} needs each site's own update"
+                ))),
+                "{strategy}: {problems:?}"
+            );
+        }
+        for strategy in ["fedavg", "fedadam", "fedyogi"] {
+            m["aggregation"] = serde_json::json!({"strategy": strategy});
+            assert!(manifest(m.clone()).parse().is_ok(), "{strategy}");
+        }
+        m["aggregation"] = serde_json::json!({"strategy": "fedavg", "min_sites": 2});
+        m["privacy"] = serde_json::json!({"secure_aggregation": true,
+            "secagg": {"clip": 0, "threshold": 0.5, "neighbours": 3, "stage_seconds": 1}});
+        let problems = manifest(m.clone()).problems();
+        for expected in [
+            "privacy.secagg.clip must be above 0",
+            "privacy.secagg.threshold must be above 0.5 and below 1",
+            "privacy.secagg.neighbours must be an even number from 2 to 254",
+            "privacy.secagg.stage_seconds must be 5 to 3600",
+            "privacy.secure_aggregation needs aggregation.min_sites of at least 3",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(expected)),
+                "{expected:?} missing from {problems:#?}"
+            );
+        }
+        m["privacy"]["secagg"] = serde_json::json!({"rounds": 3});
+        assert!(serde_json::from_value::<TrainingPlanManifest>(m).is_err());
     }
 
     #[test]

@@ -60,7 +60,9 @@ pub struct Job {
 /// must refuse the job instead.
 /// 6: SCAFFOLD (`Job::correction`): a worker that would train without the correction must
 /// refuse the job instead.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: secure aggregation (`privacy.secure_aggregation`): the worker masks its update through
+/// the four SecAgg+ exchanges (`secagg::wire`) and hands over only the masked input.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 fn first_protocol() -> u32 {
     1

@@ -43,7 +43,7 @@ pub enum SecAggError {
     #[error("secure aggregation: {0}")]
     Invalid(String),
     #[error(
-        "secure aggregation: the {what} of site {site} cannot be rebuilt: {got} of its neighbours answered, the threshold is {threshold}"
+        "secure aggregation: the {what} of site {site} cannot be rebuilt: {got} of the sites holding its shares answered, the threshold is {threshold}"
     )]
     BelowThreshold {
         site: SiteIndex,
@@ -145,8 +145,17 @@ pub struct EncryptedShare {
     pub ciphertext: Vec<u8>,
 }
 
-/// What a site keeps after sharing: its self-mask seed (for `mask`).
-pub struct SelfSeed(Zeroizing<[u8; 32]>);
+/// What a site keeps after sharing: its self-mask seed (for `mask`) and its own share of its
+/// secrets (it reveals its seed share itself when it survives; a site that dropped out cannot
+/// reveal, so its mask key needs t of its neighbours).
+pub struct SelfSeed(Zeroizing<[u8; 32]>, HeldShare);
+
+impl SelfSeed {
+    /// This site's own share, to hold beside its neighbours'.
+    pub fn own_share(&self) -> HeldShare {
+        self.1.clone()
+    }
+}
 
 /// A neighbour's shares as this site holds them.
 #[derive(Clone, Debug)]
@@ -177,16 +186,18 @@ pub fn share_keys(
     threshold: usize,
     rng: &mut (impl RngCore + CryptoRng),
 ) -> Result<(SelfSeed, Vec<EncryptedShare>), SecAggError> {
+    // One share for each neighbour and one the site keeps.
     let n = neighbours.len();
-    if threshold < 2 || threshold > n || n > 255 {
+    if threshold < 2 || threshold > n + 1 || n > 254 {
         return Err(invalid(format!(
-            "a threshold of {threshold} among {n} neighbours: it must be 2 to {n}, with at most 255 neighbours"
+            "a threshold of {threshold} among {n} neighbours and the site: it must be 2 to {}, with at most 254 neighbours",
+            n + 1
         )));
     }
     let mut seed = Zeroizing::new([0u8; 32]);
     rng.fill_bytes(seed.as_mut());
     let split = |secret: &[u8], rng: &mut dyn RngCore| {
-        vsss_rs::Gf256::split_array(threshold, n, secret, Wrap(rng))
+        vsss_rs::Gf256::split_array(threshold, n + 1, secret, Wrap(rng))
             .map_err(|e| invalid(format!("splitting a secret: {e:?}")))
     };
     let key_bytes = Zeroizing::new(secrets.masking.to_bytes());
@@ -225,7 +236,12 @@ pub fn share_keys(
             ciphertext,
         });
     }
-    Ok((SelfSeed(seed), out))
+    let own = HeldShare {
+        from: me,
+        mask_key: Zeroizing::new(key_shares[n].clone()),
+        seed: Zeroizing::new(seed_shares[n].clone()),
+    };
+    Ok((SelfSeed(seed, own), out))
 }
 
 /// vsss-rs takes its generator by value.
@@ -421,7 +437,8 @@ pub fn unmask(
                 Reveal::Seed { of, share } => (of, share, &mut seeds),
                 Reveal::MaskKey { of, share } => (of, share, &mut mask_keys),
             };
-            if !graph.get(of).is_some_and(|n| n.contains(by)) {
+            let own_seed = by == of && matches!(r, Reveal::Seed { .. });
+            if !(own_seed || graph.get(of).is_some_and(|n| n.contains(by))) {
                 return Err(invalid(format!(
                     "site {by} revealed a share of site {of}, which is not its neighbour"
                 )));
@@ -500,6 +517,181 @@ pub fn dequantise(sum: &[u32], clip: f32) -> Vec<f32> {
     sum.iter()
         .map(|&s| (f64::from(s as i32) * step) as f32)
         .collect()
+}
+
+/// Clips every value of a site's change to ±`clip` (a NaN becomes 0); returns how many it
+/// changed.
+pub fn clip_values(values: &mut [f32], clip: f32) -> usize {
+    let mut clipped = 0;
+    for v in values.iter_mut() {
+        let c = if v.is_nan() {
+            0.0
+        } else {
+            v.clamp(-clip, clip)
+        };
+        clipped += usize::from(c.to_bits() != v.to_bits());
+        *v = c;
+    }
+    clipped
+}
+
+/// A site's input in fixed point of `step` modulo 2^32: `values` (already weighted and, under
+/// distributed noise, noised). The round's step keeps the sum within ±2^31 steps; one site's
+/// value may wrap, the sum does not.
+pub fn quantise_at(values: &[f64], step: f64) -> Vec<u32> {
+    values
+        .iter()
+        .map(|&v| {
+            let q = (v / step).round();
+            // Saturating float-to-int, then the residue modulo 2^32.
+            (q as i64) as u32
+        })
+        .collect()
+}
+
+/// The sum back from the sum of `quantise_at`'s inputs.
+pub fn dequantise_at(sum: &[u32], step: f64) -> Vec<f32> {
+    sum.iter()
+        .map(|&s| (f64::from(s as i32) * step) as f32)
+        .collect()
+}
+
+/// The graph among `members` only: a site that left before sharing its keys is nobody's
+/// neighbour any more (the others masked without it).
+pub fn restrict(graph: &Neighbourhoods, members: &BTreeSet<SiteIndex>) -> Neighbourhoods {
+    graph
+        .iter()
+        .filter(|(s, _)| members.contains(s))
+        .map(|(s, n)| {
+            (
+                *s,
+                n.iter().copied().filter(|j| members.contains(j)).collect(),
+            )
+        })
+        .collect()
+}
+
+/// The four exchanges of a round, in order, and what travels in each (through the server,
+/// which sees only public keys, encrypted shares, masked inputs and the shares the protocol
+/// lets it have).
+pub mod wire {
+    use super::{EncryptedShare, PublicKeys, Reveal, SiteIndex};
+    use serde::{Deserialize, Serialize};
+    use std::collections::BTreeSet;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Stage {
+        /// Each site's two public keys and its training images (its public weight).
+        Keys,
+        /// Each site's encrypted shares, one per neighbour.
+        Shares,
+        /// The SHA-256 of each site's masked input, handed over as its job's output.
+        Masked,
+        /// Each site's shares of its surviving neighbours' seeds and dropped neighbours' keys.
+        Reveals,
+    }
+
+    impl Stage {
+        pub const ALL: [Stage; 4] = [Stage::Keys, Stage::Shares, Stage::Masked, Stage::Reveals];
+
+        pub fn as_str(self) -> &'static str {
+            match self {
+                Stage::Keys => "keys",
+                Stage::Shares => "shares",
+                Stage::Masked => "masked",
+                Stage::Reveals => "reveals",
+            }
+        }
+
+        pub fn parse(s: &str) -> Option<Stage> {
+            Stage::ALL.into_iter().find(|x| x.as_str() == s)
+        }
+
+        /// What a site that stopped before posting this stage is said to have done.
+        pub fn dropped_before(self) -> &'static str {
+            match self {
+                Stage::Keys => "did not join the key exchange",
+                Stage::Shares => "dropped out during the key exchange",
+                Stage::Masked => "dropped out after the key exchange, before its masked input",
+                Stage::Reveals => "dropped out after sending its masked input",
+            }
+        }
+    }
+
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct KeysPost {
+        pub keys: PublicKeys,
+        /// Training images: the site's weight is its share of the round's images.
+        pub samples: u64,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Neighbour {
+        pub index: SiteIndex,
+        pub keys: PublicKeys,
+    }
+
+    /// What a site learns when the key exchange closes.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct KeysAnswer {
+        pub index: SiteIndex,
+        /// t: the shares that rebuild one of its secrets.
+        pub threshold: usize,
+        /// Sites in the exchange, and their training images in all.
+        pub sites: usize,
+        pub total_samples: u64,
+        pub neighbours: Vec<Neighbour>,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct SharesPost {
+        pub shares: Vec<EncryptedShare>,
+    }
+
+    /// The shares the site's neighbours sent it (a neighbour that sent none has left).
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct SharesAnswer {
+        pub shares: Vec<EncryptedShare>,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct MaskedPost {
+        /// SHA-256 of the masked input the site handed over as its job's output.
+        pub sha256: String,
+    }
+
+    /// Who sent a masked input, and who shared its keys and then did not.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct MaskedAnswer {
+        pub survivors: BTreeSet<SiteIndex>,
+        pub dropped: BTreeSet<SiteIndex>,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct RevealsPost {
+        pub reveals: Vec<Reveal>,
+    }
+
+    /// A masked input as bytes: its 32-bit words, little-endian.
+    pub fn encode_masked(words: &[u32]) -> Vec<u8> {
+        words.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    /// The words of a masked input of `len` values, or why the bytes are not one.
+    pub fn decode_masked(bytes: &[u8], len: usize) -> Result<Vec<u32>, String> {
+        if bytes.len() != len * 4 {
+            return Err(format!(
+                "a masked input of this model is {} bytes ({len} values), not {}",
+                len * 4,
+                bytes.len()
+            ));
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
 }
 
 /// Bell et al.'s sparse graph: every site linked to its `k` nearest in a ring of the sites in
@@ -586,6 +778,7 @@ mod tests {
         for (i, s) in sites.iter_mut() {
             let (seed, shares) =
                 share_keys(&ctx(), *i, &s.secrets, &of(*i), threshold, &mut OsRng)?;
+            s.held.push(seed.own_share());
             s.seed = Some(seed);
             mail.extend(shares);
         }
@@ -698,18 +891,18 @@ mod tests {
             .map(|(v, w)| quantise(v, *w, 1.0).0)
             .collect();
         // Site 1 drops after the key exchange, site 3 after sending its masked input: the
-        // sum is that of sites 0, 2, 3 and 4 (each keeps two of its four neighbours, the
-        // threshold here).
-        let (sum, _) = round(&graph, &inputs, 2, &[1], &[3]).expect("recovered");
+        // sum is that of sites 0, 2, 3 and 4 (site 1's key from the three neighbours left, a
+        // survivor's seed from itself and two others: the threshold here).
+        let (sum, _) = round(&graph, &inputs, 3, &[1], &[3]).expect("recovered");
         assert_eq!(sum, plain_sum(&inputs, &[1]));
-        // With a threshold of 3 the same two leave too few.
-        let err = round(&graph, &inputs, 3, &[1], &[3]).unwrap_err();
+        // With a threshold of 4 of the five holders the same two leave too few.
+        let err = round(&graph, &inputs, 4, &[1], &[3]).unwrap_err();
         assert!(
             matches!(
                 err,
                 SecAggError::BelowThreshold {
-                    got: 2,
-                    threshold: 3,
+                    got: 3,
+                    threshold: 4,
                     ..
                 }
             ),
@@ -717,7 +910,7 @@ mod tests {
         );
         assert!(
             err.to_string()
-                .contains("2 of its neighbours answered, the threshold is 3"),
+                .contains("3 of the sites holding its shares answered, the threshold is 4"),
             "{err}"
         );
     }
@@ -769,9 +962,9 @@ mod tests {
         let held = open_share(&ctx(), 1, &b, &a.public(), &shares[0]).expect("share");
         let both: BTreeSet<SiteIndex> = [0].into();
         assert!(reveal(&[held], &both, &both).is_err());
-        // A threshold below 2 or above the neighbourhood is refused.
+        // A threshold below 2 or above the neighbourhood and the site is refused.
         assert!(share_keys(&ctx(), 0, &a, &[(1, b.public())], 1, &mut OsRng).is_err());
-        assert!(share_keys(&ctx(), 0, &a, &[(1, b.public())], 2, &mut OsRng).is_err());
+        assert!(share_keys(&ctx(), 0, &a, &[(1, b.public())], 3, &mut OsRng).is_err());
     }
 
     #[test]

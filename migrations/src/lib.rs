@@ -11,6 +11,7 @@ mod m20261201_000005_site_outputs;
 mod m20261201_000006_privacy;
 mod m20261202_000007_privacy_ledger;
 mod m20261202_000008_private_previews;
+mod m20261205_000009_secure_aggregation;
 
 pub struct Migrator;
 
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000006_privacy::Migration),
             Box::new(m20261202_000007_privacy_ledger::Migration),
             Box::new(m20261202_000008_private_previews::Migration),
+            Box::new(m20261205_000009_secure_aggregation::Migration),
         ]
     }
 }

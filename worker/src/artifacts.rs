@@ -5,6 +5,7 @@
 
 use bytes::Bytes;
 use consilium_core::protocol::Job;
+use consilium_core::secagg::wire::Stage;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
@@ -128,6 +129,30 @@ pub trait SiteArtifacts: Send + Sync {
     async fn model(&self, job: &Job, hash: &str) -> Result<Vec<u8>, ArtifactError>;
     /// Hands over this site's output of `job` (an update, a preview set); returns its SHA-256.
     async fn upload(&self, job: &Job, bytes: Vec<u8>) -> Result<String, ArtifactError>;
+    /// Secure aggregation: posts this site's part of `stage` of `job`'s round.
+    async fn secagg_post(
+        &self,
+        _job: &Job,
+        _stage: Stage,
+        _body: serde_json::Value,
+    ) -> Result<(), ArtifactError> {
+        Err(no_exchange())
+    }
+    /// Secure aggregation: what `stage` of `job`'s round tells this site once it closed
+    /// (`None` while it is open).
+    async fn secagg_answer(
+        &self,
+        _job: &Job,
+        _stage: Stage,
+    ) -> Result<Option<serde_json::Value>, ArtifactError> {
+        Err(no_exchange())
+    }
+}
+
+fn no_exchange() -> ArtifactError {
+    ArtifactError::Store(
+        "secure aggregation's exchanges go through the server, and this worker reaches none (set server_url)".into(),
+    )
 }
 
 /// The store itself, for a worker that is part of the server's own tests of training; a site
@@ -185,6 +210,23 @@ impl ServerArtifacts {
         }
     }
 
+    /// Which run and round a job's request is about.
+    fn job_query(&self, job: &Job) -> [(&'static str, String); 2] {
+        [
+            ("run_id", job.run_id.to_string()),
+            ("round", job.round.to_string()),
+        ]
+    }
+
+    fn secagg_url(&self, job: &Job, stage: Stage) -> String {
+        self.url(&format!(
+            "/sites/{}/jobs/{}/secagg/{}",
+            job.site_id,
+            job.job_id,
+            stage.as_str()
+        ))
+    }
+
     /// The problem's detail when the server refused, else the status.
     async fn refusal(resp: reqwest::Response) -> String {
         let status = resp.status();
@@ -233,6 +275,57 @@ impl SiteArtifacts for ServerArtifacts {
         Ok(bytes.to_vec())
     }
 
+    async fn secagg_post(
+        &self,
+        job: &Job,
+        stage: Stage,
+        body: serde_json::Value,
+    ) -> Result<(), ArtifactError> {
+        let url = self.secagg_url(job, stage);
+        let resp = self
+            .send(job, || {
+                self.http
+                    .post(&url)
+                    .query(&self.job_query(job))
+                    .bearer_auth(secrecy::ExposeSecret::expose_secret(&self.token))
+                    .json(&body)
+            })
+            .await?;
+        if !resp.status().is_success() {
+            return Err(ArtifactError::Store(format!(
+                "the {} post was not accepted: {}",
+                stage.as_str(),
+                Self::refusal(resp).await
+            )));
+        }
+        Ok(())
+    }
+
+    async fn secagg_answer(
+        &self,
+        job: &Job,
+        stage: Stage,
+    ) -> Result<Option<serde_json::Value>, ArtifactError> {
+        let url = self.secagg_url(job, stage);
+        let resp = self
+            .send(job, || {
+                self.http
+                    .get(&url)
+                    .query(&self.job_query(job))
+                    .bearer_auth(secrecy::ExposeSecret::expose_secret(&self.token))
+            })
+            .await?;
+        match resp.status() {
+            reqwest::StatusCode::ACCEPTED => Ok(None),
+            s if s.is_success() => resp
+                .json()
+                .await
+                .map(Some)
+                .map_err(|e| ArtifactError::Store(format!("{url}: {e}"))),
+            _ => Err(ArtifactError::Store(Self::refusal(resp).await)),
+        }
+    }
+
     async fn upload(&self, job: &Job, bytes: Vec<u8>) -> Result<String, ArtifactError> {
         let hash = hex::encode(Sha256::digest(&bytes));
         let url = self.url(&format!(
@@ -244,10 +337,7 @@ impl SiteArtifacts for ServerArtifacts {
             .send(job, || {
                 self.http
                     .put(&url)
-                    .query(&[
-                        ("run_id", job.run_id.to_string()),
-                        ("round", job.round.to_string()),
-                    ])
+                    .query(&self.job_query(job))
                     .bearer_auth(secrecy::ExposeSecret::expose_secret(&self.token))
                     .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
                     .body(body.clone())

@@ -383,6 +383,17 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
         Ok(d) => d,
         Err(e) => return fail(e),
     };
+    // Secure aggregation: the keys and shares go to the neighbours before training.
+    let secure = match (plan.secure_aggregation, job.kind) {
+        (Some(secagg), JobKind::Train) => {
+            match crate::secure::prepare(job, ctx, data.train().count() as u64).await {
+                Ok(p) => Some((secagg, p)),
+                Err(e) => return e.into(),
+            }
+        }
+        _ => None,
+    };
+    let plan_after = plan.clone();
     let fedbn = plan.strategy == Strategy::FedBn;
     let local = if fedbn || !plan.local_layers.is_empty() {
         ctx.local
@@ -431,6 +442,7 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
                 skipped,
                 privacy,
                 kept,
+                change,
             },
             Some(bytes),
         ) => {
@@ -444,7 +456,20 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
                     }
                 }
             }
-            match ctx.artifacts.upload(job, bytes).await {
+            let handed_over = match (secure, change) {
+                (Some((secagg, prepared)), Some(change)) => {
+                    crate::secure::finish(job, ctx, &plan_after, &secagg, prepared, change)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                (Some(_), None) => Err("training produced no change to mask".to_string()),
+                (None, _) => ctx
+                    .artifacts
+                    .upload(job, bytes)
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            match handed_over {
                 Ok(update_hash) => Outcome::Trained {
                     update_hash,
                     samples,
@@ -453,9 +478,9 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
                     train_loss_after: after,
                     duration_ms,
                     skipped,
-                    privacy: privacy.map(Box::new),
+                    privacy,
                 },
-                Err(e) => fail(e.to_string()),
+                Err(e) => fail(e),
             }
         }
         (Computed::Trained { .. }, None) => fail("training produced no weights"),
@@ -470,10 +495,13 @@ enum Computed {
         before: f64,
         after: f64,
         skipped: Vec<consilium_core::protocol::Skipped>,
-        privacy: Option<PrivacySpent>,
+        privacy: Option<Box<PrivacySpent>>,
         /// All the trained weights, kept at the site for the run's next job: FedBN's
         /// batch-norm parameters and the layers that are not shared come from them.
         kept: Option<Vec<u8>>,
+        /// Under secure aggregation: the change of every shared value, sorted by name (what
+        /// is masked; the update itself never leaves).
+        change: Option<Vec<f32>>,
     },
 }
 
@@ -550,7 +578,7 @@ fn compute(
         Some(dp) => {
             let (step, spent) = spend_privacy(job, plan, &dp, &train, ledger)?;
             net.train_dp(&train, plan, seed, &step)?;
-            Some(spent)
+            Some(Box::new(spent))
         }
         None => {
             let correction = correction.map(|c| net.correction(c)).transpose()?;
@@ -559,9 +587,34 @@ fn compute(
         }
     };
     let after = net.evaluate(&train, plan)?.loss;
+    // Under secure aggregation the noise is the sites' shares of it, added to the masked
+    // input (`secure::input`); the clipping is the same.
     if let Some(c) = plan.clipping {
-        protect(&net, &reference, c.clip_norm, c.noise_multiplier)?;
+        let noise = if plan.secure_aggregation.is_some() {
+            0.0
+        } else {
+            c.noise_multiplier
+        };
+        protect(&net, &reference, c.clip_norm, noise)?;
     }
+    let change = match plan.secure_aggregation {
+        Some(_) => {
+            let now = net.weights()?;
+            let mut names: Vec<&String> = now.keys().filter(|n| !plan.is_local(n)).collect();
+            names.sort();
+            let mut change = Vec::new();
+            for name in names {
+                let ((_, w), Some((_, g))) = (&now[name], reference.get(name)) else {
+                    return Err(JobError::Failed(format!(
+                        "the model's {name} has no value before training"
+                    )));
+                };
+                change.extend(w.iter().zip(g).map(|(a, b)| a - b));
+            }
+            Some(change)
+        }
+        None => None,
+    };
     // The layers that stay at the site are not in what is sent.
     let bytes = net.to_safetensors_without(|name| plan.is_local(name))?;
     let kept = (fedbn || !plan.local_layers.is_empty())
@@ -576,6 +629,7 @@ fn compute(
             skipped: data.skipped.clone(),
             privacy,
             kept,
+            change,
         },
         Some(bytes),
     ))

@@ -17,6 +17,7 @@ pub mod jpeg12;
 pub mod ledger;
 pub mod model;
 pub mod preview;
+pub mod secure;
 pub mod synthetic;
 pub mod train;
 pub mod transport;

@@ -282,7 +282,13 @@ impl Engine {
             Some(_) => self.patients_of(ctx, &check.eligible_sites).await?,
             None => HashMap::new(),
         };
-        let deadline = Utc::now() + self.round_timeout;
+        // Under secure aggregation the round also holds the exchanges after training: the
+        // reveals, then the evaluation, a stage each.
+        let deadline = Utc::now()
+            + self.round_timeout
+            + plan.secure_aggregation.map_or(Duration::zero(), |s| {
+                Duration::seconds(2 * i64::from(s.stage_seconds))
+            });
         let w = ctx.begin_write().await?;
         // A private round's cost is reserved in each site's dataset ledger before its job
         // goes out, in this transaction; a site whose run or dataset budget it would exceed
@@ -472,6 +478,9 @@ impl Engine {
         x: round::Model,
         resend: bool,
     ) -> AppResult<()> {
+        if let Some(s) = crate::services::secagg::secure_round(&ctx.db, r.id, x.number).await? {
+            return self.collect_secure(ctx, r, x, s).await;
+        }
         let global = x.global_in.clone().unwrap_or_default();
         let sites: Vec<Uuid> = from(&x.sites)?;
         let got = self

@@ -7,6 +7,7 @@
 mod driver;
 mod intake;
 pub mod rounds;
+mod secure;
 pub(crate) mod versions;
 pub mod weights;
 

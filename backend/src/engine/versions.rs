@@ -31,9 +31,13 @@ impl Engine {
             .ok_or_else(|| AppError::unexpected(anyhow::anyhow!("round vanished")))?;
         let sites: Vec<Uuid> = from(&x.sites)?;
         let excluded: Vec<ExcludedSite> = from(&x.excluded)?;
+        // The sites whose update counted and that answered: a site whose masked input is in a
+        // secure sum but that stopped before its result is not asked.
+        let trained = self.results_of(ctx, r.id, x.number, "train").await?;
         let evaluators: Vec<Uuid> = sites
             .iter()
             .filter(|s| !excluded.iter().any(|e| e.site_id == **s))
+            .filter(|s| trained.get(s).is_some_and(|u| u.outcome == "trained"))
             .copied()
             .collect();
         let hash = version.hash.clone();
@@ -141,6 +145,49 @@ impl Engine {
         let mut ordered: Vec<&update::Model> =
             got.values().filter(|u| u.outcome == "trained").collect();
         ordered.sort_by_key(|u| u.site_id);
+        // Under secure aggregation the round has one update, the survivors' mean, and no site's
+        // own: each contribution names the site's masked input and its public share.
+        let secure = super::secure::sum_of(ctx, x).await?;
+        if let Some(sum) = &secure {
+            let mean = weights::from_safetensors(
+                &self
+                    .artifacts
+                    .get(&sum.weights)
+                    .await
+                    .map_err(AppError::unexpected)?,
+            )
+            .map_err(|e| AppError::unexpected(anyhow::anyhow!(e)))?;
+            let total: u64 = sum.survivors.iter().map(|(_, _, n)| n).sum();
+            updates.push(Update {
+                weights: mean,
+                samples: total,
+                loss_before: None,
+                loss_after: None,
+                steps: None,
+            });
+            for (site, masked, samples) in &sum.survivors {
+                let u = got.get(site).filter(|u| u.outcome == "trained");
+                contributions.push(Contribution {
+                    site_id: *site,
+                    site_name: site_name(ctx, *site).await?,
+                    update_hash: masked.clone(),
+                    samples: *samples,
+                    evaluation: u
+                        .and_then(|u| u.evaluation.as_ref())
+                        .and_then(|e| from(e).ok())
+                        .unwrap_or_default(),
+                    train_loss_before: u.and_then(|u| u.train_loss_before).unwrap_or(f64::NAN),
+                    train_loss_after: u.and_then(|u| u.train_loss_after).unwrap_or(f64::NAN),
+                    privacy: u.and_then(|u| u.privacy.as_ref()).map(from).transpose()?,
+                    weight: Some(*samples as f64 / total.max(1) as f64),
+                    score: None,
+                    down_weighted: false,
+                    correction: None,
+                    kept_at_site: plan.local_layers.clone(),
+                });
+            }
+            ordered.clear();
+        }
         for u in ordered {
             let hash = u.update_hash.clone().unwrap_or_default();
             let bytes = self
@@ -249,19 +296,34 @@ impl Engine {
             .one(&ctx.db)
             .await?
             .map(|p| p.id);
-        let contributions: Vec<Contribution> = contributions
-            .into_iter()
-            .zip(sites.iter().zip(down))
-            .map(|(c, (site, down_weighted))| Contribution {
-                train_loss_before: finite(c.train_loss_before),
-                train_loss_after: finite(c.train_loss_after),
-                weight: Some(site.weight),
-                score: site.score.filter(|s| s.is_finite()),
-                down_weighted,
-                correction: sent.get(&c.site_id.to_string()).cloned(),
-                ..c
-            })
-            .collect();
+        let contributions: Vec<Contribution> = if secure.is_some() {
+            contributions
+                .into_iter()
+                .map(|c| Contribution {
+                    train_loss_before: finite(c.train_loss_before),
+                    train_loss_after: finite(c.train_loss_after),
+                    ..c
+                })
+                .collect()
+        } else {
+            contributions
+                .into_iter()
+                .zip(sites.iter().zip(down))
+                .map(|(c, (site, down_weighted))| Contribution {
+                    train_loss_before: finite(c.train_loss_before),
+                    train_loss_after: finite(c.train_loss_after),
+                    weight: Some(site.weight),
+                    score: site.score.filter(|s| s.is_finite()),
+                    down_weighted,
+                    correction: sent.get(&c.site_id.to_string()).cloned(),
+                    ..c
+                })
+                .collect()
+        };
+        let secure_aggregation = match &secure {
+            Some(sum) => Some(json(&sum.lineage(ctx).await?)?),
+            None => None,
+        };
         let w = ctx.begin_write().await?;
         let v = model_version::ActiveModel {
             id: Set(Uuid::new_v4()),
@@ -279,6 +341,7 @@ impl Engine {
             created_at: Set(Utc::now()),
             released_at: Set(None),
             released_by: Set(None),
+            secure_aggregation: Set(secure_aggregation),
         }
         .insert(&*w)
         .await?;

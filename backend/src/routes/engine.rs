@@ -15,7 +15,7 @@ use crate::auth::Authenticated;
 use crate::context::AppContext;
 use crate::entities::heartbeat;
 use crate::error::{AppError, AppResult};
-use crate::services::{access, models, privacy, runs, site_artifacts, site_keys, tokens};
+use crate::services::{access, models, privacy, runs, secagg, site_artifacts, site_keys, tokens};
 
 pub fn configure(cfg: &mut ServiceConfig) {
     cfg.service(rounds)
@@ -30,6 +30,8 @@ pub fn configure(cfg: &mut ServiceConfig) {
         .service(site_grants)
         .service(site_model)
         .service(site_output)
+        .service(site_secagg_post)
+        .service(site_secagg_answer)
         .service(server_key)
         .service(site_health)
         .service(worker_token)
@@ -231,6 +233,71 @@ async fn site_model(
     Ok(HttpResponse::Ok()
         .content_type("application/octet-stream")
         .body(bytes))
+}
+
+fn secagg_stage(name: &str) -> AppResult<consilium_core::secagg::wire::Stage> {
+    consilium_core::secagg::wire::Stage::parse(name).ok_or_else(|| {
+        AppError::NotFound(format!(
+            "No secure-aggregation stage {name:?}: the stages are keys, shares, masked and reveals."
+        ))
+    })
+}
+
+/// The site's part of a secure-aggregation exchange of a training job it was sent and that is
+/// still open, from the site's worker only: its public keys and training images (`keys`), its
+/// encrypted shares (`shares`), the hash of the masked input it handed over as the job's output
+/// (`masked`), the shares it reveals (`reveals`).
+#[utoipa::path(tag = "sites", params(OutputQuery),
+    request_body(content = Object, description = "The stage's post (`secagg::wire`)"),
+    responses((status = 204, description = "Recorded"),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[post("/sites/{id}/jobs/{job}/secagg/{stage}")]
+async fn site_secagg_post(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    path: web::Path<(Uuid, Uuid, String)>,
+    query: web::Query<OutputQuery>,
+    body: web::Json<serde_json::Value>,
+) -> AppResult<HttpResponse> {
+    let (site, job, stage) = path.into_inner();
+    let stage = secagg_stage(&stage)?;
+    let q = query.into_inner();
+    secagg::post(
+        &ctx,
+        &a,
+        site,
+        job,
+        q.run_id,
+        q.round as i32,
+        stage,
+        body.into_inner(),
+    )
+    .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// What the site learns when a secure-aggregation exchange closes (202 while it is open): its
+/// index, threshold and neighbours' public keys (`keys`), the shares sent to it (`shares`), who
+/// sent a masked input and who dropped out (`masked`, `reveals`).
+#[utoipa::path(tag = "sites", params(OutputQuery),
+    responses((status = 200, body = Object), (status = 202, description = "Still open: ask again"),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/sites/{id}/jobs/{job}/secagg/{stage}")]
+async fn site_secagg_answer(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    path: web::Path<(Uuid, Uuid, String)>,
+    query: web::Query<OutputQuery>,
+) -> AppResult<HttpResponse> {
+    let (site, job, stage) = path.into_inner();
+    let stage = secagg_stage(&stage)?;
+    let q = query.into_inner();
+    Ok(
+        match secagg::answer(&ctx, &a, site, job, q.run_id, q.round as i32, stage).await? {
+            Some(v) => HttpResponse::Ok().json(v),
+            None => HttpResponse::Accepted().json(serde_json::json!({"state": "open"})),
+        },
+    )
 }
 
 /// The site's output of a job it was sent and that is still open (its update, or a preview

@@ -9,6 +9,7 @@ pub mod models;
 pub mod previews;
 pub mod privacy;
 pub mod runs;
+pub mod secagg;
 pub mod sessions;
 pub mod site_artifacts;
 pub mod site_keys;

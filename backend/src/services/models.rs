@@ -37,6 +37,7 @@ pub fn version_dto(m: &model_version::Model) -> AppResult<ModelVersionDto> {
         created_at: m.created_at,
         released_at: m.released_at,
         released_by: m.released_by,
+        secure_aggregation: m.secure_aggregation.as_ref().map(from_json).transpose()?,
     })
 }
 

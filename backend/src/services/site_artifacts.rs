@@ -17,7 +17,7 @@ use crate::error::{AppError, AppResult};
 /// its output again); more is refused, so that a site cannot fill the store.
 pub const OUTPUTS_PER_JOB: u64 = 5;
 
-fn require_worker(actor: &Actor, site: Uuid, what: &str) -> AppResult<()> {
+pub(crate) fn require_worker(actor: &Actor, site: Uuid, what: &str) -> AppResult<()> {
     if actor.site_id == Some(site) {
         Ok(())
     } else {
@@ -137,7 +137,7 @@ async fn own_correction(ctx: &AppContext, site: Uuid, hash: &str) -> AppResult<b
 
 /// Whether `job` of `run` is one the server sent `site` and still waits for: a training job of
 /// a round that collects, or the site's preview request while it generates.
-async fn open_job(
+pub(crate) async fn open_job(
     ctx: &AppContext,
     site: Uuid,
     job: Uuid,

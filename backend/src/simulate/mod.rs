@@ -170,6 +170,16 @@ pub fn load(path: &Path) -> anyhow::Result<Experiment> {
         if let Some(problem) = s.attack.as_ref().and_then(Attack::problem) {
             problems.push(format!("site {:?}: [sites.attack] {problem}", s.name));
         }
+        if exp.plan.privacy.secure_aggregation
+            && s.attack
+                .as_ref()
+                .is_some_and(|a| !matches!(a, Attack::LabelFlip {}))
+        {
+            problems.push(format!(
+                "site {:?}: [sites.attack] rewrites the site's update, which secure aggregation masks before it leaves: use the label_flip attack, or set plan.privacy.secure_aggregation = false",
+                s.name
+            ));
+        }
         if !s.dataset.labels.is_file() {
             problems.push(format!(
                 "site {:?}: the labels file {} does not exist",

@@ -253,6 +253,35 @@ pub async fn approved_study_at(
     (sid, hash)
 }
 
+/// The world's two sites and three more hospitals, each with its own custodian.
+pub async fn five_sites(app: &TestApp, w: &World) -> Vec<(Uuid, Person)> {
+    let mut sites = vec![
+        (w.site_a, w.custodian_a.clone()),
+        (w.site_b, w.custodian_b.clone()),
+    ];
+    for name in ["East", "West", "Centre"] {
+        let custodian = app
+            .person(
+                &format!("custodian@{}.test", name.to_lowercase()),
+                &[Role::Custodian],
+            )
+            .await;
+        let site = app
+            .post(
+                "/api/v1/sites",
+                &w.admin.auth,
+                json!({"name": format!("{name} Hospital"), "custodians": [custodian.id]}),
+            )
+            .await
+            .expect(201)["id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("site id");
+        sites.push((site, custodian));
+    }
+    sites
+}
+
 /// A synthetic site of `images` phantoms, half with a lesion, one scanner for all.
 pub fn plain_site(images: usize, seed: u64) -> SiteProfile {
     SiteProfile {

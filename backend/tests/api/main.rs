@@ -18,6 +18,7 @@ mod previews;
 mod privacy;
 mod robust;
 mod roles;
+mod secagg;
 mod security;
 mod signing;
 mod simulate;

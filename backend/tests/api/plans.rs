@@ -57,9 +57,9 @@ async fn every_setting_no_worker_runs_is_refused_at_submission() {
             "aggregation.parameters.f: fedavg takes no parameters",
         ),
         (
-            "/privacy/secure_aggregation",
-            json!(true),
-            "privacy.secure_aggregation is not available yet",
+            "/privacy/secagg",
+            json!({"neighbours": 3}),
+            "privacy.secagg tunes secure aggregation, which this plan does not ask for",
         ),
         (
             "/preprocessing/normalisation",

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 
 use crate::engine::{
-    approved_study_at, engine_manifest, plain_site, run_to_end, start_configured_worker,
+    approved_study_at, engine_manifest, five_sites, plain_site, run_to_end, start_configured_worker,
 };
 use crate::helpers::*;
 
@@ -17,31 +17,7 @@ async fn a_poisoning_site_is_outweighed_and_flagged(db: Db) {
     let w = world(&app).await;
     let dir = tempfile::tempdir().expect("dir");
     let p = |seed| plain_site(80, seed);
-    // Three more hospitals, each with its own custodian.
-    let mut sites = vec![
-        (w.site_a, w.custodian_a.clone()),
-        (w.site_b, w.custodian_b.clone()),
-    ];
-    for name in ["East", "West", "Centre"] {
-        let custodian = app
-            .person(
-                &format!("custodian@{}.test", name.to_lowercase()),
-                &[consilium_core::Role::Custodian],
-            )
-            .await;
-        let site = app
-            .post(
-                "/api/v1/sites",
-                &w.admin.auth,
-                json!({"name": format!("{name} Hospital"), "custodians": [custodian.id]}),
-            )
-            .await
-            .expect(201)["id"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .expect("site id");
-        sites.push((site, custodian));
-    }
+    let sites = five_sites(&app, &w).await;
     let (attacker, attacker_custodian) = sites[4].clone();
     let board = Arc::new(Board::default());
     let mut workers = Vec::new();

@@ -447,3 +447,49 @@ async fn a_simulation_keeps_local_layers_at_the_sites() {
         "the sites' personalised models, above chance: {acc}"
     );
 }
+
+#[tokio::test]
+async fn a_simulation_sums_masked_updates_under_secure_aggregation() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (example, report) = simulate_edited(
+        dir.path(),
+        &[(
+            "min_sites = 2",
+            "min_sites = 3\n[plan.privacy]\nsecure_aggregation = true\nclip_norm = 1.0\nnoise_multiplier = 0.001",
+        )],
+    );
+    let last = &report["final_model"];
+    let record = &last["secure_aggregation"];
+    assert_eq!(record["summed"].as_array().map(Vec::len), Some(3), "{last}");
+    assert_eq!(record["dropped"], serde_json::json!([]));
+    // Three sites: two neighbours each, and two of the three holders rebuild a secret.
+    assert_eq!(
+        (record["neighbours"].as_u64(), record["threshold"].as_u64()),
+        (Some(2), Some(2))
+    );
+    // Each site added σ·C/√t: the sum of three carries σ·C·√(3/2).
+    let noise = record["noise_std"].as_f64().expect("noise");
+    assert!((noise - 0.001 * 1.5f64.sqrt()).abs() < 1e-9, "{noise}");
+    let store = consilium_worker::artifacts::ArtifactStore::open(
+        example
+            .join("run")
+            .join("artifacts")
+            .to_str()
+            .expect("path"),
+    )
+    .expect("the simulation's store");
+    for c in last["contributions"].as_array().expect("contributions") {
+        let masked = store
+            .get(c["update_hash"].as_str().expect("hash"))
+            .await
+            .expect("the masked input");
+        assert!(
+            consilium_backend::engine::weights::from_safetensors(&masked).is_err(),
+            "a masked input, not the site's weights"
+        );
+    }
+    let acc = last["evaluation"]["global"]["accuracy"]
+        .as_f64()
+        .expect("accuracy");
+    assert!(acc > 0.6, "it trains: {acc}");
+}

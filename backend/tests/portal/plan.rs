@@ -22,13 +22,13 @@ async fn the_plan_form_shows_the_problems_before_submitting() {
  "optimiser": {"name": "adamw", "learning_rate": 0.01, "momentum": 0.9},
  "local_epochs": 1, "batch_size": 8, "rounds": 2,
  "aggregation": {"strategy": "fedsgd"},
- "privacy": {"secure_aggregation": true}}"#;
+ "privacy": {"secure_aggregation": true, "secagg": {"neighbours": 3}}}"#;
     p.fill("#manifest", bad).await;
     let shown = p.wait_for("This plan would be refused", 10).await;
     for problem in [
         "aggregation.strategy must be one of",
         "optimiser.momentum applies to sgd only",
-        "privacy.secure_aggregation is not available yet",
+        "privacy.secagg.neighbours must be an even number from 2 to 254",
     ] {
         assert!(shown.contains(problem), "{problem}: {shown}");
     }

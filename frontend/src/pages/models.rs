@@ -138,7 +138,20 @@ fn LineageView(d: LineagePage) -> impl IntoView {
             }}</li>
             <li><strong>"Run: "</strong><a href=format!("/runs/{}", l.run.id)>{when(&l.run.created_at)}</a>" "<Badge text=l.run.status.clone()/></li>
             <li><strong>"Round "{l.round.number}": "</strong>{l.round.state.clone()}", quorum "{l.round.quorum}</li>
-            <li><strong>"Updates from the sites:"</strong>
+            {m.secure_aggregation.as_ref().map(|sa| {
+                let names = |list: &[consilium_core::api::SecAggSite]| list.iter().map(|s| s.site_name.clone()).collect::<Vec<_>>().join(", ");
+                let dropped = sa.dropped.iter().map(|s| format!("{}: {}{}", s.site_name, s.status, if s.recovered { "; its masks were removed with its neighbours' shares" } else { "" })).collect::<Vec<_>>().join("; ");
+                view! {
+                    <li id="secure-aggregation"><strong>"Secure aggregation: "</strong>
+                        "the server saw only the sum of the masked updates of "{sa.summed.len()}" sites ("{names(&sa.summed)}"), never one site's; "
+                        {format!("each with {} neighbours, a site's masks removable only with {} shares, values clipped to ±{}", sa.neighbours, sa.threshold, sa.clip)}
+                        {(sa.noise_std > 0.0).then(|| format!(", noise of standard deviation {:.4} in the sum", sa.noise_std))}
+                        "."
+                        {(!sa.dropped.is_empty()).then(|| view! { " Dropped out: "{dropped.clone()}"." })}
+                    </li>
+                }
+            })}
+            <li><strong>{if m.secure_aggregation.is_some() { "Masked inputs from the sites:" } else { "Updates from the sites:" }}</strong>
                 <table>
                     <thead><tr><th scope="col">"Site"</th><th scope="col">"Update"</th><th scope="col">"Samples"</th><th scope="col">"Training loss"</th><th scope="col">"Accuracy (incoming model)"</th><th scope="col">"Privacy spent"</th></tr></thead>
                     <tbody>{contributions}</tbody>

@@ -663,12 +663,35 @@ fn what_it_binds(
         }
         _ => "no clipping or noise: no differential privacy, no privacy budget (ε)".to_string(),
     };
+    let secure = m.parse().ok().and_then(|plan| plan.secure_aggregation);
+    let privacy = match (&secure, m.privacy.clip_norm, m.privacy.noise_multiplier) {
+        (Some(_), Some(_), Some(n)) if n > 0.0 && m.privacy.dp_sgd.is_none() => format!(
+            "{privacy}; under secure aggregation each site adds its share of the noise, and the sum the server sees carries it all"
+        ),
+        _ => privacy,
+    };
     out.push(("Privacy".into(), privacy));
     out.push((
         "Secure aggregation".into(),
-        "off: the server sees each site's update".into(),
+        secure_words(secure.as_ref(), s.sites.len()),
     ));
     out
+}
+
+/// What secure aggregation lets the server see, for a study of `sites` sites.
+fn secure_words(secure: Option<&consilium_core::plan::SecureAggregation>, sites: usize) -> String {
+    let Some(s) = secure else {
+        return "off: the server sees each site's update".into();
+    };
+    let k = s.degree(sites);
+    let t = s.threshold_of(k);
+    format!(
+        "on: the server sees only the sum of at least {} sites' masked updates, never one site's (SecAgg+: each value of a site's change clipped to ±{}, masked with keys agreed with {k} neighbours; a site's masks come off only with {t} of the {} shares it and its neighbours hold, so up to {} colluding sites learn nothing more)",
+        t.max(consilium_core::plan::SECAGG_MIN_SITES),
+        s.clip,
+        k + 1,
+        t.saturating_sub(1)
+    )
 }
 
 /// A DP-SGD plan's budget in words, with what each site would spend when the plan fixes σ
