@@ -115,6 +115,7 @@ struct Cluster {
     port: u16,
     database_url: String,
     broker_url: String,
+    round_timeout: u64,
 }
 
 impl Cluster {
@@ -158,7 +159,10 @@ impl Cluster {
             .env("CONSILIUM_DATABASE__DATA_DIR", self.dir.join("server"))
             .env("CONSILIUM_ENGINE__BROKER_URL", &self.broker_url)
             .env("CONSILIUM_ENGINE__ARTIFACTS", self.dir.join("artifacts"))
-            .env("CONSILIUM_ENGINE__ROUND_TIMEOUT_SECONDS", "150")
+            .env(
+                "CONSILIUM_ENGINE__ROUND_TIMEOUT_SECONDS",
+                self.round_timeout.to_string(),
+            )
             .env("CONSILIUM_LOG__LEVEL", "info");
         Proc::spawn(cmd, self.dir.join(format!("server-{n}.log")))
     }
@@ -266,41 +270,29 @@ async fn wait_training(client: &reqwest::Client, c: &Cluster, site: Uuid, who: &
     panic!("site {site}'s worker never reported training; its last heartbeat: {last}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_worker_processes_train_through_failures() {
-    let vhost = Vhost::new();
-    // The governance is set up through the API of an in-process server on the same database;
-    // the run itself is driven by the server process.
-    let app = spawn_app(Db::Postgres).await;
-    let w = world(&app).await;
-    let custodian_c = app.person("cleo@east.test", &[Role::Custodian]).await;
-    let site_c: Uuid = app
-        .post(
-            "/api/v1/sites",
-            &w.admin.auth,
-            json!({"name": "East Clinic", "custodians": [custodian_c.id]}),
-        )
-        .await
-        .expect(201)["id"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .expect("site id");
-    let sites = [
-        (w.site_a, &w.custodian_a),
-        (w.site_b, &w.custodian_b),
-        (site_c, &custodian_c),
-    ];
-    let mut manifest = engine_manifest(4);
-    // Long enough local training for a worker and the server to be killed in the middle of it.
-    manifest["local_epochs"] = json!(40);
-    let (sid, hash) = approved_study_at(&app, &w, manifest, &sites).await;
+/// A server's configuration and the sites' workers' (data, keys registered by their
+/// custodians, broker users), ready to start.
+struct Provisioned {
+    cluster: Cluster,
+    configs: Vec<PathBuf>,
+    key_files: Vec<PathBuf>,
+    site_brokers: Vec<String>,
+}
 
-    let tmp = tempfile::tempdir().expect("dir");
+async fn provision(
+    app: &TestApp,
+    sites: &[(Uuid, &Person)],
+    dir: &Path,
+    vhost: &Vhost,
+    round_timeout: u64,
+    profile: impl Fn(usize) -> SiteProfile,
+) -> Provisioned {
     let c = Cluster {
-        dir: tmp.path().to_path_buf(),
+        dir: dir.to_path_buf(),
         port: free_port(),
         database_url: app.database_url().expect("PostgreSQL"),
         broker_url: vhost.url(),
+        round_timeout,
     };
     // The server's public key, as its administrator hands it to the hospitals.
     let server_key = c
@@ -315,21 +307,8 @@ async fn three_worker_processes_train_through_failures() {
     let mut site_brokers = Vec::new();
     for (i, (site, custodian)) in sites.iter().enumerate() {
         let data = c.dir.join(format!("site-{i}"));
-        write_site(
-            &data,
-            32,
-            &SiteProfile {
-                images: 160,
-                lesion_fraction: [0.5, 0.4, 0.3][i],
-                gain: 1.0,
-                offset: 0.0,
-                noise: 0.03 + 0.02 * i as f32,
-                blur: 0,
-                seed: i as u64 + 1,
-            },
-        )
-        .expect("synthetic data");
-        let worker_token = worker_token(&app, *site, custodian).await;
+        write_site(&data, 32, &profile(i)).expect("synthetic data");
+        let worker_token = worker_token(app, *site, custodian).await;
         // The site's key, made by the shipped worker binary; its public half registered by the
         // site's custodian through the REST API, from what `keygen` printed.
         let key_file = c.dir.join(format!("site-{i}.key"));
@@ -397,6 +376,59 @@ holdout = 0.25
         configs.push(config);
     }
 
+    Provisioned {
+        cluster: c,
+        configs,
+        key_files,
+        site_brokers,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_worker_processes_train_through_failures() {
+    let vhost = Vhost::new();
+    // The governance is set up through the API of an in-process server on the same database;
+    // the run itself is driven by the server process.
+    let app = spawn_app(Db::Postgres).await;
+    let w = world(&app).await;
+    let custodian_c = app.person("cleo@east.test", &[Role::Custodian]).await;
+    let site_c: Uuid = app
+        .post(
+            "/api/v1/sites",
+            &w.admin.auth,
+            json!({"name": "East Clinic", "custodians": [custodian_c.id]}),
+        )
+        .await
+        .expect(201)["id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("site id");
+    let sites = [
+        (w.site_a, &w.custodian_a),
+        (w.site_b, &w.custodian_b),
+        (site_c, &custodian_c),
+    ];
+    let mut manifest = engine_manifest(4);
+    // Long enough local training for a worker and the server to be killed in the middle of it.
+    manifest["local_epochs"] = json!(40);
+    let (sid, hash) = approved_study_at(&app, &w, manifest, &sites).await;
+
+    let tmp = tempfile::tempdir().expect("dir");
+    let profile = |i: usize| SiteProfile {
+        images: 160,
+        lesion_fraction: [0.5, 0.4, 0.3][i],
+        gain: 1.0,
+        offset: 0.0,
+        noise: 0.03 + 0.02 * i as f32,
+        blur: 0,
+        seed: i as u64 + 1,
+    };
+    let Provisioned {
+        cluster: c,
+        configs,
+        key_files,
+        site_brokers,
+    } = provision(&app, &sites, tmp.path(), &vhost, 150, profile).await;
     let mut server = c.start_server(1);
     wait_healthy(&app.client, &c.address(), &server).await;
     let mut workers: Vec<Proc> = configs
@@ -671,4 +703,135 @@ holdout = 0.25
     )
     .await;
     assert_eq!(verify["ok"], true, "{verify}");
+}
+
+/// Polls the database until the run's secure-aggregation exchanges hold a row of `stage` (of
+/// `site`, or a closing when `site` is nil).
+async fn wait_exchange(app: &TestApp, run: Uuid, stage: &str, site: Uuid, secs: u64) {
+    use consilium_backend::entities::secagg_message;
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+    for _ in 0..secs * 10 {
+        let found = secagg_message::Entity::find()
+            .filter(secagg_message::Column::RunId.eq(run))
+            .filter(secagg_message::Column::Stage.eq(stage))
+            .filter(secagg_message::Column::SiteId.eq(site))
+            .one(&app.ctx.db)
+            .await
+            .expect("the exchanges");
+        if found.is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no {stage} row of site {site} within {secs} s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_worker_processes_sum_masked_updates_through_dropouts() {
+    let vhost = Vhost::new();
+    let app = spawn_app(Db::Postgres).await;
+    let w = world(&app).await;
+    let five = crate::engine::five_sites(&app, &w).await;
+    let sites: Vec<(Uuid, &Person)> = five.iter().map(|(s, c)| (*s, c)).collect();
+    let mut manifest = engine_manifest(1);
+    // Long enough local training for a worker to be killed in the middle of it.
+    manifest["local_epochs"] = json!(30);
+    manifest["aggregation"] = json!({"strategy": "fedavg", "min_sites": 3});
+    manifest["privacy"] = json!({"secure_aggregation": true, "secagg": {"stage_seconds": 10}});
+    let (sid, _) = approved_study_at(&app, &w, manifest, &sites).await;
+    let tmp = tempfile::tempdir().expect("dir");
+    let profile = |i: usize| SiteProfile {
+        images: 64,
+        lesion_fraction: 0.5,
+        gain: 1.0,
+        offset: 0.0,
+        noise: 0.03,
+        blur: 0,
+        seed: i as u64 + 1,
+    };
+    let Provisioned {
+        cluster: c,
+        configs,
+        ..
+    } = provision(&app, &sites, tmp.path(), &vhost, 90, profile).await;
+    let server = c.start_server(1);
+    wait_healthy(&app.client, &c.address(), &server).await;
+    let mut workers: Vec<Proc> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, cfg)| c.start_worker(cfg, i))
+        .collect();
+    let run = app
+        .client
+        .post(format!("{}/api/v1/studies/{sid}/runs", c.address()))
+        .bearer_auth(token(&w.researcher))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("start run");
+    assert_eq!(run.status(), 201, "{}", server.tail());
+    let rid = id_of(&run.json::<Value>().await.expect("run"));
+    let run_id: Uuid = rid.parse().expect("run id");
+    let (east, west) = (sites[2].0, sites[3].0);
+    // East is killed once the shares are exchanged, while it trains; West once it has sent
+    // its masked input, while it waits for the others'.
+    wait_exchange(&app, run_id, "shares.closed", Uuid::nil(), 120).await;
+    workers[2].kill();
+    wait_exchange(&app, run_id, "masked", west, 120).await;
+    workers[3].kill();
+
+    let mut done = Value::Null;
+    for _ in 0..1200 {
+        if let Ok(r) = app
+            .client
+            .get(format!("{}/api/v1/runs/{rid}", c.address()))
+            .bearer_auth(token(&w.researcher))
+            .send()
+            .await
+            && let Ok(v) = r.json::<Value>().await
+            && v["status"] != "running"
+        {
+            done = v;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let logs = || {
+        format!(
+            "server:\n{}\nworkers:\n{}",
+            server.tail(),
+            workers
+                .iter()
+                .map(Proc::tail)
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        )
+    };
+    assert_eq!(done["status"], "completed", "{done}\n{}", logs());
+    let models = get(
+        &app.client,
+        format!("{}/api/v1/models?run_id={rid}", c.address()),
+        &w.researcher,
+    )
+    .await;
+    let record = &models[0]["secure_aggregation"];
+    let summed: Vec<Uuid> = record["summed"]
+        .as_array()
+        .expect("summed")
+        .iter()
+        .filter_map(|s| s["site_id"].as_str()?.parse().ok())
+        .collect();
+    assert_eq!(summed.len(), 4, "{record}\n{}", logs());
+    assert!(
+        summed.contains(&west) && !summed.contains(&east),
+        "{record}"
+    );
+    assert_eq!(record["dropped"][0]["site_id"], json!(east), "{record}");
+    assert_eq!(record["dropped"][0]["recovered"], true, "{record}");
+    // The three sites that stayed evaluated the new model.
+    let evaluated = models[0]["evaluation"]["sites"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or_default();
+    assert_eq!(evaluated, 3, "{}", models[0]);
 }
