@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! SecAgg+ cost for a 1 M-parameter model: one site's masking time and bytes sent, and the
-//! server's unmasking time, for 3, 10 and 100 sites (complete neighbourhoods up to 20 sites, a
-//! ring of 20 neighbours beyond), next to quantising alone and to the plain update's bytes.
+//! server's unmasking time, for 3, 10 and 100 sites (complete neighbourhoods up to 21 sites, a
+//! ring of 20 neighbours beyond; the plan's default threshold), next to quantising alone and to the plain update's bytes.
 //! Run with `cargo bench -p consilium-core --features secagg --bench secagg`.
 
 use consilium_core::secagg::*;
@@ -30,8 +30,15 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for n in [3usize, 10, 100] {
-        let k = if n <= 20 { n - 1 } else { 20 };
-        let t = k / 2 + 1;
+        // The plan's defaults: 20 neighbours, a majority of the k + 1 share holders.
+        let plan = consilium_core::plan::SecureAggregation {
+            clip: 1.0,
+            threshold: None,
+            neighbours: 20,
+            stage_seconds: 60,
+        };
+        let k = plan.degree(n);
+        let t = plan.threshold_of(k);
         let mut graph_rng = rand_chacha::ChaCha20Rng::seed_from_u64(n as u64);
         let graph = neighbourhoods(n, k, &mut graph_rng);
         let secrets: Vec<SiteSecrets> = (0..n).map(|_| SiteSecrets::generate(&mut OsRng)).collect();

@@ -65,7 +65,7 @@ async fn wait<T: DeserializeOwned>(
     ctx: &SiteContext,
     stage: Stage,
 ) -> Result<T, JobError> {
-    let mut pause = std::time::Duration::from_millis(100);
+    let mut pause = std::time::Duration::from_millis(50);
     loop {
         if let Some(v) = ctx
             .artifacts
@@ -82,7 +82,7 @@ async fn wait<T: DeserializeOwned>(
             ));
         }
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(std::time::Duration::from_secs(1));
+        pause = (pause * 2).min(std::time::Duration::from_millis(250));
     }
 }
 

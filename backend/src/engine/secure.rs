@@ -109,7 +109,7 @@ impl Engine {
             if !still_running(ctx, r.id).await? {
                 return Ok(());
             }
-            let _woken = tokio::time::timeout(std::time::Duration::from_secs(1), notified)
+            let _woken = tokio::time::timeout(std::time::Duration::from_millis(250), notified)
                 .await
                 .is_ok();
         };

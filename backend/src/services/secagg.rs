@@ -206,19 +206,37 @@ pub struct Closings {
 }
 
 /// Closes every stage that is due (all its sites posted, or its deadline passed), in order,
-/// and returns the closings so far.
+/// and returns the closings so far. Most calls close nothing and only read; the write lock is
+/// taken when a stage falls due.
 pub async fn advance(ctx: &AppContext, s: &SecureRound) -> AppResult<Closings> {
+    if let Some(c) = close_due(&ctx.db, s, false).await? {
+        return Ok(c);
+    }
     let w = ctx.begin_write().await?;
+    let c = close_due(&*w, s, true).await?.ok_or_else(|| {
+        AppError::unexpected(anyhow::anyhow!("a stage due to close was not closed"))
+    })?;
+    w.commit().await?;
+    Ok(c)
+}
+
+/// The closings, closing what is due when `write` (the caller holds the write lock); without
+/// it, `None` as soon as a stage is due.
+async fn close_due(
+    w: &impl ConnectionTrait,
+    s: &SecureRound,
+    write: bool,
+) -> AppResult<Option<Closings>> {
     let r = &s.row;
     let now = Utc::now();
     let mut out = Closings {
-        keys: closing_of(&*w, r, Stage::Keys).await?,
-        shares: closing_of(&*w, r, Stage::Shares).await?,
-        masked: closing_of(&*w, r, Stage::Masked).await?,
-        reveals: closing_of(&*w, r, Stage::Reveals).await?,
+        keys: closing_of(w, r, Stage::Keys).await?,
+        shares: closing_of(w, r, Stage::Shares).await?,
+        masked: closing_of(w, r, Stage::Masked).await?,
+        reveals: closing_of(w, r, Stage::Reveals).await?,
     };
     if out.keys.is_none() {
-        let posts = rows(&*w, r, Stage::Keys.as_str()).await?;
+        let posts = rows(w, r, Stage::Keys.as_str()).await?;
         let expected = s.sites()?;
         // Before training: half the round's training time, for workers still reading their
         // data (it closes as soon as every site has posted).
@@ -229,6 +247,9 @@ pub async fn advance(ctx: &AppContext, s: &SecureRound) -> AppResult<Closings> {
             .all(|x| posts.iter().any(|p| p.site_id == *x))
             || now >= due
         {
+            if !write {
+                return Ok(None);
+            }
             let mut members: Vec<(Uuid, KeysPost)> = posts
                 .into_iter()
                 .map(|p| {
@@ -262,7 +283,7 @@ pub async fn advance(ctx: &AppContext, s: &SecureRound) -> AppResult<Closings> {
                 neighbours: k,
             };
             insert(
-                &*w,
+                w,
                 r,
                 &closed(Stage::Keys),
                 Uuid::nil(),
@@ -275,8 +296,7 @@ pub async fn advance(ctx: &AppContext, s: &SecureRound) -> AppResult<Closings> {
     // Each later stage expects the sites that shared their keys (a site that dropped out
     // after sending its masked input still holds its neighbours' shares).
     let Some(keys) = &out.keys else {
-        w.commit().await?;
-        return Ok(out);
+        return Ok(Some(out));
     };
     let mut previous_at = keys.at;
     let mut expected: BTreeSet<SiteIndex> = keys.members.keys().copied().collect();
@@ -292,7 +312,7 @@ pub async fn advance(ctx: &AppContext, s: &SecureRound) -> AppResult<Closings> {
                 Stage::Masked => r.deadline - s.stage_seconds() * 2,
                 _ => previous_at + s.stage_seconds(),
             };
-            let posts = rows(&*w, r, stage.as_str()).await?;
+            let posts = rows(w, r, stage.as_str()).await?;
             let mut members = BTreeMap::new();
             for p in posts {
                 if let Some(i) = keys.index_of(p.site_id) {
@@ -308,9 +328,12 @@ pub async fn advance(ctx: &AppContext, s: &SecureRound) -> AppResult<Closings> {
                 }
             }
             if expected.iter().all(|i| members.contains_key(i)) || now >= due {
+                if !write {
+                    return Ok(None);
+                }
                 let closing = Closing { at: now, members };
                 insert(
-                    &*w,
+                    w,
                     r,
                     &closed(stage),
                     Uuid::nil(),
@@ -330,8 +353,7 @@ pub async fn advance(ctx: &AppContext, s: &SecureRound) -> AppResult<Closings> {
             None => break,
         }
     }
-    w.commit().await?;
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// Why a site's post or question is not part of this round's exchanges.

@@ -164,6 +164,36 @@ async fn the_server_sums_masked_updates_and_recovers_dropped_sites(db: Db) {
         assert_eq!(masked.len(), values * 4);
         assert!(weights::from_safetensors(&masked).is_err());
     }
+    // Nothing in the store is a site's own update: the files that hold weights are the initial
+    // model, the round's sum and the new version; every other file is a masked input.
+    let folder = app
+        .ctx
+        .settings
+        .engine
+        .artifacts
+        .clone()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| app.ctx.settings.database.data_dir.join("artifacts"));
+    let mut files = Vec::new();
+    let mut dirs = vec![folder];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).expect("the store's folder").flatten() {
+            if e.path().is_dir() {
+                dirs.push(e.path());
+            } else {
+                files.push(e.path());
+            }
+        }
+    }
+    let holding_weights = files
+        .iter()
+        .filter(|f| weights::from_safetensors(&std::fs::read(f).expect("a file")).is_ok())
+        .count();
+    assert!(
+        holding_weights <= 3 && files.len() >= holding_weights + 4,
+        "{holding_weights} of {} files hold weights",
+        files.len()
+    );
     // The round's table tells the researcher who dropped out and that its masks were removed.
     let rounds = app
         .get(&format!("/api/v1/runs/{rid}/rounds"), &w.researcher.auth)

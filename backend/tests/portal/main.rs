@@ -14,6 +14,7 @@ mod oidc;
 mod plan;
 mod previews;
 mod privacy;
+mod secagg;
 mod security;
 mod setup;
 mod story;

@@ -812,3 +812,45 @@ pub fn plan_problems(text: &str) -> Vec<String> {
         )],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::secure_words;
+    use consilium_core::manifest::TrainingPlanManifest;
+
+    fn plan(privacy: serde_json::Value) -> consilium_core::plan::Plan {
+        let m: TrainingPlanManifest = serde_json::from_value(serde_json::json!({
+            "model": {"architecture": "small_cnn", "num_classes": 2},
+            "optimiser": {"name": "adamw", "learning_rate": 0.01},
+            "local_epochs": 1, "batch_size": 8, "rounds": 2,
+            "aggregation": {"strategy": "fedavg"},
+            "privacy": privacy
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        m.parse().unwrap_or_else(|p| panic!("{p:?}"))
+    }
+
+    #[test]
+    fn the_committee_reads_what_secure_aggregation_shows_the_server() {
+        let off = plan(serde_json::json!({}));
+        assert_eq!(
+            secure_words(off.secure_aggregation.as_ref(), 5),
+            "off: the server sees each site's update"
+        );
+        let on = plan(serde_json::json!({"secure_aggregation": true, "secagg": {"clip": 0.5}}));
+        let words = secure_words(on.secure_aggregation.as_ref(), 5);
+        for expected in [
+            "on: the server sees only the sum of at least 3 sites' masked updates, never one site's",
+            "clipped to ±0.5",
+            "keys agreed with 4 neighbours",
+            "only with 3 of the 5 shares",
+            "up to 2 colluding sites learn nothing more",
+        ] {
+            assert!(words.contains(expected), "{expected:?} in {words}");
+        }
+        // A large study: 20 neighbours each, 11 of 21 shares.
+        let words = secure_words(on.secure_aggregation.as_ref(), 100);
+        assert!(words.contains("sum of at least 11 sites"), "{words}");
+        assert!(words.contains("with 20 neighbours"), "{words}");
+    }
+}
