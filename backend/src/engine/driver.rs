@@ -515,18 +515,7 @@ impl Engine {
             }
         }
         let w = ctx.begin_write().await?;
-        for s in sites.iter().filter(|s| !got.contains_key(s)) {
-            privacy::settle(
-                &*w,
-                r.id,
-                x.number,
-                *s,
-                privacy::Settlement::Assumed(
-                    "no answer before the deadline; counted as spent, since the site may have trained".into(),
-                ),
-            )
-            .await?;
-        }
+        settle_unanswered(&*w, r.id, &x, &sites, &got).await?;
         let mut a: round::ActiveModel = x.clone().into();
         a.excluded = Set(json(&excluded)?);
         a.updated_at = Set(Utc::now());
@@ -551,4 +540,29 @@ impl Engine {
         w.commit().await?;
         Ok(())
     }
+}
+
+/// A private round's reservation of each site that did not answer is counted as spent: the
+/// site may have trained.
+pub(super) async fn settle_unanswered(
+    w: &impl sea_orm::ConnectionTrait,
+    run: Uuid,
+    x: &round::Model,
+    sites: &[Uuid],
+    got: &HashMap<Uuid, update::Model>,
+) -> AppResult<()> {
+    for s in sites.iter().filter(|s| !got.contains_key(s)) {
+        privacy::settle(
+            w,
+            run,
+            x.number,
+            *s,
+            privacy::Settlement::Assumed(
+                "no answer before the deadline; counted as spent, since the site may have trained"
+                    .into(),
+            ),
+        )
+        .await?;
+    }
+    Ok(())
 }

@@ -6,7 +6,6 @@
 use super::rounds::RoundState;
 use super::*;
 use crate::entities::secagg_message;
-use crate::services::privacy;
 use crate::services::secagg::{self, SecureRound};
 use consilium_core::api::{SecAggSite, SecureAggregationRecord};
 
@@ -182,18 +181,7 @@ impl Engine {
             Err(reason) => Err(reason),
         };
         let w = ctx.begin_write().await?;
-        for site in sites.iter().filter(|s| !got.contains_key(s)) {
-            privacy::settle(
-                &*w,
-                r.id,
-                x.number,
-                *site,
-                privacy::Settlement::Assumed(
-                    "no answer before the deadline; counted as spent, since the site may have trained".into(),
-                ),
-            )
-            .await?;
-        }
+        super::driver::settle_unanswered(&*w, r.id, &x, &sites, &got).await?;
         let mut a: round::ActiveModel = x.clone().into();
         a.excluded = Set(json(&excluded)?);
         a.updated_at = Set(Utc::now());

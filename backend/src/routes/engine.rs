@@ -235,6 +235,15 @@ async fn site_model(
         .body(bytes))
 }
 
+fn site_job(site: Uuid, job: Uuid, q: OutputQuery) -> secagg::SiteJob {
+    secagg::SiteJob {
+        site,
+        job,
+        run_id: q.run_id,
+        number: q.round as i32,
+    }
+}
+
 fn secagg_stage(name: &str) -> AppResult<consilium_core::secagg::wire::Stage> {
     consilium_core::secagg::wire::Stage::parse(name).ok_or_else(|| {
         AppError::NotFound(format!(
@@ -261,14 +270,10 @@ async fn site_secagg_post(
 ) -> AppResult<HttpResponse> {
     let (site, job, stage) = path.into_inner();
     let stage = secagg_stage(&stage)?;
-    let q = query.into_inner();
     secagg::post(
         &ctx,
         &a,
-        site,
-        job,
-        q.run_id,
-        q.round as i32,
+        site_job(site, job, query.into_inner()),
         stage,
         body.into_inner(),
     )
@@ -291,13 +296,11 @@ async fn site_secagg_answer(
 ) -> AppResult<HttpResponse> {
     let (site, job, stage) = path.into_inner();
     let stage = secagg_stage(&stage)?;
-    let q = query.into_inner();
-    Ok(
-        match secagg::answer(&ctx, &a, site, job, q.run_id, q.round as i32, stage).await? {
-            Some(v) => HttpResponse::Ok().json(v),
-            None => HttpResponse::Accepted().json(serde_json::json!({"state": "open"})),
-        },
-    )
+    let at = site_job(site, job, query.into_inner());
+    Ok(match secagg::answer(&ctx, &a, at, stage).await? {
+        Some(v) => HttpResponse::Ok().json(v),
+        None => HttpResponse::Accepted().json(serde_json::json!({"state": "open"})),
+    })
 }
 
 /// The site's output of a job it was sent and that is still open (its update, or a preview

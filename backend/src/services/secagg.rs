@@ -367,14 +367,22 @@ fn not_open(stage: Stage, number: i32, why: &str) -> AppError {
     )
 }
 
-async fn checked_round(
-    ctx: &AppContext,
-    actor: &Actor,
-    site: Uuid,
-    job: Uuid,
-    run_id: Uuid,
-    number: i32,
-) -> AppResult<SecureRound> {
+/// A site's training job of a round, as its worker names it.
+#[derive(Clone, Copy, Debug)]
+pub struct SiteJob {
+    pub site: Uuid,
+    pub job: Uuid,
+    pub run_id: Uuid,
+    pub number: i32,
+}
+
+async fn checked_round(ctx: &AppContext, actor: &Actor, at: SiteJob) -> AppResult<SecureRound> {
+    let SiteJob {
+        site,
+        job,
+        run_id,
+        number,
+    } = at;
     site_artifacts::require_worker(actor, site, "take part in its rounds' secure aggregation")?;
     if !site_artifacts::open_job(ctx, site, job, run_id, number).await? {
         return Err(AppError::conflict(
@@ -417,19 +425,21 @@ pub fn layout(global: &Weights, plan: &Plan) -> usize {
 
 /// A site's part of `stage` (its worker, for a training job of a secure round that is still
 /// open). Posting the same again is accepted; anything else twice is refused.
-#[allow(clippy::too_many_arguments)]
 #[tracing::instrument(skip(ctx, body), fields(actor = %actor.audit_name()))]
 pub async fn post(
     ctx: &AppContext,
     actor: &Actor,
-    site: Uuid,
-    job: Uuid,
-    run_id: Uuid,
-    number: i32,
+    at: SiteJob,
     stage: Stage,
     body: serde_json::Value,
 ) -> AppResult<()> {
-    let s = checked_round(ctx, actor, site, job, run_id, number).await?;
+    let SiteJob {
+        site,
+        job,
+        run_id,
+        number,
+    } = at;
+    let s = checked_round(ctx, actor, at).await?;
     let c = advance(ctx, &s).await?;
     let is_closed = match stage {
         Stage::Keys => c.keys.is_some(),
@@ -615,13 +625,11 @@ pub async fn post(
 pub async fn answer(
     ctx: &AppContext,
     actor: &Actor,
-    site: Uuid,
-    job: Uuid,
-    run_id: Uuid,
-    number: i32,
+    at: SiteJob,
     stage: Stage,
 ) -> AppResult<Option<serde_json::Value>> {
-    let s = checked_round(ctx, actor, site, job, run_id, number).await?;
+    let (site, number) = (at.site, at.number);
+    let s = checked_round(ctx, actor, at).await?;
     let c = advance(ctx, &s).await?;
     let Some(keys) = &c.keys else {
         return Ok(None);

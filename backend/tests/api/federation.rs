@@ -554,34 +554,8 @@ async fn three_worker_processes_train_through_failures() {
         "test: the broker drops every connection",
     ]);
 
-    let mut done = Value::Null;
-    for _ in 0..1200 {
-        let r = app
-            .client
-            .get(format!("{}/api/v1/runs/{rid}", c.address()))
-            .bearer_auth(token(&w.researcher))
-            .send()
-            .await;
-        if let Ok(r) = r
-            && let Ok(v) = r.json::<Value>().await
-            && v["status"] != "running"
-        {
-            done = v;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let logs = || {
-        format!(
-            "server:\n{}\nworkers:\n{}",
-            server.tail(),
-            workers
-                .iter()
-                .map(Proc::tail)
-                .collect::<Vec<_>>()
-                .join("\n---\n")
-        )
-    };
+    let done = run_end(&app.client, &c, &rid, &w.researcher).await;
+    let logs = || logs_of(&server, &workers);
     assert_eq!(done["status"], "completed", "{done}\n{}", logs());
     assert_eq!(done["current_round"], 4);
 
@@ -705,6 +679,37 @@ async fn three_worker_processes_train_through_failures() {
     assert_eq!(verify["ok"], true, "{verify}");
 }
 
+/// The run once it is no longer running (`Null` if it still is after five minutes).
+async fn run_end(client: &reqwest::Client, c: &Cluster, rid: &str, who: &Person) -> Value {
+    for _ in 0..1200 {
+        if let Ok(r) = client
+            .get(format!("{}/api/v1/runs/{rid}", c.address()))
+            .bearer_auth(token(who))
+            .send()
+            .await
+            && let Ok(v) = r.json::<Value>().await
+            && v["status"] != "running"
+        {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Value::Null
+}
+
+/// The last lines of the server's and the workers' logs, for a failure's message.
+fn logs_of(server: &Proc, workers: &[Proc]) -> String {
+    format!(
+        "server:\n{}\nworkers:\n{}",
+        server.tail(),
+        workers
+            .iter()
+            .map(Proc::tail)
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    )
+}
+
 /// Polls the database until the run's secure-aggregation exchanges hold a row of `stage` (of
 /// `site`, or a closing when `site` is nil).
 async fn wait_exchange(app: &TestApp, run: Uuid, stage: &str, site: Uuid, secs: u64) {
@@ -780,33 +785,8 @@ async fn five_worker_processes_sum_masked_updates_through_dropouts() {
     wait_exchange(&app, run_id, "masked", west, 120).await;
     workers[3].kill();
 
-    let mut done = Value::Null;
-    for _ in 0..1200 {
-        if let Ok(r) = app
-            .client
-            .get(format!("{}/api/v1/runs/{rid}", c.address()))
-            .bearer_auth(token(&w.researcher))
-            .send()
-            .await
-            && let Ok(v) = r.json::<Value>().await
-            && v["status"] != "running"
-        {
-            done = v;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let logs = || {
-        format!(
-            "server:\n{}\nworkers:\n{}",
-            server.tail(),
-            workers
-                .iter()
-                .map(Proc::tail)
-                .collect::<Vec<_>>()
-                .join("\n---\n")
-        )
-    };
+    let done = run_end(&app.client, &c, &rid, &w.researcher).await;
+    let logs = || logs_of(&server, &workers);
     assert_eq!(done["status"], "completed", "{done}\n{}", logs());
     let models = get(
         &app.client,
@@ -815,12 +795,7 @@ async fn five_worker_processes_sum_masked_updates_through_dropouts() {
     )
     .await;
     let record = &models[0]["secure_aggregation"];
-    let summed: Vec<Uuid> = record["summed"]
-        .as_array()
-        .expect("summed")
-        .iter()
-        .filter_map(|s| s["site_id"].as_str()?.parse().ok())
-        .collect();
+    let summed = crate::secagg::summed_sites(record);
     assert_eq!(summed.len(), 4, "{record}\n{}", logs());
     assert!(
         summed.contains(&west) && !summed.contains(&east),

@@ -49,6 +49,16 @@ impl SiteArtifacts for StopsAt {
     }
 }
 
+/// The sites a secure version's sum holds, as its lineage names them.
+pub fn summed_sites(record: &Value) -> Vec<Uuid> {
+    record["summed"]
+        .as_array()
+        .expect("summed")
+        .iter()
+        .filter_map(|s| s["site_id"].as_str()?.parse().ok())
+        .collect()
+}
+
 fn secure_manifest() -> Value {
     let mut m = engine_manifest(1);
     m["local_epochs"] = json!(1);
@@ -117,12 +127,7 @@ async fn the_server_sums_masked_updates_and_recovers_dropped_sites(db: Db) {
     let version = &models[0];
     let record = &version["secure_aggregation"];
     let (east, west) = (sites[2].0, sites[3].0);
-    let summed: Vec<Uuid> = record["summed"]
-        .as_array()
-        .expect("summed")
-        .iter()
-        .filter_map(|s| s["site_id"].as_str()?.parse().ok())
-        .collect();
+    let summed = summed_sites(record);
     assert_eq!(summed.len(), 4, "{record}");
     assert!(
         summed.contains(&west) && !summed.contains(&east),

@@ -50,6 +50,18 @@ fn simulate_edited(dir: &std::path::Path, edits: &[(&str, &str)]) -> (std::path:
     (example, report)
 }
 
+/// The simulation's artifact store.
+fn store_of(example: &std::path::Path) -> consilium_worker::artifacts::ArtifactStore {
+    consilium_worker::artifacts::ArtifactStore::open(
+        example
+            .join("run")
+            .join("artifacts")
+            .to_str()
+            .expect("path"),
+    )
+    .expect("the simulation's store")
+}
+
 /// SGD with momentum (the strategies that count local SGD steps need it).
 const SGD: [(&str, &str); 2] = [
     ("name = \"adamw\"", "name = \"sgd\"\nmomentum = 0.9"),
@@ -392,14 +404,7 @@ async fn a_simulation_keeps_local_layers_at_the_sites() {
             "strategy = \"fedavg\"\nlocal_layers = [\"fc\"]",
         )],
     );
-    let store = consilium_worker::artifacts::ArtifactStore::open(
-        example
-            .join("run")
-            .join("artifacts")
-            .to_str()
-            .expect("path"),
-    )
-    .expect("the simulation's store");
+    let store = store_of(&example);
     let model = |hash: &str| {
         let hash = hash.to_string();
         let store = &store;
@@ -470,14 +475,7 @@ async fn a_simulation_sums_masked_updates_under_secure_aggregation() {
     // Each site added σ·C/√t: the sum of three carries σ·C·√(3/2).
     let noise = record["noise_std"].as_f64().expect("noise");
     assert!((noise - 0.001 * 1.5f64.sqrt()).abs() < 1e-9, "{noise}");
-    let store = consilium_worker::artifacts::ArtifactStore::open(
-        example
-            .join("run")
-            .join("artifacts")
-            .to_str()
-            .expect("path"),
-    )
-    .expect("the simulation's store");
+    let store = store_of(&example);
     for c in last["contributions"].as_array().expect("contributions") {
         let masked = store
             .get(c["update_hash"].as_str().expect("hash"))

@@ -76,7 +76,7 @@ async fn the_plan_form_shows_the_problems_before_submitting() {
         "#manifest",
         &bad.replace("fedsgd", "fedavg")
             .replace(", \"momentum\": 0.9", "")
-            .replace("true", "false"),
+            .replace("\"neighbours\": 3", "\"neighbours\": 4"),
     )
     .await;
     p.wait_for(

@@ -1,14 +1,14 @@
 //! Differential privacy in the browser: the committee reads the plan's budget in words, the
 //! custodian sets the dataset's lifetime budget and sees what a private study spent from it.
 
-use consilium_backend::entities::run;
 use consilium_backend::services::{previews, privacy, runs, studies};
 use consilium_core::Role;
 use consilium_core::api::CreateRun;
-use sea_orm::EntityTrait;
 
 use crate::harness::Portal;
-use crate::setup::{actor, approved_as_submitted, drafted_study_with, granted, researcher};
+use crate::setup::{
+    actor, approved_as_submitted, drafted_study_with, finished, granted, researcher,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_custodian_caps_and_sees_what_patients_spent() {
@@ -75,20 +75,7 @@ async fn the_custodian_caps_and_sees_what_patients_spent() {
     )
     .await
     .unwrap();
-    let mut status = String::new();
-    for _ in 0..600 {
-        status = run::Entity::find_by_id(r.id)
-            .one(&p.ctx.db)
-            .await
-            .unwrap()
-            .unwrap()
-            .status;
-        if status != "running" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-    assert_eq!(status, "completed");
+    assert_eq!(finished(&p, r.id).await, "completed");
     let spent = privacy::dataset(&p.ctx, &actor(&custodian), site.id)
         .await
         .unwrap();

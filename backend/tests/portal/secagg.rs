@@ -2,14 +2,12 @@
 //! see before it approves, and the researcher reads on the model's lineage whose masked updates
 //! the sum holds.
 
-use consilium_backend::entities::run;
 use consilium_backend::services::{models, runs, studies};
 use consilium_core::Role;
 use consilium_core::api::CreateRun;
-use sea_orm::EntityTrait;
 
 use crate::harness::Portal;
-use crate::setup::{approved_as_submitted, drafted_study_with, granted, researcher};
+use crate::setup::{approved_as_submitted, drafted_study_with, finished, granted, researcher};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_committee_and_the_researcher_see_what_the_server_sees() {
@@ -53,20 +51,7 @@ async fn the_committee_and_the_researcher_see_what_the_server_sees() {
     )
     .await
     .unwrap();
-    let mut status = String::new();
-    for _ in 0..600 {
-        status = run::Entity::find_by_id(r.id)
-            .one(&p.ctx.db)
-            .await
-            .unwrap()
-            .unwrap()
-            .status;
-        if status != "running" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-    assert_eq!(status, "completed");
+    assert_eq!(finished(&p, r.id).await, "completed");
     let version = models::list(&p.ctx, &researcher(&p), Some(r.id), None)
         .await
         .unwrap()

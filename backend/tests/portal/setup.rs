@@ -144,3 +144,23 @@ pub async fn granted(p: &Portal, study: &StudyDto, site: usize) {
     .await
     .unwrap();
 }
+
+/// The run's status once it stops running (at most five minutes).
+pub async fn finished(p: &Portal, run_id: uuid::Uuid) -> String {
+    use consilium_backend::entities::run;
+    use sea_orm::EntityTrait;
+    let mut status = String::new();
+    for _ in 0..600 {
+        status = run::Entity::find_by_id(run_id)
+            .one(&p.ctx.db)
+            .await
+            .unwrap()
+            .unwrap()
+            .status;
+        if status != "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    status
+}

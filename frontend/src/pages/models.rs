@@ -153,7 +153,7 @@ fn LineageView(d: LineagePage) -> impl IntoView {
             })}
             <li><strong>{if m.secure_aggregation.is_some() { "Masked inputs from the sites:" } else { "Updates from the sites:" }}</strong>
                 <table>
-                    <thead><tr><th scope="col">"Site"</th><th scope="col">"Update"</th><th scope="col">"Samples"</th><th scope="col">"Training loss"</th><th scope="col">"Accuracy (incoming model)"</th><th scope="col">"Privacy spent"</th></tr></thead>
+                    <thead><tr><th scope="col">"Site"</th><th scope="col">{if m.secure_aggregation.is_some() { "Masked input" } else { "Update" }}</th><th scope="col">"Samples"</th><th scope="col">"Training loss"</th><th scope="col">"Accuracy (incoming model)"</th><th scope="col">"Privacy spent"</th></tr></thead>
                     <tbody>{contributions}</tbody>
                 </table>
             </li>

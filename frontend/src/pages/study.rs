@@ -686,11 +686,12 @@ fn secure_words(secure: Option<&consilium_core::plan::SecureAggregation>, sites:
     let k = s.degree(sites);
     let t = s.threshold_of(k);
     format!(
-        "on: the server sees only the sum of at least {} sites' masked updates, never one site's (SecAgg+: each value of a site's change clipped to ±{}, masked with keys agreed with {k} neighbours; a site's masks come off only with {t} of the {} shares it and its neighbours hold, so up to {} colluding sites learn nothing more)",
+        "on: the server sees only the sum of at least {} sites' masked updates, never one site's (SecAgg+: each value of a site's change clipped to ±{}, masked with keys agreed with {k} neighbours; a site's masks come off only with {t} of the {} shares it and its neighbours hold, so up to {} colluding {} learn nothing more)",
         t.max(consilium_core::plan::SECAGG_MIN_SITES),
         s.clip,
         k + 1,
-        t.saturating_sub(1)
+        t.saturating_sub(1),
+        if t == 2 { "site" } else { "sites" }
     )
 }
 
