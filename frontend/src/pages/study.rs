@@ -665,9 +665,9 @@ fn what_it_binds(
     };
     let secure = m.parse().ok().and_then(|plan| plan.secure_aggregation);
     let privacy = match (&secure, m.privacy.clip_norm, m.privacy.noise_multiplier) {
-        (Some(_), Some(_), Some(n)) if n > 0.0 && m.privacy.dp_sgd.is_none() => format!(
-            "{privacy}; under secure aggregation each site adds its share of the noise, and the sum the server sees carries it all"
-        ),
+        (Some(_), Some(_), Some(n)) if n > 0.0 && m.privacy.dp_sgd.is_none() => {
+            format!("{privacy}; {}", distributed_noise_words(n, m.rounds))
+        }
         _ => privacy,
     };
     out.push(("Privacy".into(), privacy));
@@ -676,6 +676,23 @@ fn what_it_binds(
         secure_words(secure.as_ref(), s.sites.len()),
     ));
     out
+}
+
+/// What update noise of multiplier `sigma` means under secure aggregation: each site adds its
+/// share, so the sum carries all of it, and the accountant counts the sum's Gaussian mechanism
+/// once per round (every site in every round: no sampling).
+fn distributed_noise_words(sigma: f64, rounds: u32) -> String {
+    use consilium_core::privacy::{RdpCost, default_orders};
+    const DELTA: f64 = 1e-5;
+    let cost = RdpCost::sampled_gaussian(1.0, sigma, u64::from(rounds.max(1)), &default_orders())
+        .and_then(|c| c.epsilon(DELTA));
+    let eps = match cost {
+        Ok(e) => format!("ε = {:.2}", e.epsilon),
+        Err(e) => format!("ε not computable ({e})"),
+    };
+    format!(
+        "under secure aggregation each site adds its share of the noise and the sum the server sees carries it all: each site's update is protected in the sum at {eps} at δ = {DELTA} over the run's {rounds} rounds (site-level, the Gaussian mechanism composed by Rényi DP; the sites' weights are public, and at least t honest sites are in every sum)"
+    )
 }
 
 /// What secure aggregation lets the server see, for a study of `sites` sites.
@@ -849,6 +866,14 @@ mod tests {
         ] {
             assert!(words.contains(expected), "{expected:?} in {words}");
         }
+        // Update noise under secure aggregation is counted as one central Gaussian mechanism
+        // per round: σ = 1 over 10 rounds is Rényi DP 10·α/2, ε = 19.05 at δ = 1e-5 (the
+        // conversion of Balle et al. 2020, computed by hand over the accountant's orders).
+        let words = super::distributed_noise_words(1.0, 10);
+        assert!(
+            words.contains("at ε = 19.05 at δ = 0.00001 over the run's 10 rounds"),
+            "{words}"
+        );
         // A large study: 20 neighbours each, 11 of 21 shares.
         let words = secure_words(on.secure_aggregation.as_ref(), 100);
         assert!(words.contains("sum of at least 11 sites"), "{words}");
