@@ -202,10 +202,13 @@ pub fn is_batch_norm(name: &str) -> bool {
         .any(|part| part.starts_with("bn") || part == "norm" || part.ends_with("_bn"))
 }
 
-/// Batch-norm running statistics: weights the model keeps but training does not change by
-/// gradient (FedProx's term and SCAFFOLD's correction leave them out).
+/// Running statistics: weights the model keeps but training does not change by gradient
+/// (FedProx's term and SCAFFOLD's correction leave them out, FedNova averages them as FedAvg
+/// does): batch norm's mean and variance, amplitude normalisation's mean spectrum.
 pub fn is_running_stat(name: &str) -> bool {
-    name.ends_with("running_mean") || name.ends_with("running_var")
+    name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with("running_amplitude")
 }
 
 /// One site's part in SCAFFOLD's control variates after a round (`scaffold_controls`).
@@ -455,7 +458,7 @@ fn fednova(global: &Weights, updates: &[Update]) -> Result<Aggregated, Aggregate
     let weights = global
         .iter()
         .map(|(name, g)| {
-            let (on_global, on_sites) = if name.contains("running_") {
+            let (on_global, on_sites) = if is_running_stat(name) {
                 (0.0, &p)
             } else {
                 (keep, &c)

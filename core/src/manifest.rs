@@ -72,6 +72,22 @@ pub struct Preprocessing {
     #[serde(default)]
     #[cfg_attr(feature = "server", schema(value_type = Vec<crate::plan::Augmentation>))]
     pub augmentations: Vec<String>,
+    /// HarmoFL's amplitude normalisation: every image's low-frequency amplitudes replaced by
+    /// the sites' mean spectrum, its phase kept (absent: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amplitude_normalisation: Option<AmplitudeNormalisationSpec>,
+}
+
+/// HarmoFL's amplitude normalisation (Jiang et al. 2022).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AmplitudeNormalisationSpec {
+    /// The low band replaced, as a fraction of the image side: frequencies up to
+    /// `⌊side · band⌋` in both directions; 0 is the mean alone, 0.5 the whole spectrum
+    /// (absent: 0.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub band: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

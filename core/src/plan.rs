@@ -51,6 +51,10 @@ pub const CHOICES: &[(&str, &str)] = &[
         "with dataset: the pixel mean and standard deviation (above 0), both or neither (each site's own)",
     ),
     ("preprocessing.augmentations", "flip, rotate (±15°)"),
+    (
+        "preprocessing.amplitude_normalisation.band",
+        "0 to 0.5 (0.1): HarmoFL's low band of the spectrum set to the sites' mean; fedavg, fedbn, fednova, scaffold or fedcostwavg; not with privacy settings",
+    ),
     ("optimiser.name", "sgd, adamw"),
     ("optimiser.learning_rate", "above 0"),
     ("optimiser.momentum", "0 to below 1, sgd only"),
@@ -253,6 +257,19 @@ pub enum Initialisation {
     /// U(±1/√fan_in), and biases U(±1/√fan_in), so that a recipe from PyTorch starts alike.
     Pytorch,
 }
+
+/// HarmoFL's amplitude normalisation (Jiang et al. 2022): every image's amplitudes at
+/// frequencies up to `⌊image_size · band⌋` in both directions are the sites' mean spectrum's,
+/// its phase its own. The mean spectrum travels with the model (`amp_norm.running_amplitude`):
+/// each site's training split's in its first job, averaged by the server like running
+/// batch-norm statistics.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AmplitudeNormalisation {
+    pub band: f32,
+}
+
+/// The default low band of amplitude normalisation (the fraction of the image side).
+pub const AMPLITUDE_BAND: f64 = 0.1;
 
 /// The pixel mean and standard deviation `Normalisation::Dataset` uses.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -464,6 +481,8 @@ pub struct Plan {
     /// site fills in its training split's (`Plan::with_statistics`).
     pub statistics: Option<Statistics>,
     pub augmentations: Vec<Augmentation>,
+    /// HarmoFL's amplitude normalisation, when the plan asks for it.
+    pub amplitude: Option<AmplitudeNormalisation>,
     pub optimiser: Optimiser,
     /// FedProx's proximal term μ (0: plain local training).
     pub proximal_mu: f64,
@@ -834,6 +853,7 @@ impl TrainingPlanManifest {
                 self.aggregation.strategy
             ));
         }
+        let amplitude = parse_amplitude(self, strategy.as_ref(), &mut p);
         let stopping = parse_stopping(self, &mut p);
         let clipping = parse_privacy(self, &mut p);
         let dp_sgd = parse_dp_sgd(self, model.as_ref(), &mut p);
@@ -861,6 +881,7 @@ impl TrainingPlanManifest {
                 normalisation,
                 statistics,
                 augmentations,
+                amplitude,
                 optimiser,
                 proximal_mu,
                 local_epochs: self.local_epochs,
@@ -1160,6 +1181,65 @@ fn parse_privacy(m: &TrainingPlanManifest, p: &mut Problems) -> Option<UpdateCli
         }
         (None, None) => None,
     }
+}
+
+/// `preprocessing.amplitude_normalisation`: the band, and what it cannot go with. The sites'
+/// spectra reach the server as values in their first update and are averaged there, so only
+/// strategies that average every value take it; update clipping, central noise and secure
+/// aggregation would scale or mask a spectrum as if it were a change, and DP-SGD leaves a
+/// site's spectrum of its patients' images outside the noise.
+fn parse_amplitude(
+    m: &TrainingPlanManifest,
+    strategy: Option<&Strategy>,
+    p: &mut Problems,
+) -> Option<AmplitudeNormalisation> {
+    let spec = m.preprocessing.amplitude_normalisation.as_ref()?;
+    let band = spec.band.unwrap_or(AMPLITUDE_BAND);
+    if !(band.is_finite() && (0.0..=0.5).contains(&band)) {
+        p.push(format!(
+            "preprocessing.amplitude_normalisation.band must be from 0 (the mean alone) to 0.5 (the whole spectrum), not {band}"
+        ));
+    }
+    if let Some(s) = strategy
+        && !matches!(
+            s,
+            Strategy::FedAvg
+                | Strategy::FedBn
+                | Strategy::FedNova
+                | Strategy::Scaffold
+                | Strategy::FedCostWAvg { .. }
+        )
+    {
+        p.push(format!(
+            "preprocessing.amplitude_normalisation is for fedavg, fedbn, fednova, scaffold and fedcostwavg, not {}: the sites' amplitude spectra are averaged with the model, and this strategy steps, ranks or selects values instead",
+            m.aggregation.strategy
+        ));
+    }
+    let privacy = [
+        (
+            m.privacy.dp_sgd.is_some(),
+            "privacy.dp_sgd",
+            "a site's mean spectrum of its patients' images would leave it outside DP-SGD's noise",
+        ),
+        (
+            m.privacy.clip_norm.is_some() || m.privacy.noise_multiplier.is_some(),
+            "privacy.clip_norm and noise_multiplier",
+            "the first update's spectrum would be clipped and noised as if it were a change",
+        ),
+        (
+            m.privacy.secure_aggregation,
+            "privacy.secure_aggregation",
+            "the first update's spectrum would be clipped as if it were a change before it is masked",
+        ),
+    ];
+    for (on, setting, why) in privacy {
+        if on {
+            p.push(format!(
+                "preprocessing.amplitude_normalisation cannot go with {setting}: {why}; remove one of them"
+            ));
+        }
+    }
+    Some(AmplitudeNormalisation { band: band as f32 })
 }
 
 fn parse_secagg(
@@ -1524,6 +1604,109 @@ mod tests {
         );
         m["model"]["hyper_parameters"] = serde_json::json!({"channels": [0, 16]});
         assert!(manifest(m).problems()[0].contains("between 1 and 1024"));
+    }
+
+    #[test]
+    fn amplitude_normalisation_takes_a_band_and_averaging_strategies_only() {
+        let with = |pre: serde_json::Value, extra: &[(&str, serde_json::Value)]| {
+            let mut m = base();
+            m["preprocessing"] = pre;
+            for (k, v) in extra {
+                m[*k] = v.clone();
+            }
+            manifest(m)
+        };
+        let on = serde_json::json!({"amplitude_normalisation": {}});
+        assert_eq!(
+            with(on.clone(), &[]).parse().map(|p| p.amplitude),
+            Ok(Some(AmplitudeNormalisation { band: 0.1 }))
+        );
+        assert_eq!(
+            with(
+                serde_json::json!({"amplitude_normalisation": {"band": 0.5}}),
+                &[]
+            )
+            .parse()
+            .map(|p| p.amplitude),
+            Ok(Some(AmplitudeNormalisation { band: 0.5 }))
+        );
+        assert_eq!(
+            with(serde_json::json!({}), &[])
+                .parse()
+                .map(|p| p.amplitude),
+            Ok(None)
+        );
+        let refused = |m: TrainingPlanManifest, needle: &str| {
+            let problems = m.problems();
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "{needle}: {problems:?}"
+            );
+        };
+        refused(
+            with(
+                serde_json::json!({"amplitude_normalisation": {"band": 0.6}}),
+                &[],
+            ),
+            "band must be from 0 (the mean alone) to 0.5 (the whole spectrum), not 0.6",
+        );
+        refused(
+            with(
+                on.clone(),
+                &[("aggregation", serde_json::json!({"strategy": "median"}))],
+            ),
+            "amplitude_normalisation is for fedavg, fedbn, fednova, scaffold and fedcostwavg, not median",
+        );
+        refused(
+            with(
+                on.clone(),
+                &[("aggregation", serde_json::json!({"strategy": "fedadam"}))],
+            ),
+            "not fedadam",
+        );
+        refused(
+            with(
+                on.clone(),
+                &[(
+                    "privacy",
+                    serde_json::json!({"clip_norm": 1.0, "noise_multiplier": 0.5}),
+                )],
+            ),
+            "cannot go with privacy.clip_norm and noise_multiplier",
+        );
+        refused(
+            with(
+                on.clone(),
+                &[(
+                    "privacy",
+                    serde_json::json!({"dp_sgd": {"epsilon": 8, "delta": 1e-5, "max_grad_norm": 1.0}}),
+                )],
+            ),
+            "cannot go with privacy.dp_sgd",
+        );
+        refused(
+            with(
+                on.clone(),
+                &[
+                    (
+                        "aggregation",
+                        serde_json::json!({"strategy": "fedavg", "min_sites": 3}),
+                    ),
+                    ("privacy", serde_json::json!({"secure_aggregation": true})),
+                ],
+            ),
+            "cannot go with privacy.secure_aggregation",
+        );
+        for strategy in ["fednova", "scaffold", "fedcostwavg"] {
+            let m = with(
+                on.clone(),
+                &[("aggregation", serde_json::json!({"strategy": strategy}))],
+            );
+            assert!(m.problems().is_empty(), "{strategy}: {:?}", m.problems());
+        }
+        // Old plans hash as before: an absent setting is not written out.
+        let text = serde_json::to_string(&manifest(base())).unwrap_or_default();
+        assert!(!text.contains("amplitude"), "{text}");
     }
 
     #[test]

@@ -544,8 +544,12 @@ fn compute(
                 ))
             })?;
     }
-    let holdout: Vec<&Sample> = data.holdout().collect();
-    let train: Vec<&Sample> = data.train().collect();
+    // HarmoFL's amplitude normalisation, to the model's mean spectrum (or, in this site's
+    // first job of the run, to its training split's, which its update then carries).
+    let harmonised = crate::harmonise::site_samples(&net, plan, &data.samples)?;
+    let samples = harmonised.as_deref().unwrap_or(&data.samples);
+    let holdout: Vec<&Sample> = samples.iter().filter(|s| s.holdout).collect();
+    let train: Vec<&Sample> = samples.iter().filter(|s| !s.holdout).collect();
     // Dataset normalisation by the plan's statistics, else by this site's training split's
     // (which stay here, like the images), for training and held-out images alike.
     let plan = &plan.with_statistics(train.iter().map(|s| s.pixels.as_slice()));

@@ -11,6 +11,7 @@ pub mod consumer;
 pub mod cvae;
 pub mod data;
 pub mod decode;
+pub mod harmonise;
 pub mod identity;
 pub mod job;
 pub mod jpeg12;

@@ -159,6 +159,14 @@ impl Net {
         let size = plan.image_size;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        if plan.amplitude.is_some() {
+            // The sites' mean amplitude spectrum (`harmonise`): zero until a site sets it.
+            vb.get_with_hints(
+                (size, size),
+                crate::harmonise::AMPLITUDE,
+                candle_nn::Init::Const(0.),
+            )?;
+        }
         let model = model::build(&plan.model, plan.num_classes, size, vb)?;
         let net = Net {
             varmap,
@@ -187,30 +195,31 @@ impl Net {
             let is_bn = name
                 .split('.')
                 .any(|p| p.starts_with("bn") || p.starts_with("gn"));
-            let values: Vec<f32> =
-                if name.ends_with("running_var") || (is_bn && name.ends_with("weight")) {
-                    vec![1.0; n]
-                } else if name.ends_with("bias") || name.ends_with("running_mean") {
-                    let weight = format!("{}weight", name.trim_end_matches("bias"));
-                    match (init, fan_in(&weight)) {
-                        (Initialisation::Pytorch, Some(f)) if !is_bn => {
-                            let bound = 1.0 / (f as f64).sqrt();
-                            (0..n)
-                                .map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32)
-                                .collect()
-                        }
-                        _ => vec![0.0; n],
+            let values: Vec<f32> = if name == crate::harmonise::AMPLITUDE {
+                vec![0.0; n]
+            } else if name.ends_with("running_var") || (is_bn && name.ends_with("weight")) {
+                vec![1.0; n]
+            } else if name.ends_with("bias") || name.ends_with("running_mean") {
+                let weight = format!("{}weight", name.trim_end_matches("bias"));
+                match (init, fan_in(&weight)) {
+                    (Initialisation::Pytorch, Some(f)) if !is_bn => {
+                        let bound = 1.0 / (f as f64).sqrt();
+                        (0..n)
+                            .map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32)
+                            .collect()
                     }
-                } else {
-                    let fan_in: usize = shape.dims().iter().skip(1).product::<usize>().max(1);
-                    let bound = match init {
-                        Initialisation::Kaiming => (6.0 / fan_in as f64).sqrt(),
-                        Initialisation::Pytorch => 1.0 / (fan_in as f64).sqrt(),
-                    };
-                    (0..n)
-                        .map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32)
-                        .collect()
+                    _ => vec![0.0; n],
+                }
+            } else {
+                let fan_in: usize = shape.dims().iter().skip(1).product::<usize>().max(1);
+                let bound = match init {
+                    Initialisation::Kaiming => (6.0 / fan_in as f64).sqrt(),
+                    Initialisation::Pytorch => 1.0 / (fan_in as f64).sqrt(),
                 };
+                (0..n)
+                    .map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32)
+                    .collect()
+            };
             var.set(&Tensor::from_vec(values, shape, &self.device)?)?;
         }
         Ok(())

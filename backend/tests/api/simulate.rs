@@ -392,6 +392,103 @@ fn a_simulation_aggregates_with_scaffold() {
     assert!(acc > 0.6, "above chance: {acc}");
 }
 
+/// HarmoFL's amplitude normalisation end to end: in round 1 each site's update carries its
+/// training split's mean amplitude spectrum (as the test computes it from the site's images),
+/// the model carries their sample-weighted mean, and round 2 leaves it as it is.
+#[tokio::test]
+async fn a_simulation_normalises_amplitudes_to_the_sites_mean_spectrum() {
+    use consilium_worker::harmonise::{AMPLITUDE, mean_amplitude};
+    let dir = tempfile::tempdir().expect("dir");
+    let (example, report) = simulate_edited(
+        dir.path(),
+        &[(
+            "normalisation = \"zscore\"",
+            "normalisation = \"zscore\"\namplitude_normalisation = { band = 0.2 }",
+        )],
+    );
+    let store = store_of(&example);
+    let spectrum = |hash: String| {
+        let store = &store;
+        async move {
+            consilium_backend::engine::weights::from_safetensors(
+                &store.get(&hash).await.expect("in the store"),
+            )
+            .expect("safetensors")[AMPLITUDE]
+                .data
+                .clone()
+        }
+    };
+    let models = report["models"].as_array().expect("models");
+    assert_eq!(models.len(), 2, "two rounds");
+    let hash = |v: &Value, key: &str| v[key].as_str().expect("hash").to_string();
+    // Round 1: each site's own spectrum, from its training images.
+    let mut weighted = vec![0f64; 28 * 28];
+    let mut total = 0f64;
+    for c in models[0]["contributions"]
+        .as_array()
+        .expect("contributions")
+    {
+        let site = c["site_name"].as_str().expect("site");
+        let key = site.split_whitespace().next().expect("name").to_lowercase();
+        let root = example.join("sites").join(&key);
+        let data = consilium_worker::data::load(
+            &consilium_worker::data::DatasetSpec {
+                kind: consilium_worker::data::DataKind::Images,
+                root: root.clone(),
+                labels: root.join("labels.csv"),
+                label_key: consilium_worker::data::LabelKey::Path,
+                holdout: 0.25,
+                window: None,
+                decoding: Default::default(),
+            },
+            28,
+            &consilium_worker::decode::Decoder::program(env!("CARGO_BIN_EXE_consilium")),
+        )
+        .expect("the site's images");
+        let expected = mean_amplitude(data.train().map(|s| s.pixels.as_slice()), 28);
+        let sent = spectrum(hash(c, "update_hash")).await;
+        assert!(
+            expected[0] > 0.05,
+            "{site}: the mean pixel leads the spectrum"
+        );
+        for (i, (a, b)) in sent.iter().zip(&expected).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "{site}, frequency {i}: {a} against {b}"
+            );
+        }
+        let n = c["samples"].as_f64().expect("samples");
+        for (w, a) in weighted.iter_mut().zip(&sent) {
+            *w += n * f64::from(*a);
+        }
+        total += n;
+    }
+    let first = spectrum(hash(&models[0], "hash")).await;
+    for (i, (a, w)) in first.iter().zip(&weighted).enumerate() {
+        let mean = w / total;
+        assert!(
+            (f64::from(*a) - mean).abs() < 1e-5,
+            "frequency {i}: {a} against {mean}"
+        );
+    }
+    // Round 2: every site normalised to that mean, which neither training nor averaging moves.
+    for c in models[1]["contributions"]
+        .as_array()
+        .expect("contributions")
+    {
+        let sent = spectrum(hash(c, "update_hash")).await;
+        assert_eq!(sent, first, "{}", c["site_name"]);
+    }
+    let last = spectrum(hash(&models[1], "hash")).await;
+    for (a, b) in last.iter().zip(&first) {
+        assert!((a - b).abs() < 1e-6, "{a} against {b}");
+    }
+    let acc = report["final_model"]["evaluation"]["global"]["accuracy"]
+        .as_f64()
+        .expect("accuracy");
+    assert!(acc > 0.6, "above chance: {acc}");
+}
+
 /// Partial sharing end to end: the classifier stays at each site. No update in the store holds
 /// it, the lineage says so, and the model keeps its own (first) values of it.
 #[tokio::test]

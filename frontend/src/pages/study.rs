@@ -649,6 +649,9 @@ fn what_it_binds(
             ),
         ));
     }
+    if let Some(a) = m.parse().ok().and_then(|plan| plan.amplitude) {
+        out.push(("Amplitude normalisation".into(), amplitude_words(a)));
+    }
     let privacy = match (
         &m.privacy.dp_sgd,
         m.privacy.clip_norm,
@@ -692,6 +695,21 @@ fn distributed_noise_words(sigma: f64, rounds: u32) -> String {
     };
     format!(
         "under secure aggregation each site adds its share of the noise and the sum the server sees carries it all: each site's update is protected in the sum at {eps} at δ = {DELTA} over the run's {rounds} rounds (site-level, the Gaussian mechanism composed by Rényi DP; the sites' weights are public, and at least t honest sites are in every sum)"
+    )
+}
+
+/// What HarmoFL's amplitude normalisation sends and does, for the committee.
+fn amplitude_words(a: consilium_core::plan::AmplitudeNormalisation) -> String {
+    let band = if a.band == 0.0 {
+        "each image's mean brightness".to_string()
+    } else {
+        format!(
+            "each image's lowest frequencies (up to {} of the image side: contrast and brightness)",
+            a.band
+        )
+    };
+    format!(
+        "{band} set to the sites' average, its structure kept; each site sends the mean amplitude spectrum of its training images with its first update (a summary of all of them, never an image), and the model carries the sites' sample-weighted average"
     )
 }
 
@@ -878,5 +896,23 @@ mod tests {
         let words = secure_words(on.secure_aggregation.as_ref(), 100);
         assert!(words.contains("sum of at least 11 sites"), "{words}");
         assert!(words.contains("with 20 neighbours"), "{words}");
+    }
+
+    #[test]
+    fn the_committee_reads_what_amplitude_normalisation_sends() {
+        use consilium_core::plan::AmplitudeNormalisation;
+        let words = super::amplitude_words(AmplitudeNormalisation { band: 0.1 });
+        for expected in [
+            "lowest frequencies (up to 0.1 of the image side",
+            "each site sends the mean amplitude spectrum of its training images with its first update",
+            "never an image",
+        ] {
+            assert!(words.contains(expected), "{expected:?} in {words}");
+        }
+        let words = super::amplitude_words(AmplitudeNormalisation { band: 0.0 });
+        assert!(
+            words.starts_with("each image's mean brightness set to the sites' average"),
+            "{words}"
+        );
     }
 }
