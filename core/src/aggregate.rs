@@ -1553,6 +1553,7 @@ mod tests {
             min_sites: None,
             parameters: serde_json::from_value(p).unwrap(),
             local_layers: Vec::new(),
+            ditto: None,
         };
         assert_eq!(
             Strategy::from_spec(&spec("krum", serde_json::json!({"f": 2}))).unwrap(),

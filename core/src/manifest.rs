@@ -127,6 +127,20 @@ pub struct AggregationSpec {
     /// `fedbn` or `fedcostwavg`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub local_layers: Vec<String>,
+    /// Ditto (Li et al. 2021): each site also trains a model of its own, pulled towards the
+    /// global one, which never leaves the site and is what its evaluations score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ditto: Option<DittoSpec>,
+}
+
+/// Ditto's personalisation (Li et al. 2021).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DittoSpec {
+    /// λ, how strongly each site's own model is pulled towards the global one (0: trained on
+    /// the site's data alone).
+    pub lambda: f64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

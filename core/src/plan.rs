@@ -74,6 +74,10 @@ pub const CHOICES: &[(&str, &str)] = &[
         "aggregation.parameters",
         "fedadam, fedyogi: lr, beta1, beta2, tau; fedcostwavg: alpha; trimmed_mean: beta; krum, bulyan: f; multi_krum: f, m; dos: temperature; others none",
     ),
+    (
+        "aggregation.ditto.lambda",
+        "0 to 10000: Ditto, each site's own model pulled towards the global one; not with local_layers, fedbn or dp_sgd",
+    ),
     ("aggregation.min_sites", "1 or more (every site)"),
     (
         "stopping.target_metric",
@@ -493,6 +497,9 @@ pub struct Plan {
     /// Partial sharing (FLOP, Yang et al. 2021): the layers that stay at each site, trained
     /// there and never sent; the server aggregates the rest.
     pub local_layers: Vec<String>,
+    /// Ditto's λ (Li et al. 2021): each site's own model, pulled towards the global one by
+    /// `λ/2 · ‖v − w‖²`, trained beside it and kept at the site.
+    pub ditto: Option<f64>,
     /// Updates a round needs (the study's site count when the plan does not say).
     pub min_sites: Option<u32>,
     pub stopping: Stopping,
@@ -853,6 +860,18 @@ impl TrainingPlanManifest {
                 self.aggregation.strategy
             ));
         }
+        let ditto = self.aggregation.ditto.as_ref().map(|d| d.lambda);
+        if let Some(lambda) = ditto {
+            if !(lambda.is_finite() && (0.0..=1e4).contains(&lambda)) {
+                p.push(format!("aggregation.ditto.lambda must be from 0 (each site's own data alone) to 10000, not {lambda}"));
+            }
+            if !local_layers.is_empty() || matches!(strategy, Some(Strategy::FedBn)) {
+                p.push("aggregation.ditto personalises with a whole model of each site's own, and aggregation.local_layers and fedbn keep parts of the shared one at the site: choose one way to personalise");
+            }
+            if self.privacy.dp_sgd.is_some() {
+                p.push("aggregation.ditto trains each site's own model on its patients outside DP-SGD's noise and reports its held-out scores: use one of them");
+            }
+        }
         let amplitude = parse_amplitude(self, strategy.as_ref(), &mut p);
         let stopping = parse_stopping(self, &mut p);
         let clipping = parse_privacy(self, &mut p);
@@ -889,6 +908,7 @@ impl TrainingPlanManifest {
                 rounds: self.rounds,
                 strategy,
                 local_layers,
+                ditto,
                 min_sites: self.aggregation.min_sites,
                 stopping,
                 clipping,
@@ -1707,6 +1727,65 @@ mod tests {
         // Old plans hash as before: an absent setting is not written out.
         let text = serde_json::to_string(&manifest(base())).unwrap_or_default();
         assert!(!text.contains("amplitude"), "{text}");
+    }
+
+    #[test]
+    fn ditto_takes_a_lambda_and_one_personalisation_at_a_time() {
+        let with = |aggregation: serde_json::Value, privacy: Option<serde_json::Value>| {
+            let mut m = base();
+            m["aggregation"] = aggregation;
+            if let Some(p) = privacy {
+                m["privacy"] = p;
+            }
+            manifest(m)
+        };
+        let on = serde_json::json!({"strategy": "fedavg", "ditto": {"lambda": 0.1}});
+        assert_eq!(
+            with(on.clone(), None).parse().map(|p| p.ditto),
+            Ok(Some(0.1))
+        );
+        assert_eq!(
+            with(
+                serde_json::json!({"strategy": "median", "ditto": {"lambda": 0}}),
+                None
+            )
+            .parse()
+            .map(|p| p.ditto),
+            Ok(Some(0.0))
+        );
+        assert_eq!(manifest(base()).parse().map(|p| p.ditto), Ok(None));
+        let refused = |m: TrainingPlanManifest, needle: &str| {
+            let problems = m.problems();
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "{needle}: {problems:?}"
+            );
+        };
+        refused(
+            with(
+                serde_json::json!({"strategy": "fedavg", "ditto": {"lambda": -1}}),
+                None,
+            ),
+            "aggregation.ditto.lambda must be from 0 (each site's own data alone) to 10000, not -1",
+        );
+        refused(
+            with(
+                serde_json::json!({"strategy": "fedavg", "ditto": {"lambda": 0.1}, "local_layers": ["fc"]}),
+                None,
+            ),
+            "choose one way to personalise",
+        );
+        refused(
+            with(
+                on,
+                Some(
+                    serde_json::json!({"dp_sgd": {"epsilon": 8, "delta": 1e-5, "max_grad_norm": 1.0}}),
+                ),
+            ),
+            "outside DP-SGD's noise",
+        );
+        let text = serde_json::to_string(&manifest(base())).unwrap_or_default();
+        assert!(!text.contains("ditto"), "{text}");
     }
 
     #[test]

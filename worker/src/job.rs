@@ -395,7 +395,7 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
     };
     let plan_after = plan.clone();
     let fedbn = plan.strategy == Strategy::FedBn;
-    let local = if fedbn || !plan.local_layers.is_empty() {
+    let local = if fedbn || !plan.local_layers.is_empty() || plan.ditto.is_some() {
         ctx.local
             .lock()
             .ok()
@@ -513,6 +513,10 @@ struct Incoming<'a> {
     correction: Option<&'a [u8]>,
 }
 
+/// Mixed into a training job's seed for Ditto's own model, so that its batches are not the
+/// global model's.
+const DITTO_SEED: u64 = 0xd177_0000_0000_0001;
+
 /// The CPU/GPU-bound part, off the async runtime.
 fn compute(
     job: &Job,
@@ -534,7 +538,16 @@ fn compute(
     }
     let fedbn = plan.strategy == Strategy::FedBn;
     let own = |name: &str| (fedbn && is_batch_norm(name)) || plan.is_local(name);
-    if let Some(l) = local {
+    if let (Some(l), Some(_), JobKind::Evaluate) = (local, plan.ditto, job.kind) {
+        // Ditto: a site's evaluations score its own model (the shared spectrum of amplitude
+        // normalisation stays the global model's, as training used it).
+        net.load_safetensors(l, |name| name == crate::harmonise::AMPLITUDE)
+            .map_err(|e| {
+                JobError::Failed(format!(
+                    "this site's own model of this run (Ditto) is unreadable: {e}"
+                ))
+            })?;
+    } else if let Some(l) = local {
         // This site's own batch-norm parameters (FedBN) and the layers it does not share, as
         // it trained them in this run, replace the global model's.
         net.load_safetensors(l, |name| !own(name))
@@ -621,9 +634,22 @@ fn compute(
     };
     // The layers that stay at the site are not in what is sent.
     let bytes = net.to_safetensors_without(|name| plan.is_local(name))?;
-    let kept = (fedbn || !plan.local_layers.is_empty())
-        .then(|| net.to_safetensors())
-        .transpose()?;
+    let kept = match plan.ditto {
+        // Ditto: this site's own model, from its last round's (or the global model in its
+        // first), trained on the same images towards the global model this round started from.
+        Some(lambda) => {
+            let personal = Net::new(plan, &dev)?;
+            match local {
+                Some(l) => personal.load_safetensors(l, |_| false)?,
+                None => personal.set_weights(&reference)?,
+            }
+            personal.train_towards(&train, plan, seed ^ DITTO_SEED, &reference, lambda)?;
+            Some(personal.to_safetensors()?)
+        }
+        None => (fedbn || !plan.local_layers.is_empty())
+            .then(|| net.to_safetensors())
+            .transpose()?,
+    };
     Ok((
         Computed::Trained {
             samples: train.len() as u64,

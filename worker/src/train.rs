@@ -397,13 +397,54 @@ impl Net {
         seed: u64,
         correction: Option<&[Tensor]>,
     ) -> Result<(f64, f64)> {
+        let (trainable, anchor) = self.trainable()?;
+        let mu = plan.proximal_mu;
+        self.train_proximal(samples, plan, seed, correction, (trainable, anchor), mu)
+    }
+
+    /// Ditto's personal model (Li et al. 2021): the plan's optimiser and epochs on this site's
+    /// samples, pulled towards `global` (the round's global weights) by the proximal term
+    /// `lambda/2 · ‖v − w‖²` in place of FedProx's.
+    pub fn train_towards(
+        &self,
+        samples: &[&Sample],
+        plan: &Plan,
+        seed: u64,
+        global: &NamedWeights,
+        lambda: f64,
+    ) -> Result<(f64, f64)> {
+        let (trainable, _) = self.trainable()?;
+        let anchor = trainable
+            .iter()
+            .map(|(name, var)| match global.get(name) {
+                Some((shape, data)) if shape.as_slice() == var.dims() => Ok(Tensor::from_vec(
+                    data.clone(),
+                    shape.as_slice(),
+                    &self.device,
+                )?),
+                _ => Err(TrainError::Weights(format!(
+                    "the global model has no tensor {name} of shape {:?}",
+                    var.dims()
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.train_proximal(samples, plan, seed, None, (trainable, anchor), lambda)
+    }
+
+    fn train_proximal(
+        &self,
+        samples: &[&Sample],
+        plan: &Plan,
+        seed: u64,
+        correction: Option<&[Tensor]>,
+        (trainable, anchor): (Trainable, Vec<Tensor>),
+        mu: f64,
+    ) -> Result<(f64, f64)> {
         if samples.is_empty() {
             return Err(TrainError::Plan(
                 "there are no training samples at this site".into(),
             ));
         }
-        let (trainable, anchor) = self.trainable()?;
-        let mu = plan.proximal_mu;
         let mut optimiser = Opt::new(plan, trainable.iter().map(|(_, v)| v.clone()).collect())?;
         let mut rng = Rng::new(seed);
         let mut order: Vec<usize> = (0..samples.len()).collect();

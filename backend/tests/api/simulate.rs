@@ -489,6 +489,56 @@ async fn a_simulation_normalises_amplitudes_to_the_sites_mean_spectrum() {
     assert!(acc > 0.6, "above chance: {acc}");
 }
 
+/// Ditto end to end: each site trains a model of its own beside the global one. The sites'
+/// evaluations of a version score their own models, so they differ from the scores the same
+/// global model gets at the same sites before the next round's training (the contributions'
+/// `evaluation`), which without Ditto are the same model on the same images.
+#[test]
+fn a_simulation_personalises_with_ditto() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, report) = simulate_edited(
+        dir.path(),
+        &[(
+            "strategy = \"fedavg\"",
+            "strategy = \"fedavg\"\nditto = { lambda = 0.1 }",
+        )],
+    );
+    let models = report["models"].as_array().expect("models");
+    assert_eq!(models.len(), 2, "two rounds");
+    let own: std::collections::BTreeMap<String, f64> = models[0]["evaluation"]["sites"]
+        .as_array()
+        .expect("the sites' evaluations of version 1")
+        .iter()
+        .map(|e| {
+            (
+                e["site_name"].as_str().expect("site").to_string(),
+                e["metrics"]["loss"].as_f64().expect("loss"),
+            )
+        })
+        .collect();
+    let contributions = models[1]["contributions"]
+        .as_array()
+        .expect("contributions");
+    assert!(contributions.len() > 1, "{contributions:?}");
+    for c in contributions {
+        let site = c["site_name"].as_str().expect("site");
+        let global = c["evaluation"]["loss"].as_f64().expect("loss");
+        let personal = own[site];
+        assert!(
+            (global - personal).abs() > 1e-6,
+            "{site}: its own model scores {personal}, the global model {global}"
+        );
+        assert!(
+            c["kept_at_site"].is_null(),
+            "the whole global model is shared: {c}"
+        );
+    }
+    let acc = report["final_model"]["evaluation"]["global"]["accuracy"]
+        .as_f64()
+        .expect("accuracy");
+    assert!(acc > 0.6, "the sites' own models, above chance: {acc}");
+}
+
 /// Partial sharing end to end: the classifier stays at each site. No update in the store holds
 /// it, the lineage says so, and the model keeps its own (first) values of it.
 #[tokio::test]

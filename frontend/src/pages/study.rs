@@ -649,6 +649,15 @@ fn what_it_binds(
             ),
         ));
     }
+    if let Some(d) = &m.aggregation.ditto {
+        out.push((
+            "Personalisation".into(),
+            format!(
+                "Ditto (λ = {}): each site also trains a model of its own, pulled towards the global one; it never leaves the site, and the sites' evaluations of each version score it",
+                d.lambda
+            ),
+        ));
+    }
     if let Some(a) = m.parse().ok().and_then(|plan| plan.amplitude) {
         out.push(("Amplitude normalisation".into(), amplitude_words(a)));
     }
