@@ -1,0 +1,237 @@
+"""The learning-quality benchmark's driver (run by scripts/bench-learning, which says what it
+measures): writes the splits as site folders, runs `consilium simulate` for every strategy ×
+split and for the baselines, and prints Markdown tables from the simulation reports."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+
+BINARY, WORK, SEEDS, ROUNDS = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+SITES = 4
+
+# (row label, plan.aggregation.strategy, extra optimiser settings, extra [plan.aggregation]
+# lines, extra [plan.preprocessing] lines, whether its evaluations are personalised models)
+STRATEGIES = [
+    ("FedAvg", "fedavg", {}, [], [], False),
+    ("FedProx (μ = 0.01)", "fedavg", {"proximal_mu": 0.01}, [], [], False),
+    ("FedNova", "fednova", {}, [], [], False),
+    ("SCAFFOLD", "scaffold", {}, [], [], False),
+    ("FedAvg + HarmoFL's amplitude normalisation (band 0.1)", "fedavg", {}, [],
+     ["amplitude_normalisation = { band = 0.1 }"], False),
+    ("FLOP (fc at the site)", "fedavg", {}, ['local_layers = ["fc"]'], [], True),
+    ("Ditto (λ = 0.1)", "fedavg", {}, ["ditto = { lambda = 0.1 }"], [], True),
+]
+
+
+def pool_digits():
+    """Every digit as a PNG named for itself (d0000.png …), and its label."""
+    folder = os.path.join(WORK, "digits")
+    os.makedirs(folder, exist_ok=True)
+    d = load_digits()
+    pool = []
+    for i, (img, label) in enumerate(zip(d.images, d.target)):
+        name = f"d{i:04}.png"
+        Image.fromarray((img * (255 / 16)).round().astype(np.uint8), "L").save(
+            os.path.join(folder, name)
+        )
+        pool.append((name, os.path.join(folder, name), int(label)))
+    return pool
+
+
+def pool_phantoms():
+    """The example's sites' phantoms, each renamed for its site (north-img00000.png …), and
+    the site each came from."""
+    pool, origin = [], []
+    sites_dir = os.path.join(WORK, "example", "sites")
+    for s, site in enumerate(sorted(os.listdir(sites_dir))):
+        with open(os.path.join(sites_dir, site, "labels.csv")) as f:
+            next(f)
+            for line in f:
+                file, label = line.strip().split(",")
+                pool.append((f"{site}-{file}", os.path.join(sites_dir, site, file), int(label)))
+                origin.append(s)
+    return pool, origin
+
+
+def split(kind, labels, rng):
+    """Site index lists: IID, Dirichlet α = 0.5 over each class, or 2 label shards of 8 each."""
+    n = len(labels)
+    if kind == "IID":
+        order = rng.permutation(n)
+        return [sorted(order[i::SITES]) for i in range(SITES)]
+    if kind == "Dirichlet α = 0.5":
+        sites = [[] for _ in range(SITES)]
+        for c in sorted(set(labels)):
+            idx = rng.permutation([i for i in range(n) if labels[i] == c])
+            cuts = (np.cumsum(rng.dirichlet([0.5] * SITES)) * len(idx)).astype(int)[:-1]
+            for s, part in enumerate(np.split(idx, cuts)):
+                sites[s].extend(part.tolist())
+        return [sorted(s) for s in sites]
+    # Label shards (McMahan et al. 2017): sorted by label, 2 × SITES shards, 2 per site.
+    order = sorted(range(n), key=lambda i: (labels[i], i))
+    shards = np.array_split(order, 2 * SITES)
+    picks = rng.permutation(2 * SITES)
+    return [sorted(np.concatenate([shards[picks[2 * s]], shards[picks[2 * s + 1]]]).tolist()) for s in range(SITES)]
+
+
+def write_sites(tag, pool, sites):
+    """Site folders of hard links to the pool's files, each with its labels.csv."""
+    roots = []
+    for s, members in enumerate(sites):
+        root = os.path.join(WORK, "sites", tag, f"site{s + 1}")
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, "labels.csv"), "w") as f:
+            f.write("file,label\n")
+            for i in members:
+                name, path, label = pool[i]
+                os.link(path, os.path.join(root, name))
+                f.write(f"{name},{label}\n")
+        roots.append(root)
+    return roots
+
+
+def simulate(tag, roots, classes, seed, strategy, optimiser, aggregation, rounds, epochs, pre=()):
+    """One `consilium simulate` run; returns the final model's evaluation."""
+    lines = [
+        f'name = "{tag}"',
+        f'data_dir = "run-{tag}"',
+        f'report = "report-{tag}.json"',
+        "round_timeout_seconds = 900",
+        "[plan]",
+        f"local_epochs = {epochs}",
+        "batch_size = 32",
+        f"rounds = {rounds}",
+        f"seed = {seed}",
+        "[plan.model]",
+        'architecture = "small_cnn"',
+        f"num_classes = {classes}",
+        'initialisation = "pytorch"',
+        "[plan.preprocessing]",
+        "image_size = 28",
+        'normalisation = "dataset"',
+        *pre,
+        "[plan.optimiser]",
+        'name = "sgd"',
+        "learning_rate = 0.05",
+        "momentum = 0.9",
+    ]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in optimiser.items()]
+    lines += ["[plan.aggregation]", f'strategy = "{strategy}"', f"min_sites = {len(roots)}"]
+    lines += list(aggregation)
+    for i, root in enumerate(roots):
+        lines += [
+            "[[sites]]",
+            f'name = "site {i + 1}"',
+            "[sites.dataset]",
+            'kind = "images"',
+            f'root = "{root}"',
+            f'labels = "{root}/labels.csv"',
+            'label_key = "path"',
+            "holdout = 0.2",
+        ]
+    config = os.path.join(WORK, f"{tag}.toml")
+    with open(config, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    out = subprocess.run([BINARY, "simulate", "--config", config], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"simulate {tag} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+    with open(os.path.join(WORK, f"report-{tag}.json")) as f:
+        report = json.load(f)
+    evaluation = (report.get("final_model") or {}).get("evaluation") or {}
+    return {
+        "global": evaluation["global"]["accuracy"],
+        "sites": [
+            s["metrics"]["accuracy"]
+            for s in sorted(evaluation["sites"], key=lambda s: int(s["site_name"].split()[-1]))
+        ],
+        "seconds": report["seconds"],
+    }
+
+
+def mean_sd(xs):
+    return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+
+
+def main():
+    digits = pool_digits()
+    phantoms, origin = pool_phantoms()
+    datasets = [
+        ("digits", digits, 10, ["IID", "Dirichlet α = 0.5", "label shards"]),
+        ("phantoms", phantoms, 2, ["scanner shift"]),
+    ]
+    # results[(dataset, split)][row] = list over seeds of (ratio or accuracy)
+    table, personal, seconds = {}, {}, 0.0
+    for seed in range(1, SEEDS + 1):
+        rng = np.random.default_rng(seed)
+        for name, pool, classes, splits in datasets:
+            every = list(range(len(pool)))
+            central = simulate(
+                f"{name}-central-{seed}",
+                write_sites(f"{name}-central-{seed}", pool, [every]),
+                classes, seed, "fedavg", {}, [], 1, ROUNDS,
+            )
+            seconds += central["seconds"]
+            for kind in splits:
+                labels = [p[2] for p in pool]
+                members = (
+                    [[i for i in every if origin[i] == s] for s in sorted(set(origin))]
+                    if kind == "scanner shift"
+                    else split(kind, labels, rng)
+                )
+                tag = f"{name}-{kind.split()[0].lower()}-{seed}"
+                roots = write_sites(tag, pool, members)
+                cell = table.setdefault((name, kind), {})
+                cell.setdefault("centralised", []).append(central["global"])
+                alone = None
+                for number, (row, strategy, optimiser, aggregation, pre, personalised) in enumerate(STRATEGIES):
+                    r = simulate(
+                        f"{tag}-{number}-{strategy}",
+                        roots, classes, seed, strategy, optimiser, aggregation, ROUNDS, 1, pre,
+                    )
+                    seconds += r["seconds"]
+                    cell.setdefault(row, []).append(r["global"] / central["global"])
+                    if personalised:
+                        if alone is None:
+                            alone = []
+                            for s, root in enumerate(roots):
+                                a = simulate(
+                                    f"{tag}-alone-{s}", [root], classes, seed, "fedavg", {}, [], 1, ROUNDS
+                                )
+                                seconds += a["seconds"]
+                                alone.append(a["global"])
+                        personal.setdefault((name, kind, row), []).append((r["sites"], alone))
+                print(f"seed {seed}: {name}, {kind} done", file=sys.stderr, flush=True)
+
+    rows = ["centralised"] + [s[0] for s in STRATEGIES]
+    columns = [(d[0], k) for d in datasets for k in d[3]]
+    print(
+        f"FL / centralised held-out accuracy, {ROUNDS} rounds of 1 local epoch (centralised: 1 site, "
+        f"{ROUNDS} epochs), mean ± sd over {SEEDS} seed(s); the centralised row is its accuracy. "
+        "FLOP's and Ditto's figures are their sites' personalised models (mean over sites, "
+        "weighted by held-out images) against the centralised model.\n"
+    )
+    print("| strategy | " + " | ".join(f"{d}: {k}" for d, k in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for row in rows:
+        print(f"| {row} | " + " | ".join(mean_sd(table[c][row]) for c in columns) + " |")
+    print("\nPersonalisation against each site alone (one site's data, the same epochs), "
+          "held-out accuracy per site, one line per seed:\n")
+    print("| split | personalisation | sites' personalised models | each site alone | sites at least as good |")
+    print("|---|---|---|---|---|")
+    for (name, kind, row), runs in personal.items():
+        for fl, alone in runs:
+            ok = sum(f >= a for f, a in zip(fl, alone))
+            print(
+                f"| {name}: {kind} | {row} | {', '.join(f'{x:.3f}' for x in fl)} | "
+                f"{', '.join(f'{x:.3f}' for x in alone)} | {ok} of {len(fl)} |"
+            )
+    print(f"\n{seconds:.0f} s of simulated runs", file=sys.stderr)
+
+
+main()
