@@ -1391,6 +1391,15 @@ mod tests {
         serde_json::from_value(v).unwrap_or_else(|e| panic!("manifest: {e}"))
     }
 
+    /// Asserts that the plan is refused with a problem containing `needle`.
+    fn refused(m: TrainingPlanManifest, needle: &str) {
+        let problems = m.problems();
+        assert!(
+            problems.iter().any(|p| p.contains(needle)),
+            "{needle}: {problems:?}"
+        );
+    }
+
     fn base() -> serde_json::Value {
         serde_json::json!({
             "model": {"architecture": "small_cnn", "num_classes": 2},
@@ -1656,13 +1665,6 @@ mod tests {
                 .map(|p| p.amplitude),
             Ok(None)
         );
-        let refused = |m: TrainingPlanManifest, needle: &str| {
-            let problems = m.problems();
-            assert!(
-                problems.iter().any(|p| p.contains(needle)),
-                "{needle}: {problems:?}"
-            );
-        };
         refused(
             with(
                 serde_json::json!({"amplitude_normalisation": {"band": 0.6}}),
@@ -1754,13 +1756,6 @@ mod tests {
             Ok(Some(0.0))
         );
         assert_eq!(manifest(base()).parse().map(|p| p.ditto), Ok(None));
-        let refused = |m: TrainingPlanManifest, needle: &str| {
-            let problems = m.problems();
-            assert!(
-                problems.iter().any(|p| p.contains(needle)),
-                "{needle}: {problems:?}"
-            );
-        };
         refused(
             with(
                 serde_json::json!({"strategy": "fedavg", "ditto": {"lambda": -1}}),

@@ -50,6 +50,13 @@ fn simulate_edited(dir: &std::path::Path, edits: &[(&str, &str)]) -> (std::path:
     (example, report)
 }
 
+/// The final model's held-out accuracy over all sites, from the report.
+fn final_accuracy(report: &Value) -> f64 {
+    report["final_model"]["evaluation"]["global"]["accuracy"]
+        .as_f64()
+        .expect("accuracy")
+}
+
 /// The simulation's artifact store.
 fn store_of(example: &std::path::Path) -> consilium_worker::artifacts::ArtifactStore {
     consilium_worker::artifacts::ArtifactStore::open(
@@ -91,9 +98,7 @@ async fn a_simulation_trains_the_plan_on_local_folders_and_writes_a_report() {
     assert_eq!(report["run"]["status"], "completed");
     assert_eq!(report["rounds"].as_array().map(Vec::len), Some(3));
     assert_eq!(report["models"].as_array().map(Vec::len), Some(3));
-    let acc = report["final_model"]["evaluation"]["global"]["accuracy"]
-        .as_f64()
-        .expect("accuracy");
+    let acc = final_accuracy(&report);
     assert!(acc > 0.7, "above chance: {acc}");
     assert_eq!(report["audit"]["ok"], true);
 
@@ -354,9 +359,7 @@ async fn a_simulation_aggregates_with_fednova() {
             .any(|(w, n)| (w - n / total).abs() > 0.01),
         "FedNova's shares {shares:?} are not the sample shares of {samples:?}"
     );
-    let acc = report["final_model"]["evaluation"]["global"]["accuracy"]
-        .as_f64()
-        .expect("accuracy");
+    let acc = final_accuracy(&report);
     assert!(acc > 0.6, "above chance: {acc}");
 }
 
@@ -386,9 +389,7 @@ fn a_simulation_aggregates_with_scaffold() {
         corrections.len() > 1 && distinct.len() == corrections.len(),
         "{corrections:?}"
     );
-    let acc = report["final_model"]["evaluation"]["global"]["accuracy"]
-        .as_f64()
-        .expect("accuracy");
+    let acc = final_accuracy(&report);
     assert!(acc > 0.6, "above chance: {acc}");
 }
 
@@ -483,9 +484,7 @@ async fn a_simulation_normalises_amplitudes_to_the_sites_mean_spectrum() {
     for (a, b) in last.iter().zip(&first) {
         assert!((a - b).abs() < 1e-6, "{a} against {b}");
     }
-    let acc = report["final_model"]["evaluation"]["global"]["accuracy"]
-        .as_f64()
-        .expect("accuracy");
+    let acc = final_accuracy(&report);
     assert!(acc > 0.6, "above chance: {acc}");
 }
 
@@ -533,9 +532,7 @@ fn a_simulation_personalises_with_ditto() {
             "the whole global model is shared: {c}"
         );
     }
-    let acc = report["final_model"]["evaluation"]["global"]["accuracy"]
-        .as_f64()
-        .expect("accuracy");
+    let acc = final_accuracy(&report);
     assert!(acc > 0.6, "the sites' own models, above chance: {acc}");
 }
 
