@@ -537,23 +537,22 @@ fn compute(
         net.load_safetensors(g, |_| false)?;
     }
     let fedbn = plan.strategy == Strategy::FedBn;
-    let own = |name: &str| (fedbn && is_batch_norm(name)) || plan.is_local(name);
-    if let (Some(l), Some(_), JobKind::Evaluate) = (local, plan.ditto, job.kind) {
-        // Ditto: a site's evaluations score its own model (the shared spectrum of amplitude
-        // normalisation stays the global model's, as training used it).
-        net.load_safetensors(l, |name| name == crate::harmonise::AMPLITUDE)
-            .map_err(|e| {
-                JobError::Failed(format!(
-                    "this site's own model of this run (Ditto) is unreadable: {e}"
-                ))
-            })?;
-    } else if let Some(l) = local {
-        // This site's own batch-norm parameters (FedBN) and the layers it does not share, as
-        // it trained them in this run, replace the global model's.
+    // What of this site's kept state replaces the global model's: FedBN's batch norm and the
+    // layers it does not share; for a Ditto evaluation its whole own model (but the shared
+    // spectrum of amplitude normalisation, which training used).
+    let ditto_evaluation = plan.ditto.is_some() && job.kind == JobKind::Evaluate;
+    let own = |name: &str| {
+        if ditto_evaluation {
+            name != crate::harmonise::AMPLITUDE
+        } else {
+            (fedbn && is_batch_norm(name)) || plan.is_local(name)
+        }
+    };
+    if let Some(l) = local {
         net.load_safetensors(l, |name| !own(name))
             .map_err(|e| {
                 JobError::Failed(format!(
-                    "this site's own layers of this run (FedBN's batch norm, the layers it does not share) are unreadable: {e}"
+                    "this site's own layers of this run (FedBN's batch norm, the layers it does not share, Ditto's model) are unreadable: {e}"
                 ))
             })?;
     }

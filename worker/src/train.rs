@@ -342,15 +342,20 @@ impl Net {
         })
     }
 
-    /// The weights training changes (running statistics excluded), by name, with a copy of
+    /// The weights training changes (running statistics excluded), by name.
+    fn trainable_vars(&self) -> Trainable {
+        sorted_vars(&self.varmap)
+            .into_iter()
+            .filter(|(n, _)| !is_running_stat(n))
+            .collect()
+    }
+
+    /// The weights training changes, by name, with a copy of
     /// their incoming values for the FedProx term. The copy is outside the graph: `detach`
     /// alone shares their storage, which the optimiser updates in place, and `copy` alone keeps
     /// the copy in the graph; either way the proximal term's gradient would be zero.
     fn trainable(&self) -> Result<(Trainable, Vec<Tensor>)> {
-        let trainable: Vec<(String, Var)> = sorted_vars(&self.varmap)
-            .into_iter()
-            .filter(|(n, _)| !is_running_stat(n))
-            .collect();
+        let trainable = self.trainable_vars();
         let anchor = trainable
             .iter()
             .map(|(_, v)| v.as_tensor().copy().map(|t| t.detach()))
@@ -369,7 +374,7 @@ impl Net {
     /// of the trained weights; every trained weight must have one of its shape.
     pub fn correction(&self, bytes: &[u8]) -> Result<Vec<Tensor>> {
         let loaded = candle_core::safetensors::load_buffer(bytes, &self.device)?;
-        let (trainable, _) = self.trainable()?;
+        let trainable = self.trainable_vars();
         trainable
             .iter()
             .map(|(name, var)| {
@@ -413,7 +418,7 @@ impl Net {
         global: &NamedWeights,
         lambda: f64,
     ) -> Result<(f64, f64)> {
-        let (trainable, _) = self.trainable()?;
+        let trainable = self.trainable_vars();
         let anchor = trainable
             .iter()
             .map(|(name, var)| match global.get(name) {
