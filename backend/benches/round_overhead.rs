@@ -27,6 +27,7 @@ fn metrics() -> Metrics {
         auroc: Some(0.85),
         loss: 0.45,
         samples: 50,
+        segmentation: None,
     }
 }
 

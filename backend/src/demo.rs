@@ -528,6 +528,7 @@ pub fn synthetic_sites(
                 labels: dir.join("labels.csv"),
                 root: dir,
                 label_key: LabelKey::Path,
+                masks: false,
                 holdout: 0.25,
                 window: None,
                 decoding: Default::default(),
@@ -633,8 +634,13 @@ pub struct Followed {
     pub seconds: f64,
 }
 
+/// Three decimals, or a dash where there is no value.
+fn three(v: Option<f64>) -> String {
+    v.map_or("—".into(), |v| format!("{v:.3}"))
+}
+
 /// Starts the study's run and follows it to its end: a progress bar per round, then a table
-/// of global and per-site accuracy, the final model and its lineage, the audit verification.
+/// of global and per-site accuracy (Dice for segmentation), the final model and its lineage, the audit verification.
 pub async fn follow(ctx: &AppContext, w: &Walked) -> anyhow::Result<Followed> {
     let run = runs::create_run(ctx, &w.researcher, w.study, CreateRun { plan_hash: None })
         .await
@@ -670,7 +676,10 @@ pub async fn follow(ctx: &AppContext, w: &Walked) -> anyhow::Result<Followed> {
                 None => None,
             };
             let msg = match (round.state.as_str(), model.and_then(|m| m.evaluation)) {
-                (_, Some(e)) => format!("global accuracy {:.3}", e.global.accuracy),
+                (_, Some(e)) => match &e.global.segmentation {
+                    Some(seg) => format!("global Dice {}", three(seg.mean_dice)),
+                    None => format!("global accuracy {:.3}", e.global.accuracy),
+                },
                 (state, None) => state.to_string(),
             };
             bar.set_message(msg);
@@ -700,8 +709,29 @@ pub async fn follow(ctx: &AppContext, w: &Walked) -> anyhow::Result<Followed> {
         .map_err(fail)?;
     println!();
     let names: Vec<&str> = w.sites.iter().map(|(_, n)| n.as_str()).collect();
+    // A segmentation model is scored by Dice (and HD95), a classifier by accuracy (and AUROC).
+    let segments = versions.iter().any(|v| {
+        v.evaluation
+            .as_ref()
+            .is_some_and(|e| e.global.segmentation.is_some())
+    });
+    let score = |m: &consilium_core::protocol::Metrics| match &m.segmentation {
+        Some(seg) => (
+            three(seg.mean_dice),
+            seg.hd95.map_or("—".into(), |d| format!("{d:.2}")),
+        ),
+        None => (
+            format!("{:.3}", m.accuracy),
+            m.auroc.map_or("—".into(), |a| format!("{a:.3}")),
+        ),
+    };
     println!(
-        "  round  global acc  global AUROC  {}",
+        "  round  {}  {}",
+        if segments {
+            "global Dice  HD95 (px)   "
+        } else {
+            "global acc  global AUROC"
+        },
         names.iter().map(|n| format!("{n:>16}")).collect::<String>()
     );
     for v in &versions {
@@ -712,16 +742,12 @@ pub async fn follow(ctx: &AppContext, w: &Walked) -> anyhow::Result<Followed> {
             .map(|(id, _)| {
                 e.sites.iter().find(|s| s.site_id == *id).map_or_else(
                     || format!("{:>16}", "—"),
-                    |s| format!("{:>16.3}", s.metrics.accuracy),
+                    |s| format!("{:>16}", score(&s.metrics).0),
                 )
             })
             .collect();
-        println!(
-            "  {:>5}  {:>10.3}  {:>12}  {per_site}",
-            v.round,
-            e.global.accuracy,
-            e.global.auroc.map_or("—".into(), |a| format!("{a:.3}"))
-        );
+        let (first, second) = score(&e.global);
+        println!("  {:>5}  {first:>10}  {second:>12}  {per_site}", v.round);
     }
     if let Some(last) = versions.last() {
         println!();

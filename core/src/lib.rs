@@ -23,6 +23,7 @@ pub mod protocol;
 pub mod role;
 #[cfg(feature = "secagg")]
 pub mod secagg;
+pub mod segmentation;
 #[cfg(feature = "signing")]
 pub mod signing;
 

@@ -31,15 +31,16 @@ pub struct TrainingPlanManifest {
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// Model architecture: `small_cnn` or `resnet`.
+    /// Model architecture: `small_cnn` or `resnet` (classifiers), `unet` (segmentation).
     #[cfg_attr(feature = "server", schema(value_type = crate::plan::Architecture))]
     pub architecture: String,
     /// Number of output classes.
     pub num_classes: u32,
     /// The architecture's hyper-parameters: `small_cnn` takes `channels` (two counts, default
     /// `[32, 64]`), `resnet` takes `widths` (one to eight counts, default `[16, 32, 64]`) and
-    /// `norm` (`batch`, the default, or `group`: group normalisation, which DP-SGD needs).
-    /// Unknown names are refused.
+    /// `norm` (`batch`, the default, or `group`: group normalisation, which DP-SGD needs);
+    /// `unet` takes `widths` (two to six counts, default `[16, 32, 64]`), `norm` and
+    /// `upsampling` (`transposed`, the default, or `resize`). Unknown names are refused.
     #[serde(default)]
     #[cfg_attr(feature = "server", schema(value_type = Object))]
     pub hyper_parameters: BTreeMap<String, serde_json::Value>,
@@ -48,6 +49,11 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "server", schema(value_type = Option<crate::plan::Initialisation>))]
     pub initialisation: Option<String>,
+    /// `unet` only: what each mask value means, `{"0": "background", "1": "lesion", …}`. The
+    /// values in ascending order are the classes 0, 1, …; the lowest is the background, which
+    /// the mean Dice leaves out. As many as `num_classes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -31,16 +31,23 @@ pub const MAX_CHANNELS: usize = 1_024;
 
 /// Every setting a plan may have and its choices, for people writing one (the portal shows it).
 pub const CHOICES: &[(&str, &str)] = &[
-    ("model.architecture", "small_cnn, resnet"),
+    (
+        "model.architecture",
+        "small_cnn, resnet (classifiers), unet (segmentation of image + mask pairs)",
+    ),
     ("model.num_classes", "2 to 1000"),
     ("model.initialisation", "kaiming, pytorch (kaiming)"),
     (
         "model.hyper_parameters",
-        "small_cnn: channels (two counts, [32, 64]); resnet: widths (one to eight counts, [16, 32, 64]), norm (batch or group, batch)",
+        "small_cnn: channels (two counts, [32, 64]); resnet: widths (one to eight counts, [16, 32, 64]), norm (batch or group, batch); unet: widths (two to six counts, [16, 32, 64]), norm (batch or group, batch), upsampling (transposed or resize, transposed)",
+    ),
+    (
+        "model.labels",
+        "unet only, and required: mask value → class name, as many as num_classes; the lowest value is the background",
     ),
     (
         "preprocessing.image_size",
-        "8 to 1024 pixels (28 for small_cnn, a multiple of 4; 32 for resnet)",
+        "8 to 1024 pixels (28 for small_cnn, a multiple of 4; 32 for resnet; 64 for unet, a multiple of 2 for each width after the first)",
     ),
     (
         "preprocessing.normalisation",
@@ -81,7 +88,7 @@ pub const CHOICES: &[(&str, &str)] = &[
     ("aggregation.min_sites", "1 or more (every site)"),
     (
         "stopping.target_metric",
-        "accuracy, auroc, loss (with target_value)",
+        "accuracy, auroc (classifiers), dice (unet), loss (with target_value)",
     ),
     ("stopping.patience", "1 or more rounds"),
     ("privacy.clip_norm", "above 0"),
@@ -109,6 +116,11 @@ pub enum ModelConfig {
     /// A small residual network: a stem, then one basic block per width (stride 2 after the
     /// first), global average pooling and a linear classifier.
     ResNet(ResNetParams),
+    /// A 2-D U-Net (Ronneberger et al. 2015) for segmentation: per width a block of two 3×3
+    /// convolutions (each normalised, ReLU), 2×2 max-pooling between them on the way down,
+    /// on the way up an upsampling and a block over the concatenated skip connection, and a
+    /// 1×1 convolution to a score per class and pixel.
+    UNet(UNetParams),
 }
 
 impl ModelConfig {
@@ -123,7 +135,22 @@ impl ModelConfig {
                 l.push("fc".into());
                 l
             }
+            ModelConfig::UNet(u) => {
+                let depth = u.widths.len();
+                let mut l: Vec<String> = (0..depth).map(|i| format!("enc{i}")).collect();
+                for i in (0..depth - 1).rev() {
+                    l.push(format!("up{i}"));
+                    l.push(format!("dec{i}"));
+                }
+                l.push("head".into());
+                l
+            }
         }
+    }
+
+    /// Whether it labels every pixel (segmentation) rather than the image.
+    pub fn segments(&self) -> bool {
+        matches!(self, ModelConfig::UNet(_))
     }
 
     /// Whether the model has batch normalisation (running averages, FedBN's local values).
@@ -131,6 +158,9 @@ impl ModelConfig {
         matches!(
             self,
             ModelConfig::ResNet(ResNetParams {
+                norm: Norm::Batch,
+                ..
+            }) | ModelConfig::UNet(UNetParams {
                 norm: Norm::Batch,
                 ..
             })
@@ -223,6 +253,79 @@ impl Default for ResNetParams {
     }
 }
 
+/// `model.hyper_parameters` of `unet`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct UNetParams {
+    /// Channels at each resolution, full resolution first (default `[16, 32, 64]`; two to
+    /// six, so one to five halvings).
+    #[serde(default = "UNetParams::default_widths")]
+    pub widths: Vec<usize>,
+    /// How activations are normalised after each convolution (default `batch`).
+    #[serde(default)]
+    pub norm: Norm,
+    /// How the decoder doubles the resolution (default `transposed`).
+    #[serde(default)]
+    pub upsampling: Upsampling,
+}
+
+impl UNetParams {
+    fn default_widths() -> Vec<usize> {
+        vec![16, 32, 64]
+    }
+
+    /// How many times the encoder halves the image (and the decoder doubles it back).
+    pub fn halvings(&self) -> usize {
+        self.widths.len().saturating_sub(1)
+    }
+}
+
+impl Default for UNetParams {
+    fn default() -> Self {
+        UNetParams {
+            widths: Self::default_widths(),
+            norm: Norm::Batch,
+            upsampling: Upsampling::Transposed,
+        }
+    }
+}
+
+/// `model.hyper_parameters.upsampling` of `unet`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Upsampling {
+    /// A 2×2 transposed convolution with stride 2 (learned upsampling).
+    #[default]
+    Transposed,
+    /// Nearest-neighbour doubling, then a 3×3 convolution (no checkerboard artefacts).
+    Resize,
+}
+
+/// What a segmentation plan's mask values mean (`model.labels`): the values in ascending
+/// order are the classes 0, 1, …, the first the background.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Segmentation {
+    /// The mask values, ascending.
+    pub values: Vec<u16>,
+    /// Each class's name, in the same order.
+    pub names: Vec<String>,
+}
+
+impl Segmentation {
+    /// The class of a mask value, if the plan names it.
+    pub fn class_of(&self, value: u16) -> Option<u8> {
+        self.values
+            .binary_search(&value)
+            .ok()
+            .and_then(|i| u8::try_from(i).ok())
+    }
+}
+
+/// The largest number of classes a segmentation plan may name (a class is a byte per pixel).
+pub const MAX_SEGMENTATION_CLASSES: usize = 255;
+
 /// The choices of `model.architecture`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
@@ -230,6 +333,7 @@ impl Default for ResNetParams {
 pub enum Architecture {
     SmallCnn,
     Resnet,
+    Unet,
 }
 
 /// The choices of `preprocessing.normalisation`.
@@ -376,7 +480,10 @@ pub enum StrategyName {
 pub enum TargetMetric {
     Accuracy,
     Auroc,
-    /// Cross-entropy: the target is reached at or below the value.
+    /// Mean Dice over the foreground classes (segmentation plans).
+    Dice,
+    /// The training loss (cross-entropy; with soft Dice for segmentation): the target is
+    /// reached at or below the value.
     Loss,
 }
 
@@ -385,6 +492,7 @@ impl TargetMetric {
         match self {
             TargetMetric::Accuracy => "accuracy",
             TargetMetric::Auroc => "auroc",
+            TargetMetric::Dice => "dice",
             TargetMetric::Loss => "loss",
         }
     }
@@ -478,6 +586,8 @@ pub struct Plan {
     pub model: ModelConfig,
     pub initialisation: Initialisation,
     pub num_classes: usize,
+    /// The mask values' classes, for a segmentation model (and only then).
+    pub segmentation: Option<Segmentation>,
     /// The square side images are resized to.
     pub image_size: usize,
     pub normalisation: Normalisation,
@@ -709,6 +819,7 @@ impl TrainingPlanManifest {
         let pre = &self.preprocessing;
         let image_size = pre.image_size.unwrap_or(match model {
             Some(ModelConfig::ResNet(_)) => 32,
+            Some(ModelConfig::UNet(_)) => 64,
             _ => DEFAULT_IMAGE_SIZE as u32,
         });
         if !(8..=MAX_IMAGE_SIZE).contains(&image_size) {
@@ -719,7 +830,17 @@ impl TrainingPlanManifest {
             p.push(format!(
                 "preprocessing.image_size must be a multiple of 4 for small_cnn (it pools twice), not {image_size}"
             ));
+        } else if let Some(ModelConfig::UNet(u)) = &model
+            && !image_size.is_multiple_of(1 << u.halvings())
+        {
+            p.push(format!(
+                "preprocessing.image_size must be a multiple of {} for a unet of {} widths (it halves the image {} times and doubles it back), not {image_size}",
+                1 << u.halvings(),
+                u.widths.len(),
+                u.halvings()
+            ));
         }
+        let segmentation = parse_labels(&self.model, model.as_ref(), &mut p);
         let normalisation = match pre.normalisation.as_deref() {
             None => Some(Normalisation::None),
             Some(n) => p.choice(
@@ -873,7 +994,10 @@ impl TrainingPlanManifest {
             }
         }
         let amplitude = parse_amplitude(self, strategy.as_ref(), &mut p);
-        let stopping = parse_stopping(self, &mut p);
+        let stopping = parse_stopping(self, model.as_ref(), &mut p);
+        if model.as_ref().is_some_and(ModelConfig::segments) {
+            refuse_for_segmentation(self, &augmentations, &mut p);
+        }
         let clipping = parse_privacy(self, &mut p);
         let dp_sgd = parse_dp_sgd(self, model.as_ref(), &mut p);
         let secure_aggregation = parse_secagg(self, strategy.as_ref(), &mut p);
@@ -896,6 +1020,7 @@ impl TrainingPlanManifest {
                 model,
                 initialisation: initialisation.unwrap_or_default(),
                 num_classes: num_classes as usize,
+                segmentation,
                 image_size: image_size as usize,
                 normalisation,
                 statistics,
@@ -946,7 +1071,7 @@ fn parse_model(spec: &ModelSpec, p: &mut Problems) -> Option<ModelConfig> {
     let arch = p.choice::<Architecture>(
         "model.architecture",
         &spec.architecture,
-        "\"small_cnn\" or \"resnet\"",
+        "\"small_cnn\", \"resnet\" or \"unet\"",
     )?;
     let wide = |c: usize| (1..=MAX_CHANNELS).contains(&c);
     match arch {
@@ -970,6 +1095,95 @@ fn parse_model(spec: &ModelSpec, p: &mut Problems) -> Option<ModelConfig> {
             }
             Some(ModelConfig::ResNet(hp))
         }
+        Architecture::Unet => {
+            let hp: UNetParams = hyper("unet", &spec.hyper_parameters, p)?;
+            if !(2..=6).contains(&hp.widths.len()) || !hp.widths.iter().all(|c| wide(*c)) {
+                p.push(format!(
+                    "model.hyper_parameters.widths must be two to six channel counts between 1 and {MAX_CHANNELS} (one per resolution, full resolution first)"
+                ));
+                return None;
+            }
+            Some(ModelConfig::UNet(hp))
+        }
+    }
+}
+
+/// `model.labels`: required by a segmentation model, refused by a classifier.
+fn parse_labels(
+    spec: &ModelSpec,
+    model: Option<&ModelConfig>,
+    p: &mut Problems,
+) -> Option<Segmentation> {
+    let segments = model.is_some_and(ModelConfig::segments);
+    let Some(labels) = &spec.labels else {
+        if segments {
+            p.push(format!(
+                "model.labels is required for unet: name what each mask value means, e.g. {{\"0\" = \"background\", \"1\" = \"lesion\"}}, {} in all (model.num_classes)",
+                spec.num_classes
+            ));
+        }
+        return None;
+    };
+    if !segments {
+        if model.is_some() {
+            p.push("model.labels names mask values, which only a segmentation model (unet) reads: remove it, or use architecture = \"unet\"");
+        }
+        return None;
+    }
+    let mut classes: Vec<(u16, String)> = Vec::new();
+    for (value, name) in labels {
+        match value.trim().parse::<u16>() {
+            Ok(v) if !name.trim().is_empty() => classes.push((v, name.trim().to_string())),
+            Ok(_) => p.push(format!(
+                "model.labels: mask value {value} needs a class name"
+            )),
+            Err(_) => p.push(format!(
+                "model.labels: {value:?} is not a mask value (a whole number from 0 to 65535)"
+            )),
+        }
+    }
+    classes.sort();
+    if classes.windows(2).any(|w| w[0].0 == w[1].0) {
+        p.push("model.labels names one mask value twice (e.g. \"1\" and \"01\")");
+    }
+    if classes.len() != labels.len() {
+        return None;
+    }
+    if classes.len() != spec.num_classes as usize {
+        p.push(format!(
+            "model.labels names {} mask values and model.num_classes is {}: a unet has one class per mask value, the background included",
+            classes.len(),
+            spec.num_classes
+        ));
+    }
+    if classes.len() > MAX_SEGMENTATION_CLASSES {
+        p.push(format!(
+            "model.labels may name at most {MAX_SEGMENTATION_CLASSES} mask values"
+        ));
+        return None;
+    }
+    Some(Segmentation {
+        values: classes.iter().map(|c| c.0).collect(),
+        names: classes.into_iter().map(|c| c.1).collect(),
+    })
+}
+
+/// What a segmentation plan cannot ask for yet, each with the reason.
+fn refuse_for_segmentation(
+    m: &TrainingPlanManifest,
+    augmentations: &[Augmentation],
+    p: &mut Problems,
+) {
+    if augmentations.contains(&Augmentation::Rotate) {
+        p.push("preprocessing.augmentations: rotate is not built for segmentation (the mask would have to turn with its image): use flip, or none");
+    }
+    if m.preprocessing.amplitude_normalisation.is_some() {
+        p.push(
+            "preprocessing.amplitude_normalisation is not built for segmentation yet: remove it",
+        );
+    }
+    if m.privacy.dp_sgd.is_some() {
+        p.push("privacy.dp_sgd is not built for segmentation yet (each patient's gradient over their slices and masks): remove it, or train a classifier");
     }
 }
 
@@ -1138,16 +1352,31 @@ fn strategy(spec: &AggregationSpec, p: &mut Problems) -> Option<Strategy> {
     sound.then_some(strategy)
 }
 
-fn parse_stopping(m: &TrainingPlanManifest, p: &mut Problems) -> Option<Stopping> {
+fn parse_stopping(
+    m: &TrainingPlanManifest,
+    model: Option<&ModelConfig>,
+    p: &mut Problems,
+) -> Option<Stopping> {
     let s = &m.stopping;
+    let segments = model.is_some_and(ModelConfig::segments);
     let metric = match s.target_metric.as_deref() {
+        None if segments => Some(TargetMetric::Dice),
         None => Some(TargetMetric::Accuracy),
         Some(name) => p.choice(
             "stopping.target_metric",
             name,
-            "one of \"accuracy\", \"auroc\" or \"loss\"",
+            "one of \"accuracy\", \"auroc\", \"dice\" or \"loss\"",
         ),
     };
+    match (metric, model) {
+        (Some(TargetMetric::Dice), Some(m)) if !m.segments() => p.push(
+            "stopping.target_metric dice scores segmentation (unet); a classifier stops on accuracy, auroc or loss",
+        ),
+        (Some(TargetMetric::Auroc | TargetMetric::Accuracy), Some(m)) if m.segments() => p.push(
+            "stopping.target_metric for a unet is dice or loss (accuracy and auroc score classifiers)",
+        ),
+        _ => {}
+    }
     if s.target_value.is_some() != s.target_metric.is_some() {
         p.push("stopping.target_metric and stopping.target_value go together");
     }
@@ -1436,6 +1665,103 @@ mod tests {
         assert!(m.parse().is_ok(), "{:?}", m.problems());
     }
 
+    fn unet() -> serde_json::Value {
+        let mut m = base();
+        m["model"] = serde_json::json!({
+            "architecture": "unet", "num_classes": 3,
+            "labels": {"0": "background", "4": "enhancing tumour", "2": "oedema"}
+        });
+        m
+    }
+
+    #[test]
+    fn a_segmentation_plan_maps_mask_values_to_classes() {
+        let plan = manifest(unet()).parse().unwrap_or_else(|p| panic!("{p:?}"));
+        assert_eq!(plan.model, ModelConfig::UNet(UNetParams::default()));
+        assert_eq!(plan.image_size, 64);
+        assert_eq!(plan.stopping.metric, TargetMetric::Dice);
+        let seg = plan.segmentation.unwrap_or_else(|| panic!("no labels"));
+        // Ascending mask values are the classes: 0 → 0, 2 → 1, 4 → 2; 1 is no class.
+        assert_eq!(seg.values, vec![0, 2, 4]);
+        assert_eq!(seg.names, vec!["background", "oedema", "enhancing tumour"]);
+        assert_eq!(
+            [0, 1, 2, 4].map(|v| seg.class_of(v)),
+            [Some(0), None, Some(1), Some(2)]
+        );
+        assert_eq!(
+            ModelConfig::UNet(UNetParams::default()).layers(),
+            ["enc0", "enc1", "enc2", "up1", "dec1", "up0", "dec0", "head"]
+        );
+        // Hyper-parameters are typed like the other models'.
+        let mut m = unet();
+        m["model"]["hyper_parameters"] =
+            serde_json::json!({"widths": [8, 16], "norm": "group", "upsampling": "resize"});
+        m["preprocessing"] = serde_json::json!({"image_size": 30});
+        let plan = manifest(m).parse().unwrap_or_else(|p| panic!("{p:?}"));
+        assert_eq!(
+            plan.model,
+            ModelConfig::UNet(UNetParams {
+                widths: vec![8, 16],
+                norm: Norm::Group,
+                upsampling: Upsampling::Resize
+            })
+        );
+    }
+
+    #[test]
+    fn a_segmentation_plan_is_refused_what_it_cannot_mean() {
+        let mut m = unet();
+        m["model"].as_object_mut().map(|o| o.remove("labels"));
+        refused(manifest(m), "model.labels is required for unet");
+        let mut m = unet();
+        m["model"]["num_classes"] = 2.into();
+        refused(
+            manifest(m),
+            "model.labels names 3 mask values and model.num_classes is 2",
+        );
+        let mut m = unet();
+        m["model"]["labels"] = serde_json::json!({"0": "background", "lesion": "1"});
+        refused(manifest(m), "\"lesion\" is not a mask value");
+        let mut m = unet();
+        m["model"]["labels"] = serde_json::json!({"0": "background", "1": "a", "01": "b"});
+        refused(manifest(m), "names one mask value twice");
+        let mut m = base();
+        m["model"]["labels"] = serde_json::json!({"0": "no", "1": "yes"});
+        refused(manifest(m), "which only a segmentation model (unet) reads");
+        let mut m = unet();
+        m["preprocessing"] = serde_json::json!({"image_size": 66});
+        refused(
+            manifest(m),
+            "must be a multiple of 4 for a unet of 3 widths",
+        );
+        let mut m = unet();
+        m["model"]["hyper_parameters"] = serde_json::json!({"widths": [8]});
+        refused(manifest(m), "widths must be two to six channel counts");
+        let mut m = unet();
+        m["model"]["hyper_parameters"] = serde_json::json!({"upsampling": "bilinear"});
+        refused(manifest(m), "unknown variant `bilinear`");
+        let mut m = unet();
+        m["preprocessing"] = serde_json::json!({"augmentations": ["flip", "rotate"]});
+        refused(manifest(m), "rotate is not built for segmentation");
+        let mut m = unet();
+        m["privacy"] =
+            serde_json::json!({"dp_sgd": {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}});
+        refused(
+            manifest(m),
+            "privacy.dp_sgd is not built for segmentation yet",
+        );
+        let mut m = unet();
+        m["stopping"] = serde_json::json!({"target_metric": "auroc", "target_value": 0.9});
+        refused(manifest(m), "for a unet is dice or loss");
+        let mut m = base();
+        m["stopping"] = serde_json::json!({"target_metric": "dice", "target_value": 0.9});
+        refused(manifest(m), "dice scores segmentation");
+        // A segmentation plan stops on Dice when asked.
+        let mut m = unet();
+        m["stopping"] = serde_json::json!({"target_metric": "dice", "target_value": 0.8});
+        assert!(manifest(m).parse().is_ok());
+    }
+
     #[test]
     fn a_plain_plan_parses_with_its_defaults() {
         let plan = manifest(base()).parse().unwrap_or_else(|p| panic!("{p:?}"));
@@ -1461,12 +1787,12 @@ mod tests {
         m["privacy"] = serde_json::json!({"secagg": {"clip": 1.0}, "noise_multiplier": 1.0});
         let problems = manifest(m).problems();
         for expected in [
-            "model.architecture must be \"small_cnn\" or \"resnet\", not \"vit\"",
+            "model.architecture must be \"small_cnn\", \"resnet\" or \"unet\", not \"vit\"",
             "preprocessing.normalisation must be one of \"zscore\", \"minmax\", \"dataset\" or \"none\", not \"histogram\"",
             "preprocessing.augmentations[1] must be \"flip\" or \"rotate\", not \"mixup\"",
             "optimiser.momentum applies to sgd only",
             "aggregation.strategy must be one of",
-            "stopping.target_metric must be one of \"accuracy\", \"auroc\" or \"loss\", not \"f1\"",
+            "stopping.target_metric must be one of \"accuracy\", \"auroc\", \"dice\" or \"loss\", not \"f1\"",
             "stopping.patience must be at least 1",
             "privacy.secagg tunes secure aggregation, which this plan does not ask for",
             "privacy.noise_multiplier needs privacy.clip_norm",

@@ -78,6 +78,10 @@ pub struct Metrics {
     /// lacks positives or negatives.
     pub auroc: Option<f64>,
     pub samples: u64,
+    /// A segmentation model's scores (its `accuracy` is then the share of pixels labelled
+    /// right); absent for a classifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segmentation: Option<crate::segmentation::SegmentationScores>,
 }
 
 /// A file a data handler could not use, and why.

@@ -55,6 +55,7 @@ fn samples(images: usize, p: &SiteProfile) -> Vec<Sample> {
             Sample {
                 pixels: phantom(SIZE, lesion, p, &mut rng),
                 label: u32::from(lesion),
+                mask: None,
                 source: format!("site {} image {i}", p.seed),
                 holdout: false,
                 unit: format!("{}-{i}", p.seed),

@@ -60,6 +60,7 @@ fn main() -> anyhow::Result<()> {
                 Sample {
                     pixels: phantom(size, lesion, &profile, &mut rng),
                     label: u32::from(lesion),
+                    mask: None,
                     source: format!("image {i}"),
                     holdout: false,
                     unit: format!("{i}"),

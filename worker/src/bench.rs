@@ -228,6 +228,7 @@ pub fn bench_train(b: &Bench, threads: Option<usize>, candle_conv: bool) -> anyh
         .map(|i| Sample {
             pixels: (0..size * size).map(|_| rng.unit() as f32).collect(),
             label: i % 10,
+            mask: None,
             source: String::new(),
             holdout: false,
             unit: format!("patient {i}"),

@@ -1,7 +1,8 @@
-//! Data handlers: a site's local images (PNG/JPEG, DICOM, NIfTI) with their labels, as
-//! square greyscale images in [0, 1]. A file that can't be used is skipped and counted with
-//! its reason; it never stops the worker. Files are decoded in a child process
-//! ([`crate::decode`]), so that not even a crashing codec can.
+//! Data handlers: a site's local images (PNG/JPEG, DICOM, NIfTI) with their labels — a class
+//! per image, or a mask per image for segmentation — as square greyscale images in [0, 1]. A
+//! file that can't be used is skipped and counted with its reason; it never stops the worker.
+//! Files, masks included, are decoded in a child process ([`crate::decode`]), so that not even
+//! a crashing codec can.
 
 use crate::decode::{DecodeLimits, Decoder};
 use consilium_core::protocol::Skipped;
@@ -43,8 +44,14 @@ pub enum LabelKey {
 pub struct DatasetSpec {
     pub kind: DataKind,
     pub root: PathBuf,
-    /// CSV with a header and two columns: key (see `label_key`) and an integer label.
+    /// CSV with a header and two columns: key (see `label_key`) and an integer label — or,
+    /// with `masks`, the image's mask file.
     pub labels: PathBuf,
+    /// Segmentation data: the labels CSV's second column is each image's mask, a path
+    /// relative to the data folder (a PNG of label values, or a NIfTI label volume with its
+    /// image volume's geometry), not a class.
+    #[serde(default)]
+    pub masks: bool,
     #[serde(default)]
     pub label_key: LabelKey,
     /// Fraction of the data held out for evaluation (chosen by a hash of each file's key).
@@ -66,7 +73,11 @@ fn default_holdout() -> f64 {
 pub struct Sample {
     /// Row-major, `size × size`, values in [0, 1].
     pub pixels: Vec<f32>,
+    /// The image's class (0 for an image with a mask).
     pub label: u32,
+    /// Segmentation data: the mask's values at each pixel (row-major, `size × size`, resized
+    /// by nearest neighbour), as stored; the plan's `model.labels` maps them to classes.
+    pub mask: Option<Vec<u16>>,
     /// File (and frame or slice) it came from.
     pub source: String,
     pub holdout: bool,
@@ -163,6 +174,29 @@ impl Dataset {
                 out.push_str(&format!("    {n} skipped: {reason}\n"));
             }
         }
+        out.push_str(&self.mask_counts());
+        out
+    }
+
+    /// Segmentation data: how many pixels of the masks (at the size read) hold each value, in
+    /// the training and the held-out split; empty without masks.
+    pub fn mask_counts(&self) -> String {
+        let mut counts: BTreeMap<u16, [u64; 2]> = BTreeMap::new();
+        for s in &self.samples {
+            for &v in s.mask.iter().flatten() {
+                counts.entry(v).or_default()[usize::from(s.holdout)] += 1;
+            }
+        }
+        if counts.is_empty() {
+            return String::new();
+        }
+        let mut out = format!(
+            "mask value  pixels at {0} × {0}: training  held out\n",
+            self.size
+        );
+        for (v, [train, holdout]) in counts {
+            out.push_str(&format!("{v:>10}  {train:>27}  {holdout:>8}\n"));
+        }
         out
     }
 
@@ -202,6 +236,10 @@ pub struct Request {
     pub rel: String,
     pub size: usize,
     pub window: Option<(f64, f64)>,
+    /// A mask: its label values as stored (in `Image::pixels`, whole numbers), resized by
+    /// nearest neighbour, every slice kept.
+    #[serde(default)]
+    pub mask: bool,
 }
 
 /// One image decoded from a file, at the requested size.
@@ -216,6 +254,10 @@ pub struct Image {
     /// the worker, never further.
     #[serde(default)]
     pub patient: Option<String>,
+    /// The file's geometry as stored: width, height and slices (or frames), which a mask
+    /// must share with its image.
+    #[serde(default)]
+    pub geometry: Option<[u32; 3]>,
 }
 
 /// What decoding a file gave.
@@ -253,8 +295,10 @@ pub fn decode_file(request: &Request, header: &mut dyn FnMut(&str, Option<&str>)
         rel,
         size,
         window,
+        mask,
     } = request;
     let images = match kind {
+        _ if *mask => read_mask(path, rel, *size, &mut heard),
         DataKind::Images => read_image(path, rel, *size, &mut heard),
         DataKind::Dicom => read_dicom(path, rel, *size, *window, &mut heard),
         DataKind::Nifti => read_nifti(path, rel, *size, &mut heard),
@@ -278,7 +322,17 @@ struct Label {
     group: Option<String>,
 }
 
-fn read_labels(path: &Path) -> Result<BTreeMap<String, Label>, DataError> {
+/// A row of segmentation data's labels CSV: the image's mask file and its patient.
+struct MaskRow {
+    mask: String,
+    group: Option<String>,
+}
+
+/// A labels CSV row: line number, key, second column and `group` (where the CSV has it).
+type Row = (usize, String, String, Option<String>);
+
+/// The labels CSV's rows. `second` names the second column in errors.
+fn read_rows(path: &Path, second: &str) -> Result<Vec<Row>, DataError> {
     let fail = |reason: String| DataError::Labels {
         path: path.display().to_string(),
         reason,
@@ -290,25 +344,19 @@ fn read_labels(path: &Path) -> Result<BTreeMap<String, Label>, DataError> {
         .iter()
         .position(|h| h.trim().eq_ignore_ascii_case("group"));
     if group_column.is_some_and(|c| c < 2) {
-        return Err(fail(
-            "the `group` column must come after the key and label columns".into(),
-        ));
+        return Err(fail(format!(
+            "the `group` column must come after the key and {second} columns"
+        )));
     }
-    let mut out = BTreeMap::new();
+    let mut out = Vec::new();
     for (i, row) in reader.records().enumerate() {
         let row = row.map_err(|e| fail(e.to_string()))?;
-        let (Some(key), Some(label)) = (row.get(0), row.get(1)) else {
+        let (Some(key), Some(value)) = (row.get(0), row.get(1)) else {
             return Err(fail(format!(
-                "row {} needs two columns: file and label",
+                "row {} needs two columns: file and {second}",
                 i + 2
             )));
         };
-        let label: u32 = label.trim().parse().map_err(|_| {
-            fail(format!(
-                "row {}: the label {label:?} is not a whole number ≥ 0",
-                i + 2
-            ))
-        })?;
         let group = match group_column.map(|c| row.get(c).map(str::trim)) {
             None => None,
             Some(Some(g)) if !g.is_empty() => Some(g.to_string()),
@@ -319,9 +367,88 @@ fn read_labels(path: &Path) -> Result<BTreeMap<String, Label>, DataError> {
                 )));
             }
         };
-        out.insert(key.trim().to_string(), Label { label, group });
+        out.push((
+            i + 2,
+            key.trim().to_string(),
+            value.trim().to_string(),
+            group,
+        ));
     }
     Ok(out)
+}
+
+fn read_labels(path: &Path) -> Result<BTreeMap<String, Label>, DataError> {
+    let mut out = BTreeMap::new();
+    for (line, key, label, group) in read_rows(path, "label")? {
+        let label: u32 = label.parse().map_err(|_| DataError::Labels {
+            path: path.display().to_string(),
+            reason: format!("row {line}: the label {label:?} is not a whole number ≥ 0"),
+        })?;
+        out.insert(key, Label { label, group });
+    }
+    Ok(out)
+}
+
+/// Segmentation data's labels CSV: each image's mask, a path inside the data folder.
+fn read_mask_rows(path: &Path) -> Result<BTreeMap<String, MaskRow>, DataError> {
+    let mut out = BTreeMap::new();
+    for (line, key, mask, group) in read_rows(path, "mask")? {
+        let inside = !mask.is_empty()
+            && Path::new(&mask)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside {
+            return Err(DataError::Labels {
+                path: path.display().to_string(),
+                reason: format!(
+                    "row {line}: the mask {mask:?} must be a path inside the data folder, relative to it (no `..`, not absolute)"
+                ),
+            });
+        }
+        out.insert(key, MaskRow { mask, group });
+    }
+    Ok(out)
+}
+
+/// The slice or frame an image or mask is of (`…#z3`, `…#frame3`; 0 for a single image).
+fn plane(source: &str) -> u64 {
+    source
+        .rsplit_once('#')
+        .and_then(|(_, p)| p.strip_prefix('z').or_else(|| p.strip_prefix("frame")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Each image's mask values from its mask file's decoded planes, or why the file can't be
+/// used: the mask must have the image's geometry and a plane for every image.
+fn pair_masks(
+    images: &[Image],
+    masks: Vec<Image>,
+    mask_rel: &str,
+) -> Result<Vec<Vec<u16>>, String> {
+    let mut by_plane: HashMap<u64, Image> =
+        masks.into_iter().map(|m| (plane(&m.source), m)).collect();
+    let dims = |g: Option<[u32; 3]>| {
+        g.map_or("unknown".to_string(), |[w, h, d]| {
+            format!("{w} × {h} × {d}")
+        })
+    };
+    images
+        .iter()
+        .map(|image| {
+            let mask = by_plane.remove(&plane(&image.source)).ok_or_else(|| {
+                format!("its mask {mask_rel} has no plane for {}", image.source)
+            })?;
+            if mask.geometry != image.geometry {
+                return Err(format!(
+                    "its mask {mask_rel} is {} and the image {}: a mask must have its image's geometry",
+                    dims(mask.geometry),
+                    dims(image.geometry)
+                ));
+            }
+            Ok(mask.pixels.iter().map(|v| *v as u16).collect())
+        })
+        .collect()
 }
 
 /// Resizes a greyscale image to `size × size` and scales it to [0, 1] (min–max), unless it
@@ -381,12 +508,24 @@ fn relative(root: &Path, p: &Path) -> String {
         .replace('\\', "/")
 }
 
-/// Loads a site's dataset at `size × size`, each file decoded by `decoder`'s child process.
+/// Loads a site's dataset at `size × size`, each file decoded by `decoder`'s child process
+/// (segmentation data's masks too).
 pub fn load(spec: &DatasetSpec, size: usize, decoder: &Decoder) -> Result<Dataset, DataError> {
     spec.decoding
         .check()
         .map_err(|reason| DataError::Settings { reason })?;
-    let labels = read_labels(&spec.labels)?;
+    if spec.masks && spec.label_key != LabelKey::Path {
+        return Err(DataError::Settings {
+            reason: "segmentation data (masks = true) pairs each image with its mask by the image's path: set label_key = \"path\"".into(),
+        });
+    }
+    let (labels, masks) = if spec.masks {
+        (BTreeMap::new(), read_mask_rows(&spec.labels)?)
+    } else {
+        (read_labels(&spec.labels)?, BTreeMap::new())
+    };
+    let mask_files: std::collections::BTreeSet<&str> =
+        masks.values().map(|m| m.mask.as_str()).collect();
     let mut ds = Dataset {
         size,
         ..Default::default()
@@ -398,8 +537,21 @@ pub fn load(spec: &DatasetSpec, size: usize, decoder: &Decoder) -> Result<Datase
             continue;
         }
         let rel = relative(&spec.root, &path);
-        if spec.label_key == LabelKey::Path && !labels.contains_key(&rel) {
-            let reason = "no label for it in the labels file".to_string();
+        if mask_files.contains(rel.as_str()) {
+            continue; // read with its image
+        }
+        let listed = if spec.masks {
+            masks.contains_key(&rel)
+        } else {
+            labels.contains_key(&rel)
+        };
+        if spec.label_key == LabelKey::Path && !listed {
+            let reason = if spec.masks {
+                "no mask for it in the labels file"
+            } else {
+                "no label for it in the labels file"
+            }
+            .to_string();
             ds.files.push(FileReport {
                 file: rel.clone(),
                 format: "not decoded".into(),
@@ -416,6 +568,7 @@ pub fn load(spec: &DatasetSpec, size: usize, decoder: &Decoder) -> Result<Datase
             rel: rel.clone(),
             size,
             window: spec.window,
+            mask: false,
         })?;
         let mut report = FileReport {
             file: rel.clone(),
@@ -424,20 +577,44 @@ pub fn load(spec: &DatasetSpec, size: usize, decoder: &Decoder) -> Result<Datase
             images: 0,
             skipped: None,
         };
-        match decoded.images {
+        // Segmentation data: the file's mask, decoded like it and paired plane by plane.
+        let images = match (decoded.images, masks.get(&rel)) {
+            (Ok(images), Some(row)) => {
+                let mask = session.decode(&Request {
+                    kind: spec.kind,
+                    path: spec.root.join(&row.mask),
+                    rel: row.mask.clone(),
+                    size,
+                    window: None,
+                    mask: true,
+                })?;
+                mask.images
+                    .map_err(|reason| format!("its mask {}: {reason}", row.mask))
+                    .and_then(|m| pair_masks(&images, m, &row.mask))
+                    .map(|m| images.into_iter().zip(m.into_iter().map(Some)).collect())
+            }
+            (images, _) => images.map(|i| i.into_iter().map(|i| (i, None)).collect::<Vec<_>>()),
+        };
+        match images {
             Err(reason) => {
                 report.skipped = Some(reason.clone());
                 ds.skipped.push(Skipped { file: rel, reason });
             }
             Ok(images) => {
-                for Image {
-                    source,
-                    pixels,
-                    key,
-                    patient,
-                } in images
+                for (
+                    Image {
+                        source,
+                        pixels,
+                        key,
+                        patient,
+                        ..
+                    },
+                    mask,
+                ) in images
                 {
-                    if pixels.len() != size * size {
+                    if pixels.len() != size * size
+                        || mask.as_ref().is_some_and(|m| m.len() != size * size)
+                    {
                         ds.skipped.push(Skipped {
                             file: source,
                             reason: format!(
@@ -451,15 +628,21 @@ pub fn load(spec: &DatasetSpec, size: usize, decoder: &Decoder) -> Result<Datase
                         LabelKey::Path => Some(rel.clone()),
                         LabelKey::SopInstanceUid => key.filter(|k| *k != rel),
                     };
-                    match key.as_ref().and_then(|k| labels.get(k)) {
-                        Some(Label { label, group }) => {
+                    let found = match (&mask, key.as_ref()) {
+                        (Some(_), _) => masks.get(&rel).map(|m| (0, m.group.clone())),
+                        (None, Some(k)) => labels.get(k).map(|l| (l.label, l.group.clone())),
+                        (None, None) => None,
+                    };
+                    match found {
+                        Some((label, group)) => {
                             // Units sharing a name merge, which only makes them larger.
-                            let unit = group.clone().or(patient).unwrap_or_else(|| rel.clone());
+                            let unit = group.or(patient).unwrap_or_else(|| rel.clone());
                             let holdout = in_holdout(&unit, spec.holdout);
                             report.images += 1;
                             ds.samples.push(Sample {
                                 pixels,
-                                label: *label,
+                                label,
+                                mask,
                                 source,
                                 holdout,
                                 unit,
@@ -504,6 +687,7 @@ fn read_image(path: &Path, rel: &str, size: usize, heard: Heard) -> Result<Vec<I
         pixels,
         key: Some(rel.to_string()),
         patient: None,
+        geometry: Some([w, h, 1]),
     }])
 }
 
@@ -637,6 +821,7 @@ fn read_dicom(
             pixels,
             key: sop_uid.clone(),
             patient: patient.clone(),
+            geometry: Some([w, h, count]),
         });
     }
     Ok(out)
@@ -840,20 +1025,10 @@ fn read_nifti(path: &Path, rel: &str, size: usize, heard: Heard) -> Result<Vec<I
     }
     let (nx, ny) = (shape[0], shape[1]);
     let nz = shape.get(2).copied().unwrap_or(1);
+    let geometry = nifti_geometry(&shape)?;
     let mut out = Vec::new();
     for z in 0..nz {
-        // The first time point of a 4-D series; x runs fastest in the slice.
-        let mut slice = Vec::with_capacity(nx * ny);
-        for y in 0..ny {
-            for x in 0..nx {
-                let mut idx = vec![x, y];
-                idx.extend(std::iter::repeat_n(0, shape.len() - 2));
-                if shape.len() > 2 {
-                    idx[2] = z;
-                }
-                slice.push(volume.get(idx.as_slice()).copied().unwrap_or(0.0));
-            }
-        }
+        let slice = nifti_slice(&volume, z);
         let (lo, hi) = slice
             .iter()
             .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
@@ -868,12 +1043,127 @@ fn read_nifti(path: &Path, rel: &str, size: usize, heard: Heard) -> Result<Vec<I
             pixels,
             key: None,
             patient: None,
+            geometry: Some(geometry),
         });
     }
     if out.is_empty() {
         return Err("every slice is empty".into());
     }
     Ok(out)
+}
+
+/// The slices of a volume (the first time point of a 4-D series), as a mask's or an image's
+/// geometry: width, height, slices.
+fn nifti_geometry(shape: &[usize]) -> Result<[u32; 3], String> {
+    let dim =
+        |i: usize| u32::try_from(shape.get(i).copied().unwrap_or(1)).map_err(|e| e.to_string());
+    Ok([dim(0)?, dim(1)?, dim(2)?])
+}
+
+/// Slice `z` of a volume of two or more dimensions, x running fastest.
+fn nifti_slice(volume: &ndarray::ArrayD<f32>, z: usize) -> Vec<f32> {
+    let shape = volume.shape();
+    let (nx, ny) = (shape[0], shape[1]);
+    let mut slice = Vec::with_capacity(nx * ny);
+    let mut idx = vec![0; shape.len()];
+    for y in 0..ny {
+        for x in 0..nx {
+            idx[0] = x;
+            idx[1] = y;
+            if shape.len() > 2 {
+                idx[2] = z;
+            }
+            slice.push(volume.get(idx.as_slice()).copied().unwrap_or(0.0));
+        }
+    }
+    slice
+}
+
+/// A mask file's label values, resized by nearest neighbour: a greyscale PNG (8 or 16 bits;
+/// its values are the labels), or a NIfTI label volume (every slice, empty or not). DICOM
+/// segmentation objects (SEG) are not read.
+fn read_mask(path: &Path, rel: &str, size: usize, heard: Heard) -> Result<Vec<Image>, String> {
+    let name = path.to_string_lossy().to_lowercase();
+    let resize = |w: usize, h: usize, values: Vec<f32>| -> Result<Vec<f32>, String> {
+        if values
+            .iter()
+            .any(|v| !(v.fract() == 0.0 && (0.0..=65535.0).contains(v)))
+        {
+            return Err(
+                "a mask holds label values that are not whole numbers from 0 to 65535".into(),
+            );
+        }
+        // As u16: the image crate clamps f32 pixels to [0, 1] when it resizes.
+        let labels: Vec<u16> = values.into_iter().map(|v| v as u16).collect();
+        let img: ImageBuffer<Luma<u16>, Vec<u16>> =
+            ImageBuffer::from_raw(w as u32, h as u32, labels)
+                .ok_or("the mask's buffer does not match its size")?;
+        Ok(
+            image::imageops::resize(&img, size as u32, size as u32, FilterType::Nearest)
+                .into_raw()
+                .into_iter()
+                .map(f32::from)
+                .collect(),
+        )
+    };
+    if name.ends_with(".nii") || name.ends_with(".nii.gz") {
+        use nifti::IntoNdArray;
+        let volume = nifti_volume(path, heard)?
+            .into_ndarray::<f32>()
+            .map_err(|e| format!("the mask volume can't be read: {e}"))?;
+        let shape = volume.shape().to_vec();
+        if shape.len() < 2 {
+            return Err(format!("a mask volume of {} dimension(s)", shape.len()));
+        }
+        let geometry = nifti_geometry(&shape)?;
+        return (0..shape.get(2).copied().unwrap_or(1))
+            .map(|z| {
+                Ok(Image {
+                    source: format!("{rel}#z{z}"),
+                    pixels: resize(shape[0], shape[1], nifti_slice(&volume, z))?,
+                    key: None,
+                    patient: None,
+                    geometry: Some(geometry),
+                })
+            })
+            .collect();
+    }
+    if name.ends_with(".dcm") {
+        return Err("a DICOM mask (SEG) is not read: store each mask as a NIfTI label volume or a PNG of label values".into());
+    }
+    let reader = image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| format!("not a readable PNG mask: {e}"))?;
+    match reader.format() {
+        Some(image::ImageFormat::Png) => heard("PNG", None),
+        Some(f) => {
+            return Err(format!(
+                "a {f:?} mask: masks are PNG (lossless) or NIfTI, whose values are the labels"
+            ));
+        }
+        None => return Err("not a PNG or NIfTI mask".into()),
+    }
+    let img = reader
+        .decode()
+        .map_err(|e| format!("not a readable PNG mask: {e}"))?;
+    let (w, h) = (img.width(), img.height());
+    let values: Vec<f32> = match img {
+        image::DynamicImage::ImageLuma8(b) => b.into_raw().into_iter().map(f32::from).collect(),
+        image::DynamicImage::ImageLuma16(b) => b.into_raw().into_iter().map(f32::from).collect(),
+        other => {
+            return Err(format!(
+                "the mask is a {:?} PNG: a mask is greyscale (8 or 16 bits) with the label values as its pixels",
+                other.color()
+            ));
+        }
+    };
+    Ok(vec![Image {
+        source: rel.to_string(),
+        pixels: resize(w as usize, h as usize, values)?,
+        key: Some(rel.to_string()),
+        patient: None,
+        geometry: Some([w, h, 1]),
+    }])
 }
 
 /// A NIfTI-1 or NIfTI-2 volume (`.nii`, `.nii.gz`); `heard` hears which.

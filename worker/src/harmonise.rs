@@ -160,6 +160,7 @@ pub fn site_samples(net: &Net, plan: &Plan, samples: &[Sample]) -> Result<Option
             .map(|s| Sample {
                 pixels: harmonise(&s.pixels, size, &target, a.band),
                 label: s.label,
+                mask: s.mask.clone(),
                 source: s.source.clone(),
                 holdout: s.holdout,
                 unit: s.unit.clone(),

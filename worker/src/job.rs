@@ -581,6 +581,22 @@ fn compute(
             bad.source, bad.label, plan.num_classes
         )));
     }
+    // A segmentation plan needs masks the plan's labels name; a classifier, images without.
+    match &plan.segmentation {
+        Some(seg) => {
+            for s in &data.samples {
+                crate::train::mask_classes(s, seg)?;
+            }
+        }
+        None => {
+            if let Some(s) = data.samples.iter().find(|s| s.mask.is_some()) {
+                return Err(JobError::Failed(format!(
+                    "this site's data pairs images with masks ({} and others), and the plan trains a classifier: a study of this dataset needs a segmentation plan (architecture = \"unet\")",
+                    s.source
+                )));
+            }
+        }
+    }
     let evaluation = net.evaluate(&holdout, plan)?;
     if job.kind == JobKind::Evaluate {
         return Ok((Computed::Evaluated(evaluation), None));

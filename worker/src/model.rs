@@ -1,8 +1,9 @@
-//! The models a training plan can name, as candle-nn modules: `small_cnn` and `resnet`.
+//! The models a training plan can name, as candle-nn modules: the classifiers `small_cnn` and
+//! `resnet`, and the segmentation model `unet`.
 
 use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Conv2dConfig, Init, Linear, VarBuilder, linear};
-use consilium_core::plan::{ModelConfig, Norm};
+use consilium_core::plan::{ModelConfig, Norm, UNetParams, Upsampling};
 
 /// A convolution layer with candle-nn's parameters (names, shapes, initialisation), computed
 /// by `consilium_core::conv`: im2col and GEMM on CPU, candle's kernels elsewhere.
@@ -295,9 +296,154 @@ impl ModuleT for ResNet {
     }
 }
 
+/// Two 3×3 convolutions, each normalised and followed by a ReLU: one level of a U-Net.
+struct DoubleConv {
+    conv1: Conv2d,
+    bn1: Normaliser,
+    conv2: Conv2d,
+    bn2: Normaliser,
+}
+
+impl DoubleConv {
+    fn new(vb: VarBuilder, cin: usize, cout: usize, norm: Norm) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        Ok(DoubleConv {
+            conv1: conv2d_no_bias(cin, cout, 3, cfg, vb.pp("conv1"))?,
+            bn1: Normaliser::new(norm, cout, "bn1", &vb)?,
+            conv2: conv2d_no_bias(cout, cout, 3, cfg, vb.pp("conv2"))?,
+            bn2: Normaliser::new(norm, cout, "bn2", &vb)?,
+        })
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let ys = self.bn1.forward(&self.conv1.forward(xs)?, train, true)?;
+        self.bn2.forward(&self.conv2.forward(&ys)?, train, true)
+    }
+}
+
+/// How a U-Net's decoder doubles the resolution.
+enum Up {
+    /// A 2×2 transposed convolution with stride 2, weight `(in, out, 2, 2)` as PyTorch's
+    /// `ConvTranspose2d`. Each input pixel alone makes its 2×2 output block, so it is one
+    /// matrix multiply of the pixels by the weight (`transposed_conv2x2`).
+    Transposed { weight: Tensor, bias: Tensor },
+    /// Nearest-neighbour doubling, then a 3×3 convolution.
+    Resize(Conv2d),
+}
+
+impl Up {
+    fn new(vb: VarBuilder, cin: usize, cout: usize, upsampling: Upsampling) -> Result<Self> {
+        Ok(match upsampling {
+            Upsampling::Transposed => Up::Transposed {
+                weight: vb.get_with_hints(
+                    (cin, cout, 2, 2),
+                    "weight",
+                    candle_nn::init::DEFAULT_KAIMING_NORMAL,
+                )?,
+                bias: vb.get_with_hints(cout, "bias", Init::Const(0.))?,
+            },
+            Upsampling::Resize => {
+                let cfg = Conv2dConfig {
+                    padding: 1,
+                    ..Default::default()
+                };
+                Up::Resize(conv2d(cin, cout, 3, cfg, vb)?)
+            }
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Up::Transposed { weight, bias } => transposed_conv2x2(xs, weight, bias),
+            Up::Resize(conv) => {
+                let (_, _, h, w) = xs.dims4()?;
+                conv.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)
+            }
+        }
+    }
+}
+
+/// A 2×2 transposed convolution with stride 2: `y[n, o, 2i + a, 2j + b] = bias[o] +
+/// Σ_c x[n, c, i, j] · weight[c, o, a, b]`, as a matrix multiply of the pixels `(N·H·W, C)` by
+/// the weight `(C, O·2·2)`, rearranged; candle's autograd differentiates it.
+pub fn transposed_conv2x2(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = xs.dims4()?;
+    let (_, o, _, _) = weight.dims4()?;
+    let pixels = xs.permute((0, 2, 3, 1))?.reshape((n * h * w, c))?;
+    let blocks = pixels.matmul(&weight.reshape((c, o * 4))?)?;
+    blocks
+        .reshape((n, h, w, o, 2, 2))?
+        .permute((0, 3, 1, 4, 2, 5))?
+        .reshape((n, o, 2 * h, 2 * w))?
+        .broadcast_add(&bias.reshape((1, o, 1, 1))?)
+}
+
+/// A 2-D U-Net: an encoder level per width (two 3×3 convolutions, 2×2 max-pooling to the
+/// next), a decoder level per width but the last (upsampling, concatenation with the
+/// encoder's output at that resolution, two 3×3 convolutions), and a 1×1 convolution to a
+/// score per class and pixel: `(N, 1, S, S)` in, `(N, classes, S, S)` out. Layers: `enc0` …,
+/// then from the deepest `up{i}` and `dec{i}`, and `head`.
+pub struct UNet {
+    encoder: Vec<DoubleConv>,
+    decoder: Vec<(Up, DoubleConv)>,
+    head: Conv2d,
+}
+
+impl UNet {
+    pub fn new(vb: VarBuilder, hp: &UNetParams, classes: usize) -> Result<Self> {
+        let widths = &hp.widths;
+        let mut encoder = Vec::new();
+        let mut cin = 1;
+        for (i, &w) in widths.iter().enumerate() {
+            encoder.push(DoubleConv::new(vb.pp(format!("enc{i}")), cin, w, hp.norm)?);
+            cin = w;
+        }
+        let mut decoder = Vec::new();
+        for i in (0..widths.len().saturating_sub(1)).rev() {
+            let (below, here) = (widths[i + 1], widths[i]);
+            decoder.push((
+                Up::new(vb.pp(format!("up{i}")), below, here, hp.upsampling)?,
+                DoubleConv::new(vb.pp(format!("dec{i}")), 2 * here, here, hp.norm)?,
+            ));
+        }
+        let first = widths.first().copied().unwrap_or(1);
+        let head = conv2d(first, classes, 1, Conv2dConfig::default(), vb.pp("head"))?;
+        Ok(UNet {
+            encoder,
+            decoder,
+            head,
+        })
+    }
+}
+
+impl ModuleT for UNet {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut skips = Vec::new();
+        let mut ys = xs.clone();
+        for (i, level) in self.encoder.iter().enumerate() {
+            if i > 0 {
+                let pooled = consilium_core::conv::max_pool2x2(&ys)?;
+                skips.push(std::mem::replace(&mut ys, pooled));
+            }
+            ys = level.forward_t(&ys, train)?;
+        }
+        for (up, level) in &self.decoder {
+            let skip = skips
+                .pop()
+                .ok_or_else(|| candle_core::Error::Msg("a U-Net level without its skip".into()))?;
+            ys = level.forward_t(&Tensor::cat(&[&skip, &up.forward(&ys)?], 1)?, train)?;
+        }
+        self.head.forward(&ys)
+    }
+}
+
 pub enum Model {
     SmallCnn(SmallCnn),
     ResNet(ResNet),
+    UNet(UNet),
 }
 
 impl ModuleT for Model {
@@ -305,6 +451,7 @@ impl ModuleT for Model {
         match self {
             Model::SmallCnn(m) => m.forward_t(xs, train),
             Model::ResNet(m) => m.forward_t(xs, train),
+            Model::UNet(m) => m.forward_t(xs, train),
         }
     }
 }
@@ -321,6 +468,7 @@ pub fn build(
             Model::SmallCnn(SmallCnn::new(vb, size, classes, hp.channels)?)
         }
         ModelConfig::ResNet(hp) => Model::ResNet(ResNet::new(vb, &hp.widths, hp.norm, classes)?),
+        ModelConfig::UNet(hp) => Model::UNet(UNet::new(vb, hp, classes)?),
     })
 }
 
@@ -335,6 +483,127 @@ mod tests {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let net = ResNet::new(vb, &[4, 8], norm, 2).unwrap();
         (varmap, net)
+    }
+
+    /// Deterministic values in [-1, 1) (candle's own random tensors are not seeded).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::train::Rng::new(seed);
+        (0..n).map(|_| (rng.unit() * 2.0 - 1.0) as f32).collect()
+    }
+
+    #[test]
+    fn transposed_convolution_matches_candles() {
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(values(2 * 3 * 4 * 5, 1), (2, 3, 4, 5), &dev).unwrap();
+        let w = Tensor::from_vec(values(3 * 6 * 2 * 2, 2), (3, 6, 2, 2), &dev).unwrap();
+        let b = Tensor::from_vec(values(6, 3), 6, &dev).unwrap();
+        let ours = transposed_conv2x2(&x, &w, &b).unwrap();
+        let reference = x
+            .conv_transpose2d(&w, 0, 0, 2, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, 6, 1, 1)).unwrap())
+            .unwrap();
+        assert_eq!(ours.dims(), &[2, 6, 8, 10]);
+        let diff = (ours - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
+
+    /// The U-Net's gradients (the fast convolution and pooling kernels, batch normalisation,
+    /// the transposed convolution, the skip concatenation) against central differences of its
+    /// loss, for both kinds of upsampling.
+    #[test]
+    fn unet_gradients_match_finite_differences() {
+        for upsampling in [Upsampling::Transposed, Upsampling::Resize] {
+            let dev = Device::Cpu;
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let hp = UNetParams {
+                widths: vec![3, 4],
+                norm: Norm::Group,
+                upsampling,
+            };
+            let net = UNet::new(vb, &hp, 2).unwrap();
+            let mut vars: Vec<(String, Var)> = varmap
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            for (i, (_, v)) in vars.iter().enumerate() {
+                let t = Tensor::from_vec(values(v.elem_count(), 10 + i as u64), v.shape(), &dev)
+                    .unwrap();
+                v.set(&t).unwrap();
+            }
+            let x = Tensor::from_vec(values(2 * 8 * 8, 99), (2, 1, 8, 8), &dev).unwrap();
+            let target = Tensor::from_vec(values(2 * 2 * 8 * 8, 7), (2, 2, 8, 8), &dev).unwrap();
+            // A smooth loss of every output: Σ out · target.
+            let loss = |net: &UNet| {
+                (net.forward_t(&x, true).unwrap() * &target)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
+            let grads = loss(&net).backward().unwrap();
+            let mut checked = 0;
+            for (name, var) in &vars {
+                let grad = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
+                let grad = grad.to_vec1::<f32>().unwrap();
+                let base = var
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                for k in [0, base.len() / 2, base.len() - 1] {
+                    let at = |delta: f32| {
+                        let mut v = base.clone();
+                        v[k] += delta;
+                        var.set(&Tensor::from_vec(v, var.shape(), &dev).unwrap())
+                            .unwrap();
+                        f64::from(loss(&net).to_scalar::<f32>().unwrap())
+                    };
+                    let eps = 1e-3;
+                    let numeric = (at(eps) - at(-eps)) / (2.0 * f64::from(eps));
+                    var.set(&Tensor::from_vec(base.clone(), var.shape(), &dev).unwrap())
+                        .unwrap();
+                    let analytic = f64::from(grad[k]);
+                    assert!(
+                        (numeric - analytic).abs() <= 2e-2 * (1.0 + analytic.abs()),
+                        "{upsampling:?} {name}[{k}]: numeric {numeric}, autograd {analytic}"
+                    );
+                    checked += 1;
+                }
+            }
+            assert!(checked >= 3 * 20, "{checked}");
+        }
+    }
+
+    #[test]
+    fn unet_outputs_a_score_per_class_and_pixel() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let net = UNet::new(vb, &UNetParams::default(), 3).unwrap();
+        let x = Tensor::zeros((2, 1, 16, 16), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(net.forward_t(&x, true).unwrap().dims(), &[2, 3, 16, 16]);
+        let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+        for n in [
+            "enc2.conv1.weight",
+            "up1.weight",
+            "up0.bias",
+            "dec0.bn2.running_mean",
+            "head.weight",
+        ] {
+            assert!(names.iter().any(|m| m == n), "{n}: {names:?}");
+        }
     }
 
     /// What DP-SGD's per-patient clipping rests on: with group normalisation an image's output

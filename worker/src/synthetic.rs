@@ -1,7 +1,8 @@
 //! Synthetic, radiology-like data for demos and simulations: chest-radiograph-like phantoms
 //! with or without a lesion, with scanner effects per site (gain, offset, noise, blur) and
 //! label imbalance, so that sites differ as hospitals do. Written as PNG files with a
-//! labels CSV, the format the `images` data handler reads.
+//! labels CSV, the format the `images` data handler reads; for segmentation with a PNG mask of
+//! each lesion beside each image.
 
 use std::io::Write;
 use std::path::Path;
@@ -28,6 +29,18 @@ fn ellipse(x: f32, y: f32, cx: f32, cy: f32, rx: f32, ry: f32) -> bool {
 
 /// One phantom, `size × size`, values in [0, 1].
 pub fn phantom(size: usize, lesion: bool, profile: &SiteProfile, rng: &mut Rng) -> Vec<f32> {
+    phantom_with_mask(size, lesion, profile, rng).0
+}
+
+/// One phantom and its lesion mask (1 within 1.2 radii of the lesion's centre, where it
+/// stands out by a third of its peak or more; all 0 without a lesion).
+pub fn phantom_with_mask(
+    size: usize,
+    lesion: bool,
+    profile: &SiteProfile,
+    rng: &mut Rng,
+) -> (Vec<f32>, Vec<u8>) {
+    let mut mask = vec![0u8; size * size];
     let s = size as f32;
     let jitter = |rng: &mut Rng, a: f32| (rng.unit() as f32 - 0.5) * a;
     let (bx, by) = (
@@ -65,6 +78,7 @@ pub fn phantom(size: usize, lesion: bool, profile: &SiteProfile, rng: &mut Rng) 
             for x in 0..size {
                 let d2 = (x as f32 - lx).powi(2) + (y as f32 - ly).powi(2);
                 img[y * size + x] += 0.6 * (-d2 / (2.0 * r * r)).exp();
+                mask[y * size + x] = u8::from(d2 <= (1.2 * r).powi(2));
             }
         }
     }
@@ -86,7 +100,7 @@ pub fn phantom(size: usize, lesion: bool, profile: &SiteProfile, rng: &mut Rng) 
         *v = (*v * profile.gain + profile.offset + profile.noise * rng.normal() as f32)
             .clamp(0.0, 1.0);
     }
-    img
+    (img, mask)
 }
 
 /// Writes a site's phantoms as PNG files and `labels.csv` into `dir`; returns the lesion count.
@@ -106,6 +120,39 @@ pub fn write_site(dir: &Path, size: usize, profile: &SiteProfile) -> std::io::Re
         let name = format!("img{i:05}.png");
         img.save(dir.join(&name)).map_err(std::io::Error::other)?;
         writeln!(labels, "{name},{}", u8::from(lesion))?;
+    }
+    Ok(lesions)
+}
+
+/// Writes a site's phantoms and their lesion masks as PNG files (`img00000.png`,
+/// `img00000_mask.png`, …) and `labels.csv` pairing them into `dir`; returns the lesion count.
+pub fn write_segmentation_site(
+    dir: &Path,
+    size: usize,
+    profile: &SiteProfile,
+) -> std::io::Result<usize> {
+    std::fs::create_dir_all(dir)?;
+    let mut rng = Rng::new(profile.seed);
+    let mut labels = std::fs::File::create(dir.join("labels.csv"))?;
+    writeln!(labels, "image,mask")?;
+    let mut lesions = 0;
+    let png = |values: Vec<u8>, path: &Path| {
+        image::GrayImage::from_raw(size as u32, size as u32, values)
+            .ok_or_else(|| std::io::Error::other("image size"))?
+            .save(path)
+            .map_err(std::io::Error::other)
+    };
+    for i in 0..profile.images {
+        let lesion = rng.unit() < profile.lesion_fraction;
+        lesions += usize::from(lesion);
+        let (px, mask) = phantom_with_mask(size, lesion, profile, &mut rng);
+        let (name, mask_name) = (format!("img{i:05}.png"), format!("img{i:05}_mask.png"));
+        png(
+            px.iter().map(|v| (v * 255.0).round() as u8).collect(),
+            &dir.join(&name),
+        )?;
+        png(mask, &dir.join(&mask_name))?;
+        writeln!(labels, "{name},{mask_name}")?;
     }
     Ok(lesions)
 }

@@ -1,13 +1,18 @@
 //! Local training and evaluation with candle: deterministic initialisation from the plan's
-//! seed, SGD with momentum or AdamW, the FedProx proximal term, and held-out metrics.
+//! seed, SGD with momentum or AdamW, the FedProx proximal term, and held-out metrics. A
+//! classifier trains on cross-entropy; a segmentation model (`unet`) on cross-entropy over its
+//! pixels plus the soft Dice loss of its foreground classes, and is scored by Dice, IoU and
+//! HD95 (`consilium_core::segmentation`).
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use consilium_core::plan::{
-    Augmentation, Initialisation, Normalisation, Optimiser, Plan, ROTATE_DEGREES, Statistics,
+    Augmentation, Initialisation, Normalisation, Optimiser, Plan, ROTATE_DEGREES, Segmentation,
+    Statistics,
 };
 use consilium_core::protocol::Metrics;
+use consilium_core::segmentation::Tally;
 use std::collections::HashMap;
 
 use crate::data::Sample;
@@ -280,14 +285,22 @@ impl Net {
         }
         let s = self.size;
         let mut pixels = Vec::with_capacity(samples.len() * s * s);
+        let mut classes: Vec<u32> = Vec::new();
         for sample in samples {
             let mut img = sample.pixels.clone();
+            let mut mask = match &plan.segmentation {
+                Some(seg) => Some(mask_classes(sample, seg)?),
+                None => None,
+            };
             if let Some((rng, augmentations)) = aug.as_mut() {
                 for a in augmentations.iter() {
                     match a {
                         Augmentation::Flip => {
                             if rng.unit() < 0.5 {
                                 for row in img.chunks_mut(s) {
+                                    row.reverse();
+                                }
+                                for row in mask.iter_mut().flat_map(|m| m.chunks_mut(s)) {
                                     row.reverse();
                                 }
                             }
@@ -301,18 +314,53 @@ impl Net {
             }
             normalise(&mut img, plan.normalisation, plan.statistics);
             pixels.extend(img);
+            classes.extend(mask.unwrap_or_default());
         }
         let x = Tensor::from_vec(pixels, (samples.len(), 1, s, s), &self.device)?;
-        let y = Tensor::from_vec(
-            samples.iter().map(|s| s.label).collect::<Vec<u32>>(),
-            samples.len(),
-            &self.device,
-        )?;
+        let y = if plan.segmentation.is_some() {
+            Tensor::from_vec(classes, (samples.len(), s, s), &self.device)?
+        } else {
+            Tensor::from_vec(
+                samples.iter().map(|s| s.label).collect::<Vec<u32>>(),
+                samples.len(),
+                &self.device,
+            )?
+        };
         Ok((x, y))
     }
 
-    /// Loss, accuracy and AUROC on `samples` (evaluation mode).
+    /// The training loss of a batch's outputs against its targets: cross-entropy for a
+    /// classifier; for segmentation, cross-entropy over every pixel plus the soft Dice loss
+    /// (1 − the mean over the foreground classes of 2 Σ p·t / (Σ p + Σ t), over the whole
+    /// batch, smoothed by 1e-5), as MONAI's `DiceCELoss` with the background left out of the
+    /// Dice term.
+    fn loss(&self, logits: &Tensor, y: &Tensor, plan: &Plan) -> Result<Tensor> {
+        let Some(seg) = &plan.segmentation else {
+            return Ok(candle_nn::loss::cross_entropy(logits, y)?);
+        };
+        let classes = seg.values.len();
+        let (n, _, h, w) = logits.dims4()?;
+        let flat = logits
+            .permute((0, 2, 3, 1))?
+            .reshape((n * h * w, classes))?;
+        let targets = y.flatten_all()?;
+        let ce = candle_nn::loss::cross_entropy(&flat, &targets)?;
+        let probs = candle_nn::ops::softmax_last_dim(&flat)?;
+        let one_hot = candle_nn::encoding::one_hot(targets, classes, 1f32, 0f32)?;
+        let foreground = |t: &Tensor| t.narrow(1, 1, classes - 1);
+        let (p, t) = (foreground(&probs)?, foreground(&one_hot)?);
+        let overlap = (&p * &t)?.sum(0)?;
+        let total = (p.sum(0)? + t.sum(0)?)?;
+        let dice = (((overlap * 2.0)? + DICE_SMOOTH)? / (total + DICE_SMOOTH)?)?;
+        Ok((ce + (1.0 - dice.mean_all()?)?)?)
+    }
+
+    /// Loss, accuracy and AUROC on `samples` (evaluation mode); for segmentation the loss,
+    /// the share of pixels labelled right and the Dice, IoU and HD95 scores.
     pub fn evaluate(&self, samples: &[&Sample], plan: &Plan) -> Result<Metrics> {
+        if plan.segmentation.is_some() {
+            return self.evaluate_segmentation(samples, plan);
+        }
         let classes = plan.num_classes;
         let mut loss_sum = 0.0;
         let mut correct = 0u64;
@@ -339,6 +387,37 @@ impl Net {
             accuracy: correct as f64 / n,
             auroc: auroc(&scores, classes),
             samples: samples.len() as u64,
+            segmentation: None,
+        })
+    }
+
+    fn evaluate_segmentation(&self, samples: &[&Sample], plan: &Plan) -> Result<Metrics> {
+        let s = self.size;
+        let mut tally = Tally::new(plan.num_classes, s);
+        let (mut loss_sum, mut right, mut pixels) = (0.0, 0u64, 0u64);
+        for chunk in samples.chunks(32) {
+            let (x, y) = self.batch(chunk, plan, None)?;
+            let logits = self.model.forward_t(&x, false)?;
+            loss_sum +=
+                f64::from(self.loss(&logits, &y, plan)?.to_scalar::<f32>()?) * chunk.len() as f64;
+            let predicted = logits
+                .argmax(1)?
+                .to_dtype(DType::U8)?
+                .flatten_all()?
+                .to_vec1::<u8>()?;
+            let reference = y.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?;
+            for (p, r) in predicted.chunks(s * s).zip(reference.chunks(s * s)) {
+                tally.add(p, r);
+                right += p.iter().zip(r).filter(|(a, b)| a == b).count() as u64;
+                pixels += p.len() as u64;
+            }
+        }
+        Ok(Metrics {
+            loss: loss_sum / samples.len().max(1) as f64,
+            accuracy: right as f64 / pixels.max(1) as f64,
+            auroc: None,
+            samples: samples.len() as u64,
+            segmentation: Some(tally.scores()),
         })
     }
 
@@ -465,7 +544,7 @@ impl Net {
                     .then_some((&mut aug, plan.augmentations.as_slice()));
                 let (x, y) = self.batch(&chunk, plan, augment)?;
                 let logits = self.model.forward_t(&x, true)?;
-                let mut loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+                let mut loss = self.loss(&logits, &y, plan)?;
                 sum += f64::from(loss.to_scalar::<f32>()?) * chunk.len() as f64;
                 if mu > 0.0 {
                     let mut prox = Tensor::zeros((), DType::F32, &self.device)?;
@@ -766,6 +845,34 @@ impl Sgd {
         }
         Ok(())
     }
+}
+
+/// The soft Dice loss's smoothing (MONAI's default `smooth_nr` and `smooth_dr`).
+const DICE_SMOOTH: f64 = 1e-5;
+
+/// A sample's mask as the plan's classes; an error names a value the plan does not.
+pub fn mask_classes(sample: &Sample, seg: &Segmentation) -> Result<Vec<u32>> {
+    let mask = sample.mask.as_ref().ok_or_else(|| {
+        TrainError::Plan(format!(
+            "{} has no mask, and the plan trains a segmentation model: declare the site's dataset with masks = true",
+            sample.source
+        ))
+    })?;
+    mask.iter()
+        .map(|&v| {
+            seg.class_of(v).map(u32::from).ok_or_else(|| {
+                TrainError::Plan(format!(
+                    "{}'s mask has the value {v}, which the plan's model.labels does not name (it names {})",
+                    sample.source,
+                    seg.values
+                        .iter()
+                        .map(u16::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+        })
+        .collect()
 }
 
 /// One-vs-rest AUROC averaged over classes (binary: the positive class), by the rank

@@ -160,6 +160,7 @@ fn one_file_spec(dir: &Path, limits: DecodeLimits) -> DatasetSpec {
         root,
         labels: dir.join("labels.csv"),
         label_key: LabelKey::Path,
+        masks: false,
         holdout: 0.0,
         window: None,
         decoding: limits,
@@ -285,6 +286,7 @@ fn a_file_that_needs_more_memory_than_allowed_is_skipped_and_the_next_is_read() 
         root: root.clone(),
         labels: dir.path().join("labels.csv"),
         label_key: LabelKey::Path,
+        masks: false,
         holdout: 0.0,
         window: None,
         decoding: DecodeLimits {

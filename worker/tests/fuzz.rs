@@ -81,6 +81,7 @@ fn round(
         root: root.clone(),
         labels: dir.path().join("labels.csv"),
         label_key: LabelKey::Path,
+        masks: false,
         holdout: 0.0,
         window: None,
         decoding: DecodeLimits {

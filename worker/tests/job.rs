@@ -73,6 +73,7 @@ fn site_of(hash: &str, study: Uuid, images: usize) -> Site {
         root: dir.path().join("data"),
         labels: dir.path().join("data/labels.csv"),
         label_key: LabelKey::Path,
+        masks: false,
         holdout: 0.25,
         window: None,
         decoding: Default::default(),

@@ -48,6 +48,7 @@ fn samples() -> Vec<Sample> {
             Sample {
                 pixels,
                 label,
+                mask: None,
                 source: format!("image {i}"),
                 holdout: false,
                 unit: format!("patient {i}"),
@@ -199,6 +200,7 @@ fn site_context(dir: &std::path::Path, site: Uuid) -> SiteContext {
         root: dir.join("data"),
         labels: dir.join("data/labels.csv"),
         label_key: LabelKey::Path,
+        masks: false,
         holdout: 0.25,
         window: None,
         decoding: Default::default(),

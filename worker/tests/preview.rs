@@ -274,6 +274,7 @@ fn nothing_identifying_leaves_with_a_preview_of_dicom_images() {
         root: dir.clone(),
         labels: labels.path().to_path_buf(),
         label_key: consilium_worker::data::LabelKey::Path,
+        masks: false,
         holdout: 0.0,
         window: None,
         decoding: Default::default(),

@@ -133,6 +133,11 @@ pub fn metric(m: &Metrics, name: TargetMetric) -> f64 {
         TargetMetric::Loss => -m.loss,
         TargetMetric::Auroc => m.auroc.unwrap_or(0.0),
         TargetMetric::Accuracy => m.accuracy,
+        TargetMetric::Dice => m
+            .segmentation
+            .as_ref()
+            .and_then(|s| s.mean_dice)
+            .unwrap_or(0.0),
     }
 }
 
@@ -193,6 +198,7 @@ mod stopping_tests {
             accuracy,
             auroc: Some(auroc),
             samples: 10,
+            segmentation: None,
         }
     }
 
@@ -240,6 +246,41 @@ mod stopping_tests {
             Some("No improvement of accuracy for 1 rounds.".to_string())
         );
         assert_eq!(patient("auroc"), None);
+    }
+
+    /// A segmentation plan stops on the global model's mean Dice (its default metric).
+    #[test]
+    fn a_segmentation_run_stops_on_dice() {
+        let m: TrainingPlanManifest = serde_json::from_value(serde_json::json!({
+            "model": {"architecture": "unet", "num_classes": 2, "labels": {"0": "background", "1": "lesion"}},
+            "optimiser": {"name": "adamw", "learning_rate": 0.01},
+            "local_epochs": 1, "batch_size": 8, "rounds": 10,
+            "aggregation": {"strategy": "fedavg"},
+            "stopping": {"target_metric": "dice", "target_value": 0.8}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let p = m.parse().unwrap_or_else(|p| panic!("{p:?}"));
+        let scored = |dice: Option<f64>| Metrics {
+            // A high pixel accuracy (mostly background) does not stop it.
+            accuracy: 0.99,
+            segmentation: Some(consilium_core::segmentation::SegmentationScores {
+                dice: vec![dice],
+                mean_dice: dice,
+                mean_iou: None,
+                hd95: None,
+            }),
+            ..global(0.99, 0.0, 0.1)
+        };
+        let values: Vec<f64> = [scored(None), scored(Some(0.6)), scored(Some(0.82))]
+            .iter()
+            .map(|m| metric(m, p.stopping.metric))
+            .collect();
+        assert_eq!(values[0], 0.0, "no Dice yet counts as none");
+        assert_eq!(stopping_reason(&p, &values[..2]), None);
+        assert_eq!(
+            stopping_reason(&p, &values),
+            Some("Reached the target dice 0.8 in round 3.".to_string())
+        );
     }
 
     fn stopping_reason(p: &Plan, values: &[f64]) -> Option<String> {

@@ -4,6 +4,7 @@
 use super::rounds::{RoundState, metric, stopping};
 use super::*;
 use consilium_core::aggregate::{ScaffoldSite, Weights, scaffold_controls, scaffold_correction};
+use consilium_core::segmentation::SegmentationScores;
 use std::collections::BTreeMap;
 
 impl Engine {
@@ -443,7 +444,8 @@ impl Engine {
     }
 }
 
-/// Sample-weighted mean of the sites' metrics.
+/// Sample-weighted mean of the sites' metrics (segmentation scores too, each over the sites
+/// that have it).
 pub fn weighted<'a>(ms: impl Iterator<Item = &'a Metrics>) -> Metrics {
     let ms: Vec<&Metrics> = ms.collect();
     let n: u64 = ms.iter().map(|m| m.samples).sum();
@@ -467,6 +469,10 @@ pub fn weighted<'a>(ms: impl Iterator<Item = &'a Metrics>) -> Metrics {
         accuracy: w(&|m| m.accuracy),
         auroc,
         samples: n,
+        segmentation: SegmentationScores::weighted(
+            ms.iter()
+                .filter_map(|m| m.segmentation.as_ref().map(|s| (s, m.samples))),
+        ),
     }
 }
 

@@ -124,6 +124,81 @@ min_sites = 2
     Ok(path)
 }
 
+/// Which ready-to-run example `consilium simulate` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Example {
+    /// Phantoms with or without a lesion, a classifier (`--example`).
+    Classification,
+    /// Phantoms with lesion masks, a U-Net (`--example-segmentation`).
+    Segmentation,
+}
+
+/// Writes a ready-to-run segmentation experiment into `dir`: three site folders of synthetic
+/// phantoms with a PNG mask of each lesion (the labels CSV pairs them) and `experiment.toml`
+/// with a U-Net plan, stopped and scored by Dice.
+pub fn write_segmentation_example(dir: &Path, scale: u32) -> anyhow::Result<PathBuf> {
+    let mut sites = String::new();
+    for (key, mut profile) in consilium_worker::synthetic::demo_sites(1) {
+        profile.images = profile.images * scale.max(1) as usize / 2;
+        // Most images show a lesion to outline.
+        profile.lesion_fraction = profile.lesion_fraction.max(0.7);
+        let folder = dir.join("sites").join(key);
+        if folder.exists() {
+            std::fs::remove_dir_all(&folder)?;
+        }
+        consilium_worker::synthetic::write_segmentation_site(&folder, 32, &profile)?;
+        sites.push_str(&format!(
+            r#"
+[[sites]]
+name = "{key}"
+[sites.dataset]
+kind = "images"              # or "nifti" (label volumes), "dicom" (with NIfTI or PNG masks)
+root = "sites/{key}"
+labels = "sites/{key}/labels.csv"   # image,mask: each image's mask, relative to root
+masks = true
+holdout = 0.25
+"#
+        ));
+    }
+    let path = dir.join("experiment.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"# A local simulation: `consilium simulate --config {}`
+name = "Lesion segmentation, first try"
+data_dir = "run"                  # the simulation's own database and artifacts (recreated)
+report = "simulation-report.json"
+round_timeout_seconds = 600
+
+# The training plan, exactly as it will be submitted for approval.
+[plan]
+local_epochs = 3
+batch_size = 8
+rounds = 5
+seed = 1
+[plan.model]
+architecture = "unet"
+num_classes = 2
+labels = {{ "0" = "background", "1" = "lesion" }}   # mask value = class name
+hyper_parameters = {{ widths = [8, 16, 32], norm = "batch", upsampling = "transposed" }}
+[plan.preprocessing]
+image_size = 32
+normalisation = "zscore"
+augmentations = ["flip"]
+[plan.optimiser]
+name = "adamw"
+learning_rate = 0.01
+weight_decay = 0.0001
+[plan.aggregation]
+strategy = "fedavg"              # fedprox (optimiser.proximal_mu), fedcostwavg, fedbn, …
+min_sites = 2
+{sites}"#,
+            path.display()
+        ),
+    )?;
+    Ok(path)
+}
+
 /// Reads and checks an experiment file; relative paths are taken from the file's folder.
 pub fn load(path: &Path) -> anyhow::Result<Experiment> {
     let text = std::fs::read_to_string(path)
@@ -225,11 +300,14 @@ fn attacks_of(exp: &Experiment) -> Vec<serde_json::Value> {
 pub async fn run(
     mut settings: Settings,
     config: &Path,
-    example: Option<&Path>,
+    example: Option<(&Path, Example)>,
     scale: u32,
 ) -> anyhow::Result<i32> {
-    if let Some(dir) = example {
-        let path = write_example(dir, scale)?;
+    if let Some((dir, kind)) = example {
+        let path = match kind {
+            Example::Classification => write_example(dir, scale)?,
+            Example::Segmentation => write_segmentation_example(dir, scale)?,
+        };
         println!(
             "Wrote an example experiment with three synthetic sites: {}",
             path.display()
@@ -355,6 +433,12 @@ pub async fn run(
     let mut specs = Vec::new();
     for (i, ((id, name), s)) in walked.sites.iter().zip(&exp.sites).enumerate() {
         let mut dataset = s.dataset.clone();
+        if let (Some(Attack::LabelFlip {}), true) = (&s.attack, s.dataset.masks) {
+            anyhow::bail!(
+                "site {:?}: the label_flip attack flips classes in a labels CSV, and this site's CSV pairs images with masks: choose another attack",
+                s.name
+            );
+        }
         if let Some(Attack::LabelFlip {}) = s.attack {
             let flipped = exp
                 .data_dir

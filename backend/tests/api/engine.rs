@@ -155,6 +155,7 @@ async fn keyed_site_with(
         labels: data.join("labels.csv"),
         root: data,
         label_key: LabelKey::Path,
+        masks: false,
         holdout: 0.25,
         window: None,
         decoding: Default::default(),

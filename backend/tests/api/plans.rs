@@ -74,7 +74,7 @@ async fn every_setting_no_worker_runs_is_refused_at_submission() {
         (
             "/stopping/target_metric",
             json!("f1"),
-            "stopping.target_metric must be one of \"accuracy\", \"auroc\" or \"loss\", not \"f1\"",
+            "stopping.target_metric must be one of \"accuracy\", \"auroc\", \"dice\" or \"loss\", not \"f1\"",
         ),
         (
             "/model/hyper_parameters",
@@ -84,7 +84,7 @@ async fn every_setting_no_worker_runs_is_refused_at_submission() {
         (
             "/model/architecture",
             json!("vit"),
-            "model.architecture must be \"small_cnn\" or \"resnet\", not \"vit\"",
+            "model.architecture must be \"small_cnn\", \"resnet\" or \"unet\", not \"vit\"",
         ),
         (
             "/preprocessing/image_size",
