@@ -191,3 +191,54 @@ fn png_images_with_png_masks() {
         "{err}"
     );
 }
+
+#[test]
+fn dicom_images_with_png_and_nifti_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let dicom = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/dicom");
+    // MR_small.dcm: one 64 × 64 frame; emri_small.dcm: 10 frames of 64 × 64.
+    std::fs::copy(dicom.join("MR_small.dcm"), root.join("mr.dcm")).unwrap();
+    std::fs::copy(dicom.join("emri_small.dcm"), root.join("emri.dcm")).unwrap();
+    std::fs::copy(dicom.join("MR_small.dcm"), root.join("wrong.dcm")).unwrap();
+    image::GrayImage::from_fn(64, 64, |x, _| image::Luma([u8::from(x >= 32) * 2]))
+        .save(root.join("mr_mask.png"))
+        .unwrap();
+    image::GrayImage::new(32, 32)
+        .save(root.join("wrong_mask.png"))
+        .unwrap();
+    // A label volume of 64 × 64 × 10 whose slice z is all z (one per frame).
+    let labels = ndarray::Array3::from_shape_fn((64, 64, 10), |(_, _, z)| z as u8);
+    nifti::writer::WriterOptions::new(root.join("emri_seg.nii"))
+        .write_nifti(&labels)
+        .unwrap();
+    std::fs::write(
+        root.join("labels.csv"),
+        "image,mask\nmr.dcm,mr_mask.png\nemri.dcm,emri_seg.nii\nwrong.dcm,wrong_mask.png\n",
+    )
+    .unwrap();
+    let ds = load(&spec(DataKind::Dicom, root), 16, &decoder()).unwrap();
+    let mr = ds.samples.iter().find(|s| s.source == "mr.dcm").unwrap();
+    let mask = mr.mask.as_ref().unwrap();
+    assert_eq!(mask[0], 0, "the left half is 0");
+    assert_eq!(mask[15], 2, "the right half is 2");
+    let frames: Vec<_> = ds
+        .samples
+        .iter()
+        .filter(|s| s.source.starts_with("emri.dcm#frame"))
+        .collect();
+    assert_eq!(frames.len(), 10);
+    for f in frames {
+        let n: u16 = f.source.rsplit_once("#frame").unwrap().1.parse().unwrap();
+        assert!(
+            f.mask.as_ref().unwrap().iter().all(|&v| v == n),
+            "{}",
+            f.source
+        );
+    }
+    let why = skipped(&ds);
+    assert!(
+        why["wrong.dcm"].contains("is 32 × 32 × 1 and the image 64 × 64 × 1"),
+        "{why:?}"
+    );
+}
