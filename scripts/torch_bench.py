@@ -4,8 +4,9 @@ Usage: torch_bench.py MODEL STEPS THREADS [DEVICE] [--opacus] [--group-norm]
 (prints one number: steps/s; DEVICE cpu or cuda). With --opacus: DP-SGD steps with Opacus on the
 same model and batch (per-sample gradients, clipping to C = 1, Gaussian noise with σ = 1), as
 `consilium-worker bench-train --dp` measures its own (every one of the 64 examples in the step).
-With --group-norm: resnet with GroupNorm(gcd(C, 32), C) in place of BatchNorm2d (Opacus's
-ModuleValidator.fix; `--norm group` of bench-train).
+MODEL: small_cnn (batch 64, 28×28), resnet (batch 64, 32×32) or unet (batch 16, 64×64, a random
+mask, soft Dice + cross-entropy). With --group-norm: resnet or unet with GroupNorm(gcd(C, 32), C)
+in place of BatchNorm2d (Opacus's ModuleValidator.fix; `--norm group` of bench-train).
 """
 import math
 import sys
@@ -62,8 +63,55 @@ def resnet(widths=(16, 32, 64), classes=10):
     return nn.Sequential(*layers)
 
 
-size = 32 if model_name == "resnet" else 28
-model = (resnet() if model_name == "resnet" else small_cnn()).to(device)
+def conv_norm_relu(cin, cout):
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), norm(cout), nn.ReLU()]
+
+
+class UNet(nn.Module):
+    """bench-train's unet: per width two 3x3 conv + norm + ReLU, 2x2 max-pooling down; per
+    level back up a 2x2 transposed convolution, the skip concatenated first, two 3x3 conv."""
+
+    def __init__(self, widths=(16, 32, 64), classes=2):
+        super().__init__()
+        self.enc = nn.ModuleList()
+        cin = 1
+        for w in widths:
+            self.enc.append(nn.Sequential(*conv_norm_relu(cin, w), *conv_norm_relu(w, w)))
+            cin = w
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for i in reversed(range(len(widths) - 1)):
+            self.up.append(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2))
+            self.dec.append(nn.Sequential(*conv_norm_relu(2 * widths[i], widths[i]),
+                                          *conv_norm_relu(widths[i], widths[i])))
+        self.head = nn.Conv2d(widths[0], classes, 1)
+
+    def forward(self, x):
+        skips = []
+        for i, level in enumerate(self.enc):
+            if i > 0:
+                skips.append(x)
+                x = nn.functional.max_pool2d(x, 2)
+            x = level(x)
+        for up, level in zip(self.up, self.dec):
+            x = level(torch.cat([skips.pop(), up(x)], 1))
+        return self.head(x)
+
+
+def dice_ce(logits, y):
+    """Cross-entropy over every pixel + soft Dice of the foreground classes over the batch
+    (smoothed by 1e-5), as the worker's loss."""
+    ce = nn.functional.cross_entropy(logits, y)
+    p = torch.softmax(logits, 1)[:, 1:]
+    t = nn.functional.one_hot(y, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    overlap = (p * t).sum((0, 2, 3))
+    total = p.sum((0, 2, 3)) + t.sum((0, 2, 3))
+    return ce + 1 - ((2 * overlap + 1e-5) / (total + 1e-5)).mean()
+
+
+size = {"resnet": 32, "unet": 64}.get(model_name, 28)
+batch = 16 if model_name == "unet" else 64
+model = {"resnet": resnet, "unet": UNet}.get(model_name, small_cnn)().to(device)
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 if opacus:
     import warnings
@@ -78,11 +126,15 @@ if opacus:
         torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
         noise_multiplier=1.0,
         max_grad_norm=1.0,
-        expected_batch_size=64,
+        expected_batch_size=batch,
     )
-x = torch.rand(64, 1, size, size, device=device)
-y = torch.arange(64, device=device) % 10
-loss_fn = nn.CrossEntropyLoss()
+x = torch.rand(batch, 1, size, size, device=device)
+if model_name == "unet":
+    y = (torch.rand(batch, size, size, device=device) < 0.5).long()
+    loss_fn = dice_ce
+else:
+    y = torch.arange(batch, device=device) % 10
+    loss_fn = nn.CrossEntropyLoss()
 
 
 def step():

@@ -478,7 +478,7 @@ async fn train(
 ) -> anyhow::Result<()> {
     println!();
     println!("Three site workers, each with its own synthetic chest-radiograph phantoms:");
-    let specs = synthetic_sites(data_dir, &w.sites, true)?;
+    let specs = synthetic_sites(data_dir, &w.sites, true, false)?;
     start_workers(ctx, broker, url, specs, Decoder::this_program()?, &|_, a| a).await?;
     let result = follow(ctx, w).await?;
     if result.run.status != "completed" {
@@ -502,18 +502,26 @@ async fn train(
 }
 
 /// Writes synthetic chest-radiograph phantoms for each site (the demo's profiles, in order)
-/// under `data_dir/sites/`, and describes each as a worker's dataset.
+/// under `data_dir/sites/`, and describes each as a worker's dataset; with `masks`, a lesion
+/// mask beside each image (segmentation data, as `consilium simulate --example-segmentation`).
 pub fn synthetic_sites(
     data_dir: &std::path::Path,
     sites: &[(uuid::Uuid, String)],
     narrate: bool,
+    masks: bool,
 ) -> anyhow::Result<Vec<(uuid::Uuid, String, DatasetSpec)>> {
     let profiles = consilium_worker::synthetic::demo_sites(1);
     let mut specs = Vec::new();
     for ((site, name), (key, profile)) in sites.iter().zip(profiles) {
         let dir = data_dir.join("sites").join(key);
-        let _ = std::fs::remove_dir_all(&dir);
-        let lesions = consilium_worker::synthetic::write_site(&dir, 32, &profile)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        let lesions = if masks {
+            consilium_worker::synthetic::write_segmentation_site(&dir, 32, &profile)?
+        } else {
+            consilium_worker::synthetic::write_site(&dir, 32, &profile)?
+        };
         if narrate {
             println!(
                 "  {name:<16} {} images, {lesions} with a lesion, noise {:.2}, blur {}",
@@ -528,7 +536,7 @@ pub fn synthetic_sites(
                 labels: dir.join("labels.csv"),
                 root: dir,
                 label_key: LabelKey::Path,
-                masks: false,
+                masks,
                 holdout: 0.25,
                 window: None,
                 decoding: Default::default(),

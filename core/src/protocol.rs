@@ -84,6 +84,37 @@ pub struct Metrics {
     pub segmentation: Option<crate::segmentation::SegmentationScores>,
 }
 
+impl Metrics {
+    /// The figure a model is judged by, with its name: a segmentation model's mean Dice, a
+    /// classifier's accuracy.
+    pub fn headline(&self) -> (&'static str, Option<f64>) {
+        match &self.segmentation {
+            Some(s) => ("mean Dice", s.mean_dice),
+            None => ("accuracy", Some(self.accuracy)),
+        }
+    }
+
+    /// In words, as the portal and the CLI show it: "accuracy 0.912, loss 0.210", or for a
+    /// segmentation model "mean Dice 0.905, HD95 0.95 px, pixel accuracy 0.990, loss 0.123"
+    /// (a score the split cannot give, such as HD95 without a predicted lesion, left out).
+    pub fn summary(&self) -> String {
+        let Some(s) = &self.segmentation else {
+            return format!("accuracy {:.3}, loss {:.3}", self.accuracy, self.loss);
+        };
+        let mut parts = Vec::new();
+        match s.mean_dice {
+            Some(d) => parts.push(format!("mean Dice {d:.3}")),
+            None => parts.push("no Dice (no lesion in the masks or the predictions)".into()),
+        }
+        if let Some(h) = s.hd95 {
+            parts.push(format!("HD95 {h:.2} px"));
+        }
+        parts.push(format!("pixel accuracy {:.3}", self.accuracy));
+        parts.push(format!("loss {:.3}", self.loss));
+        parts.join(", ")
+    }
+}
+
 /// A file a data handler could not use, and why.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
@@ -215,4 +246,51 @@ pub enum WorkerMessage {
     Result(JobResult),
     Heartbeat(Heartbeat),
     JobRejected(RejectedJob),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segmentation::SegmentationScores;
+
+    #[test]
+    fn a_segmentation_model_is_summarised_by_its_dice() {
+        let classifier = Metrics {
+            loss: 0.21,
+            accuracy: 0.9124,
+            auroc: Some(0.95),
+            samples: 40,
+            segmentation: None,
+        };
+        assert_eq!(classifier.headline(), ("accuracy", Some(0.9124)));
+        assert_eq!(classifier.summary(), "accuracy 0.912, loss 0.210");
+        let mut segmenter = Metrics {
+            loss: 0.1234,
+            accuracy: 0.99,
+            auroc: None,
+            samples: 40,
+            segmentation: Some(SegmentationScores {
+                dice: vec![Some(0.9051)],
+                mean_dice: Some(0.9051),
+                mean_iou: Some(0.83),
+                hd95: Some(0.951),
+            }),
+        };
+        assert_eq!(segmenter.headline(), ("mean Dice", Some(0.9051)));
+        assert_eq!(
+            segmenter.summary(),
+            "mean Dice 0.905, HD95 0.95 px, pixel accuracy 0.990, loss 0.123"
+        );
+        segmenter.segmentation = Some(SegmentationScores {
+            dice: vec![None],
+            mean_dice: None,
+            mean_iou: None,
+            hd95: None,
+        });
+        assert_eq!(segmenter.headline(), ("mean Dice", None));
+        assert_eq!(
+            segmenter.summary(),
+            "no Dice (no lesion in the masks or the predictions), pixel accuracy 0.990, loss 0.123"
+        );
+    }
 }

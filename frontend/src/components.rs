@@ -25,6 +25,14 @@ pub fn day(t: &DateTime<Utc>) -> String {
     t.format("%Y-%m-%d").to_string()
 }
 
+/// A model's headline figure in a table cell: "accuracy 0.912" or "mean Dice 0.905".
+pub fn headline(m: &consilium_core::protocol::Metrics) -> String {
+    match m.headline() {
+        (name, Some(v)) => format!("{name} {v:.3}"),
+        (name, None) => format!("no {name}"),
+    }
+}
+
 /// The first 12 hex digits of a hash; the full hash is in the element's title.
 #[component]
 pub fn Hash(hash: String) -> impl IntoView {

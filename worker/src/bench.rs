@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 /// What `bench-train` measures.
 pub struct Bench<'a> {
-    /// `small_cnn` or `resnet`.
+    /// `small_cnn`, `resnet` or `unet`.
     pub model: &'a str,
-    /// resnet's normalisation: `batch` or `group`.
+    /// resnet's and unet's normalisation: `batch` or `group`.
     pub norm: &'a str,
     pub steps: usize,
     pub runs: usize,
@@ -19,11 +19,34 @@ pub struct Bench<'a> {
 impl Bench<'_> {
     /// The model's name as the output and the PyTorch script know it.
     fn label(&self) -> String {
-        if self.model == "resnet" {
-            format!("resnet ({} norm)", self.norm)
-        } else {
-            self.model.to_string()
+        match self.model {
+            "resnet" => format!("resnet ({} norm)", self.norm),
+            "unet" => format!(
+                "unet (widths 16, 32, 64, {} norm, transposed upsampling, 2 classes, soft Dice + cross-entropy)",
+                self.norm
+            ),
+            m => m.to_string(),
         }
+    }
+
+    /// Images per step: 64 for the classifiers, 16 for the U-Net (whose activations are
+    /// full-resolution maps).
+    fn batch(&self) -> usize {
+        if self.model == "unet" { 16 } else { 64 }
+    }
+
+    /// The input's side in pixels.
+    fn size(&self) -> usize {
+        match self.model {
+            "resnet" => 32,
+            "unet" => 64,
+            _ => 28,
+        }
+    }
+
+    /// "batch 64, 28×28".
+    fn shape(&self) -> String {
+        format!("batch {}, {s}×{s}", self.batch(), s = self.size())
     }
 
     /// The arguments that repeat this benchmark in a child process or in PyTorch.
@@ -40,11 +63,16 @@ impl Bench<'_> {
 
     fn check(&self) -> anyhow::Result<()> {
         match (self.model, self.norm) {
-            ("small_cnn", "batch") | ("resnet", "batch" | "group") => {}
-            ("small_cnn", _) => anyhow::bail!("--norm applies to resnet only"),
+            ("small_cnn", "batch") | ("resnet" | "unet", "batch" | "group") => {}
+            ("small_cnn", _) => anyhow::bail!("--norm applies to resnet and unet only"),
             (m, n) => anyhow::bail!(
-                "--model must be small_cnn or resnet and --norm batch or group, not {m} and {n}"
+                "--model must be small_cnn, resnet or unet and --norm batch or group, not {m} and {n}"
             ),
+        }
+        if self.dp && self.model == "unet" {
+            anyhow::bail!(
+                "DP-SGD is not built for segmentation plans yet (the plan refuses it): drop --dp for unet"
+            );
         }
         if self.dp && self.model == "resnet" && self.norm != "group" {
             anyhow::bail!(
@@ -139,13 +167,13 @@ fn measured(
 /// The parent: one child process per measurement (a thread pool is sized once per process),
 /// candle's kernels, Consilium's and PyTorch's side by side, each `runs` times, interleaved.
 fn bench_parent(b: &Bench) -> anyhow::Result<()> {
-    let (model, steps, runs) = (b.label(), b.steps, b.runs);
+    let (model, steps, runs, shape) = (b.label(), b.steps, b.runs, b.shape());
     let all = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     if b.dp {
         println!(
-            "{model}: batch 64 (64 patients, every one sampled), SGD with momentum, {steps} steps after 3 warm-up steps; median of {runs} run(s) (range)"
+            "{model}: {shape} (every patient sampled), SGD with momentum, {steps} steps after 3 warm-up steps; median of {runs} run(s) (range)"
         );
         for t in [1, all] {
             let (plain, line) = measured(runs, || bench_child(b, t, false, false))?;
@@ -174,7 +202,7 @@ fn bench_parent(b: &Bench) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{model}: batch 64, SGD with momentum, {steps} steps after 3 warm-up steps; median of {runs} run(s) (range)"
+        "{model}: {shape}, SGD with momentum, {steps} steps after 3 warm-up steps; median of {runs} run(s) (range)"
     );
     for t in [1, all] {
         let (base, line) = measured(runs, || bench_child(b, t, true, false))?;
@@ -209,14 +237,22 @@ pub fn bench_train(b: &Bench, threads: Option<usize>, candle_conv: bool) -> anyh
     };
     let (model, steps, dp) = (b.model, b.steps, b.dp);
     consilium_core::conv::use_candle_kernels(candle_conv);
-    let size = if model == "resnet" { 32 } else { 28 };
+    let (size, batch_size) = (b.size(), b.batch());
+    let segmentation = model == "unet";
+    let classes = if segmentation { 2 } else { 10 };
+    let mut spec = serde_json::json!({"architecture": model, "num_classes": classes});
+    if model != "small_cnn" {
+        spec["hyper_parameters"] = serde_json::json!({"norm": b.norm});
+    }
+    if segmentation {
+        spec["labels"] = serde_json::json!({"0": "background", "1": "lesion"});
+    }
     let manifest: consilium_core::manifest::TrainingPlanManifest = serde_json::from_value(
         serde_json::json!({
-            "model": {"architecture": model, "num_classes": 10,
-                "hyper_parameters": if model == "resnet" { serde_json::json!({"norm": b.norm}) } else { serde_json::json!({}) }},
+            "model": spec,
             "preprocessing": {"image_size": size},
             "optimiser": {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9},
-            "local_epochs": 1, "batch_size": 64, "rounds": 1, "aggregation": {"strategy": "fedavg"}, "seed": 1
+            "local_epochs": 1, "batch_size": batch_size, "rounds": 1, "aggregation": {"strategy": "fedavg"}, "seed": 1
         }),
     )?;
     let plan = manifest
@@ -224,19 +260,24 @@ pub fn bench_train(b: &Bench, threads: Option<usize>, candle_conv: bool) -> anyh
         .map_err(|p| anyhow::anyhow!("the benchmark's plan: {}", p.join("; ")))?;
     let net = Net::new(&plan, &crate::train::device())?;
     let mut rng = Rng::new(7);
-    let samples: Vec<Sample> = (0..64)
+    let samples: Vec<Sample> = (0..batch_size)
         .map(|i| Sample {
             pixels: (0..size * size).map(|_| rng.unit() as f32).collect(),
-            label: i % 10,
-            mask: None,
+            label: i as u32 % classes as u32,
+            // A random label per pixel, as the PyTorch script's.
+            mask: segmentation.then(|| {
+                (0..size * size)
+                    .map(|_| u16::from(rng.unit() < 0.5))
+                    .collect()
+            }),
             source: String::new(),
             holdout: false,
             unit: format!("patient {i}"),
         })
         .collect();
     let batch: Vec<&Sample> = samples.iter().collect();
-    // One epoch over 64 samples with batch 64 is exactly one step; under DP-SGD, sampling
-    // rate 1 takes all 64 patients, so both steps see the same batch.
+    // One epoch over one batch of samples is exactly one step; under DP-SGD, sampling rate 1
+    // takes every patient, so both steps see the same batch.
     let private = DpStep {
         sampling_rate: 1.0,
         noise_multiplier: 1.0,

@@ -46,10 +46,10 @@ enum Command {
         #[arg(long, default_value_t = 28)]
         size: usize,
     },
-    /// Measures local training steps/s of a model (random data, batch 64, SGD with momentum)
-    /// with 1 thread and with all threads, each in a fresh process.
+    /// Measures local training steps/s of a model (random data, batch 64 — 16 for unet —, SGD
+    /// with momentum) with 1 thread and with all threads, each in a fresh process.
     BenchTrain {
-        /// `small_cnn` (28×28 input) or `resnet` (32×32).
+        /// `small_cnn` (28×28 input), `resnet` (32×32) or `unet` (64×64, a random mask).
         #[arg(long, default_value = "small_cnn")]
         model: String,
         #[arg(long, default_value_t = 30)]
@@ -66,7 +66,7 @@ enum Command {
         /// DP-SGD (per-patient gradients, clipping and noise) next to non-private training.
         #[arg(long)]
         dp: bool,
-        /// resnet's normalisation: `batch` or `group` (DP-SGD needs `group`).
+        /// resnet's and unet's normalisation: `batch` or `group` (DP-SGD needs `group`).
         #[arg(long, default_value = "batch")]
         norm: String,
     },

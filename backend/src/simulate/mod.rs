@@ -66,34 +66,17 @@ fn default_timeout() -> u64 {
     600
 }
 
-/// Writes a ready-to-run experiment into `dir`: three site folders of synthetic
-/// chest-radiograph phantoms (PNG with a labels CSV) and `experiment.toml` naming them.
-pub fn write_example(dir: &Path, scale: u32) -> anyhow::Result<PathBuf> {
-    let mut sites = String::new();
-    for (key, mut profile) in consilium_worker::synthetic::demo_sites(1) {
-        profile.images *= scale.max(1) as usize;
-        let folder = dir.join("sites").join(key);
-        let _ = std::fs::remove_dir_all(&folder);
-        consilium_worker::synthetic::write_site(&folder, 32, &profile)?;
-        sites.push_str(&format!(
-            r#"
-[[sites]]
-name = "{key}"
-[sites.dataset]
-kind = "images"              # or "dicom", "nifti"
-root = "sites/{key}"
-labels = "sites/{key}/labels.csv"
-label_key = "path"           # or "sop_instance_uid" for DICOM
-holdout = 0.25
-"#
-        ));
-    }
-    let path = dir.join("experiment.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"# A local simulation: `consilium simulate --config {}`
-name = "Lesion classifier, first try"
+/// Which ready-to-run example `consilium simulate` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Example {
+    /// Phantoms with or without a lesion, a classifier (`--example`).
+    Classification,
+    /// Phantoms with lesion masks, a U-Net (`--example-segmentation`).
+    Segmentation,
+}
+
+/// The classification example's name and plan.
+const CLASSIFICATION_PLAN: &str = r#"name = "Lesion classifier, first try"
 data_dir = "run"                  # the simulation's own database and artifacts (recreated)
 report = "simulation-report.json"
 round_timeout_seconds = 600
@@ -105,7 +88,7 @@ batch_size = 16
 rounds = 3
 seed = 1
 [plan.model]
-architecture = "small_cnn"       # or "resnet"
+architecture = "small_cnn"       # or "resnet", "unet"
 num_classes = 2
 [plan.preprocessing]
 image_size = 28
@@ -117,55 +100,10 @@ weight_decay = 0.0001
 [plan.aggregation]
 strategy = "fedavg"              # fedadam, fedyogi, fednova (sgd), fedcostwavg, median, trimmed_mean, krum, multi_krum, bulyan, dos
 min_sites = 2
-{sites}"#,
-            path.display()
-        ),
-    )?;
-    Ok(path)
-}
+"#;
 
-/// Which ready-to-run example `consilium simulate` writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Example {
-    /// Phantoms with or without a lesion, a classifier (`--example`).
-    Classification,
-    /// Phantoms with lesion masks, a U-Net (`--example-segmentation`).
-    Segmentation,
-}
-
-/// Writes a ready-to-run segmentation experiment into `dir`: three site folders of synthetic
-/// phantoms with a PNG mask of each lesion (the labels CSV pairs them) and `experiment.toml`
-/// with a U-Net plan, stopped and scored by Dice.
-pub fn write_segmentation_example(dir: &Path, scale: u32) -> anyhow::Result<PathBuf> {
-    let mut sites = String::new();
-    for (key, mut profile) in consilium_worker::synthetic::demo_sites(1) {
-        profile.images = profile.images * scale.max(1) as usize / 2;
-        // Most images show a lesion to outline.
-        profile.lesion_fraction = profile.lesion_fraction.max(0.7);
-        let folder = dir.join("sites").join(key);
-        if folder.exists() {
-            std::fs::remove_dir_all(&folder)?;
-        }
-        consilium_worker::synthetic::write_segmentation_site(&folder, 32, &profile)?;
-        sites.push_str(&format!(
-            r#"
-[[sites]]
-name = "{key}"
-[sites.dataset]
-kind = "images"              # or "nifti" (label volumes), "dicom" (with NIfTI or PNG masks)
-root = "sites/{key}"
-labels = "sites/{key}/labels.csv"   # image,mask: each image's mask, relative to root
-masks = true
-holdout = 0.25
-"#
-        ));
-    }
-    let path = dir.join("experiment.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"# A local simulation: `consilium simulate --config {}`
-name = "Lesion segmentation, first try"
+/// The segmentation example's name and plan: a U-Net stopped and scored by Dice.
+const SEGMENTATION_PLAN: &str = r#"name = "Lesion segmentation, first try"
 data_dir = "run"                  # the simulation's own database and artifacts (recreated)
 report = "simulation-report.json"
 round_timeout_seconds = 600
@@ -179,8 +117,8 @@ seed = 1
 [plan.model]
 architecture = "unet"
 num_classes = 2
-labels = {{ "0" = "background", "1" = "lesion" }}   # mask value = class name
-hyper_parameters = {{ widths = [8, 16, 32], norm = "batch", upsampling = "transposed" }}
+labels = { "0" = "background", "1" = "lesion" }   # mask value = class name
+hyper_parameters = { widths = [8, 16, 32], norm = "batch", upsampling = "transposed" }
 [plan.preprocessing]
 image_size = 32
 normalisation = "zscore"
@@ -192,7 +130,55 @@ weight_decay = 0.0001
 [plan.aggregation]
 strategy = "fedavg"              # fedprox (optimiser.proximal_mu), fedcostwavg, fedbn, …
 min_sites = 2
-{sites}"#,
+"#;
+
+/// Writes a ready-to-run experiment into `dir`: three site folders of synthetic
+/// chest-radiograph phantoms (PNG with a labels CSV; for segmentation a PNG mask of each
+/// lesion beside its image, paired by the CSV) and `experiment.toml` naming them.
+pub fn write_example(dir: &Path, scale: u32, kind: Example) -> anyhow::Result<PathBuf> {
+    let mut sites = String::new();
+    for (key, mut profile) in consilium_worker::synthetic::demo_sites(1) {
+        let folder = dir.join("sites").join(key);
+        if folder.exists() {
+            std::fs::remove_dir_all(&folder)?;
+        }
+        let dataset = match kind {
+            Example::Classification => {
+                profile.images *= scale.max(1) as usize;
+                consilium_worker::synthetic::write_site(&folder, 32, &profile)?;
+                format!(
+                    r#"kind = "images"              # or "dicom", "nifti"
+root = "sites/{key}"
+labels = "sites/{key}/labels.csv"
+label_key = "path"           # or "sop_instance_uid" for DICOM"#
+                )
+            }
+            Example::Segmentation => {
+                profile.images = profile.images * scale.max(1) as usize / 2;
+                // Most images show a lesion to outline.
+                profile.lesion_fraction = profile.lesion_fraction.max(0.7);
+                consilium_worker::synthetic::write_segmentation_site(&folder, 32, &profile)?;
+                format!(
+                    r#"kind = "images"              # or "nifti" (label volumes), "dicom" (with NIfTI or PNG masks)
+root = "sites/{key}"
+labels = "sites/{key}/labels.csv"   # image,mask: each image's mask, relative to root
+masks = true"#
+                )
+            }
+        };
+        sites.push_str(&format!(
+            "\n[[sites]]\nname = \"{key}\"\n[sites.dataset]\n{dataset}\nholdout = 0.25\n"
+        ));
+    }
+    let plan = match kind {
+        Example::Classification => CLASSIFICATION_PLAN,
+        Example::Segmentation => SEGMENTATION_PLAN,
+    };
+    let path = dir.join("experiment.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "# A local simulation: `consilium simulate --config {}`\n{plan}{sites}",
             path.display()
         ),
     )?;
@@ -304,10 +290,7 @@ pub async fn run(
     scale: u32,
 ) -> anyhow::Result<i32> {
     if let Some((dir, kind)) = example {
-        let path = match kind {
-            Example::Classification => write_example(dir, scale)?,
-            Example::Segmentation => write_segmentation_example(dir, scale)?,
-        };
+        let path = write_example(dir, scale, kind)?;
         println!(
             "Wrote an example experiment with three synthetic sites: {}",
             path.display()

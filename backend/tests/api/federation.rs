@@ -15,7 +15,7 @@ use crate::helpers::*;
 use consilium_core::Role;
 use consilium_core::protocol::{Job, JobKind, JobResult, Outcome, WorkerMessage};
 use consilium_worker::broker::{Broker, RabbitBroker};
-use consilium_worker::synthetic::{SiteProfile, write_site};
+use consilium_worker::synthetic::{SiteProfile, write_segmentation_site, write_site};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -286,6 +286,7 @@ async fn provision(
     vhost: &Vhost,
     round_timeout: u64,
     profile: impl Fn(usize) -> SiteProfile,
+    masks: bool,
 ) -> Provisioned {
     let c = Cluster {
         dir: dir.to_path_buf(),
@@ -307,7 +308,11 @@ async fn provision(
     let mut site_brokers = Vec::new();
     for (i, (site, custodian)) in sites.iter().enumerate() {
         let data = c.dir.join(format!("site-{i}"));
-        write_site(&data, 32, &profile(i)).expect("synthetic data");
+        if masks {
+            write_segmentation_site(&data, 32, &profile(i)).expect("synthetic data");
+        } else {
+            write_site(&data, 32, &profile(i)).expect("synthetic data");
+        }
         let worker_token = worker_token(app, *site, custodian).await;
         // The site's key, made by the shipped worker binary; its public half registered by the
         // site's custodian through the REST API, from what `keygen` printed.
@@ -364,6 +369,7 @@ kind = "images"
 root = "{root}"
 labels = "{labels}"
 holdout = 0.25
+masks = {masks}
 "#,
                 server = c.address(),
                 broker = site_broker,
@@ -428,7 +434,7 @@ async fn three_worker_processes_train_through_failures() {
         configs,
         key_files,
         site_brokers,
-    } = provision(&app, &sites, tmp.path(), &vhost, 150, profile).await;
+    } = provision(&app, &sites, tmp.path(), &vhost, 150, profile, false).await;
     let mut server = c.start_server(1);
     wait_healthy(&app.client, &c.address(), &server).await;
     let mut workers: Vec<Proc> = configs
@@ -758,7 +764,7 @@ async fn five_worker_processes_sum_masked_updates_through_dropouts() {
         cluster: c,
         configs,
         ..
-    } = provision(&app, &sites, tmp.path(), &vhost, 90, profile).await;
+    } = provision(&app, &sites, tmp.path(), &vhost, 90, profile, false).await;
     let server = c.start_server(1);
     wait_healthy(&app.client, &c.address(), &server).await;
     let mut workers: Vec<Proc> = configs
@@ -809,4 +815,92 @@ async fn five_worker_processes_sum_masked_updates_through_dropouts() {
         .map(Vec::len)
         .unwrap_or_default();
     assert_eq!(evaluated, 3, "{}", models[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_processes_train_a_unet_scored_by_dice_in_the_lineage() {
+    let vhost = Vhost::new();
+    let app = spawn_app(Db::Postgres).await;
+    let w = world(&app).await;
+    let sites = [(w.site_a, &w.custodian_a), (w.site_b, &w.custodian_b)];
+    // The example's U-Net recipe (`consilium simulate --example-segmentation`).
+    let manifest = json!({
+        "model": {"architecture": "unet", "num_classes": 2,
+            "labels": {"0": "background", "1": "lesion"},
+            "hyper_parameters": {"widths": [8, 16, 32], "norm": "batch", "upsampling": "transposed"}},
+        "preprocessing": {"image_size": 32, "normalisation": "zscore", "augmentations": ["flip"]},
+        "optimiser": {"name": "adamw", "learning_rate": 0.01, "weight_decay": 0.0001},
+        "local_epochs": 3, "batch_size": 8, "rounds": 4, "seed": 1,
+        "aggregation": {"strategy": "fedavg", "min_sites": 2}
+    });
+    let (sid, hash) = approved_study_at(&app, &w, manifest, &sites).await;
+    let tmp = tempfile::tempdir().expect("dir");
+    let profile = |i: usize| SiteProfile {
+        images: 80,
+        lesion_fraction: 0.7,
+        gain: [1.0, 0.8][i],
+        offset: [0.0, 0.1][i],
+        noise: [0.03, 0.06][i],
+        blur: i,
+        seed: i as u64 + 1,
+    };
+    let Provisioned {
+        cluster: c,
+        configs,
+        ..
+    } = provision(&app, &sites, tmp.path(), &vhost, 300, profile, true).await;
+    let server = c.start_server(1);
+    wait_healthy(&app.client, &c.address(), &server).await;
+    let workers: Vec<Proc> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, cfg)| c.start_worker(cfg, i))
+        .collect();
+    let run = app
+        .client
+        .post(format!("{}/api/v1/studies/{sid}/runs", c.address()))
+        .bearer_auth(token(&w.researcher))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("start run");
+    assert_eq!(run.status(), 201, "{}", server.tail());
+    let rid = id_of(&run.json::<Value>().await.expect("run"));
+    let done = run_end(&app.client, &c, &rid, &w.researcher).await;
+    let logs = || logs_of(&server, &workers);
+    assert_eq!(done["status"], "completed", "{done}\n{}", logs());
+
+    // Each round's model carries the sites' Dice, and the final one's lineage says how well
+    // the U-Net outlines the lesions, under the approved plan.
+    let models = get(
+        &app.client,
+        format!("{}/api/v1/models?run_id={rid}", c.address()),
+        &w.researcher,
+    )
+    .await;
+    let models = models.as_array().expect("models");
+    assert_eq!(models.len(), 4, "{models:?}");
+    let last = models
+        .iter()
+        .max_by_key(|m| m["round"].as_u64())
+        .expect("a model");
+    let lineage = get(
+        &app.client,
+        format!("{}/api/v1/models/{}/lineage", c.address(), id_of(last)),
+        &w.researcher,
+    )
+    .await;
+    assert_eq!(lineage["plan"]["hash"], json!(hash), "{lineage}");
+    let evaluation = &lineage["model"]["evaluation"];
+    let dice = evaluation["global"]["segmentation"]["mean_dice"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no Dice in the lineage: {evaluation}"));
+    assert!(dice > 0.5, "the U-Net learnt nothing: {evaluation}");
+    let sites_scored = evaluation["sites"].as_array().expect("sites");
+    assert_eq!(sites_scored.len(), 2, "{evaluation}");
+    for s in sites_scored {
+        let scores = &s["metrics"]["segmentation"];
+        assert!(scores["dice"][0].as_f64().is_some(), "{s}");
+        assert!(scores["hd95"].as_f64().is_some(), "{s}");
+    }
 }

@@ -86,6 +86,21 @@ impl Portal {
         workers: usize,
         configure: impl FnOnce(&mut Settings),
     ) -> Portal {
+        Self::start_full(test, workers, configure, false).await
+    }
+
+    /// As `start`, the sites' workers holding segmentation data (a lesion mask beside each
+    /// phantom).
+    pub async fn start_segmenting(test: &str, workers: usize) -> Portal {
+        Self::start_full(test, workers, |_| {}, true).await
+    }
+
+    async fn start_full(
+        test: &str,
+        workers: usize,
+        configure: impl FnOnce(&mut Settings),
+        masks: bool,
+    ) -> Portal {
         let site_root = workspace().join("target").join("site");
         let bundle = site_root.join("pkg").join("consilium_bg.wasm");
         assert!(
@@ -124,7 +139,7 @@ impl Portal {
             .map(|(s, _, _)| (s.id, s.name.clone()))
             .collect();
         if !sites.is_empty() {
-            let specs = demo::synthetic_sites(dir.path(), &sites, false).expect("site data");
+            let specs = demo::synthetic_sites(dir.path(), &sites, false, masks).expect("site data");
             // The server binary decodes the sites' files, as in the demo (this test program
             // is not a decoder).
             let decoder =

@@ -16,5 +16,6 @@ mod previews;
 mod privacy;
 mod secagg;
 mod security;
+mod segmentation;
 mod setup;
 mod story;

@@ -177,7 +177,7 @@ fn AccessView(d: AccessPage) -> impl IntoView {
     let activity = d.activity.iter().map(|a| {
         let rounds = a.rounds.iter().map(|round| {
             let cells = round.sites.iter().filter(|s| my_sites.contains(&s.site_id)).map(|s| {
-                let metrics = s.evaluation.as_ref().map(|m| format!(", accuracy {:.3}, loss {:.3}", m.accuracy, m.loss)).unwrap_or_default();
+                let metrics = s.evaluation.as_ref().map(|m| format!(", {}", m.summary())).unwrap_or_default();
                 format!("{}: {}{}{}", s.site_name, s.status, s.samples.map(|n| format!(", {n} samples")).unwrap_or_default(), metrics)
             }).collect::<Vec<_>>().join("; ");
             view! { <li>"Round "{round.number}" ("{round.state.clone()}"): "{cells}</li> }

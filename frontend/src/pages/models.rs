@@ -8,7 +8,7 @@ use leptos::server_fn::ServerFn as _;
 use leptos_router::hooks::use_params_map;
 
 use super::loading;
-use crate::components::{Badge, Failure, FormError, Hash, day, field, when};
+use crate::components::{Badge, Failure, FormError, Hash, day, field, headline, when};
 use crate::server::{LineagePage, ModelAction, load_lineage, load_models};
 
 #[component]
@@ -29,14 +29,14 @@ pub fn Models() -> impl IntoView {
                         view! {
                             <crate::components::ListSearch what="model versions" path="/models" total=p.total matching=p.matching page=p.page pages=p.pages query=p.query.clone()/>
                             <table id="model-list">
-                                <thead><tr><th scope="col">"Study"</th><th scope="col">"Round"</th><th scope="col">"Weights"</th><th scope="col">"Accuracy"</th><th scope="col">"Released"</th><th scope="col">"Created"</th></tr></thead>
+                                <thead><tr><th scope="col">"Study"</th><th scope="col">"Round"</th><th scope="col">"Weights"</th><th scope="col">"Held-out score"</th><th scope="col">"Released"</th><th scope="col">"Created"</th></tr></thead>
                                 <tbody>
                                     {p.rows.iter().map(|m| view! {
                                         <tr>
                                             <td>{title(m.study_id)}</td>
                                             <td><a href=format!("/models/{}", m.id)>"Round "{m.round}</a></td>
                                             <td><Hash hash=m.hash.clone()/></td>
-                                            <td>{m.evaluation.as_ref().map(|e| format!("{:.3}", e.global.accuracy)).unwrap_or_default()}</td>
+                                            <td>{m.evaluation.as_ref().map(|e| headline(&e.global)).unwrap_or_default()}</td>
                                             <td>{m.released_at.as_ref().map(day).unwrap_or_else(|| "—".into())}</td>
                                             <td>{when(&m.created_at)}</td>
                                         </tr>
@@ -95,7 +95,7 @@ fn LineageView(d: LineagePage) -> impl IntoView {
                     <td><Hash hash=c.update_hash.clone()/></td>
                     <td>{c.samples}</td>
                     <td>{format!("{:.3} → {:.3}", c.train_loss_before, c.train_loss_after)}</td>
-                    <td>{format!("{:.3}", c.evaluation.accuracy)}</td>
+                    <td>{headline(&c.evaluation)}</td>
                     <td>{match &c.privacy {
                         Some(p) => format!("ε = {:.2} this round, {:.2} in the run, {:.2} for the dataset (δ = {}, σ = {:.2}, {} patients)", p.epsilon_round, p.epsilon_run, p.epsilon_dataset, p.delta, p.noise_multiplier, p.patients),
                         None => "not differentially private".to_string(),
@@ -128,7 +128,7 @@ fn LineageView(d: LineagePage) -> impl IntoView {
             })}
         </div>
         {m.evaluation.as_ref().map(|e| view! {
-            <p>"Evaluated at every site: accuracy "{format!("{:.3}", e.global.accuracy)}", loss "{format!("{:.3}", e.global.loss)}" (weighted by samples)."</p>
+            <p id="evaluation">"Evaluated at every site: "{e.global.summary()}" (weighted by samples)."</p>
         })}
         <h2>"Lineage"</h2>
         <ol class="lineage" id="lineage">
@@ -153,7 +153,7 @@ fn LineageView(d: LineagePage) -> impl IntoView {
             })}
             <li><strong>{if m.secure_aggregation.is_some() { "Masked inputs from the sites:" } else { "Updates from the sites:" }}</strong>
                 <table>
-                    <thead><tr><th scope="col">"Site"</th><th scope="col">{if m.secure_aggregation.is_some() { "Masked input" } else { "Update" }}</th><th scope="col">"Samples"</th><th scope="col">"Training loss"</th><th scope="col">"Accuracy (incoming model)"</th><th scope="col">"Privacy spent"</th></tr></thead>
+                    <thead><tr><th scope="col">"Site"</th><th scope="col">{if m.secure_aggregation.is_some() { "Masked input" } else { "Update" }}</th><th scope="col">"Samples"</th><th scope="col">"Training loss"</th><th scope="col">"Held-out score (incoming model)"</th><th scope="col">"Privacy spent"</th></tr></thead>
                     <tbody>{contributions}</tbody>
                 </table>
             </li>

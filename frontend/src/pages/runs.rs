@@ -96,7 +96,8 @@ fn RunView(d: RunPage) -> impl IntoView {
     let r = d.run.clone();
     let owner = d.study.researcher_id == d.me.user.id;
     let going = live(&r.status);
-    // Charts: the global model's loss and accuracy per round, and each site's accuracy.
+    // Charts: the global model's and each site's held-out figures per round: accuracy and
+    // loss, or for a segmentation model mean Dice and loss (HD95 in the rounds' tables).
     let mut models = d.models.clone();
     models.sort_by_key(|m| m.round);
     let mut site_names: Vec<(uuid::Uuid, String)> = Vec::new();
@@ -108,15 +109,14 @@ fn RunView(d: RunPage) -> impl IntoView {
         }
     }
     // One line for the global model, then one per site, of one measure.
-    let series = |measure: fn(&Metrics) -> f64| {
+    let series = |measure: fn(&Metrics) -> Option<f64>| {
         let global = Series {
             label: "global model".into(),
             points: models
                 .iter()
                 .filter_map(|m| {
-                    m.evaluation
-                        .as_ref()
-                        .map(|e| (f64::from(m.round), measure(&e.global)))
+                    let e = m.evaluation.as_ref()?;
+                    Some((f64::from(m.round), measure(&e.global)?))
                 })
                 .collect(),
         };
@@ -130,14 +130,20 @@ fn RunView(d: RunPage) -> impl IntoView {
                         .sites
                         .iter()
                         .find(|s| s.site_id == *id)
-                        .map(|s| (f64::from(m.round), measure(&s.metrics)))
+                        .and_then(|s| Some((f64::from(m.round), measure(&s.metrics)?)))
                 })
                 .collect(),
         });
         std::iter::once(global).chain(sites).collect::<Vec<_>>()
     };
-    let acc_series = series(|m| m.accuracy);
-    let loss_series = series(|m| m.loss);
+    let segmentation = models.iter().any(|m| {
+        m.evaluation
+            .as_ref()
+            .is_some_and(|e| e.global.segmentation.is_some())
+    });
+    let acc_series = series(|m| Some(m.accuracy));
+    let dice_series = series(|m| m.segmentation.as_ref()?.mean_dice);
+    let loss_series = series(|m| Some(m.loss));
     let has_points = models.iter().any(|m| m.evaluation.is_some());
     // Where the run is: its latest round and that round's state.
     let of = d
@@ -217,8 +223,18 @@ fn RunView(d: RunPage) -> impl IntoView {
                     <td>{s.site_name.clone()}</td>
                     <td><Badge text=s.status.clone()/></td>
                     <td>{s.samples.map(|n| n.to_string()).unwrap_or_default()}</td>
-                    <td>{held_out.as_ref().map(|m| format!("{:.3}", m.accuracy)).unwrap_or_else(|| "—".into())}</td>
-                    <td>{held_out.as_ref().and_then(|m| m.auroc).map(|a| format!("{a:.3}")).unwrap_or_else(|| "—".into())}</td>
+                    {if segmentation {
+                        let seg = held_out.as_ref().and_then(|m| m.segmentation.clone());
+                        view! {
+                            <td>{seg.as_ref().and_then(|s| s.mean_dice).map(|d| format!("{d:.3}")).unwrap_or_else(|| "—".into())}</td>
+                            <td>{seg.as_ref().and_then(|s| s.hd95).map(|h| format!("{h:.2}")).unwrap_or_else(|| "—".into())}</td>
+                        }.into_any()
+                    } else {
+                        view! {
+                            <td>{held_out.as_ref().map(|m| format!("{:.3}", m.accuracy)).unwrap_or_else(|| "—".into())}</td>
+                            <td>{held_out.as_ref().and_then(|m| m.auroc).map(|a| format!("{a:.3}")).unwrap_or_else(|| "—".into())}</td>
+                        }.into_any()
+                    }}
                     <td>{held_out.as_ref().map(|m| format!("{:.3}", m.loss)).unwrap_or_else(|| "—".into())}</td>
                     <td>{s.duration_ms.map(|ms| format!("{:.1} s", ms as f64 / 1000.0)).unwrap_or_default()}</td>
                     {private.then(|| view! { <td>{s.privacy.as_ref().map(|p| format!("ε {:.2} (run {:.2})", p.epsilon_round, p.epsilon_run)).unwrap_or_else(|| "—".into())}</td> })}
@@ -246,11 +262,12 @@ fn RunView(d: RunPage) -> impl IntoView {
                 <p class="meta">"Quorum "{round.quorum}" · deadline "{when(&round.deadline)}" "{model}</p>
                 {round.failure.clone().map(|f| view! { <p class="notice error">{f}</p> })}
                 {(!waiting.is_empty() && round.state == "collecting").then(|| view! { <p class="hint">"Waiting for: "{waiting.join(", ")}</p> })}
-                <table>
+                // Privacy, robustness and segmentation add columns: the table scrolls in its box.
+                <div class="scroll"><table>
                     <caption>"Held-out figures: this round's model at each site"</caption>
-                    <thead><tr><th scope="col">"Site"</th><th scope="col">"Status"</th><th scope="col">"Training images"</th><th scope="col">"Held-out accuracy"</th><th scope="col">"AUROC"</th><th scope="col">"Held-out loss"</th><th scope="col">"Time"</th>{private.then(|| view! { <th scope="col">"Privacy spent"</th> })}{robust.then(|| view! { <th scope="col">"Share of the model"</th><th scope="col">"Outlier score"</th> })}<th scope="col">"Reason"</th></tr></thead>
+                    <thead><tr><th scope="col">"Site"</th><th scope="col">"Status"</th><th scope="col">"Training images"</th>{if segmentation { view! { <th scope="col">"Held-out mean Dice"</th><th scope="col">"HD95 (px)"</th> }.into_any() } else { view! { <th scope="col">"Held-out accuracy"</th><th scope="col">"AUROC"</th> }.into_any() }}<th scope="col">"Held-out loss"</th><th scope="col">"Time"</th>{private.then(|| view! { <th scope="col">"Privacy spent"</th> })}{robust.then(|| view! { <th scope="col">"Share of the model"</th><th scope="col">"Outlier score"</th> })}<th scope="col">"Reason"</th></tr></thead>
                     <tbody>{sites}</tbody>
-                </table>
+                </table></div>
                 {(!round.excluded.is_empty()).then(|| view! { <p><strong>"Excluded:"</strong></p><ul>{excluded}</ul> })}
                 {(!round.not_counted.is_empty()).then(|| view! { <p><strong>"Not counted:"</strong></p><ul>{late}</ul> })}
             </section>
@@ -281,11 +298,20 @@ fn RunView(d: RunPage) -> impl IntoView {
         })}
         {site_states.map(|l| view! { <h2 id="sites-now">"Sites"</h2><ul class="site-states">{l}</ul> })}
         {flag_notes}
-        {has_points.then(|| view! {
-            <div class="charts">
-                <LineChart title="Accuracy per round".to_string() y_title="Held-out accuracy".to_string() series=acc_series unit_max=1.0/>
-                <LineChart title="Loss per round".to_string() y_title="Held-out loss".to_string() series=loss_series/>
-            </div>
+        {has_points.then(|| if segmentation {
+            view! {
+                <div class="charts">
+                    <LineChart title="Mean Dice per round".to_string() y_title="Held-out mean Dice".to_string() series=dice_series unit_max=1.0/>
+                    <LineChart title="Loss per round".to_string() y_title="Held-out loss".to_string() series=loss_series/>
+                </div>
+            }.into_any()
+        } else {
+            view! {
+                <div class="charts">
+                    <LineChart title="Accuracy per round".to_string() y_title="Held-out accuracy".to_string() series=acc_series unit_max=1.0/>
+                    <LineChart title="Loss per round".to_string() y_title="Held-out loss".to_string() series=loss_series/>
+                </div>
+            }.into_any()
         })}
         <h2>"Rounds"</h2>
         {if d.rounds.is_empty() { view! { <p>"No round has opened yet."</p> }.into_any() } else { view! { <div>{rounds}</div> }.into_any() }}
