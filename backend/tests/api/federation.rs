@@ -685,6 +685,35 @@ async fn three_worker_processes_train_through_failures() {
     assert_eq!(verify["ok"], true, "{verify}");
 }
 
+/// Starts the server process and a worker process per site, then the study's run as the
+/// researcher: the processes and the run's id.
+async fn start_run(
+    app: &TestApp,
+    c: &Cluster,
+    configs: &[PathBuf],
+    study: &str,
+    researcher: &Person,
+) -> (Proc, Vec<Proc>, String) {
+    let server = c.start_server(1);
+    wait_healthy(&app.client, &c.address(), &server).await;
+    let workers: Vec<Proc> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, cfg)| c.start_worker(cfg, i))
+        .collect();
+    let run = app
+        .client
+        .post(format!("{}/api/v1/studies/{study}/runs", c.address()))
+        .bearer_auth(token(researcher))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("start run");
+    assert_eq!(run.status(), 201, "{}", server.tail());
+    let rid = id_of(&run.json::<Value>().await.expect("run"));
+    (server, workers, rid)
+}
+
 /// The run once it is no longer running (`Null` if it still is after five minutes).
 async fn run_end(client: &reqwest::Client, c: &Cluster, rid: &str, who: &Person) -> Value {
     for _ in 0..1200 {
@@ -765,23 +794,7 @@ async fn five_worker_processes_sum_masked_updates_through_dropouts() {
         configs,
         ..
     } = provision(&app, &sites, tmp.path(), &vhost, 90, profile, false).await;
-    let server = c.start_server(1);
-    wait_healthy(&app.client, &c.address(), &server).await;
-    let mut workers: Vec<Proc> = configs
-        .iter()
-        .enumerate()
-        .map(|(i, cfg)| c.start_worker(cfg, i))
-        .collect();
-    let run = app
-        .client
-        .post(format!("{}/api/v1/studies/{sid}/runs", c.address()))
-        .bearer_auth(token(&w.researcher))
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("start run");
-    assert_eq!(run.status(), 201, "{}", server.tail());
-    let rid = id_of(&run.json::<Value>().await.expect("run"));
+    let (server, mut workers, rid) = start_run(&app, &c, &configs, &sid, &w.researcher).await;
     let run_id: Uuid = rid.parse().expect("run id");
     let (east, west) = (sites[2].0, sites[3].0);
     // East is killed once the shares are exchanged, while it trains; West once it has sent
@@ -849,23 +862,7 @@ async fn worker_processes_train_a_unet_scored_by_dice_in_the_lineage() {
         configs,
         ..
     } = provision(&app, &sites, tmp.path(), &vhost, 300, profile, true).await;
-    let server = c.start_server(1);
-    wait_healthy(&app.client, &c.address(), &server).await;
-    let workers: Vec<Proc> = configs
-        .iter()
-        .enumerate()
-        .map(|(i, cfg)| c.start_worker(cfg, i))
-        .collect();
-    let run = app
-        .client
-        .post(format!("{}/api/v1/studies/{sid}/runs", c.address()))
-        .bearer_auth(token(&w.researcher))
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("start run");
-    assert_eq!(run.status(), 201, "{}", server.tail());
-    let rid = id_of(&run.json::<Value>().await.expect("run"));
+    let (server, workers, rid) = start_run(&app, &c, &configs, &sid, &w.researcher).await;
     let done = run_end(&app.client, &c, &rid, &w.researcher).await;
     let logs = || logs_of(&server, &workers);
     assert_eq!(done["status"], "completed", "{done}\n{}", logs());
