@@ -962,6 +962,15 @@ dto! {
         pub label: u32,
     }
 
+    /// One class of a segmentation plan's masks, as a preview draws it.
+    pub struct PreviewClassDto {
+        /// The value the site's masks give this class (the plan's `model.labels`).
+        pub value: u16,
+        pub name: String,
+        /// The colour its pixels take over the images (CSS); none for the background.
+        pub colour: Option<String>,
+    }
+
     pub struct PreviewDto {
         pub id: Uuid,
         pub study_id: Uuid,
@@ -983,6 +992,11 @@ dto! {
         /// The images (only for those who may see them: the site's custodian, and the
         /// researcher once released).
         pub images: Vec<PreviewImageDto>,
+        /// A preview of segmentation data: the plan's mask classes, background first. Each
+        /// image then comes with its synthetic mask (`GET /previews/{id}/images/{index}/mask`,
+        /// PNG of the plan's mask values) and the mask drawn over it (`…/overlay`, PNG). Empty
+        /// for a classifier's preview.
+        pub classes: Vec<PreviewClassDto>,
         /// Images the memorisation check withheld (they never left the site).
         pub withheld: Option<u32>,
         pub memorisation: Option<crate::preview::MemorisationReport>,

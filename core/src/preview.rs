@@ -74,6 +74,51 @@ impl Default for PreviewSpec {
     }
 }
 
+/// The most classes a preview of segmentation data generates masks for: the generator learns
+/// each class as a channel beside the image, so each class costs as much as the image itself.
+pub const MAX_PREVIEW_CLASSES: usize = 16;
+
+/// How opaque a class's colour is over a synthetic image where its mask shows that class.
+pub const OVERLAY_OPACITY: f32 = 0.45;
+
+/// The colour a mask's class is drawn in over its image (the server's overlays and the portal's
+/// legend both take it from here): none for the background (class 0); the foreground classes
+/// take the Okabe–Ito palette (told apart with the common colour-vision deficiencies) in turn.
+pub fn overlay_colour(class: usize) -> Option<[u8; 3]> {
+    const PALETTE: [[u8; 3]; 7] = [
+        [230, 159, 0],
+        [86, 180, 233],
+        [0, 158, 115],
+        [240, 228, 66],
+        [0, 114, 178],
+        [213, 94, 0],
+        [204, 121, 167],
+    ];
+    class.checked_sub(1).map(|i| PALETTE[i % PALETTE.len()])
+}
+
+/// `overlay_colour` as CSS (`#e69f00`).
+pub fn overlay_css(class: usize) -> Option<String> {
+    overlay_colour(class).map(|[r, g, b]| format!("#{r:02x}{g:02x}{b:02x}"))
+}
+
+/// An 8-bit grey image with its mask's classes drawn over it: RGB, row-major, each foreground
+/// pixel blended with its class's colour at [`OVERLAY_OPACITY`]. `grey` and `classes` are the
+/// same length.
+pub fn overlay(grey: &[u8], classes: &[u8]) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity(grey.len() * 3);
+    for (&g, &c) in grey.iter().zip(classes) {
+        match overlay_colour(usize::from(c)) {
+            Some(colour) => rgb.extend(colour.map(|k| {
+                (f32::from(g) * (1.0 - OVERLAY_OPACITY) + f32::from(k) * OVERLAY_OPACITY).round()
+                    as u8
+            })),
+            None => rgb.extend([g, g, g]),
+        }
+    }
+    rgb
+}
+
 /// A count in a summary: exact when at least k, otherwise suppressed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(ToSchema))]
@@ -122,6 +167,11 @@ pub struct PreviewImageData {
     pub label: u32,
     /// PNG, 8-bit grey, base64 (standard alphabet).
     pub png_base64: String,
+    /// Segmentation data: the synthetic image's mask, generated with it, as a PNG (8-bit grey,
+    /// same size) whose pixel values are the plan's classes (0 the background, 1 the plan's
+    /// second mask value, …), base64. None for a classifier's preview.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_png_base64: Option<String>,
 }
 
 /// Everything that leaves the site for one preview request (stored as one JSON artifact):
@@ -136,4 +186,24 @@ pub struct PreviewSet {
     pub images: Vec<PreviewImageData>,
     pub memorisation: MemorisationReport,
     pub summary: MetadataSummary,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_background_stays_grey_and_each_class_takes_its_colour() {
+        assert_eq!(overlay_colour(0), None);
+        assert_eq!(overlay_css(1).as_deref(), Some("#e69f00"));
+        assert_eq!(overlay_css(2).as_deref(), Some("#56b4e9"));
+        // The palette repeats after its seven colours.
+        assert_eq!(overlay_colour(8), overlay_colour(1));
+        // Background pixels keep their grey; a class-1 pixel of grey 101 becomes
+        // 0.55·101 + 0.45·(230, 159, 0), rounded.
+        let rgb = overlay(&[100, 101, 200], &[0, 1, 2]);
+        assert_eq!(&rgb[..3], &[100, 100, 100]);
+        assert_eq!(&rgb[3..6], &[159, 127, 56]);
+        assert_eq!(&rgb[6..], &[149, 191, 215]);
+    }
 }

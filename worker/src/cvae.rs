@@ -263,7 +263,7 @@ pub fn generate(
     let mut opt = AdamW::new(
         varmap.all_vars(),
         ParamsAdamW {
-            lr: 1e-3,
+            lr: 3e-3,
             weight_decay: 0.0,
             ..Default::default()
         },

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use consilium_core::aggregate::{Strategy, is_batch_norm};
 use consilium_core::manifest::plan_hash;
-use consilium_core::plan::Plan;
+use consilium_core::plan::{Plan, Segmentation};
 use consilium_core::protocol::{Job, JobKind, JobResult, Outcome, PROTOCOL_VERSION};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -187,8 +187,17 @@ impl SiteContext {
 }
 
 /// A synthetic preview of this site's training images, checked before it leaves.
-async fn preview(job: &Job, ctx: &SiteContext) -> Outcome {
+async fn preview(job: &Job, ctx: &SiteContext, segmentation: Option<Segmentation>) -> Outcome {
     let spec = job.preview.clone().unwrap_or_default();
+    if let Some(seg) = &segmentation
+        && seg.values.len() > crate::preview::MAX_PREVIEW_CLASSES
+    {
+        return refuse(format!(
+            "the plan names {} mask classes; a preview draws masks of at most {} (each class is a channel the generator learns)",
+            seg.values.len(),
+            crate::preview::MAX_PREVIEW_CLASSES
+        ));
+    }
     let data = match ctx.data(spec.image_size as usize).await {
         Ok(d) => d,
         Err(e) => return fail(e),
@@ -213,7 +222,15 @@ async fn preview(job: &Job, ctx: &SiteContext) -> Outcome {
     };
     let started = Instant::now();
     let built = tokio::task::spawn_blocking(move || {
-        crate::preview::build_set(&data, &spec, &root, dicom, seed, private.as_ref())
+        crate::preview::build_set(
+            &data,
+            &spec,
+            &root,
+            dicom,
+            seed,
+            private.as_ref(),
+            segmentation.as_ref(),
+        )
     })
     .await;
     let (set, withheld) = match built {
@@ -356,7 +373,7 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
         return fail("the round's deadline passed before the job could start");
     }
     if job.kind == JobKind::Preview {
-        return preview(job, ctx).await;
+        return preview(job, ctx, plan.segmentation.clone()).await;
     }
     let global = match &job.global_model {
         Some(h) => match ctx.artifacts.model(job, h).await {

@@ -10,7 +10,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub use consilium_core::preview::{Count, MemorisationReport, MetadataSummary};
+use consilium_core::plan::Segmentation;
+pub use consilium_core::preview::{
+    Count, MAX_PREVIEW_CLASSES, MemorisationReport, MetadataSummary,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::train::Rng;
@@ -327,6 +330,10 @@ fn png(pixels: &[f32], size: u32) -> Result<Vec<u8>, String> {
         .iter()
         .map(|p| (p.clamp(0.0, 1.0) * 255.0).round() as u8)
         .collect();
+    grey_png(bytes, size)
+}
+
+fn grey_png(bytes: Vec<u8>, size: u32) -> Result<Vec<u8>, String> {
     let img = image::GrayImage::from_raw(size, size, bytes)
         .ok_or_else(|| "a synthetic image has the wrong number of pixels".to_string())?;
     let mut out = std::io::Cursor::new(Vec::new());
@@ -342,10 +349,69 @@ pub struct Private {
     pub epsilon: f64,
 }
 
+/// Segmentation data for the generators: each image followed by its mask as one channel per
+/// class (1 where the pixel is of that class, else 0), so that a generator fitted to these
+/// learns images and masks together and draws them as pairs.
+fn joint(data: &crate::data::Dataset, seg: &Segmentation) -> Result<Vec<Vec<f32>>, String> {
+    let classes = seg.values.len();
+    if classes > MAX_PREVIEW_CLASSES {
+        return Err(format!(
+            "the plan names {classes} mask classes; a preview draws masks of at most {MAX_PREVIEW_CLASSES} (each class is a channel the generator learns)"
+        ));
+    }
+    data.train()
+        .map(|s| {
+            let mask = crate::train::mask_classes(s, seg).map_err(|e| e.to_string())?;
+            let mut v = Vec::with_capacity(s.pixels.len() * (1 + classes));
+            v.extend_from_slice(&s.pixels);
+            for c in 0..classes as u32 {
+                v.extend(mask.iter().map(|&m| if m == c { 1.0 } else { 0.0 }));
+            }
+            Ok(v)
+        })
+        .collect()
+}
+
+/// Splits a generated joint vector (see `joint`) into its image and its mask: each pixel's
+/// class is the channel drawn strongest there.
+fn split(joint: &[f32], pixels: usize, classes: usize) -> (Vec<f32>, Vec<u8>) {
+    let image = joint[..pixels].to_vec();
+    let mask = (0..pixels)
+        .map(|p| {
+            (0..classes)
+                .map(|c| joint[pixels * (1 + c) + p])
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (c, v)| {
+                    if v > best.1 { (c, v) } else { best }
+                })
+                .0 as u8
+        })
+        .collect();
+    (image, mask)
+}
+
+/// What a segmentation preview's summary counts per class: the training images that show it.
+fn images_per_class(data: &crate::data::Dataset, seg: &Segmentation) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for s in data.train() {
+        let mut seen = vec![false; seg.values.len()];
+        for v in s.mask.iter().flatten() {
+            if let Some(c) = seg.class_of(*v) {
+                seen[usize::from(c)] = true;
+            }
+        }
+        for (name, _) in seg.names.iter().zip(&seen).filter(|(_, s)| **s) {
+            *out.entry(name.clone()).or_insert(0) += 1;
+        }
+    }
+    out
+}
+
 /// Builds what leaves the site for a preview job: generated images, minus those the
-/// memorisation check flags, the check's figures and the metadata summary. `dicom_root` is
-/// the dataset's folder when its files are DICOM (for the summary); `root` the folder of its
-/// files.
+/// memorisation check flags, the check's figures and the metadata summary. `root` is the
+/// folder of the dataset's files, `dicom` whether they are DICOM (for the summary). With `segmentation` (the plan's mask classes) each image is generated with its mask,
+/// the memorisation check compares the images alone, and the summary counts the images that
+/// show each class.
 pub fn build_set(
     data: &crate::data::Dataset,
     spec: &consilium_core::preview::PreviewSpec,
@@ -353,11 +419,17 @@ pub fn build_set(
     dicom: bool,
     seed: u64,
     private: Option<&Private>,
+    segmentation: Option<&Segmentation>,
 ) -> Result<(consilium_core::preview::PreviewSet, u32), String> {
     use base64::Engine as _;
+    let joint = segmentation.map(|seg| joint(data, seg)).transpose()?;
     let examples: Vec<crate::cvae::Example> = data
         .train()
-        .map(|s| (s.label, s.pixels.as_slice(), s.unit.as_str()))
+        .enumerate()
+        .map(|(i, s)| {
+            let values = joint.as_ref().map_or(s.pixels.as_slice(), |j| &j[i]);
+            (s.label, values, s.unit.as_str())
+        })
         .collect();
     let train: Vec<(u32, &[f32])> = examples.iter().map(|(l, p, _)| (*l, *p)).collect();
     if train.is_empty() {
@@ -403,18 +475,40 @@ pub fn build_set(
             generate(&train, spec.per_class as usize, 16, seed).map_err(|e| e.to_string())?;
         (images, "pca_gaussian")
     };
-    let real: Vec<&[f32]> = train.iter().map(|(_, p)| *p).collect();
-    let synthetic: Vec<&[f32]> = generated.iter().map(|g| g.pixels.as_slice()).collect();
+    let pixels = data.size * data.size;
+    let generated: Vec<(PreviewImage, Option<Vec<u8>>)> = generated
+        .into_iter()
+        .map(|g| match segmentation {
+            Some(seg) => {
+                let (image, mask) = split(&g.pixels, pixels, seg.values.len());
+                (
+                    PreviewImage {
+                        label: g.label,
+                        pixels: image,
+                    },
+                    Some(mask),
+                )
+            }
+            None => (g, None),
+        })
+        .collect();
+    let real: Vec<&[f32]> = data.train().map(|s| s.pixels.as_slice()).collect();
+    let synthetic: Vec<&[f32]> = generated.iter().map(|(g, _)| g.pixels.as_slice()).collect();
     let memorisation = memorisation_check(&real, &synthetic, DEFAULT_DCR_THRESHOLD);
     let mut images = Vec::new();
-    for (i, g) in generated.iter().enumerate() {
+    let encode = |png: Vec<u8>| base64::engine::general_purpose::STANDARD.encode(png);
+    for (i, (g, mask)) in generated.iter().enumerate() {
         if memorisation.flagged.contains(&i) {
             continue;
         }
         images.push(consilium_core::preview::PreviewImageData {
             label: g.label,
-            png_base64: base64::engine::general_purpose::STANDARD
-                .encode(png(&g.pixels, data.size as u32)?),
+            png_base64: encode(png(&g.pixels, data.size as u32)?),
+            mask_png_base64: match mask {
+                // Pixel value = class.
+                Some(m) => Some(encode(grey_png(m.clone(), data.size as u32)?)),
+                None => None,
+            },
         });
     }
     let withheld = memorisation.flagged.len() as u32;
@@ -450,6 +544,13 @@ pub fn build_set(
             s.image_sizes = counts(sizes, spec.k);
             s
         }
+    };
+    let summary = match segmentation {
+        Some(seg) => MetadataSummary {
+            labels: counts(images_per_class(data, seg), spec.k),
+            ..summary
+        },
+        None => summary,
     };
     Ok((
         consilium_core::preview::PreviewSet {

@@ -293,7 +293,7 @@ fn nothing_identifying_leaves_with_a_preview_of_dicom_images() {
         dp: None,
     };
     let (set, _) =
-        consilium_worker::preview::build_set(&data, &preview, &dir, true, 1, None).unwrap();
+        consilium_worker::preview::build_set(&data, &preview, &dir, true, 1, None, None).unwrap();
     assert_eq!(
         set.generator, "pca_gaussian",
         "few images per class: the fallback"
@@ -388,4 +388,207 @@ fn a_private_generator_cannot_be_replayed_from_its_seed() {
         plain(7),
         "without DP the seed reproduces the preview"
     );
+}
+
+/// A site of image + mask phantoms (PNG pairs), loaded as the worker loads it.
+fn segmentation_site(dir: &Path, images: usize) -> consilium_worker::data::Dataset {
+    let profile = SiteProfile {
+        images,
+        lesion_fraction: 0.6,
+        gain: 1.0,
+        offset: 0.0,
+        noise: 0.03,
+        blur: 0,
+        seed: 7,
+    };
+    consilium_worker::synthetic::write_segmentation_site(dir, 32, &profile).unwrap();
+    let spec = consilium_worker::data::DatasetSpec {
+        kind: consilium_worker::data::DataKind::Images,
+        root: dir.to_path_buf(),
+        labels: dir.join("labels.csv"),
+        label_key: consilium_worker::data::LabelKey::Path,
+        masks: true,
+        holdout: 0.0,
+        window: None,
+        decoding: Default::default(),
+    };
+    consilium_worker::data::load(
+        &spec,
+        32,
+        &consilium_worker::decode::Decoder::program(env!("CARGO_BIN_EXE_consilium-worker")),
+    )
+    .unwrap()
+}
+
+fn lesion_plan() -> consilium_core::plan::Segmentation {
+    consilium_core::plan::Segmentation {
+        values: vec![0, 1],
+        names: vec!["background".into(), "lesion".into()],
+    }
+}
+
+fn decode_png(b64: &str) -> image::GrayImage {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    image::load_from_memory(&bytes).unwrap().to_luma8()
+}
+
+/// How much brighter an image is where its mask says lesion than where it says background
+/// (None when the mask shows no lesion).
+fn lesion_contrast(pixels: &[f32], classes: &[u8]) -> Option<f32> {
+    let mean = |class: u8| {
+        let v: Vec<f32> = pixels
+            .iter()
+            .zip(classes)
+            .filter(|(_, c)| **c == class)
+            .map(|(p, _)| *p)
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f32>() / v.len() as f32)
+    };
+    Some(mean(1)? - mean(0)?)
+}
+
+/// Each synthetic image comes with a synthetic mask drawn with it, by either generator: a PNG
+/// of the plan's classes at the image's size, where the lesion the mask outlines is in its own
+/// image (brighter there than the set's other images are); the memorisation check compares the
+/// images alone; the summary counts the images that show each class.
+#[test]
+fn a_segmentation_preview_draws_each_image_with_its_mask() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = segmentation_site(dir.path(), 120);
+    let real: Vec<&[f32]> = data.train().map(|s| s.pixels.as_slice()).collect();
+    // In the real pairs a lesion is brighter than the background around it.
+    let real_contrast: Vec<f32> = data
+        .train()
+        .filter_map(|s| {
+            let m: Vec<u8> = s.mask.as_ref().unwrap().iter().map(|v| *v as u8).collect();
+            lesion_contrast(&s.pixels, &m)
+        })
+        .collect();
+    let real_contrast = real_contrast.iter().sum::<f32>() / real_contrast.len() as f32;
+    assert!(real_contrast > 0.05, "{real_contrast}");
+    let with_lesion = data
+        .train()
+        .filter(|s| s.mask.as_ref().unwrap().contains(&1))
+        .count() as u64;
+
+    for generator in ["pca_gaussian", "cvae"] {
+        let spec = consilium_core::preview::PreviewSpec {
+            per_class: 24,
+            image_size: 32,
+            k: 1,
+            generator: Some(generator.into()),
+            dp: None,
+        };
+        let (set, withheld) = consilium_worker::preview::build_set(
+            &data,
+            &spec,
+            dir.path(),
+            false,
+            5,
+            None,
+            Some(&lesion_plan()),
+        )
+        .unwrap();
+        assert_eq!(set.generator, generator);
+        assert_eq!(set.images.len() + withheld as usize, 24);
+        // The check measured the images against the real images alone (the masks are not
+        // part of the distance).
+        assert_eq!(set.memorisation.ratios.len(), 24);
+        let images_only = memorisation_check(&real, &real[..1], DEFAULT_DCR_THRESHOLD);
+        assert_eq!(set.memorisation.real_nn_median, images_only.real_nn_median);
+        let mut contrasts = Vec::new();
+        let mut lesions = 0;
+        let mut decoded = Vec::new();
+        for img in &set.images {
+            let px = decode_png(&img.png_base64);
+            let mask = decode_png(img.mask_png_base64.as_deref().expect("a mask per image"));
+            assert_eq!(mask.dimensions(), (32, 32), "{generator}");
+            assert_eq!(px.dimensions(), (32, 32), "{generator}");
+            assert!(
+                mask.pixels().all(|p| p.0[0] <= 1),
+                "{generator}: classes 0 and 1 only"
+            );
+            let pixels: Vec<f32> = px.pixels().map(|p| f32::from(p.0[0]) / 255.0).collect();
+            let classes: Vec<u8> = mask.pixels().map(|p| p.0[0]).collect();
+            if let Some(c) = lesion_contrast(&pixels, &classes) {
+                lesions += 1;
+                contrasts.push(c);
+            }
+            decoded.push((pixels, classes));
+        }
+        // The same masks over the other images of the set: how bright a lesion's place is in
+        // an image that was not drawn with that mask.
+        let others: Vec<f32> = (0..decoded.len())
+            .filter_map(|i| {
+                let other = &decoded[(i + 1) % decoded.len()].0;
+                lesion_contrast(other, &decoded[i].1)
+            })
+            .collect();
+        let others = others.iter().sum::<f32>() / others.len().max(1) as f32;
+        assert!(
+            lesions > 0 && lesions < set.images.len(),
+            "{generator}: some masks show a lesion and some do not ({lesions} of {})",
+            set.images.len()
+        );
+        let contrast = contrasts.iter().sum::<f32>() / contrasts.len() as f32;
+        assert!(
+            contrast - others > real_contrast / 4.0,
+            "{generator}: where a synthetic mask says lesion, its own image is brighter ({contrast:.3}) than the other images there ({others:.3}); real pairs {real_contrast:.3}"
+        );
+        let labels = &set.summary.labels;
+        let count = |name: &str| labels.iter().find(|c| c.value == name).unwrap().count;
+        assert_eq!(count("background"), Some(data.train().count() as u64));
+        assert_eq!(count("lesion"), Some(with_lesion));
+    }
+}
+
+#[test]
+fn a_segmentation_preview_needs_masks_and_a_plan_it_can_draw() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = segmentation_site(dir.path(), 12);
+    let spec = consilium_core::preview::PreviewSpec::default();
+    // More classes than the generator draws.
+    let many = consilium_core::plan::Segmentation {
+        values: (0..20).collect(),
+        names: (0..20).map(|i| format!("class {i}")).collect(),
+    };
+    let e =
+        consilium_worker::preview::build_set(&data, &spec, dir.path(), false, 1, None, Some(&many))
+            .unwrap_err();
+    assert!(
+        e.contains("20 mask classes") && e.contains("at most 16"),
+        "{e}"
+    );
+    // A mask value the plan does not name.
+    let only_background = consilium_core::plan::Segmentation {
+        values: vec![0],
+        names: vec!["background".into()],
+    };
+    let e = consilium_worker::preview::build_set(
+        &data,
+        &spec,
+        dir.path(),
+        false,
+        1,
+        None,
+        Some(&only_background),
+    )
+    .unwrap_err();
+    assert!(e.contains("does not name"), "{e}");
+    // Images without masks.
+    data.samples.iter_mut().for_each(|s| s.mask = None);
+    let e = consilium_worker::preview::build_set(
+        &data,
+        &spec,
+        dir.path(),
+        false,
+        1,
+        None,
+        Some(&lesion_plan()),
+    )
+    .unwrap_err();
+    assert!(e.contains("masks = true"), "{e}");
 }

@@ -14,6 +14,8 @@ pub fn configure(cfg: &mut ServiceConfig) {
         .service(list)
         .service(get_preview)
         .service(image)
+        .service(mask)
+        .service(overlay)
         .service(decide);
 }
 
@@ -68,11 +70,60 @@ async fn image(
     path: web::Path<(Uuid, u32)>,
 ) -> AppResult<HttpResponse> {
     let (id, index) = path.into_inner();
-    let png = previews::image(&ctx, &a, id, index).await?;
-    Ok(HttpResponse::Ok()
+    Ok(png(previews::image(&ctx, &a, id, index).await?))
+}
+
+fn png(bytes: Vec<u8>) -> HttpResponse {
+    HttpResponse::Ok()
         .content_type("image/png")
         .insert_header(("Cache-Control", "private, no-store"))
-        .body(png))
+        .body(bytes)
+}
+
+/// The synthetic mask generated with one image of a preview of segmentation data: a grey PNG
+/// whose pixel values are the plan's mask values (`model.labels`; 16-bit when a value is above
+/// 255). 404 for a classifier's preview.
+#[utoipa::path(tag = "previews", responses(
+    (status = 200, description = "PNG", body = Vec<u8>, content_type = "image/png"),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/previews/{id}/images/{index}/mask")]
+async fn mask(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    path: web::Path<(Uuid, u32)>,
+) -> AppResult<HttpResponse> {
+    let (id, index) = path.into_inner();
+    Ok(png(previews::mask(
+        &ctx,
+        &a,
+        id,
+        index,
+        previews::MaskView::Mask,
+    )
+    .await?))
+}
+
+/// One image of a preview of segmentation data with its synthetic mask drawn over it: each
+/// foreground class in its colour (the preview's `classes`), the background left grey (RGB
+/// PNG). 404 for a classifier's preview.
+#[utoipa::path(tag = "previews", responses(
+    (status = 200, description = "PNG", body = Vec<u8>, content_type = "image/png"),
+    (status = "4XX", body = Problem, content_type = "application/problem+json")))]
+#[get("/previews/{id}/images/{index}/overlay")]
+async fn overlay(
+    ctx: web::Data<AppContext>,
+    Authenticated(a): Authenticated,
+    path: web::Path<(Uuid, u32)>,
+) -> AppResult<HttpResponse> {
+    let (id, index) = path.into_inner();
+    Ok(png(previews::mask(
+        &ctx,
+        &a,
+        id,
+        index,
+        previews::MaskView::Overlay,
+    )
+    .await?))
 }
 
 /// Releases a checked preview set to the study's researcher, or rejects it (the site's

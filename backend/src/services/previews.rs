@@ -5,9 +5,13 @@
 use base64::Engine as _;
 use chrono::{Duration, Utc};
 use consilium_core::Role;
-use consilium_core::api::{DecidePreview, PreviewDto, PreviewImageDto, RequestPreview};
-use consilium_core::plan::MAX_DELTA;
-use consilium_core::preview::{PreviewPrivacy, PreviewSet, PreviewSpec};
+use consilium_core::api::{
+    DecidePreview, PreviewClassDto, PreviewDto, PreviewImageDto, RequestPreview,
+};
+use consilium_core::plan::{MAX_DELTA, Segmentation};
+use consilium_core::preview::{
+    MAX_PREVIEW_CLASSES, PreviewImageData, PreviewPrivacy, PreviewSet, PreviewSpec,
+};
 use consilium_core::protocol::{Job, JobKind, JobResult, Outcome};
 use consilium_worker::artifacts::ArtifactStore;
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, Set};
@@ -73,8 +77,39 @@ async fn grant_in_force(
         .find(|g| g.expires_at.is_some_and(|e| e > now)))
 }
 
+/// The mask classes of the plan a preview ran under, when it is a segmentation plan.
+async fn segmentation(ctx: &AppContext, m: &preview_set::Model) -> AppResult<Option<Segmentation>> {
+    let Some(p) = plan::Entity::find()
+        .filter(plan::Column::StudyId.eq(m.study_id))
+        .filter(plan::Column::Hash.eq(m.plan_hash.as_str()))
+        .one(&ctx.db)
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(studies::plan_dto(&p)?
+        .manifest
+        .parse()
+        .ok()
+        .and_then(|p| p.segmentation))
+}
+
 async fn dto(ctx: &AppContext, m: &preview_set::Model, images: bool) -> AppResult<PreviewDto> {
     let site = directory::get_site(&ctx.db, m.site_id).await?;
+    let classes = match segmentation(ctx, m).await? {
+        Some(seg) => seg
+            .values
+            .iter()
+            .zip(&seg.names)
+            .enumerate()
+            .map(|(class, (value, name))| PreviewClassDto {
+                value: *value,
+                name: name.clone(),
+                colour: consilium_core::preview::overlay_css(class),
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let labels: Vec<u32> = match &m.labels {
         Some(l) if images => from_json(l)?,
         _ => Vec::new(),
@@ -106,6 +141,7 @@ async fn dto(ctx: &AppContext, m: &preview_set::Model, images: bool) -> AppResul
                 label,
             })
             .collect(),
+        classes,
         withheld: m.withheld.map(|w| w.max(0) as u32),
         memorisation: match (&m.memorisation, images) {
             (Some(v), true) => Some(from_json(v)?),
@@ -197,6 +233,14 @@ pub async fn request(
         ));
     };
     let plan = studies::plan_dto(p)?;
+    if let Some(seg) = plan.manifest.parse().ok().and_then(|p| p.segmentation)
+        && seg.values.len() > MAX_PREVIEW_CLASSES
+    {
+        return Err(AppError::Unprocessable(vec![format!(
+            "the plan's masks have {} classes, and a preview draws masks of at most {MAX_PREVIEW_CLASSES} (the generator learns each class as a channel beside the image); a preview of this study's data cannot be made",
+            seg.values.len()
+        )]));
+    }
     let dp = private(&plan, &input)?;
     let engine = ctx.federation()?;
     let spec = PreviewSpec {
@@ -425,6 +469,16 @@ pub async fn record(ctx: &AppContext, artifacts: &ArtifactStore, r: JobResult) -
             let parsed: PreviewSet =
                 serde_json::from_slice(&bytes).map_err(AppError::unexpected)?;
             let labels: Vec<u32> = parsed.images.iter().map(|i| i.label).collect();
+            if let Err(problem) = masks_fit(&parsed, segmentation(ctx, &m).await?.as_ref()) {
+                tracing::warn!(site = %r.site_id, preview = %m.id, problem, "a preview set that does not fit its plan");
+                return mark_failed(
+                    ctx,
+                    m.id,
+                    &format!("the site's set does not fit the study's plan, so it is not shown: {problem}"),
+                    Spent::Maybe,
+                )
+                .await;
+            }
             let w = ctx.begin_write().await?;
             let held = privacy::reservation(&*w, m.id, 0, m.site_id).await?;
             let problem = match (&held, &spent) {
@@ -541,8 +595,14 @@ pub async fn get(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<Preview
     dto(ctx, &m, s == Sight::Images).await
 }
 
-/// One image of a set, as PNG.
-pub async fn image(ctx: &AppContext, actor: &Actor, id: Uuid, index: u32) -> AppResult<Vec<u8>> {
+/// One image of a set as the site sent it, for someone who may see the images; with the
+/// plan's mask classes for a preview of segmentation data.
+async fn stored_image(
+    ctx: &AppContext,
+    actor: &Actor,
+    id: Uuid,
+    index: u32,
+) -> AppResult<(PreviewImageData, u32, Option<Segmentation>)> {
     let (m, s) = visible(ctx, actor, id).await?;
     if s != Sight::Images {
         return Err(AppError::Forbidden(
@@ -551,6 +611,7 @@ pub async fn image(ctx: &AppContext, actor: &Actor, id: Uuid, index: u32) -> App
     }
     let hash = m
         .set_hash
+        .clone()
         .ok_or_else(|| AppError::conflict("invalid_state", "This preview has no images (yet)."))?;
     let engine = ctx.federation()?;
     let bytes = engine
@@ -559,16 +620,155 @@ pub async fn image(ctx: &AppContext, actor: &Actor, id: Uuid, index: u32) -> App
         .await
         .map_err(AppError::unexpected)?;
     let set: PreviewSet = serde_json::from_slice(&bytes).map_err(AppError::unexpected)?;
-    let img = set.images.get(index as usize).ok_or_else(|| {
+    let count = set.images.len();
+    let img = set.images.into_iter().nth(index as usize).ok_or_else(|| {
         AppError::NotFound(format!(
-            "This preview has {} images (0 to {}); there is no image {index}.",
-            set.images.len(),
-            set.images.len().saturating_sub(1)
+            "This preview has {count} images (0 to {}); there is no image {index}.",
+            count.saturating_sub(1)
         ))
     })?;
+    Ok((img, set.image_size, segmentation(ctx, &m).await?))
+}
+
+/// A stored set that no longer reads as it was checked on arrival.
+fn broken(problem: String) -> AppError {
+    AppError::unexpected(anyhow::anyhow!("a stored preview set: {problem}"))
+}
+
+fn base64(text: &str) -> Result<Vec<u8>, String> {
     base64::engine::general_purpose::STANDARD
-        .decode(img.png_base64.as_bytes())
-        .map_err(AppError::unexpected)
+        .decode(text.as_bytes())
+        .map_err(|e| format!("not base64: {e}"))
+}
+
+/// Decodes an 8-bit grey PNG the site sent, refusing any other size than the set's (the site
+/// is not trusted to send a decompression bomb).
+fn grey(png: &[u8], size: u32) -> Result<image::GrayImage, String> {
+    let mut reader =
+        image::ImageReader::with_format(std::io::Cursor::new(png), image::ImageFormat::Png);
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(size);
+    limits.max_image_height = Some(size);
+    reader.limits(limits);
+    let img = reader
+        .decode()
+        .map_err(|e| format!("not a PNG of {size}×{size}: {e}"))?;
+    match img {
+        image::DynamicImage::ImageLuma8(g) if g.dimensions() == (size, size) => Ok(g),
+        other => Err(format!(
+            "a {}×{} {:?} image, not {size}×{size} 8-bit grey",
+            other.width(),
+            other.height(),
+            other.color()
+        )),
+    }
+}
+
+/// Whether a set's masks are what its plan asks: one per image, of the image's size, naming
+/// only the plan's classes, for a segmentation plan; none for a classifier's.
+fn masks_fit(set: &PreviewSet, seg: Option<&Segmentation>) -> Result<(), String> {
+    for (i, img) in set.images.iter().enumerate() {
+        match (seg, &img.mask_png_base64) {
+            (None, None) => {}
+            (None, Some(_)) => {
+                return Err(format!(
+                    "image {i} carries a mask, and the plan trains a classifier"
+                ));
+            }
+            (Some(_), None) => {
+                return Err(format!(
+                    "image {i} has no mask, and the plan segments images"
+                ));
+            }
+            (Some(seg), Some(mask)) => {
+                // The overlay decodes the image too.
+                base64(&img.png_base64)
+                    .and_then(|png| grey(&png, set.image_size))
+                    .map_err(|e| format!("image {i}: {e}"))?;
+                let mask = base64(mask)
+                    .and_then(|png| grey(&png, set.image_size))
+                    .map_err(|e| format!("image {i}'s mask: {e}"))?;
+                if let Some(c) = mask
+                    .pixels()
+                    .map(|p| p.0[0])
+                    .find(|c| usize::from(*c) >= seg.values.len())
+                {
+                    return Err(format!(
+                        "image {i}'s mask has class {c}, and the plan names {} classes",
+                        seg.values.len()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One image of a set, as PNG.
+pub async fn image(ctx: &AppContext, actor: &Actor, id: Uuid, index: u32) -> AppResult<Vec<u8>> {
+    let (img, _, _) = stored_image(ctx, actor, id, index).await?;
+    base64(&img.png_base64).map_err(broken)
+}
+
+/// Which drawing of an image's synthetic mask to return.
+#[derive(Clone, Copy)]
+pub enum MaskView {
+    /// The mask alone: a grey PNG of the plan's mask values (16-bit when a value needs it).
+    Mask,
+    /// The image with the mask's classes in their colours over it (RGB PNG).
+    Overlay,
+}
+
+/// An image's synthetic mask (a preview of segmentation data), as PNG.
+pub async fn mask(
+    ctx: &AppContext,
+    actor: &Actor,
+    id: Uuid,
+    index: u32,
+    view: MaskView,
+) -> AppResult<Vec<u8>> {
+    let (img, size, seg) = stored_image(ctx, actor, id, index).await?;
+    let (Some(seg), Some(mask)) = (seg, &img.mask_png_base64) else {
+        return Err(AppError::NotFound(
+            "This preview's images have no masks: its plan trains a classifier, not a segmentation model.".into(),
+        ));
+    };
+    // Checked when the set arrived (`masks_fit`).
+    let classes = base64(mask)
+        .and_then(|png| grey(&png, size))
+        .map_err(broken)?;
+    let mut out = std::io::Cursor::new(Vec::new());
+    let written = match view {
+        MaskView::Mask => {
+            let values: Vec<u16> = classes
+                .pixels()
+                .map(|p| seg.values.get(usize::from(p.0[0])).copied().unwrap_or(0))
+                .collect();
+            match u8::try_from(values.iter().copied().max().unwrap_or(0)) {
+                Ok(_) => image::GrayImage::from_raw(
+                    size,
+                    size,
+                    values.iter().map(|v| *v as u8).collect(),
+                )
+                .map(|g| g.write_to(&mut out, image::ImageFormat::Png)),
+                Err(_) => image::ImageBuffer::<image::Luma<u16>, _>::from_raw(size, size, values)
+                    .map(|g| g.write_to(&mut out, image::ImageFormat::Png)),
+            }
+        }
+        MaskView::Overlay => {
+            let grey = base64(&img.png_base64)
+                .and_then(|png| grey(&png, size))
+                .map_err(broken)?;
+            let rgb = consilium_core::preview::overlay(grey.as_raw(), classes.as_raw());
+            image::RgbImage::from_raw(size, size, rgb)
+                .map(|g| g.write_to(&mut out, image::ImageFormat::Png))
+        }
+    };
+    match written {
+        Some(Ok(())) => Ok(out.into_inner()),
+        Some(Err(e)) => Err(AppError::unexpected(e)),
+        None => Err(broken("a mask of the wrong number of pixels".into())),
+    }
 }
 
 /// The site's custodian releases or rejects a generated preview set.

@@ -132,6 +132,30 @@ strategy = "fedavg"              # fedprox (optimiser.proximal_mu), fedcostwavg,
 min_sites = 2
 "#;
 
+impl Example {
+    /// The example's name, settings and `[plan]`, as its experiment file begins.
+    fn head(self) -> &'static str {
+        match self {
+            Example::Classification => CLASSIFICATION_PLAN,
+            Example::Segmentation => SEGMENTATION_PLAN,
+        }
+    }
+
+    /// The example's training plan, as `consilium simulate` submits it (the recipe other
+    /// tools and tests start from).
+    pub fn plan(self) -> anyhow::Result<TrainingPlanManifest> {
+        #[derive(Deserialize)]
+        struct Head {
+            plan: TrainingPlanManifest,
+        }
+        let head: Head = figment::Figment::from(
+            <figment::providers::Toml as figment::providers::Format>::string(self.head()),
+        )
+        .extract()?;
+        Ok(head.plan)
+    }
+}
+
 /// Writes a ready-to-run experiment into `dir`: three site folders of synthetic
 /// chest-radiograph phantoms (PNG with a labels CSV; for segmentation a PNG mask of each
 /// lesion beside its image, paired by the CSV) and `experiment.toml` naming them.
@@ -170,10 +194,7 @@ masks = true"#
             "\n[[sites]]\nname = \"{key}\"\n[sites.dataset]\n{dataset}\nholdout = 0.25\n"
         ));
     }
-    let plan = match kind {
-        Example::Classification => CLASSIFICATION_PLAN,
-        Example::Segmentation => SEGMENTATION_PLAN,
-    };
+    let plan = kind.head();
     let path = dir.join("experiment.toml");
     std::fs::write(
         &path,

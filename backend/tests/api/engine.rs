@@ -26,6 +26,15 @@ pub fn engine_manifest(rounds: u32) -> Value {
 }
 
 /// A worker token for the site, made by its signed-in custodian (not by another token).
+/// The U-Net recipe of `consilium simulate --example-segmentation`, for `rounds` rounds.
+pub fn segmentation_plan(rounds: u32) -> Value {
+    let mut plan = consilium_backend::simulate::Example::Segmentation
+        .plan()
+        .expect("the example's plan");
+    plan.rounds = rounds;
+    serde_json::to_value(plan).expect("json")
+}
+
 pub async fn worker_token(app: &TestApp, site: Uuid, custodian: &Person) -> String {
     let session = Auth::Cookie(app.sign_in(&custodian.email).await);
     app.post(

@@ -9,7 +9,7 @@
 //! Needs the worker binary next to the server's (`cargo build -p consilium-worker`; `cargo
 //! test --workspace` builds it) and `rabbitmqctl` (each run gets its own virtual host).
 
-use crate::engine::{approved_study_at, engine_manifest, worker_token};
+use crate::engine::{approved_study_at, engine_manifest, segmentation_plan, worker_token};
 use crate::helpers::*;
 
 use consilium_core::Role;
@@ -836,16 +836,7 @@ async fn worker_processes_train_a_unet_scored_by_dice_in_the_lineage() {
     let app = spawn_app(Db::Postgres).await;
     let w = world(&app).await;
     let sites = [(w.site_a, &w.custodian_a), (w.site_b, &w.custodian_b)];
-    // The example's U-Net recipe (`consilium simulate --example-segmentation`).
-    let manifest = json!({
-        "model": {"architecture": "unet", "num_classes": 2,
-            "labels": {"0": "background", "1": "lesion"},
-            "hyper_parameters": {"widths": [8, 16, 32], "norm": "batch", "upsampling": "transposed"}},
-        "preprocessing": {"image_size": 32, "normalisation": "zscore", "augmentations": ["flip"]},
-        "optimiser": {"name": "adamw", "learning_rate": 0.01, "weight_decay": 0.0001},
-        "local_epochs": 3, "batch_size": 8, "rounds": 4, "seed": 1,
-        "aggregation": {"strategy": "fedavg", "min_sites": 2}
-    });
+    let manifest = segmentation_plan(4);
     let (sid, hash) = approved_study_at(&app, &w, manifest, &sites).await;
     let tmp = tempfile::tempdir().expect("dir");
     let profile = |i: usize| SiteProfile {

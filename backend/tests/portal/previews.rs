@@ -11,7 +11,7 @@ use crate::harness::{PASSWORD, Portal};
 use crate::setup::{approved, drafted_study, granted};
 
 /// How many of the images matching `css` the browser has loaded and decoded.
-async fn loaded_images(p: &Portal, css: &str) -> u64 {
+pub async fn loaded_images(p: &Portal, css: &str) -> u64 {
     p.browser
         .execute(
             "return [...document.querySelectorAll(arguments[0])].filter(i => i.complete && i.naturalWidth > 0).length;",

@@ -20,10 +20,19 @@ fn counts(c: &[Count]) -> String {
         .join(", ")
 }
 
+/// A site's data summarised; for segmentation data the labels are the images that show each
+/// class.
 #[component]
-pub fn Summary(s: MetadataSummary) -> impl IntoView {
+pub fn Summary(s: MetadataSummary, #[prop(optional)] masks: bool) -> impl IntoView {
     let rows = [
-        ("Labels", counts(&s.labels)),
+        (
+            if masks {
+                "Images showing each class"
+            } else {
+                "Labels"
+            },
+            counts(&s.labels),
+        ),
         ("Modalities", counts(&s.modalities)),
         ("Image sizes", counts(&s.image_sizes)),
         ("Pixel spacing (mm)", counts(&s.pixel_spacings)),
@@ -39,9 +48,48 @@ pub fn Summary(s: MetadataSummary) -> impl IntoView {
     }
 }
 
-/// A preview set: status, who released it, the images by class, the figures, the summary.
+/// A preview of segmentation data: each synthetic image with its mask drawn over it (the link
+/// opens the image alone), and which colour is which class.
+fn overlays(p: &PreviewDto) -> AnyView {
+    let legend = p
+        .classes
+        .iter()
+        .map(|c| match &c.colour {
+            Some(colour) => view! {
+                <li><span class="swatch" style=format!("background:{colour}")></span>{format!("{} (mask value {})", c.name, c.value)}</li>
+            }
+            .into_any(),
+            None => view! { <li>{format!("{} (mask value {}): no colour", c.name, c.value)}</li> }.into_any(),
+        })
+        .collect_view();
+    let imgs = p
+        .images
+        .iter()
+        .map(|i| {
+            let base = format!("/api/v1/previews/{}/images/{}", p.id, i.index);
+            let alt = format!("Synthetic image {} with its synthetic mask over it", i.index + 1);
+            view! {
+                <a href=base.clone() title="The image alone">
+                    <img class="overlay" src=format!("{base}/overlay") alt=alt width="96" height="96" loading="lazy"/>
+                </a>
+            }
+        })
+        .collect_view();
+    view! {
+        <figure class="grid">
+            <figcaption>"Images with their synthetic masks"</figcaption>
+            <ul class="legend">{legend}</ul>
+            <div class="images">{imgs}</div>
+        </figure>
+    }
+    .into_any()
+}
+
+/// A preview set: status, who released it, the images by class (or with their masks), the
+/// figures, the summary.
 #[component]
 pub fn PreviewSet(p: PreviewDto) -> impl IntoView {
+    let masks = !p.classes.is_empty();
     let mut classes: Vec<u32> = p.images.iter().map(|i| i.label).collect();
     classes.sort_unstable();
     classes.dedup();
@@ -66,6 +114,10 @@ pub fn PreviewSet(p: PreviewDto) -> impl IntoView {
             }
         })
         .collect_view();
+    let grids = match masks {
+        true => overlays(&p),
+        false => grids.into_any(),
+    };
     let figures = p.memorisation.as_ref().map(|m| {
         let min = m.ratios.iter().cloned().fold(f64::INFINITY, f64::min);
         view! {
@@ -104,7 +156,7 @@ pub fn PreviewSet(p: PreviewDto) -> impl IntoView {
             {decided}
             {figures}
             <div class="grids">{grids}</div>
-            {p.summary.clone().map(|s| view! { <Summary s/> })}
+            {p.summary.clone().map(|s| view! { <Summary s masks/> })}
         </div>
     }
 }

@@ -143,6 +143,10 @@ fn StudyView(d: StudyPage) -> impl IntoView {
     let preview_must_be_private = latest
         .as_ref()
         .is_some_and(|p| p.manifest.privacy.dp_sgd.is_some());
+    // A segmentation plan's previews are images with their masks, not images per class.
+    let preview_of_masks = latest
+        .as_ref()
+        .is_some_and(|p| p.manifest.model.labels.is_some());
     let manifest_default = latest
         .as_ref()
         .and_then(|p| serde_json::to_string_pretty(&p.manifest).ok())
@@ -395,7 +399,7 @@ fn StudyView(d: StudyPage) -> impl IntoView {
                         </select>
                     </div>
                     <div>
-                        <label for="per-class">"Images per class"</label>
+                        <label for="per-class">{if preview_of_masks { "Images (each with its mask)" } else { "Images per class" }}</label>
                         <input id="per-class" type="number" min="1" max="64" name=field("per_class") value=typed("per_class", "12") class="short"/>
                     </div>
                     <div>
