@@ -237,7 +237,9 @@ pub fn LineChart(
                 {lines}
             </svg></div>
             <ul class="legend">{legend}</ul>
-            <table class="sr-only"><caption>{title}</caption><tbody>{table_rows}</tbody></table>
+            // In a box of its own: a table is never narrower than its content, so hidden on its
+            // own it would still widen the page.
+            <div class="sr-only"><table><caption>{title}</caption><tbody>{table_rows}</tbody></table></div>
         </figure>
     }
 }
