@@ -420,6 +420,17 @@ fn segmentation_site(dir: &Path, images: usize) -> consilium_worker::data::Datas
     .unwrap()
 }
 
+/// A preview of a PNG segmentation site's data (not private) under the plan's mask classes.
+fn segmentation_set(
+    data: &consilium_worker::data::Dataset,
+    spec: &consilium_core::preview::PreviewSpec,
+    dir: &Path,
+    seed: u64,
+    plan: &consilium_core::plan::Segmentation,
+) -> Result<(consilium_core::preview::PreviewSet, u32), String> {
+    consilium_worker::preview::build_set(data, spec, dir, false, seed, None, Some(plan))
+}
+
 fn lesion_plan() -> consilium_core::plan::Segmentation {
     consilium_core::plan::Segmentation {
         values: vec![0, 1],
@@ -482,16 +493,8 @@ fn a_segmentation_preview_draws_each_image_with_its_mask() {
             generator: Some(generator.into()),
             dp: None,
         };
-        let (set, withheld) = consilium_worker::preview::build_set(
-            &data,
-            &spec,
-            dir.path(),
-            false,
-            5,
-            None,
-            Some(&lesion_plan()),
-        )
-        .unwrap();
+        let (set, withheld) =
+            segmentation_set(&data, &spec, dir.path(), 5, &lesion_plan()).unwrap();
         assert_eq!(set.generator, generator);
         assert_eq!(set.images.len() + withheld as usize, 24);
         // The check measured the images against the real images alone (the masks are not
@@ -555,9 +558,7 @@ fn a_segmentation_preview_needs_masks_and_a_plan_it_can_draw() {
         values: (0..20).collect(),
         names: (0..20).map(|i| format!("class {i}")).collect(),
     };
-    let e =
-        consilium_worker::preview::build_set(&data, &spec, dir.path(), false, 1, None, Some(&many))
-            .unwrap_err();
+    let e = segmentation_set(&data, &spec, dir.path(), 1, &many).unwrap_err();
     assert!(
         e.contains("20 mask classes") && e.contains("at most 16"),
         "{e}"
@@ -567,28 +568,10 @@ fn a_segmentation_preview_needs_masks_and_a_plan_it_can_draw() {
         values: vec![0],
         names: vec!["background".into()],
     };
-    let e = consilium_worker::preview::build_set(
-        &data,
-        &spec,
-        dir.path(),
-        false,
-        1,
-        None,
-        Some(&only_background),
-    )
-    .unwrap_err();
+    let e = segmentation_set(&data, &spec, dir.path(), 1, &only_background).unwrap_err();
     assert!(e.contains("does not name"), "{e}");
     // Images without masks.
     data.samples.iter_mut().for_each(|s| s.mask = None);
-    let e = consilium_worker::preview::build_set(
-        &data,
-        &spec,
-        dir.path(),
-        false,
-        1,
-        None,
-        Some(&lesion_plan()),
-    )
-    .unwrap_err();
+    let e = segmentation_set(&data, &spec, dir.path(), 1, &lesion_plan()).unwrap_err();
     assert!(e.contains("masks = true"), "{e}");
 }
