@@ -152,6 +152,9 @@ async fn a_study_from_draft_to_model_in_the_browser() {
     p.shot("committee-home").await;
     p.press("Reviews").await;
     p.wait_for("Review queue", 10).await;
+    // The queue's rows may come after its heading on a loaded machine.
+    p.wait_for("Pneumothorax detection across two hospitals", 10)
+        .await;
     p.press("Pneumothorax detection across two hospitals").await;
     p.wait_for("Your committee's decision", 10).await;
     p.click("#plan-content summary").await;
