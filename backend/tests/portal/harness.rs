@@ -360,17 +360,23 @@ impl Portal {
             .unwrap_or_else(|e| panic!("click {css}: {e}"));
     }
 
-    /// Clicks the button that reads `label`, or else the link.
+    /// Clicks the button that reads `label`, or else the link; waits up to 10 s for one to
+    /// appear (a page's lists may load after its heading).
     pub async fn press(&self, label: &str) {
         let button = format!("//button[normalize-space(.)=\"{label}\"]");
         let link = format!("//a[normalize-space(.)=\"{label}\"]");
-        let el = match self.browser.find(Locator::XPath(&button)).await {
-            Ok(el) => el,
-            Err(_) => self
-                .browser
-                .find(Locator::XPath(&link))
-                .await
-                .unwrap_or_else(|e| panic!("no button or link {label:?}: {e}")),
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let el = loop {
+            if let Ok(el) = self.browser.find(Locator::XPath(&button)).await {
+                break el;
+            }
+            match self.browser.find(Locator::XPath(&link)).await {
+                Ok(el) => break el,
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    panic!("no button or link {label:?}: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
         };
         within(label, el.click())
             .await
