@@ -664,6 +664,11 @@ fn grey(png: &[u8], size: u32) -> Result<image::GrayImage, String> {
     }
 }
 
+/// A base64 PNG of a set, decoded as `grey` does.
+fn grey_b64(text: &str, size: u32) -> Result<image::GrayImage, String> {
+    base64(text).and_then(|png| grey(&png, size))
+}
+
 /// Whether a set's masks are what its plan asks: one per image, of the image's size, naming
 /// only the plan's classes, for a segmentation plan; none for a classifier's.
 fn masks_fit(set: &PreviewSet, seg: Option<&Segmentation>) -> Result<(), String> {
@@ -682,12 +687,9 @@ fn masks_fit(set: &PreviewSet, seg: Option<&Segmentation>) -> Result<(), String>
             }
             (Some(seg), Some(mask)) => {
                 // The overlay decodes the image too.
-                base64(&img.png_base64)
-                    .and_then(|png| grey(&png, set.image_size))
-                    .map_err(|e| format!("image {i}: {e}"))?;
-                let mask = base64(mask)
-                    .and_then(|png| grey(&png, set.image_size))
-                    .map_err(|e| format!("image {i}'s mask: {e}"))?;
+                grey_b64(&img.png_base64, set.image_size).map_err(|e| format!("image {i}: {e}"))?;
+                let mask =
+                    grey_b64(mask, set.image_size).map_err(|e| format!("image {i}'s mask: {e}"))?;
                 if let Some(c) = mask
                     .pixels()
                     .map(|p| p.0[0])
@@ -734,9 +736,7 @@ pub async fn mask(
         ));
     };
     // Checked when the set arrived (`masks_fit`).
-    let classes = base64(mask)
-        .and_then(|png| grey(&png, size))
-        .map_err(broken)?;
+    let classes = grey_b64(mask, size).map_err(broken)?;
     let mut out = std::io::Cursor::new(Vec::new());
     let written = match view {
         MaskView::Mask => {
@@ -756,9 +756,7 @@ pub async fn mask(
             }
         }
         MaskView::Overlay => {
-            let grey = base64(&img.png_base64)
-                .and_then(|png| grey(&png, size))
-                .map_err(broken)?;
+            let grey = grey_b64(&img.png_base64, size).map_err(broken)?;
             let rgb = consilium_core::preview::overlay(grey.as_raw(), classes.as_raw());
             image::RgbImage::from_raw(size, size, rgb)
                 .map(|g| g.write_to(&mut out, image::ImageFormat::Png))

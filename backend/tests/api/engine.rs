@@ -26,6 +26,59 @@ pub fn engine_manifest(rounds: u32) -> Value {
 }
 
 /// A worker token for the site, made by its signed-in custodian (not by another token).
+/// Answers preview `preview` as `site`'s worker would: hands `body` over as the job's output
+/// with the site's worker token, then publishes a result naming it (`images` images), signed
+/// with a key the custodian registered, on the site's broker. What a forging site can do.
+pub async fn answer_preview(
+    app: &TestApp,
+    site: Uuid,
+    custodian: &Person,
+    preview: &str,
+    body: Vec<u8>,
+    images: u32,
+) {
+    use consilium_core::protocol::{JobKind, JobResult, Outcome, WorkerMessage};
+    let token = worker_token(app, site, custodian).await;
+    let job_id = Uuid::new_v4();
+    let stored = app
+        .client
+        .put(format!(
+            "{}/api/v1/sites/{site}/jobs/{job_id}/output?run_id={preview}&round=0",
+            app.address
+        ))
+        .bearer_auth(&token)
+        .body(body)
+        .send()
+        .await
+        .expect("handed over");
+    assert_eq!(stored.status(), 201);
+    let stored: Value = stored.json().await.expect("json");
+    let key = register_key(app, site, custodian).await;
+    let message = consilium_core::signing::sign(
+        &key,
+        &WorkerMessage::Result(JobResult {
+            job_id,
+            run_id: preview.parse().expect("uuid"),
+            round: 0,
+            site_id: site,
+            kind: Some(JobKind::Preview),
+            outcome: Outcome::Previewed {
+                set: stored["sha256"].as_str().expect("sha256").to_string(),
+                images,
+                withheld: 0,
+                duration_ms: 1,
+                privacy: None,
+            },
+        }),
+    )
+    .expect("signed");
+    site_broker(app, site)
+        .await
+        .publish_message(&message)
+        .await
+        .expect("published");
+}
+
 /// The U-Net recipe of `consilium simulate --example-segmentation`, for `rounds` rounds.
 pub fn segmentation_plan(rounds: u32) -> Value {
     let mut plan = consilium_backend::simulate::Example::Segmentation

@@ -3,13 +3,10 @@
 //! is audited, and the messages behind it still flow (before, it was requeued for ever and
 //! blocked every heartbeat and update behind it).
 
-use crate::engine::{
-    approved_study, engine_manifest, register_key, site_broker, start_worker, worker_token,
-};
+use crate::engine::{answer_preview, approved_study, engine_manifest, start_worker};
 use crate::federation::Vhost;
 use crate::helpers::*;
 
-use consilium_core::protocol::{JobKind, JobResult, Outcome, WorkerMessage};
 use consilium_worker::broker::RabbitBroker;
 use serde_json::json;
 use std::time::Duration;
@@ -36,49 +33,18 @@ async fn a_message_that_can_never_be_recorded_is_dead_lettered_with_its_reason()
         .await
         .expect(201),
     );
-    // Handed over with North's worker token, as North's output of the preview job.
-    let token = worker_token(&app, w.site_a, &w.custodian_a).await;
-    let job_id = uuid::Uuid::new_v4();
-    let garbage = app
-        .client
-        .put(format!(
-            "{}/api/v1/sites/{}/jobs/{job_id}/output?run_id={preview}&round=0",
-            app.address, w.site_a
-        ))
-        .bearer_auth(&token)
-        .body(b"not a preview set".to_vec())
-        .send()
-        .await
-        .expect("handed over");
-    assert_eq!(garbage.status(), 201);
-    let garbage: serde_json::Value = garbage.json().await.expect("json");
-    let garbage = garbage["sha256"].as_str().expect("sha256").to_string();
-    // Signed with North's own registered key and sent as North's broker user: it proves where
+    // Handed over with North's worker token as North's output of the preview job, and
+    // announced signed with North's own registered key as North's broker user: it proves where
     // it comes from, and is still impossible to record.
-    let north = register_key(&app, w.site_a, &w.custodian_a).await;
-    let forged = consilium_core::signing::sign(
-        &north,
-        &WorkerMessage::Result(JobResult {
-            job_id,
-            run_id: preview.parse().expect("uuid"),
-            round: 0,
-            site_id: w.site_a,
-            kind: Some(JobKind::Preview),
-            outcome: Outcome::Previewed {
-                set: garbage,
-                images: 8,
-                withheld: 0,
-                duration_ms: 1,
-                privacy: None,
-            },
-        }),
+    answer_preview(
+        &app,
+        w.site_a,
+        &w.custodian_a,
+        &preview,
+        b"not a preview set".to_vec(),
+        8,
     )
-    .expect("signed");
-    site_broker(&app, w.site_a)
-        .await
-        .publish_message(&forged)
-        .await
-        .expect("published");
+    .await;
     let rabbit = RabbitBroker::connect(&url).await.expect("broker");
     let mut reasons = Vec::new();
     for _ in 0..100 {

@@ -1,14 +1,11 @@
 //! Synthetic previews through the API: who may ask, who may see, who may release, and the
 //! errors on the way (the browser test in tests/portal walks the generated path).
 
-use crate::engine::{
-    approved_study_at, engine_manifest, register_key, segmentation_plan, site_broker, worker_token,
-};
+use crate::engine::{answer_preview, approved_study_at, engine_manifest, segmentation_plan};
 use crate::helpers::*;
 use crate::on_both;
 use base64::Engine as _;
 use consilium_core::preview::{MemorisationReport, PreviewImageData, PreviewSet};
-use consilium_core::protocol::{JobKind, JobResult, Outcome, WorkerMessage};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -165,7 +162,8 @@ fn set_of(images: Vec<PreviewImageData>) -> PreviewSet {
 }
 
 /// Asks North for a preview of `study`, then answers it as North's worker would (its worker
-/// token, its registered key, its broker) with `set`; returns the preview once recorded.
+/// token, its registered key, its broker: `answer_preview`) with `set`; returns the preview
+/// once recorded.
 async fn answered_with(app: &TestApp, w: &World, study: &str, set: &PreviewSet) -> Value {
     let preview = id_of(
         &app.post(
@@ -176,46 +174,15 @@ async fn answered_with(app: &TestApp, w: &World, study: &str, set: &PreviewSet) 
         .await
         .expect(201),
     );
-    let token = worker_token(app, w.site_a, &w.custodian_a).await;
-    let job_id = uuid::Uuid::new_v4();
-    let stored: Value = app
-        .client
-        .put(format!(
-            "{}/api/v1/sites/{}/jobs/{job_id}/output?run_id={preview}&round=0",
-            app.address, w.site_a
-        ))
-        .bearer_auth(&token)
-        .body(serde_json::to_vec(set).expect("json"))
-        .send()
-        .await
-        .expect("handed over")
-        .json()
-        .await
-        .expect("json");
-    let key = register_key(app, w.site_a, &w.custodian_a).await;
-    let message = consilium_core::signing::sign(
-        &key,
-        &WorkerMessage::Result(JobResult {
-            job_id,
-            run_id: preview.parse().expect("uuid"),
-            round: 0,
-            site_id: w.site_a,
-            kind: Some(JobKind::Preview),
-            outcome: Outcome::Previewed {
-                set: stored["sha256"].as_str().expect("sha256").to_string(),
-                images: set.images.len() as u32,
-                withheld: 0,
-                duration_ms: 1,
-                privacy: None,
-            },
-        }),
+    answer_preview(
+        app,
+        w.site_a,
+        &w.custodian_a,
+        &preview,
+        serde_json::to_vec(set).expect("json"),
+        set.images.len() as u32,
     )
-    .expect("signed");
-    site_broker(app, w.site_a)
-        .await
-        .publish_message(&message)
-        .await
-        .expect("published");
+    .await;
     for _ in 0..100 {
         let p = app
             .get(&format!("/api/v1/previews/{preview}"), &w.custodian_a.auth)
