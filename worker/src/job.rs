@@ -445,6 +445,9 @@ async fn outcome(job: &Job, ctx: &SiteContext) -> Outcome {
         Err(e) => return fail(format!("training stopped unexpectedly: {e}")),
     };
     let duration_ms = started.elapsed().as_millis() as u64;
+    if let Some(reason) = outcome.diverged() {
+        return fail(reason);
+    }
     match (outcome, weights) {
         (Computed::Evaluated(evaluation), _) => Outcome::Evaluated {
             evaluation,
@@ -520,6 +523,36 @@ enum Computed {
         /// is masked; the update itself never leaves).
         change: Option<Vec<f32>>,
     },
+}
+
+impl Computed {
+    /// Why the result cannot be reported, when a loss is not a number: the model has diverged
+    /// (its logits overflowed), and a NaN in the signed result would make the whole message
+    /// unreadable to the server, which would wait for this site until the round's deadline.
+    fn diverged(&self) -> Option<String> {
+        let (evaluation, training) = match self {
+            Computed::Evaluated(e) => (e, None),
+            Computed::Trained {
+                evaluation,
+                before,
+                after,
+                ..
+            } => (evaluation, Some((*before, *after))),
+        };
+        let advice = "the model has diverged; lower the plan's learning rate (or clip the updates) and start a new run";
+        if !evaluation.loss.is_finite() {
+            return Some(format!(
+                "the model's loss on this site's held-out data is {}: {advice}",
+                evaluation.loss
+            ));
+        }
+        match training {
+            Some((before, after)) if !(before.is_finite() && after.is_finite()) => Some(format!(
+                "the training loss went from {before} to {after}: {advice}"
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// The weights a training job starts from (safetensors): the round's global model, this

@@ -876,8 +876,13 @@ pub fn mask_classes(sample: &Sample, seg: &Segmentation) -> Result<Vec<u32>> {
 }
 
 /// One-vs-rest AUROC averaged over classes (binary: the positive class), by the rank
-/// statistic with ties counted half. None when no class has both positives and negatives.
+/// statistic with ties counted half. None when no class has both positives and negatives, or
+/// when a score is not a number (a diverged model's softmax of infinite logits), which ranks
+/// nothing.
 pub fn auroc(scores: &[(Vec<f32>, u32)], classes: usize) -> Option<f64> {
+    if scores.iter().any(|(p, _)| p.iter().any(|v| v.is_nan())) {
+        return None;
+    }
     let targets: Vec<usize> = if classes == 2 {
         vec![1]
     } else {
@@ -899,7 +904,7 @@ pub fn auroc(scores: &[(Vec<f32>, u32)], classes: usize) -> Option<f64> {
         let mut i = 0;
         while i < pairs.len() {
             let mut j = i;
-            while j < pairs.len() && pairs[j].0 == pairs[i].0 {
+            while j < pairs.len() && pairs[j].0.total_cmp(&pairs[i].0).is_eq() {
                 j += 1;
             }
             let avg_rank = (i + j + 1) as f64 / 2.0; // ranks i+1 ..= j
@@ -927,6 +932,34 @@ mod tests {
             Some(0.875)
         );
         assert_eq!(auroc(&[s(0.8, 1)], 2), None);
+    }
+
+    /// A diverged model's softmax gives NaN scores; the tie scan once never advanced past them
+    /// (NaN ≠ NaN), so the site's evaluation spun forever and the round never heard from it.
+    #[test]
+    fn auroc_of_scores_that_are_not_numbers_ends() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let nan = |l| (vec![f32::NAN, f32::NAN], l);
+            let _ = tx.send((
+                auroc(&[nan(0), nan(1), nan(1)], 2),
+                auroc(&[(vec![0.5, f32::NAN], 0), (vec![0.2, 0.8], 1)], 2),
+                auroc(&[(vec![f32::NAN; 3], 0), (vec![f32::NAN; 3], 2)], 3),
+            ));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("auroc returns on NaN scores");
+        assert_eq!(got, (None, None, None));
+        // Infinite scores still rank (equal ones tie).
+        let inf = |p: f32, l| (vec![-p, p], l);
+        assert_eq!(
+            auroc(
+                &[inf(f32::INFINITY, 1), inf(f32::INFINITY, 0), inf(0.0, 0)],
+                2
+            ),
+            Some(0.75)
+        );
     }
 
     #[test]

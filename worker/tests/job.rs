@@ -707,3 +707,36 @@ async fn a_private_preview_spends_from_the_sites_ledger_and_is_refused_beyond_it
     assert_eq!(entries.len(), 1, "{on_disk}");
     assert_eq!(entries[0]["preview"], true);
 }
+
+/// A plan whose learning rate blows the model up: the site says so, with what to change,
+/// instead of sending a result whose NaN loss the server cannot read (it once spun forever on
+/// the NaN scores' AUROC, and the round waited for the site until its deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_diverges_fails_the_job_with_the_reason() {
+    let mut m = manifest();
+    m.optimiser = serde_json::from_value(
+        serde_json::json!({"name": "sgd", "learning_rate": 1.0e6, "momentum": 0.9}),
+    )
+    .unwrap();
+    m.local_epochs = 2;
+    let hash = plan_hash(&m, &[]).unwrap();
+    let s = site(&hash, Uuid::from_u128(1));
+    let r1 = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        process(&job(&s, &m, &hash, 1, None), &s.ctx),
+    )
+    .await
+    .expect("the job ends");
+    let Outcome::Failed { reason } = &r1.outcome else {
+        panic!("{:?}", r1.outcome)
+    };
+    assert!(
+        reason.contains("the model has diverged")
+            && reason.contains("lower the plan's learning rate"),
+        "{reason}"
+    );
+    // The result can be signed, sent and read back as it is.
+    let text = serde_json::to_string(&r1).unwrap();
+    let back: consilium_core::protocol::JobResult = serde_json::from_str(&text).unwrap();
+    assert!(matches!(back.outcome, Outcome::Failed { .. }));
+}
