@@ -12,7 +12,9 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-BINARY, WORK, SEEDS, ROUNDS = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+BINARY, WORK, SEEDS, ROUNDS, LONG = (
+    sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+)
 SITES = 4
 
 # (row label, plan.aggregation.strategy, extra optimiser settings, extra [plan.aggregation]
@@ -81,10 +83,14 @@ def split(kind, labels, rng):
 
 
 def write_sites(tag, pool, sites):
-    """Site folders of hard links to the pool's files, each with its labels.csv."""
+    """Site folders of hard links to the pool's files, each with its labels.csv (kept as they
+    are when an earlier, interrupted benchmark in the same folder wrote them)."""
     roots = []
     for s, members in enumerate(sites):
         root = os.path.join(WORK, "sites", tag, f"site{s + 1}")
+        roots.append(root)
+        if os.path.exists(os.path.join(root, "labels.csv")):
+            continue
         os.makedirs(root, exist_ok=True)
         with open(os.path.join(root, "labels.csv"), "w") as f:
             f.write("file,label\n")
@@ -92,7 +98,6 @@ def write_sites(tag, pool, sites):
                 name, path, label = pool[i]
                 os.link(path, os.path.join(root, name))
                 f.write(f"{name},{label}\n")
-        roots.append(root)
     return roots
 
 
@@ -136,18 +141,44 @@ def simulate(tag, roots, classes, seed, strategy, optimiser, aggregation, rounds
             "holdout = 0.2",
         ]
     config = os.path.join(WORK, f"{tag}.toml")
-    with open(config, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    out = subprocess.run([BINARY, "simulate", "--config", config], capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"simulate {tag} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
-    with open(os.path.join(WORK, f"report-{tag}.json")) as f:
+    text = "\n".join(lines) + "\n"
+    report_path = os.path.join(WORK, f"report-{tag}.json")
+    failed = None
+    done = os.path.exists(report_path) and os.path.exists(config) and open(config).read() == text
+    if not done:
+        # A run of an interrupted benchmark is done again from the start.
+        subprocess.run(["rm", "-rf", os.path.join(WORK, f"run-{tag}"), report_path], check=True)
+        with open(config, "w") as f:
+            f.write(text)
+        out = subprocess.run([BINARY, "simulate", "--config", config], capture_output=True, text=True)
+        if out.returncode != 0:
+            # A run that failed (a model that diverged) counts with the last model it made.
+            failed = (out.stderr.strip().splitlines() or ["failed"])[-1]
+            if not os.path.exists(report_path):
+                sys.exit(f"simulate {tag} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+            with open(report_path + ".failed", "w") as f:
+                f.write(failed)
+    elif os.path.exists(report_path + ".failed"):
+        failed = open(report_path + ".failed").read()
+    with open(report_path) as f:
         report = json.load(f)
     evaluation = (report.get("final_model") or {}).get("evaluation") or {}
+    if not evaluation.get("global"):
+        if not failed:
+            sys.exit(f"simulate {tag} made no evaluated model")
+        # Its last model could not even be evaluated (its outputs are not numbers).
+        evaluation = {"global": {"accuracy": 0.0}, "sites": []}
+    if failed:
+        print(f"{tag}: {failed}; counted with its last model", file=sys.stderr, flush=True)
     return {
+        "failed": failed,
         "global": evaluation["global"]["accuracy"],
         "sites": [
             s["metrics"]["accuracy"]
+            for s in sorted(evaluation["sites"], key=lambda s: int(s["site_name"].split()[-1]))
+        ],
+        "held_out": [
+            s["metrics"]["samples"]
             for s in sorted(evaluation["sites"], key=lambda s: int(s["site_name"].split()[-1]))
         ],
         "seconds": report["seconds"],
@@ -161,75 +192,100 @@ def mean_sd(xs):
 def main():
     digits = pool_digits()
     phantoms, origin = pool_phantoms()
+    # (dataset, its pool, classes, [(split, rounds of 1 local epoch)]): every split at ROUNDS,
+    # and label shards again at LONG rounds (the same total epochs as a centralised LONG).
     datasets = [
-        ("digits", digits, 10, ["IID", "Dirichlet α = 0.5", "label shards"]),
-        ("phantoms", phantoms, 2, ["scanner shift"]),
+        ("digits", digits, 10,
+         [("IID", ROUNDS), ("Dirichlet α = 0.5", ROUNDS), ("label shards", ROUNDS), ("label shards", LONG)]),
+        ("phantoms", phantoms, 2, [("scanner shift", ROUNDS)]),
     ]
-    # results[(dataset, split)][row] = list over seeds of (ratio or accuracy)
-    table, personal, seconds = {}, {}, 0.0
+    # table[(dataset, split, rounds)][row] = list over seeds of ratio (or accuracy)
+    table, personal, failures, seconds = {}, {}, {}, 0.0
     for seed in range(1, SEEDS + 1):
         rng = np.random.default_rng(seed)
         for name, pool, classes, splits in datasets:
             every = list(range(len(pool)))
-            central = simulate(
-                f"{name}-central-{seed}",
-                write_sites(f"{name}-central-{seed}", pool, [every]),
-                classes, seed, "fedavg", {}, [], 1, ROUNDS,
-            )
-            seconds += central["seconds"]
-            for kind in splits:
-                labels = [p[2] for p in pool]
-                members = (
-                    [[i for i in every if origin[i] == s] for s in sorted(set(origin))]
-                    if kind == "scanner shift"
-                    else split(kind, labels, rng)
-                )
-                tag = f"{name}-{kind.split()[0].lower()}-{seed}"
-                roots = write_sites(tag, pool, members)
-                cell = table.setdefault((name, kind), {})
-                cell.setdefault("centralised", []).append(central["global"])
+            central, members_of = {}, {}
+            for kind, rounds in splits:
+                if rounds not in central:
+                    central[rounds] = simulate(
+                        f"{name}-central-{rounds}-{seed}",
+                        write_sites(f"{name}-central-{rounds}-{seed}", pool, [every]),
+                        classes, seed, "fedavg", {}, [], 1, rounds,
+                    )
+                    seconds += central[rounds]["seconds"]
+                base = central[rounds]
+                if kind not in members_of:
+                    labels = [p[2] for p in pool]
+                    members_of[kind] = (
+                        [[i for i in every if origin[i] == s] for s in sorted(set(origin))]
+                        if kind == "scanner shift"
+                        else split(kind, labels, rng)
+                    )
+                tag = f"{name}-{kind.split()[0].lower()}-{rounds}-{seed}"
+                roots = write_sites(tag, pool, members_of[kind])
+                cell = table.setdefault((name, kind, rounds), {})
+                cell.setdefault("centralised", []).append(base["global"])
                 alone = None
                 for number, (row, strategy, optimiser, aggregation, pre, personalised) in enumerate(STRATEGIES):
                     r = simulate(
                         f"{tag}-{number}-{strategy}",
-                        roots, classes, seed, strategy, optimiser, aggregation, ROUNDS, 1, pre,
+                        roots, classes, seed, strategy, optimiser, aggregation, rounds, 1, pre,
                     )
                     seconds += r["seconds"]
-                    cell.setdefault(row, []).append(r["global"] / central["global"])
+                    cell.setdefault(row, []).append(r["global"] / base["global"])
+                    if r["failed"]:
+                        failures[(name, kind, rounds, row)] = failures.get((name, kind, rounds, row), 0) + 1
                     if personalised:
                         if alone is None:
                             alone = []
                             for s, root in enumerate(roots):
                                 a = simulate(
-                                    f"{tag}-alone-{s}", [root], classes, seed, "fedavg", {}, [], 1, ROUNDS
+                                    f"{tag}-alone-{s}", [root], classes, seed, "fedavg", {}, [], 1, rounds
                                 )
                                 seconds += a["seconds"]
                                 alone.append(a["global"])
-                        personal.setdefault((name, kind, row), []).append((r["sites"], alone))
-                print(f"seed {seed}: {name}, {kind} done", file=sys.stderr, flush=True)
+                        personal.setdefault((name, kind, rounds, row), []).append(
+                            (r["sites"], alone, r["held_out"])
+                        )
+                print(f"seed {seed}: {name}, {kind}, {rounds} rounds done", file=sys.stderr, flush=True)
 
     rows = ["centralised"] + [s[0] for s in STRATEGIES]
-    columns = [(d[0], k) for d in datasets for k in d[3]]
+    columns = [(d[0], k, r) for d in datasets for k, r in d[3]]
     print(
-        f"FL / centralised held-out accuracy, {ROUNDS} rounds of 1 local epoch (centralised: 1 site, "
-        f"{ROUNDS} epochs), mean ± sd over {SEEDS} seed(s); the centralised row is its accuracy. "
+        f"FL / centralised held-out accuracy, rounds of 1 local epoch (centralised: 1 site, as many "
+        f"epochs), mean ± sd over {SEEDS} seed(s); the centralised row is its accuracy. "
         "FLOP's and Ditto's figures are their sites' personalised models (mean over sites, "
-        "weighted by held-out images) against the centralised model.\n"
+        "weighted by held-out images) against the centralised model. A run that failed (its "
+        "model diverged, so its sites stopped it) counts with the last model it made.\n"
     )
-    print("| strategy | " + " | ".join(f"{d}: {k}" for d, k in columns) + " |")
+    print("| strategy | " + " | ".join(f"{d}: {k}, {r} rounds" for d, k, r in columns) + " |")
     print("|---|" + "---|" * len(columns))
     for row in rows:
-        print(f"| {row} | " + " | ".join(mean_sd(table[c][row]) for c in columns) + " |")
+        print(
+            f"| {row} | "
+            + " | ".join(
+                mean_sd(table[c][row])
+                + (f" ({failures[(*c, row)]} failed)" if (*c, row) in failures else "")
+                for c in columns
+            )
+            + " |"
+        )
     print("\nPersonalisation against each site alone (one site's data, the same epochs), "
           "held-out accuracy per site, one line per seed:\n")
-    print("| split | personalisation | sites' personalised models | each site alone | sites at least as good |")
-    print("|---|---|---|---|---|")
-    for (name, kind, row), runs in personal.items():
-        for fl, alone in runs:
+    # A site's held-out images are the same in both runs (chosen by a hash of each file's name),
+    # so a shortfall is a count of images the personalised model gets wrong and the site's own
+    # model gets right, net.
+    print("| split | personalisation | sites' personalised models | each site alone | sites at least as good | largest shortfall |")
+    print("|---|---|---|---|---|---|")
+    for (name, kind, rounds, row), runs in personal.items():
+        for fl, alone, held_out in runs:
             ok = sum(f >= a for f, a in zip(fl, alone))
+            worst, n = max((round((a - f) * n), n) for f, a, n in zip(fl, alone, held_out))
             print(
-                f"| {name}: {kind} | {row} | {', '.join(f'{x:.3f}' for x in fl)} | "
-                f"{', '.join(f'{x:.3f}' for x in alone)} | {ok} of {len(fl)} |"
+                f"| {name}: {kind}, {rounds} rounds | {row} | {', '.join(f'{x:.3f}' for x in fl)} | "
+                f"{', '.join(f'{x:.3f}' for x in alone)} | {ok} of {len(fl)} | "
+                + (f"{worst} of a site's {n} images |" if worst > 0 else "none |")
             )
     print(f"\n{seconds:.0f} s of simulated runs", file=sys.stderr)
 
