@@ -159,7 +159,7 @@ def simulate(tag, roots, classes, seed, strategy, optimiser, aggregation, rounds
             with open(report_path + ".failed", "w") as f:
                 f.write(failed)
     elif os.path.exists(report_path + ".failed"):
-        failed = open(report_path + ".failed").read()
+        failed = open(report_path + ".failed").read().strip()
     with open(report_path) as f:
         report = json.load(f)
     evaluation = (report.get("final_model") or {}).get("evaluation") or {}

@@ -524,8 +524,22 @@ impl Engine {
         let action = if next == RoundState::Aggregating {
             "round.collected"
         } else {
+            // The first site's reason, so the run's failure says what to change (a diverged
+            // model, a refused plan); the round lists every site's.
+            let why = match excluded.as_slice() {
+                [] => String::new(),
+                [one] => format!(
+                    " The site left out said: {}.",
+                    one.reason.trim_end_matches('.')
+                ),
+                [first, rest @ ..] => format!(
+                    " The first of {} sites left out said: {} (the round lists each).",
+                    rest.len() + 1,
+                    first.reason.trim_end_matches('.')
+                ),
+            };
             a.failure = Set(Some(format!(
-                "Round {} failed: {trained} of {} sites sent an update, the plan needs {}.",
+                "Round {} failed: {trained} of {} sites sent an update, the plan needs {}.{why}",
                 x.number,
                 sites.len(),
                 x.quorum

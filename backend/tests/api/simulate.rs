@@ -393,6 +393,40 @@ fn a_simulation_aggregates_with_scaffold() {
     assert!(acc > 0.6, "above chance: {acc}");
 }
 
+/// A learning rate that blows the model up: the run fails in the first round with the sites'
+/// reason and what to change, not after the round's deadline with "no update".
+#[test]
+fn a_simulation_whose_model_diverges_fails_with_the_sites_reason() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (example, config) = example_in(dir.path());
+    let text = std::fs::read_to_string(&config).expect("experiment");
+    for from in [
+        "name = \"adamw\"",
+        "learning_rate = 0.003",
+        "round_timeout_seconds = 600",
+    ] {
+        assert!(text.contains(from), "the example has no {from:?}");
+    }
+    let text = text
+        .replace("name = \"adamw\"", "name = \"sgd\"\nmomentum = 0.9")
+        .replace("learning_rate = 0.003", "learning_rate = 1000000.0");
+    std::fs::write(&config, &text).expect("write");
+    let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
+    assert_ne!(code, 0, "{out}{err}");
+    let said = format!("{out}{err}");
+    assert!(
+        said.contains("Round 1 failed")
+            && said.contains("the model has diverged")
+            && said.contains("lower the plan's learning rate"),
+        "{out}{err}"
+    );
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(example.join("simulation-report.json")).expect("report"),
+    )
+    .expect("JSON report");
+    assert_eq!(report["run"]["status"], "failed");
+}
+
 /// HarmoFL's amplitude normalisation end to end: in round 1 each site's update carries its
 /// training split's mean amplitude spectrum (as the test computes it from the site's images),
 /// the model carries their sample-weighted mean, and round 2 leaves it as it is.
