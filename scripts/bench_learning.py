@@ -2,8 +2,10 @@
 measures): writes the splits as site folders, runs `consilium simulate` for every strategy ×
 split and for the baselines, and prints Markdown tables from the simulation reports."""
 
+import collections
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -144,10 +146,11 @@ def simulate(tag, roots, classes, seed, strategy, optimiser, aggregation, rounds
     text = "\n".join(lines) + "\n"
     report_path = os.path.join(WORK, f"report-{tag}.json")
     failed = None
-    done = os.path.exists(report_path) and os.path.exists(config) and open(config).read() == text
-    if not done:
+    if not (os.path.exists(report_path) and read(config) == text):
         # A run of an interrupted benchmark is done again from the start.
-        subprocess.run(["rm", "-rf", os.path.join(WORK, f"run-{tag}"), report_path], check=True)
+        shutil.rmtree(os.path.join(WORK, f"run-{tag}"), ignore_errors=True)
+        if os.path.exists(report_path):
+            os.remove(report_path)
         with open(config, "w") as f:
             f.write(text)
         out = subprocess.run([BINARY, "simulate", "--config", config], capture_output=True, text=True)
@@ -159,7 +162,7 @@ def simulate(tag, roots, classes, seed, strategy, optimiser, aggregation, rounds
             with open(report_path + ".failed", "w") as f:
                 f.write(failed)
     elif os.path.exists(report_path + ".failed"):
-        failed = open(report_path + ".failed").read().strip()
+        failed = read(report_path + ".failed").strip()
     with open(report_path) as f:
         report = json.load(f)
     evaluation = (report.get("final_model") or {}).get("evaluation") or {}
@@ -170,19 +173,22 @@ def simulate(tag, roots, classes, seed, strategy, optimiser, aggregation, rounds
         evaluation = {"global": {"accuracy": 0.0}, "sites": []}
     if failed:
         print(f"{tag}: {failed}; counted with its last model", file=sys.stderr, flush=True)
+    sites = sorted(evaluation["sites"], key=lambda s: int(s["site_name"].split()[-1]))
     return {
         "failed": failed,
         "global": evaluation["global"]["accuracy"],
-        "sites": [
-            s["metrics"]["accuracy"]
-            for s in sorted(evaluation["sites"], key=lambda s: int(s["site_name"].split()[-1]))
-        ],
-        "held_out": [
-            s["metrics"]["samples"]
-            for s in sorted(evaluation["sites"], key=lambda s: int(s["site_name"].split()[-1]))
-        ],
+        "sites": [s["metrics"]["accuracy"] for s in sites],
+        "held_out": [s["metrics"]["samples"] for s in sites],
         "seconds": report["seconds"],
     }
+
+
+def read(path):
+    """A file's text, or None where there is none."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read()
 
 
 def mean_sd(xs):
@@ -200,7 +206,7 @@ def main():
         ("phantoms", phantoms, 2, [("scanner shift", ROUNDS)]),
     ]
     # table[(dataset, split, rounds)][row] = list over seeds of ratio (or accuracy)
-    table, personal, failures, seconds = {}, {}, {}, 0.0
+    table, personal, failures, seconds = {}, {}, collections.Counter(), 0.0
     for seed in range(1, SEEDS + 1):
         rng = np.random.default_rng(seed)
         for name, pool, classes, splits in datasets:
@@ -235,7 +241,7 @@ def main():
                     seconds += r["seconds"]
                     cell.setdefault(row, []).append(r["global"] / base["global"])
                     if r["failed"]:
-                        failures[(name, kind, rounds, row)] = failures.get((name, kind, rounds, row), 0) + 1
+                        failures[(name, kind, rounds, row)] += 1
                     if personalised:
                         if alone is None:
                             alone = []
@@ -266,7 +272,7 @@ def main():
             f"| {row} | "
             + " | ".join(
                 mean_sd(table[c][row])
-                + (f" ({failures[(*c, row)]} failed)" if (*c, row) in failures else "")
+                + (f" ({failures[(*c, row)]} failed)" if failures[(*c, row)] else "")
                 for c in columns
             )
             + " |"

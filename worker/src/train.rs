@@ -941,11 +941,12 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let nan = |l| (vec![f32::NAN, f32::NAN], l);
-            let _ = tx.send((
+            tx.send((
                 auroc(&[nan(0), nan(1), nan(1)], 2),
                 auroc(&[(vec![0.5, f32::NAN], 0), (vec![0.2, 0.8], 1)], 2),
                 auroc(&[(vec![f32::NAN; 3], 0), (vec![f32::NAN; 3], 2)], 3),
-            ));
+            ))
+            .expect("the test waits for the answer");
         });
         let got = rx
             .recv_timeout(std::time::Duration::from_secs(10))
