@@ -19,13 +19,14 @@ BINARY, WORK, SEEDS, ROUNDS, LONG = (
 )
 SITES = 4
 
-# (row label, plan.aggregation.strategy, extra optimiser settings, extra [plan.aggregation]
+# (row label, plan.aggregation.strategy, optimiser settings over the recipe's, extra [plan.aggregation]
 # lines, extra [plan.preprocessing] lines, whether its evaluations are personalised models)
 STRATEGIES = [
     ("FedAvg", "fedavg", {}, [], [], False),
     ("FedProx (μ = 0.01)", "fedavg", {"proximal_mu": 0.01}, [], [], False),
     ("FedNova", "fednova", {}, [], [], False),
     ("SCAFFOLD", "scaffold", {}, [], [], False),
+    ("SCAFFOLD (lr 0.01)", "scaffold", {"learning_rate": 0.01}, [], [], False),
     ("FedAvg + HarmoFL's amplitude normalisation (band 0.1)", "fedavg", {}, [],
      ["amplitude_normalisation = { band = 0.1 }"], False),
     ("FLOP (fc at the site)", "fedavg", {}, ['local_layers = ["fc"]'], [], True),
@@ -103,10 +104,12 @@ def write_sites(tag, pool, sites):
     return roots
 
 
-def simulate(tag, roots, classes, seed, strategy, optimiser, aggregation, rounds, epochs, pre=()):
-    """One `consilium simulate` run; returns the final model's evaluation."""
+def simulate(tag, roots, classes, seed, strategy, optimiser, aggregation, rounds, epochs, pre=(), experiment=None):
+    """One `consilium simulate` run; returns the final model's evaluation. Runs of the same
+    `experiment` (default: the tag) give their sites the same ids, so the same seed gives each
+    site the same batches: the strategies of one split and seed are compared on equal terms."""
     lines = [
-        f'name = "{tag}"',
+        f'name = "{experiment or tag}"',
         f'data_dir = "run-{tag}"',
         f'report = "report-{tag}.json"',
         "round_timeout_seconds = 900",
@@ -124,11 +127,10 @@ def simulate(tag, roots, classes, seed, strategy, optimiser, aggregation, rounds
         'normalisation = "dataset"',
         *pre,
         "[plan.optimiser]",
-        'name = "sgd"',
-        "learning_rate = 0.05",
-        "momentum = 0.9",
     ]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in optimiser.items()]
+    # The recipe's optimiser; a strategy's settings add to it or replace its values.
+    recipe = {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9, **optimiser}
+    lines += [f"{k} = {json.dumps(v)}" for k, v in recipe.items()]
     lines += ["[plan.aggregation]", f'strategy = "{strategy}"', f"min_sites = {len(roots)}"]
     lines += list(aggregation)
     for i, root in enumerate(roots):
@@ -237,6 +239,7 @@ def main():
                     r = simulate(
                         f"{tag}-{number}-{strategy}",
                         roots, classes, seed, strategy, optimiser, aggregation, rounds, 1, pre,
+                        experiment=tag,
                     )
                     seconds += r["seconds"]
                     cell.setdefault(row, []).append(r["global"] / base["global"])

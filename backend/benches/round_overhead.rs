@@ -133,6 +133,7 @@ async fn measure(broker_url: Option<String>, sites: usize, rounds: u32) -> anyho
             manifest,
             password: None,
             narrate: false,
+            site_namespace: None,
         },
     )
     .await?;

@@ -15,6 +15,7 @@ use consilium_worker::broker::SharedBroker;
 use consilium_worker::data::{DataKind, DatasetSpec, LabelKey};
 use consilium_worker::decode::Decoder;
 use std::path::PathBuf;
+use uuid::Uuid;
 
 use crate::audit;
 use crate::configuration::Settings;
@@ -179,6 +180,10 @@ pub struct Scenario {
     pub password: Option<String>,
     /// Print each step.
     pub narrate: bool,
+    /// Simulations: each site's id is derived from this namespace and the site's name (UUID
+    /// v5) rather than drawn at random, so that the same experiment and seed give the same
+    /// model. Only for a database of the scenario's own.
+    pub site_namespace: Option<Uuid>,
 }
 
 pub fn demo_scenario() -> anyhow::Result<Scenario> {
@@ -205,6 +210,7 @@ pub fn demo_scenario() -> anyhow::Result<Scenario> {
         }))?,
         password: Some(DEMO_PASSWORD.into()),
         narrate: true,
+        site_namespace: None,
     })
 }
 
@@ -277,9 +283,14 @@ pub async fn cast(ctx: &AppContext, sc: &Scenario) -> anyhow::Result<Cast> {
     let mut sites = Vec::new();
     for (name, custodian, cases) in &sc.sites {
         let custodian = by_email(custodian)?;
-        let site = directory::create_site(
+        let id = match sc.site_namespace {
+            Some(namespace) => Uuid::new_v5(&namespace, name.as_bytes()),
+            None => Uuid::new_v4(),
+        };
+        let site = directory::create_site_with_id(
             ctx,
             &admin,
+            id,
             CreateSite {
                 name: name.clone(),
                 custodians: vec![custodian.id],
@@ -461,10 +472,10 @@ pub async fn walk_through(ctx: &AppContext, sc: Scenario) -> anyhow::Result<Walk
 }
 
 pub struct Walked {
-    pub study: uuid::Uuid,
+    pub study: Uuid,
     pub plan_hash: String,
     pub researcher: Actor,
-    pub sites: Vec<(uuid::Uuid, String)>,
+    pub sites: Vec<(Uuid, String)>,
 }
 
 /// Generates each hospital's synthetic images, starts its site worker in this process, runs
@@ -506,10 +517,10 @@ async fn train(
 /// mask beside each image (segmentation data, as `consilium simulate --example-segmentation`).
 pub fn synthetic_sites(
     data_dir: &std::path::Path,
-    sites: &[(uuid::Uuid, String)],
+    sites: &[(Uuid, String)],
     narrate: bool,
     masks: bool,
-) -> anyhow::Result<Vec<(uuid::Uuid, String, DatasetSpec)>> {
+) -> anyhow::Result<Vec<(Uuid, String, DatasetSpec)>> {
     let profiles = consilium_worker::synthetic::demo_sites(1);
     let mut specs = Vec::new();
     for ((site, name), (key, profile)) in sites.iter().zip(profiles) {
@@ -553,7 +564,7 @@ pub async fn start_workers(
     ctx: &AppContext,
     broker: &SharedBroker,
     url: &str,
-    sites: Vec<(uuid::Uuid, String, DatasetSpec)>,
+    sites: Vec<(Uuid, String, DatasetSpec)>,
     decoder: Decoder,
     wrap: &Wrap,
 ) -> anyhow::Result<()> {
@@ -629,7 +640,7 @@ pub async fn start_workers(
 /// What a simulated site's artifacts go through (the simulator's attacks; the demo's are as
 /// they are).
 pub type Wrap = dyn Fn(
-    uuid::Uuid,
+    Uuid,
     std::sync::Arc<dyn consilium_worker::artifacts::SiteArtifacts>,
 ) -> std::sync::Arc<dyn consilium_worker::artifacts::SiteArtifacts>;
 

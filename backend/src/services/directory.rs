@@ -202,8 +202,20 @@ pub async fn get_user(ctx: &AppContext, actor: &Actor, id: Uuid) -> AppResult<Us
     Ok(user_dto(&m))
 }
 
-#[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
 pub async fn create_site(ctx: &AppContext, actor: &Actor, input: CreateSite) -> AppResult<SiteDto> {
+    create_site_with_id(ctx, actor, Uuid::new_v4(), input).await
+}
+
+/// `create_site` with an id the caller chose. A simulation, whose database is its own, derives
+/// its sites' ids from the experiment: a site's batch order mixes in its id, so the same plan
+/// seed then gives the same model (`simulate::site_namespace`).
+#[tracing::instrument(skip(ctx, input), fields(actor = %actor.audit_name()))]
+pub async fn create_site_with_id(
+    ctx: &AppContext,
+    actor: &Actor,
+    id: Uuid,
+    input: CreateSite,
+) -> AppResult<SiteDto> {
     require(actor, Operation::CreateSite)?;
     let mut checks = Checks::default();
     let name = checks.text("name", &input.name, 200, false);
@@ -211,7 +223,7 @@ pub async fn create_site(ctx: &AppContext, actor: &Actor, input: CreateSite) -> 
     let w = ctx.begin_write().await?;
     check_users_exist(&*w, "custodians", &input.custodians, Role::Custodian).await?;
     let m = site::ActiveModel {
-        id: Set(Uuid::new_v4()),
+        id: Set(id),
         name: Set(name),
         custodians: Set(serde_json::to_value(&input.custodians)?),
         created_at: Set(Utc::now()),

@@ -292,6 +292,17 @@ pub fn load(path: &Path) -> anyhow::Result<Experiment> {
 }
 
 /// Which simulated sites attacked, and how (the report and the audit trail say it).
+/// The namespace of an experiment's site ids: its sites get the same ids in every simulation
+/// of it (UUID v5 of this and the site's name), and each site's batch order mixes in its id,
+/// so a plan's seed gives the same model twice. The simulation's database is its own, so no
+/// id can meet a production site's.
+pub fn site_namespace(experiment: &str) -> Uuid {
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_URL,
+        format!("urn:consilium:simulation:{experiment}").as_bytes(),
+    )
+}
+
 fn attacks_of(exp: &Experiment) -> Vec<serde_json::Value> {
     exp.sites
         .iter()
@@ -407,6 +418,7 @@ pub async fn run(
             manifest: exp.plan.clone(),
             password: None,
             narrate: true,
+            site_namespace: Some(site_namespace(&exp.name)),
         },
     )
     .await?;

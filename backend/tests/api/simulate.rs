@@ -393,6 +393,65 @@ fn a_simulation_aggregates_with_scaffold() {
     assert!(acc > 0.6, "above chance: {acc}");
 }
 
+/// The same experiment and seed give the same model, round by round: each site's batch order
+/// mixes in its id, and a simulation derives its sites' ids from the experiment instead of
+/// drawing them. Another seed gives another model.
+#[test]
+fn a_simulation_gives_the_same_model_for_the_same_seed() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (example, config) = example_in(dir.path());
+    let text = std::fs::read_to_string(&config).expect("experiment");
+    for from in ["rounds = 3", "seed = 1", SGD[0].0, SGD[1].0] {
+        assert!(text.contains(from), "the example has no {from:?}");
+    }
+    let text = text
+        .replace("rounds = 3", "rounds = 2")
+        .replace(SGD[0].0, SGD[0].1)
+        .replace(SGD[1].0, SGD[1].1);
+    let run = |seed: u32| -> Value {
+        std::fs::write(&config, text.replace("seed = 1", &format!("seed = {seed}")))
+            .expect("write");
+        let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
+        assert_eq!(code, 0, "{out}{err}");
+        serde_json::from_str(
+            &std::fs::read_to_string(example.join("simulation-report.json")).expect("report"),
+        )
+        .expect("JSON report")
+    };
+    let models = |report: &Value| -> Vec<String> {
+        report["models"]
+            .as_array()
+            .expect("models")
+            .iter()
+            .map(|m| m["hash"].as_str().expect("hash").to_string())
+            .collect()
+    };
+    let sites = |report: &Value| -> Vec<(String, String)> {
+        report["final_model"]["contributions"]
+            .as_array()
+            .expect("contributions")
+            .iter()
+            .map(|c| {
+                let field = |k: &str| c[k].as_str().expect(k).to_string();
+                (field("site_id"), field("update_hash"))
+            })
+            .collect()
+    };
+    let first = run(1);
+    let again = run(1);
+    assert_eq!(models(&first).len(), 2);
+    assert_eq!(models(&first), models(&again));
+    assert_eq!(sites(&first), sites(&again));
+    assert_eq!(final_accuracy(&first), final_accuracy(&again));
+    let other = run(2);
+    assert_eq!(
+        sites(&first).iter().map(|s| &s.0).collect::<Vec<_>>(),
+        sites(&other).iter().map(|s| &s.0).collect::<Vec<_>>(),
+        "the same experiment's sites keep their ids"
+    );
+    assert_ne!(models(&first).last(), models(&other).last());
+}
+
 /// A learning rate that blows the model up: the run fails in the first round with the sites'
 /// reason and what to change, not after the round's deadline with "no update".
 #[test]
