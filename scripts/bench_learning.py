@@ -207,8 +207,11 @@ def main():
          [("IID", ROUNDS), ("Dirichlet α = 0.5", ROUNDS), ("label shards", ROUNDS), ("label shards", LONG)]),
         ("phantoms", phantoms, 2, [("scanner shift", ROUNDS)]),
     ]
-    # table[(dataset, split, rounds)][row] = list over seeds of ratio (or accuracy)
+    # table[(dataset, split, rounds)][row] = list over seeds of ratio (or accuracy); a seed whose
+    # centralised run collapsed (no better than 1.5 × chance) is no baseline: collapsed[column]
+    # lists (seed, its accuracy), and its ratios are left out.
     table, personal, failures, seconds = {}, {}, collections.Counter(), 0.0
+    collapsed = collections.defaultdict(list)
     for seed in range(1, SEEDS + 1):
         rng = np.random.default_rng(seed)
         for name, pool, classes, splits in datasets:
@@ -234,6 +237,9 @@ def main():
                 roots = write_sites(tag, pool, members_of[kind])
                 cell = table.setdefault((name, kind, rounds), {})
                 cell.setdefault("centralised", []).append(base["global"])
+                baseline = base["global"] > 1.5 / classes
+                if not baseline:
+                    collapsed[(name, kind, rounds)].append((seed, base["global"]))
                 alone = None
                 for number, (row, strategy, optimiser, aggregation, pre, personalised) in enumerate(STRATEGIES):
                     r = simulate(
@@ -242,8 +248,9 @@ def main():
                         experiment=tag,
                     )
                     seconds += r["seconds"]
-                    cell.setdefault(row, []).append(r["global"] / base["global"])
-                    if r["failed"]:
+                    if baseline:
+                        cell.setdefault(row, []).append(r["global"] / base["global"])
+                    if r["failed"] and baseline:
                         failures[(name, kind, rounds, row)] += 1
                     if personalised:
                         if alone is None:
@@ -266,9 +273,18 @@ def main():
         f"epochs), mean ± sd over {SEEDS} seed(s); the centralised row is its accuracy. "
         "FLOP's and Ditto's figures are their sites' personalised models (mean over sites, "
         "weighted by held-out images) against the centralised model. A run that failed (its "
-        "model diverged, so its sites stopped it) counts with the last model it made.\n"
+        "model diverged, so its sites stopped it) counts with the last model it made. A seed "
+        "whose centralised model collapsed (no better than 1.5 × chance) gives no ratios in its "
+        "column, which says so.\n"
     )
-    print("| strategy | " + " | ".join(f"{d}: {k}, {r} rounds" for d, k, r in columns) + " |")
+    def heading(c):
+        d, k, r = c
+        left_out = "".join(
+            f" (seed {seed} left out: centralised {acc:.3f})" for seed, acc in collapsed[c]
+        )
+        return f"{d}: {k}, {r} rounds{left_out}"
+
+    print("| strategy | " + " | ".join(heading(c) for c in columns) + " |")
     print("|---|" + "---|" * len(columns))
     for row in rows:
         print(
