@@ -370,7 +370,15 @@ pub async fn run(
             std::fs::remove_file(old)?;
         }
     }
-    let _ = std::fs::remove_dir_all(&artifacts);
+    // The last run's models must not mix with this one's: a folder that cannot be cleared
+    // stops the simulation with the reason.
+    match std::fs::remove_dir_all(&artifacts) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => anyhow::bail!(
+            "the last simulation's artifacts in {} cannot be removed ({e}): remove the folder or choose another data_dir",
+            artifacts.display()
+        ),
+        _ => {}
+    }
     settings.database.url = None;
     settings.database.data_dir = exp.data_dir.clone();
     settings.server.host = "127.0.0.1".into();

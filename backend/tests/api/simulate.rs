@@ -452,6 +452,24 @@ fn a_simulation_gives_the_same_model_for_the_same_seed() {
     assert_ne!(models(&first).last(), models(&other).last());
 }
 
+/// The last run's artifacts are cleared before a simulation; where they cannot be, it stops with
+/// the reason instead of mixing them with the new run's.
+#[test]
+fn a_simulation_whose_old_artifacts_cannot_be_cleared_says_so() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (example, config) = example_in(dir.path());
+    let run = example.join("run");
+    std::fs::create_dir_all(&run).expect("run folder");
+    // A file where the artifact folder goes: it cannot be removed as a folder.
+    std::fs::write(run.join("artifacts"), "not a folder").expect("write");
+    let (code, out, err) = consilium(&["simulate", "--config", config.to_str().expect("path")]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("cannot be removed") && err.contains("choose another data_dir"),
+        "{out}{err}"
+    );
+}
+
 /// A learning rate that blows the model up: the run fails in the first round with the sites'
 /// reason and what to change, not after the round's deadline with "no update".
 #[test]
