@@ -291,7 +291,6 @@ pub fn load(path: &Path) -> anyhow::Result<Experiment> {
     Ok(exp)
 }
 
-/// Which simulated sites attacked, and how (the report and the audit trail say it).
 /// The namespace of an experiment's site ids: its sites get the same ids in every simulation
 /// of it (UUID v5 of this and the site's name), and each site's batch order mixes in its id,
 /// so a plan's seed gives the same model twice. The simulation's database is its own, so no
@@ -303,6 +302,7 @@ pub fn site_namespace(experiment: &str) -> Uuid {
     )
 }
 
+/// Which simulated sites attacked, and how (the report and the audit trail say it).
 fn attacks_of(exp: &Experiment) -> Vec<serde_json::Value> {
     exp.sites
         .iter()
