@@ -90,9 +90,16 @@ impl Portal {
     }
 
     /// As `start`, the sites' workers holding segmentation data (a lesion mask beside each
-    /// phantom).
+    /// phantom). A U-Net's round takes seconds alone and can take minutes beside the other
+    /// browser tests on two cores: its round waits up to 10 minutes, not 2.
     pub async fn start_segmenting(test: &str, workers: usize) -> Portal {
-        Self::start_full(test, workers, |_| {}, true).await
+        Self::start_full(
+            test,
+            workers,
+            |s| s.engine.round_timeout_seconds = 600,
+            true,
+        )
+        .await
     }
 
     async fn start_full(
