@@ -30,8 +30,21 @@ STRATEGIES = [
     ("FedAvg + HarmoFL's amplitude normalisation (band 0.1)", "fedavg", {}, [],
      ["amplitude_normalisation = { band = 0.1 }"], False),
     ("FLOP (fc at the site)", "fedavg", {}, ['local_layers = ["fc"]'], [], True),
+    ("FLOP (fc at the site, fitted first for 3 epochs)", "fedavg", {},
+     ['local_layers = ["fc"]', "local_fit_epochs = 3"], [], True),
     ("Ditto (λ = 0.1)", "fedavg", {}, ["ditto = { lambda = 0.1 }"], [], True),
 ]
+
+# BENCH_ROWS (comma-separated parts of row labels, e.g. "FLOP,Ditto") runs only those rows
+# (and the centralised baseline, and each site alone where a row personalises).
+# A row's runs are numbered by its place in the whole list, so a run is the same with or without it.
+NUMBERED = list(enumerate(STRATEGIES))
+if os.environ.get("BENCH_ROWS"):
+    NUMBERED = [
+        (n, s) for n, s in NUMBERED if any(part in s[0] for part in os.environ["BENCH_ROWS"].split(","))
+    ]
+    if not NUMBERED:
+        sys.exit(f"BENCH_ROWS={os.environ['BENCH_ROWS']} names no row of the benchmark")
 
 
 def pool_digits():
@@ -241,7 +254,7 @@ def main():
                 if not baseline:
                     collapsed[(name, kind, rounds)].append((seed, base["global"]))
                 alone = None
-                for number, (row, strategy, optimiser, aggregation, pre, personalised) in enumerate(STRATEGIES):
+                for number, (row, strategy, optimiser, aggregation, pre, personalised) in NUMBERED:
                     r = simulate(
                         f"{tag}-{number}-{strategy}",
                         roots, classes, seed, strategy, optimiser, aggregation, rounds, 1, pre,
@@ -266,7 +279,7 @@ def main():
                         )
                 print(f"seed {seed}: {name}, {kind}, {rounds} rounds done", file=sys.stderr, flush=True)
 
-    rows = ["centralised"] + [s[0] for s in STRATEGIES]
+    rows = ["centralised"] + [s[0] for _, s in NUMBERED]
     columns = [(d[0], k, r) for d in datasets for k, r in d[3]]
     print(
         f"FL / centralised held-out accuracy, rounds of 1 local epoch (centralised: 1 site, as many "

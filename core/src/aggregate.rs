@@ -1553,6 +1553,7 @@ mod tests {
             min_sites: None,
             parameters: serde_json::from_value(p).unwrap(),
             local_layers: Vec::new(),
+            local_fit_epochs: None,
             ditto: None,
         };
         assert_eq!(

@@ -82,6 +82,10 @@ pub const CHOICES: &[(&str, &str)] = &[
         "fedadam, fedyogi: lr, beta1, beta2, tau; fedcostwavg: alpha; trimmed_mean: beta; krum, bulyan: f; multi_krum: f, m; dos: temperature; others none",
     ),
     (
+        "aggregation.local_fit_epochs",
+        "1 to 100, with local_layers: epochs that fit the layers kept at each site to the incoming shared ones before the whole model trains; not with dp_sgd",
+    ),
+    (
         "aggregation.ditto.lambda",
         "0 to 10000: Ditto, each site's own model pulled towards the global one; not with local_layers, fedbn or dp_sgd",
     ),
@@ -607,6 +611,10 @@ pub struct Plan {
     /// Partial sharing (FLOP, Yang et al. 2021): the layers that stay at each site, trained
     /// there and never sent; the server aggregates the rest.
     pub local_layers: Vec<String>,
+    /// Epochs in which each round first trains only `local_layers`, on the round's incoming
+    /// shared layers, before the whole model trains (0: none; FedRep's order, Collins et al.
+    /// 2021), so that a site's own layers fit the shared ones they will be used with.
+    pub local_fit_epochs: u32,
     /// Ditto's λ (Li et al. 2021): each site's own model, pulled towards the global one by
     /// `λ/2 · ‖v − w‖²`, trained beside it and kept at the site.
     pub ditto: Option<f64>,
@@ -981,6 +989,18 @@ impl TrainingPlanManifest {
                 self.aggregation.strategy
             ));
         }
+        let local_fit_epochs = self.aggregation.local_fit_epochs.unwrap_or(0);
+        if let Some(n) = self.aggregation.local_fit_epochs {
+            if !(1..=100).contains(&n) {
+                p.push(format!("aggregation.local_fit_epochs must be from 1 to 100, not {n} (leave it out for none)"));
+            }
+            if local_layers.is_empty() {
+                p.push("aggregation.local_fit_epochs fits the layers kept at each site, and aggregation.local_layers names none: name them (e.g. [\"fc\"]) or leave local_fit_epochs out");
+            }
+            if self.privacy.dp_sgd.is_some() {
+                p.push("aggregation.local_fit_epochs trains the layers kept at each site on its patients outside DP-SGD's noise, and the shared layers then train on top of them: leave it out with privacy.dp_sgd");
+            }
+        }
         let ditto = self.aggregation.ditto.as_ref().map(|d| d.lambda);
         if let Some(lambda) = ditto {
             if !(lambda.is_finite() && (0.0..=1e4).contains(&lambda)) {
@@ -1033,6 +1053,7 @@ impl TrainingPlanManifest {
                 rounds: self.rounds,
                 strategy,
                 local_layers,
+                local_fit_epochs,
                 ditto,
                 min_sites: self.aggregation.min_sites,
                 stopping,
@@ -2251,6 +2272,55 @@ mod tests {
             !serde_json::to_string(&plain)
                 .unwrap()
                 .contains("local_layers")
+        );
+    }
+
+    #[test]
+    fn local_fit_epochs_need_local_layers_and_no_dp_sgd() {
+        let mut m = base();
+        m["aggregation"] = serde_json::json!({"strategy": "fedavg", "local_layers": ["fc"], "local_fit_epochs": 3});
+        let plan = manifest(m.clone()).parse().expect("3 epochs fit fc first");
+        assert_eq!(plan.local_fit_epochs, 3);
+        m["aggregation"]["local_fit_epochs"] = serde_json::json!(null);
+        assert_eq!(manifest(m.clone()).parse().unwrap().local_fit_epochs, 0);
+        for (aggregation, privacy, says) in [
+            (
+                serde_json::json!({"strategy": "fedavg", "local_fit_epochs": 3}),
+                serde_json::json!({}),
+                "local_layers names none",
+            ),
+            (
+                serde_json::json!({"strategy": "fedavg", "local_layers": ["fc"], "local_fit_epochs": 0}),
+                serde_json::json!({}),
+                "from 1 to 100, not 0",
+            ),
+            (
+                serde_json::json!({"strategy": "fedavg", "local_layers": ["fc"], "local_fit_epochs": 101}),
+                serde_json::json!({}),
+                "from 1 to 100, not 101",
+            ),
+            (
+                serde_json::json!({"strategy": "fedavg", "local_layers": ["fc"], "local_fit_epochs": 2}),
+                serde_json::json!({"dp_sgd": {"epsilon": 8, "delta": 1e-5, "max_grad_norm": 1.0}}),
+                "outside DP-SGD's noise",
+            ),
+        ] {
+            let mut m = base();
+            m["aggregation"] = aggregation;
+            m["privacy"] = privacy;
+            let problems = manifest(m).parse().unwrap_err();
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.contains("local_fit_epochs") && p.contains(says)),
+                "{problems:?}"
+            );
+        }
+        // A plan without it hashes as before.
+        assert!(
+            !serde_json::to_string(&manifest(base()))
+                .unwrap()
+                .contains("local_fit_epochs")
         );
     }
 

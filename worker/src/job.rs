@@ -567,6 +567,10 @@ struct Incoming<'a> {
 /// global model's.
 const DITTO_SEED: u64 = 0xd177_0000_0000_0001;
 
+/// Mixed into a training job's seed for the epochs that fit this site's own layers, so that
+/// their batches are not the whole model's.
+const LOCAL_FIT_SEED: u64 = 0x10ca_1f17_0000_0001;
+
 /// The CPU/GPU-bound part, off the async runtime.
 fn compute(
     job: &Job,
@@ -664,6 +668,16 @@ fn compute(
         }
         None => {
             let correction = correction.map(|c| net.correction(c)).transpose()?;
+            // FLOP with local_fit_epochs: this site's own layers first fit the shared layers
+            // that arrived, then the whole model trains as usual.
+            if plan.local_fit_epochs > 0 {
+                net.train_only(
+                    &train,
+                    plan,
+                    (plan.local_fit_epochs, seed ^ LOCAL_FIT_SEED),
+                    |name| plan.is_local(name),
+                )?;
+            }
             net.train_corrected(&train, plan, seed, correction.as_deref())?;
             None
         }

@@ -486,6 +486,28 @@ impl Net {
         self.train_proximal(samples, plan, seed, correction, (trainable, anchor), mu)
     }
 
+    /// Trains only the weights `only` picks, for `epochs` epochs of the plan's optimiser and
+    /// batches without a proximal term; the others stay as they are. FLOP's layers that stay
+    /// at the site, fitted to the round's incoming shared layers (`aggregation.local_fit_epochs`).
+    pub fn train_only(
+        &self,
+        samples: &[&Sample],
+        plan: &Plan,
+        (epochs, seed): (u32, u64),
+        only: impl Fn(&str) -> bool,
+    ) -> Result<(f64, f64)> {
+        let trainable: Trainable = self
+            .trainable_vars()
+            .into_iter()
+            .filter(|(name, _)| only(name))
+            .collect();
+        let plan = Plan {
+            local_epochs: epochs,
+            ..plan.clone()
+        };
+        self.train_proximal(samples, &plan, seed, None, (trainable, Vec::new()), 0.0)
+    }
+
     /// Ditto's personal model (Li et al. 2021): the plan's optimiser and epochs on this site's
     /// samples, pulled towards `global` (the round's global weights) by the proximal term
     /// `lambda/2 · ‖v − w‖²` in place of FedProx's.

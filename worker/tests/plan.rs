@@ -494,6 +494,60 @@ fn scaffold_adds_its_correction_to_every_gradient() {
 }
 
 #[test]
+fn local_fit_epochs_train_only_the_layers_kept_at_the_site() {
+    // FLOP's fitting step, one step of plain SGD (48 images, batch 48, one epoch) on `fc`
+    // alone, from fc.weight = 0 and fc.bias = (1, 0): every logit is the bias, so the bias's
+    // gradient is softmax(b) − the share of each class (½, ½), and
+    // b' = b − η (softmax(b) − ½) by hand; every other weight stays bit for bit.
+    let mut m = base();
+    m["optimiser"] = json!({"name": "sgd", "learning_rate": 0.05});
+    m["local_epochs"] = 1.into();
+    m["batch_size"] = 48.into();
+    m["aggregation"] = json!({"strategy": "fedavg", "local_layers": ["fc"], "local_fit_epochs": 1});
+    let plan = plan_of(m);
+    assert_eq!(plan.local_fit_epochs, 1);
+    let data = samples();
+    let refs: Vec<&Sample> = data.iter().collect();
+    let net = Net::new(&plan, &candle_core::Device::Cpu).unwrap();
+    let mut start = net.weights().unwrap();
+    start.get_mut("fc.weight").unwrap().1.fill(0.0);
+    start.get_mut("fc.bias").unwrap().1 = vec![1.0, 0.0];
+    net.set_weights(&start).unwrap();
+    net.train_only(&refs, &plan, (plan.local_fit_epochs, 5), |n| {
+        plan.is_local(n)
+    })
+    .unwrap();
+    let after = net.weights().unwrap();
+    let p1 = 1.0 / (1.0 + (-1.0f64).exp());
+    let want = [1.0 - 0.05 * (p1 - 0.5), 0.05 * (p1 - 0.5)];
+    for (i, w) in want.iter().enumerate() {
+        let got = f64::from(after["fc.bias"].1[i]);
+        assert!((got - w).abs() < 1e-6, "fc.bias[{i}]: {got}, by hand {w}");
+    }
+    assert!(
+        after["fc.weight"].1.iter().any(|&x| x != 0.0),
+        "fc.weight trained"
+    );
+    for (name, (_, w)) in &after {
+        if !plan.is_local(name) {
+            assert!(w == &start[name].1, "{name} changed, and only fc trains");
+        }
+    }
+    // Two epochs are two steps here: the classifier moves on, the rest still stays.
+    let twice = Net::new(&plan, &candle_core::Device::Cpu).unwrap();
+    twice.set_weights(&start).unwrap();
+    twice
+        .train_only(&refs, &plan, (2, 5), |n| plan.is_local(n))
+        .unwrap();
+    let twice = twice.weights().unwrap();
+    assert!(
+        twice["fc.bias"].1 != after["fc.bias"].1,
+        "a second epoch trained"
+    );
+    assert!(twice["conv1.weight"].1 == start["conv1.weight"].1);
+}
+
+#[test]
 fn the_plans_layer_names_are_the_models() {
     // `aggregation.local_layers` is checked against `ModelConfig::layers`: every weight of each
     // model must belong to one of them.

@@ -709,6 +709,74 @@ async fn a_simulation_keeps_local_layers_at_the_sites() {
     );
 }
 
+/// FLOP with `local_fit_epochs`: every round each site first fits its own classifier to the
+/// shared layers that arrived, then trains the whole model. The same experiment without it
+/// (same sites, seed and batches) sends other updates, and still no update holds the classifier.
+#[test]
+fn a_simulation_fits_the_layers_kept_at_the_sites_first() {
+    let updates = |report: &Value| -> std::collections::BTreeMap<String, String> {
+        report["models"][0]["contributions"]
+            .as_array()
+            .expect("contributions")
+            .iter()
+            .map(|c| {
+                (
+                    c["site_name"].as_str().expect("site").to_string(),
+                    c["update_hash"].as_str().expect("update").to_string(),
+                )
+            })
+            .collect()
+    };
+    let plain_dir = tempfile::tempdir().expect("dir");
+    let (_, plain) = simulate_edited(
+        plain_dir.path(),
+        &[(
+            "strategy = \"fedavg\"",
+            "strategy = \"fedavg\"\nlocal_layers = [\"fc\"]",
+        )],
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let (example, fitted) = simulate_edited(
+        dir.path(),
+        &[(
+            "strategy = \"fedavg\"",
+            "strategy = \"fedavg\"\nlocal_layers = [\"fc\"]\nlocal_fit_epochs = 2",
+        )],
+    );
+    let (a, b) = (updates(&plain), updates(&fitted));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    assert!(a.len() > 1, "{a:?}");
+    for (site, hash) in &a {
+        assert_ne!(
+            hash, &b[site],
+            "{site}: fitting its classifier first changed nothing"
+        );
+    }
+    let store = store_of(&example);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    for c in fitted["final_model"]["contributions"]
+        .as_array()
+        .expect("contributions")
+    {
+        assert_eq!(c["kept_at_site"], serde_json::json!(["fc"]), "{c}");
+        let bytes = rt
+            .block_on(store.get(c["update_hash"].as_str().expect("update")))
+            .expect("in the store");
+        let update =
+            consilium_backend::engine::weights::from_safetensors(&bytes).expect("safetensors");
+        assert!(
+            !update.keys().any(|n| n.starts_with("fc.")),
+            "the classifier never leaves the site: {:?}",
+            update.keys().collect::<Vec<_>>()
+        );
+    }
+    let acc = final_accuracy(&fitted);
+    assert!(
+        acc > 0.6,
+        "the sites' personalised models, above chance: {acc}"
+    );
+}
+
 #[tokio::test]
 async fn a_simulation_sums_masked_updates_under_secure_aggregation() {
     let dir = tempfile::tempdir().expect("dir");

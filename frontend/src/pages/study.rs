@@ -589,6 +589,22 @@ fn ReviewForm(study_id: String, next_year: String, binds: Vec<(String, String)>)
 /// What a committee decision on the latest plan binds, in words: the protocol version, the plan
 /// version and its full hash, the data asked of each site, and the aggregation and privacy
 /// settings.
+/// What partial sharing keeps at each site, and how it trains there, in the committee's words.
+fn kept_words(layers: &[String], fit_epochs: Option<u32>) -> String {
+    let fit = fit_epochs
+        .map(|n| {
+            format!(
+                "; each round they first train alone for {n} epoch{} on the site's images, on the shared layers that arrived, then the whole model trains",
+                if n == 1 { "" } else { "s" }
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "{}: trained at each site and never sent; the server aggregates the other layers{fit}",
+        layers.join(", ")
+    )
+}
+
 fn what_it_binds(
     s: &StudyDto,
     plan: Option<&PlanDto>,
@@ -647,10 +663,7 @@ fn what_it_binds(
     if !m.aggregation.local_layers.is_empty() {
         out.push((
             "Kept at each site".into(),
-            format!(
-                "{}: trained at each site and never sent; the server aggregates the other layers",
-                m.aggregation.local_layers.join(", ")
-            ),
+            kept_words(&m.aggregation.local_layers, m.aggregation.local_fit_epochs),
         ));
     }
     if let Some(d) = &m.aggregation.ditto {
@@ -909,6 +922,21 @@ mod tests {
         let words = secure_words(on.secure_aggregation.as_ref(), 100);
         assert!(words.contains("sum of at least 11 sites"), "{words}");
         assert!(words.contains("with 20 neighbours"), "{words}");
+    }
+
+    #[test]
+    fn the_committee_reads_what_stays_at_each_site_and_how_it_trains() {
+        let fc = ["fc".to_string()];
+        assert_eq!(
+            super::kept_words(&fc, None),
+            "fc: trained at each site and never sent; the server aggregates the other layers"
+        );
+        let words = super::kept_words(&fc, Some(3));
+        assert!(
+            words.ends_with("each round they first train alone for 3 epochs on the site's images, on the shared layers that arrived, then the whole model trains"),
+            "{words}"
+        );
+        assert!(super::kept_words(&fc, Some(1)).contains("for 1 epoch on"));
     }
 
     #[test]
