@@ -69,6 +69,43 @@ fn store_of(example: &std::path::Path) -> consilium_worker::artifacts::ArtifactS
     .expect("the simulation's store")
 }
 
+/// A model or update in the simulation's store, by hash.
+async fn stored_weights(
+    store: &consilium_worker::artifacts::ArtifactStore,
+    hash: &str,
+) -> consilium_core::aggregate::Weights {
+    consilium_backend::engine::weights::from_safetensors(
+        &store.get(hash).await.expect("in the store"),
+    )
+    .expect("safetensors")
+}
+
+/// Partial sharing of the classifier, as the lineage and the store show it: every contribution
+/// to the final model says `fc` stayed at its site, and its update holds the shared layers and
+/// no classifier.
+async fn assert_the_classifier_stayed_at_the_sites(
+    store: &consilium_worker::artifacts::ArtifactStore,
+    report: &Value,
+) {
+    let contributions = report["final_model"]["contributions"]
+        .as_array()
+        .expect("contributions");
+    assert!(contributions.len() > 1, "{contributions:?}");
+    for c in contributions {
+        assert_eq!(c["kept_at_site"], serde_json::json!(["fc"]), "{c}");
+        let update = stored_weights(store, c["update_hash"].as_str().expect("update")).await;
+        assert!(
+            update.contains_key("conv1.weight"),
+            "the shared layers are sent"
+        );
+        assert!(
+            !update.keys().any(|n| n.starts_with("fc.")),
+            "the classifier never leaves the site: {:?}",
+            update.keys().collect::<Vec<_>>()
+        );
+    }
+}
+
 /// SGD with momentum (the strategies that count local SGD steps need it).
 const SGD: [(&str, &str); 2] = [
     ("name = \"adamw\"", "name = \"sgd\"\nmomentum = 0.9"),
@@ -521,14 +558,7 @@ async fn a_simulation_normalises_amplitudes_to_the_sites_mean_spectrum() {
     let store = store_of(&example);
     let spectrum = |hash: String| {
         let store = &store;
-        async move {
-            consilium_backend::engine::weights::from_safetensors(
-                &store.get(&hash).await.expect("in the store"),
-            )
-            .expect("safetensors")[AMPLITUDE]
-                .data
-                .clone()
-        }
+        async move { stored_weights(store, &hash).await[AMPLITUDE].data.clone() }
     };
     let models = report["models"].as_array().expect("models");
     assert_eq!(models.len(), 2, "two rounds");
@@ -661,42 +691,18 @@ async fn a_simulation_keeps_local_layers_at_the_sites() {
         )],
     );
     let store = store_of(&example);
-    let model = |hash: &str| {
-        let hash = hash.to_string();
-        let store = &store;
-        async move {
-            consilium_backend::engine::weights::from_safetensors(
-                &store.get(&hash).await.expect("in the store"),
-            )
-            .expect("safetensors")
-        }
-    };
     let last = &report["final_model"];
-    let contributions = last["contributions"].as_array().expect("contributions");
-    assert!(contributions.len() > 1, "{contributions:?}");
-    for c in contributions {
-        assert_eq!(c["kept_at_site"], serde_json::json!(["fc"]), "{c}");
-        let update = model(c["update_hash"].as_str().expect("update")).await;
-        assert!(
-            update.contains_key("conv1.weight"),
-            "the shared layers are sent"
-        );
-        assert!(
-            !update.keys().any(|n| n.starts_with("fc.")),
-            "the classifier never leaves the site: {:?}",
-            update.keys().collect::<Vec<_>>()
-        );
-    }
+    assert_the_classifier_stayed_at_the_sites(&store, &report).await;
     // Both versions hold the same classifier: the one every site started from.
     let versions: Vec<&str> = report["models"]
         .as_array()
         .map(|v| v.iter().filter_map(|m| m["hash"].as_str()).collect())
         .unwrap_or_default();
     let fc = |w: &consilium_core::aggregate::Weights| w["fc.weight"].data.clone();
-    let final_fc = fc(&model(last["hash"].as_str().expect("hash")).await);
+    let final_fc = fc(&stored_weights(&store, last["hash"].as_str().expect("hash")).await);
     for v in &versions {
         assert!(
-            fc(&model(v).await) == final_fc,
+            fc(&stored_weights(&store, v).await) == final_fc,
             "version {v} changed the classifier"
         );
     }
@@ -712,8 +718,8 @@ async fn a_simulation_keeps_local_layers_at_the_sites() {
 /// FLOP with `local_fit_epochs`: every round each site first fits its own classifier to the
 /// shared layers that arrived, then trains the whole model. The same experiment without it
 /// (same sites, seed and batches) sends other updates, and still no update holds the classifier.
-#[test]
-fn a_simulation_fits_the_layers_kept_at_the_sites_first() {
+#[tokio::test]
+async fn a_simulation_fits_the_layers_kept_at_the_sites_first() {
     let updates = |report: &Value| -> std::collections::BTreeMap<String, String> {
         report["models"][0]["contributions"]
             .as_array()
@@ -752,24 +758,7 @@ fn a_simulation_fits_the_layers_kept_at_the_sites_first() {
             "{site}: fitting its classifier first changed nothing"
         );
     }
-    let store = store_of(&example);
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    for c in fitted["final_model"]["contributions"]
-        .as_array()
-        .expect("contributions")
-    {
-        assert_eq!(c["kept_at_site"], serde_json::json!(["fc"]), "{c}");
-        let bytes = rt
-            .block_on(store.get(c["update_hash"].as_str().expect("update")))
-            .expect("in the store");
-        let update =
-            consilium_backend::engine::weights::from_safetensors(&bytes).expect("safetensors");
-        assert!(
-            !update.keys().any(|n| n.starts_with("fc.")),
-            "the classifier never leaves the site: {:?}",
-            update.keys().collect::<Vec<_>>()
-        );
-    }
+    assert_the_classifier_stayed_at_the_sites(&store_of(&example), &fitted).await;
     let acc = final_accuracy(&fitted);
     assert!(
         acc > 0.6,
