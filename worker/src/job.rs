@@ -691,7 +691,9 @@ fn compute(
         } else {
             c.noise_multiplier
         };
-        protect(&net, &reference, c.clip_norm, noise)?;
+        protect(&net, &reference, (c.clip_norm, noise), |name| {
+            !plan.is_local(name)
+        })?;
     }
     let change = match plan.secure_aggregation {
         Some(_) => {
@@ -835,15 +837,17 @@ fn spend(
 }
 
 /// Clips the update (local − global) to an L2 norm and adds Gaussian noise of
-/// `noise_multiplier × clip` per coordinate (the Gaussian mechanism of DP-FedAvg).
+/// `noise_multiplier × clip` per coordinate (the Gaussian mechanism of DP-FedAvg), over the
+/// weights `sent` picks: what leaves the site. The layers a site keeps (`local_layers`) count
+/// for neither, and stay as trained.
 fn protect(
     net: &Net,
     reference: &crate::train::NamedWeights,
-    clip: f64,
-    noise_multiplier: f64,
+    (clip, noise_multiplier): (f64, f64),
+    sent: impl Fn(&str) -> bool,
 ) -> Result<(), JobError> {
     let local = net.weights()?;
-    let mut names: Vec<&String> = local.keys().collect();
+    let mut names: Vec<&String> = local.keys().filter(|n| sent(n)).collect();
     names.sort();
     let mut norm2 = 0f64;
     for name in &names {

@@ -300,6 +300,49 @@ fn flat(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// Update clipping bounds what leaves the site: with partial sharing the classifier stays at
+/// the site, so the sent update (the shared layers' change) is clipped to the full norm, not to
+/// what is left of it after the kept classifier's change took its share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clipping_bounds_the_shared_layers_not_the_layers_kept_at_the_site() {
+    let mut m = manifest();
+    m.local_epochs = 1;
+    m.aggregation.local_layers = vec!["fc".into()];
+    m.privacy.clip_norm = Some(0.05);
+    m.privacy.noise_multiplier = Some(0.0);
+    let hash = plan_hash(&m, &[]).unwrap();
+    let s = site(&hash, Uuid::from_u128(4));
+    let result = process(&job(&s, &m, &hash, 1, None), &s.ctx).await;
+    let Outcome::Trained { update_hash, .. } = result.outcome else {
+        panic!("{:?}", result.outcome)
+    };
+    let sent = flat(&s.store.get(&update_hash).await.unwrap());
+    // Round 1 starts from the plan's initial model: its shared layers, in the same order.
+    let plan = m.parse().unwrap();
+    let initial = consilium_worker::train::Net::new(&plan, &candle_core::Device::Cpu)
+        .unwrap()
+        .weights()
+        .unwrap();
+    let mut names: Vec<&String> = initial.keys().filter(|n| !plan.is_local(n)).collect();
+    names.sort();
+    let start: Vec<f32> = names.iter().flat_map(|n| initial[*n].1.clone()).collect();
+    assert_eq!(
+        sent.len(),
+        start.len(),
+        "the update holds the shared layers only"
+    );
+    let norm = sent
+        .iter()
+        .zip(&start)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(
+        (norm - 0.05).abs() < 1e-4,
+        "the shared layers' change is clipped to 0.05, not below it: {norm}"
+    );
+}
+
 /// The noise that protects an update comes from the operating system's generator: the same job
 /// run twice is noised differently, and nobody who knows the plan (its seed, the round, the
 /// site) can regenerate the noise and subtract it.
