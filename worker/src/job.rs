@@ -683,6 +683,8 @@ fn compute(
         }
     };
     let after = net.evaluate(&train, plan)?.loss;
+    // What leaves the site: every weight but the layers it keeps (`local_layers`).
+    let sent = |name: &str| !plan.is_local(name);
     // Under secure aggregation the noise is the sites' shares of it, added to the masked
     // input (`secure::input`); the clipping is the same.
     if let Some(c) = plan.clipping {
@@ -691,14 +693,12 @@ fn compute(
         } else {
             c.noise_multiplier
         };
-        protect(&net, &reference, (c.clip_norm, noise), |name| {
-            !plan.is_local(name)
-        })?;
+        protect(&net, &reference, c.clip_norm, noise, sent)?;
     }
     let change = match plan.secure_aggregation {
         Some(_) => {
             let now = net.weights()?;
-            let mut names: Vec<&String> = now.keys().filter(|n| !plan.is_local(n)).collect();
+            let mut names: Vec<&String> = now.keys().filter(|n| sent(n)).collect();
             names.sort();
             let mut change = Vec::new();
             for name in names {
@@ -714,7 +714,7 @@ fn compute(
         None => None,
     };
     // The layers that stay at the site are not in what is sent.
-    let bytes = net.to_safetensors_without(|name| plan.is_local(name))?;
+    let bytes = net.to_safetensors_without(|name| !sent(name))?;
     let kept = match plan.ditto {
         // Ditto: this site's own model, from its last round's (or the global model in its
         // first), trained on the same images towards the global model this round started from.
@@ -843,7 +843,8 @@ fn spend(
 fn protect(
     net: &Net,
     reference: &crate::train::NamedWeights,
-    (clip, noise_multiplier): (f64, f64),
+    clip: f64,
+    noise_multiplier: f64,
     sent: impl Fn(&str) -> bool,
 ) -> Result<(), JobError> {
     let local = net.weights()?;

@@ -586,9 +586,6 @@ fn ReviewForm(study_id: String, next_year: String, binds: Vec<(String, String)>)
     }
 }
 
-/// What a committee decision on the latest plan binds, in words: the protocol version, the plan
-/// version and its full hash, the data asked of each site, and the aggregation and privacy
-/// settings.
 /// What partial sharing keeps at each site, and how it trains there, in the committee's words.
 fn kept_words(layers: &[String], fit_epochs: Option<u32>) -> String {
     let fit = fit_epochs
@@ -605,6 +602,9 @@ fn kept_words(layers: &[String], fit_epochs: Option<u32>) -> String {
     )
 }
 
+/// What a committee decision on the latest plan binds, in words: the protocol version, the plan
+/// version and its full hash, the data asked of each site, and the aggregation and privacy
+/// settings.
 fn what_it_binds(
     s: &StudyDto,
     plan: Option<&PlanDto>,
