@@ -142,8 +142,8 @@ impl Geometry {
         }
     }
 
-    /// The adjoint of `im2col`: sums each patch value of `cols` (patch × positions) onto the
-    /// pixel it came from in `dx` (C, H, W).
+    /// The adjoint of `im2col`: adds each patch value of `cols` (patch × positions) onto the
+    /// pixel it came from in `dx` (C, H, W), which the caller has zeroed.
     fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
         vectorised(
             #[inline(always)]
@@ -153,7 +153,6 @@ impl Geometry {
 
     #[inline(always)]
     fn col2im_scalar(&self, cols: &[f32], dx: &mut [f32]) {
-        dx.fill(0.0);
         let p = self.positions();
         for (r, row) in cols.chunks_exact(p.max(1)).take(self.patch()).enumerate() {
             let (c, ky, kx) = self.offsets(r);
@@ -178,6 +177,33 @@ impl Geometry {
             }
         }
     }
+}
+
+thread_local! {
+    /// Each thread's patch matrices, kept between calls: they are several megabytes for a
+    /// large image, and zero-filling fresh ones on every call cost more than refilling these.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    };
+}
+
+/// Runs `f` on two scratch buffers of `a` and `b` values, whatever they held before: this
+/// thread's, or fresh ones where a call further up this thread's stack holds those (rayon runs
+/// other tasks while it waits).
+fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut bufs) => {
+            let (x, y) = &mut *bufs;
+            if x.len() < a {
+                x.resize(a, 0.0);
+            }
+            if y.len() < b {
+                y.resize(b, 0.0);
+            }
+            f(&mut x[..a], &mut y[..b])
+        }
+        Err(_) => f(&mut vec![0f32; a], &mut vec![0f32; b]),
+    })
 }
 
 /// How to spread `n` images over rayon's pool: images per task, and threads per multiply.
@@ -215,6 +241,7 @@ pub(crate) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<
 
 /// The whole convolution as one node of the autograd graph: (input, weight matrix) → output,
 /// where the weight matrix is (OC, rows): the kernels flattened, then the bias column.
+#[derive(Clone, Copy, Debug)]
 struct Conv {
     g: Geometry,
     oc: usize,
@@ -230,13 +257,14 @@ impl Conv {
         y.par_chunks_mut((per * out).max(1))
             .enumerate()
             .try_for_each(|(t, ys)| -> Result<()> {
-                let mut cols = vec![0f32; g.rows() * p];
-                for (i, yn) in ys.chunks_exact_mut(out.max(1)).enumerate() {
-                    let n = t * per + i;
-                    g.im2col(&x[n * img..(n + 1) * img], &mut cols);
-                    matmul(yn, w, View::rows(&cols, g.rows(), p), false, threads)?;
-                }
-                Ok(())
+                with_scratch(g.rows() * p, 0, |cols, _| {
+                    for (i, yn) in ys.chunks_exact_mut(out.max(1)).enumerate() {
+                        let n = t * per + i;
+                        g.im2col(&x[n * img..(n + 1) * img], cols);
+                        matmul(yn, w, View::rows(cols, g.rows(), p), false, threads)?;
+                    }
+                    Ok(())
+                })
             })?;
         Ok(y)
     }
@@ -262,21 +290,23 @@ impl Conv {
         let (per, threads) = split(g.n);
         // One task: images from `first` on (as many as `dxs` holds, or `per`), its partial dW.
         let task = |first: usize, mut dxs: Option<&mut [f32]>| -> Result<Vec<f32>> {
-            let mut cols = vec![0f32; k * p];
-            let mut dcols = vec![0f32; if dxs.is_some() { g.patch() * p } else { 0 }];
             let mut dwt = vec![0f32; k * oc];
-            for n in first..(first + per).min(g.n) {
-                let dyn_ = View::rows(&dy[n * out..(n + 1) * out], oc, p);
-                g.im2col(&x[n * img..(n + 1) * img], &mut cols);
-                // As dWᵀ = patches · dYᵀ: several times faster than dY · patchesᵀ where an
-                // image has many positions (gemm packs the patches' rows, not its columns).
-                matmul(&mut dwt, View::rows(&cols, k, p), dyn_.t(), true, threads)?;
-                if let Some(dxs) = dxs.as_deref_mut() {
-                    matmul(&mut dcols, wt, dyn_, false, threads)?;
-                    let at = (n - first) * img;
-                    g.col2im(&dcols, &mut dxs[at..at + img]);
+            let dcols_len = if dxs.is_some() { g.patch() * p } else { 0 };
+            with_scratch(k * p, dcols_len, |cols, dcols| {
+                for n in first..(first + per).min(g.n) {
+                    let dyn_ = View::rows(&dy[n * out..(n + 1) * out], oc, p);
+                    g.im2col(&x[n * img..(n + 1) * img], cols);
+                    // As dWᵀ = patches · dYᵀ: several times faster than dY · patchesᵀ where an
+                    // image has many positions (gemm packs the patches' rows, not its columns).
+                    matmul(&mut dwt, View::rows(cols, k, p), dyn_.t(), true, threads)?;
+                    if let Some(dxs) = dxs.as_deref_mut() {
+                        matmul(dcols, wt, dyn_, false, threads)?;
+                        let at = (n - first) * img;
+                        g.col2im(dcols, &mut dxs[at..at + img]);
+                    }
                 }
-            }
+                Result::Ok(())
+            })?;
             Ok(dwt)
         };
         let (dx, partials) = if want_dx {
@@ -358,6 +388,113 @@ impl candle_core::CustomOp2 for Conv {
     }
 }
 
+/// A convolution of a fixed shape on values, for a model differentiated by hand: the kernels
+/// of `conv2d` without candle's autograd graph. Its weight matrix is (OC, C·KH·KW [+ 1]): each
+/// output channel's kernel flattened, then its bias (`Convolution::matrix`).
+#[derive(Clone, Copy, Debug)]
+pub struct Convolution(Conv);
+
+impl Convolution {
+    /// A convolution of an (N, C, H, W) input by (OC, C, KH, KW) kernels.
+    pub fn new(
+        (n, c, h, w): (usize, usize, usize, usize),
+        (oc, ic, kh, kw): (usize, usize, usize, usize),
+        padding: usize,
+        stride: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        if ic != c {
+            bail!("conv2d: the input has {c} channels, the weights expect {ic}")
+        }
+        if stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+            bail!(
+                "conv2d: a {kh}×{kw} kernel with stride {stride} and padding {padding} does not fit a {h}×{w} input"
+            )
+        }
+        let g = Geometry {
+            n,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            stride,
+            padding,
+            oh: (h + 2 * padding - kh) / stride + 1,
+            ow: (w + 2 * padding - kw) / stride + 1,
+            ones: bias,
+        };
+        Ok(Convolution(Conv { g, oc }))
+    }
+
+    /// The output's (N, OC, OH, OW).
+    pub fn output(&self) -> (usize, usize, usize, usize) {
+        let Conv { g, oc } = self.0;
+        (g.n, oc, g.oh, g.ow)
+    }
+
+    /// The weight matrix of `weight` (OC × C·KH·KW values) and `bias` (OC, when the
+    /// convolution has one).
+    pub fn matrix(&self, weight: &[f32], bias: Option<&[f32]>) -> Result<Vec<f32>> {
+        let Conv { g, oc } = self.0;
+        if weight.len() != oc * g.patch() || bias.is_some() != g.ones {
+            bail!("conv2d: the weights do not match the convolution's shape")
+        }
+        let mut wm = Vec::with_capacity(oc * g.rows());
+        for (o, kernel) in weight.chunks_exact(g.patch().max(1)).enumerate() {
+            wm.extend_from_slice(kernel);
+            if let Some(b) = bias {
+                wm.push(b.get(o).copied().unwrap_or_default());
+            }
+        }
+        Ok(wm)
+    }
+
+    /// A weight matrix's gradient split into the kernels' and (when there is one) the bias's.
+    pub fn split(&self, dwm: &[f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let Conv { g, .. } = self.0;
+        let rows = dwm.chunks_exact(g.rows().max(1));
+        let weight = rows
+            .clone()
+            .flat_map(|r| &r[..g.patch()])
+            .copied()
+            .collect();
+        let bias = g.ones.then(|| rows.map(|r| r[g.patch()]).collect());
+        (weight, bias)
+    }
+
+    /// The output (N, OC, OH, OW) of input `x` and weight matrix `wm`.
+    pub fn forward(&self, x: &[f32], wm: &[f32]) -> Result<Vec<f32>> {
+        self.check(x, wm)?;
+        self.0.forward(x, wm)
+    }
+
+    /// The gradients of input `x` (when `want_dx`) and of the weight matrix `wm`, from the
+    /// output's gradient `dy`.
+    pub fn backward(
+        &self,
+        x: &[f32],
+        wm: &[f32],
+        dy: &[f32],
+        want_dx: bool,
+    ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+        self.check(x, wm)?;
+        let (n, oc, oh, ow) = self.output();
+        if dy.len() != n * oc * oh * ow {
+            bail!("conv2d: the output gradient does not match the convolution's shape")
+        }
+        self.0.backward(x, wm, dy, want_dx)
+    }
+
+    fn check(&self, x: &[f32], wm: &[f32]) -> Result<()> {
+        let Conv { g, oc } = self.0;
+        if x.len() != g.n * g.image() || wm.len() != oc * g.rows() {
+            bail!("conv2d: the input or the weights do not match the convolution's shape")
+        }
+        Ok(())
+    }
+}
+
 /// `x` (N, C, H, W) convolved with `weight` (OC, C, KH, KW), plus `bias` (OC), with zero
 /// padding and a stride; the same result and gradients as candle's `conv2d`, faster to train
 /// on CPU.
@@ -375,35 +512,21 @@ pub fn conv2d(
             None => Ok(y),
         };
     }
-    let (n, c, h, w) = x.dims4()?;
     let (oc, ic, kh, kw) = weight.dims4()?;
-    if ic != c {
-        bail!("conv2d: the input has {c} channels, the weights expect {ic}")
-    }
-    if stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
-        bail!(
-            "conv2d: a {kh}×{kw} kernel with stride {stride} and padding {padding} does not fit a {h}×{w} input"
-        )
-    }
-    let g = Geometry {
-        n,
-        c,
-        h,
-        w,
-        kh,
-        kw,
-        stride,
+    let conv = Convolution::new(
+        x.dims4()?,
+        (oc, ic, kh, kw),
         padding,
-        oh: (h + 2 * padding - kh) / stride + 1,
-        ow: (w + 2 * padding - kw) / stride + 1,
-        ones: bias.is_some(),
-    };
+        stride,
+        bias.is_some(),
+    )?;
+    let g = conv.0.g;
     // The bias is the last column of the weight matrix, against the row of ones.
     let mut wm = weight.reshape((oc, g.patch()))?;
     if let Some(b) = bias {
         wm = Tensor::cat(&[&wm, &b.reshape((oc, 1))?], 1)?;
     }
-    x.contiguous()?.apply_op2(&wm.contiguous()?, Conv { g, oc })
+    x.contiguous()?.apply_op2(&wm.contiguous()?, conv.0)
 }
 
 /// 2×2 max-pooling with stride 2 (odd edges dropped, as candle's `max_pool2d(2)`); the
@@ -467,13 +590,9 @@ impl MaxPool2 {
     }
 }
 
-impl CustomOp1 for MaxPool2 {
-    fn name(&self) -> &'static str {
-        "consilium-max-pool-2x2"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, "max_pool2x2")?;
+impl MaxPool2 {
+    /// The pooled (N, C, H/2, W/2) values of `x`.
+    fn forward_values(&self, x: &[f32]) -> Vec<f32> {
         let (oh, ow) = self.out();
         let plane = self.h * self.w;
         let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
@@ -494,51 +613,367 @@ impl CustomOp1 for MaxPool2 {
                 }
             },
         );
+        out
+    }
+
+    /// The input's gradient from input `x`, output `y` and the output's gradient `g`.
+    fn backward_values(&self, x: &[f32], y: &[f32], g: &[f32]) -> Vec<f32> {
+        let (oh, ow) = self.out();
+        let plane = self.h * self.w;
+        let mut dx = vec![0f32; self.n * self.c * plane];
+        self.planes(
+            &mut dx,
+            plane,
+            #[inline(always)]
+            |i, d| {
+                let input = &x[i * plane..(i + 1) * plane];
+                let (y, g) = (&y[i * oh * ow..], &g[i * oh * ow..]);
+                for oy in 0..oh {
+                    let (r0, r1) = self.rows(input, oy);
+                    let (d0, d1) = d.split_at_mut((2 * oy + 1) * self.w);
+                    let d0 = &mut d0[2 * oy * self.w..][..2 * ow];
+                    let d1 = &mut d1[..2 * ow];
+                    let (y, g) = (&y[oy * ow..][..ow], &g[oy * ow..][..ow]);
+                    for i in 0..ow {
+                        let (m, dm) = (y[i], g[i]);
+                        let (a0, a1, b0) = (r0[2 * i], r0[2 * i + 1], r1[2 * i]);
+                        // Only the first of the window's values that is its maximum gets the
+                        // gradient (none where the ReLU cut it to 0).
+                        let dm = if self.relu && m <= 0.0 { 0.0 } else { dm };
+                        let e0 = a0 == m;
+                        let e1 = !e0 && a1 == m;
+                        let e2 = !(e0 || e1) && b0 == m;
+                        let e3 = !(e0 || e1 || e2);
+                        d0[2 * i] = if e0 { dm } else { 0.0 };
+                        d0[2 * i + 1] = if e1 { dm } else { 0.0 };
+                        d1[2 * i] = if e2 { dm } else { 0.0 };
+                        d1[2 * i + 1] = if e3 { dm } else { 0.0 };
+                    }
+                }
+            },
+        );
+        dx
+    }
+}
+
+/// 2×2 max-pooling (optionally followed by a ReLU) of a fixed shape on values, for a model
+/// differentiated by hand: the kernels of `max_pool2x2` without candle's autograd graph.
+#[derive(Clone, Copy)]
+pub struct Pool2x2(MaxPool2);
+
+impl Pool2x2 {
+    pub fn new((n, c, h, w): (usize, usize, usize, usize), relu: bool) -> Self {
+        Pool2x2(MaxPool2 { n, c, h, w, relu })
+    }
+
+    /// The output's (N, C, H/2, W/2).
+    pub fn output(&self) -> (usize, usize, usize, usize) {
+        let (oh, ow) = self.0.out();
+        (self.0.n, self.0.c, oh, ow)
+    }
+
+    pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
+        self.check(x.len(), self.0.n * self.0.c * self.0.h * self.0.w)?;
+        Ok(self.0.forward_values(x))
+    }
+
+    /// The input's gradient from input `x`, output `y` and the output's gradient `dy`.
+    pub fn backward(&self, x: &[f32], y: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
+        let (n, c, oh, ow) = self.output();
+        self.check(x.len(), n * c * self.0.h * self.0.w)?;
+        self.check(y.len().min(dy.len()), n * c * oh * ow)?;
+        Ok(self.0.backward_values(x, y, dy))
+    }
+
+    fn check(&self, len: usize, want: usize) -> Result<()> {
+        if len != want {
+            bail!("max_pool2x2: {len} values where the shape has {want}")
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp1 for MaxPool2 {
+    fn name(&self) -> &'static str {
+        "consilium-max-pool-2x2"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, "max_pool2x2")?;
+        let (oh, ow) = self.out();
+        let out = self.forward_values(x);
         Ok((CpuStorage::F32(out), Shape::from((self.n, self.c, oh, ow))))
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (oh, ow) = self.out();
-        let plane = self.h * self.w;
         let grad = grad.contiguous()?;
-        let mut dx = vec![0f32; self.n * self.c * plane];
-        with_values(arg, |x| {
+        let dx = with_values(arg, |x| {
             with_values(res, |y| {
-                with_values(&grad, |g| {
-                    self.planes(
-                        &mut dx,
-                        plane,
-                        #[inline(always)]
-                        |i, d| {
-                            let input = &x[i * plane..(i + 1) * plane];
-                            let (y, g) = (&y[i * oh * ow..], &g[i * oh * ow..]);
-                            for oy in 0..oh {
-                                let (r0, r1) = self.rows(input, oy);
-                                let (d0, d1) = d.split_at_mut((2 * oy + 1) * self.w);
-                                let d0 = &mut d0[2 * oy * self.w..][..2 * ow];
-                                let d1 = &mut d1[..2 * ow];
-                                let (y, g) = (&y[oy * ow..][..ow], &g[oy * ow..][..ow]);
-                                for i in 0..ow {
-                                    let (m, dm) = (y[i], g[i]);
-                                    let (a0, a1, b0) = (r0[2 * i], r0[2 * i + 1], r1[2 * i]);
-                                    // Only the first of the window's values that is its maximum
-                                    // gets the gradient (none where the ReLU cut it to 0).
-                                    let dm = if self.relu && m <= 0.0 { 0.0 } else { dm };
-                                    let e0 = a0 == m;
-                                    let e1 = !e0 && a1 == m;
-                                    let e2 = !(e0 || e1) && b0 == m;
-                                    let e3 = !(e0 || e1 || e2);
-                                    d0[2 * i] = if e0 { dm } else { 0.0 };
-                                    d0[2 * i + 1] = if e1 { dm } else { 0.0 };
-                                    d1[2 * i] = if e2 { dm } else { 0.0 };
-                                    d1[2 * i + 1] = if e3 { dm } else { 0.0 };
-                                }
-                            }
-                        },
-                    )
-                })
+                with_values(&grad, |g| self.backward_values(x, y, g))
             })
         })???;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
+}
+
+/// The gradients of a transposed convolution's input (when asked for), weight and bias.
+pub struct TransposedGradients {
+    pub input: Option<Vec<f32>>,
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+/// A 2×2 transposed convolution with stride 2 (PyTorch's `ConvTranspose2d(C, O, 2, stride=2)`):
+/// `y[n, o, 2i + a, 2j + b] = bias[o] + Σ_c x[n, c, i, j] · weight[c, o, a, b]`, an (N, C, H, W)
+/// input to (N, O, 2H, 2W). Each image is one matrix multiply of the weight (C, O·4), transposed,
+/// by its pixels (C, H·W), whose rows are then interleaved into the output; the batch is split
+/// over rayon's threads as the convolution's is.
+#[derive(Clone, Copy, Debug)]
+pub struct TransposedConv2x2 {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+}
+
+impl TransposedConv2x2 {
+    pub fn new(
+        (n, c, h, w): (usize, usize, usize, usize),
+        (wc, o): (usize, usize),
+    ) -> Result<Self> {
+        if wc != c {
+            bail!("transposed_conv2x2: the input has {c} channels, the weights expect {wc}")
+        }
+        Ok(TransposedConv2x2 { n, c, h, w, o })
+    }
+
+    /// The output's (N, O, 2H, 2W).
+    pub fn output(&self) -> (usize, usize, usize, usize) {
+        (self.n, self.o, 2 * self.h, 2 * self.w)
+    }
+
+    fn pixels(&self) -> usize {
+        self.h * self.w
+    }
+
+    fn check(&self, x: &[f32], weight: &[f32]) -> Result<()> {
+        if x.len() != self.n * self.c * self.pixels() || weight.len() != self.c * self.o * 4 {
+            bail!("transposed_conv2x2: the input or the weights do not match its shape")
+        }
+        Ok(())
+    }
+
+    /// Moves block row (o, a, b) of `z` (O·4 × H·W) to the pixels (2i + a, 2j + b) of `y`'s
+    /// plane o (O, 2H, 2W), plus the bias.
+    fn scatter(&self, z: &[f32], y: &mut [f32], bias: &[f32]) {
+        let (h, w, p) = (self.h, self.w, self.pixels());
+        for (r, row) in z.chunks_exact(p.max(1)).enumerate() {
+            let (o, a, b) = (r / 4, (r / 2) % 2, r % 2);
+            let plane = &mut y[o * 4 * p..(o + 1) * 4 * p];
+            for (i, src) in row.chunks_exact(w.max(1)).enumerate().take(h) {
+                let line = &mut plane[(2 * i + a) * 2 * w..][..2 * w];
+                for (j, s) in src.iter().enumerate() {
+                    line[2 * j + b] = s + bias[o];
+                }
+            }
+        }
+    }
+
+    /// The adjoint of `scatter` without the bias: `z`'s block row (o, a, b) from the pixels
+    /// (2i + a, 2j + b) of `y`'s plane o.
+    fn gather(&self, y: &[f32], z: &mut [f32]) {
+        let (h, w, p) = (self.h, self.w, self.pixels());
+        for (r, row) in z.chunks_exact_mut(p.max(1)).enumerate() {
+            let (o, a, b) = (r / 4, (r / 2) % 2, r % 2);
+            let plane = &y[o * 4 * p..(o + 1) * 4 * p];
+            for (i, dst) in row.chunks_exact_mut(w.max(1)).enumerate().take(h) {
+                let line = &plane[(2 * i + a) * 2 * w..][..2 * w];
+                for (j, d) in dst.iter_mut().enumerate() {
+                    *d = line[2 * j + b];
+                }
+            }
+        }
+    }
+
+    /// The output of input `x` with `weight` (C, O, 2, 2) and `bias` (O).
+    pub fn forward(&self, x: &[f32], weight: &[f32], bias: &[f32]) -> Result<Vec<f32>> {
+        self.check(x, weight)?;
+        if bias.len() != self.o {
+            bail!("transposed_conv2x2: the bias must have one value per output channel")
+        }
+        let (p, img, out) = (
+            self.pixels(),
+            self.c * self.pixels(),
+            self.o * 4 * self.pixels(),
+        );
+        let wt = View::rows(weight, self.c, 4 * self.o).t();
+        let mut y = vec![0f32; self.n * out];
+        let (per, threads) = split(self.n);
+        y.par_chunks_mut((per * out).max(1))
+            .enumerate()
+            .try_for_each(|(t, ys)| -> Result<()> {
+                let mut z = vec![0f32; out];
+                for (i, yn) in ys.chunks_exact_mut(out.max(1)).enumerate() {
+                    let n = t * per + i;
+                    let xn = View::rows(&x[n * img..(n + 1) * img], self.c, p);
+                    matmul(&mut z, wt, xn, false, threads)?;
+                    vectorised(
+                        #[inline(always)]
+                        || self.scatter(&z, yn, bias),
+                    );
+                }
+                Ok(())
+            })?;
+        Ok(y)
+    }
+
+    /// The gradients of the input (when `want_dx`), the weight and the bias, from the output's
+    /// gradient `dy`.
+    pub fn backward(
+        &self,
+        x: &[f32],
+        weight: &[f32],
+        dy: &[f32],
+        want_dx: bool,
+    ) -> Result<TransposedGradients> {
+        self.check(x, weight)?;
+        let (p, img, out) = (
+            self.pixels(),
+            self.c * self.pixels(),
+            self.o * 4 * self.pixels(),
+        );
+        if dy.len() != self.n * out {
+            bail!("transposed_conv2x2: the output gradient does not match its shape")
+        }
+        let (c, o4) = (self.c, 4 * self.o);
+        let wv = View::rows(weight, c, o4);
+        let (per, threads) = split(self.n);
+        // One task: images from `first` on, its partial weight and bias gradients.
+        let task = |first: usize, mut dxs: Option<&mut [f32]>| -> Result<(Vec<f32>, Vec<f32>)> {
+            let mut dz = vec![0f32; out];
+            let mut dw = vec![0f32; c * o4];
+            let mut db = vec![0f32; self.o];
+            for n in first..(first + per).min(self.n) {
+                let dyn_ = &dy[n * out..(n + 1) * out];
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        self.gather(dyn_, &mut dz);
+                        for (d, plane) in db.iter_mut().zip(dyn_.chunks_exact((4 * p).max(1))) {
+                            *d += plane.iter().sum::<f32>();
+                        }
+                    },
+                );
+                let xn = View::rows(&x[n * img..(n + 1) * img], c, p);
+                let dzv = View::rows(&dz, o4, p);
+                matmul(&mut dw, xn, dzv.t(), true, threads)?;
+                if let Some(dxs) = dxs.as_deref_mut() {
+                    let at = (n - first) * img;
+                    matmul(&mut dxs[at..at + img], wv, dzv, false, threads)?;
+                }
+            }
+            Ok((dw, db))
+        };
+        let (dx, partials) = if want_dx {
+            let mut dx = vec![0f32; self.n * img];
+            let partials = dx
+                .par_chunks_mut((per * img).max(1))
+                .enumerate()
+                .map(|(t, d)| task(t * per, Some(d)))
+                .collect::<Result<Vec<_>>>()?;
+            (Some(dx), partials)
+        } else {
+            let partials = (0..self.n.div_ceil(per))
+                .into_par_iter()
+                .map(|t| task(t * per, None))
+                .collect::<Result<Vec<_>>>()?;
+            (None, partials)
+        };
+        let (dw, db) = partials
+            .into_iter()
+            .reduce(|(mut w, mut b), (pw, pb)| {
+                w.iter_mut().zip(&pw).for_each(|(s, v)| *s += v);
+                b.iter_mut().zip(&pb).for_each(|(s, v)| *s += v);
+                (w, b)
+            })
+            .unwrap_or_else(|| (vec![0f32; c * o4], vec![0f32; self.o]));
+        Ok(TransposedGradients {
+            input: dx,
+            weight: dw,
+            bias: db,
+        })
+    }
+}
+
+impl candle_core::CustomOp3 for TransposedConv2x2 {
+    fn name(&self) -> &'static str {
+        "consilium-transposed-conv-2x2"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = self.forward(
+            contiguous_f32(s1, l1, "transposed_conv2x2")?,
+            contiguous_f32(s2, l2, "transposed_conv2x2")?,
+            contiguous_f32(s3, l3, "transposed_conv2x2")?,
+        )?;
+        Ok((CpuStorage::F32(y), Shape::from(self.output())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let want_dx = x.track_op();
+        let TransposedGradients {
+            input: dx,
+            weight: dw,
+            bias: db,
+        } = with_values(x, |x| {
+            with_values(weight, |w| {
+                with_values(&grad, |dy| self.backward(x, w, dy, want_dx))
+            })
+        })????;
+        let dev = x.device();
+        let dx = match dx {
+            Some(dx) => Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            None => None,
+        };
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dw, weight.shape(), dev)?),
+            Some(Tensor::from_vec(db, self.o, dev)?),
+        ))
+    }
+}
+
+/// A 2×2 transposed convolution with stride 2 of `x` (N, C, H, W) by `weight` (C, O, 2, 2), as
+/// PyTorch's `ConvTranspose2d`, plus `bias` (O): (N, O, 2H, 2W). On CPU one node of the
+/// autograd graph (`TransposedConv2x2`); elsewhere candle's `conv_transpose2d`.
+pub fn transposed_conv2x2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (c, o, kh, kw) = weight.dims4()?;
+    if (kh, kw) != (2, 2) {
+        bail!("transposed_conv2x2: the weight must be (C, O, 2, 2), not {kh}×{kw} kernels")
+    }
+    if !(cpu_kernels(x) && weight.dtype() == DType::F32) {
+        return x
+            .conv_transpose2d(weight, 0, 0, 2, 1)?
+            .broadcast_add(&bias.reshape((1, o, 1, 1))?);
+    }
+    let op = TransposedConv2x2::new(x.dims4()?, (c, o))?;
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }

@@ -8,6 +8,8 @@ pub mod attack;
 #[cfg(feature = "train")]
 pub mod conv;
 pub mod hash;
+#[cfg(feature = "train")]
+pub mod loss;
 pub mod manifest;
 #[cfg(feature = "train")]
 mod matmul;

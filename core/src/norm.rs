@@ -39,17 +39,8 @@ pub fn batch_norm_train(
     if !cpu_kernels(x) {
         bail!("batch_norm: these kernels take f32 tensors on the CPU (elsewhere, use candle-nn's)")
     }
-    let stats = Arc::new(Mutex::new(BatchStats::default()));
-    let op = BatchNorm {
-        n,
-        c,
-        h,
-        w,
-        plane: h * w,
-        eps: eps as f32,
-        relu,
-        stats: stats.clone(),
-    };
+    let BatchNorm2d(op) = BatchNorm2d::new((n, c, h, w), eps, relu);
+    let stats = op.stats.clone();
     let y = x
         .contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
@@ -58,6 +49,67 @@ pub fn batch_norm_train(
         Err(_) => bail!("batch_norm: the statistics were lost"),
     };
     Ok((y, stats))
+}
+
+/// Batch normalisation in training mode (then a ReLU when `relu`) of an (N, C, H, W) batch on
+/// values, for a model differentiated by hand: the kernels of `batch_norm_train` without
+/// candle's autograd graph.
+pub struct BatchNorm2d(BatchNorm);
+
+impl BatchNorm2d {
+    pub fn new((n, c, h, w): (usize, usize, usize, usize), eps: f64, relu: bool) -> Self {
+        BatchNorm2d(BatchNorm {
+            n,
+            c,
+            h,
+            w,
+            plane: h * w,
+            eps: eps as f32,
+            relu,
+            stats: Arc::default(),
+        })
+    }
+
+    fn check(&self, len: usize, gamma: &[f32]) -> Result<()> {
+        let op = &self.0;
+        if len != op.n * op.c * op.plane || gamma.len() != op.c {
+            bail!("batch_norm: the values do not match the batch's shape")
+        }
+        Ok(())
+    }
+
+    /// The output of `x` scaled by `gamma` and shifted by `beta` (C each), and the batch's
+    /// statistics.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+    ) -> Result<(Vec<f32>, BatchStats)> {
+        self.check(x.len(), gamma)?;
+        if beta.len() != gamma.len() {
+            bail!("batch_norm: the shift must have one value per channel")
+        }
+        Ok(self.0.forward_values(x, gamma, beta))
+    }
+
+    /// The gradients of the input, `gamma` and `beta` from the output's gradient `dy`, with
+    /// the output `y` and the statistics of the forward pass.
+    pub fn backward(
+        &self,
+        stats: &BatchStats,
+        x: &[f32],
+        gamma: &[f32],
+        y: &[f32],
+        dy: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        self.check(x.len(), gamma)?;
+        self.check(y.len().min(dy.len()), gamma)?;
+        if stats.mean.len() != gamma.len() || stats.var.len() != gamma.len() {
+            bail!("batch_norm: the statistics do not match the batch's channels")
+        }
+        Ok(self.0.backward_values(stats, x, gamma, y, dy))
+    }
 }
 
 struct BatchNorm {
@@ -113,6 +165,100 @@ impl BatchNorm {
         }
     }
 
+    /// The output of `x` and the batch's statistics.
+    fn forward_values(&self, x: &[f32], gamma: &[f32], beta: &[f32]) -> (Vec<f32>, BatchStats) {
+        let stats = self.stats(x);
+        let scale = self.scale(&stats);
+        let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(self.plane.max(1))
+            .zip(x.par_chunks(self.plane.max(1)))
+            .enumerate()
+            .for_each(|(i, (out, input))| {
+                let ch = i % self.c;
+                let (mean, inv) = scale[ch];
+                let (g, b) = (gamma[ch] * inv, beta[ch]);
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for (o, v) in out.iter_mut().zip(input) {
+                            *o = ((v - mean) * g + b).max(floor);
+                        }
+                    },
+                )
+            });
+        (y, stats)
+    }
+
+    /// The gradients of the input, the scale and the shift from the output's gradient `dy`
+    /// (`y` the output, `stats` the forward pass's).
+    fn backward_values(
+        &self,
+        stats: &BatchStats,
+        x: &[f32],
+        gamma: &[f32],
+        y: &[f32],
+        dy: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let scale = self.scale(stats);
+        let m = self.count().max(1) as f32;
+        // The gradient that passed the ReLU.
+        let passed = |y: f32, d: f32| if self.relu && y <= 0.0 { 0.0 } else { d };
+        // Per channel: Σ dy and Σ dy · x̂.
+        let (dbeta, dgamma): (Vec<f32>, Vec<f32>) = (0..self.c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mean, inv) = scale[ch];
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        let (mut sum, mut dot) = (0f64, 0f64);
+                        for ((x, y), dy) in self
+                            .planes(x, ch)
+                            .zip(self.planes(y, ch))
+                            .zip(self.planes(dy, ch))
+                        {
+                            let (mut s, mut d) = (0f32, 0f32);
+                            for ((x, y), dy) in x.iter().zip(y).zip(dy) {
+                                let g = passed(*y, *dy);
+                                s += g;
+                                d += g * (x - mean) * inv;
+                            }
+                            sum += f64::from(s);
+                            dot += f64::from(d);
+                        }
+                        (sum as f32, dot as f32)
+                    },
+                )
+            })
+            .unzip();
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(self.plane.max(1))
+            .enumerate()
+            .for_each(|(i, out)| {
+                let ch = i % self.c;
+                let (mean, inv) = scale[ch];
+                let k = gamma[ch] * inv;
+                let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
+                let at = i * self.plane;
+                let (x, y, dy) = (
+                    &x[at..at + out.len()],
+                    &y[at..at + out.len()],
+                    &dy[at..at + out.len()],
+                );
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for (((o, x), y), dy) in out.iter_mut().zip(x).zip(y).zip(dy) {
+                            let xhat = (x - mean) * inv;
+                            *o = k * (passed(*y, *dy) - mb - xhat * mg);
+                        }
+                    },
+                )
+            });
+        (dx, dgamma, dbeta)
+    }
+
     /// Each channel's mean and 1/√(variance + ε).
     fn scale(&self, stats: &BatchStats) -> Vec<(f32, f32)> {
         stats
@@ -141,26 +287,7 @@ impl candle_core::CustomOp3 for BatchNorm {
         let x = contiguous_f32(s1, l1, "batch_norm")?;
         let gamma = contiguous_f32(s2, l2, "batch_norm")?;
         let beta = contiguous_f32(s3, l3, "batch_norm")?;
-        let stats = self.stats(x);
-        let scale = self.scale(&stats);
-        let floor = if self.relu { 0.0 } else { f32::NEG_INFINITY };
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(self.plane.max(1))
-            .zip(x.par_chunks(self.plane.max(1)))
-            .enumerate()
-            .for_each(|(i, (out, input))| {
-                let ch = i % self.c;
-                let (mean, inv) = scale[ch];
-                let (g, b) = (gamma[ch] * inv, beta[ch]);
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        for (o, v) in out.iter_mut().zip(input) {
-                            *o = ((v - mean) * g + b).max(floor);
-                        }
-                    },
-                )
-            });
+        let (y, stats) = self.forward_values(x, gamma, beta);
         if let Ok(mut kept) = self.stats.lock() {
             *kept = stats;
         }
@@ -182,71 +309,11 @@ impl candle_core::CustomOp3 for BatchNorm {
             Ok(s) => s.clone(),
             Err(_) => bail!("batch_norm: the statistics were lost"),
         };
-        let scale = self.scale(&stats);
-        let m = self.count().max(1) as f32;
         let grad = grad.contiguous()?;
         let (dx, dgamma, dbeta) = with_values(x, |x| {
             with_values(weight, |gamma| {
                 with_values(res, |y| {
-                    with_values(&grad, |dy| {
-                        // The gradient that passed the ReLU.
-                        let passed = |y: f32, d: f32| if self.relu && y <= 0.0 { 0.0 } else { d };
-                        // Per channel: Σ dy and Σ dy · x̂.
-                        let (dbeta, dgamma): (Vec<f32>, Vec<f32>) = (0..self.c)
-                            .into_par_iter()
-                            .map(|ch| {
-                                let (mean, inv) = scale[ch];
-                                vectorised(
-                                    #[inline(always)]
-                                    || {
-                                        let (mut sum, mut dot) = (0f64, 0f64);
-                                        for ((x, y), dy) in self
-                                            .planes(x, ch)
-                                            .zip(self.planes(y, ch))
-                                            .zip(self.planes(dy, ch))
-                                        {
-                                            let (mut s, mut d) = (0f32, 0f32);
-                                            for ((x, y), dy) in x.iter().zip(y).zip(dy) {
-                                                let g = passed(*y, *dy);
-                                                s += g;
-                                                d += g * (x - mean) * inv;
-                                            }
-                                            sum += f64::from(s);
-                                            dot += f64::from(d);
-                                        }
-                                        (sum as f32, dot as f32)
-                                    },
-                                )
-                            })
-                            .unzip();
-                        let mut dx = vec![0f32; x.len()];
-                        dx.par_chunks_mut(self.plane.max(1))
-                            .enumerate()
-                            .for_each(|(i, out)| {
-                                let ch = i % self.c;
-                                let (mean, inv) = scale[ch];
-                                let k = gamma[ch] * inv;
-                                let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
-                                let at = i * self.plane;
-                                let (x, y, dy) = (
-                                    &x[at..at + out.len()],
-                                    &y[at..at + out.len()],
-                                    &dy[at..at + out.len()],
-                                );
-                                vectorised(
-                                    #[inline(always)]
-                                    || {
-                                        for (((o, x), y), dy) in
-                                            out.iter_mut().zip(x).zip(y).zip(dy)
-                                        {
-                                            let xhat = (x - mean) * inv;
-                                            *o = k * (passed(*y, *dy) - mb - xhat * mg);
-                                        }
-                                    },
-                                )
-                            });
-                        (dx, dgamma, dbeta)
-                    })
+                    with_values(&grad, |dy| self.backward_values(&stats, x, gamma, y, dy))
                 })
             })
         })????;

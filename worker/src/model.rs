@@ -1,9 +1,13 @@
 //! The models a training plan can name, as candle-nn modules: the classifiers `small_cnn` and
 //! `resnet`, and the segmentation model `unet`.
 
+use candle_core::backprop::GradStore;
 use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Conv2dConfig, Init, Linear, VarBuilder, linear};
+use consilium_core::conv::{Convolution, Pool2x2, TransposedConv2x2};
+use consilium_core::norm::{BatchNorm2d, BatchStats};
 use consilium_core::plan::{ModelConfig, Norm, UNetParams, Upsampling};
+use rayon::prelude::*;
 
 /// A convolution layer with candle-nn's parameters (names, shapes, initialisation), computed
 /// by `consilium_core::conv`: im2col and GEMM on CPU, candle's kernels elsewhere.
@@ -105,8 +109,14 @@ impl BatchNorm {
         }
         let (ys, stats) =
             consilium_core::norm::batch_norm_train(xs, &self.weight, &self.bias, self.eps, relu)?;
+        self.update_running(stats)?;
+        Ok(ys)
+    }
+
+    /// Blends a training batch's statistics into the running averages.
+    fn update_running(&self, stats: BatchStats) -> Result<()> {
         let channels = stats.mean.len();
-        let dev = xs.device();
+        let dev = self.running_mean.device();
         let mean = Tensor::from_vec(stats.mean, channels, dev)?;
         let var = Tensor::from_vec(stats.var, channels, dev)?;
         // The running variance is the unbiased estimate, as PyTorch's and candle-nn's.
@@ -117,8 +127,7 @@ impl BatchNorm {
             )
         };
         blend(&self.running_mean, mean, 1.0)?;
-        blend(&self.running_var, var, unbiased)?;
-        Ok(ys)
+        blend(&self.running_var, var, unbiased)
     }
 }
 
@@ -328,7 +337,7 @@ impl DoubleConv {
 enum Up {
     /// A 2×2 transposed convolution with stride 2, weight `(in, out, 2, 2)` as PyTorch's
     /// `ConvTranspose2d`. Each input pixel alone makes its 2×2 output block, so it is one
-    /// matrix multiply of the pixels by the weight (`transposed_conv2x2`).
+    /// matrix multiply of the pixels by the weight (`consilium_core::conv::transposed_conv2x2`).
     Transposed { weight: Tensor, bias: Tensor },
     /// Nearest-neighbour doubling, then a 3×3 convolution.
     Resize(Conv2d),
@@ -357,28 +366,15 @@ impl Up {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Up::Transposed { weight, bias } => transposed_conv2x2(xs, weight, bias),
+            Up::Transposed { weight, bias } => {
+                consilium_core::conv::transposed_conv2x2(xs, weight, bias)
+            }
             Up::Resize(conv) => {
                 let (_, _, h, w) = xs.dims4()?;
                 conv.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)
             }
         }
     }
-}
-
-/// A 2×2 transposed convolution with stride 2: `y[n, o, 2i + a, 2j + b] = bias[o] +
-/// Σ_c x[n, c, i, j] · weight[c, o, a, b]`, as a matrix multiply of the pixels `(N·H·W, C)` by
-/// the weight `(C, O·2·2)`, rearranged; candle's autograd differentiates it.
-pub fn transposed_conv2x2(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let (n, c, h, w) = xs.dims4()?;
-    let (_, o, _, _) = weight.dims4()?;
-    let pixels = xs.permute((0, 2, 3, 1))?.reshape((n * h * w, c))?;
-    let blocks = pixels.matmul(&weight.reshape((c, o * 4))?)?;
-    blocks
-        .reshape((n, h, w, o, 2, 2))?
-        .permute((0, 3, 1, 4, 2, 5))?
-        .reshape((n, o, 2 * h, 2 * w))?
-        .broadcast_add(&bias.reshape((1, o, 1, 1))?)
 }
 
 /// A 2-D U-Net: an encoder level per width (two 3×3 convolutions, 2×2 max-pooling to the
@@ -440,6 +436,306 @@ impl ModuleT for UNet {
     }
 }
 
+/// A tensor's values (f32, as the CPU kernels take them).
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Adds `g` into the gradient of `t` in `grads`.
+fn add_gradient(grads: &mut GradStore, t: &Tensor, g: Vec<f32>) -> Result<()> {
+    let g = Tensor::from_vec(g, t.shape(), t.device())?;
+    let sum = match grads.remove(t) {
+        Some(before) => (before + g)?,
+        None => g,
+    };
+    grads.insert(t, sum);
+    Ok(())
+}
+
+type Shape4 = (usize, usize, usize, usize);
+
+/// A 3×3 convolution, batch normalisation and ReLU as the hand-differentiated pass computes
+/// them: what the backward pass needs of the forward one.
+struct ConvBnRelu<'a> {
+    layer: (&'a Conv2d, &'a BatchNorm),
+    conv: Convolution,
+    wm: Vec<f32>,
+    bn: BatchNorm2d,
+    gamma: Vec<f32>,
+    stats: BatchStats,
+    /// The convolution's output, normalised into `out`.
+    pre: Vec<f32>,
+    out: Vec<f32>,
+    shape: Shape4,
+}
+
+impl<'a> ConvBnRelu<'a> {
+    /// Also blends the batch's statistics into the running averages, as candle's pass does.
+    fn forward(conv: &'a Conv2d, bn: &'a BatchNorm, x: &[f32], shape: Shape4) -> Result<Self> {
+        let op = Convolution::new(
+            shape,
+            conv.weight.dims4()?,
+            conv.padding,
+            conv.stride,
+            false,
+        )?;
+        let wm = op.matrix(&values(&conv.weight)?, None)?;
+        let pre = op.forward(x, &wm)?;
+        let out_shape = op.output();
+        let norm = BatchNorm2d::new(out_shape, bn.eps, true);
+        let gamma = values(&bn.weight)?;
+        let (out, stats) = norm.forward(&pre, &gamma, &values(&bn.bias)?)?;
+        bn.update_running(stats.clone())?;
+        Ok(ConvBnRelu {
+            layer: (conv, bn),
+            conv: op,
+            wm,
+            bn: norm,
+            gamma,
+            stats,
+            pre,
+            out,
+            shape: out_shape,
+        })
+    }
+
+    /// The input's gradient (when `want_dx`) from the output's, `x` the input.
+    fn backward(
+        &self,
+        x: &[f32],
+        dout: &[f32],
+        want_dx: bool,
+        grads: &mut GradStore,
+    ) -> Result<Option<Vec<f32>>> {
+        let (conv, bn) = self.layer;
+        let (dpre, dgamma, dbeta) =
+            self.bn
+                .backward(&self.stats, &self.pre, &self.gamma, &self.out, dout)?;
+        add_gradient(grads, &bn.weight, dgamma)?;
+        add_gradient(grads, &bn.bias, dbeta)?;
+        let (dx, dwm) = self.conv.backward(x, &self.wm, &dpre, want_dx)?;
+        add_gradient(grads, &conv.weight, self.conv.split(&dwm).0)?;
+        Ok(dx)
+    }
+}
+
+/// A level's two convolutions.
+struct Level<'a> {
+    first: ConvBnRelu<'a>,
+    second: ConvBnRelu<'a>,
+}
+
+impl<'a> Level<'a> {
+    fn forward(block: &'a DoubleConv, x: &[f32], shape: Shape4) -> Result<Option<Self>> {
+        let (Normaliser::Batch(bn1), Normaliser::Batch(bn2)) = (&block.bn1, &block.bn2) else {
+            return Ok(None);
+        };
+        let first = ConvBnRelu::forward(&block.conv1, bn1, x, shape)?;
+        let second = ConvBnRelu::forward(&block.conv2, bn2, &first.out, first.shape)?;
+        Ok(Some(Level { first, second }))
+    }
+
+    fn out(&self) -> (&[f32], Shape4) {
+        (&self.second.out, self.second.shape)
+    }
+
+    fn backward(
+        &self,
+        x: &[f32],
+        dout: &[f32],
+        want_dx: bool,
+        grads: &mut GradStore,
+    ) -> Result<Option<Vec<f32>>> {
+        let dmid = self
+            .second
+            .backward(&self.first.out, dout, true, grads)?
+            .ok_or_else(|| candle_core::Error::Msg("a U-Net level lost its gradient".into()))?;
+        self.first.backward(x, &dmid, want_dx, grads)
+    }
+}
+
+/// An encoder level's input after 2×2 max-pooling (none at the first level).
+type Pooled = Option<(Pool2x2, Vec<f32>)>;
+
+/// A decoder level: the upsampling and its weight, the concatenation it made, the level.
+type Upward<'a> = (TransposedConv2x2, Vec<f32>, Vec<f32>, Level<'a>);
+
+/// `a` (N, A, H, W) and `b` (N, B, H, W) concatenated along the channels, image by image.
+fn concat(a: &[f32], b: &[f32], n: usize) -> Vec<f32> {
+    let (ia, ib) = (a.len() / n.max(1), b.len() / n.max(1));
+    let mut out = vec![0f32; a.len() + b.len()];
+    out.par_chunks_mut((ia + ib).max(1))
+        .zip(a.par_chunks(ia.max(1)).zip(b.par_chunks(ib.max(1))))
+        .for_each(|(o, (a, b))| {
+            o[..ia].copy_from_slice(a);
+            o[ia..].copy_from_slice(b);
+        });
+    out
+}
+
+/// The adjoint of `concat`: the gradient of (N, A·plane) and the rest, image by image.
+fn split_channels(d: &[f32], n: usize, first: usize) -> (Vec<f32>, Vec<f32>) {
+    let image = d.len() / n.max(1);
+    let (mut a, mut b) = (vec![0f32; n * first], vec![0f32; n * (image - first)]);
+    a.par_chunks_mut(first.max(1))
+        .zip(b.par_chunks_mut((image - first).max(1)))
+        .zip(d.par_chunks(image.max(1)))
+        .for_each(|((a, b), d)| {
+            a.copy_from_slice(&d[..first]);
+            b.copy_from_slice(&d[first..]);
+        });
+    (a, b)
+}
+
+fn add_into(sum: &mut [f32], more: &[f32]) {
+    sum.par_chunks_mut(4096)
+        .zip(more.par_chunks(4096))
+        .for_each(|(s, m)| s.iter_mut().zip(m).for_each(|(s, m)| *s += m));
+}
+
+impl UNet {
+    /// One training step's loss (cross-entropy plus soft Dice, `consilium_core::loss::dice_ce`)
+    /// and the gradient of every weight, differentiated by hand on the CPU kernels: no autograd
+    /// graph, so no tensor per operation and no zero-filled gradient for each. Also updates the
+    /// batch-norm running averages, as `forward_t(x, true)` does. None where it does not apply
+    /// (group normalisation, resize upsampling, or other than f32 on the CPU): candle's
+    /// autograd differentiates those. `x` is (N, 1, S, S), `targets` (N, S, S) classes.
+    pub fn gradients(
+        &self,
+        x: &Tensor,
+        targets: &Tensor,
+        smooth: f64,
+    ) -> Result<Option<(f32, GradStore)>> {
+        let batch_norm = |b: &DoubleConv| {
+            matches!(
+                (&b.bn1, &b.bn2),
+                (Normaliser::Batch(_), Normaliser::Batch(_))
+            )
+        };
+        let covered = self.encoder.iter().all(batch_norm)
+            && self
+                .decoder
+                .iter()
+                .all(|(up, b)| matches!(up, Up::Transposed { .. }) && batch_norm(b));
+        if !(covered && consilium_core::conv::cpu_kernels(x)) {
+            return Ok(None);
+        }
+        let uncovered =
+            || candle_core::Error::Msg("a U-Net layer the hand pass does not cover".into());
+        let input = values(x)?;
+        let mut shape = x.dims4()?;
+        let n = shape.0;
+        // Forward, keeping what the backward pass reads.
+        let mut encoder: Vec<(Pooled, Level)> = Vec::new();
+        for (i, block) in self.encoder.iter().enumerate() {
+            let pooled = match encoder.last() {
+                Some((_, below)) if i > 0 => {
+                    let (out, out_shape) = below.out();
+                    let pool = Pool2x2::new(out_shape, false);
+                    let pooled = pool.forward(out)?;
+                    shape = pool.output();
+                    Some((pool, pooled))
+                }
+                _ => None,
+            };
+            let level_in = pooled
+                .as_ref()
+                .map_or(input.as_slice(), |(_, p)| p.as_slice());
+            let level = Level::forward(block, level_in, shape)?.ok_or_else(uncovered)?;
+            shape = level.second.shape;
+            encoder.push((pooled, level));
+        }
+        let mut decoder: Vec<Upward> = Vec::new();
+        for (j, (up, block)) in self.decoder.iter().enumerate() {
+            let Up::Transposed { weight, bias } = up else {
+                return Err(uncovered());
+            };
+            let skip = encoder
+                .get(self.encoder.len().wrapping_sub(2 + j))
+                .map(|(_, level)| level.out())
+                .ok_or_else(|| candle_core::Error::Msg("a U-Net level without its skip".into()))?;
+            let (below, below_shape) = match decoder.last() {
+                Some((.., level)) => level.out(),
+                None => encoder
+                    .last()
+                    .map(|(_, level)| level.out())
+                    .ok_or_else(|| candle_core::Error::Msg("a U-Net without levels".into()))?,
+            };
+            let (wc, o, _, _) = weight.dims4()?;
+            let op = TransposedConv2x2::new(below_shape, (wc, o))?;
+            let w = values(weight)?;
+            let upsampled = op.forward(below, &w, &values(bias)?)?;
+            let cat = concat(skip.0, &upsampled, n);
+            let (_, sc, sh, sw) = skip.1;
+            let level = Level::forward(block, &cat, (n, sc + o, sh, sw))?.ok_or_else(uncovered)?;
+            decoder.push((op, w, cat, level));
+        }
+        let (last, last_shape) = decoder
+            .last()
+            .map(|(.., level)| level.out())
+            .ok_or_else(|| candle_core::Error::Msg("a U-Net needs two levels".into()))?;
+        let head = Convolution::new(last_shape, self.head.weight.dims4()?, 0, 1, true)?;
+        let head_bias = self
+            .head
+            .bias
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("the U-Net's head has no bias".into()))?;
+        let head_wm = head.matrix(&values(&self.head.weight)?, Some(&values(head_bias)?))?;
+        let logits = head.forward(last, &head_wm)?;
+        let (_, classes, h, w) = head.output();
+        let targets = targets.flatten_all()?.to_vec1::<u32>()?;
+        let (loss, dlogits) =
+            consilium_core::loss::dice_ce(&logits, &targets, (n, classes, h * w), smooth)?;
+
+        // Backward, from the head down.
+        let mut grads = GradStore::default();
+        let (dlast, dhead) = head.backward(last, &head_wm, &dlogits, true)?;
+        let (dweight, dbias) = head.split(&dhead);
+        add_gradient(&mut grads, &self.head.weight, dweight)?;
+        add_gradient(&mut grads, head_bias, dbias.unwrap_or_default())?;
+        let missing = || candle_core::Error::Msg("a U-Net layer lost its gradient".into());
+        let mut dout = dlast.ok_or_else(missing)?;
+        // The gradients of the encoder's outputs that the skips pass back, deepest first.
+        let mut dskips = Vec::new();
+        for (j, (op, w, cat, level)) in decoder.iter().enumerate().rev() {
+            let dcat = level
+                .backward(cat, &dout, true, &mut grads)?
+                .ok_or_else(missing)?;
+            let (_, skip_shape) = encoder[self.encoder.len() - 2 - j].1.out();
+            let (dskip, dup) = split_channels(&dcat, n, skip_shape.1 * skip_shape.2 * skip_shape.3);
+            dskips.push(dskip);
+            let below = match j.checked_sub(1) {
+                Some(k) => decoder[k].3.out().0,
+                None => encoder.last().map(|(_, l)| l.out().0).ok_or_else(missing)?,
+            };
+            let up_grads = op.backward(below, w, &dup, true)?;
+            let Up::Transposed { weight, bias } = &self.decoder[j].0 else {
+                return Err(uncovered());
+            };
+            add_gradient(&mut grads, weight, up_grads.weight)?;
+            add_gradient(&mut grads, bias, up_grads.bias)?;
+            dout = up_grads.input.ok_or_else(missing)?;
+        }
+        // dskips now run from the shallowest level's skip to the deepest's.
+        for (i, (pooled, level)) in encoder.iter().enumerate().rev() {
+            if i + 1 < encoder.len() {
+                let dskip = dskips.get(i).ok_or_else(missing)?;
+                add_into(&mut dout, dskip);
+            }
+            let level_in = match (pooled, i.checked_sub(1)) {
+                (Some((_, p)), _) => p.as_slice(),
+                _ => input.as_slice(),
+            };
+            let dx = level.backward(level_in, &dout, i > 0, &mut grads)?;
+            if let (Some((pool, p)), Some(below)) = (pooled, i.checked_sub(1)) {
+                let below_out = encoder[below].1.out().0;
+                dout = pool.backward(below_out, p, &dx.ok_or_else(missing)?)?;
+            }
+        }
+        Ok(Some((loss, grads)))
+    }
+}
+
 pub enum Model {
     SmallCnn(SmallCnn),
     ResNet(ResNet),
@@ -497,7 +793,7 @@ mod tests {
         let x = Tensor::from_vec(values(2 * 3 * 4 * 5, 1), (2, 3, 4, 5), &dev).unwrap();
         let w = Tensor::from_vec(values(3 * 6 * 2 * 2, 2), (3, 6, 2, 2), &dev).unwrap();
         let b = Tensor::from_vec(values(6, 3), 6, &dev).unwrap();
-        let ours = transposed_conv2x2(&x, &w, &b).unwrap();
+        let ours = consilium_core::conv::transposed_conv2x2(&x, &w, &b).unwrap();
         let reference = x
             .conv_transpose2d(&w, 0, 0, 2, 1)
             .unwrap()

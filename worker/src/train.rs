@@ -345,7 +345,9 @@ impl Net {
             .reshape((n * h * w, classes))?;
         let targets = y.flatten_all()?;
         let ce = candle_nn::loss::cross_entropy(&flat, &targets)?;
-        let probs = candle_nn::ops::softmax_last_dim(&flat)?;
+        // candle-nn's `softmax_last_dim` has no backward pass: through it the Dice term would
+        // add to the loss's value but not to its gradient.
+        let probs = candle_nn::ops::softmax(&flat, candle_core::D::Minus1)?;
         let one_hot = candle_nn::encoding::one_hot(targets, classes, 1f32, 0f32)?;
         let foreground = |t: &Tensor| t.narrow(1, 1, classes - 1);
         let (p, t) = (foreground(&probs)?, foreground(&one_hot)?);
@@ -565,28 +567,16 @@ impl Net {
                 let augment = (!plan.augmentations.is_empty())
                     .then_some((&mut aug, plan.augmentations.as_slice()));
                 let (x, y) = self.batch(&chunk, plan, augment)?;
-                let logits = self.model.forward_t(&x, true)?;
-                let mut loss = self.loss(&logits, &y, plan)?;
-                sum += f64::from(loss.to_scalar::<f32>()?) * chunk.len() as f64;
-                if mu > 0.0 {
-                    let mut prox = Tensor::zeros((), DType::F32, &self.device)?;
-                    for ((_, v), g) in trainable.iter().zip(&anchor) {
-                        prox = (prox + (v.as_tensor() - g)?.sqr()?.sum_all()?)?;
-                    }
-                    loss = (loss + (prox * (mu / 2.0))?)?;
-                }
-                match correction {
-                    None => optimiser.backward_step(&loss)?,
-                    Some(c) => {
-                        let mut grads = loss.backward()?;
-                        for ((_, var), add) in trainable.iter().zip(c) {
-                            if let Some(g) = grads.remove(var.as_tensor()) {
-                                grads.insert(var.as_tensor(), (g + add)?);
-                            }
+                let (loss, mut grads) = self.gradients(&x, &y, plan, (&trainable, &anchor, mu))?;
+                sum += f64::from(loss) * chunk.len() as f64;
+                if let Some(c) = correction {
+                    for ((_, var), add) in trainable.iter().zip(c) {
+                        if let Some(g) = grads.remove(var.as_tensor()) {
+                            grads.insert(var.as_tensor(), (g + add)?);
                         }
-                        optimiser.step(&grads)?;
                     }
                 }
+                optimiser.step(&grads)?;
             }
             let mean = sum / samples.len() as f64;
             if epoch == 0 {
@@ -595,6 +585,45 @@ impl Net {
             last = mean;
         }
         Ok((first, last))
+    }
+
+    /// One batch's training loss and the gradients of the weights, with the proximal term
+    /// `mu/2 · ‖w − anchor‖²` of the `trainable` weights added when `mu > 0`. A U-Net with
+    /// batch normalisation on the CPU is differentiated by hand (`UNet::gradients`); every
+    /// other model by candle's autograd.
+    fn gradients(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        plan: &Plan,
+        (trainable, anchor, mu): (&Trainable, &[Tensor], f64),
+    ) -> Result<(f32, GradStore)> {
+        if let (Model::UNet(unet), Some(_)) = (&self.model, &plan.segmentation)
+            && let Some((loss, mut grads)) = unet.gradients(x, y, DICE_SMOOTH)?
+        {
+            if mu > 0.0 {
+                for ((_, v), a) in trainable.iter().zip(anchor) {
+                    let g = ((v.as_tensor() - a)? * mu)?;
+                    let sum = match grads.remove(v.as_tensor()) {
+                        Some(before) => (before + g)?,
+                        None => g,
+                    };
+                    grads.insert(v.as_tensor(), sum);
+                }
+            }
+            return Ok((loss, grads));
+        }
+        let logits = self.model.forward_t(x, true)?;
+        let mut loss = self.loss(&logits, y, plan)?;
+        let value = loss.to_scalar::<f32>()?;
+        if mu > 0.0 {
+            let mut prox = Tensor::zeros((), DType::F32, &self.device)?;
+            for ((_, v), g) in trainable.iter().zip(anchor) {
+                prox = (prox + (v.as_tensor() - g)?.sqr()?.sum_all()?)?;
+            }
+            loss = (loss + (prox * (mu / 2.0))?)?;
+        }
+        Ok((value, loss.backward()?))
     }
 
     /// Trains with DP-SGD (Abadi et al. 2016) for `dp.steps` steps: each step takes every
@@ -744,10 +773,6 @@ impl Opt {
                 weight_decay,
             } => Opt::Sgd(Sgd::new(vars, learning_rate, momentum, weight_decay)?),
         })
-    }
-
-    fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
-        self.step(&loss.backward()?)
     }
 
     fn step(&mut self, grads: &GradStore) -> Result<()> {
@@ -941,6 +966,136 @@ pub fn auroc(scores: &[(Vec<f32>, u32)], classes: usize) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A U-Net plan: widths [4, 8, 16], `norm` and `upsampling` as named, 3 classes, 16 × 16.
+    fn unet_plan(norm: &str, upsampling: &str) -> Plan {
+        let manifest: consilium_core::manifest::TrainingPlanManifest =
+            serde_json::from_value(serde_json::json!({
+                "model": {
+                    "architecture": "unet",
+                    "num_classes": 3,
+                    "hyper_parameters": {"widths": [4, 8, 16], "norm": norm, "upsampling": upsampling},
+                    "labels": {"0": "background", "1": "lesion", "2": "oedema"}
+                },
+                "preprocessing": {"image_size": 16},
+                "optimiser": {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9},
+                "local_epochs": 1, "batch_size": 3, "rounds": 1,
+                "aggregation": {"strategy": "fedavg"}, "seed": 5
+            }))
+            .unwrap();
+        manifest.parse().unwrap()
+    }
+
+    /// The hand-differentiated U-Net step against candle's autograd on the same weights and
+    /// batch (candle's is checked against central differences in `model`): the same loss,
+    /// every weight's gradient with the proximal term, and the same running averages after.
+    #[test]
+    fn hand_differentiated_unet_step_matches_candles_autograd() {
+        let plan = unet_plan("batch", "transposed");
+        let (by_hand, by_candle) = (
+            Net::new(&plan, &Device::Cpu).unwrap(),
+            Net::new(&plan, &Device::Cpu).unwrap(),
+        );
+        let mut rng = Rng::new(3);
+        let x: Vec<f32> = (0..3 * 16 * 16).map(|_| rng.normal() as f32).collect();
+        let y: Vec<u32> = (0..3 * 16 * 16)
+            .map(|_| (rng.unit() * 3.0) as u32)
+            .collect();
+        let x = Tensor::from_vec(x, (3, 1, 16, 16), &Device::Cpu).unwrap();
+        let y = Tensor::from_vec(y, (3, 16, 16), &Device::Cpu).unwrap();
+        let mu = 0.5;
+        let prox = |net: &Net| {
+            let trainable = net.trainable_vars();
+            // An anchor away from the weights, so that the proximal term has a gradient.
+            let anchor: Vec<Tensor> = trainable
+                .iter()
+                .map(|(_, v)| (v.as_tensor() + 0.25).unwrap().detach())
+                .collect();
+            (trainable, anchor)
+        };
+        let Model::UNet(unet) = &by_hand.model else {
+            panic!("a U-Net plan builds a U-Net")
+        };
+        assert!(unet.gradients(&x, &y, DICE_SMOOTH).unwrap().is_some());
+        // That call updated the running averages once: start again from a fresh net.
+        let by_hand = Net::new(&plan, &Device::Cpu).unwrap();
+        let (trainable, anchor) = prox(&by_hand);
+        let (hand_loss, hand) = by_hand
+            .gradients(&x, &y, &plan, (&trainable, &anchor, mu))
+            .unwrap();
+        let (trainable_c, anchor_c) = prox(&by_candle);
+        let logits = by_candle.model.forward_t(&x, true).unwrap();
+        let loss = by_candle.loss(&logits, &y, &plan).unwrap();
+        let candle_loss = loss.to_scalar::<f32>().unwrap();
+        let mut with_prox = loss;
+        for ((_, v), a) in trainable_c.iter().zip(&anchor_c) {
+            let term = ((v.as_tensor() - a)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                * (mu / 2.0))
+                .unwrap();
+            with_prox = (with_prox + term).unwrap();
+        }
+        let candle = with_prox.backward().unwrap();
+        assert!(
+            (hand_loss - candle_loss).abs() < 1e-5,
+            "{hand_loss} vs {candle_loss}"
+        );
+        let vars = |net: &Net| sorted_vars(&net.varmap);
+        let mut compared = 0;
+        for ((name, h), (_, c)) in vars(&by_hand).iter().zip(vars(&by_candle).iter()) {
+            if is_running_stat(name) {
+                let (h, c) = (values_of(h.as_tensor()), values_of(c.as_tensor()));
+                assert!(close(&h, &c, 1e-5), "{name}: {h:?} vs {c:?}");
+                continue;
+            }
+            let (h, c) = (
+                values_of(
+                    hand.get(h)
+                        .unwrap_or_else(|| panic!("no gradient for {name}")),
+                ),
+                values_of(candle.get(c).unwrap()),
+            );
+            assert!(close(&h, &c, 1e-4), "{name}: {h:?} vs {c:?}");
+            compared += 1;
+        }
+        // 3 levels of 2 convolutions and 2 batch norms (weight, scale, shift: 3 each), 2 decoder
+        // levels likewise plus the upsampling's weight and bias, and the head's weight and bias.
+        assert_eq!(compared, 5 * 6 + 2 * 2 + 2);
+    }
+
+    /// Where the hand pass does not apply, candle's autograd still trains the U-Net.
+    #[test]
+    fn unets_the_hand_pass_does_not_cover_fall_back_to_autograd() {
+        for (norm, upsampling) in [("group", "transposed"), ("batch", "resize")] {
+            let plan = unet_plan(norm, upsampling);
+            let net = Net::new(&plan, &Device::Cpu).unwrap();
+            let Model::UNet(unet) = &net.model else {
+                panic!("a U-Net plan builds a U-Net")
+            };
+            let x = Tensor::ones((2, 1, 16, 16), DType::F32, &Device::Cpu).unwrap();
+            let y = Tensor::ones((2, 16, 16), DType::U32, &Device::Cpu).unwrap();
+            assert!(unet.gradients(&x, &y, DICE_SMOOTH).unwrap().is_none());
+            let trainable = net.trainable_vars();
+            let (_, grads) = net
+                .gradients(&x, &y, &plan, (&trainable, &[], 0.0))
+                .unwrap();
+            assert!(trainable.iter().all(|(_, v)| grads.get(v).is_some()));
+        }
+    }
+
+    fn values_of(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// Whether `a` and `b` agree within `tol` of the larger one's largest magnitude.
+    fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
+        let scale = a.iter().chain(b).fold(1e-3f32, |m, v| m.max(v.abs()));
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol * scale)
+    }
 
     #[test]
     fn auroc_by_hand() {
