@@ -59,6 +59,19 @@ pub(crate) fn matmul(
     accumulate: bool,
     threads: usize,
 ) -> Result<()> {
+    matmul_strided(dst, b.cols, a, b, accumulate, threads)
+}
+
+/// `matmul` into a destination whose rows lie `dst_row_stride` apart (at least b.cols): the
+/// columns of a wider matrix.
+pub(crate) fn matmul_strided(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    a: View<'_>,
+    b: View<'_>,
+    accumulate: bool,
+    threads: usize,
+) -> Result<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k {
         bail!(
@@ -66,7 +79,12 @@ pub(crate) fn matmul(
             b.rows
         )
     }
-    if !(a.fits() && b.fits()) || dst.len() < m * n {
+    let fits = dst_row_stride >= n
+        && (m.saturating_sub(1))
+            .checked_mul(dst_row_stride)
+            .and_then(|last| last.checked_add(n))
+            .is_some_and(|end| end <= dst.len());
+    if !(a.fits() && b.fits()) || !(fits || m == 0 || n == 0) {
         bail!("matmul: a {m}×{k} by {k}×{n} product's operands or destination are out of bounds")
     }
     if m == 0 || n == 0 {
@@ -74,7 +92,9 @@ pub(crate) fn matmul(
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            for row in dst.chunks_mut(dst_row_stride).take(m) {
+                row[..n].fill(0.0);
+            }
         }
         return Ok(());
     }
@@ -85,8 +105,8 @@ pub(crate) fn matmul(
     };
     let stride = |s: usize| s as isize;
     // SAFETY: every element gemm reads lies in `a.data` or `b.data` (checked by `fits`), every
-    // element it writes lies in `dst` (m × n, row-major, checked above), and `dst` is borrowed
-    // mutably, so it overlaps neither operand.
+    // element it writes lies in `dst` (m rows of n, `dst_row_stride` apart, checked above), and
+    // `dst` is borrowed mutably, so it overlaps neither operand.
     #[allow(unsafe_code)]
     unsafe {
         gemm::gemm(
@@ -95,7 +115,7 @@ pub(crate) fn matmul(
             k,
             dst.as_mut_ptr(),
             1,
-            stride(n),
+            stride(dst_row_stride),
             accumulate,
             a.data.as_ptr(),
             stride(a.col_stride),
@@ -151,6 +171,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d, [17.0, 22.0, 27.0, 22.0, 29.0, 36.0, 27.0, 36.0, 45.0]);
+    }
+
+    #[test]
+    fn products_into_the_columns_of_a_wider_matrix() {
+        // a = [[1, 2], [3, 4]] times the identity, into columns 1..3 of a 2 × 4 matrix.
+        let (a, id) = ([1.0, 2.0, 3.0, 4.0], [1.0, 0.0, 0.0, 1.0]);
+        let mut dst = [9.0; 8];
+        let (a, id) = (View::rows(&a, 2, 2), View::rows(&id, 2, 2));
+        matmul_strided(&mut dst[1..], 4, a, id, false, 1).unwrap();
+        assert_eq!(dst, [9.0, 1.0, 2.0, 9.0, 9.0, 3.0, 4.0, 9.0]);
+        // A row stride shorter than a row, or rows past the end, are refused.
+        assert!(matmul_strided(&mut dst, 1, a, id, false, 1).is_err());
+        assert!(matmul_strided(&mut dst[3..], 4, a, id, false, 1).is_err());
     }
 
     #[test]

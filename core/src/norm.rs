@@ -51,6 +51,67 @@ pub fn batch_norm_train(
     Ok((y, stats))
 }
 
+/// Lanes that a sum is split over: a float sum in order cannot vectorise (each add waits for
+/// the one before), sixteen independent ones can.
+const LANES: usize = 16;
+
+/// Σ f(a_i, b_i) over two slices of one length, of both of `f`'s values, in `LANES` lanes.
+#[inline(always)]
+fn lanes(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> [f32; 2]) -> [f32; 2] {
+    let mut acc = [[0f32; LANES]; 2];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let mut rest = [0f32; 2];
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        let [p, q] = f(*x, *y);
+        rest[0] += p;
+        rest[1] += q;
+    }
+    for (ca, cb) in ca.zip(cb) {
+        for i in 0..LANES {
+            let [p, q] = f(ca[i], cb[i]);
+            acc[0][i] += p;
+            acc[1][i] += q;
+        }
+    }
+    [
+        acc[0].iter().sum::<f32>() + rest[0],
+        acc[1].iter().sum::<f32>() + rest[1],
+    ]
+}
+
+/// `lanes` over three slices of one length.
+#[inline(always)]
+fn lanes_3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> [f32; 2]) -> [f32; 2] {
+    let mut acc = [[0f32; LANES]; 2];
+    let (ca, cb, cc) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    let mut rest = [0f32; 2];
+    for ((x, y), z) in ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder())
+    {
+        let [p, q] = f(*x, *y, *z);
+        rest[0] += p;
+        rest[1] += q;
+    }
+    for ((ca, cb), cc) in ca.zip(cb).zip(cc) {
+        for i in 0..LANES {
+            let [p, q] = f(ca[i], cb[i], cc[i]);
+            acc[0][i] += p;
+            acc[1][i] += q;
+        }
+    }
+    [
+        acc[0].iter().sum::<f32>() + rest[0],
+        acc[1].iter().sum::<f32>() + rest[1],
+    ]
+}
+
 /// Batch normalisation in training mode (then a ReLU when `relu`) of an (N, C, H, W) batch on
 /// values, for a model differentiated by hand: the kernels of `batch_norm_train` without
 /// candle's autograd graph.
@@ -144,13 +205,13 @@ impl BatchNorm {
                     || {
                         let sum: f64 = self
                             .planes(x, ch)
-                            .map(|p| f64::from(p.iter().sum::<f32>()))
+                            .map(|p| f64::from(lanes(p, p, |v, _| [v, 0.0])[0]))
                             .sum();
                         let mean = (sum / m) as f32;
                         let sq: f64 = self
                             .planes(x, ch)
                             .map(|p| {
-                                f64::from(p.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>())
+                                f64::from(lanes(p, p, |v, _| [(v - mean) * (v - mean), 0.0])[0])
                             })
                             .sum();
                         (mean, (sq / m) as f32)
@@ -218,12 +279,12 @@ impl BatchNorm {
                             .zip(self.planes(y, ch))
                             .zip(self.planes(dy, ch))
                         {
-                            let (mut s, mut d) = (0f32, 0f32);
-                            for ((x, y), dy) in x.iter().zip(y).zip(dy) {
-                                let g = passed(*y, *dy);
-                                s += g;
-                                d += g * (x - mean) * inv;
-                            }
+                            // Σ over the plane of g and of g · x̂, g the gradient past the
+                            // ReLU (a zero output had none); x and the output in one zip.
+                            let [s, d] = lanes_3(x, y, dy, |x, y, dy| {
+                                let g = passed(y, dy);
+                                [g, g * (x - mean) * inv]
+                            });
                             sum += f64::from(s);
                             dot += f64::from(d);
                         }

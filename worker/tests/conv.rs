@@ -179,6 +179,21 @@ fn the_same_with_the_batch_split_over_threads_or_each_multiply_spread() {
     });
 }
 
+/// An image whose patch matrix would outgrow the cache is unfolded and multiplied a band of
+/// output rows at a time (`BAND` in `consilium_core::conv`): the bands' seams, a short last
+/// band and a strided band give the same results and gradients.
+#[test]
+fn the_same_on_images_unfolded_a_band_of_rows_at_a_time() {
+    for case in [
+        // The U-Net's first level: bands of 14 output rows, the last one of 8.
+        (2, 16, 64, 64, 16, 3, 3, 1, 1, true),
+        // Stride 2 over a non-square image: bands of 18 and 14 output rows.
+        (1, 32, 64, 50, 4, 3, 3, 1, 2, false),
+    ] {
+        check(case);
+    }
+}
+
 #[test]
 fn shapes_that_do_not_fit_are_errors() {
     let dev = Device::Cpu;
