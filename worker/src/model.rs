@@ -526,13 +526,14 @@ struct Level<'a> {
 }
 
 impl<'a> Level<'a> {
-    fn forward(block: &'a DoubleConv, x: &[f32], shape: Shape4) -> Result<Option<Self>> {
+    /// Batch-normalised levels only (`UNet::gradients` checks that first).
+    fn forward(block: &'a DoubleConv, x: &[f32], shape: Shape4) -> Result<Self> {
         let (Normaliser::Batch(bn1), Normaliser::Batch(bn2)) = (&block.bn1, &block.bn2) else {
-            return Ok(None);
+            return Err(uncovered());
         };
         let first = ConvBnRelu::forward(&block.conv1, bn1, x, shape)?;
         let second = ConvBnRelu::forward(&block.conv2, bn2, &first.out, first.shape)?;
-        Ok(Some(Level { first, second }))
+        Ok(Level { first, second })
     }
 
     fn out(&self) -> (&[f32], Shape4) {
@@ -587,6 +588,12 @@ fn split_channels(d: &[f32], n: usize, first: usize) -> (Vec<f32>, Vec<f32>) {
     (a, b)
 }
 
+/// The error of a layer that `UNet::gradients` does not differentiate (it checks first).
+fn uncovered() -> candle_core::Error {
+    candle_core::Error::Msg("a U-Net layer the hand-differentiated pass does not cover".into())
+}
+
+/// `sum += more`, element by element.
 fn add_into(sum: &mut [f32], more: &[f32]) {
     sum.par_chunks_mut(4096)
         .zip(more.par_chunks(4096))
@@ -620,8 +627,6 @@ impl UNet {
         if !(covered && consilium_core::conv::cpu_kernels(x)) {
             return Ok(None);
         }
-        let uncovered =
-            || candle_core::Error::Msg("a U-Net layer the hand pass does not cover".into());
         let input = values(x)?;
         let mut shape = x.dims4()?;
         let n = shape.0;
@@ -641,7 +646,7 @@ impl UNet {
             let level_in = pooled
                 .as_ref()
                 .map_or(input.as_slice(), |(_, p)| p.as_slice());
-            let level = Level::forward(block, level_in, shape)?.ok_or_else(uncovered)?;
+            let level = Level::forward(block, level_in, shape)?;
             shape = level.second.shape;
             encoder.push((pooled, level));
         }
@@ -667,7 +672,7 @@ impl UNet {
             let upsampled = op.forward(below, &w, &values(bias)?)?;
             let cat = concat(skip.0, &upsampled, n);
             let (_, sc, sh, sw) = skip.1;
-            let level = Level::forward(block, &cat, (n, sc + o, sh, sw))?.ok_or_else(uncovered)?;
+            let level = Level::forward(block, &cat, (n, sc + o, sh, sw))?;
             decoder.push((op, w, cat, level));
         }
         let (last, last_shape) = decoder

@@ -154,6 +154,10 @@ fn same_results_as_candle_and_gradients_as_a_plain_convolution() {
         (3, 4, 7, 6, 8, 1, 1, 0, 2, false),
         // A non-square kernel, stride 3, wide padding.
         (2, 2, 11, 10, 3, 3, 2, 2, 3, true),
+        // Narrowing layers with stride 1 (the U-Net's decoder, its 1×1 head), whose input
+        // gradient is computed as the adjoint convolution rather than folded back.
+        (2, 8, 12, 9, 4, 3, 3, 1, 1, true),
+        (2, 6, 5, 4, 2, 1, 1, 0, 1, true),
     ] {
         check(case);
     }
