@@ -232,6 +232,32 @@ fn split(n: usize) -> (usize, usize) {
     }
 }
 
+/// Runs a backward pass's `task(first image, its share of the input gradient)` over a batch
+/// of `n` images in rayon tasks of `per` images each. With `want_dx`, each task gets its
+/// images' slice (`image` values each) of a zeroed input gradient, returned beside the tasks'
+/// results (their partial weight gradients, in task order).
+fn over_tasks<P: Send>(
+    (n, per, image): (usize, usize, usize),
+    want_dx: bool,
+    task: impl Fn(usize, Option<&mut [f32]>) -> Result<P> + Sync,
+) -> Result<(Option<Vec<f32>>, Vec<P>)> {
+    if want_dx {
+        let mut dx = vec![0f32; n * image];
+        let partials = dx
+            .par_chunks_mut((per * image).max(1))
+            .enumerate()
+            .map(|(t, d)| task(t * per, Some(d)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((Some(dx), partials))
+    } else {
+        let partials = (0..n.div_ceil(per.max(1)))
+            .into_par_iter()
+            .map(|t| task(t * per, None))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((None, partials))
+    }
+}
+
 pub(crate) fn contiguous_f32<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
@@ -393,21 +419,7 @@ impl Conv {
         // With stride 1 the input gradient is itself a convolution (`Conv::adjoint`); other
         // strides fold each band's weightsᵀ · output-gradient back onto the image.
         let adjoint = if want_dx { self.adjoint(wm) } else { None };
-        let (dx, partials) = if want_dx && adjoint.is_none() {
-            let mut dx = vec![0f32; g.n * img];
-            let partials = dx
-                .par_chunks_mut((per * img).max(1))
-                .enumerate()
-                .map(|(t, d)| task(t * per, Some(d)))
-                .collect::<Result<Vec<_>>>()?;
-            (Some(dx), partials)
-        } else {
-            let partials = (0..g.n.div_ceil(per))
-                .into_par_iter()
-                .map(|t| task(t * per, None))
-                .collect::<Result<Vec<_>>>()?;
-            (None, partials)
-        };
+        let (dx, partials) = over_tasks((g.n, per, img), want_dx && adjoint.is_none(), task)?;
         let dwt = partials
             .into_iter()
             .reduce(|mut sum, part| {
@@ -963,21 +975,7 @@ impl TransposedConv2x2 {
             }
             Ok((dw, db))
         };
-        let (dx, partials) = if want_dx {
-            let mut dx = vec![0f32; self.n * img];
-            let partials = dx
-                .par_chunks_mut((per * img).max(1))
-                .enumerate()
-                .map(|(t, d)| task(t * per, Some(d)))
-                .collect::<Result<Vec<_>>>()?;
-            (Some(dx), partials)
-        } else {
-            let partials = (0..self.n.div_ceil(per))
-                .into_par_iter()
-                .map(|t| task(t * per, None))
-                .collect::<Result<Vec<_>>>()?;
-            (None, partials)
-        };
+        let (dx, partials) = over_tasks((self.n, per, img), want_dx, task)?;
         let (dw, db) = partials
             .into_iter()
             .reduce(|(mut w, mut b), (pw, pb)| {
