@@ -192,7 +192,8 @@ impl Geometry {
 
 /// Values in a band's patch matrix (`Geometry::bands`): 512 KB, half of a recent core's L2
 /// cache. Measured on the U-Net's 64 × 64 and 32 × 32 levels (one thread, `bench-train
-/// --model unet`): 8 % more steps/s than whole images, and 128 or 256 KB bands fewer.
+/// --model unet`): 8 % more steps/s than whole images; 256 KB bands did about as well, 128 KB
+/// ones worse.
 const BAND: usize = 128 * 1024;
 
 thread_local! {
