@@ -55,33 +55,24 @@ pub fn batch_norm_train(
 /// the one before), sixteen independent ones can.
 const LANES: usize = 16;
 
-/// Σ f(a_i, b_i) over two slices of one length, of both of `f`'s values, in `LANES` lanes.
+/// Σ f(a_i) in `LANES` lanes.
 #[inline(always)]
-fn lanes(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> [f32; 2]) -> [f32; 2] {
-    let mut acc = [[0f32; LANES]; 2];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let mut rest = [0f32; 2];
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        let [p, q] = f(*x, *y);
-        rest[0] += p;
-        rest[1] += q;
-    }
-    for (ca, cb) in ca.zip(cb) {
+fn lane_sum(a: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let rest: f32 = chunks.remainder().iter().map(|v| f(*v)).sum();
+    for chunk in chunks {
         for i in 0..LANES {
-            let [p, q] = f(ca[i], cb[i]);
-            acc[0][i] += p;
-            acc[1][i] += q;
+            acc[i] += f(chunk[i]);
         }
     }
-    [
-        acc[0].iter().sum::<f32>() + rest[0],
-        acc[1].iter().sum::<f32>() + rest[1],
-    ]
+    acc.iter().sum::<f32>() + rest
 }
 
-/// `lanes` over three slices of one length.
+/// Σ f(a_i, b_i, c_i) over three slices of one length, of both of `f`'s values, in `LANES`
+/// lanes.
 #[inline(always)]
-fn lanes_3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> [f32; 2]) -> [f32; 2] {
+fn lanes(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> [f32; 2]) -> [f32; 2] {
     let mut acc = [[0f32; LANES]; 2];
     let (ca, cb, cc) = (
         a.chunks_exact(LANES),
@@ -205,14 +196,12 @@ impl BatchNorm {
                     || {
                         let sum: f64 = self
                             .planes(x, ch)
-                            .map(|p| f64::from(lanes(p, p, |v, _| [v, 0.0])[0]))
+                            .map(|p| f64::from(lane_sum(p, |v| v)))
                             .sum();
                         let mean = (sum / m) as f32;
                         let sq: f64 = self
                             .planes(x, ch)
-                            .map(|p| {
-                                f64::from(lanes(p, p, |v, _| [(v - mean) * (v - mean), 0.0])[0])
-                            })
+                            .map(|p| f64::from(lane_sum(p, |v| (v - mean) * (v - mean))))
                             .sum();
                         (mean, (sq / m) as f32)
                     },
@@ -281,7 +270,7 @@ impl BatchNorm {
                         {
                             // Σ over the plane of g and of g · x̂, g the gradient past the
                             // ReLU (a zero output had none); x and the output in one zip.
-                            let [s, d] = lanes_3(x, y, dy, |x, y, dy| {
+                            let [s, d] = lanes(x, y, dy, |x, y, dy| {
                                 let g = passed(y, dy);
                                 [g, g * (x - mean) * inv]
                             });
