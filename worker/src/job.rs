@@ -526,9 +526,11 @@ enum Computed {
 }
 
 impl Computed {
-    /// Why the result cannot be reported, when a loss is not a number: the model has diverged
-    /// (its logits overflowed), and a NaN in the signed result would make the whole message
-    /// unreadable to the server, which would wait for this site until the round's deadline.
+    /// Why the result cannot be reported, when the model has diverged: a loss that is not a
+    /// number (its logits overflowed; a NaN in the signed result would make the whole message
+    /// unreadable to the server, which would wait for this site until the round's deadline),
+    /// or a training loss that grew by orders of magnitude (the weights blew up without
+    /// overflowing, and would carry the blow-up into the global model).
     fn diverged(&self) -> Option<String> {
         let (evaluation, training) = match self {
             Computed::Evaluated(e) => (e, None),
@@ -550,10 +552,19 @@ impl Computed {
             Some((before, after)) if !(before.is_finite() && after.is_finite()) => Some(format!(
                 "the training loss went from {before} to {after}: {advice}"
             )),
+            Some((before, after)) if after > DIVERGED_GROWTH * before.max(1.0) => Some(format!(
+                "the training loss went from {before} to {after}, more than {DIVERGED_GROWTH} \
+                 times its start: {advice}"
+            )),
             _ => None,
         }
     }
 }
+
+/// How many times its starting value (or 1, if that was lower) a site's training loss may
+/// grow in one job before the model counts as diverged. Training that merely goes badly (a
+/// noisy DP-SGD round, a learning rate a little high) stays far below it; a blow-up is above.
+const DIVERGED_GROWTH: f64 = 100.0;
 
 /// The weights a training job starts from (safetensors): the round's global model, this
 /// site's own FedBN batch-norm state, SCAFFOLD's correction.
@@ -879,4 +890,46 @@ fn protect(
         out.insert(name.clone(), (shape.clone(), protected));
     }
     Ok(net.set_weights(&out)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trained(before: f64, after: f64) -> Computed {
+        Computed::Trained {
+            samples: 10,
+            evaluation: consilium_core::protocol::Metrics {
+                loss: 0.7,
+                accuracy: 0.5,
+                auroc: None,
+                samples: 4,
+                segmentation: None,
+            },
+            before,
+            after,
+            skipped: Vec::new(),
+            privacy: None,
+            kept: None,
+            change: None,
+        }
+    }
+
+    /// A learning rate that blows the weights up does not always overflow them: the loss can
+    /// end finite and huge (CI once saw 0.81 → 496215). That is divergence too.
+    #[test]
+    fn a_loss_that_explodes_without_overflowing_is_divergence() {
+        let reason = trained(0.81, 496_215.5).diverged().unwrap();
+        assert!(
+            reason.contains("from 0.81 to 496215.5")
+                && reason.contains("lower the plan's learning rate"),
+            "{reason}"
+        );
+        assert!(trained(0.69, f64::NAN).diverged().is_some());
+        assert!(trained(0.69, f64::INFINITY).diverged().is_some());
+        // Training that goes badly but does not blow up is reported as it is.
+        assert!(trained(0.69, 3.5).diverged().is_none());
+        assert!(trained(0.01, 40.0).diverged().is_none());
+        assert!(trained(2.3, 0.4).diverged().is_none());
+    }
 }
