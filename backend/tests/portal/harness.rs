@@ -349,20 +349,27 @@ impl Portal {
         panic!("the page never hydrated (is the browser bundle current? scripts/build-portal)");
     }
 
+    /// The element `css`, waiting up to 10 s for it to appear: a page's heading can show
+    /// before its form (the page's data and the bundle's hydration arrive after it).
+    async fn element(&self, css: &str) -> fantoccini::elements::Element {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match within(css, self.browser.find(Locator::Css(css))).await {
+                Ok(el) => return el,
+                Err(e) if tokio::time::Instant::now() > deadline => panic!("{css}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+
     pub async fn fill(&self, css: &str, value: &str) {
-        let el = within(css, self.browser.find(Locator::Css(css)))
-            .await
-            .unwrap_or_else(|e| panic!("{css}: {e}"));
+        let el = self.element(css).await;
         within(css, el.clear()).await.expect("clear");
         within(css, el.send_keys(value)).await.expect("type");
     }
 
     pub async fn click(&self, css: &str) {
-        self.browser
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("{css}: {e}"))
-            .click()
+        within(css, self.element(css).await.click())
             .await
             .unwrap_or_else(|e| panic!("click {css}: {e}"));
     }
@@ -392,11 +399,7 @@ impl Portal {
 
     /// Picks the option that reads `label` in the select `css`.
     pub async fn choose(&self, css: &str, label: &str) {
-        self.browser
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("{css}: {e}"))
-            .select_by_label(label)
+        within(css, self.element(css).await.select_by_label(label))
             .await
             .unwrap_or_else(|e| panic!("choose {label:?} in {css}: {e}"));
     }
