@@ -133,9 +133,10 @@ pub struct AggregationSpec {
     /// `fedbn` or `fedcostwavg`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub local_layers: Vec<String>,
-    /// With `local_layers`: epochs (1–100) in which each round first trains only those layers
-    /// on the incoming shared ones, before the whole model trains (FedRep's order), so that a
-    /// site's own layers fit the shared layers they are used with.
+    /// With `local_layers`: epochs (1–100) in which each site first trains only those layers
+    /// on the incoming shared ones, before the whole model trains in a round and before it
+    /// scores a version (FedRep's order), so that a site's own layers fit the shared layers
+    /// they are used with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_fit_epochs: Option<u32>,
     /// Ditto (Li et al. 2021): each site also trains a model of its own, pulled towards the

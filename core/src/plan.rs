@@ -83,7 +83,7 @@ pub const CHOICES: &[(&str, &str)] = &[
     ),
     (
         "aggregation.local_fit_epochs",
-        "1 to 100, with local_layers: epochs that fit the layers kept at each site to the incoming shared ones before the whole model trains; not with dp_sgd",
+        "1 to 100, with local_layers: epochs that fit the layers kept at each site to the incoming shared ones before the whole model trains and before a version is scored; not with dp_sgd",
     ),
     (
         "aggregation.ditto.lambda",

@@ -662,15 +662,28 @@ fn compute(
             }
         }
     }
+    let seed = plan.seed
+        ^ u64::from(job.round).wrapping_mul(0x1000_0001)
+        ^ u64::from_le_bytes(site.as_bytes()[..8].try_into().unwrap_or([0; 8]));
+    // FLOP with local_fit_epochs: this site's own layers first fit the shared layers that
+    // arrived (FedRep's order), in a training job before the whole model trains, and in an
+    // evaluation before the version is scored: the personalised model a site scores and uses
+    // is its own layers fitted to the version's shared ones, not last round's layers on them.
+    // In an evaluation the fitted layers are not kept (the next training job fits again).
+    if plan.local_fit_epochs > 0 && !train.is_empty() {
+        net.train_only(
+            &train,
+            plan,
+            (plan.local_fit_epochs, seed ^ LOCAL_FIT_SEED),
+            |name| plan.is_local(name),
+        )?;
+    }
     let evaluation = net.evaluate(&holdout, plan)?;
     if job.kind == JobKind::Evaluate {
         return Ok((Computed::Evaluated(evaluation), None));
     }
     let reference = net.weights()?;
     let before = net.evaluate(&train, plan)?.loss;
-    let seed = plan.seed
-        ^ u64::from(job.round).wrapping_mul(0x1000_0001)
-        ^ u64::from_le_bytes(site.as_bytes()[..8].try_into().unwrap_or([0; 8]));
     let privacy = match plan.dp_sgd {
         Some(dp) => {
             let (step, spent) = spend_privacy(job, plan, &dp, &train, ledger)?;
@@ -679,16 +692,6 @@ fn compute(
         }
         None => {
             let correction = correction.map(|c| net.correction(c)).transpose()?;
-            // FLOP with local_fit_epochs: this site's own layers first fit the shared layers
-            // that arrived, then the whole model trains as usual.
-            if plan.local_fit_epochs > 0 {
-                net.train_only(
-                    &train,
-                    plan,
-                    (plan.local_fit_epochs, seed ^ LOCAL_FIT_SEED),
-                    |name| plan.is_local(name),
-                )?;
-            }
             net.train_corrected(&train, plan, seed, correction.as_deref())?;
             None
         }

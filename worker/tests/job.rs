@@ -783,3 +783,56 @@ async fn a_model_that_diverges_fails_the_job_with_the_reason() {
     let back: consilium_core::protocol::JobResult = serde_json::from_str(&text).unwrap();
     assert!(matches!(back.outcome, Outcome::Failed { .. }));
 }
+
+/// FLOP with `local_fit_epochs`: a site scores a version with its own layers first fitted to
+/// that version's shared layers (FedRep's order), as it does before every training job, not
+/// with layers fitted to other shared layers. The version here holds a well-trained model's
+/// shared layers and a classifier that reads them the wrong way round (its two classes
+/// swapped), the classifier a site with none of its own yet starts from. Unfitted it scores
+/// below chance; fitted it scores as the trained model does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_scores_a_version_with_its_own_layers_fitted_to_it() {
+    // A model trained whole at one site.
+    let m = manifest();
+    let hash = plan_hash(&m, &[]).unwrap();
+    let trainer = site(&hash, Uuid::from_u128(6));
+    let trained = process(&job(&trainer, &m, &hash, 1, None), &trainer.ctx).await;
+    let Outcome::Trained { update_hash, .. } = trained.outcome else {
+        panic!("{:?}", trained.outcome)
+    };
+    let bytes = trainer.store.get(&update_hash).await.unwrap();
+    let plan = m.parse().unwrap();
+    let net = consilium_worker::train::Net::new(&plan, &candle_core::Device::Cpu).unwrap();
+    net.load_safetensors(&bytes, |_| false).unwrap();
+    let mut weights = net.weights().unwrap();
+    for name in ["fc.weight", "fc.bias"] {
+        let (_, values) = weights.get_mut(name).expect(name);
+        let half = values.len() / 2;
+        values.rotate_left(half);
+    }
+    net.set_weights(&weights).unwrap();
+    let version = net.to_safetensors().unwrap();
+    let score = |m: TrainingPlanManifest| {
+        let version = version.clone();
+        async move {
+            let hash = plan_hash(&m, &[]).unwrap();
+            let s = site(&hash, Uuid::from_u128(7));
+            let global = s.store.put(version).await.unwrap();
+            let mut j = job(&s, &m, &hash, 2, Some(global));
+            j.kind = JobKind::Evaluate;
+            match process(&j, &s.ctx).await.outcome {
+                Outcome::Evaluated { evaluation, .. } => evaluation.accuracy,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let mut unfitted = manifest();
+    unfitted.aggregation.local_layers = vec!["fc".into()];
+    let mut fitted = unfitted.clone();
+    fitted.aggregation.local_fit_epochs = Some(3);
+    let (unfitted, fitted) = (score(unfitted).await, score(fitted).await);
+    assert!(
+        unfitted < 0.3 && fitted > 0.8,
+        "fitted {fitted}, unfitted {unfitted}"
+    );
+}

@@ -591,7 +591,7 @@ fn kept_words(layers: &[String], fit_epochs: Option<u32>) -> String {
     let fit = fit_epochs
         .map(|n| {
             format!(
-                "; each round they first train alone for {n} epoch{} on the site's images, on the shared layers that arrived, then the whole model trains",
+                "; each round they first train alone for {n} epoch{} on the site's images, on the shared layers that arrived, then the whole model trains; a site scoring a model fits them to it the same way first",
                 if n == 1 { "" } else { "s" }
             )
         })
@@ -933,7 +933,7 @@ mod tests {
         );
         let words = super::kept_words(&fc, Some(3));
         assert!(
-            words.ends_with("each round they first train alone for 3 epochs on the site's images, on the shared layers that arrived, then the whole model trains"),
+            words.ends_with("each round they first train alone for 3 epochs on the site's images, on the shared layers that arrived, then the whole model trains; a site scoring a model fits them to it the same way first"),
             "{words}"
         );
         assert!(super::kept_words(&fc, Some(1)).contains("for 1 epoch on"));
