@@ -318,6 +318,15 @@ def main():
     print("|---|---|---|---|---|---|")
     for (name, kind, rounds, row), runs in personal.items():
         for fl, alone, held_out in runs:
+            if not fl:
+                # A run that failed before any model was scored at its sites: none of them is
+                # at least as good as on its own.
+                print(
+                    f"| {name}: {kind}, {rounds} rounds | {row} | none (the run failed before its "
+                    f"sites scored a model) | {', '.join(f'{x:.3f}' for x in alone)} | "
+                    f"0 of {len(alone)} | every site |"
+                )
+                continue
             ok = sum(f >= a for f, a in zip(fl, alone))
             worst, n = max((round((a - f) * n), n) for f, a, n in zip(fl, alone, held_out))
             print(
