@@ -33,6 +33,9 @@ STRATEGIES = [
     ("FLOP (fc at the site, fitted first for 3 epochs)", "fedavg", {},
      ['local_layers = ["fc"]', "local_fit_epochs = 3"], [], True),
     ("Ditto (λ = 0.1)", "fedavg", {}, ["ditto = { lambda = 0.1 }"], [], True),
+    ("FedAvg, fine-tuned at each site for 5 epochs", "fedavg", {}, ["fine_tune_epochs = 5"], [], True),
+    ("FedAvg, fc fine-tuned at each site for 5 epochs", "fedavg", {},
+     ["fine_tune_epochs = 5", 'fine_tune_layers = ["fc"]'], [], True),
 ]
 
 # BENCH_ROWS (comma-separated parts of row labels, e.g. "FLOP,Ditto") runs only those rows
@@ -284,7 +287,7 @@ def main():
     print(
         f"FL / centralised held-out accuracy, rounds of 1 local epoch (centralised: 1 site, as many "
         f"epochs), mean ± sd over {SEEDS} seed(s); the centralised row is its accuracy. "
-        "FLOP's and Ditto's figures are their sites' personalised models (mean over sites, "
+        "The personalised rows' figures (FLOP, Ditto, fine-tuning) are their sites' personalised models (mean over sites, "
         "weighted by held-out images) against the centralised model. A run that failed (its "
         "model diverged, so its sites stopped it) counts with the last model it made. A seed "
         "whose centralised model collapsed (no better than 1.5 × chance) gives no ratios in its "

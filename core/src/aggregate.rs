@@ -1555,6 +1555,8 @@ mod tests {
             local_layers: Vec::new(),
             local_fit_epochs: None,
             ditto: None,
+            fine_tune_epochs: None,
+            fine_tune_layers: Vec::new(),
         };
         assert_eq!(
             Strategy::from_spec(&spec("krum", serde_json::json!({"f": 2}))).unwrap(),

@@ -143,6 +143,15 @@ pub struct AggregationSpec {
     /// global one, which never leaves the site and is what its evaluations score.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ditto: Option<DittoSpec>,
+    /// Personalisation by local fine-tuning (FedAvg + FT): epochs (1–100) in which a site
+    /// scoring a version first trains a copy of it, every layer, on its own training split; it
+    /// scores that copy, which never leaves the site and is not kept. Training is unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fine_tune_epochs: Option<u32>,
+    /// With `fine_tune_epochs`: the model's layers the fine-tuning trains (e.g. `["fc"]`, the
+    /// classifier on the shared features); every layer when left out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fine_tune_layers: Vec<String>,
 }
 
 /// Ditto's personalisation (Li et al. 2021).

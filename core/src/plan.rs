@@ -89,6 +89,14 @@ pub const CHOICES: &[(&str, &str)] = &[
         "aggregation.ditto.lambda",
         "0 to 10000: Ditto, each site's own model pulled towards the global one; not with local_layers, fedbn or dp_sgd",
     ),
+    (
+        "aggregation.fine_tune_epochs",
+        "1 to 100: a site scoring a version first fine-tunes a copy of it on its own training split; not with local_layers, ditto or dp_sgd",
+    ),
+    (
+        "aggregation.fine_tune_layers",
+        "the model's layers, with fine_tune_epochs: the layers the fine-tuning trains (every layer)",
+    ),
     ("aggregation.min_sites", "1 or more (every site)"),
     (
         "stopping.target_metric",
@@ -618,6 +626,12 @@ pub struct Plan {
     /// Ditto's λ (Li et al. 2021): each site's own model, pulled towards the global one by
     /// `λ/2 · ‖v − w‖²`, trained beside it and kept at the site.
     pub ditto: Option<f64>,
+    /// Personalisation by local fine-tuning (FedAvg + FT; Wang et al. 2019): epochs in which a
+    /// site scoring a version first trains a copy of it (`fine_tune_layers`) on its own training split
+    /// (0: none). The copy is scored and dropped; training jobs are unchanged.
+    pub fine_tune_epochs: u32,
+    /// The layers the fine-tuning trains (empty: every layer).
+    pub fine_tune_layers: Vec<String>,
     /// Updates a round needs (the study's site count when the plan does not say).
     pub min_sites: Option<u32>,
     pub stopping: Stopping,
@@ -626,6 +640,15 @@ pub struct Plan {
     /// Secure aggregation (SecAgg+): the server sees only the sum of the sites' masked changes.
     pub secure_aggregation: Option<SecureAggregation>,
     pub seed: u64,
+}
+
+/// Whether the weight `name` (`conv1.weight`, `layer0.bn1.running_mean`, …) belongs to one of
+/// the model's `layers`.
+fn in_layers(layers: &[String], name: &str) -> bool {
+    layers.iter().any(|l| {
+        name.strip_prefix(l.as_str())
+            .is_some_and(|rest| rest.starts_with('.'))
+    })
 }
 
 impl Plan {
@@ -648,10 +671,12 @@ impl Plan {
 
     /// Whether the weight `name` belongs to a layer that stays at the site.
     pub fn is_local(&self, name: &str) -> bool {
-        self.local_layers.iter().any(|l| {
-            name.strip_prefix(l.as_str())
-                .is_some_and(|rest| rest.starts_with('.'))
-        })
+        in_layers(&self.local_layers, name)
+    }
+
+    /// Whether fine-tuning (`fine_tune_epochs`) trains the weight `name`.
+    pub fn is_fine_tuned(&self, name: &str) -> bool {
+        self.fine_tune_layers.is_empty() || in_layers(&self.fine_tune_layers, name)
     }
 
     pub fn has(&self, a: Augmentation) -> bool {
@@ -1013,6 +1038,33 @@ impl TrainingPlanManifest {
                 p.push("aggregation.ditto trains each site's own model on its patients outside DP-SGD's noise and reports its held-out scores: use one of them");
             }
         }
+        let fine_tune_epochs = self.aggregation.fine_tune_epochs.unwrap_or(0);
+        if let Some(n) = self.aggregation.fine_tune_epochs {
+            if !(1..=100).contains(&n) {
+                p.push(format!("aggregation.fine_tune_epochs must be from 1 to 100, not {n} (leave it out for none)"));
+            }
+            if !local_layers.is_empty() || ditto.is_some() {
+                p.push("aggregation.fine_tune_epochs personalises by fine-tuning a copy of each version at each site, and aggregation.local_layers and ditto keep models or layers of each site's own: choose one way to personalise");
+            }
+            if let Some(m) = &model {
+                let layers = m.layers();
+                for l in &self.aggregation.fine_tune_layers {
+                    if !layers.contains(l) {
+                        p.push(format!(
+                            "aggregation.fine_tune_layers names {l:?}, which this model does not have: its layers are {}",
+                            layers.join(", ")
+                        ));
+                    }
+                }
+            }
+            if self.privacy.dp_sgd.is_some() {
+                p.push("aggregation.fine_tune_epochs trains on each site's patients outside DP-SGD's noise and reports the held-out scores of what it trained: leave it out with privacy.dp_sgd");
+            }
+        }
+        let fine_tune_layers = self.aggregation.fine_tune_layers.clone();
+        if !fine_tune_layers.is_empty() && fine_tune_epochs == 0 {
+            p.push("aggregation.fine_tune_layers names the layers fine-tuning trains, and aggregation.fine_tune_epochs is not set: set it (e.g. 3) or leave fine_tune_layers out");
+        }
         let amplitude = parse_amplitude(self, strategy.as_ref(), &mut p);
         let stopping = parse_stopping(self, model.as_ref(), &mut p);
         if model.as_ref().is_some_and(ModelConfig::segments) {
@@ -1055,6 +1107,8 @@ impl TrainingPlanManifest {
                 local_layers,
                 local_fit_epochs,
                 ditto,
+                fine_tune_epochs,
+                fine_tune_layers,
                 min_sites: self.aggregation.min_sites,
                 stopping,
                 clipping,
@@ -2321,6 +2375,78 @@ mod tests {
             !serde_json::to_string(&manifest(base()))
                 .unwrap()
                 .contains("local_fit_epochs")
+        );
+    }
+
+    #[test]
+    fn fine_tune_epochs_are_one_way_to_personalise_and_not_with_dp_sgd() {
+        let mut m = base();
+        m["aggregation"] = serde_json::json!({"strategy": "median", "fine_tune_epochs": 3});
+        let plan = manifest(m.clone())
+            .parse()
+            .expect("3 epochs of fine-tuning");
+        assert_eq!(plan.fine_tune_epochs, 3);
+        assert!(plan.is_fine_tuned("conv1.weight") && plan.is_fine_tuned("fc.bias"));
+        assert_eq!(manifest(base()).parse().unwrap().fine_tune_epochs, 0);
+        m["aggregation"]["fine_tune_layers"] = serde_json::json!(["fc"]);
+        let plan = manifest(m.clone())
+            .parse()
+            .expect("the classifier fine-tuned");
+        assert!(plan.is_fine_tuned("fc.weight") && plan.is_fine_tuned("fc.bias"));
+        assert!(!plan.is_fine_tuned("conv1.weight") && !plan.is_fine_tuned("fcx.weight"));
+        for (aggregation, privacy, says) in [
+            (
+                serde_json::json!({"strategy": "fedavg", "fine_tune_epochs": 0}),
+                serde_json::json!({}),
+                "from 1 to 100, not 0",
+            ),
+            (
+                serde_json::json!({"strategy": "fedavg", "fine_tune_epochs": 101}),
+                serde_json::json!({}),
+                "from 1 to 100, not 101",
+            ),
+            (
+                serde_json::json!({"strategy": "fedavg", "fine_tune_epochs": 3, "local_layers": ["fc"]}),
+                serde_json::json!({}),
+                "choose one way to personalise",
+            ),
+            (
+                serde_json::json!({"strategy": "fedavg", "fine_tune_epochs": 3, "ditto": {"lambda": 0.1}}),
+                serde_json::json!({}),
+                "choose one way to personalise",
+            ),
+            (
+                serde_json::json!({"strategy": "fedavg", "fine_tune_epochs": 3}),
+                serde_json::json!({"dp_sgd": {"epsilon": 8, "delta": 1e-5, "max_grad_norm": 1.0}}),
+                "outside DP-SGD's noise",
+            ),
+            (
+                serde_json::json!({"strategy": "fedavg", "fine_tune_epochs": 3, "fine_tune_layers": ["head"]}),
+                serde_json::json!({}),
+                "names \"head\", which this model does not have: its layers are conv1, conv2, fc",
+            ),
+            (
+                serde_json::json!({"strategy": "fedavg", "fine_tune_layers": ["fc"]}),
+                serde_json::json!({}),
+                "fine_tune_epochs is not set",
+            ),
+        ] {
+            let mut m = base();
+            m["aggregation"] = aggregation;
+            m["privacy"] = privacy;
+            let problems = manifest(m).parse().unwrap_err();
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.contains("aggregation.fine_tune_") && p.contains(says)),
+                "{problems:?}"
+            );
+        }
+        // A plan without it hashes as before.
+        assert!(
+            !serde_json::to_string(&manifest(base()))
+                .unwrap()
+                .contains("fine_tune_epochs")
         );
     }
 

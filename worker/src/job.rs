@@ -582,6 +582,9 @@ const DITTO_SEED: u64 = 0xd177_0000_0000_0001;
 /// their batches are not the whole model's.
 const LOCAL_FIT_SEED: u64 = 0x10ca_1f17_0000_0001;
 
+/// Mixed into an evaluation's seed for the epochs that fine-tune the version it scores.
+const FINE_TUNE_SEED: u64 = 0xf1e7_0000_0000_0001;
+
 /// The CPU/GPU-bound part, off the async runtime.
 fn compute(
     job: &Job,
@@ -678,10 +681,21 @@ fn compute(
             |name| plan.is_local(name),
         )?;
     }
-    let evaluation = net.evaluate(&holdout, plan)?;
     if job.kind == JobKind::Evaluate {
-        return Ok((Computed::Evaluated(evaluation), None));
+        // Personalisation by fine-tuning: the version this site scores is a copy of it
+        // trained further (its `fine_tune_layers`, or every layer) on this site's training
+        // split; nothing of it is kept.
+        if plan.fine_tune_epochs > 0 && !train.is_empty() {
+            net.train_only(
+                &train,
+                plan,
+                (plan.fine_tune_epochs, seed ^ FINE_TUNE_SEED),
+                |name| plan.is_fine_tuned(name),
+            )?;
+        }
+        return Ok((Computed::Evaluated(net.evaluate(&holdout, plan)?), None));
     }
+    let evaluation = net.evaluate(&holdout, plan)?;
     let reference = net.weights()?;
     let before = net.evaluate(&train, plan)?.loss;
     let privacy = match plan.dp_sgd {

@@ -57,6 +57,12 @@ fn site(hash: &str, study: Uuid) -> Site {
 }
 
 fn site_of(hash: &str, study: Uuid, images: usize) -> Site {
+    site_as(hash, study, images, Uuid::new_v4())
+}
+
+/// A site with a given id: its id is in its jobs' seed, so a fixed one gives it the same batches
+/// in every run of a test.
+fn site_as(hash: &str, study: Uuid, images: usize, site: Uuid) -> Site {
     let dir = tempfile::tempdir().unwrap();
     let profile = SiteProfile {
         images,
@@ -79,7 +85,6 @@ fn site_of(hash: &str, study: Uuid, images: usize) -> Site {
         decoding: Default::default(),
     };
     let store = ArtifactStore::open(dir.path().join("artifacts").to_str().unwrap()).unwrap();
-    let site = Uuid::new_v4();
     let ctx = SiteContext::new(
         site,
         spec,
@@ -784,18 +789,13 @@ async fn a_model_that_diverges_fails_the_job_with_the_reason() {
     assert!(matches!(back.outcome, Outcome::Failed { .. }));
 }
 
-/// FLOP with `local_fit_epochs`: a site scores a version with its own layers first fitted to
-/// that version's shared layers (FedRep's order), as it does before every training job, not
-/// with layers fitted to other shared layers. The version here holds a well-trained model's
-/// shared layers and a classifier that reads them the wrong way round (its two classes
-/// swapped), the classifier a site with none of its own yet starts from. Unfitted it scores
-/// below chance; fitted it scores as the trained model does.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_site_scores_a_version_with_its_own_layers_fitted_to_it() {
-    // A model trained whole at one site.
+/// A version holding a well-trained model (trained whole at one site) whose classifier reads
+/// its features the wrong way round (its two classes swapped): it scores below chance as it is.
+/// The sites of these tests have fixed ids, so their batches, and the tests' scores, repeat.
+async fn a_version_whose_classifier_is_swapped() -> Vec<u8> {
     let m = manifest();
     let hash = plan_hash(&m, &[]).unwrap();
-    let trainer = site(&hash, Uuid::from_u128(6));
+    let trainer = site_as(&hash, Uuid::from_u128(6), 200, Uuid::from_u128(60));
     let trained = process(&job(&trainer, &m, &hash, 1, None), &trainer.ctx).await;
     let Outcome::Trained { update_hash, .. } = trained.outcome else {
         panic!("{:?}", trained.outcome)
@@ -811,28 +811,59 @@ async fn a_site_scores_a_version_with_its_own_layers_fitted_to_it() {
         values.rotate_left(half);
     }
     net.set_weights(&weights).unwrap();
-    let version = net.to_safetensors().unwrap();
-    let score = |m: TrainingPlanManifest| {
-        let version = version.clone();
-        async move {
-            let hash = plan_hash(&m, &[]).unwrap();
-            let s = site(&hash, Uuid::from_u128(7));
-            let global = s.store.put(version).await.unwrap();
-            let mut j = job(&s, &m, &hash, 2, Some(global));
-            j.kind = JobKind::Evaluate;
-            match process(&j, &s.ctx).await.outcome {
-                Outcome::Evaluated { evaluation, .. } => evaluation.accuracy,
-                other => panic!("{other:?}"),
-            }
-        }
-    };
+    net.to_safetensors().unwrap()
+}
+
+/// A site's accuracy on its held-out split for `version`, in an evaluation job of plan `m`.
+async fn score(version: &[u8], m: TrainingPlanManifest) -> f64 {
+    let hash = plan_hash(&m, &[]).unwrap();
+    let s = site_as(&hash, Uuid::from_u128(7), 200, Uuid::from_u128(70));
+    let global = s.store.put(version.to_vec()).await.unwrap();
+    let mut j = job(&s, &m, &hash, 2, Some(global));
+    j.kind = JobKind::Evaluate;
+    match process(&j, &s.ctx).await.outcome {
+        Outcome::Evaluated { evaluation, .. } => evaluation.accuracy,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// FLOP with `local_fit_epochs`: a site scores a version with its own layers first fitted to
+/// that version's shared layers (FedRep's order), as it does before every training job, not
+/// with layers fitted to other shared layers. The version's classifier is the one a site with
+/// none of its own yet starts from. Unfitted it scores below chance; fitted it scores as the
+/// trained model does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_scores_a_version_with_its_own_layers_fitted_to_it() {
+    let version = a_version_whose_classifier_is_swapped().await;
     let mut unfitted = manifest();
     unfitted.aggregation.local_layers = vec!["fc".into()];
     let mut fitted = unfitted.clone();
-    fitted.aggregation.local_fit_epochs = Some(3);
-    let (unfitted, fitted) = (score(unfitted).await, score(fitted).await);
+    fitted.aggregation.local_fit_epochs = Some(10);
+    let (unfitted, fitted) = (
+        score(&version, unfitted).await,
+        score(&version, fitted).await,
+    );
     assert!(
         unfitted < 0.3 && fitted > 0.8,
         "fitted {fitted}, unfitted {unfitted}"
+    );
+}
+
+/// Personalisation by fine-tuning: a site scoring a version scores a copy of it trained
+/// further on its own training split, every layer or only the classifier
+/// (`fine_tune_layers`). The same version scored as it is stays below chance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_scores_a_version_fine_tuned_to_its_own_data() {
+    let version = a_version_whose_classifier_is_swapped().await;
+    let mut tuned = manifest();
+    tuned.aggregation.fine_tune_epochs = Some(10);
+    let mut classifier = tuned.clone();
+    classifier.aggregation.fine_tune_layers = vec!["fc".into()];
+    let tuned = score(&version, tuned).await;
+    let classifier = score(&version, classifier).await;
+    let plain = score(&version, manifest()).await;
+    assert!(
+        plain < 0.3 && tuned > 0.8 && classifier > 0.8,
+        "fine-tuned {tuned}, its classifier alone {classifier}, as it is {plain}"
     );
 }

@@ -678,6 +678,72 @@ fn a_simulation_personalises_with_ditto() {
     assert!(acc > 0.6, "the sites' own models, above chance: {acc}");
 }
 
+/// Personalisation by fine-tuning end to end: training is that of the same experiment without
+/// it (the same sites, seed and batches make the same updates and versions), and the sites'
+/// evaluations of a version score their fine-tuned copies, so they differ from the scores the
+/// same version gets at the same sites as it arrives for the next round (the contributions'
+/// `evaluation`).
+#[test]
+fn a_simulation_personalises_by_fine_tuning() {
+    let lineage = |report: &Value| -> Vec<String> {
+        report["models"]
+            .as_array()
+            .expect("models")
+            .iter()
+            .flat_map(|m| {
+                let updates = m["contributions"]
+                    .as_array()
+                    .expect("contributions")
+                    .iter()
+                    .map(|c| c["update_hash"].as_str().expect("update").to_string());
+                std::iter::once(m["hash"].as_str().expect("hash").to_string()).chain(updates)
+            })
+            .collect()
+    };
+    let plain_dir = tempfile::tempdir().expect("dir");
+    let (_, plain) = simulate_edited(plain_dir.path(), &[]);
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, tuned) = simulate_edited(
+        dir.path(),
+        &[(
+            "strategy = \"fedavg\"",
+            "strategy = \"fedavg\"\nfine_tune_epochs = 2",
+        )],
+    );
+    assert_eq!(lineage(&plain), lineage(&tuned), "training changed");
+    let models = tuned["models"].as_array().expect("models");
+    assert_eq!(models.len(), 2, "two rounds");
+    let scored: std::collections::BTreeMap<String, f64> = models[0]["evaluation"]["sites"]
+        .as_array()
+        .expect("the sites' evaluations of version 1")
+        .iter()
+        .map(|e| {
+            (
+                e["site_name"].as_str().expect("site").to_string(),
+                e["metrics"]["loss"].as_f64().expect("loss"),
+            )
+        })
+        .collect();
+    let contributions = models[1]["contributions"]
+        .as_array()
+        .expect("contributions");
+    assert!(contributions.len() > 1, "{contributions:?}");
+    for c in contributions {
+        let site = c["site_name"].as_str().expect("site");
+        let arrived = c["evaluation"]["loss"].as_f64().expect("loss");
+        assert!(
+            (arrived - scored[site]).abs() > 1e-6,
+            "{site}: its fine-tuned copy scores {}, the version as it arrived {arrived}",
+            scored[site]
+        );
+    }
+    let acc = final_accuracy(&tuned);
+    assert!(
+        acc > 0.6,
+        "the sites' fine-tuned copies, above chance: {acc}"
+    );
+}
+
 /// Partial sharing end to end: the classifier stays at each site. No update in the store holds
 /// it, the lineage says so, and the model keeps its own (first) values of it.
 #[tokio::test]

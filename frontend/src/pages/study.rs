@@ -602,6 +602,19 @@ fn kept_words(layers: &[String], fit_epochs: Option<u32>) -> String {
     )
 }
 
+/// Personalisation by fine-tuning, in the committee's words.
+fn fine_tune_words(epochs: u32, layers: &[String]) -> String {
+    let which = if layers.is_empty() {
+        "every layer".to_string()
+    } else {
+        format!("its {} only", layers.join(", "))
+    };
+    format!(
+        "fine-tuning: a site scoring a version of the model first trains a copy of it on its own training images for {epochs} epoch{}, {which}, and the sites' evaluations score that copy; it never leaves the site and is not kept",
+        if epochs == 1 { "" } else { "s" }
+    )
+}
+
 /// What a committee decision on the latest plan binds, in words: the protocol version, the plan
 /// version and its full hash, the data asked of each site, and the aggregation and privacy
 /// settings.
@@ -673,6 +686,12 @@ fn what_it_binds(
                 "Ditto (λ = {}): each site also trains a model of its own, pulled towards the global one; it never leaves the site, and the sites' evaluations of each version score it",
                 d.lambda
             ),
+        ));
+    }
+    if let Some(n) = m.aggregation.fine_tune_epochs {
+        out.push((
+            "Personalisation".into(),
+            fine_tune_words(n, &m.aggregation.fine_tune_layers),
         ));
     }
     if let Some(a) = m.parse().ok().and_then(|plan| plan.amplitude) {
@@ -937,6 +956,16 @@ mod tests {
             "{words}"
         );
         assert!(super::kept_words(&fc, Some(1)).contains("for 1 epoch on"));
+    }
+
+    #[test]
+    fn the_committee_reads_that_sites_score_fine_tuned_copies() {
+        assert_eq!(
+            super::fine_tune_words(3, &[]),
+            "fine-tuning: a site scoring a version of the model first trains a copy of it on its own training images for 3 epochs, every layer, and the sites' evaluations score that copy; it never leaves the site and is not kept"
+        );
+        let fc = ["fc".to_string()];
+        assert!(super::fine_tune_words(1, &fc).contains("for 1 epoch, its fc only, and"));
     }
 
     #[test]
