@@ -2359,23 +2359,9 @@ mod tests {
                 "outside DP-SGD's noise",
             ),
         ] {
-            let mut m = base();
-            m["aggregation"] = aggregation;
-            m["privacy"] = privacy;
-            let problems = manifest(m).parse().unwrap_err();
-            assert!(
-                problems
-                    .iter()
-                    .any(|p| p.contains("local_fit_epochs") && p.contains(says)),
-                "{problems:?}"
-            );
+            assert_refused(aggregation, privacy, "local_fit_epochs", says);
         }
-        // A plan without it hashes as before.
-        assert!(
-            !serde_json::to_string(&manifest(base()))
-                .unwrap()
-                .contains("local_fit_epochs")
-        );
+        assert_not_hashed("local_fit_epochs");
     }
 
     #[test]
@@ -2431,22 +2417,37 @@ mod tests {
                 "fine_tune_epochs is not set",
             ),
         ] {
-            let mut m = base();
-            m["aggregation"] = aggregation;
-            m["privacy"] = privacy;
-            let problems = manifest(m).parse().unwrap_err();
-            assert!(
-                problems
-                    .iter()
-                    .any(|p| p.contains("aggregation.fine_tune_") && p.contains(says)),
-                "{problems:?}"
-            );
+            assert_refused(aggregation, privacy, "aggregation.fine_tune_", says);
         }
-        // A plan without it hashes as before.
+        assert_not_hashed("fine_tune_epochs");
+    }
+
+    /// A plan of these `aggregation` and `privacy` sections is refused with a problem that
+    /// names `setting` and `says` what is wrong.
+    fn assert_refused(
+        aggregation: serde_json::Value,
+        privacy: serde_json::Value,
+        setting: &str,
+        says: &str,
+    ) {
+        let mut m = base();
+        m["aggregation"] = aggregation;
+        m["privacy"] = privacy;
+        let problems = manifest(m).parse().unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(setting) && p.contains(says)),
+            "{problems:?}"
+        );
+    }
+
+    /// A plan without `setting` hashes as before it existed: the manifest does not name it.
+    fn assert_not_hashed(setting: &str) {
         assert!(
             !serde_json::to_string(&manifest(base()))
                 .unwrap()
-                .contains("fine_tune_epochs")
+                .contains(setting)
         );
     }
 

@@ -630,20 +630,11 @@ async fn a_simulation_normalises_amplitudes_to_the_sites_mean_spectrum() {
     assert!(acc > 0.6, "above chance: {acc}");
 }
 
-/// Ditto end to end: each site trains a model of its own beside the global one. The sites'
-/// evaluations of a version score their own models, so they differ from the scores the same
-/// global model gets at the same sites before the next round's training (the contributions'
-/// `evaluation`), which without Ditto are the same model on the same images.
-#[test]
-fn a_simulation_personalises_with_ditto() {
-    let dir = tempfile::tempdir().expect("dir");
-    let (_, report) = simulate_edited(
-        dir.path(),
-        &[(
-            "strategy = \"fedavg\"",
-            "strategy = \"fedavg\"\nditto = { lambda = 0.1 }",
-        )],
-    );
+/// A personalised run of two rounds: each site's score of version 1 (the sites' evaluations of
+/// it, their own models) differs from the score the same version gets at the same site as it
+/// arrives for round 2 (the contributions' `evaluation`), which without personalisation are
+/// the same model on the same images. Returns round 2's contributions.
+fn assert_the_sites_score_their_own_models(report: &Value) -> Vec<Value> {
     let models = report["models"].as_array().expect("models");
     assert_eq!(models.len(), 2, "two rounds");
     let own: std::collections::BTreeMap<String, f64> = models[0]["evaluation"]["sites"]
@@ -659,16 +650,36 @@ fn a_simulation_personalises_with_ditto() {
         .collect();
     let contributions = models[1]["contributions"]
         .as_array()
-        .expect("contributions");
+        .expect("contributions")
+        .clone();
     assert!(contributions.len() > 1, "{contributions:?}");
-    for c in contributions {
+    for c in &contributions {
         let site = c["site_name"].as_str().expect("site");
-        let global = c["evaluation"]["loss"].as_f64().expect("loss");
-        let personal = own[site];
+        let arrived = c["evaluation"]["loss"].as_f64().expect("loss");
         assert!(
-            (global - personal).abs() > 1e-6,
-            "{site}: its own model scores {personal}, the global model {global}"
+            (arrived - own[site]).abs() > 1e-6,
+            "{site}: its own model scores {}, the version as it arrived {arrived}",
+            own[site]
         );
+    }
+    contributions
+}
+
+/// Ditto end to end: each site trains a model of its own beside the global one. The sites'
+/// evaluations of a version score their own models, so they differ from the scores the same
+/// global model gets at the same sites before the next round's training (the contributions'
+/// `evaluation`), which without Ditto are the same model on the same images.
+#[test]
+fn a_simulation_personalises_with_ditto() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, report) = simulate_edited(
+        dir.path(),
+        &[(
+            "strategy = \"fedavg\"",
+            "strategy = \"fedavg\"\nditto = { lambda = 0.1 }",
+        )],
+    );
+    for c in assert_the_sites_score_their_own_models(&report) {
         assert!(
             c["kept_at_site"].is_null(),
             "the whole global model is shared: {c}"
@@ -711,32 +722,7 @@ fn a_simulation_personalises_by_fine_tuning() {
         )],
     );
     assert_eq!(lineage(&plain), lineage(&tuned), "training changed");
-    let models = tuned["models"].as_array().expect("models");
-    assert_eq!(models.len(), 2, "two rounds");
-    let scored: std::collections::BTreeMap<String, f64> = models[0]["evaluation"]["sites"]
-        .as_array()
-        .expect("the sites' evaluations of version 1")
-        .iter()
-        .map(|e| {
-            (
-                e["site_name"].as_str().expect("site").to_string(),
-                e["metrics"]["loss"].as_f64().expect("loss"),
-            )
-        })
-        .collect();
-    let contributions = models[1]["contributions"]
-        .as_array()
-        .expect("contributions");
-    assert!(contributions.len() > 1, "{contributions:?}");
-    for c in contributions {
-        let site = c["site_name"].as_str().expect("site");
-        let arrived = c["evaluation"]["loss"].as_f64().expect("loss");
-        assert!(
-            (arrived - scored[site]).abs() > 1e-6,
-            "{site}: its fine-tuned copy scores {}, the version as it arrived {arrived}",
-            scored[site]
-        );
-    }
+    assert_the_sites_score_their_own_models(&tuned);
     let acc = final_accuracy(&tuned);
     assert!(
         acc > 0.6,
