@@ -36,7 +36,21 @@ STRATEGIES = [
     ("FedAvg, fine-tuned at each site for 5 epochs", "fedavg", {}, ["fine_tune_epochs = 5"], [], True),
     ("FedAvg, fc fine-tuned at each site for 5 epochs", "fedavg", {},
      ["fine_tune_epochs = 5", 'fine_tune_layers = ["fc"]'], [], True),
+    ("FedAvg, fc fine-tuned at each site for 20 epochs", "fedavg", {},
+     ["fine_tune_epochs = 20", 'fine_tune_layers = ["fc"]'], [], True),
 ]
+
+
+def site_epochs(aggregation, rounds):
+    """The epochs a fine-tuning row's site spends on its own images in all (its rounds, then
+    the fine-tuning before it scores the final model), or None for a row that does not
+    fine-tune: each site alone is then given as many too, so the extra epochs are not what
+    wins."""
+    for line in aggregation:
+        if line.startswith("fine_tune_epochs = "):
+            return rounds + int(line.split("=")[1])
+    return None
+
 
 # BENCH_ROWS (comma-separated parts of row labels, e.g. "FLOP,Ditto") runs only those rows
 # (and the centralised baseline, and each site alone where a row personalises).
@@ -256,7 +270,23 @@ def main():
                 baseline = base["global"] > 1.5 / classes
                 if not baseline:
                     collapsed[(name, kind, rounds)].append((seed, base["global"]))
-                alone = None
+                # each site alone, by the epochs it trains
+                alone_for = {}
+
+                def alone(epochs):
+                    nonlocal seconds
+                    if epochs not in alone_for:
+                        alone_for[epochs] = []
+                        for s, root in enumerate(roots):
+                            # (the first tag is the one the runs have had, so a BENCH_WORK keeps them)
+                            label = "alone" if epochs == rounds else f"alone{epochs}"
+                            a = simulate(
+                                f"{tag}-{label}-{s}", [root], classes, seed, "fedavg", {}, [], 1, epochs
+                            )
+                            seconds += a["seconds"]
+                            alone_for[epochs].append(a["global"])
+                    return alone_for[epochs]
+
                 for number, (row, strategy, optimiser, aggregation, pre, personalised) in NUMBERED:
                     r = simulate(
                         f"{tag}-{number}-{strategy}",
@@ -269,17 +299,14 @@ def main():
                     if r["failed"] and baseline:
                         failures[(name, kind, rounds, row)] += 1
                     if personalised:
-                        if alone is None:
-                            alone = []
-                            for s, root in enumerate(roots):
-                                a = simulate(
-                                    f"{tag}-alone-{s}", [root], classes, seed, "fedavg", {}, [], 1, rounds
-                                )
-                                seconds += a["seconds"]
-                                alone.append(a["global"])
                         personal.setdefault((name, kind, rounds, row), []).append(
-                            (r["sites"], alone, r["held_out"])
+                            (r["sites"], alone(rounds), r["held_out"])
                         )
+                        longer = site_epochs(aggregation, rounds)
+                        if longer:
+                            personal.setdefault(
+                                (name, kind, rounds, f"{row}, against each site alone for {longer} epochs"), []
+                            ).append((r["sites"], alone(longer), r["held_out"]))
                 print(f"seed {seed}: {name}, {kind}, {rounds} rounds done", file=sys.stderr, flush=True)
 
     rows = ["centralised"] + [s[0] for _, s in NUMBERED]
@@ -312,7 +339,8 @@ def main():
             )
             + " |"
         )
-    print("\nPersonalisation against each site alone (one site's data, the same epochs), "
+    print("\nPersonalisation against each site alone (one site's data, the same epochs; for a "
+          "fine-tuning row also as many epochs as its site spent on its own images in all), "
           "held-out accuracy per site, one line per seed:\n")
     # A site's held-out images are the same in both runs (chosen by a hash of each file's name),
     # so a shortfall is a count of images the personalised model gets wrong and the site's own
